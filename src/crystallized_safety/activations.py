@@ -1,0 +1,124 @@
+"""Capture the residual stream of ALL chosen layers in one batched, left-padded forward pass.
+
+Layer i is the output of decoder block i (= HF `hidden_states[i+1]`, except that HF applies the final
+norm to its last entry; hooks on the block see the true residual stream for every layer).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+from .errors import CrystallizedSafetyError, PromptError
+from .models import Model
+from .steering import layer_hooks
+
+Position = str | int  # "last" | "mean" | negative offset into the post-instruction tokens
+
+
+class _StopForward(Exception):
+    """Raised by the deepest hook so layers past it (and the LM head) are never computed."""
+
+
+def parse_position(value: str | int) -> Position:
+    """'last' | 'mean' | a negative integer (e.g. -2: second-to-last prompt token)."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        position: Position = value
+    elif isinstance(value, str) and value.strip().lower() in ("last", "mean"):
+        return value.strip().lower()
+    else:
+        try:
+            position = int(str(value))
+        except ValueError:
+            raise CrystallizedSafetyError(
+                f"unknown position '{value}': use last, mean, or a negative offset like -2"
+            ) from None
+    if position >= 0:
+        raise CrystallizedSafetyError(f"position offset {position} must be negative (-1 = last prompt token)")
+    return position
+
+
+@dataclass
+class Captured:
+    """Activations at one position: `acts` [N, L, d] (float32, cpu) for `layers`, plus norm stats."""
+
+    acts: torch.Tensor
+    layers: list[int]
+    position: Position
+    resid_norm: torch.Tensor  # [L] mean residual norm over prompt tokens, first token (attention sink) excluded
+
+
+def capture(
+    model: Model,
+    prompts: Sequence[str],
+    *,
+    layers: Sequence[int] | None = None,
+    position: str | int = "last",
+    batch_size: int = 16,
+    system: str | None = None,
+    raw: bool = False,
+) -> Captured:
+    """Residual stream at `position` for every prompt and layer, from one forward pass per batch."""
+    if not prompts:
+        raise PromptError("no prompts to capture activations for: pass a non-empty prompt set")
+    layers = model.parse_layers(layers)
+    position = parse_position(position)
+    if isinstance(position, int) and not raw:
+        limit = model.post_instruction_length()
+        if -position > limit + 1:
+            raise CrystallizedSafetyError(
+                f"position {position} reaches into the user's text: this template has {limit} post-instruction "
+                f"tokens, so use an offset between -1 and -{limit + 1}"
+            )
+    texts = model.format(prompts, system=system, raw=raw)
+    deepest = max(layers)
+    n, d = len(texts), model.hidden_size
+    acts = torch.empty(n, len(layers), d, dtype=torch.float32)
+    norm_sum = torch.zeros(len(layers), dtype=torch.float64)
+    norm_count = 0
+    body = model.hf.base_model  # skip the LM head: only the residual stream is needed
+
+    for start in range(0, n, batch_size):
+        batch = model.encode(texts[start:start + batch_size], raw=raw)
+        mask = batch["attention_mask"]
+        rows = mask.shape[0]
+        # Exclude padding and each row's first real token (attention sink) from means and norms.
+        first = mask.float().argmax(dim=1)
+        body_mask = mask.bool().clone()
+        body_mask[torch.arange(rows), first] = False
+        lengths = body_mask.sum(dim=1)
+        if position == "mean" and bool((lengths == 0).any()):
+            raise PromptError("a prompt is a single token: mean position needs at least two prompt tokens")
+        norm_count += int(lengths.sum())
+        chunk = slice(start, start + rows)
+
+        def make(slot: int, layer: int):
+            def fn(hidden: torch.Tensor) -> None:
+                h = hidden.float()
+                norms = h.norm(dim=-1) * body_mask
+                norm_sum[slot] += float(norms.sum())
+                if position == "last":
+                    picked = h[:, -1]
+                elif position == "mean":
+                    picked = (h * body_mask.unsqueeze(-1)).sum(dim=1) / lengths.unsqueeze(-1)
+                else:
+                    picked = h[:, position]
+                acts[chunk, slot] = picked.cpu()
+                if layer == deepest:
+                    raise _StopForward
+
+            return fn
+
+        fns = {layer: make(slot, layer) for slot, layer in enumerate(layers)}
+        with torch.inference_mode(), layer_hooks(model, fns):
+            try:
+                # Left padding: positions count from each row's first real token (absolute-position
+                # models such as GPT-2 would otherwise see shifted positions).
+                position_ids = (mask.long().cumsum(-1) - 1).clamp_min(0)
+                body(**batch, position_ids=position_ids, use_cache=False)
+            except _StopForward:
+                pass
+    resid = (norm_sum / max(norm_count, 1)).float()
+    return Captured(acts=acts, layers=list(layers), position=position, resid_norm=resid)

@@ -1,0 +1,272 @@
+"""Refusal directions per layer (`DirectionBank`), control directions, and their file format.
+
+File format (safetensors, never pickle): tensors `directions` [L, d] (unit rows, sign harmful - harmless),
+`mean_harmful` [L, d], `mean_harmless` [L, d], `raw_norms` [L] (|mean_harmful - mean_harmless|),
+`resid_norms` [L] (mean residual norm, attention-sink token excluded), `layers` [L] (int64 layer indices);
+header metadata: model id and hash, layer convention, position, method, prompt-set hashes and counts,
+tool version.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from . import __version__
+from .activations import capture
+from .errors import LayerError, VectorFileError
+from .models import LAYER_CONVENTION, Model
+from .prompts import PromptSet, as_prompt_set, check_contrast
+
+METHODS = ("mean_diff", "pca", "probe")
+
+
+@dataclass
+class DirectionBank:
+    """Unit directions for a set of layers, with the statistics they came from."""
+
+    directions: torch.Tensor  # [L, d]
+    layers: list[int]
+    mean_harmful: torch.Tensor | None = None
+    mean_harmless: torch.Tensor | None = None
+    raw_norms: torch.Tensor | None = None
+    resid_norms: torch.Tensor | None = None
+    metadata: dict[str, str] = field(default_factory=dict)
+    any_layer: bool = False  # a single seed-style vector usable at whichever layer is asked for
+
+    @property
+    def hidden_size(self) -> int:
+        return int(self.directions.shape[1])
+
+    def _row(self, layer: int) -> int:
+        if self.any_layer:
+            return 0
+        if layer not in self.layers:
+            raise LayerError(f"the direction file has no direction for layer {layer}; it holds layers {_span(self.layers)}")
+        return self.layers.index(layer)
+
+    def direction(self, layer: int) -> torch.Tensor:
+        return self.directions[self._row(layer)]
+
+    def resid_norm(self, layer: int) -> float:
+        if self.resid_norms is None:
+            raise VectorFileError("this direction file has no residual norms: re-extract it with `csafety extract`")
+        return float(self.resid_norms[self._row(layer)])
+
+    def harmless_projection(self, layer: int) -> float:
+        """Where harmless prompts sit on the direction: a neutral target for directional ablation."""
+        if self.mean_harmless is None:
+            raise VectorFileError("this direction file has no harmless mean: re-extract it with `csafety extract`")
+        row = self._row(layer)
+        return float(self.mean_harmless[row] @ self.directions[row])
+
+    def check_model(self, model: Model) -> None:
+        if self.hidden_size != model.hidden_size:
+            source = self.metadata.get("model_id", "another model")
+            raise VectorFileError(
+                f"direction file has hidden size {self.hidden_size} (from {source}) but {model.model_id} has "
+                f"{model.hidden_size}: extract directions from this model, or use a transfer map"
+            )
+        for layer in self.layers:
+            if not self.any_layer and layer >= model.n_layers:
+                raise LayerError(f"direction file holds layer {layer} but {model.model_id} has only {model.n_layers} layers")
+
+    # -- files
+    def save(self, path: str | Path) -> Path:
+        from safetensors.torch import save_file
+
+        path = Path(path)
+        if path.suffix != ".safetensors":
+            raise VectorFileError(f"direction files are safetensors: name the output '{path.with_suffix('.safetensors')}'")
+        tensors = {"directions": self.directions.float().contiguous(),
+                   "layers": torch.tensor(self.layers, dtype=torch.int64)}
+        for name in ("mean_harmful", "mean_harmless", "raw_norms", "resid_norms"):
+            value = getattr(self, name)
+            if value is not None:
+                tensors[name] = value.float().contiguous()
+        meta = {**self.metadata, "layers": json.dumps(self.layers), "any_layer": json.dumps(self.any_layer)}
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_file(tensors, str(path), metadata={k: str(v) for k, v in meta.items()})
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> "DirectionBank":
+        """Load a `.safetensors` bank, or a seed-style `.pt` tensor through `weights_only=True` (no unpickling)."""
+        path = Path(path)
+        if not path.is_file():
+            raise VectorFileError(f"direction file '{path}' does not exist")
+        if path.suffix in (".pt", ".pth"):
+            return cls._load_pt(path)
+        from safetensors import SafetensorError
+        from safetensors.torch import safe_open
+
+        try:
+            with safe_open(str(path), framework="pt") as fh:
+                meta = dict(fh.metadata() or {})
+                tensors = {key: fh.get_tensor(key) for key in fh.keys()}
+        except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+            raise VectorFileError(
+                f"'{path}' is not a valid safetensors direction file ({str(exc).splitlines()[0]}); re-create it with "
+                "`csafety extract`"
+            ) from None
+        if "directions" not in tensors:
+            raise VectorFileError(f"'{path}' has no 'directions' tensor; re-create it with `csafety extract`")
+        directions = _check_matrix(tensors["directions"], path)
+        layers = tensors.get("layers")
+        layer_list = [int(x) for x in layers.tolist()] if layers is not None else list(range(directions.shape[0]))
+        if len(layer_list) != directions.shape[0]:
+            raise VectorFileError(f"'{path}' is inconsistent: {len(layer_list)} layer indices for {directions.shape[0]} rows")
+        extras = {}
+        for name in ("mean_harmful", "mean_harmless"):
+            if name in tensors and tensors[name].shape != directions.shape:
+                raise VectorFileError(f"'{path}' is inconsistent: '{name}' has shape {tuple(tensors[name].shape)}")
+            extras[name] = tensors.get(name)
+        for name in ("raw_norms", "resid_norms"):
+            extras[name] = tensors.get(name)
+        any_layer = json.loads(meta.pop("any_layer", "false"))
+        meta.pop("layers", None)
+        return cls(directions=directions, layers=layer_list, metadata=meta, any_layer=bool(any_layer), **extras)
+
+    @classmethod
+    def _load_pt(cls, path: Path) -> "DirectionBank":
+        try:
+            obj = torch.load(str(path), map_location="cpu", weights_only=True)
+        except Exception as exc:  # noqa: BLE001 - anything beyond plain tensors is refused
+            raise VectorFileError(
+                f"'{path}' is not a plain tensor file ({type(exc).__name__}); only tensors saved with torch.save(tensor) "
+                "load, nothing is unpickled — or convert it to safetensors"
+            ) from None
+        if isinstance(obj, dict) and len(obj) == 1:
+            obj = next(iter(obj.values()))
+        if not isinstance(obj, torch.Tensor):
+            raise VectorFileError(f"'{path}' holds a {type(obj).__name__}, not a tensor of shape [d] or [L, d]")
+        if obj.dim() == 1:
+            directions = _check_matrix(obj.unsqueeze(0), path)
+            return cls(directions=directions, layers=[0], any_layer=True, metadata={"source": str(path)})
+        directions = _check_matrix(obj, path)
+        return cls(directions=directions, layers=list(range(directions.shape[0])), metadata={"source": str(path)})
+
+
+def _check_matrix(tensor: torch.Tensor, path: Path) -> torch.Tensor:
+    if tensor.dim() != 2 or tensor.shape[0] == 0 or tensor.shape[1] == 0:
+        raise VectorFileError(f"'{path}' directions must have shape [layers, hidden], got {tuple(tensor.shape)}")
+    tensor = tensor.float()
+    if not torch.isfinite(tensor).all():
+        raise VectorFileError(f"'{path}' contains NaN or inf values; re-create it with `csafety extract`")
+    return tensor
+
+
+def _span(layers: Sequence[int]) -> str:
+    return ",".join(map(str, layers)) if len(layers) < 12 else f"{layers[0]}..{layers[-1]} ({len(layers)} layers)"
+
+
+def _unit(x: torch.Tensor) -> torch.Tensor:
+    return x / x.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+
+
+def _pca_directions(harm: torch.Tensor, harmless: torch.Tensor, diff: torch.Tensor) -> torch.Tensor:
+    """First right-singular vector of the (uncentred) paired differences, per layer, sign-aligned to diff.
+
+    Uncentred on purpose: centring would remove the mean difference, which is the signal.
+    """
+    k = min(harm.shape[0], harmless.shape[0])
+    paired = (harm[:k] - harmless[:k]).transpose(0, 1)  # [L, k, d]
+    _, _, vh = torch.linalg.svd(paired.double(), full_matrices=False)
+    first = vh[:, 0, :].float()
+    sign = torch.sign((first * diff).sum(-1, keepdim=True))
+    sign[sign == 0] = 1
+    return _unit(first * sign)
+
+
+def _probe_directions(harm: torch.Tensor, harmless: torch.Tensor, l2: float = 1e-3, steps: int = 200) -> torch.Tensor:
+    """Per-layer L2-regularised logistic regression (harmful = 1); weight vector mapped back to raw units."""
+    x = torch.cat([harm, harmless]).transpose(0, 1).double()  # [L, N, d]
+    y = torch.cat([torch.ones(harm.shape[0]), torch.zeros(harmless.shape[0])]).double()
+    mu, sd = x.mean(1, keepdim=True), x.std(1, keepdim=True).clamp_min(1e-6)
+    z = (x - mu) / sd
+    w = torch.zeros(x.shape[0], x.shape[2], dtype=torch.float64, requires_grad=True)
+    b = torch.zeros(x.shape[0], 1, dtype=torch.float64, requires_grad=True)
+    opt = torch.optim.LBFGS([w, b], max_iter=steps, line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        logits = torch.einsum("lnd,ld->ln", z, w) + b
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(logits, y.expand_as(logits)) * x.shape[0]
+        loss = loss + l2 * (w**2).sum()
+        loss.backward()
+        return loss
+
+    with torch.enable_grad():
+        opt.step(closure)
+    return _unit((w.detach() / sd.squeeze(1)).float())
+
+
+def extract_directions(
+    model: Model,
+    harmful: PromptSet | Sequence[str],
+    harmless: PromptSet | Sequence[str],
+    *,
+    layers: str | Sequence[int] | None = None,
+    position: str | int = "last",
+    method: str = "mean_diff",
+    batch_size: int = 16,
+    system: str | None = None,
+    raw: bool = False,
+) -> DirectionBank:
+    """Directions for every chosen layer from ONE batched pass over each prompt set."""
+    harmful_set, harmless_set = as_prompt_set(harmful, "harmful"), as_prompt_set(harmless, "harmless")
+    check_contrast(harmful_set, harmless_set)
+    if method not in METHODS:
+        raise VectorFileError(f"unknown method '{method}': use one of {', '.join(METHODS)}")
+    layer_list = model.parse_layers(layers)
+    kwargs = dict(layers=layer_list, position=position, batch_size=batch_size, system=system, raw=raw)
+    cap_h = capture(model, list(harmful_set), **kwargs)
+    cap_n = capture(model, list(harmless_set), **kwargs)
+    mean_h, mean_n = cap_h.acts.mean(0), cap_n.acts.mean(0)
+    diff = mean_h - mean_n
+    if method == "mean_diff":
+        directions = _unit(diff)
+    elif method == "pca":
+        directions = _pca_directions(cap_h.acts, cap_n.acts, diff)
+    else:
+        directions = _probe_directions(cap_h.acts, cap_n.acts)
+    n_h, n_n = len(harmful_set), len(harmless_set)
+    resid = (cap_h.resid_norm * n_h + cap_n.resid_norm * n_n) / (n_h + n_n)
+    metadata = {
+        **model.metadata(),
+        "layer_convention": LAYER_CONVENTION,
+        "position": str(cap_h.position),
+        "method": method,
+        "sign": "harmful - harmless (+alpha reinforces refusal)",
+        "harmful_sha256": harmful_set.sha256,
+        "harmless_sha256": harmless_set.sha256,
+        "harmful_count": str(n_h),
+        "harmless_count": str(n_n),
+        "chat_template": "raw" if raw else "model",
+        "system_prompt": system or "",
+        "tool_version": __version__,
+    }
+    return DirectionBank(directions=directions, layers=layer_list, mean_harmful=mean_h, mean_harmless=mean_n,
+                         raw_norms=diff.norm(dim=-1), resid_norms=resid, metadata=metadata)
+
+
+# --------------------------------------------------------------------------- controls
+
+
+def random_direction(hidden_size: int, seed: int) -> torch.Tensor:
+    """A seeded, uniformly random unit direction (Gaussian, normalised)."""
+    gen = torch.Generator().manual_seed(int(seed))
+    return _unit(torch.randn(hidden_size, generator=gen, dtype=torch.float64)).float()
+
+
+def orthogonal_direction(direction: torch.Tensor, seed: int) -> torch.Tensor:
+    """A seeded random unit direction exactly orthogonal to `direction` (Gram-Schmidt in float64)."""
+    ref = _unit(direction.double().flatten())
+    gen = torch.Generator().manual_seed(int(seed))
+    x = torch.randn(ref.shape[0], generator=gen, dtype=torch.float64)
+    x = x - (x @ ref) * ref
+    return _unit(x).float()

