@@ -41,8 +41,15 @@ def tiny_config(arch: str, vocab: int):
     import transformers as tf
 
     common = dict(vocab_size=vocab, bos_token_id=1, eos_token_id=2, pad_token_id=0)
-    llama_like = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
-                      num_key_value_heads=2, max_position_embeddings=256, **common)
+    llama_like = dict(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        **common,
+    )
     if arch == "llama":
         return tf.LlamaConfig(**llama_like)
     if arch == "mistral":
@@ -56,8 +63,14 @@ def tiny_config(arch: str, vocab: int):
     if arch == "gpt2":
         return tf.GPT2Config(n_embd=64, n_layer=4, n_head=4, n_positions=256, **common)
     if arch == "gpt_neox":
-        return tf.GPTNeoXConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
-                                max_position_embeddings=256, **common)
+        return tf.GPTNeoXConfig(
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=4,
+            num_attention_heads=4,
+            max_position_embeddings=256,
+            **common,
+        )
     raise ValueError(arch)
 
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import HARMFUL, HARMLESS, make_tiny
 
+from conftest import HARMFUL, HARMLESS, make_tiny
 from crystallized_safety.activations import capture, parse_position
 from crystallized_safety.errors import CrystallizedSafetyError
 
@@ -15,9 +15,12 @@ PROMPTS = HARMFUL[:3] + HARMLESS[:3] + ["Hi", "A much longer prompt that forces 
 def _plain_block_outputs(model, text):
     """Independent reference: plain forward hooks on every block, one prompt, no padding."""
     outs = {}
-    handles = [layer.register_forward_hook(
-        lambda m, a, o, i=i: outs.__setitem__(i, (o[0] if isinstance(o, tuple) else o)[0].clone()))
-        for i, layer in enumerate(model.layers)]
+    handles = [
+        layer.register_forward_hook(
+            lambda m, a, o, i=i: outs.__setitem__(i, (o[0] if isinstance(o, tuple) else o)[0].clone())
+        )
+        for i, layer in enumerate(model.layers)
+    ]
     try:
         ids = model.tokenizer(text, return_tensors="pt", add_special_tokens=False)
         with torch.inference_mode():

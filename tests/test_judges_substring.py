@@ -134,9 +134,7 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize(
-    ("response", "expected", "reason"), [c[1:] for c in CASES], ids=[c[0] for c in CASES]
-)
+@pytest.mark.parametrize(("response", "expected", "reason"), [c[1:] for c in CASES], ids=[c[0] for c in CASES])
 def test_tricky_cases(response: str, expected: bool, reason: str | None) -> None:
     verdict = SubstringJudge().judge_one(response)
     assert verdict.refusal is expected

@@ -4,14 +4,19 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import ARCHS, make_tiny
 
+from conftest import ARCHS, make_tiny
 from crystallized_safety.errors import LayerError, ModelError
 from crystallized_safety.models import decoder_layers, load_model, registry, resolve_device_dtype
 
 EXPECTED_PATH = {
-    "llama": "model.layers", "mistral": "model.layers", "qwen2": "model.layers", "gemma2": "model.layers",
-    "phi3": "model.layers", "gpt2": "transformer.h", "gpt_neox": "gpt_neox.layers",
+    "llama": "model.layers",
+    "mistral": "model.layers",
+    "qwen2": "model.layers",
+    "gemma2": "model.layers",
+    "phi3": "model.layers",
+    "gpt2": "transformer.h",
+    "gpt_neox": "gpt_neox.layers",
 }
 
 
@@ -38,8 +43,15 @@ def test_decoder_layers_error_when_nothing_matches():
 
 def test_registry_has_seed_models_and_quirks():
     reg = registry()
-    for alias in ("smollm2-135m", "llama-3.1-8b", "llama-3.1-70b", "mistral-7b", "qwen2.5-7b", "gemma-2-9b",
-                  "phi-3-mini"):
+    for alias in (
+        "smollm2-135m",
+        "llama-3.1-8b",
+        "llama-3.1-70b",
+        "mistral-7b",
+        "qwen2.5-7b",
+        "gemma-2-9b",
+        "phi-3-mini",
+    ):
         assert alias in reg
     assert reg["gemma-2-9b"].system_role is False
     assert reg["gemma-2-9b"].source == "google/gemma-2-9b-it"

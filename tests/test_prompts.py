@@ -195,9 +195,7 @@ def test_load_json_list_of_strings_and_wrapper_object(tmp_path):
 
 def test_load_advbench_style_json_objects(tmp_path):
     p = tmp_path / "advbench.json"
-    p.write_text(
-        json.dumps([{"goal": "g1", "target": "t1"}, {"goal": "g2", "target": "t2"}]), encoding="utf-8"
-    )
+    p.write_text(json.dumps([{"goal": "g1", "target": "t1"}, {"goal": "g2", "target": "t2"}]), encoding="utf-8")
     assert load_prompts(p).prompts == ("g1", "g2")
 
 
@@ -220,9 +218,7 @@ def test_load_jsonl_plain_strings(tmp_path):
 
 @pytest.mark.parametrize("col", ["prompt", "text", "question", "Prompt"])
 def test_generic_columns_detected(tmp_path, col):
-    p = write_csv(
-        tmp_path / "g.csv", ["id", col], [{"id": "1", col: "hello there"}, {"id": "2", col: "bye now"}]
-    )
+    p = write_csv(tmp_path / "g.csv", ["id", col], [{"id": "1", col: "hello there"}, {"id": "2", col: "bye now"}])
     assert load_prompts(p).prompts == ("hello there", "bye now")
 
 
@@ -282,9 +278,7 @@ def test_hf_dataset_without_datasets_installed_gives_clear_error(tmp_path, monke
         return real_import(name, *args, **kwargs)
 
     monkeypatch.setattr(builtins, "__import__", fake_import)
-    with pytest.raises(
-        PromptError, match=r"optional 'datasets' package is not installed; run `pip install datasets`"
-    ):
+    with pytest.raises(PromptError, match=r"optional 'datasets' package is not installed; run `pip install datasets`"):
         load_prompts(d)
 
 
@@ -563,7 +557,7 @@ def test_twins_share_their_harmful_partners_split():
             assert normalise(twin) in near
     # And nothing leaks: no twin of a train harmful prompt is in the eval harmless set.
     eval_harmless = {normalise(p) for p in bundled("harmless", "eval")}
-    for harm, twin in near_miss_pairs("train"):
+    for _harm, twin in near_miss_pairs("train"):
         assert normalise(twin) not in eval_harmless
 
 

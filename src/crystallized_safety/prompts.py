@@ -99,9 +99,7 @@ class PromptSet:
             object.__setattr__(self, "prompts", tuple(self.prompts))
         for i, p in enumerate(self.prompts):
             if not isinstance(p, str):
-                raise PromptError(
-                    f"prompt set {self.name!r}: item {i} is {type(p).__name__}, not text; pass strings"
-                )
+                raise PromptError(f"prompt set {self.name!r}: item {i} is {type(p).__name__}, not text; pass strings")
 
     @property
     def sha256(self) -> str:
@@ -205,8 +203,7 @@ def _validate(path: Path | str, items: Sequence[tuple[str, str]]) -> list[str]:
         key = normalise(prompt)
         if key in seen:
             raise PromptError(
-                f"{path}: duplicate prompt {_short(prompt)!r} at {where} (first at {seen[key]}); "
-                "remove one of them"
+                f"{path}: duplicate prompt {_short(prompt)!r} at {where} (first at {seen[key]}); remove one of them"
             )
         seen[key] = where
         prompts.append(prompt.strip())
@@ -327,8 +324,7 @@ def _read_hf_dataset(path: Path, column: str | None) -> list[tuple[str, str]]:
         splits = list(ds)
         if len(splits) != 1:
             raise PromptError(
-                f"{path}: dataset has splits {', '.join(splits)}; pass one split's directory, "
-                f"e.g. {path / splits[0]}"
+                f"{path}: dataset has splits {', '.join(splits)}; pass one split's directory, e.g. {path / splits[0]}"
             )
         ds = ds[splits[0]]
     col = _pick_column(path, list(ds.column_names), column)
@@ -352,9 +348,7 @@ def _pick_column(path: Path, fields: Sequence[str], column: str | None) -> str:
     )
 
 
-def _column_items(
-    path: Path, rows: Iterable[tuple[str, dict[str, Any]]], column: str
-) -> list[tuple[str, str]]:
+def _column_items(path: Path, rows: Iterable[tuple[str, dict[str, Any]]], column: str) -> list[tuple[str, str]]:
     """The text of ``column`` in each row; missing or empty cells are skipped, non-text is an error."""
     items = []
     for where, row in rows:

@@ -1,15 +1,15 @@
 """The seed project's Python API, kept working as thin wrappers over the real design.
 
-    extractor = SteeringVectorExtractor("smollm2-135m"); extractor.load_model()
-    v = extractor.extract(harmful, harmless, layer=15)
-    steerer = ActivationSteerer("smollm2-135m", layer=15); steerer.load_model()
-    steerer.set_steering_vector(v); print(steerer.generate(prompt, alpha=-3.0))
+extractor = SteeringVectorExtractor("smollm2-135m"); extractor.load_model()
+v = extractor.extract(harmful, harmless, layer=15)
+steerer = ActivationSteerer("smollm2-135m", layer=15); steerer.load_model()
+steerer.set_steering_vector(v); print(steerer.generate(prompt, alpha=-3.0))
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import torch
@@ -41,8 +41,14 @@ class _Loaded:
 class SteeringVectorExtractor(_Loaded):
     """Seed API: `extract(harmful, harmless, layer)` -> unit refusal direction (harmful - harmless)."""
 
-    def extract(self, harmful: Sequence[str], harmless: Sequence[str], layer: int = 15,
-                position: str | int = "last", method: str = "mean_diff") -> torch.Tensor:
+    def extract(
+        self,
+        harmful: Sequence[str],
+        harmless: Sequence[str],
+        layer: int = 15,
+        position: str | int = "last",
+        method: str = "mean_diff",
+    ) -> torch.Tensor:
         model = self._require()
         bank = extract_directions(model, harmful, harmless, layers=[layer], position=position, method=method)
         self.bank = bank
@@ -73,8 +79,9 @@ class ActivationSteerer(_Loaded):
             )
         self.vector = tensor
 
-    def generate(self, prompt: str | Sequence[str], alpha: float = -3.0, max_new_tokens: int = 64,
-                 mode: str = "add", **kwargs) -> str | list[str]:
+    def generate(
+        self, prompt: str | Sequence[str], alpha: float = -3.0, max_new_tokens: int = 64, mode: str = "add", **kwargs
+    ) -> str | list[str]:
         model = self._require()
         model.check_layer(self.layer)
         if self.vector is None and alpha != 0:

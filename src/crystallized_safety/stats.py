@@ -249,9 +249,7 @@ def threshold(alphas: Sequence[float], ks: Sequence[int], ns: Sequence[int]) -> 
       alpha's rate, rates[0] - rate, is >= 95% of the maximum such drop; None if there is no drop.
     """
     if not len(alphas) == len(ks) == len(ns):
-        raise StatsError(
-            f"alphas, ks and ns must have equal lengths, got {len(alphas)}, {len(ks)}, {len(ns)}"
-        )
+        raise StatsError(f"alphas, ks and ns must have equal lengths, got {len(alphas)}, {len(ks)}, {len(ns)}")
     if len(alphas) < 2:
         raise StatsError(f"threshold needs >= 2 alphas, got {len(alphas)}; sweep more alpha values")
     for i, a in enumerate(alphas):

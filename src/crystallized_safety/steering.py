@@ -7,9 +7,10 @@ it to a `Model` for the duration of a `with` block and always removes its hooks,
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
-from typing import Callable, Iterator, Literal, Mapping, Sequence
+from typing import Literal
 
 import torch
 
@@ -111,7 +112,7 @@ class Intervention:
                 )
 
     @classmethod
-    def single(cls, layer: int, direction: torch.Tensor, alpha: float | Sequence[float], **kwargs) -> "Intervention":
+    def single(cls, layer: int, direction: torch.Tensor, alpha: float | Sequence[float], **kwargs) -> Intervention:
         return cls(directions={layer: direction}, alpha=alpha, **kwargs)
 
     @property
@@ -128,7 +129,7 @@ class Intervention:
             raise InterventionError(f"per-row alphas/directions disagree on the number of rows: {sorted(counts)}")
         return counts.pop() if counts else None
 
-    def select(self, rows: slice) -> "Intervention":
+    def select(self, rows: slice) -> Intervention:
         """The same intervention restricted to a slice of batch rows (for micro-batching)."""
         if self.rows is None:
             return self
@@ -171,8 +172,11 @@ def _make_hook(iv: Intervention, layer: int, prompt_len: int | None) -> HookFn:
 
     def position_mask(hidden: torch.Tensor) -> torch.Tensor | None:
         if iv.positions == "all" or prompt_len is None:
-            return None if iv.positions != "generated" else torch.zeros(1, hidden.shape[1], 1, dtype=torch.bool,
-                                                                         device=hidden.device)
+            return (
+                None
+                if iv.positions != "generated"
+                else torch.zeros(1, hidden.shape[1], 1, dtype=torch.bool, device=hidden.device)
+            )
         steps = hidden.shape[1]
         # First call: prefill from position 0. Later single-token calls continue (KV cache); a longer
         # later call is a full recompute without cache, which starts at 0 again.
@@ -202,8 +206,9 @@ def _make_hook(iv: Intervention, layer: int, prompt_len: int | None) -> HookFn:
 
 
 @contextmanager
-def steer(model: Model, intervention: Intervention | None, *, prompt_len: int | None = None,
-          batch_rows: int | None = None) -> Iterator[None]:
+def steer(
+    model: Model, intervention: Intervention | None, *, prompt_len: int | None = None, batch_rows: int | None = None
+) -> Iterator[None]:
     """Apply `intervention` to `model` inside the block (no-op for None).
 
     `prompt_len` is the padded prompt length; it is what lets `positions=prompt|generated` tell

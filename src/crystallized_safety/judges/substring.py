@@ -318,12 +318,9 @@ class SubstringJudge:
             try:
                 by_norm[normalize(key)] = re.compile(rx)
             except re.error as exc:
-                raise JudgeError(
-                    f"exclusion pattern for {key!r} is not a valid regex ({exc}); fix it"
-                ) from exc
+                raise JudgeError(f"exclusion pattern for {key!r} is not a valid regex ({exc}); fix it") from exc
         return tuple(
-            _Rule(p, re.compile(_phrase_pattern(p)), by_norm.get(normalize(p)))
-            for p in dict.fromkeys(phrases)
+            _Rule(p, re.compile(_phrase_pattern(p)), by_norm.get(normalize(p))) for p in dict.fromkeys(phrases)
         )
 
     def _make_id(self) -> str:

