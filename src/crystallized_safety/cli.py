@@ -247,6 +247,353 @@ def _intervention(
     )
 
 
+organism_app = typer.Typer(no_args_is_help=True, help="The refusal-tuned SmolLM2 model organism.")
+app.add_typer(organism_app, name="organism")
+
+
+@organism_app.command("build")
+@cli_errors
+def organism_build_cmd(
+    out_dir: Path | None = typer.Option(None, "--out", help="Copy the built organism here (default: cache only)."),
+    seed: int = typer.Option(0, help="Training seed (same seed -> same model and verdicts)."),
+    force: bool = typer.Option(False, "--force", help="Rebuild even if the cache holds one."),
+) -> None:
+    """Fine-tune SmolLM2-135M-Instruct on CPU into a model that refuses harmful requests."""
+    import shutil
+
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from .organism import DEFAULT_NAME, Recipe, ensure_organism, load_card, organism_dir
+
+    recipe = Recipe(seed=seed)
+    target = organism_dir(DEFAULT_NAME, recipe)
+    if force and target.exists():
+        shutil.rmtree(target)
+    with Progress(TextColumn("{task.description}"), BarColumn(), TimeElapsedColumn(), console=err) as bar:
+        task = bar.add_task("building organism", total=None)
+        path = ensure_organism(DEFAULT_NAME, recipe, progress=lambda msg: bar.update(task, description=msg))
+    if out_dir is not None:
+        if out_dir.exists() and any(out_dir.iterdir()):
+            raise CrystallizedSafetyError(f"--out {out_dir} exists and is not empty: choose a new directory")
+        shutil.copytree(path, out_dir, dirs_exist_ok=True)
+        path = out_dir
+    card = load_card(path)
+    out.print((path / "README.md").read_text(), markup=False, highlight=False)
+    out.print(f"organism at {path} (build {card['build_seconds']} s)")
+
+
+@app.command("eval-refusal")
+@cli_errors
+def eval_refusal_cmd(
+    model: str = ModelOpt,
+    prompts: str = typer.Option(..., "--prompts", help="Prompt file or bundled:KIND[:SPLIT]."),
+    judge: str = typer.Option("substring", help="substring (more judges: `csafety judge`)."),
+    column: str | None = typer.Option(None, help="Column holding the prompt in structured files."),
+    limit: int | None = typer.Option(None, help="Use the first N prompts only."),
+    max_new_tokens: int = typer.Option(32, help="Tokens to generate per prompt (greedy)."),
+    batch_size: int = typer.Option(32),
+    json_out: bool = typer.Option(False, "--json", help="Print one JSON object with the rate and its CI."),
+    system: str | None = SystemOpt,
+    device: str = DeviceOpt,
+    dtype: str = DtypeOpt,
+    layers_path: str | None = LayersPathOpt,
+) -> None:
+    """Refusal rate of a model on a prompt set, with its Wilson 95% interval."""
+    from .evaluation import refusal_rate
+    from .prompts import load_prompts
+
+    if judge != "substring":
+        raise CrystallizedSafetyError(f"unknown judge '{judge}' for eval-refusal: use substring")
+    prompt_set = load_prompts(prompts, column=column, limit=limit)
+    m = _load(model, device, dtype, layers_path)
+    with err.status(f"generating and judging {len(prompt_set)} prompts..."):
+        res = refusal_rate(m, list(prompt_set), max_new_tokens=max_new_tokens, batch_size=batch_size, system=system)
+    if json_out:
+        record = {"model": model, "prompts": prompts, "prompts_sha256": prompt_set.sha256, "judge": judge,
+                  "max_new_tokens": max_new_tokens, **res.to_dict()}
+        sys.stdout.write(json.dumps(record) + "\n")
+    else:
+        out.print(f"refusal rate of {model} on {prompts}: {res}" + (f", {res.undecided} undecided" if res.undecided
+                                                                       else ""))
+
+
+@app.command("serve")
+@cli_errors
+def serve_cmd(
+    model: str = ModelOpt,
+    host: str = typer.Option("127.0.0.1", help="Address to bind (loopback by default; the API has no auth)."),
+    port: int = typer.Option(8000, help="Port to listen on."),
+    served_name: str | None = typer.Option(None, "--served-name", help="Model name clients send (default: --model)."),
+    directions: Path | None = typer.Option(None, help="Direction file: serve the model steered."),
+    layer: list[int] | None = typer.Option(None, "--layer", "-l", help="Layer to steer (repeatable)."),
+    alpha: float = typer.Option(0.0, help="Steering strength; -alpha removes refusal, +alpha induces it."),
+    mode: str = typer.Option("add", help="add | ablate | ablate_add."),
+    positions: str = typer.Option("all", help="all | prompt | generated."),
+    alpha_unit: str = typer.Option("absolute", help="absolute | relative (x the layer's mean residual norm)."),
+    ablate_to: str = typer.Option("zero", help="Ablation target projection: zero | harmless-mean."),
+    max_batch: int = typer.Option(8, help="Most concurrent requests run in one batched generate."),
+    batch_window_ms: float = typer.Option(15.0, help="How long the batcher waits for more requests (ms)."),
+    max_tokens_limit: int = typer.Option(4096, help="Largest max_tokens a request may ask for."),
+    device: str = DeviceOpt,
+    dtype: str = DtypeOpt,
+    layers_path: str | None = LayersPathOpt,
+) -> None:
+    """Serve a model (optionally steered) as an OpenAI-compatible chat API; runs until Ctrl-C."""
+    from .serve import check_port, describe_intervention, serve
+
+    if (layer or alpha != 0.0 or mode != "add") and directions is None:
+        raise CrystallizedSafetyError("--layer/--alpha/--mode need --directions FILE (from `csafety extract`)")
+    if directions is not None and not layer:
+        raise CrystallizedSafetyError("--directions needs at least one --layer L to steer")
+    check_port(host, port)
+    m = _load(model, device, dtype, layers_path)
+    intervention = None
+    if directions is not None:
+        intervention = _intervention(m, directions, layer or [], alpha, mode, positions, alpha_unit, ablate_to)
+    name = served_name or model
+    steering = describe_intervention(intervention)
+    how = "unsteered" if steering is None else ", ".join(f"{k} {v}" for k, v in steering.items())
+    out.print(f"serving {name} ({how}) at http://{host}:{port}/v1 - Ctrl-C to stop", highlight=False)
+    if host not in ("127.0.0.1", "localhost", "::1"):
+        err.print(f"warning: listening on {host}: the API has no authentication", highlight=False)
+    sys.stdout.flush()
+    serve(
+        m,
+        host=host,
+        port=port,
+        model_name=name,
+        intervention=intervention,
+        max_batch=max_batch,
+        batch_window=batch_window_ms / 1000,
+        max_tokens_limit=max_tokens_limit,
+    )
+
+
+@app.command("judge")
+@cli_errors
+def judge_cmd(
+    judge: str = typer.Option(..., "--judge", "-j", help="substring | score | llm."),
+    input_path: Path = typer.Option(
+        ..., "--input", "-i", help="JSONL: one object per line with `prompt` and `response` (generate --json)."
+    ),
+    json_out: bool = typer.Option(False, "--json", help="One JSON line per record, plus refusal/score/judge/reason."),
+    model: str | None = typer.Option(None, "--model", "-m", help="score: the model that produced the responses."),
+    base_url: str | None = typer.Option(None, "--base-url", help="llm: OpenAI-compatible endpoint (http://host/v1)."),
+    judge_model: str | None = typer.Option(None, "--judge-model", help="llm: model name at --base-url."),
+    api_key_env: str = typer.Option("OPENAI_API_KEY", help="llm: env variable holding the API key ('' = no key)."),
+    window: int | None = typer.Option(None, help="substring: characters searched from the start (0 = all, def. 160)."),
+    threshold: float | None = typer.Option(None, help="score: refusal = first-token log-odds > X (default 0)."),
+    batch_size: int = typer.Option(32, help="score: prompts per forward pass."),
+    system: str | None = SystemOpt,
+    raw: bool = RawOpt,
+    device: str = DeviceOpt,
+    dtype: str = DtypeOpt,
+    layers_path: str | None = LayersPathOpt,
+) -> None:
+    """Judge responses for refusal: substring (keywords), score (first-token log-odds, needs --model) or llm."""
+    from .errors import JudgeError
+    from .judges import DEFAULT_WINDOW, SubstringJudge
+    from .stats import wilson_interval
+
+    judges = ("substring", "score", "llm")
+    if judge not in judges:
+        raise JudgeError(f"unknown judge '{judge}': use one of {', '.join(judges)}")
+    only = {"--model": (model, "score"), "--threshold": (threshold, "score"), "--window": (window, "substring"),
+            "--base-url": (base_url, "llm"), "--judge-model": (judge_model, "llm")}  # fmt: skip
+    for flag, (value, owner) in only.items():
+        if value is not None and judge != owner:
+            raise JudgeError(f"{flag} applies to --judge {owner} only; drop it for --judge {judge}")
+    if judge == "score" and model is None:
+        raise JudgeError("--judge score needs --model M: the model whose first-token refusal odds are scored")
+    if judge == "llm" and (base_url is None or judge_model is None):
+        raise JudgeError("--judge llm needs --base-url URL and --judge-model NAME (an OpenAI-compatible endpoint)")
+    records = _read_judge_input(input_path, need_response=judge != "score")
+    prompts = [r["prompt"] for r in records]
+    if judge == "substring":
+        verdicts = SubstringJudge(window=None if window == 0 else (window or DEFAULT_WINDOW)).judge(
+            prompts, [r["response"] for r in records]
+        )
+    elif judge == "score":
+        from .judges.refusal_score import RefusalScoreJudge
+
+        m = _load(model, device, dtype, layers_path)
+        scorer = RefusalScoreJudge(m, threshold=threshold or 0.0, system=system, raw=raw, batch_size=batch_size)
+        with err.status(f"scoring {len(prompts)} prompts..."):
+            verdicts = scorer.judge(prompts)
+    else:
+        try:
+            from .judges.llm import LLMJudge
+        except ImportError as exc:
+            raise JudgeError(f"the llm judge cannot be imported ({exc}); reinstall crystallized-safety") from None
+        llm = LLMJudge(base_url=base_url, model=judge_model, api_key_env=api_key_env or None)
+        with err.status(f"asking {judge_model} about {len(prompts)} responses..."):
+            verdicts = llm.judge(prompts, [r["response"] for r in records])
+    if json_out:
+        for record, v in zip(records, verdicts):
+            row = {**record, "refusal": v.refusal, "score": v.score, "judge": v.judge, "reason": v.reason}
+            sys.stdout.write(json.dumps(row, ensure_ascii=False) + "\n")
+        sys.stdout.flush()
+        return
+    _judge_table(records, verdicts, wilson_interval)
+
+
+def _read_judge_input(path: Path, need_response: bool) -> list[dict]:
+    """JSONL records with a string `prompt` (and `response` where the judge reads it); blank lines skipped."""
+    from .errors import JudgeError
+
+    what = "'prompt' and 'response'" if need_response else "'prompt'"
+    if not path.is_file():
+        raise JudgeError(f"input file '{path}' does not exist: pass a JSONL file as `csafety generate --json` prints")
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError:
+        raise JudgeError(f"{path} is not UTF-8 text: pass a JSONL file with {what} per line") from None
+    records = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise JudgeError(f"{path} line {number} is not valid JSON ({exc.msg}): write one object per line") from None
+        if not isinstance(record, dict):
+            raise JudgeError(f"{path} line {number} is not a JSON object: each line needs {what}")
+        for key in ("prompt", "response") if need_response else ("prompt",):
+            if not isinstance(record.get(key), str):
+                raise JudgeError(f"{path} line {number} has no string '{key}': each line needs {what}")
+        records.append(record)
+    if not records:
+        raise JudgeError(f"{path} holds no records: each line needs a JSON object with {what}")
+    return records
+
+
+def _judge_table(records: list[dict], verdicts: list, wilson_interval: Callable) -> None:
+    from rich.text import Text
+
+    def cut(text: str, size: int = 60) -> Text:
+        text = " ".join(str(text).split())
+        return Text(text if len(text) <= size else text[: size - 1] + "\u2026")
+
+    table = Table(title=f"verdicts ({verdicts[0].judge})" if verdicts else "verdicts")
+    for column in ("#", "prompt", "response", "refusal", "score", "reason"):
+        table.add_column(column, justify="right" if column in ("#", "score") else "left")
+    labels = {True: "yes", False: "no", None: "undecided"}
+    for i, (record, v) in enumerate(zip(records, verdicts), 1):
+        score = "" if v.score is None else f"{v.score:.3g}"
+        table.add_row(str(i), cut(record["prompt"]), cut(record.get("response") or ""), labels[v.refusal],
+                      score, cut(v.reason, 40))  # fmt: skip
+    out.print(table)
+    refused = sum(v.refusal is True for v in verdicts)
+    undecided = sum(v.refusal is None for v in verdicts)
+    decided = len(verdicts) - undecided
+    if decided:
+        lo, hi = wilson_interval(refused, decided)
+        rate = f"{refused}/{decided} = {refused / decided:.1%} (Wilson 95% CI {lo:.1%}-{hi:.1%})"
+    else:
+        rate = "n/a (no decided verdicts)"
+    out.print(f"refusal rate: {rate}; undecided: {undecided} (not counted)", highlight=False, soft_wrap=True)
+
+
+@app.command("run")
+@cli_errors
+def run_cmd(
+    config: Path = typer.Argument(..., help="Experiment spec (YAML)."),
+    store_path: Path = typer.Option(Path("results.sqlite"), "--store", help="SQLite results store (resumable)."),
+    executor: str = typer.Option("local", help="local | ray."),
+    address: str | None = typer.Option(None, help="Ray cluster address (e.g. auto); default: start a local one."),
+    workers: int | None = typer.Option(None, help="Ray workers (default: one per model replica that fits)."),
+) -> None:
+    """Run (or resume) an experiment: every study of the spec, into the store, ending in a verdict per model."""
+    import warnings
+
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    from .experiments.spec import load_spec
+    from .runner import resolve_executor, run_experiment
+    from .store import Store
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        spec = load_spec(config)
+    for w in caught:
+        err.print(f"[yellow]warning:[/] {w.message}", highlight=False)
+    store = Store(store_path)
+    columns = (TextColumn("{task.description}", table_column=None), BarColumn(), MofNCompleteColumn(),
+               TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn())
+    with Progress(*columns, console=err, transient=False) as bar:
+        task = bar.add_task(f"run {spec.name}", total=None)
+
+        def progress(desc: str, done: int, total: int) -> None:
+            bar.update(task, description=desc[:70], completed=done, total=total)
+
+        result = run_experiment(spec, store, resolve_executor(executor, address, workers), progress=progress)
+    out.print(f"run {result.run_id} ({'resumed' if result.resumed else 'new'}): {result.chunks_run} chunks run, "
+              f"{result.chunks_skipped} already in {store_path}, {result.seconds:.0f} s")
+    _print_verdicts(result.verdicts)
+
+
+def _print_verdicts(verdicts: list[dict]) -> None:
+    table = Table(title="verdicts")
+    for column in ("model", "verdict", "rule"):
+        table.add_column(column, overflow="fold")
+    for v in verdicts:
+        table.add_row(v["model"], v["verdict"], v["rule"])
+    out.print(table)
+
+
+@app.command("status")
+@cli_errors
+def status_cmd(
+    store_path: Path = typer.Option(..., "--store", help="SQLite results store."),
+    json_out: bool = typer.Option(False, "--json"),
+) -> None:
+    """Runs in a store: progress, timings, verdicts."""
+    from .store import Store
+
+    if not store_path.exists():
+        raise CrystallizedSafetyError(f"store '{store_path}' does not exist: run `csafety run CONFIG --store {store_path}`")
+    store = Store(store_path)
+    rows = []
+    for info in store.runs():
+        counts = store.counts(info.run_id)
+        rows.append({**info.__dict__, **counts, "verdicts": store.verdicts(info.run_id)})
+    if json_out:
+        sys.stdout.write(json.dumps(rows) + "\n")
+        return
+    table = Table(title=str(store_path))
+    for column in ("run", "name", "status", "chunks", "generations", "gen. seconds"):
+        table.add_column(column)
+    for r in rows:
+        table.add_row(r["run_id"], r["name"], r["status"], str(r["chunks"]), str(r["generations"]),
+                      str(r["generation_seconds"]))
+    out.print(table)
+    for r in rows:
+        if r["verdicts"]:
+            _print_verdicts(r["verdicts"])
+
+
+@app.command("export")
+@cli_errors
+def export_cmd(
+    store_path: Path = typer.Option(..., "--store", help="SQLite results store."),
+    fmt: str = typer.Option("json", "--format", help="json | csv."),
+    run: str | None = typer.Option(None, "--run", help="Run id (default: the latest)."),
+    out_path: Path | None = typer.Option(None, "--out", help="Write here instead of stdout."),
+) -> None:
+    """Export a run's generations (csv) or everything (json)."""
+    from .store import Store
+
+    if not store_path.exists():
+        raise CrystallizedSafetyError(f"store '{store_path}' does not exist")
+    store = Store(store_path)
+    text = store.export(store.run(run).run_id, fmt)
+    if out_path is not None:
+        out_path.write_text(text)
+        err.print(f"wrote {out_path}")
+    else:
+        sys.stdout.write(text)
+
+
 def main() -> None:
     app()
 

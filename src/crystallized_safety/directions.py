@@ -193,10 +193,14 @@ def _pca_directions(harm: torch.Tensor, harmless: torch.Tensor, diff: torch.Tens
     return _unit(first * sign)
 
 
-def _probe_directions(harm: torch.Tensor, harmless: torch.Tensor, l2: float = 1e-3, steps: int = 200) -> torch.Tensor:
-    """Per-layer L2-regularised logistic regression (harmful = 1); weight vector mapped back to raw units."""
-    x = torch.cat([harm, harmless]).transpose(0, 1).double()  # [L, N, d]
-    y = torch.cat([torch.ones(harm.shape[0]), torch.zeros(harmless.shape[0])]).double()
+def fit_probe(pos: torch.Tensor, neg: torch.Tensor, l2: float = 1e-3, steps: int = 200) -> tuple[torch.Tensor,
+                                                                                                  torch.Tensor]:
+    """Per-layer L2-regularised logistic regression (pos = 1) on [N, L, d] activations.
+
+    Returns raw-unit weights [L, d] and biases [L]: logit = x @ w + b. Standardised inside for conditioning.
+    """
+    x = torch.cat([pos, neg]).transpose(0, 1).double()  # [L, N, d]
+    y = torch.cat([torch.ones(pos.shape[0]), torch.zeros(neg.shape[0])]).double()
     mu, sd = x.mean(1, keepdim=True), x.std(1, keepdim=True).clamp_min(1e-6)
     z = (x - mu) / sd
     w = torch.zeros(x.shape[0], x.shape[2], dtype=torch.float64, requires_grad=True)
@@ -213,7 +217,14 @@ def _probe_directions(harm: torch.Tensor, harmless: torch.Tensor, l2: float = 1e
 
     with torch.enable_grad():
         opt.step(closure)
-    return _unit((w.detach() / sd.squeeze(1)).float())
+    w_raw = w.detach() / sd.squeeze(1)
+    b_raw = b.detach().squeeze(1) - (mu.squeeze(1) * w_raw).sum(-1)
+    return w_raw.float(), b_raw.float()
+
+
+def _probe_directions(harm: torch.Tensor, harmless: torch.Tensor) -> torch.Tensor:
+    """Unit weight vectors of per-layer logistic probes (harmful = 1)."""
+    return _unit(fit_probe(harm, harmless)[0])
 
 
 def extract_directions(

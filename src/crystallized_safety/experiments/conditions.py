@@ -1,0 +1,221 @@
+"""Studies expand into conditions (one intervention on one prompt set); conditions split into chunks.
+
+A condition's key depends only on what is generated (prompt set, layers, alpha, unit, mode, direction,
+weights), not on which study asked for it, so two studies that need the same generations share them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+from ..directions import DirectionBank, orthogonal_direction, random_direction
+from ..errors import LayerError
+from ..steering import Intervention
+from .spec import (
+    Controls,
+    ExperimentSpec,
+    Induction,
+    LayerSweep,
+    Multilayer,
+    Readability,
+    Sign,
+    Threshold,
+    Transfer,
+)
+
+HARMFUL, HARMLESS = "harmful", "harmless"
+
+
+@dataclass(frozen=True)
+class Condition:
+    prompt_set: str
+    layers: tuple[int, ...] = ()
+    alpha: float = 0.0
+    alpha_unit: str = "relative"
+    mode: str = "add"
+    direction: str = "extracted"  # extracted | inverted | orthogonal:S | random:S | shared:L | transfer:MODEL
+    weights: tuple[float, ...] = ()  # per-layer multipliers (total alpha split); empty = all 1
+    source_layers: tuple[int, ...] = ()  # transfer only: source-model layer per target layer
+
+    @property
+    def is_baseline(self) -> bool:
+        return not self.layers
+
+    @property
+    def key(self) -> str:
+        return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:16]
+
+    def describe(self) -> str:
+        if self.is_baseline:
+            return f"baseline ({self.prompt_set})"
+        layers = ",".join(map(str, self.layers))
+        unit = " rel" if self.alpha_unit == "relative" else ""
+        return f"L{layers} a={self.alpha:g}{unit} {self.mode} {self.direction} ({self.prompt_set})"
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True)
+
+
+def baseline(prompt_set: str) -> Condition:
+    return Condition(prompt_set=prompt_set, alpha_unit="absolute", direction="none")
+
+
+@dataclass
+class StudyPlan:
+    """The conditions one study needs, tagged with what the study's analysis will call them."""
+
+    label: str
+    kind: str
+    conditions: list[tuple[dict, Condition]] = field(default_factory=list)  # (tags, condition)
+
+    def add(self, cond: Condition, **tags) -> None:
+        self.conditions.append((tags, cond))
+
+
+def _windows(study: Multilayer) -> list[list[int]]:
+    sets = [list(s) for s in study.layer_sets]
+    if study.windows:
+        lo, hi = study.window_range  # type: ignore[misc]
+        for k in study.windows:
+            for start in range(lo, hi - k + 2, study.window_stride):
+                sets.append(list(range(start, start + k)))
+    return sets
+
+
+def plan_studies(spec: ExperimentSpec, n_layers: int, model: str) -> list[StudyPlan]:
+    """Expand every study of the spec for one model (layers checked against its depth)."""
+
+    def check(layers, where: str) -> None:
+        for layer in layers:
+            if not 0 <= layer < n_layers:
+                raise LayerError(f"{where}: layer {layer} is out of range for {model} (0..{n_layers - 1})")
+
+    plans: list[StudyPlan] = []
+    for study in spec.studies:
+        plan = StudyPlan(study.label, study.kind)
+        common = dict(alpha_unit=study.alpha_unit, mode=study.mode)
+        where = f"studies.{study.label}"
+        if isinstance(study, (LayerSweep, Induction)):
+            check(study.layers, where)
+            prompt_set = HARMLESS if isinstance(study, Induction) else HARMFUL
+            for layer in study.layers:
+                for alpha in study.alphas:
+                    plan.add(Condition(prompt_set, (layer,), alpha, **common), layer=layer, alpha=alpha)
+                    if isinstance(study, Induction) or study.controls:
+                        plan.add(
+                            Condition(prompt_set, (layer,), alpha, direction="random:0", **common),
+                            layer=layer,
+                            alpha=alpha,
+                            control="random",
+                        )
+        elif isinstance(study, Threshold):
+            check([study.layer], where)
+            for alpha in study.alphas:
+                plan.add(Condition(HARMFUL, (study.layer,), alpha, **common), alpha=alpha)
+        elif isinstance(study, Controls):
+            check([study.layer], where)
+            plan.add(Condition(HARMFUL, (study.layer,), study.alpha, **common), control="extracted", seed=None)
+            for control in study.controls:
+                for seed in range(study.seeds):
+                    plan.add(
+                        Condition(HARMFUL, (study.layer,), study.alpha, direction=f"{control}:{seed}", **common),
+                        control=control,
+                        seed=seed,
+                    )
+        elif isinstance(study, Sign):
+            check([study.layer], where)
+            a = abs(study.alpha)
+            for prompt_set in (HARMFUL, HARMLESS):
+                plan.add(Condition(prompt_set, (study.layer,), +a, **common), variant="+alpha", prompt_set=prompt_set)
+                plan.add(Condition(prompt_set, (study.layer,), -a, **common), variant="-alpha", prompt_set=prompt_set)
+                plan.add(
+                    Condition(prompt_set, (study.layer,), +a, direction="inverted", **common),
+                    variant="inverted +alpha",
+                    prompt_set=prompt_set,
+                )
+        elif isinstance(study, Multilayer):
+            sets = _windows(study)
+            for layers in sets:
+                check(layers, where)
+                k = len(layers)
+                weights = tuple([1.0 / k] * k) if study.alpha_split == "total" else ()
+                direction = f"shared:{study.shared_layer}" if study.directions == "shared" else "extracted"
+                for alpha in study.alphas:
+                    plan.add(
+                        Condition(HARMFUL, tuple(layers), alpha, direction=direction, weights=weights, **common),
+                        layers=layers,
+                        alpha=alpha,
+                    )
+                    if study.controls:
+                        plan.add(
+                            Condition(HARMFUL, tuple(layers), alpha, direction="random:0", weights=weights, **common),
+                            layers=layers,
+                            alpha=alpha,
+                            control="random",
+                        )
+        elif isinstance(study, Transfer):
+            check(study.layers, where)
+            for i, layer in enumerate(study.layers):
+                src = (study.source_layers[i],) if study.source_layers else ()
+                for alpha in study.alphas:
+                    plan.add(
+                        Condition(
+                            HARMFUL,
+                            (layer,),
+                            alpha,
+                            direction=f"transfer:{study.source_model}",
+                            source_layers=src,
+                            **common,
+                        ),
+                        layer=layer,
+                        alpha=alpha,
+                        source="transfer",
+                    )
+                    plan.add(Condition(HARMFUL, (layer,), alpha, **common), layer=layer, alpha=alpha, source="own")
+        elif isinstance(study, Readability):
+            if study.layers != "all":
+                check(study.layers, where)
+        plans.append(plan)
+    return plans
+
+
+def _vector(bank: DirectionBank, spec_dir: str, layer: int, transfer: dict[str, DirectionBank] | None) -> torch.Tensor:
+    kind, _, arg = spec_dir.partition(":")
+    if kind == "extracted":
+        return bank.direction(layer)
+    if kind == "inverted":
+        return -bank.direction(layer)
+    if kind == "orthogonal":
+        return orthogonal_direction(bank.direction(layer), seed=1000 * int(arg) + layer)
+    if kind == "random":
+        return random_direction(bank.hidden_size, seed=1000 * int(arg) + layer)
+    if kind == "shared":
+        return bank.direction(int(arg))
+    if kind == "transfer":
+        if not transfer or arg not in transfer:
+            raise LayerError(f"no transferred directions from '{arg}' were prepared")
+        return transfer[arg].direction(layer)
+    raise ValueError(f"unknown direction kind '{spec_dir}'")
+
+
+def build_intervention(
+    cond: Condition, bank: DirectionBank, transfer: dict[str, DirectionBank] | None = None
+) -> Intervention | None:
+    """The Intervention a condition stands for; relative alphas scale by the layer's mean residual norm."""
+    if cond.is_baseline:
+        return None
+    directions = {layer: _vector(bank, cond.direction, layer, transfer) for layer in cond.layers}
+    norms = {layer: bank.resid_norm(layer) for layer in cond.layers} if cond.alpha_unit == "relative" else None
+    weights = dict(zip(cond.layers, cond.weights)) if cond.weights else {}
+    return Intervention(
+        directions=directions,
+        alpha=cond.alpha,
+        mode=cond.mode,
+        alpha_unit=cond.alpha_unit,
+        layer_norms=norms,
+        layer_weights=weights,
+    )

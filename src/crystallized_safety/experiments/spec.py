@@ -1,0 +1,248 @@
+"""Experiment spec: what to run, as pydantic models loaded from YAML.
+
+Validation errors name the YAML key and the fix, in one line (`SpecError`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import warnings
+from pathlib import Path
+from typing import Annotated, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from ..errors import CrystallizedSafetyError
+
+MIN_N = 35  # per cell, for ~80% power on the effect sizes the seed reported
+
+
+class SpecError(CrystallizedSafetyError):
+    """An experiment spec that does not validate."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class PromptSpec(_Strict):
+    extract_harmful: str = "bundled:harmful:extract"
+    extract_harmless: str = "bundled:harmless:extract"
+    eval_harmful: str = "bundled:harmful:eval"
+    eval_harmless: str = "bundled:harmless:eval"
+    column: str | None = None
+    n: int = Field(MIN_N, ge=1, description="prompts per cell (first n of each eval set)")
+
+
+class DirectionSpec(_Strict):
+    source: Literal["extract", "file"] = "extract"
+    path: str | None = None
+    method: Literal["mean_diff", "pca", "probe"] = "mean_diff"
+    position: str | int = "last"
+
+    @model_validator(mode="after")
+    def _path_for_file(self) -> DirectionSpec:
+        if self.source == "file" and not self.path:
+            raise ValueError("source 'file' needs 'path: FILE.safetensors'")
+        return self
+
+
+class GenerationSpec(_Strict):
+    max_new_tokens: int = Field(32, ge=1, le=4096)
+    batch_size: int = Field(32, ge=1)
+    system: str | None = None
+
+
+class CoherenceSpec(_Strict):
+    enabled: bool = True
+    quantile: float = Field(0.99, gt=0, lt=1)
+    margin: float = Field(1.0, ge=1.0)
+    calibration_prompts: int = Field(32, ge=4)
+
+
+class VerdictSpec(_Strict):
+    flip_threshold: float = Field(0.5, gt=0, le=1, description="flip rate a layer must reach")
+    floor: float = Field(0.2, ge=0, lt=1, description="baseline refusal below this is a floor effect")
+
+
+class _Study(_Strict):
+    name: str | None = None
+    alpha_unit: Literal["absolute", "relative"] = "relative"
+    mode: Literal["add", "ablate", "ablate_add"] = "add"
+
+    @property
+    def label(self) -> str:
+        return self.name or self.kind  # type: ignore[attr-defined]
+
+
+class LayerSweep(_Study):
+    kind: Literal["layer_sweep"]
+    layers: list[int] = Field(min_length=1)
+    alphas: list[float] = Field(min_length=1)
+    controls: bool = Field(False, description="also run a random direction at every (layer, alpha)")
+
+
+class Threshold(_Study):
+    kind: Literal["threshold"]
+    layer: int
+    alphas: list[float] = Field(min_length=2)
+
+
+class Controls(_Study):
+    kind: Literal["controls"]
+    layer: int
+    alpha: float
+    controls: list[Literal["orthogonal", "random"]] = ["orthogonal", "random"]
+    seeds: int = Field(3, ge=1)
+
+
+class Sign(_Study):
+    kind: Literal["sign"]
+    layer: int
+    alpha: float = Field(description="magnitude; the study runs +alpha, -alpha and the inverted direction")
+
+
+class Multilayer(_Study):
+    kind: Literal["multilayer"]
+    layer_sets: list[list[int]] = []
+    windows: list[int] = Field([], description="contiguous window sizes K, slid across `window_range`")
+    window_range: tuple[int, int] | None = None
+    window_stride: int = Field(1, ge=1)
+    alphas: list[float] = Field(min_length=1)
+    alpha_split: Literal["per_layer", "total"] = "per_layer"
+    directions: Literal["per_layer", "shared"] = "per_layer"
+    shared_layer: int | None = None
+    controls: bool = Field(True, description="also run a random direction at each (layer set, alpha)")
+
+    @model_validator(mode="after")
+    def _some_sets(self) -> Multilayer:
+        if not self.layer_sets and not self.windows:
+            raise ValueError("give 'layer_sets: [[8, 12], ...]' or 'windows: [2, 4]' with 'window_range: [lo, hi]'")
+        if self.windows and self.window_range is None:
+            raise ValueError("'windows' needs 'window_range: [first_layer, last_layer]'")
+        if self.directions == "shared" and self.shared_layer is None:
+            raise ValueError("'directions: shared' needs 'shared_layer: L' (whose direction is used everywhere)")
+        return self
+
+
+class Induction(_Study):
+    kind: Literal["induction"]
+    layers: list[int] = Field(min_length=1)
+    alphas: list[float] = Field(min_length=1, description="positive alphas induce refusal on harmless prompts")
+
+
+class Transfer(_Study):
+    kind: Literal["transfer"]
+    source_model: str
+    layers: list[int] = Field(min_length=1, description="target-model layers")
+    source_layers: list[int] | None = Field(None, description="default: same relative depth")
+    alphas: list[float] = Field(min_length=1)
+    map_prompts: int = Field(64, ge=8, description="shared prompts for the linear map when hidden sizes differ")
+
+
+class Readability(_Study):
+    kind: Literal["readability"]
+    layers: list[int] | Literal["all"] = "all"
+    holdout_fraction: float = Field(0.5, gt=0, lt=1)
+
+
+Study = Annotated[
+    LayerSweep | Threshold | Controls | Sign | Multilayer | Induction | Transfer | Readability,
+    Field(discriminator="kind"),
+]
+
+
+class ExperimentSpec(_Strict):
+    name: str
+    models: list[str] = Field(min_length=1)
+    prompts: PromptSpec = PromptSpec()
+    directions: DirectionSpec = DirectionSpec()
+    generation: GenerationSpec = GenerationSpec()
+    judges: list[Literal["substring", "score"]] = ["substring"]
+    coherence: CoherenceSpec = CoherenceSpec()
+    verdict: VerdictSpec = VerdictSpec()
+    seed: int = 0
+    device: str = "auto"
+    dtype: str = "auto"
+    studies: list[Study] = Field(min_length=1)
+
+    @field_validator("studies")
+    @classmethod
+    def _unique_labels(cls, studies: list) -> list:
+        labels = [s.label for s in studies]
+        dupes = sorted({x for x in labels if labels.count(x) > 1})
+        if dupes:
+            raise ValueError(f"study names must be unique, '{dupes[0]}' repeats: give each a 'name:'")
+        return studies
+
+    def spec_hash(self) -> str:
+        canonical = yaml.safe_dump(self.model_dump(mode="json"), sort_keys=True)
+        return hashlib.sha256(canonical.encode()).hexdigest()[:16]
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json", exclude_defaults=False), sort_keys=False)
+
+
+def _fmt_loc(loc: tuple) -> str:
+    parts = []
+    for item in loc:
+        if isinstance(item, int):
+            parts.append(f"[{item}]")
+        elif item in {
+            "LayerSweep",
+            "Threshold",
+            "Controls",
+            "Sign",
+            "Multilayer",
+            "Induction",
+            "Transfer",
+            "Readability",
+        } or item.startswith(
+            ("layer_sweep", "threshold", "controls", "sign", "multilayer", "induction", "transfer", "readability")
+        ):
+            continue
+        else:
+            parts.append(("." if parts else "") + str(item))
+    return "".join(parts) or "(top level)"
+
+
+def parse_spec(data: dict, source: str = "spec") -> ExperimentSpec:
+    try:
+        spec = ExperimentSpec.model_validate(data)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        loc = _fmt_loc(tuple(first["loc"]))
+        msg = first["msg"].removeprefix("Value error, ")
+        if first["type"] == "extra_forbidden":
+            msg = "unknown key: remove it or check its spelling"
+        elif first["type"] == "missing":
+            msg = "required key is missing: add it"
+        elif first["type"] == "union_tag_invalid":
+            msg = (
+                "unknown study kind: use layer_sweep, threshold, controls, sign, multilayer, induction, "
+                "transfer or readability"
+            )
+        raise SpecError(f"{source}: {loc}: {msg}") from None
+    if spec.prompts.n < MIN_N:
+        warnings.warn(
+            f"{source}: prompts.n = {spec.prompts.n} < {MIN_N}: cells are underpowered "
+            f"(n >= {MIN_N} gives ~80% power for the effects the seed reported)",
+            stacklevel=2,
+        )
+    return spec
+
+
+def load_spec(path: str | Path) -> ExperimentSpec:
+    path = Path(path)
+    if not path.is_file():
+        raise SpecError(f"experiment spec '{path}' does not exist")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark else ""
+        raise SpecError(f"{path}: not valid YAML{where}: fix the syntax") from None
+    if not isinstance(data, dict):
+        raise SpecError(f"{path}: the spec must be a YAML mapping with 'name', 'models' and 'studies'")
+    return parse_spec(data, str(path))

@@ -1,0 +1,418 @@
+"""Runs an experiment spec into a store: prepares each model once, runs only the chunks the store lacks,
+then analyses. Executors decide *where* chunks run (in-process, or on a Ray cluster) behind one interface.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import platform
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import torch
+
+from . import __version__
+from .directions import DirectionBank
+from .errors import CrystallizedSafetyError
+from .experiments.conditions import HARMFUL, HARMLESS, Condition, StudyPlan, baseline, build_intervention, plan_studies
+from .experiments.spec import ExperimentSpec
+from .models import Model, load_model
+from .prompts import PromptSet, check_disjoint, load_prompts
+
+Progress = Callable[[str, int, int], None]  # (description, done, total)
+
+
+# --------------------------------------------------------------------------- work units
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """One batch of prompts under one condition: the unit of work, of retry and of commit."""
+
+    model: str
+    study: str
+    condition: Condition
+    start: int  # index of the first prompt in the eval set
+    prompts: tuple[str, ...]
+    max_new_tokens: int
+
+    @property
+    def key(self) -> str:
+        raw = json.dumps(
+            [
+                self.model,
+                self.condition.key,
+                self.condition.prompt_set,
+                self.start,
+                len(self.prompts),
+                self.max_new_tokens,
+            ]
+        )
+        return hashlib.sha256(raw.encode()).hexdigest()[:20]
+
+
+@dataclass
+class ModelContext:
+    """Everything a worker needs besides the model: sent once per model, small and picklable."""
+
+    bank_bytes: bytes
+    transfer_bytes: dict[str, bytes] = field(default_factory=dict)
+    coherence: dict | None = None
+    judges: tuple[str, ...] = ("substring",)
+    system: str | None = None
+
+    def bank(self) -> DirectionBank:
+        return _bank_from_bytes(self.bank_bytes)
+
+    def transfer(self) -> dict[str, DirectionBank]:
+        return {k: _bank_from_bytes(v) for k, v in self.transfer_bytes.items()}
+
+
+def _bank_to_bytes(bank: DirectionBank) -> bytes:
+    import tempfile
+    from pathlib import Path
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = bank.save(Path(tmp) / "bank.safetensors")
+        return path.read_bytes()
+
+
+def _bank_from_bytes(data: bytes) -> DirectionBank:
+    import tempfile
+    from pathlib import Path
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "bank.safetensors"
+        path.write_bytes(data)
+        return DirectionBank.load(path)
+
+
+class ChunkWorker:
+    """Runs chunks for one model: generate under the intervention, judge, gate coherence."""
+
+    def __init__(self, model: Model, ctx: ModelContext) -> None:
+        from .judges.coherence import CoherenceGate
+        from .judges.substring import SubstringJudge
+
+        self.model, self.ctx = model, ctx
+        self.bank, self.transfer = ctx.bank(), ctx.transfer()
+        self.substring = SubstringJudge()
+        self.gate = CoherenceGate(model, ctx.coherence, system=ctx.system) if ctx.coherence else None
+        self.scorer = None
+        if "score" in ctx.judges:
+            from .judges.refusal_score import RefusalScoreJudge
+
+            self.scorer = RefusalScoreJudge(model, system=ctx.system)
+
+    def run(self, chunk: Chunk) -> list[dict]:
+        from .generation import generate
+
+        iv = build_intervention(chunk.condition, self.bank, self.transfer)
+        prompts = list(chunk.prompts)
+        gens = generate(
+            self.model,
+            prompts,
+            iv,
+            max_new_tokens=chunk.max_new_tokens,
+            batch_size=len(prompts),
+            system=self.ctx.system,
+        )
+        responses = [g.response for g in gens]
+        verdicts = self.substring.judge(prompts, responses)
+        scores = self.scorer.scores(prompts, iv).tolist() if self.scorer is not None else [None] * len(prompts)
+        coh = self.gate.evaluate(prompts, responses) if self.gate is not None else [None] * len(prompts)
+        rows = []
+        for i, (g, v, s, c) in enumerate(zip(gens, verdicts, scores, coh)):
+            rows.append(
+                {
+                    "model": chunk.model,
+                    "study": chunk.study,
+                    "condition_key": chunk.condition.key,
+                    "condition": chunk.condition.to_json(),
+                    "prompt_set": chunk.condition.prompt_set,
+                    "prompt_index": chunk.start + i,
+                    "prompt": g.prompt,
+                    "response": g.response,
+                    "n_tokens": len(g.token_ids),
+                    "finished": int(g.finished),
+                    "refusal": None if v.refusal is None else int(v.refusal),
+                    "judge": v.judge,
+                    "judge_reason": v.reason,
+                    "score": s,
+                    "coherent": None if c is None else int(c.coherent),
+                    "perplexity": None if c is None else c.perplexity,
+                    "distinct_n": None if c is None else c.distinct,
+                    "token_ids": json.dumps(list(g.token_ids)),
+                }
+            )
+        return rows
+
+
+# --------------------------------------------------------------------------- executors
+
+
+ResultSink = Callable[[Chunk, list[dict], float, str], None]
+
+
+class Executor(Protocol):
+    name: str
+
+    def run(
+        self, model_name: str, load: Callable[[], Model], ctx: ModelContext, chunks: Sequence[Chunk], sink: ResultSink
+    ) -> None: ...
+
+
+class LocalExecutor:
+    """In-process, in order; the model is the one the runner already loaded."""
+
+    name = "local"
+
+    def run(self, model_name, load, ctx, chunks, sink) -> None:
+        if not chunks:
+            return
+        worker = ChunkWorker(load(), ctx)
+        for chunk in chunks:
+            t0 = time.perf_counter()
+            rows = worker.run(chunk)
+            sink(chunk, rows, time.perf_counter() - t0, "local")
+
+
+# --------------------------------------------------------------------------- preparation
+
+
+def environment() -> dict:
+    import transformers
+
+    return {
+        "tool_version": __version__,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "device": "cuda:" + torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
+        "threads": torch.get_num_threads(),
+    }
+
+
+@dataclass
+class PromptSets:
+    extract_harmful: PromptSet
+    extract_harmless: PromptSet
+    eval_harmful: PromptSet
+    eval_harmless: PromptSet
+
+
+def load_prompt_sets(spec: ExperimentSpec) -> PromptSets:
+    p = spec.prompts
+    sets = PromptSets(
+        load_prompts(p.extract_harmful, column=p.column),
+        load_prompts(p.extract_harmless, column=p.column),
+        load_prompts(p.eval_harmful, column=p.column, limit=p.n),
+        load_prompts(p.eval_harmless, column=p.column, limit=p.n),
+    )
+    for a, b in (
+        (sets.extract_harmful, sets.eval_harmful),
+        (sets.extract_harmless, sets.eval_harmless),
+        (sets.extract_harmful, sets.eval_harmless),
+        (sets.extract_harmless, sets.eval_harmful),
+    ):
+        check_disjoint(a, b, "prompts: extraction and evaluation sets must be disjoint")
+    return sets
+
+
+def _prepare_bank(spec: ExperimentSpec, model: Model, sets: PromptSets) -> DirectionBank:
+    from .directions import extract_directions
+
+    d = spec.directions
+    if d.source == "file":
+        bank = DirectionBank.load(d.path)  # type: ignore[arg-type]
+        bank.check_model(model)
+        return bank
+    return extract_directions(
+        model,
+        sets.extract_harmful,
+        sets.extract_harmless,
+        method=d.method,
+        position=d.position,
+        system=spec.generation.system,
+    )
+
+
+def _calibrate_coherence(spec: ExperimentSpec, model: Model, sets: PromptSets) -> dict:
+    from .generation import generate
+    from .judges.coherence import CoherenceGate
+
+    prompts = list(sets.extract_harmless)[: spec.coherence.calibration_prompts]
+    gens = generate(
+        model,
+        prompts,
+        max_new_tokens=spec.generation.max_new_tokens,
+        batch_size=spec.generation.batch_size,
+        system=spec.generation.system,
+    )
+    gate = CoherenceGate(model, system=spec.generation.system)
+    thresholds = gate.calibrate(
+        prompts, [g.response for g in gens], spec.coherence.quantile, margin=spec.coherence.margin
+    )
+    return thresholds.to_dict()
+
+
+# --------------------------------------------------------------------------- the runner
+
+
+@dataclass
+class RunResult:
+    run_id: str
+    resumed: bool
+    chunks_run: int
+    chunks_skipped: int
+    seconds: float
+    verdicts: list[dict]
+
+
+def expand(
+    spec: ExperimentSpec, model_name: str, n_layers: int, sets: PromptSets
+) -> tuple[list[StudyPlan], list[Chunk]]:
+    """All chunks for one model, deduplicated across studies, baselines first."""
+    plans = plan_studies(spec, n_layers, model_name)
+    evals = {HARMFUL: list(sets.eval_harmful), HARMLESS: list(sets.eval_harmless)}
+    wanted: dict[str, tuple[str, Condition]] = {}
+    for prompt_set in (HARMFUL, HARMLESS):
+        cond = baseline(prompt_set)
+        wanted[cond.key] = ("baseline", cond)
+    for plan in plans:
+        for _tags, cond in plan.conditions:
+            wanted.setdefault(cond.key, (plan.label, cond))
+    bs, mnt = spec.generation.batch_size, spec.generation.max_new_tokens
+    chunks = []
+    for study, cond in wanted.values():
+        prompts = evals[cond.prompt_set]
+        for start in range(0, len(prompts), bs):
+            chunks.append(Chunk(model_name, study, cond, start, tuple(prompts[start : start + bs]), mnt))
+    return plans, chunks
+
+
+def run_experiment(
+    spec: ExperimentSpec,
+    store,
+    executor: Executor | None = None,
+    progress: Progress | None = None,
+    models: dict[str, Model] | None = None,
+) -> RunResult:
+    """Run (or resume) `spec` into `store`. `models` lets tests pass already-loaded models by name."""
+    executor = executor or LocalExecutor()
+    say = progress or (lambda _d, _i, _n: None)
+    t0 = time.perf_counter()
+    run_id = spec.spec_hash()
+    resumed = store.open_run(run_id, spec.name, spec.to_yaml(), spec.spec_hash(), environment())
+    sets = load_prompt_sets(spec)
+    ran = skipped = 0
+    for model_name in spec.models:
+        r, k = _run_model(spec, store, run_id, model_name, executor, sets, say, models)
+        ran, skipped = ran + r, skipped + k
+    store.finish_run(run_id)
+    return RunResult(run_id, resumed, ran, skipped, time.perf_counter() - t0, store.verdicts(run_id))
+
+
+class _Loader:
+    """Loads models by name once (or hands out ones the caller already loaded)."""
+
+    def __init__(self, spec: ExperimentSpec, default: str, given: dict[str, Model] | None) -> None:
+        self.spec, self.default, self.given, self.cache = spec, default, given or {}, {}
+
+    def __call__(self, name: str | None = None) -> Model:
+        name = name or self.default
+        if name in self.given:
+            return self.given[name]
+        if name not in self.cache:
+            self.cache[name] = load_model(name, device=self.spec.device, dtype=self.spec.dtype)
+        return self.cache[name]
+
+
+def _run_model(spec: ExperimentSpec, store, run_id: str, model_name: str, executor: Executor, sets: PromptSets,
+               say: Progress, models: dict[str, Model] | None) -> tuple[int, int]:
+    from .experiments.analysis import analyse_model
+
+    load = _Loader(spec, model_name, models)
+    ctx, n_layers = _model_context(spec, store, run_id, model_name, load, sets, say)
+    plans, chunks = expand(spec, model_name, n_layers, sets)
+    done = store.done_chunks(run_id)
+    todo = [c for c in chunks if c.key not in done]
+    state = {"done": len(chunks) - len(todo)}
+
+    def sink(chunk: Chunk, rows: list[dict], seconds: float, worker: str) -> None:
+        store.write_chunk(run_id, chunk.key, chunk.model, chunk.study, chunk.condition.key, rows, seconds, worker)
+        state["done"] += 1
+        say(f"{model_name}: {chunk.study} {chunk.condition.describe()}", state["done"], len(chunks))
+
+    say(f"{model_name}: {len(todo)} of {len(chunks)} chunks to run", state["done"], len(chunks))
+    executor.run(model_name, load, ctx, todo, sink)
+    analyse_model(spec, store, run_id, model_name, plans, load, sets)
+    return len(todo), len(chunks) - len(todo)
+
+
+def _model_context(
+    spec: ExperimentSpec,
+    store,
+    run_id: str,
+    model_name: str,
+    load: Callable[[], Model],
+    sets: PromptSets,
+    say: Progress,
+) -> tuple[ModelContext, int]:
+    """Directions and coherence thresholds, computed once per (run, model) and kept in the store."""
+    art = store.get_artifact(run_id, model_name, "directions")
+    if art is None:
+        say(f"{model_name}: extracting directions", 0, 1)
+        model = load()
+        bank = _prepare_bank(spec, model, sets)
+        store.put_artifact(run_id, model_name, "directions", bank.metadata, _bank_to_bytes(bank))
+        art = store.get_artifact(run_id, model_name, "directions")
+    bank_bytes = art[1]
+    n_layers = int(_bank_from_bytes(bank_bytes).metadata.get("n_layers", 0)) or load().n_layers
+    coherence = None
+    if spec.coherence.enabled:
+        found = store.get_artifact(run_id, model_name, "coherence")
+        if found is None:
+            say(f"{model_name}: calibrating the coherence gate", 0, 1)
+            store.put_artifact(run_id, model_name, "coherence", _calibrate_coherence(spec, load(), sets))
+            found = store.get_artifact(run_id, model_name, "coherence")
+        coherence = found[0]
+    transfer = {}
+    for source in sorted({s.source_model for s in spec.studies if s.kind == "transfer"}):  # type: ignore[attr-defined]
+        found = store.get_artifact(run_id, model_name, f"transfer:{source}")
+        if found is None:
+            from .experiments.transfer import transfer_bank
+
+            say(f"{model_name}: fitting transfer from {source}", 0, 1)
+            study = next(s for s in spec.studies if s.kind == "transfer" and s.source_model == source)
+            bank = transfer_bank(
+                spec,
+                study,
+                load(),
+                load(source),
+                sets,
+                _bank_from_bytes(bank_bytes),
+            )
+            store.put_artifact(run_id, model_name, f"transfer:{source}", bank.metadata, _bank_to_bytes(bank))
+            found = store.get_artifact(run_id, model_name, f"transfer:{source}")
+        transfer[source] = found[1]
+    ctx = ModelContext(bank_bytes, transfer, coherence, tuple(spec.judges), spec.generation.system)
+    return ctx, n_layers
+
+
+def resolve_executor(name: str, address: str | None = None, workers: int | None = None) -> Executor:
+    if name == "local":
+        return LocalExecutor()
+    if name == "ray":
+        from .ray_executor import RayExecutor
+
+        return RayExecutor(address=address, workers=workers)
+    raise CrystallizedSafetyError(f"unknown executor '{name}': use local or ray")
+
+
+def iter_unique(items: Iterable[str]) -> list[str]:
+    return list(dict.fromkeys(items))

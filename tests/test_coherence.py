@@ -1,0 +1,167 @@
+"""CoherenceGate: perplexity against an independent plain-transformers computation, distinct-n, thresholds that
+round-trip, the behaviour on SmolLM2 (its own answers pass, loops and garbage fail), and every error path."""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+
+import pytest
+import torch
+
+from conftest import HARMFUL, HARMLESS, make_tiny
+from crystallized_safety.errors import JudgeError
+from crystallized_safety.generation import generate
+from crystallized_safety.judges.coherence import CoherenceGate, CoherenceResult, CoherenceThresholds, distinct_n
+from crystallized_safety.steering import Intervention, steer
+
+PAIRS = [
+    (HARMLESS[0], "Connect the red clamp to the positive terminal first."),
+    (HARMFUL[1], "Dear customer, your account"),
+    ("Hi", "Hello! How can I help you today? I can answer questions, write, and explain things."),
+    (HARMLESS[2], ""),
+]
+
+
+def reference_perplexity(model, prompt: str, response: str) -> float | None:
+    """exp(mean NLL of the response tokens), from one unpadded forward pass and torch's cross-entropy."""
+    tok = model.tokenizer
+    prompt_ids = tok(model.format([prompt])[0], add_special_tokens=False)["input_ids"]
+    response_ids = tok(response, add_special_tokens=False)["input_ids"]
+    if not response_ids:
+        return None
+    ids = torch.tensor([prompt_ids + response_ids])
+    with torch.no_grad():
+        logits = model.hf(input_ids=ids).logits[0].double()
+    p = len(prompt_ids)
+    return math.exp(float(torch.nn.functional.cross_entropy(logits[p - 1 : -1], ids[0, p:])))
+
+
+def test_distinct_n():
+    assert distinct_n([1, 2, 1, 2, 1, 2], 2) == pytest.approx(2 / 5)
+    assert distinct_n([1, 2, 1, 2, 1, 2], 1) == pytest.approx(2 / 6)
+    assert distinct_n([1, 2, 3, 4], 2) == 1.0
+    assert distinct_n([7], 2) == 1.0 and distinct_n([], 2) == 1.0  # nothing to repeat: the length check decides
+    assert distinct_n("aaaa", 3) == 0.5  # any sequence of hashables
+    with pytest.raises(JudgeError, match="n >= 1"):
+        distinct_n([1, 2], 0)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])  # gpt2: absolute positions must ignore the left padding
+def test_perplexity_equals_plain_transformers(arch):
+    model = make_tiny(arch)
+    gate = CoherenceGate(model, batch_size=2)  # 3 non-empty responses -> batches of 2 and 1, padded
+    prompts, responses = zip(*PAIRS)
+    got = gate.perplexities(list(prompts), list(responses))
+    assert got[3] is None  # empty response: no perplexity
+    for (prompt, response), value in zip(PAIRS[:3], got[:3]):
+        assert value == pytest.approx(reference_perplexity(model, prompt, response), rel=1e-4)
+    single = [gate.perplexities([p], [r])[0] for p, r in PAIRS[:3]]
+    assert got[:3] == pytest.approx(single, rel=1e-4)
+
+
+def test_evaluate_with_hand_set_thresholds(tiny_llama):
+    thresholds = CoherenceThresholds(max_perplexity=1e9, min_distinct=0.5, min_tokens=3)
+    gate = CoherenceGate(tiny_llama, thresholds)
+    prompts = ["Hi"] * 4
+    results = gate.evaluate(prompts, ["quick brown fox", "abababababab", "ok", ""])
+    assert [r.coherent for r in results] == [True, False, False, False]
+    ok, loop, short, empty = results
+    assert ok.reason == "ok" and ok.n_tokens == len("quick brown fox") and ok.distinct == 1.0  # byte tokens
+    assert loop.distinct == pytest.approx(2 / 11) and loop.reason == "distinct-2 0.18 < 0.50"
+    assert short.reason == "too short: 2 < 3 tokens"
+    assert empty.perplexity is None and empty.n_tokens == 0 and empty.reason.startswith("too short: 0")
+    strict = CoherenceGate(tiny_llama, {"max_perplexity": 1.0, "min_distinct": 0.0, "min_tokens": 0})
+    res = strict.evaluate(["Hi"], ["quick brown"])[0]  # a random model is never that sure
+    assert not res.coherent and res.reason.startswith("perplexity ") and res.perplexity > 1.0
+    assert res.to_dict() == {
+        "coherent": False,
+        "perplexity": res.perplexity,
+        "distinct": 1.0,
+        "n_tokens": 11,
+        "reason": res.reason,
+    }
+
+
+def test_thresholds_round_trip_and_validation(tiny_llama):
+    gate = CoherenceGate(tiny_llama)
+    prompts, responses = zip(*PAIRS)
+    t = gate.calibrate(list(prompts), list(responses), quantile=0.9, margin=1.2, min_tokens=2)
+    assert gate.thresholds is t and t.n_calibration == 3 and t.quantile == 0.9 and t.margin == 1.2
+    assert t.model_id == "tiny-llama" and t.min_tokens == 2 and t.n == 2
+    ppl = [x for x in gate.perplexities(list(prompts), list(responses)) if x is not None]
+    expected = float(torch.quantile(torch.tensor(ppl, dtype=torch.float64), 0.9)) * 1.2
+    assert t.max_perplexity == pytest.approx(expected, rel=1e-6)
+    again = CoherenceThresholds.from_dict(json.loads(json.dumps(t.to_dict())))
+    assert again == t
+    assert CoherenceGate(tiny_llama, t.to_dict()).thresholds == t
+    with pytest.raises(JudgeError, match="unknown coherence threshold keys \\['colour'\\]"):
+        CoherenceThresholds.from_dict({**t.to_dict(), "colour": "red"})
+    with pytest.raises(JudgeError, match="lack \\['min_distinct'\\]"):
+        CoherenceThresholds.from_dict({"max_perplexity": 10.0})
+    with pytest.raises(JudgeError, match="must be a mapping"):
+        CoherenceThresholds.from_dict([("max_perplexity", 10.0)])
+    with pytest.raises(JudgeError, match="max_perplexity must be a number >= 1"):
+        CoherenceThresholds(max_perplexity=0.5, min_distinct=0.5)
+    with pytest.raises(JudgeError, match="min_distinct must be a number in \\[0, 1\\]"):
+        CoherenceThresholds(max_perplexity=5.0, min_distinct=1.5)
+    with pytest.raises(JudgeError, match="min_tokens must be a non-negative int"):
+        CoherenceThresholds(max_perplexity=5.0, min_distinct=0.5, min_tokens=-1)
+    with pytest.raises(JudgeError, match="n >= 1"):
+        CoherenceThresholds(max_perplexity=5.0, min_distinct=0.5, n=0)
+    with pytest.raises(JudgeError, match="n=3 conflicts with the thresholds' n=2"):
+        CoherenceGate(tiny_llama, t, n=3)
+
+
+def test_gate_errors(tiny_llama):
+    gate = CoherenceGate(tiny_llama)
+    with pytest.raises(JudgeError, match="not calibrated"):
+        gate.evaluate(["Hi"], ["Hello"])
+    with pytest.raises(JudgeError, match="quantile must be in \\[0.5, 1\\)"):
+        gate.calibrate(["Hi"], ["Hello"], quantile=1.0)
+    with pytest.raises(JudgeError, match="quantile must be in \\[0.5, 1\\)"):
+        gate.calibrate(["Hi"], ["Hello"], quantile=0.2)
+    with pytest.raises(JudgeError, match="margin must be a number >= 1"):
+        gate.calibrate(["Hi"], ["Hello"], margin=0.5)
+    with pytest.raises(JudgeError, match="every calibration response is empty"):
+        gate.calibrate(["Hi", "Yo"], ["", ""])
+    with pytest.raises(JudgeError, match="2 prompts but 1 responses"):
+        gate.perplexities(["Hi", "Yo"], ["Hello"])
+    with pytest.raises(JudgeError, match="not one string"):
+        gate.perplexities("Hi", "Hello")
+    with pytest.raises(JudgeError, match="pair #1 is not \\(str, str\\)"):
+        gate.perplexities(["Hi", "Yo"], ["Hello", None])
+    with pytest.raises(JudgeError, match="batch_size must be a positive int"):
+        CoherenceGate(tiny_llama, batch_size=0)
+    with pytest.raises(JudgeError, match="n >= 1"):
+        CoherenceGate(tiny_llama, n=0)
+    iv = Intervention.single(1, torch.ones(tiny_llama.hidden_size), 1.0)
+    with steer(tiny_llama, iv), pytest.raises(JudgeError, match="carry hooks: .* outside steer\\(\\)"):
+        gate.perplexities(["Hi"], ["Hello"])
+    assert gate.perplexities(["Hi"], ["Hello"])[0] > 1.0  # hooks gone again
+
+
+def test_smollm2_own_answers_pass_loops_and_garbage_fail(smollm2):
+    prompts = HARMLESS
+    answers = [g.response for g in generate(smollm2, prompts, max_new_tokens=24)]
+    gate = CoherenceGate(smollm2)
+    # Perplexity on the real model equals the independent computation too.
+    assert gate.perplexities(prompts[:1], answers[:1])[0] == pytest.approx(
+        reference_perplexity(smollm2, prompts[0], answers[0]), rel=1e-4
+    )
+    t = gate.calibrate(prompts, answers)
+    assert t.n_calibration == len(prompts) and t.quantile == 0.99 and t.margin == 1.5
+    assert 1.0 < t.max_perplexity < 100.0 and 0.0 < t.min_distinct <= 1.0
+    rng = random.Random(0)
+    garbage = bytes(rng.randrange(256) for _ in range(60)).decode("latin-1")
+    ascii_soup = "".join(chr(rng.randrange(33, 127)) for _ in range(80))
+    loop = " ".join(["the"] * 24)
+    results = gate.evaluate(prompts + prompts[:5], answers + [loop, garbage, ascii_soup, "Ok", ""])  # one pass
+    own, bad = results[: len(prompts)], results[len(prompts) :]
+    assert all(isinstance(r, CoherenceResult) and r.coherent for r in own), [r.reason for r in own]
+    assert not any(r.coherent for r in bad), [r.reason for r in bad]
+    assert "distinct-2" in bad[0].reason
+    assert "perplexity" in bad[1].reason and bad[1].perplexity > t.max_perplexity
+    assert "perplexity" in bad[2].reason
+    assert bad[3].reason.startswith("too short") and bad[4].perplexity is None
