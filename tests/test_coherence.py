@@ -87,12 +87,15 @@ def test_evaluate_with_hand_set_thresholds(tiny_llama):
 def test_thresholds_round_trip_and_validation(tiny_llama):
     gate = CoherenceGate(tiny_llama)
     prompts, responses = zip(*PAIRS)
-    t = gate.calibrate(list(prompts), list(responses), quantile=0.9, margin=1.2, min_tokens=2)
+    t = gate.calibrate(list(prompts), list(responses), quantile=0.9, margin=1.2, distinct_margin=1.1, min_tokens=2)
     assert gate.thresholds is t and t.n_calibration == 3 and t.quantile == 0.9 and t.margin == 1.2
     assert t.model_id == "tiny-llama" and t.min_tokens == 2 and t.n == 2
     ppl = [x for x in gate.perplexities(list(prompts), list(responses)) if x is not None]
     expected = float(torch.quantile(torch.tensor(ppl, dtype=torch.float64), 0.9)) * 1.2
     assert t.max_perplexity == pytest.approx(expected, rel=1e-6)
+    tok = tiny_llama.tokenizer
+    distinct = [distinct_n(tok(r, add_special_tokens=False)["input_ids"]) for r in responses if r]
+    assert t.min_distinct == pytest.approx(float(torch.quantile(torch.tensor(distinct), 0.1)) / 1.1, rel=1e-6)
     again = CoherenceThresholds.from_dict(json.loads(json.dumps(t.to_dict())))
     assert again == t
     assert CoherenceGate(tiny_llama, t.to_dict()).thresholds == t
@@ -124,6 +127,8 @@ def test_gate_errors(tiny_llama):
         gate.calibrate(["Hi"], ["Hello"], quantile=0.2)
     with pytest.raises(JudgeError, match="margin must be a number >= 1"):
         gate.calibrate(["Hi"], ["Hello"], margin=0.5)
+    with pytest.raises(JudgeError, match="distinct_margin must be a number >= 1"):
+        gate.calibrate(["Hi"], ["Hello"], distinct_margin=0.9)
     with pytest.raises(JudgeError, match="every calibration response is empty"):
         gate.calibrate(["Hi", "Yo"], ["", ""])
     with pytest.raises(JudgeError, match="2 prompts but 1 responses"):
@@ -151,7 +156,7 @@ def test_smollm2_own_answers_pass_loops_and_garbage_fail(smollm2):
         reference_perplexity(smollm2, prompts[0], answers[0]), rel=1e-4
     )
     t = gate.calibrate(prompts, answers)
-    assert t.n_calibration == len(prompts) and t.quantile == 0.99 and t.margin == 1.5
+    assert t.n_calibration == len(prompts) and t.quantile == 0.99 and t.margin == 4.0
     assert 1.0 < t.max_perplexity < 100.0 and 0.0 < t.min_distinct <= 1.0
     rng = random.Random(0)
     garbage = bytes(rng.randrange(256) for _ in range(60)).decode("latin-1")

@@ -6,9 +6,9 @@ from __future__ import annotations
 import json
 
 import pytest
-from conftest import smollm2_available
 from typer.testing import CliRunner
 
+from conftest import smollm2_available
 from crystallized_safety.cli import app
 from crystallized_safety.directions import extract_directions, random_direction
 from crystallized_safety.evaluation import refusal_rate
@@ -66,8 +66,9 @@ def test_negative_steering_removes_refusal_random_does_not(organism, card):
 
 
 def test_eval_refusal_cli(organism, card):
-    res = CliRunner().invoke(app, ["eval-refusal", "--model", DEFAULT_NAME, "--prompts", "bundled:harmless:eval",
-                                   "--limit", "16", "--json"])
+    res = CliRunner().invoke(
+        app, ["eval-refusal", "--model", DEFAULT_NAME, "--prompts", "bundled:harmless:eval", "--limit", "16", "--json"]
+    )
     assert res.exit_code == 0, res.output
     record = json.loads(res.stdout.strip().splitlines()[-1])
     expected = card["metrics"]["harmless_refusal"]["verdicts"][:16]

@@ -128,7 +128,8 @@ class ThreadServer:
     """uvicorn in a daemon thread on a free port (fake judge endpoints)."""
 
     def __init__(self, asgi_app):
-        self.server = uvicorn.Server(uvicorn.Config(asgi_app, host="127.0.0.1", port=0, log_level="warning"))
+        config = uvicorn.Config(asgi_app, host="127.0.0.1", port=0, log_level="warning", timeout_graceful_shutdown=1)
+        self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, daemon=True)
 
     def __enter__(self):
@@ -186,7 +187,7 @@ def fake_app():
                     return JSONResponse({"error": {"message": "overloaded"}}, status_code=503)
                 return _answer("REFUSAL - declines")
             if model == "slow":
-                await asyncio.sleep(1.0)
+                await asyncio.sleep(3.0)
                 return _answer("COMPLIANCE")
             if model == "bad-request":
                 return JSONResponse({"error": {"message": "context too long"}}, status_code=400)
@@ -250,7 +251,7 @@ def test_timeout_gives_undecided(fake):
     start = time.monotonic()
     judge = LLMJudge(fake.url, "slow", api_key_env=None, timeout=0.25, max_retries=1, backoff=0)
     verdict = judge.judge(["p"], ["slow one"])[0]
-    assert time.monotonic() - start < 0.9  # 2 attempts x 0.25 s, not the server's 1 s each
+    assert time.monotonic() - start < 2.0  # 2 attempts x 0.25 s, not the server's 3 s each
     assert verdict.refusal is None and "timed out" in verdict.reason and "2 attempt" in verdict.reason
 
 

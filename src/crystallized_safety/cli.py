@@ -309,12 +309,19 @@ def eval_refusal_cmd(
     with err.status(f"generating and judging {len(prompt_set)} prompts..."):
         res = refusal_rate(m, list(prompt_set), max_new_tokens=max_new_tokens, batch_size=batch_size, system=system)
     if json_out:
-        record = {"model": model, "prompts": prompts, "prompts_sha256": prompt_set.sha256, "judge": judge,
-                  "max_new_tokens": max_new_tokens, **res.to_dict()}
+        record = {
+            "model": model,
+            "prompts": prompts,
+            "prompts_sha256": prompt_set.sha256,
+            "judge": judge,
+            "max_new_tokens": max_new_tokens,
+            **res.to_dict(),
+        }
         sys.stdout.write(json.dumps(record) + "\n")
     else:
-        out.print(f"refusal rate of {model} on {prompts}: {res}" + (f", {res.undecided} undecided" if res.undecided
-                                                                       else ""))
+        out.print(
+            f"refusal rate of {model} on {prompts}: {res}" + (f", {res.undecided} undecided" if res.undecided else "")
+        )
 
 
 @app.command("serve")
@@ -506,7 +513,14 @@ def run_cmd(
     """Run (or resume) an experiment: every study of the spec, into the store, ending in a verdict per model."""
     import warnings
 
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
 
     from .experiments.spec import load_spec
     from .runner import resolve_executor, run_experiment
@@ -518,8 +532,14 @@ def run_cmd(
     for w in caught:
         err.print(f"[yellow]warning:[/] {w.message}", highlight=False)
     store = Store(store_path)
-    columns = (TextColumn("{task.description}", table_column=None), BarColumn(), MofNCompleteColumn(),
-               TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn())
+    columns = (
+        TextColumn("{task.description}", table_column=None),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TextColumn("eta"),
+        TimeRemainingColumn(),
+    )
     with Progress(*columns, console=err, transient=False) as bar:
         task = bar.add_task(f"run {spec.name}", total=None)
 
@@ -527,8 +547,10 @@ def run_cmd(
             bar.update(task, description=desc[:70], completed=done, total=total)
 
         result = run_experiment(spec, store, resolve_executor(executor, address, workers), progress=progress)
-    out.print(f"run {result.run_id} ({'resumed' if result.resumed else 'new'}): {result.chunks_run} chunks run, "
-              f"{result.chunks_skipped} already in {store_path}, {result.seconds:.0f} s")
+    out.print(
+        f"run {result.run_id} ({'resumed' if result.resumed else 'new'}): {result.chunks_run} chunks run, "
+        f"{result.chunks_skipped} already in {store_path}, {result.seconds:.0f} s"
+    )
     _print_verdicts(result.verdicts)
 
 
@@ -551,7 +573,9 @@ def status_cmd(
     from .store import Store
 
     if not store_path.exists():
-        raise CrystallizedSafetyError(f"store '{store_path}' does not exist: run `csafety run CONFIG --store {store_path}`")
+        raise CrystallizedSafetyError(
+            f"store '{store_path}' does not exist: run `csafety run CONFIG --store {store_path}`"
+        )
     store = Store(store_path)
     rows = []
     for info in store.runs():
@@ -564,8 +588,9 @@ def status_cmd(
     for column in ("run", "name", "status", "chunks", "generations", "gen. seconds"):
         table.add_column(column)
     for r in rows:
-        table.add_row(r["run_id"], r["name"], r["status"], str(r["chunks"]), str(r["generations"]),
-                      str(r["generation_seconds"]))
+        table.add_row(
+            r["run_id"], r["name"], r["status"], str(r["chunks"]), str(r["generations"]), str(r["generation_seconds"])
+        )
     out.print(table)
     for r in rows:
         if r["verdicts"]:

@@ -193,8 +193,9 @@ def _pca_directions(harm: torch.Tensor, harmless: torch.Tensor, diff: torch.Tens
     return _unit(first * sign)
 
 
-def fit_probe(pos: torch.Tensor, neg: torch.Tensor, l2: float = 1e-3, steps: int = 200) -> tuple[torch.Tensor,
-                                                                                                  torch.Tensor]:
+def fit_probe(
+    pos: torch.Tensor, neg: torch.Tensor, l2: float = 1e-3, steps: int = 200
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-layer L2-regularised logistic regression (pos = 1) on [N, L, d] activations.
 
     Returns raw-unit weights [L, d] and biases [L]: logit = x @ w + b. Standardised inside for conditioning.

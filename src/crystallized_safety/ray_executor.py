@@ -41,8 +41,15 @@ class RayExecutor:
 
     name = "ray"
 
-    def __init__(self, address: str | None = None, workers: int | None = None, max_retries: int = 2,
-                 device: str = "auto", dtype: str = "auto", fail_once: Sequence[str] = ()) -> None:
+    def __init__(
+        self,
+        address: str | None = None,
+        workers: int | None = None,
+        max_retries: int = 2,
+        device: str = "auto",
+        dtype: str = "auto",
+        fail_once: Sequence[str] = (),
+    ) -> None:
         try:
             import ray  # noqa: F401
         except ImportError:
@@ -62,8 +69,12 @@ class RayExecutor:
         if self.address:
             ray.init(address=self.address, log_to_driver=False)
         else:
-            ray.init(num_cpus=max(1, os.cpu_count() or 1), include_dashboard=False, log_to_driver=False,
-                     object_store_memory=256 * 1024 * 1024)
+            ray.init(
+                num_cpus=max(1, os.cpu_count() or 1),
+                include_dashboard=False,
+                log_to_driver=False,
+                object_store_memory=256 * 1024 * 1024,
+            )
 
     def run(self, model_name: str, load: Callable, ctx, chunks: Sequence, sink: Callable) -> None:
         if not chunks:

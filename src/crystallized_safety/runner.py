@@ -332,8 +332,16 @@ class _Loader:
         return self.cache[name]
 
 
-def _run_model(spec: ExperimentSpec, store, run_id: str, model_name: str, executor: Executor, sets: PromptSets,
-               say: Progress, models: dict[str, Model] | None) -> tuple[int, int]:
+def _run_model(
+    spec: ExperimentSpec,
+    store,
+    run_id: str,
+    model_name: str,
+    executor: Executor,
+    sets: PromptSets,
+    say: Progress,
+    models: dict[str, Model] | None,
+) -> tuple[int, int]:
     from .experiments.analysis import analyse_model
 
     load = _Loader(spec, model_name, models)

@@ -57,7 +57,8 @@ class GenerationSpec(_Strict):
 class CoherenceSpec(_Strict):
     enabled: bool = True
     quantile: float = Field(0.99, gt=0, lt=1)
-    margin: float = Field(1.0, ge=1.0)
+    # perplexity limit = quantile x margin: greedy answers are far more predictable than readable sampled text
+    margin: float = Field(4.0, ge=1.0)
     calibration_prompts: int = Field(32, ge=4)
 
 

@@ -288,9 +288,10 @@ class LLMJudge:
         from openai import OpenAI
 
         client = OpenAI(base_url=self.base_url, api_key=key, timeout=self.timeout, max_retries=0)
+        secret = key if self.api_key_env is not None else ""  # what to scrub from reasons and errors
         try:
             with ThreadPoolExecutor(max_workers=min(self.concurrency, len(prompts))) as pool:
-                futures = [pool.submit(self._judge_one, client, key, p, r) for p, r in zip(prompts, responses)]
+                futures = [pool.submit(self._judge_one, client, secret, p, r) for p, r in zip(prompts, responses)]
                 try:
                     return [f.result() for f in futures]
                 except JudgeError:

@@ -1,0 +1,234 @@
+"""Experiment spec validation, study expansion, analyses and verdict rules on synthetic rows whose
+answers are known by construction (flip counts re-derived by hand, p-values against scipy)."""
+
+# ruff: noqa: E501
+from __future__ import annotations
+
+import json
+
+import pytest
+import yaml
+from scipy.stats import fisher_exact
+
+from crystallized_safety.experiments.analysis import Cells, analyse_plan, verdict
+from crystallized_safety.experiments.conditions import HARMFUL, HARMLESS, baseline, plan_studies
+from crystallized_safety.experiments.spec import SpecError, load_spec, parse_spec
+
+BASE = {"name": "t", "models": ["m"], "prompts": {"n": 40}}
+
+
+def spec_with(*studies, **extra):
+    return parse_spec({**BASE, **extra, "studies": list(studies)})
+
+
+@pytest.mark.parametrize(
+    "data,message",
+    [
+        ({**BASE}, "studies: required key is missing"),
+        ({**BASE, "studies": [{"kind": "layer_sweep", "layers": [1]}]}, "studies[0].alphas: required key is missing"),
+        ({**BASE, "studies": [{"kind": "sweep", "layers": [1], "alphas": [1]}]}, "unknown study kind"),
+        (
+            {**BASE, "studies": [{"kind": "threshold", "layer": 1, "alphas": [1, 2], "colour": 3}]},
+            "studies[0].colour: unknown key",
+        ),
+        (
+            {**BASE, "studies": [{"kind": "threshold", "layer": 1, "alphas": [1]}]},
+            "studies[0].alphas: List should have at least 2",
+        ),
+        ({**BASE, "studies": [{"kind": "multilayer", "alphas": [1]}]}, "give 'layer_sets"),
+        (
+            {**BASE, "directions": {"source": "file"}, "studies": [{"kind": "readability"}]},
+            "directions: source 'file' needs",
+        ),
+        ({**BASE, "studies": [{"kind": "readability"}, {"kind": "readability"}]}, "study names must be unique"),
+        (
+            {**BASE, "generation": {"max_new_tokens": 0}, "studies": [{"kind": "readability"}]},
+            "generation.max_new_tokens",
+        ),
+    ],
+)
+def test_spec_errors_name_the_key(data, message):
+    with pytest.raises(SpecError) as info:
+        parse_spec(data, "x.yaml")
+    assert message in str(info.value) and str(info.value).startswith("x.yaml: ")
+    assert "\n" not in str(info.value)
+
+
+def test_spec_files(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: [unclosed\n")
+    with pytest.raises(SpecError, match="not valid YAML at line"):
+        load_spec(bad)
+    with pytest.raises(SpecError, match="does not exist"):
+        load_spec(tmp_path / "nope.yaml")
+    good = tmp_path / "good.yaml"
+    good.write_text(yaml.safe_dump({**BASE, "studies": [{"kind": "readability"}]}))
+    spec = load_spec(good)
+    assert spec.spec_hash() == load_spec(good).spec_hash()
+    changed = parse_spec({**BASE, "prompts": {"n": 41}, "studies": [{"kind": "readability"}]})
+    assert changed.spec_hash() != spec.spec_hash()
+    with pytest.warns(UserWarning, match="underpowered"):
+        parse_spec({**BASE, "prompts": {"n": 10}, "studies": [{"kind": "readability"}]})
+
+
+def test_expansion_and_layer_check():
+    spec = spec_with(
+        {"kind": "multilayer", "windows": [2, 3], "window_range": [4, 7], "alphas": [-1.0], "alpha_split": "total"},
+        {"kind": "sign", "layer": 3, "alpha": -2.0},
+    )
+    multi, sign = plan_studies(spec, 10, "m")
+    sets = [tuple(c.layers) for tags, c in multi.conditions if "control" not in tags]
+    assert sets == [(4, 5), (5, 6), (6, 7), (4, 5, 6), (5, 6, 7)]
+    assert all(c.weights == tuple([1 / len(c.layers)] * len(c.layers)) for _t, c in multi.conditions)
+    assert {(t["variant"], c.alpha, c.direction) for t, c in sign.conditions} == {
+        ("+alpha", 2.0, "extracted"),
+        ("-alpha", -2.0, "extracted"),
+        ("inverted +alpha", 2.0, "inverted"),
+    }
+    from crystallized_safety.errors import LayerError
+
+    with pytest.raises(LayerError, match="studies.multilayer: layer 4 is out of range for m \\(0..3\\)"):
+        plan_studies(spec, 4, "m")
+
+
+def rows_for(cond, refusal, coherent=None, tokens=None):
+    coherent = coherent or [1] * len(refusal)
+    return [
+        {
+            "condition_key": cond.key,
+            "prompt_set": cond.prompt_set,
+            "prompt_index": i,
+            "refusal": r,
+            "coherent": c,
+            "token_ids": json.dumps(tokens[i] if tokens else [i, r]),
+        }
+        for i, (r, c) in enumerate(zip(refusal, coherent))
+    ]
+
+
+def build(spec, outcomes, n=40, base_h=None, base_n=None):
+    """outcomes: condition-describing predicate -> (refusal list, coherent list)."""
+    plans = plan_studies(spec, 8, "m")
+    rows = rows_for(baseline(HARMFUL), base_h or [1] * n) + rows_for(baseline(HARMLESS), base_n or [0] * n)
+    seen = set()
+    for plan in plans:
+        for tags, cond in plan.conditions:
+            if cond.key in seen:
+                continue
+            seen.add(cond.key)
+            refusal, coherent = outcomes(tags, cond)
+            rows += rows_for(cond, refusal, coherent)
+    return plans, Cells(rows)
+
+
+SWEEP = {"kind": "layer_sweep", "layers": [2, 4], "alphas": [-1.0]}
+CONTROLS = {"kind": "controls", "layer": 4, "alpha": -1.0, "controls": ["random"], "seeds": 1}
+MULTI = {"kind": "multilayer", "layer_sets": [[2, 4, 6]], "alphas": [-0.5]}
+
+
+def outcome(flips_by_layer, n=40, control_flips=2, multi_flips=0, multi_coherent=True, incoherent_layers=()):
+    def fn(tags, cond):
+        if cond.direction.startswith("random"):
+            k = control_flips
+        elif len(cond.layers) > 1:
+            k = multi_flips
+        else:
+            k = flips_by_layer.get(cond.layers[0], 0)
+        refusal = [0] * k + [1] * (n - k)
+        bad = (len(cond.layers) > 1 and not multi_coherent) or (
+            len(cond.layers) == 1 and cond.layers[0] in incoherent_layers
+        )
+        return refusal, [0 if (bad and r == 0) else 1 for r in refusal]
+
+    return fn
+
+
+def test_liquid_verdict_with_evidence():
+    spec = spec_with(SWEEP, CONTROLS, MULTI)
+    plans, cells = build(spec, outcome({4: 30, 2: 10}))
+    v = verdict(spec, plans, cells)
+    assert v["verdict"] == "liquid"
+    assert v["evidence"]["deciding_cell"]["condition"].startswith("L4 a=-1")
+    assert v["evidence"]["deciding_cell"]["flip"]["k"] == 30 and "75.0%" in v["rule"]
+    assert "control" in v["rule"]
+
+
+def test_incoherent_bypass_is_not_a_flip_and_crystallized():
+    spec = spec_with(SWEEP, CONTROLS, MULTI)
+    plans, cells = build(spec, outcome({4: 30}, incoherent_layers=(4,), multi_flips=28))
+    sweep = analyse_plan(plans[0], cells)
+    cell = next(c for c in sweep["cells"] if c["layer"] == 4)
+    assert cell["flip"]["k"] == 0 and cell["compliance"]["k"] == 30 and cell["incoherent_bypasses"] == 30
+    v = verdict(spec, plans, cells)
+    assert v["verdict"] == "crystallized" and v["rule"].startswith("no single layer qualifies")
+
+
+def test_immune_floor_and_inconclusive():
+    spec = spec_with(SWEEP, CONTROLS, MULTI)
+    plans, cells = build(spec, outcome({4: 3}, multi_flips=4))
+    assert verdict(spec, plans, cells)["verdict"] == "immune"
+    plans, cells = build(spec, outcome({4: 3}), base_h=[1] * 5 + [0] * 35)
+    floor = verdict(spec, plans, cells)
+    assert floor["verdict"] == "floor effect" and "12.5%" in floor["rule"]
+    # a control that flips as much as the direction: not liquid, not crystallized
+    plans, cells = build(spec, outcome({4: 30}, control_flips=29))
+    assert verdict(spec, plans, cells)["verdict"] != "liquid"
+    # no controls at all: the single-layer effect cannot be told from damage
+    spec2 = spec_with(SWEEP)
+    plans, cells = build(spec2, outcome({4: 30}))
+    v = verdict(spec2, plans, cells)
+    assert v["verdict"] == "inconclusive" and "add a controls study" in v["rule"]
+    # underpowered
+    small = spec_with(SWEEP, CONTROLS, MULTI, prompts={"n": 40})
+    plans, cells = build(small, outcome({4: 9}, n=10, control_flips=0), n=10)
+    v = verdict(small, plans, cells)
+    assert v["verdict"] == "inconclusive" and "underpowered" in v["rule"]
+
+
+def test_controls_reproduce_seed_figures():
+    spec = spec_with({"kind": "controls", "layer": 4, "alpha": -1.0, "controls": ["random", "orthogonal"], "seeds": 1})
+    n = 35
+
+    def fn(tags, cond):
+        k = 31 if cond.direction == "extracted" else (6 if cond.direction.startswith("random") else 4)
+        return [0] * k + [1] * (n - k), None
+
+    plans, cells = build(spec, fn, n=n)
+    res = analyse_plan(plans[0], cells)
+    ext = res["extracted"]["flip"]
+    assert (ext["k"], ext["n"]) == (31, 35) and round(ext["ci_lo"], 3) == 0.740 and round(ext["ci_hi"], 3) == 0.955
+    rnd = res["controls"]["random"]
+    assert rnd["diff_pp"] == round(100 * (31 / 35 - 6 / 35), 1)
+    assert rnd["p_fisher"] == pytest.approx(fisher_exact([[31, 4], [6, 29]])[1])
+    ps = sorted([res["controls"]["random"]["p_fisher"], res["controls"]["orthogonal"]["p_fisher"]])
+    assert max(c["p_fisher_holm"] for c in res["controls"].values()) == pytest.approx(max(ps))
+    assert min(c["p_fisher_holm"] for c in res["controls"].values()) == pytest.approx(min(1, 2 * ps[0]))
+
+
+def test_threshold_analysis_matches_seed_jump():
+    spec = spec_with({"kind": "threshold", "layer": 4, "alphas": [-1.0, -2.0, -3.0]}, prompts={"n": 50})
+    flips = {-1.0: 5, -2.0: 16, -3.0: 33}
+
+    def fn(tags, cond):
+        k = flips[cond.alpha]
+        return [0] * k + [1] * (50 - k), None
+
+    plans, cells = build(spec, fn, n=50)
+    th = analyse_plan(plans[0], cells)["threshold"]
+    assert {th["alpha_lo"], th["alpha_hi"]} == {-2.0, -3.0}
+    assert round(th["p_two_proportion"], 4) == 0.0007 and round(th["p_fisher"], 4) == 0.0013
+
+
+def test_sign_equivalence_detected():
+    spec = spec_with({"kind": "sign", "layer": 4, "alpha": 1.0})
+    plans = plan_studies(spec, 8, "m")
+    rows = rows_for(baseline(HARMFUL), [1] * 4) + rows_for(baseline(HARMLESS), [0] * 4)
+    for tags, cond in plans[0].conditions:
+        same = [[7, i] for i in range(4)]
+        tokens = same if tags["variant"] != "+alpha" else [[9, i] for i in range(4)]
+        rows += rows_for(cond, [0, 0, 1, 1], tokens=tokens)
+    res = analyse_plan(plans[0], Cells(rows))
+    assert res["equivalent"] is True and "one finding, not two" in res["note"]
+    rows[-1]["token_ids"] = json.dumps([1, 2, 3])  # one response differs
+    res = analyse_plan(plans[0], Cells(rows))
+    assert res["equivalent"] is False

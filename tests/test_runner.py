@@ -1,0 +1,208 @@
+"""Runner + store on tiny models: every study end to end, resume after a real `kill -9`, a changed
+spec makes a new run, and the Ray executor (a real local cluster) gives the same rows as local."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+
+import pytest
+import yaml
+
+from conftest import make_tiny
+from crystallized_safety.experiments.spec import parse_spec
+from crystallized_safety.runner import LocalExecutor, run_experiment
+from crystallized_safety.store import Store, StoreError
+
+COMPARE = (
+    "model",
+    "condition_key",
+    "prompt_set",
+    "prompt_index",
+    "prompt",
+    "response",
+    "token_ids",
+    "refusal",
+    "coherent",
+    "score",
+)
+
+
+@pytest.fixture(scope="module")
+def tiny_dirs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("runner")
+    paths = {}
+    for name, arch, seed in (("tiny", "llama", 0), ("tiny2", "gpt2", 1)):
+        model = make_tiny(arch, seed=seed)
+        model.hf.save_pretrained(root / name)
+        model.tokenizer.save_pretrained(root / name)
+        paths[name] = str(root / name)
+    return root, paths
+
+
+def tiny_spec(paths, n=6, studies=None, **extra):
+    return {
+        "name": "tiny",
+        "models": [paths["tiny"]],
+        "prompts": {"n": n},
+        "generation": {"max_new_tokens": 5, "batch_size": 3},
+        "coherence": {"calibration_prompts": 6},
+        "studies": studies
+        or [
+            {"kind": "layer_sweep", "layers": [1, 2], "alphas": [-0.5, -1.0], "controls": True},
+            {"kind": "threshold", "layer": 2, "alphas": [-0.25, -0.5, -1.0]},
+            {"kind": "controls", "layer": 2, "alpha": -1.0, "seeds": 2},
+            {"kind": "sign", "layer": 2, "alpha": 1.0},
+            {
+                "kind": "multilayer",
+                "layer_sets": [[1, 2]],
+                "windows": [2],
+                "window_range": [0, 3],
+                "alphas": [-0.5],
+                "alpha_split": "total",
+            },
+            {"kind": "induction", "layers": [1], "alphas": [1.0]},
+            {"kind": "transfer", "source_model": paths["tiny2"], "layers": [1, 2], "alphas": [-0.5]},
+            {"kind": "readability"},
+        ],
+        **extra,
+    }
+
+
+def rows(store_path):
+    store = Store(store_path)
+    run = store.run()
+    return [{k: r[k] for k in COMPARE} for r in store.generations(run.run_id)], store
+
+
+@pytest.mark.filterwarnings("ignore:.*underpowered")
+def test_all_studies_end_to_end_and_rerun_skips(tiny_dirs, tmp_path):
+    _root, paths = tiny_dirs
+    spec = parse_spec(tiny_spec(paths))
+    store = Store(tmp_path / "s.sqlite")
+    first = run_experiment(spec, store)
+    assert not first.resumed and first.chunks_run > 0 and first.chunks_skipped == 0
+    kinds = {a["study"]: a for a in store.analyses(first.run_id)}
+    assert set(kinds) == {
+        "baseline",
+        "layer_sweep",
+        "threshold",
+        "controls",
+        "sign",
+        "multilayer",
+        "induction",
+        "transfer",
+        "readability",
+    }
+    assert kinds["sign"]["result"]["equivalent"] is True  # inverted +alpha == -alpha, token for token
+    assert len(kinds["readability"]["result"]["layers"]) == 4
+    assert all(0 <= r["projection_auc"] <= 1 for r in kinds["readability"]["result"]["layers"])
+    assert "map_r2" in str(store.get_artifact(first.run_id, paths["tiny"], f"transfer:{paths['tiny2']}")[0])
+    (v,) = store.verdicts(first.run_id)
+    assert v["verdict"] in {"floor effect", "inconclusive", "liquid", "crystallized", "immune"} and v["rule"]
+    n_rows = store.counts(first.run_id)["generations"]
+    again = run_experiment(spec, store)
+    assert again.resumed and again.chunks_run == 0 and again.chunks_skipped == first.chunks_run
+    assert store.counts(first.run_id)["generations"] == n_rows
+    # a changed spec is a new run, never mixed with the old one
+    changed = parse_spec(tiny_spec(paths, studies=[{"kind": "threshold", "layer": 1, "alphas": [-1.0, -2.0]}]))
+    other = run_experiment(changed, store)
+    assert other.run_id != first.run_id and len(store.runs()) == 2
+    assert store.counts(first.run_id)["generations"] == n_rows
+    # export: json parses and csv has one line per generation
+    payload = json.loads(store.export(first.run_id, "json"))
+    assert len(payload["generations"]) == n_rows and payload["verdicts"][0]["verdict"] == v["verdict"]
+    assert store.export(first.run_id, "csv").count("\n") >= n_rows + 1
+
+
+def test_store_rejects_non_sqlite(tmp_path):
+    bad = tmp_path / "x.sqlite"
+    bad.write_text("not a database, just text " * 100)
+    with pytest.raises(StoreError, match="not a crystallized-safety store"):
+        Store(bad)
+
+
+def test_kill_9_then_resume_is_identical(tiny_dirs, tmp_path):
+    root, paths = tiny_dirs
+    spec_data = tiny_spec(
+        paths,
+        n=9,
+        studies=[
+            {"kind": "layer_sweep", "layers": [0, 1, 2, 3], "alphas": [-0.5, -1.0, -2.0]},
+            {"kind": "controls", "layer": 2, "alpha": -1.0, "seeds": 2},
+        ],
+    )
+    spec_path = tmp_path / "spec.yaml"
+    spec_path.write_text(yaml.safe_dump(spec_data))
+    killed, clean = tmp_path / "killed.sqlite", tmp_path / "clean.sqlite"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    cmd = [sys.executable, "-m", "crystallized_safety.cli", "run", str(spec_path), "--store"]
+    proc = subprocess.Popen(cmd + [str(killed)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline, done = time.time() + 240, 0
+    while time.time() < deadline and proc.poll() is None:
+        time.sleep(0.3)
+        try:
+            with sqlite3.connect(killed) as db:
+                done = db.execute("SELECT COUNT(*) FROM chunks").fetchone()[0]
+        except sqlite3.Error:
+            continue
+        if done >= 8:
+            break
+    assert proc.poll() is None, "run finished before it could be killed"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    with sqlite3.connect(killed) as db:
+        partial = db.execute("SELECT COUNT(*) FROM chunks").fetchone()[0]
+        status = db.execute("SELECT status FROM runs").fetchone()[0]
+    assert partial >= 8 and status == "running"
+    subprocess.run(cmd + [str(killed)], env=env, check=True, capture_output=True, timeout=600)
+    subprocess.run(cmd + [str(clean)], env=env, check=True, capture_output=True, timeout=600)
+    got, store_k = rows(killed)
+    want, store_c = rows(clean)
+    assert got == want and len(got) == len({(r["condition_key"], r["prompt_set"], r["prompt_index"]) for r in got})
+    assert store_k.verdicts(store_k.run().run_id) == store_c.verdicts(store_c.run().run_id)
+    assert store_k.run().status == "finished"
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    ray = pytest.importorskip("ray", reason="the [ray] extra is not installed")
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, object_store_memory=128 * 1024 * 1024)
+    yield ray
+    ray.shutdown()
+
+
+@pytest.mark.filterwarnings("ignore:.*underpowered")
+def test_ray_executor_matches_local_and_retries(tiny_dirs, tmp_path, ray_cluster):
+    from crystallized_safety.ray_executor import RayExecutor
+    from crystallized_safety.runner import expand, load_prompt_sets
+
+    _root, paths = tiny_dirs
+    spec = parse_spec(
+        tiny_spec(
+            paths,
+            n=6,
+            studies=[
+                {"kind": "layer_sweep", "layers": [1, 2], "alphas": [-1.0, -2.0]},
+                {"kind": "controls", "layer": 2, "alpha": -1.0, "seeds": 1},
+            ],
+        )
+    )
+    local = Store(tmp_path / "local.sqlite")
+    run_experiment(spec, local, LocalExecutor())
+    _plans, chunks = expand(spec, paths["tiny"], 4, load_prompt_sets(spec))
+    executor = RayExecutor(workers=2, fail_once=[chunks[3].key])
+    remote = Store(tmp_path / "ray.sqlite")
+    result = run_experiment(spec, remote, executor)
+    assert executor.retried == 1 and result.chunks_run == len(chunks)
+    workers = {r[0] for r in remote.db.execute("SELECT DISTINCT worker FROM chunks")}
+    assert all(w.startswith("ray:") for w in workers) and len(workers) == 2
+    got = [{k: r[k] for k in COMPARE} for r in remote.generations(result.run_id)]
+    want = [{k: r[k] for k in COMPARE} for r in local.generations(result.run_id)]
+    assert got == want
+    assert remote.verdicts(result.run_id) == local.verdicts(result.run_id)
