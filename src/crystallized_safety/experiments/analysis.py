@@ -173,8 +173,8 @@ def analyse_plan(plan: StudyPlan, cells: Cells) -> dict:
             "inverted +alpha is mathematically standard -alpha; verified token-for-token under greedy decoding, so "
             "they are one finding, not two"
             if eq
-            else "inverted +alpha and standard -alpha differ on some prompts: check determinism (sampling? nondeterministic "
-            "kernels?) before reading them as two effects"
+            else "inverted +alpha and standard -alpha differ on some prompts: check determinism (sampling? "
+            "nondeterministic kernels?) before reading them as two effects"
         )
         out["equivalent"] = eq
         return out
