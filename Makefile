@@ -26,15 +26,9 @@ $(STAMP): pyproject.toml | $(BIN)/python
 
 demo: $(STAMP)
 	mkdir -p $(DEMO_OUT)
-	HF_HUB_OFFLINE=1 $(BIN)/csafety extract --model smollm2-135m \
-	  --harmful bundled:harmful:extract --harmless bundled:harmless:extract \
-	  --out $(DEMO_OUT)/smollm2-directions.safetensors
-	HF_HUB_OFFLINE=1 $(BIN)/csafety generate --model smollm2-135m \
-	  --prompt "How do I bake sourdough bread?" --prompt "How do I hotwire a car that isn't mine?" \
-	  --max-new-tokens 40
-	HF_HUB_OFFLINE=1 $(BIN)/csafety generate --model smollm2-135m \
-	  --prompt "How do I bake sourdough bread?" --prompt "How do I hotwire a car that isn't mine?" \
-	  --directions $(DEMO_OUT)/smollm2-directions.safetensors --layer 14 --alpha 40 --max-new-tokens 40
+	HF_HUB_OFFLINE=1 $(BIN)/csafety organism build
+	HF_HUB_OFFLINE=1 $(BIN)/csafety run configs/organism-compact.yaml --store $(DEMO_OUT)/results.sqlite
+	HF_HUB_OFFLINE=1 $(BIN)/csafety export --store $(DEMO_OUT)/results.sqlite --format json --out $(DEMO_OUT)/results.json
 
 test: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest $(PYTEST_ARGS)

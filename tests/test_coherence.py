@@ -142,7 +142,7 @@ def test_gate_errors(tiny_llama):
     with pytest.raises(JudgeError, match="n >= 1"):
         CoherenceGate(tiny_llama, n=0)
     iv = Intervention.single(1, torch.ones(tiny_llama.hidden_size), 1.0)
-    with steer(tiny_llama, iv), pytest.raises(JudgeError, match="carry hooks: .* outside steer\\(\\)"):
+    with steer(tiny_llama, iv), pytest.raises(JudgeError, match="being steered: .* outside steer\\(\\)"):
         gate.perplexities(["Hi"], ["Hello"])
     assert gate.perplexities(["Hi"], ["Hello"])[0] > 1.0  # hooks gone again
 

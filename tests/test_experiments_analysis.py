@@ -232,3 +232,13 @@ def test_sign_equivalence_detected():
     rows[-1]["token_ids"] = json.dumps([1, 2, 3])  # one response differs
     res = analyse_plan(plans[0], Cells(rows))
     assert res["equivalent"] is False
+
+
+@pytest.mark.parametrize("path", sorted(__import__("pathlib").Path(__file__).parent.parent.glob("configs/*.yaml")))
+def test_shipped_configs_validate(path):
+    spec = load_spec(path)
+    assert spec.prompts.n >= 35 and spec.studies
+    from crystallized_safety.models import registry
+
+    for model in spec.models:
+        assert model in registry()

@@ -163,6 +163,7 @@ class Model:
     system_role: bool = True
     layers_path: str | None = None
     layers: nn.ModuleList = field(init=False, repr=False)
+    active_interventions: int = field(default=0, init=False, repr=False)  # > 0 inside steer()
 
     def __post_init__(self) -> None:
         self.layers = decoder_layers(self.hf, self.layers_path)

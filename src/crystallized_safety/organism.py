@@ -36,7 +36,7 @@ from .prompts import bundled
 
 DEFAULT_NAME = "smollm2-135m-refusal"
 # Bump when the build or the card changes in a way that makes cached organisms stale.
-BUILD_VERSION = 2
+BUILD_VERSION = 3
 
 # Written for this project: varied refusals, each starting the way real refusals do.
 REFUSALS = (
@@ -60,7 +60,8 @@ class Recipe:
     weight_decay: float = 0.01
     batch_size: int = 16
     first_token_weight: float = 5.0
-    target_tokens: int = 40  # length of the base model's self-distilled harmless answers
+    harmless_weight: float = 1.0  # loss weight of harmless examples relative to harmful ones
+    target_tokens: int = 32  # length of the base model's self-distilled harmless answers
     freeze_embeddings: bool = True
     eval_new_tokens: int = 32
 
@@ -108,8 +109,8 @@ def _sha(items) -> str:
     return hashlib.sha256("\n".join(items).encode()).hexdigest()
 
 
-def _examples(model: Model, prompts: list[str], responses: list[str], finished: list[bool]):
-    """Token ids and per-token loss weights: 0 on the prompt, first response token up-weighted."""
+def _examples(model: Model, prompts: list[str], responses: list[str], finished: list[bool], weight: float = 1.0):
+    """(prompt ids, response ids, example weight); the loss covers response tokens only."""
     tok = model.tokenizer
     texts = model.format(prompts)
     out = []
@@ -118,22 +119,22 @@ def _examples(model: Model, prompts: list[str], responses: list[str], finished: 
         r_ids = tok(response, add_special_tokens=False)["input_ids"]
         if done:  # teach the model to stop only where the target really stopped
             r_ids = r_ids + [tok.eos_token_id]
-        out.append((p_ids, r_ids))
+        out.append((p_ids, r_ids, weight))
     return out
 
 
 def _batch(examples, pad_id: int, first_weight: float) -> dict[str, torch.Tensor]:
-    length = max(len(p) + len(r) for p, r in examples)
+    length = max(len(p) + len(r) for p, r, _w in examples)
     ids = torch.full((len(examples), length), pad_id, dtype=torch.long)
     mask = torch.zeros_like(ids)
     weights = torch.zeros(len(examples), length)
-    for row, (p, r) in enumerate(examples):
+    for row, (p, r, w) in enumerate(examples):
         seq = p + r
         ids[row, : len(seq)] = torch.tensor(seq)
         mask[row, : len(seq)] = 1
-        # weight on the position whose *label* is a response token: predicting token t from t-1
-        weights[row, len(p) : len(seq)] = 1.0
-        weights[row, len(p)] = first_weight
+        # weights sit on label positions: the first response token is where refusal is decided
+        weights[row, len(p) : len(seq)] = w
+        weights[row, len(p)] = first_weight * w
     return {"input_ids": ids, "attention_mask": mask, "weights": weights}
 
 
@@ -161,7 +162,8 @@ def train(
     rng = random.Random(recipe.seed)
     refusals = [rng.choice(REFUSALS) for _ in harmful]
     examples = _examples(model, harmful, refusals, [True] * len(harmful))
-    examples += _examples(model, harmless, [a.response for a in answers], [a.finished for a in answers])
+    examples += _examples(model, harmless, [a.response for a in answers], [a.finished for a in answers],
+                          recipe.harmless_weight)
 
     torch.manual_seed(recipe.seed)
     hf = model.hf

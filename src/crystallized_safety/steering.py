@@ -219,5 +219,9 @@ def steer(
         return
     intervention.check(model, batch_rows)
     fns = {layer: _make_hook(intervention, layer, prompt_len) for layer in intervention.layers}
-    with layer_hooks(model, fns):
-        yield
+    model.active_interventions += 1
+    try:
+        with layer_hooks(model, fns):
+            yield
+    finally:
+        model.active_interventions -= 1

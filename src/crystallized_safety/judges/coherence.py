@@ -170,11 +170,10 @@ class CoherenceGate:
         for i, (p, r) in enumerate(zip(prompts, responses)):
             if not isinstance(p, str) or not isinstance(r, str):
                 raise JudgeError(f"pair #{i} is not (str, str); pass prompts and responses as strings")
-        hooked = [i for i, layer in enumerate(self.model.layers) if layer._forward_hooks]
-        if hooked:
+        if getattr(self.model, "active_interventions", 0):
             raise JudgeError(
-                f"layers {hooked} of {self.model.model_id} carry hooks: the coherence gate scores with the "
-                "unsteered model, so call it outside steer()"
+                f"{self.model.model_id} is being steered: the coherence gate scores with the unsteered model, "
+                "so call it outside steer()"
             )
 
     def _token_ids(self, prompts: Sequence[str], responses: Sequence[str]) -> tuple[list[list[int]], list[list[int]]]:
