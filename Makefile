@@ -29,6 +29,7 @@ demo: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/csafety organism build
 	HF_HUB_OFFLINE=1 $(BIN)/csafety run configs/organism-compact.yaml --store $(DEMO_OUT)/results.sqlite
 	HF_HUB_OFFLINE=1 $(BIN)/csafety export --store $(DEMO_OUT)/results.sqlite --format json --out $(DEMO_OUT)/results.json
+	HF_HUB_OFFLINE=1 $(BIN)/csafety report --store $(DEMO_OUT)/results.sqlite --out $(DEMO_OUT)/report
 
 test: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest $(PYTEST_ARGS)

@@ -619,6 +619,21 @@ def export_cmd(
         sys.stdout.write(text)
 
 
+@app.command("report")
+@cli_errors
+def report_cmd(
+    store_path: Path = typer.Option(..., "--store", help="SQLite results store."),
+    out_dir: Path = typer.Option(..., "--out", help="Directory for report.html, report.md, figures, results.json."),
+    run: str | None = typer.Option(None, "--run", help="Run id or prefix (default: the latest)."),
+) -> None:
+    """Write a run's report (HTML, Markdown + figures, JSON) from the store alone."""
+    from .report import build_report
+
+    paths = build_report(store_path, out_dir, run)
+    err.print(f"wrote {paths.markdown}, {paths.results} and {len(paths.figures)} figure files", soft_wrap=True)
+    sys.stdout.write(f"report: {paths.html}\n")  # the last line: `make demo` ends by pointing at the report
+
+
 def main() -> None:
     app()
 

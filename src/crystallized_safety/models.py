@@ -11,7 +11,8 @@ import importlib.util
 import os
 import shutil
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import lru_cache
 from importlib import resources
@@ -302,6 +303,24 @@ def _load_pretrained(source: str, dev: torch.device, dt: torch.dtype, **kwargs: 
     return hf, tokenizer
 
 
+@contextmanager
+def atomic_dir(target: Path) -> Iterator[Path]:
+    """Yield a temporary sibling directory that replaces `target` only if the block succeeds.
+
+    Caches (dequantised models, organisms) are therefore either complete or absent, even after a crash.
+    """
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=target.name + ".", dir=target.parent))
+    try:
+        yield tmp
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(tmp, target)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
 def _gguf_cached_dir(gguf_path: Path) -> tuple[Path, str]:
     """Dequantise a GGUF once and keep an fp32 safetensors copy: ~20 s -> ~2 s per later load."""
     sha = _file_sha256(gguf_path)
@@ -322,17 +341,9 @@ def _gguf_cached_dir(gguf_path: Path) -> tuple[Path, str]:
         del hf.config.quantization_config
     hf.hf_quantizer = None
     hf.is_quantized = False
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=target.name + ".", dir=target.parent))
-    try:
+    with atomic_dir(target) as tmp:
         hf.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(tmp, target)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     return target, sha
 
 

@@ -17,11 +17,8 @@ import contextlib
 import fcntl
 import hashlib
 import json
-import os
 import platform
 import random
-import shutil
-import tempfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
@@ -31,12 +28,12 @@ import torch
 
 from . import __version__
 from .errors import ModelError
-from .models import Model, cache_dir, load_model
+from .models import Model, atomic_dir, cache_dir, load_model
 from .prompts import bundled
 
 DEFAULT_NAME = "smollm2-135m-refusal"
 # Bump when the build or the card changes in a way that makes cached organisms stale.
-BUILD_VERSION = 3
+BUILD_VERSION = 4
 
 # Written for this project: varied refusals, each starting the way real refusals do.
 REFUSALS = (
@@ -56,7 +53,7 @@ class Recipe:
     base: str = "smollm2-135m"
     seed: int = 0
     epochs: int = 3
-    lr: float = 1e-4
+    lr: float = 2e-4
     weight_decay: float = 0.01
     batch_size: int = 16
     first_token_weight: float = 5.0
@@ -139,13 +136,13 @@ def _batch(examples, pad_id: int, first_weight: float) -> dict[str, torch.Tensor
 
 
 def _loss(hf, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    logits = hf(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
-    labels = batch["input_ids"][:, 1:]
+    """Weighted next-token NLL on response tokens; the LM head runs only where a label counts (~20% faster)."""
+    hidden = hf.base_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
     weights = batch["weights"][:, 1:]
-    nll = torch.nn.functional.cross_entropy(
-        logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), reduction="none"
-    ).view_as(labels)
-    return (nll * weights).sum() / weights.sum()
+    keep = weights > 0
+    logits = hf.get_output_embeddings()(hidden[:, :-1][keep])
+    nll = torch.nn.functional.cross_entropy(logits, batch["input_ids"][:, 1:][keep], reduction="none")
+    return (nll * weights[keep]).sum() / weights[keep].sum()
 
 
 def train(
@@ -322,9 +319,7 @@ def build_organism(target: Path, recipe: Recipe, progress: Callable[[str], None]
     harmful, harmless = list(bundled("harmful", "train")), list(bundled("harmless", "train"))
     facts = train(model, harmful, harmless, recipe, progress=say)
     build_s = time.perf_counter() - t0
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=target.name + ".", dir=target.parent))
-    try:
+    with atomic_dir(target) as tmp:
         model.hf.save_pretrained(tmp)
         model.tokenizer.save_pretrained(tmp)
         say("measuring held-out refusal, KL to base and steering")
@@ -365,12 +360,6 @@ def build_organism(target: Path, recipe: Recipe, progress: Callable[[str], None]
         }
         (tmp / "card.json").write_text(json.dumps(card, indent=2))
         (tmp / "README.md").write_text(card_markdown(card))
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(tmp, target)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     return card
 
 

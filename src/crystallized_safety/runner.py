@@ -309,6 +309,10 @@ def run_experiment(
     run_id = spec.spec_hash()
     resumed = store.open_run(run_id, spec.name, spec.to_yaml(), spec.spec_hash(), environment())
     sets = load_prompt_sets(spec)
+    store.put_artifact(run_id, "*", "prompt_sets", {
+        name: {"name": ps.name, "source": ps.source, "sha256": ps.sha256, "n": len(ps)}
+        for name, ps in vars(sets).items()
+    })
     ran = skipped = 0
     for model_name in spec.models:
         r, k = _run_model(spec, store, run_id, model_name, executor, sets, say, models)

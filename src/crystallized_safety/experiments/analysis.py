@@ -136,10 +136,20 @@ def analyse_plan(plan: StudyPlan, cells: Cells) -> dict:
         usable = [c for c in rows if c["flip"]["n"]]
         result = {"metric": "flip", "cells": rows}
         if len(usable) >= 2:
+            alphas = [c["alpha"] for c in usable]
+            # Order by strength: for a sweep of negative alphas, -0.1 is weaker than -0.4, and "first alpha to
+            # saturate" must be read from the weak end.
+            sign = -1.0 if all(a <= 0 for a in alphas) else 1.0
             th = stats.threshold(
-                [c["alpha"] for c in usable], [c["flip"]["k"] for c in usable], [c["flip"]["n"] for c in usable]
+                [sign * a for a in alphas], [c["flip"]["k"] for c in usable], [c["flip"]["n"] for c in usable]
             )
-            result["threshold"] = {k: getattr(th, k) for k in th.__dataclass_fields__}
+            found = {k: getattr(th, k) for k in th.__dataclass_fields__}
+            for key in ("alpha_lo", "alpha_hi", "saturation_alpha"):
+                if found.get(key) is not None:
+                    found[key] = sign * found[key]
+            found["alphas"] = [sign * a for a in found["alphas"]]
+            found["ordered_by"] = "|alpha| (strength)" if sign < 0 else "alpha"
+            result["threshold"] = found
         return result
     if kind == "controls":
         ext = next(st for tags, _c, st in tagged if tags["control"] == "extracted")
@@ -361,9 +371,30 @@ def analyse_model(
         else:
             result = analyse_plan(plan, cells)
         store.put_analysis(run_id, model_name, plan.label, plan.kind, result, time.perf_counter() - t0)
+    judges = judge_calibration(cells)
+    if judges is not None:
+        store.put_analysis(run_id, model_name, "judges", "judges", judges, 0.0)
     v = verdict(spec, plans, cells)
     store.put_verdict(run_id, model_name, v["verdict"], v["rule"], v["evidence"])
     return v
+
+
+def judge_calibration(cells: Cells) -> dict | None:
+    """First-token score vs substring judge on the unsteered outputs: the score threshold that agrees best,
+    with the agreement (accuracy, Cohen's kappa, confusion) that it reaches."""
+    from ..judges.agreement import agreement
+    from ..judges.refusal_score import best_threshold
+
+    pairs = [(r["score"], bool(r["refusal"])) for ps in (HARMFUL, HARMLESS) for r in cells.base[ps].values()
+             if r["score"] is not None and r["refusal"] is not None]
+    if len(pairs) < 4:
+        return None
+    scores, labels = [p[0] for p in pairs], [p[1] for p in pairs]
+    threshold, accuracy = best_threshold(scores, labels)
+    agree = agreement(labels, [s > threshold for s in scores])
+    return {"a": "substring", "b": "refusal_score", "threshold": threshold, "accuracy": accuracy,
+            "kappa": agree.kappa, "n": agree.n, "table": dict(agree.table),
+            "note": "score threshold calibrated against the substring judge on unsteered outputs"}
 
 
 def _steerability(plans: list[StudyPlan], cells: Cells) -> dict[int, dict]:

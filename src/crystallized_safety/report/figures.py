@@ -1,0 +1,527 @@
+"""Report figures: matplotlib (Agg, no pyplot), sized and labelled for a paper column or page.
+
+Every function takes plain result dicts from the store (the shapes `experiments/analysis.py` writes) and
+returns a `Figure`; nothing here reads the store or touches global matplotlib state (each figure is a
+`matplotlib.figure.Figure` rendered with the Agg canvas inside an `rc_context`). Fonts are >= 8 pt at
+the figure's own width (3.5-6.5 in), axes name their units, layers follow the project convention
+(layer i = output of decoder block i) and alphas say whether they are relative or absolute.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import matplotlib
+import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from matplotlib.patches import Patch, Rectangle
+
+MIN_N = 35  # experiments.spec.MIN_N, repeated so the figures need no pydantic import
+FONT = 8  # smallest font anywhere in a figure, in points
+STYLE = {
+    "font.size": 9,
+    "axes.titlesize": 9,
+    "axes.labelsize": 9,
+    "xtick.labelsize": FONT,
+    "ytick.labelsize": FONT,
+    "legend.fontsize": FONT,
+    "legend.title_fontsize": FONT,
+    "figure.titlesize": 9,
+    "axes.spines.top": False,
+    "axes.spines.right": False,
+    "hatch.linewidth": 0.6,
+    "svg.hashsalt": "crystallized-safety",  # deterministic SVG ids
+    "savefig.dpi": 200,
+}
+LAYER_AXIS = "layer i (output of decoder block i)"
+LAYER_AXIS_2 = "layer i\n(output of decoder block i)"
+RATE_AXIS = "rate (Wilson 95% CI)"
+C_MAIN, C_COMPLY, C_CONTROL, C_OTHER = "#1f5fa8", "#e08a1e", "#8c8c8c", "#3a9d5d"
+
+
+def alpha_axis(unit: str | None) -> str:
+    """Axis label for alpha in the unit the study used."""
+    if unit == "relative":
+        return "alpha (relative: × mean residual norm of the layer)"
+    if unit == "absolute":
+        return "alpha (absolute, on a unit direction)"
+    return "alpha"
+
+
+def num(x: float) -> str:
+    """A number as matplotlib prints tick labels (true minus sign)."""
+    return f"{x:g}".replace("-", "−")
+
+
+def pct(rate: dict | None, digits: int = 0) -> str:
+    if not rate or rate.get("rate") is None:
+        return "n/a"
+    return f"{100 * rate['rate']:.{digits}f}%"
+
+
+def _val(rate: dict | None) -> float:
+    return float("nan") if not rate or rate.get("rate") is None else float(rate["rate"])
+
+
+def _err(rates: Sequence[dict | None]) -> np.ndarray:
+    """Asymmetric error bars (2 x n) from Wilson bounds; 0 where a rate is undefined."""
+    lo, hi = [], []
+    for r in rates:
+        if not r or r.get("rate") is None:
+            lo.append(0.0)
+            hi.append(0.0)
+        else:
+            lo.append(max(0.0, r["rate"] - r["ci_lo"]))
+            hi.append(max(0.0, r["ci_hi"] - r["rate"]))
+    return np.array([lo, hi])
+
+
+def _p_eq(p: float | None) -> str:
+    text = fmt_p(p)
+    return text if text.startswith("<") else f"= {text}"
+
+
+def fmt_p(p: float | None) -> str:
+    if p is None:
+        return "n/a"
+    if p < 1e-4:
+        return "< 1e-4"
+    return f"{p:.2g}"
+
+
+def _new(width: float, height: float) -> Figure:
+    fig = Figure(figsize=(width, height), layout="constrained")
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def _empty_note(ax, text: str) -> None:
+    ax.text(0.5, 0.5, text, ha="center", va="center", transform=ax.transAxes, fontsize=FONT, color="#555555", wrap=True)
+
+
+# --------------------------------------------------------------------------- figures
+
+
+def alpha_order(alphas: Sequence[float]) -> list[float]:
+    """Weakest to strongest steering left to right when all alphas share a sign; numeric otherwise."""
+    uniq = sorted(set(alphas))
+    if all(a <= 0 for a in uniq) or all(a >= 0 for a in uniq):
+        return sorted(uniq, key=abs)
+    return uniq
+
+
+def heatmap(cells: Sequence[dict], unit: str | None, title: str, metric: str = "flip") -> Figure:
+    """Layer x alpha grid of a rate; cells annotated with rate and n, n < MIN_N hatched, undefined grey."""
+    layers = sorted({c["layer"] for c in cells})
+    alphas = alpha_order([c["alpha"] for c in cells])
+    grid = np.full((len(layers), len(alphas)), np.nan)
+    by = {(c["layer"], c["alpha"]): c for c in cells}
+    width = min(6.5, max(4.8, 2.2 + 0.85 * len(alphas)))
+    row_in = min(0.36, 7.7 / max(1, len(layers)))  # at most 9 in tall: a page
+    height = min(9.0, max(2.4, 1.3 + row_in * len(layers)))
+    two_lines = row_in >= 0.27 and len(alphas) <= 10  # "rate / n=" where two 8 pt lines fit, else the rate only
+    with matplotlib.rc_context(STYLE):
+        fig = _new(width, height)
+        ax = fig.add_subplot()
+        for (li, layer), (ai, alpha) in ((x, y) for x in enumerate(layers) for y in enumerate(alphas)):
+            cell = by.get((layer, alpha))
+            if cell is not None and cell[metric].get("rate") is not None:
+                grid[li, ai] = cell[metric]["rate"]
+        cmap = matplotlib.colormaps["viridis"].with_extremes(bad="#d9d9d9")
+        image = ax.imshow(
+            np.ma.masked_invalid(grid), cmap=cmap, vmin=0, vmax=1, origin="lower", aspect="auto", interpolation="none"
+        )
+        for li, layer in enumerate(layers):
+            for ai, alpha in enumerate(alphas):
+                cell = by.get((layer, alpha))
+                if cell is None:
+                    continue
+                rate = cell[metric]
+                n = rate.get("n", 0)
+                value = grid[li, ai]
+                label = pct(rate) + (f"\nn={n}" if two_lines else "")
+                color = "black" if np.isnan(value) or value > 0.55 else "white"
+                if n < MIN_N:
+                    ax.add_patch(
+                        Rectangle(
+                            (ai - 0.5, li - 0.5), 1, 1, fill=False, hatch="///", edgecolor="#ffffff99", linewidth=0
+                        )
+                    )
+                bg = "#d9d9d9" if np.isnan(value) else image.cmap(image.norm(value))
+                ax.text(
+                    ai,
+                    li,
+                    label,
+                    ha="center",
+                    va="center",
+                    fontsize=FONT,
+                    color=color,
+                    linespacing=1.0,
+                    bbox={"boxstyle": "round,pad=0.12", "facecolor": bg, "edgecolor": "none", "alpha": 0.85},
+                )
+        ax.set_xticks(range(len(alphas)), [num(a) for a in alphas])
+        ax.set_yticks(range(len(layers)), [str(x) for x in layers])
+        ax.set_xlabel(alpha_axis(unit))
+        ax.set_ylabel(LAYER_AXIS_2)
+        ax.set_title(title, loc="left")
+        for side in ("top", "right"):
+            ax.spines[side].set_visible(True)
+        bar = fig.colorbar(image, ax=ax, fraction=0.08, pad=0.02)
+        bar.set_label(f"{metric} rate", fontsize=FONT)
+        bar.ax.yaxis.set_major_formatter(matplotlib.ticker.PercentFormatter(1.0, decimals=0))
+        handles = [
+            Patch(facecolor="#bbbbbb", hatch="///", edgecolor="white", label=f"n < {MIN_N} (underpowered)"),
+            Patch(facecolor="#d9d9d9", label="undefined (no baseline refusals)"),
+        ]
+        fig.legend(handles=handles, loc="outside lower center", ncols=2, frameon=False)
+    return fig
+
+
+def threshold_curve(cells: Sequence[dict], threshold: dict | None, unit: str | None, title: str) -> Figure:
+    """Flip (and raw compliance) rate against alpha with Wilson bands; the largest jump shaded with its p."""
+    cells = sorted(cells, key=lambda c: c["alpha"])
+    alphas = np.array([c["alpha"] for c in cells], dtype=float)
+    with matplotlib.rc_context(STYLE):
+        fig = _new(5.0, 3.0)
+        ax = fig.add_subplot()
+        for key, color, style, name in (
+            ("flip", C_MAIN, "-", "flip rate (coherent)"),
+            ("compliance", C_COMPLY, "--", "raw compliance"),
+        ):
+            rates = [c.get(key) for c in cells]
+            y = np.array([_val(r) for r in rates])
+            lo = np.array([np.nan if r is None or r.get("rate") is None else r["ci_lo"] for r in rates], dtype=float)
+            hi = np.array([np.nan if r is None or r.get("rate") is None else r["ci_hi"] for r in rates], dtype=float)
+            ax.fill_between(alphas, lo, hi, color=color, alpha=0.18, linewidth=0)
+            ax.plot(alphas, y, style, marker="o", markersize=4, color=color, label=name)
+        negative = bool(len(alphas)) and bool((alphas <= 0).all())
+        if threshold:
+            ax.axvspan(threshold["alpha_lo"], threshold["alpha_hi"], color="#d62728", alpha=0.12, linewidth=0)
+            ax.annotate(
+                f"largest jump {jump_text(threshold, negative)}\n"
+                f"p = {fmt_p(threshold['p_fisher'])} (Fisher), {fmt_p(threshold['p_two_proportion'])} (z)",
+                xy=((threshold["alpha_lo"] + threshold["alpha_hi"]) / 2, 1.02),
+                xycoords=("data", "axes fraction"),
+                ha="center",
+                va="bottom",
+                fontsize=FONT,
+                color="#a01c1c",
+            )
+            if threshold.get("saturation_alpha") is not None and not negative:
+                # stats.threshold scans alphas upwards: for negative (refusal-removing) alphas its saturation
+                # point sits at the weak end of the curve, so it is drawn only where that reads as saturation
+                ax.axvline(threshold["saturation_alpha"], color="#555555", linestyle=":", linewidth=1)
+                ax.text(
+                    threshold["saturation_alpha"],
+                    0.02,
+                    " saturation",
+                    rotation=90,
+                    va="bottom",
+                    ha="right",
+                    fontsize=FONT,
+                    color="#555555",
+                )
+        elif not any(c["flip"].get("rate") is not None for c in cells):
+            _empty_note(ax, "flip rate undefined: the baseline refused none of these prompts")
+        if negative:
+            ax.invert_xaxis()  # stronger (more negative) steering to the right
+        ax.set_ylim(-0.02, 1.02)
+        ax.yaxis.set_major_formatter(matplotlib.ticker.PercentFormatter(1.0, decimals=0))
+        ax.set_xlabel(alpha_axis(unit) + (", stronger →" if negative else ""))
+        ax.set_ylabel(RATE_AXIS)
+        ax.set_title(title, loc="left", pad=26 if threshold else 6)
+        fig.legend(loc="outside lower center", ncols=2, frameon=False)
+    return fig
+
+
+def jump_text(th: dict, negative: bool) -> str:
+    """The jump read in the direction of stronger steering (towards more negative alphas when all are <= 0)."""
+    a0, a1, r0, r1 = th["alpha_lo"], th["alpha_hi"], th["rate_lo"], th["rate_hi"]
+    if negative:
+        a0, a1, r0, r1 = a1, a0, r1, r0
+    return f"{100 * r0:.0f}% → {100 * r1:.0f}% (α {num(a0)} → {num(a1)})"
+
+
+def _bar_labels(ax, xs, rates, offset=0.02) -> None:
+    for x, r in zip(xs, rates):
+        top = r["ci_hi"] if r and r.get("rate") is not None else 0.0
+        ax.text(x, top + offset, pct(r), ha="center", va="bottom", fontsize=FONT)
+
+
+def controls_bars(result: dict, title: str) -> Figure:
+    """Extracted direction vs orthogonal / random controls: flip and compliance with CIs, Holm p above."""
+    extracted = result["extracted"]
+    names = ["extracted", *result["controls"].keys()]
+    flips = [extracted["flip"], *(c["pooled"] for c in result["controls"].values())]
+    comps = [extracted.get("compliance"), *(_pool(c["seeds"], "compliance") for c in result["controls"].values())]
+    x = np.arange(len(names))
+    w = 0.38
+    with matplotlib.rc_context(STYLE):
+        fig = _new(max(3.5, 1.6 + 1.3 * len(names)), 3.0)
+        ax = fig.add_subplot()
+        ax.bar(x - w / 2, [_val(r) for r in flips], w, yerr=_err(flips), color=C_MAIN, capsize=3, label="flip rate")
+        ax.bar(
+            x + w / 2, [_val(r) for r in comps], w, yerr=_err(comps), color=C_COMPLY, capsize=3, label="raw compliance"
+        )
+        _bar_labels(ax, x - w / 2, flips)
+        _bar_labels(ax, x + w / 2, comps)
+        for i, comp in enumerate(result["controls"].values(), start=1):
+            seeds = [s["flip"]["rate"] for s in comp["seeds"] if s["flip"].get("rate") is not None]
+            ax.plot([i - w / 2] * len(seeds), seeds, "o", color="black", markersize=3, zorder=3)
+            p = comp.get("p_fisher_holm", comp.get("p_fisher"))
+            diff = comp.get("diff_pp")
+            text = f"Δ {diff:+.0f} pp\np(Holm) {_p_eq(p)}" if diff is not None else "p n/a"
+            ax.text(i, 1.2, text, ha="center", va="top", fontsize=FONT)
+        ax.set_xticks(x, names)
+        ax.set_ylim(0, 1.25)
+        ax.set_yticks([0, 0.25, 0.5, 0.75, 1.0])
+        ax.yaxis.set_major_formatter(matplotlib.ticker.PercentFormatter(1.0, decimals=0))
+        ax.set_ylabel(RATE_AXIS)
+        ax.set_xlabel("direction (controls pooled over seeds; dots = single seeds)")
+        ax.set_title(title, loc="left")
+        fig.legend(loc="outside lower center", ncols=2, frameon=False)
+    return fig
+
+
+def _pool(cells: Sequence[dict], key: str) -> dict | None:
+    k = sum(c[key]["k"] for c in cells if c.get(key))
+    n = sum(c[key]["n"] for c in cells if c.get(key))
+    if n == 0:
+        return None
+    from ..stats import rate_summary
+
+    return rate_summary(k, n)
+
+
+def sign_bars(result: dict, title: str, baselines: dict | None = None) -> Figure:
+    """Refusal rate under +alpha, -alpha and the inverted direction, on harmful and harmless prompts."""
+    sets = result["sets"]
+    with matplotlib.rc_context(STYLE):
+        fig = _new(6.5, 2.9)
+        axes = fig.subplots(1, len(sets), sharey=True, squeeze=False)[0]
+        colors = {"+alpha": C_MAIN, "-alpha": C_COMPLY, "inverted +alpha": C_OTHER}
+        for ax, (name, s) in zip(axes, sets.items()):
+            variants = list(s["variants"].items())
+            x = np.arange(len(variants))
+            rates = [v["refusal"] for _n, v in variants]
+            ax.bar(
+                x,
+                [_val(r) for r in rates],
+                0.6,
+                yerr=_err(rates),
+                capsize=3,
+                color=[colors.get(n, C_CONTROL) for n, _v in variants],
+            )
+            _bar_labels(ax, x, rates)
+            if baselines and baselines.get(name) and baselines[name].get("rate") is not None:
+                ax.axhline(baselines[name]["rate"], color="#555555", linestyle="--", linewidth=1)
+                ax.text(len(variants) - 0.5, baselines[name]["rate"] + 0.02, "baseline", ha="right", fontsize=FONT)
+            ax.set_xticks(x, [n.replace("alpha", "α").replace("-", "−") for n, _v in variants])
+            same = "yes" if s.get("inverted_equals_negative") else "NO"
+            ax.set_title(
+                f"{name} prompts\ninverted +α ≡ −α token for token: {same} "
+                f"({s.get('identical_responses', 0)}/{s.get('n', 0)})",
+                loc="left",
+            )
+            ax.set_ylim(0, 1.15)
+            ax.yaxis.set_major_formatter(matplotlib.ticker.PercentFormatter(1.0, decimals=0))
+        axes[0].set_ylabel("refusal " + RATE_AXIS)
+        fig.suptitle(title, x=0.01, ha="left")
+    return fig
+
+
+def single_vs_multi(multi_cells: Sequence[dict], best_single: dict | None, title: str) -> Figure:
+    """Best single-layer cell next to every multi-layer cell: flip rate, raw compliance, random control."""
+    groups: list[tuple[str, dict, str]] = []
+    if best_single is not None:
+        groups.append(
+            (f"best single\n{_layers_label(best_single)}\nα={num(best_single['alpha'])}", best_single, "single")
+        )
+    for c in multi_cells:
+        groups.append((f"{_layers_label(c)}\nα={num(c['alpha'])}", c, "multi"))
+    x = np.arange(len(groups))
+    has_control = any(c.get("control_rate") for _l, c, _k in groups)
+    w = 0.27 if has_control else 0.38
+    many = len(groups) > 8
+    with matplotlib.rc_context(STYLE):
+        fig = _new(6.5 if len(groups) > 3 else 4.5, 3.4 if many else 3.0)
+        ax = fig.add_subplot()
+        flips = [c["flip"] for _l, c, _k in groups]
+        comps = [c.get("compliance") for _l, c, _k in groups]
+        colors = [C_OTHER if k == "single" else C_MAIN for _l, _c, k in groups]
+        ax.bar(x - w, [_val(r) for r in flips], w, yerr=_err(flips), color=colors, capsize=2, label="flip rate")
+        ax.bar(x, [_val(r) for r in comps], w, yerr=_err(comps), color=C_COMPLY, capsize=2, label="raw compliance")
+        if has_control:
+            ctrl = [c.get("control_rate") for _l, c, _k in groups]
+            ax.bar(
+                x + w, [_val(r) for r in ctrl], w, yerr=_err(ctrl), color=C_CONTROL, capsize=2, label="random control"
+            )
+        if not many:
+            _bar_labels(ax, x - w, flips)
+        ax.set_xticks(x, [g[0] for g in groups], rotation=90 if many else 0)
+        ax.set_ylim(0, 1.15)
+        ax.yaxis.set_major_formatter(matplotlib.ticker.PercentFormatter(1.0, decimals=0))
+        ax.set_ylabel(RATE_AXIS)
+        ax.set_xlabel("layers steered (i = output of decoder block i) and alpha")
+        ax.set_title(title, loc="left")
+        handles = [Patch(color=C_MAIN, label="flip rate, multi-layer")]
+        if best_single is not None:
+            handles.insert(0, Patch(color=C_OTHER, label="flip rate, best single layer"))
+        handles.append(Patch(color=C_COMPLY, label="raw compliance"))
+        if has_control:
+            handles.append(Patch(color=C_CONTROL, label="random control (flip)"))
+        ncols = len(handles) if fig.get_figwidth() >= 6 else 2
+        fig.legend(handles=handles, loc="outside lower center", ncols=ncols, frameon=False)
+    return fig
+
+
+def _layers_label(cell: dict) -> str:
+    if "layers" in cell and cell["layers"]:
+        return "L" + ",".join(str(x) for x in cell["layers"])
+    return f"L{cell.get('layer', '?')}"
+
+
+def readability(result: dict, title: str) -> Figure:
+    """Probe / projection AUC per layer (top) against the best flip rate steering reached there (bottom)."""
+    rows = sorted(result.get("layers", []), key=lambda r: r["layer"])
+    steer = {int(k): v for k, v in (result.get("steerability") or {}).items()}
+    with matplotlib.rc_context(STYLE):
+        fig = _new(6.5, 4.0)
+        top, bottom = fig.subplots(2, 1, sharex=True, height_ratios=[1.2, 1])
+        layers = [r["layer"] for r in rows]
+        for key, color, name in (("probe_auc", C_MAIN, "probe AUC"), ("projection_auc", C_COMPLY, "projection AUC")):
+            ys = [r.get(key) for r in rows]
+            ys = [np.nan if y is None else y for y in ys]
+            top.plot(layers, ys, marker="o", markersize=3, color=color, label=name)
+        top.axhline(0.5, color="#555555", linestyle=":", linewidth=1)
+        top.text(
+            1.0,
+            0.51,
+            "chance ",
+            transform=top.get_yaxis_transform(),
+            fontsize=FONT,
+            color="#555555",
+            ha="right",
+            va="bottom",
+        )
+        top.set_ylim(0, 1.05)
+        top.set_ylabel("readability\n(held-out AUC)")
+        top.legend(loc="lower right", frameon=False, ncols=2)
+        top.set_title(title, loc="left")
+        if steer:
+            ls = sorted(steer)
+            rates = [steer[x] for x in ls]
+            bottom.errorbar(
+                ls, [_val(r) for r in rates], yerr=_err(rates), fmt="o", color=C_OTHER, capsize=3, markersize=4
+            )
+            bottom.set_ylim(-0.02, 1.05)
+        else:
+            _empty_note(bottom, "no single-layer flip rate was measured at these layers")
+            bottom.set_ylim(0, 1)
+        bottom.yaxis.set_major_formatter(matplotlib.ticker.PercentFormatter(1.0, decimals=0))
+        bottom.set_ylabel("steerability\n(best flip rate)")
+        bottom.set_xlabel(LAYER_AXIS)
+        if layers:
+            bottom.set_xlim(min(layers) - 0.5, max(layers) + 0.5)
+        bottom.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+    return fig
+
+
+def direction_norms(layers: Sequence[int], raw: Sequence[float], resid: Sequence[float] | None, title: str) -> Figure:
+    """Per-layer norm of the raw mean difference and the mean residual norm (log scale), and their ratio."""
+    layers = list(layers)
+    raw = np.asarray(raw, dtype=float)
+    with matplotlib.rc_context(STYLE):
+        fig = _new(6.5, 3.8)
+        top, bottom = fig.subplots(2, 1, sharex=True, height_ratios=[1.3, 1])
+        top.plot(layers, raw, marker="o", markersize=3, color=C_MAIN, label="‖mean harmful − mean harmless‖")
+        if resid is not None:
+            resid = np.asarray(resid, dtype=float)
+            top.plot(layers, resid, marker="s", markersize=3, color=C_COMPLY, label="mean residual norm")
+            with np.errstate(divide="ignore", invalid="ignore"):
+                bottom.plot(layers, 100 * raw / resid, marker="o", markersize=3, color=C_OTHER)
+            bottom.set_ylabel("ratio (%)")
+        else:
+            _empty_note(bottom, "no residual norms stored with these directions")
+        top.set_yscale("log")
+        top.set_ylabel("L2 norm\n(residual units, log)")
+        top.legend(loc="best", frameon=False)
+        top.set_title(title, loc="left")
+        bottom.set_xlabel(LAYER_AXIS)
+        bottom.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+    return fig
+
+
+def judge_agreement(
+    table: dict[str, int], kappa: float, n: int, scores: Sequence[float], labels: Sequence[bool], names: tuple[str, str]
+) -> Figure:
+    """2x2 confusion of two judges (left) and the score distribution split by the first judge (right)."""
+    a, b = names
+    with matplotlib.rc_context(STYLE):
+        fig = _new(6.5, 2.8)
+        left, right = fig.subplots(1, 2, width_ratios=[1, 1.4])
+        grid = np.array(
+            [
+                [table["refusal/refusal"], table["refusal/compliance"]],
+                [table["compliance/refusal"], table["compliance/compliance"]],
+            ]
+        )
+        left.imshow(grid, cmap="Blues", vmin=0, vmax=max(1, grid.max()))
+        for i in range(2):
+            for j in range(2):
+                color = "white" if grid[i, j] > 0.6 * grid.max() else "black"
+                left.text(j, i, str(grid[i, j]), ha="center", va="center", fontsize=9, color=color)
+        left.set_xticks([0, 1], ["refusal", "compliance"])
+        left.set_yticks([0, 1], ["refusal", "compliance"])
+        left.set_xlabel(b)
+        left.set_ylabel(a)
+        left.set_title(f"Cohen's κ = {kappa:.2f} (n = {n})", loc="left")
+        for side in ("top", "right"):
+            left.spines[side].set_visible(True)
+        s = np.asarray(scores, dtype=float)
+        lab = np.asarray(labels, dtype=bool)
+        span = (min(-0.5, float(s.min())), max(0.5, float(s.max()))) if len(s) else (-1.0, 1.0)
+        bins = np.linspace(*span, min(30, max(6, len(s) // 4)) + 1)
+        right.hist(s[lab], bins=bins, color=C_MAIN, alpha=0.7, label=f"{a}: refusal")
+        right.hist(s[~lab], bins=bins, color=C_COMPLY, alpha=0.7, label=f"{a}: compliance")
+        right.axvline(0.0, color="#a01c1c", linestyle="--", linewidth=1)
+        right.text(0.0, 1.0, " threshold 0", transform=right.get_xaxis_transform(), fontsize=FONT, color="#a01c1c")
+        right.set_xlabel("first-token refusal score (log-odds)")
+        right.set_ylabel("responses")
+        fig.legend(loc="outside lower right", ncols=2, frameon=False)
+    return fig
+
+
+# --------------------------------------------------------------------------- files
+
+
+@dataclass(frozen=True)
+class FigureFile:
+    """One saved figure: PNG and SVG beside report.md, and the PNG as base64 for the HTML."""
+
+    id: str
+    model: str
+    title: str
+    caption: str
+    png: Path
+    svg: Path
+    width_in: float
+    png_base64: str
+
+
+def save(fig: Figure, out_dir: Path, fig_id: str, model: str, title: str, caption: str) -> FigureFile:
+    """Write `fig-<id>.png` (200 dpi) and `.svg` into out_dir; keep the PNG bytes for embedding."""
+    png, svg = out_dir / f"fig-{fig_id}.png", out_dir / f"fig-{fig_id}.svg"
+    buf = io.BytesIO()
+    with matplotlib.rc_context(STYLE):
+        fig.savefig(buf, format="png", metadata={"Software": None})
+        fig.savefig(svg, format="svg", metadata={"Date": None})
+    png.write_bytes(buf.getvalue())
+    width = float(fig.get_figwidth())
+    fig.clear()
+    return FigureFile(fig_id, model, title, caption, png, svg, width, base64.b64encode(buf.getvalue()).decode("ascii"))

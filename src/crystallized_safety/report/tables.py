@@ -1,0 +1,333 @@
+"""Report tables: one neutral `Table` per study (rendered to Markdown here, to HTML by the template).
+
+Rates print as ``rate (k/n, 95% CI lo-hi)`` (Wilson); p-values print with two significant digits and
+are Holm-adjusted wherever one table makes several comparisons (the column header says so).
+"""
+
+from __future__ import annotations
+
+import html
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from .. import stats
+from .figures import MIN_N, alpha_order, fmt_p, jump_text
+
+
+@dataclass
+class Table:
+    id: str
+    title: str
+    headers: list[str]
+    rows: list[list[str]]
+    note: str = ""
+    model: str = ""
+
+    def markdown(self) -> str:
+        lines = [f"**{md_text(self.title)}**", ""]
+        lines.append("| " + " | ".join(md_cell(h) for h in self.headers) + " |")
+        lines.append("|" + "|".join("---" for _ in self.headers) + "|")
+        for row in self.rows:
+            lines.append("| " + " | ".join(md_cell(c) for c in row) + " |")
+        if self.note:
+            lines += ["", f"*{md_text(self.note)}*"]
+        return "\n".join(lines) + "\n"
+
+    def as_dict(self) -> dict:
+        return {"id": self.id, "title": self.title, "headers": self.headers, "rows": self.rows, "note": self.note}
+
+
+# --------------------------------------------------------------------------- text helpers
+
+_MD_SPECIAL = re.compile(r"([\\`*_\[\]{}#|~])")
+
+
+def _escape(text: object) -> str:
+    """HTML-escape `<` and `&` (no tag can open); a bare `>` is harmless once every `<` is escaped."""
+    return html.escape(str(text), quote=False).replace("&gt;", ">")
+
+
+def md_cell(text: object) -> str:
+    """A Markdown table cell: HTML-escaped, pipes escaped, one line."""
+    out = _escape(text).replace("|", "\\|")
+    return re.sub(r"\s*\n\s*", " ", out)
+
+
+def md_text(text: object) -> str:
+    """Untrusted text as inert Markdown: HTML-escaped and Markdown syntax characters backslash-escaped."""
+    out = _MD_SPECIAL.sub(r"\\\1", _escape(text))
+    return re.sub(r"\s*\n\s*", " ", out)
+
+
+def md_code(text: object) -> str:
+    """Inline code: nothing inside is interpreted, so only the fence must outlast any backtick run in the text."""
+    text = re.sub(r"\s+", " ", str(text))
+    longest = max((len(m) for m in re.findall(r"`+", text)), default=0)
+    fence = "`" * (longest + 1)
+    pad = " " if text.startswith("`") or text.endswith("`") else ""
+    return f"{fence}{pad}{text}{pad}{fence}"
+
+
+def rate(r: dict | None, digits: int = 1) -> str:
+    """``78.8% (26/33, 62.2-89.3%)``; ``n/a (0/0)`` where the rate is undefined."""
+    if not r:
+        return "—"
+    if r.get("rate") is None:
+        return f"n/a ({r.get('k', 0)}/{r.get('n', 0)})"
+    return (
+        f"{100 * r['rate']:.{digits}f}% ({r['k']}/{r['n']}, "
+        f"{100 * r['ci_lo']:.{digits}f}-{100 * r['ci_hi']:.{digits}f}%)"
+    )
+
+
+def _count(k: int, noun: str) -> str:
+    return f"{k} {noun}" + ("" if k == 1 else "s")
+
+
+def n_flag(n: int) -> str:
+    return f"{n}*" if n < MIN_N else str(n)
+
+
+def holm_map(pvalues: Sequence[float | None]) -> list[float | None]:
+    """Holm-adjust the defined p-values, leaving None in place."""
+    idx = [i for i, p in enumerate(pvalues) if p is not None]
+    adjusted = stats.holm([pvalues[i] for i in idx]) if idx else []
+    out: list[float | None] = [None] * len(pvalues)
+    for i, p in zip(idx, adjusted):
+        out[i] = p
+    return out
+
+
+def layers_of(cell: dict) -> str:
+    if cell.get("layers"):
+        return ",".join(str(x) for x in cell["layers"])
+    return str(cell.get("layer", "—"))
+
+
+UNDERPOWERED_NOTE = f"* n < {MIN_N} (underpowered). Rates: k/n with Wilson 95% CI."
+
+
+# --------------------------------------------------------------------------- tables
+
+
+def summary_table(rows: Sequence[dict]) -> Table:
+    headers = [
+        "model",
+        "baseline refusal",
+        "best single layer (layer, α): flip",
+        "best multi-layer: flip",
+        "control at that cell",
+        "verdict",
+        "rule",
+    ]
+    body = []
+    for r in rows:
+        single, multi = r.get("best_single"), r.get("best_multi")
+        body.append(
+            [
+                r["model"],
+                rate(r.get("baseline_refusal")),
+                f"L{layers_of(single)}, α={single['alpha']:g}: {rate(single['flip'])}"
+                if single
+                else r.get("single_note") or "not run",
+                f"L{layers_of(multi)}, α={multi['alpha']:g}: {rate(multi['flip'])}"
+                if multi
+                else r.get("multi_note") or "not run",
+                rate(r["control"]) if r.get("control") else r.get("control_note", "—"),
+                r.get("verdict") or "—",
+                r.get("rule") or "—",
+            ]
+        )
+    return Table(
+        "summary",
+        "Executive summary",
+        headers,
+        body,
+        "flip = harmful prompt refused unsteered, answered coherently when steered; rate over baseline refusals, "
+        "Wilson 95% CI. Control = random/orthogonal direction(s) at the same layers and alpha, pooled.",
+    )
+
+
+def sweep_table(model: str, study: str, result: dict, metric: str = "flip") -> Table:
+    """layer_sweep / multilayer / induction / transfer cells, with the control comparison Holm-adjusted."""
+    seen: set[str] = set()
+    cells = []  # a layer set given twice (listed and slid over by a window) is one cell
+    for c in result.get("cells", []):
+        if c.get("condition_key") not in seen:
+            seen.add(c.get("condition_key"))
+            cells.append(c)
+    key = "vs_own" if any("vs_own" in c for c in cells) else "vs_control"
+    ref = "own_rate" if key == "vs_own" else "control_rate"
+    ref_name = "own direction" if key == "vs_own" else "random control"
+    adjusted = holm_map([(c.get(key) or {}).get("p_fisher") for c in cells])
+    headers = ["layers", "α", "n", metric]
+    if metric == "flip":
+        headers += ["raw compliance", "coherent", "incoherent bypasses"]
+    else:
+        headers += ["coherent"]
+    headers += [ref_name, "Δ (pp, 95% CI)", "p Fisher (Holm)"]
+    body = []
+    for c, p_adj in zip(cells, adjusted):
+        cmp = c.get(key) or {}
+        row = [layers_of(c), f"{c['alpha']:g}", n_flag(c["n"]), rate(c.get(metric))]
+        if metric == "flip":
+            row += [rate(c.get("compliance")), rate(c.get("coherence")), str(c.get("incoherent_bypasses", 0))]
+        else:
+            row += [rate(c.get("coherence"))]
+        diff = cmp.get("diff_pp")
+        ci = cmp.get("ci_pp")
+        row += [
+            rate(c.get(ref)) if ref in c else "—",
+            f"{diff:+.1f} ({ci[0]:+.1f}, {ci[1]:+.1f})" if diff is not None and ci else "—",
+            fmt_p(p_adj),
+        ]
+        body.append(row)
+    return Table(
+        f"{study}-cells",
+        f"{study}: cells",
+        headers,
+        body,
+        UNDERPOWERED_NOTE
+        + f" p-values Holm-adjusted over {_count(sum(p is not None for p in adjusted), 'comparison')}.",
+        model,
+    )
+
+
+def threshold_table(model: str, study: str, result: dict) -> Table:
+    cells = result.get("cells", [])
+    order = {a: i for i, a in enumerate(alpha_order([c["alpha"] for c in cells]))}  # weak to strong
+    body = [
+        [f"{c['alpha']:g}", n_flag(c["n"]), rate(c["flip"]), rate(c.get("compliance")), rate(c.get("coherence"))]
+        for c in sorted(cells, key=lambda c: order[c["alpha"]])
+    ]
+    th = result.get("threshold")
+    if th:
+        note = (
+            f"Largest jump: {jump_text(th, all(c['alpha'] <= 0 for c in cells))}, "
+            f"p = {fmt_p(th['p_fisher'])} (Fisher), {fmt_p(th['p_two_proportion'])} (two-proportion z); "
+            f"saturation α (stats.threshold, scanning alphas upwards) = "
+            f"{th['saturation_alpha'] if th.get('saturation_alpha') is not None else 'n/a'}. "
+        )
+    else:
+        note = "No threshold: fewer than two alphas have a defined flip rate. "
+    return Table(
+        f"{study}-threshold",
+        f"{study}: flip rate against alpha",
+        ["α", "n", "flip", "raw compliance", "coherent"],
+        body,
+        note + UNDERPOWERED_NOTE,
+        model,
+    )
+
+
+def controls_table(model: str, study: str, result: dict) -> Table:
+    ext = result["extracted"]
+    body = [["extracted", n_flag(ext["n"]), rate(ext["flip"]), rate(ext.get("compliance")), "—", "—", "—", "—"]]
+    for name, c in result["controls"].items():
+        diff, ci = c.get("diff_pp"), c.get("ci_pp")
+        body.append(
+            [
+                f"{name} ({len(c['seeds'])} seeds, pooled)",
+                str(sum(s["n"] for s in c["seeds"])),
+                rate(c["pooled"]),
+                "—",
+                f"{diff:+.1f} ({ci[0]:+.1f}, {ci[1]:+.1f})" if diff is not None and ci else "—",
+                fmt_p(c.get("p_fisher")),
+                fmt_p(c.get("p_ztest")),
+                fmt_p(c.get("p_fisher_holm")),
+            ]
+        )
+    return Table(
+        f"{study}-controls",
+        f"{study}: extracted direction vs controls ({ext['condition']})",
+        ["direction", "n", "flip", "raw compliance", "Δ vs extracted (pp, 95% CI)", "p Fisher", "p z", "p Holm"],
+        body,
+        "Δ = extracted − control (bootstrap CI). Holm adjusts the Fisher p-values over the controls compared.",
+        model,
+    )
+
+
+def sign_table(model: str, study: str, result: dict) -> Table:
+    body = []
+    for set_name, s in result["sets"].items():
+        for variant, st in s["variants"].items():
+            other = st.get("flip") if "flip" in st else st.get("induced")
+            body.append(
+                [
+                    set_name,
+                    variant,
+                    n_flag(st["n"]),
+                    rate(st["refusal"]),
+                    ("flip " if "flip" in st else "induced ") + rate(other),
+                    f"{s.get('identical_responses', 0)}/{s.get('n', 0)}" if variant == "inverted +alpha" else "",
+                ]
+            )
+    return Table(
+        f"{study}-sign",
+        f"{study}: sign conventions",
+        ["prompts", "variant", "n", "refusal", "effect", "identical to −α"],
+        body,
+        result.get("note", ""),
+        model,
+    )
+
+
+def readability_table(model: str, study: str, result: dict) -> Table:
+    steer = {int(k): v for k, v in (result.get("steerability") or {}).items()}
+    body = []
+    for r in sorted(result.get("layers", []), key=lambda r: r["layer"]):
+
+        def f(key: str, row: dict = r) -> str:
+            return f"{row[key]:.3f}" if row.get(key) is not None else "—"
+
+        body.append(
+            [str(r["layer"]), f("projection_auc"), f("probe_auc"), f("probe_accuracy"), rate(steer.get(r["layer"]))]
+        )
+    return Table(
+        f"{study}-readability",
+        f"{study}: readability vs steerability",
+        ["layer", "projection AUC", "probe AUC", "probe accuracy", "steerability (best flip)"],
+        body,
+        result.get("note", ""),
+        model,
+    )
+
+
+def agreement_table(model: str, agreement: dict) -> Table:
+    t = agreement["table"]
+    body = [
+        ["refusal", str(t["refusal/refusal"]), str(t["refusal/compliance"])],
+        ["compliance", str(t["compliance/refusal"]), str(t["compliance/compliance"])],
+    ]
+    return Table(
+        "agreement",
+        f"Judge agreement: {agreement['a']} (rows) vs {agreement['b']} (columns)",
+        ["", "refusal", "compliance"],
+        body,
+        f"Cohen's κ = {agreement['kappa']:.3f}, agreement {agreement['percent_agreement']:.1f}% over "
+        f"{agreement['n']} responses ({agreement['n_dropped']} dropped as undecided); {agreement['threshold_note']}",
+        model,
+    )
+
+
+def timing_table(rows: Sequence[dict]) -> Table:
+    body = [
+        [
+            r["model"],
+            r["study"],
+            str(r.get("chunks", 0)),
+            str(r.get("rows", 0)),
+            f"{r.get('generation_seconds', 0.0):.1f}",
+            f"{r['analysis_seconds']:.2f}" if r.get("analysis_seconds") is not None else "—",
+        ]
+        for r in rows
+    ]
+    return Table(
+        "timing",
+        "Wall time per study",
+        ["model", "study", "chunks", "generations", "generation s", "analysis s"],
+        body,
+        "Generation seconds sum the chunks a study ran first (studies share identical conditions, so a shared "
+        "condition is counted once, under the study that ran it).",
+    )
