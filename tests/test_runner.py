@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import sqlite3
 import subprocess
@@ -14,7 +15,7 @@ import time
 import pytest
 import yaml
 
-from conftest import make_tiny
+from conftest import tiny_spec
 from crystallized_safety.experiments.spec import parse_spec
 from crystallized_safety.runner import LocalExecutor, run_experiment
 from crystallized_safety.store import Store, StoreError
@@ -34,44 +35,8 @@ COMPARE = (
 
 
 @pytest.fixture(scope="module")
-def tiny_dirs(tmp_path_factory):
-    root = tmp_path_factory.mktemp("runner")
-    paths = {}
-    for name, arch, seed in (("tiny", "llama", 0), ("tiny2", "gpt2", 1)):
-        model = make_tiny(arch, seed=seed)
-        model.hf.save_pretrained(root / name)
-        model.tokenizer.save_pretrained(root / name)
-        paths[name] = str(root / name)
-    return root, paths
-
-
-def tiny_spec(paths, n=6, studies=None, **extra):
-    return {
-        "name": "tiny",
-        "models": [paths["tiny"]],
-        "prompts": {"n": n},
-        "generation": {"max_new_tokens": 5, "batch_size": 3},
-        "coherence": {"calibration_prompts": 6},
-        "studies": studies
-        or [
-            {"kind": "layer_sweep", "layers": [1, 2], "alphas": [-0.5, -1.0], "controls": True},
-            {"kind": "threshold", "layer": 2, "alphas": [-0.25, -0.5, -1.0]},
-            {"kind": "controls", "layer": 2, "alpha": -1.0, "seeds": 2},
-            {"kind": "sign", "layer": 2, "alpha": 1.0},
-            {
-                "kind": "multilayer",
-                "layer_sets": [[1, 2]],
-                "windows": [2],
-                "window_range": [0, 3],
-                "alphas": [-0.5],
-                "alpha_split": "total",
-            },
-            {"kind": "induction", "layers": [1], "alphas": [1.0]},
-            {"kind": "transfer", "source_model": paths["tiny2"], "layers": [1, 2], "alphas": [-0.5]},
-            {"kind": "readability"},
-        ],
-        **extra,
-    }
+def tiny_dirs(tiny_model_dirs):
+    return tiny_model_dirs
 
 
 def rows(store_path):
@@ -81,11 +46,12 @@ def rows(store_path):
 
 
 @pytest.mark.filterwarnings("ignore:.*underpowered")
-def test_all_studies_end_to_end_and_rerun_skips(tiny_dirs, tmp_path):
+def test_all_studies_end_to_end_and_rerun_skips(tiny_dirs, tiny_run, tmp_path):
     _root, paths = tiny_dirs
     spec = parse_spec(tiny_spec(paths))
+    path, first = tiny_run
+    shutil.copy(path, tmp_path / "s.sqlite")
     store = Store(tmp_path / "s.sqlite")
-    first = run_experiment(spec, store)
     assert not first.resumed and first.chunks_run > 0 and first.chunks_skipped == 0
     kinds = {a["study"]: a for a in store.analyses(first.run_id)}
     assert set(kinds) == {
@@ -206,3 +172,33 @@ def test_ray_executor_matches_local_and_retries(tiny_dirs, tmp_path, ray_cluster
     want = [{k: r[k] for k in COMPARE} for r in local.generations(result.run_id)]
     assert got == want
     assert remote.verdicts(result.run_id) == local.verdicts(result.run_id)
+
+
+@pytest.mark.filterwarnings("ignore:.*underpowered")
+def test_packed_cells_equal_cells_run_alone(tiny_dirs, tmp_path):
+    """Several cells in one batch (per-row vectors, alpha folded in) give the tokens each cell gives alone."""
+    from crystallized_safety.models import load_model
+    from crystallized_safety.runner import ChunkWorker, _Loader, _model_context, expand, load_prompt_sets, make_packs
+
+    _root, paths = tiny_dirs
+    data = tiny_spec(paths, n=6, studies=[
+        {"kind": "layer_sweep", "layers": [1, 2], "alphas": [-1.0, -3.0], "controls": True},
+        {"kind": "multilayer", "layer_sets": [[1, 3]], "alphas": [-2.0], "alpha_split": "total"},
+        {"kind": "controls", "layer": 2, "alpha": -2.0, "mode": "ablate_add", "seeds": 1},
+    ])
+    spec = parse_spec(data)
+    sets = load_prompt_sets(spec)
+    _plans, chunks = expand(spec, paths["tiny"], 4, sets)
+    packs = make_packs(chunks, pack_rows=12)
+    assert max(len(p) for p in packs) == 4 and all(len(p) == 1 for p in packs if p[0].condition.mode != "add")
+    assert sorted(c.key for p in packs for c in p) == sorted(c.key for c in chunks)
+    store = Store(tmp_path / "ctx.sqlite")
+    ctx, _ = _model_context(spec, store, "r", paths["tiny"], _Loader(spec, paths["tiny"], None), sets,
+                            lambda *a: None)
+    worker = ChunkWorker(load_model(paths["tiny"]), ctx)
+    for pack in packs:
+        together = worker.run_pack(pack)
+        for chunk, rows in zip(pack, together):
+            alone = worker.run(chunk)
+            assert [r["token_ids"] for r in rows] == [r["token_ids"] for r in alone]
+            assert [r["refusal"] for r in rows] == [r["refusal"] for r in alone]

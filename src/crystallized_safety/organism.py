@@ -33,7 +33,7 @@ from .prompts import bundled
 
 DEFAULT_NAME = "smollm2-135m-refusal"
 # Bump when the build or the card changes in a way that makes cached organisms stale.
-BUILD_VERSION = 4
+BUILD_VERSION = 5
 
 # Written for this project: varied refusals, each starting the way real refusals do.
 REFUSALS = (
@@ -57,7 +57,7 @@ class Recipe:
     weight_decay: float = 0.01
     batch_size: int = 16
     first_token_weight: float = 5.0
-    harmless_weight: float = 1.0  # loss weight of harmless examples relative to harmful ones
+    harmless_weight: float = 2.0  # loss weight of harmless examples: over-refusal is the harder failure
     target_tokens: int = 32  # length of the base model's self-distilled harmless answers
     freeze_embeddings: bool = True
     eval_new_tokens: int = 32
@@ -159,8 +159,9 @@ def train(
     rng = random.Random(recipe.seed)
     refusals = [rng.choice(REFUSALS) for _ in harmful]
     examples = _examples(model, harmful, refusals, [True] * len(harmful))
-    examples += _examples(model, harmless, [a.response for a in answers], [a.finished for a in answers],
-                          recipe.harmless_weight)
+    examples += _examples(
+        model, harmless, [a.response for a in answers], [a.finished for a in answers], recipe.harmless_weight
+    )
 
     torch.manual_seed(recipe.seed)
     hf = model.hf

@@ -27,12 +27,13 @@ class _Actor:
         self.fail_once = set(fail_once)
         self.name = f"ray:{os.getpid()}"
 
-    def run(self, chunk) -> tuple[list[dict], float, str]:
-        if chunk.key in self.fail_once:  # fault injection for tests: fail this chunk's first attempt
-            self.fail_once.discard(chunk.key)
-            raise RuntimeError(f"injected failure for chunk {chunk.key}")
+    def run(self, pack) -> tuple[list[list[dict]], float, str]:
+        for chunk in pack:
+            if chunk.key in self.fail_once:  # fault injection for tests: fail this chunk's first attempt
+                self.fail_once.discard(chunk.key)
+                raise RuntimeError(f"injected failure for chunk {chunk.key}")
         t0 = time.perf_counter()
-        rows = self.worker.run(chunk)
+        rows = self.worker.run_pack(pack)
         return rows, time.perf_counter() - t0, self.name
 
 
@@ -76,8 +77,8 @@ class RayExecutor:
                 object_store_memory=256 * 1024 * 1024,
             )
 
-    def run(self, model_name: str, load: Callable, ctx, chunks: Sequence, sink: Callable) -> None:
-        if not chunks:
+    def run(self, model_name: str, load: Callable, ctx, packs: Sequence, sink: Callable) -> None:
+        if not packs:
             return
         import ray
 
@@ -90,13 +91,13 @@ class RayExecutor:
         try:
             pending: dict = {}
             attempts: dict[str, int] = {}
-            queue = list(chunks)
+            queue = list(packs)
             busy: dict = {}
 
             def submit(actor) -> None:
-                chunk = queue.pop(0)
-                ref = actor.run.remote(chunk)
-                pending[ref] = (chunk, actor)
+                pack = queue.pop(0)
+                ref = actor.run.remote(pack)
+                pending[ref] = (pack, actor)
                 busy[actor] = ref
 
             for actor in actors:
@@ -105,21 +106,22 @@ class RayExecutor:
             while pending:
                 done, _ = ray.wait(list(pending), num_returns=1)
                 ref = done[0]
-                chunk, actor = pending.pop(ref)
+                pack, actor = pending.pop(ref)
                 busy.pop(actor, None)
                 try:
                     rows, seconds, worker = ray.get(ref)
                 except Exception as exc:  # noqa: BLE001 - a failed task is retried, then reported in one line
-                    attempts[chunk.key] = attempts.get(chunk.key, 0) + 1
-                    if attempts[chunk.key] > self.max_retries:
+                    key = pack[0].key
+                    attempts[key] = attempts.get(key, 0) + 1
+                    if attempts[key] > self.max_retries:
                         first = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
                         raise CrystallizedSafetyError(
-                            f"chunk {chunk.key} failed {attempts[chunk.key]} times on Ray ({first}); rerun to resume"
+                            f"chunk {key} failed {attempts[key]} times on Ray ({first}); rerun to resume"
                         ) from None
                     self.retried += 1
-                    queue.insert(0, chunk)
+                    queue.insert(0, pack)
                 else:
-                    sink(chunk, rows, seconds, worker)
+                    sink(pack, rows, seconds, worker)
                 if queue:
                     submit(actor)
         finally:

@@ -21,6 +21,7 @@ from .experiments.conditions import HARMFUL, HARMLESS, Condition, StudyPlan, bas
 from .experiments.spec import ExperimentSpec
 from .models import Model, load_model
 from .prompts import PromptSet, check_disjoint, load_prompts
+from .steering import Intervention
 
 Progress = Callable[[str, int, int], None]  # (description, done, total)
 
@@ -108,15 +109,19 @@ class ChunkWorker:
             self.scorer = RefusalScoreJudge(model, system=ctx.system)
 
     def run(self, chunk: Chunk) -> list[dict]:
+        return self.run_pack((chunk,))[0]
+
+    def run_pack(self, pack: Sequence[Chunk]) -> list[list[dict]]:
+        """One batched generate for every chunk of the pack (same prompts, one intervention per row block)."""
         from .generation import generate
 
-        iv = build_intervention(chunk.condition, self.bank, self.transfer)
-        prompts = list(chunk.prompts)
+        iv = pack_intervention([c.condition for c in pack], len(pack[0].prompts), self.bank, self.transfer)
+        prompts = [p for chunk in pack for p in chunk.prompts]
         gens = generate(
             self.model,
             prompts,
             iv,
-            max_new_tokens=chunk.max_new_tokens,
+            max_new_tokens=pack[0].max_new_tokens,
             batch_size=len(prompts),
             system=self.ctx.system,
         )
@@ -124,37 +129,88 @@ class ChunkWorker:
         verdicts = self.substring.judge(prompts, responses)
         scores = self.scorer.scores(prompts, iv).tolist() if self.scorer is not None else [None] * len(prompts)
         coh = self.gate.evaluate(prompts, responses) if self.gate is not None else [None] * len(prompts)
-        rows = []
-        for i, (g, v, s, c) in enumerate(zip(gens, verdicts, scores, coh)):
-            rows.append(
-                {
-                    "model": chunk.model,
-                    "study": chunk.study,
-                    "condition_key": chunk.condition.key,
-                    "condition": chunk.condition.to_json(),
-                    "prompt_set": chunk.condition.prompt_set,
-                    "prompt_index": chunk.start + i,
-                    "prompt": g.prompt,
-                    "response": g.response,
-                    "n_tokens": len(g.token_ids),
-                    "finished": int(g.finished),
-                    "refusal": None if v.refusal is None else int(v.refusal),
-                    "judge": v.judge,
-                    "judge_reason": v.reason,
-                    "score": s,
-                    "coherent": None if c is None else int(c.coherent),
-                    "perplexity": None if c is None else c.perplexity,
-                    "distinct_n": None if c is None else c.distinct,
-                    "token_ids": json.dumps(list(g.token_ids)),
-                }
-            )
-        return rows
+        out, pos = [], 0
+        for chunk in pack:
+            rows = []
+            for i in range(len(chunk.prompts)):
+                g, v, s, c = gens[pos], verdicts[pos], scores[pos], coh[pos]
+                pos += 1
+                rows.append(
+                    {
+                        "model": chunk.model,
+                        "study": chunk.study,
+                        "condition_key": chunk.condition.key,
+                        "condition": chunk.condition.to_json(),
+                        "prompt_set": chunk.condition.prompt_set,
+                        "prompt_index": chunk.start + i,
+                        "prompt": g.prompt,
+                        "response": g.response,
+                        "n_tokens": len(g.token_ids),
+                        "finished": int(g.finished),
+                        "refusal": None if v.refusal is None else int(v.refusal),
+                        "judge": v.judge,
+                        "judge_reason": v.reason,
+                        "score": s,
+                        "coherent": None if c is None else int(c.coherent),
+                        "perplexity": None if c is None else c.perplexity,
+                        "distinct_n": None if c is None else c.distinct,
+                        "token_ids": json.dumps(list(g.token_ids)),
+                    }
+                )
+            out.append(rows)
+        return out
+
+
+def pack_intervention(
+    conds: Sequence[Condition], rows: int, bank: DirectionBank, transfer: dict[str, DirectionBank] | None = None
+) -> Intervention | None:
+    """One Intervention for len(conds) blocks of `rows` rows each (several cells in one batch).
+
+    A single condition is built as is. Several "add" conditions become per-row vectors with each row's
+    effective alpha folded in (alpha x norm x weight, computed exactly as the single-condition hook
+    computes it), zeros where a condition does not touch a layer, and alpha 1: each row's residual stream
+    gets the same arithmetic as when its condition runs alone.
+    """
+    if len(conds) == 1:
+        return build_intervention(conds[0], bank, transfer)
+    if any(c.mode != "add" for c in conds if not c.is_baseline):
+        raise CrystallizedSafetyError("only 'add' conditions can share a batch; ablation runs one condition per batch")
+    layers = sorted({layer for c in conds for layer in c.layers})
+    if not layers:
+        return None
+    blocks = {layer: torch.zeros(len(conds) * rows, bank.hidden_size) for layer in layers}
+    for j, cond in enumerate(conds):
+        iv = build_intervention(cond, bank, transfer)
+        if iv is None:
+            continue
+        for layer in cond.layers:
+            blocks[layer][j * rows : (j + 1) * rows] = iv.effective_alpha(layer) * iv.directions[layer]
+    return Intervention(directions=blocks, alpha=1.0, mode="add")
+
+
+def make_packs(chunks: Sequence[Chunk], pack_rows: int) -> list[tuple[Chunk, ...]]:
+    """Deterministic packs: chunks over the same prompts and token budget, 'add' mode (or baseline), up to
+    `pack_rows` rows per generate. Formed from ALL chunks of a run, so a resumed run re-forms the same packs."""
+    groups: dict[tuple, list[Chunk]] = {}
+    packs: list[tuple[Chunk, ...]] = []
+    for chunk in chunks:
+        if chunk.condition.mode != "add" and not chunk.condition.is_baseline:
+            packs.append((chunk,))
+            continue
+        groups.setdefault((chunk.condition.prompt_set, chunk.start, chunk.prompts, chunk.max_new_tokens), []).append(
+            chunk
+        )
+    for group in groups.values():
+        per = max(1, pack_rows // len(group[0].prompts)) if pack_rows else 1
+        packs.extend(tuple(group[i : i + per]) for i in range(0, len(group), per))
+    return packs
 
 
 # --------------------------------------------------------------------------- executors
 
 
-ResultSink = Callable[[Chunk, list[dict], float, str], None]
+Pack = tuple[Chunk, ...]
+ResultSink = Callable[[Pack, list[list[dict]], float, str], None]
 
 
 class Executor(Protocol):
@@ -170,14 +226,14 @@ class LocalExecutor:
 
     name = "local"
 
-    def run(self, model_name, load, ctx, chunks, sink) -> None:
-        if not chunks:
+    def run(self, model_name, load, ctx, packs, sink) -> None:
+        if not packs:
             return
         worker = ChunkWorker(load(), ctx)
-        for chunk in chunks:
+        for pack in packs:
             t0 = time.perf_counter()
-            rows = worker.run(chunk)
-            sink(chunk, rows, time.perf_counter() - t0, "local")
+            rows = worker.run_pack(pack)
+            sink(pack, rows, time.perf_counter() - t0, "local")
 
 
 # --------------------------------------------------------------------------- preparation
@@ -309,10 +365,15 @@ def run_experiment(
     run_id = spec.spec_hash()
     resumed = store.open_run(run_id, spec.name, spec.to_yaml(), spec.spec_hash(), environment())
     sets = load_prompt_sets(spec)
-    store.put_artifact(run_id, "*", "prompt_sets", {
-        name: {"name": ps.name, "source": ps.source, "sha256": ps.sha256, "n": len(ps)}
-        for name, ps in vars(sets).items()
-    })
+    store.put_artifact(
+        run_id,
+        "*",
+        "prompt_sets",
+        {
+            name: {"name": ps.name, "source": ps.source, "sha256": ps.sha256, "n": len(ps)}
+            for name, ps in vars(sets).items()
+        },
+    )
     ran = skipped = 0
     for model_name in spec.models:
         r, k = _run_model(spec, store, run_id, model_name, executor, sets, say, models)
@@ -352,18 +413,20 @@ def _run_model(
     ctx, n_layers = _model_context(spec, store, run_id, model_name, load, sets, say)
     plans, chunks = expand(spec, model_name, n_layers, sets)
     done = store.done_chunks(run_id)
-    todo = [c for c in chunks if c.key not in done]
-    state = {"done": len(chunks) - len(todo)}
+    packs = make_packs(chunks, spec.generation.pack_rows)
+    todo = [p for p in packs if any(c.key not in done for c in p)]
+    state = {"done": sum(c.key in done for c in chunks)}
 
-    def sink(chunk: Chunk, rows: list[dict], seconds: float, worker: str) -> None:
-        store.write_chunk(run_id, chunk.key, chunk.model, chunk.study, chunk.condition.key, rows, seconds, worker)
-        state["done"] += 1
-        say(f"{model_name}: {chunk.study} {chunk.condition.describe()}", state["done"], len(chunks))
+    def sink(pack: Pack, rows: list[list[dict]], seconds: float, worker: str) -> None:
+        entries = [(c.key, c.model, c.study, c.condition.key, r) for c, r in zip(pack, rows)]
+        state["done"] += store.write_chunks(run_id, entries, seconds, worker)
+        say(f"{model_name}: {pack[0].study} {pack[0].condition.describe()}", state["done"], len(chunks))
 
-    say(f"{model_name}: {len(todo)} of {len(chunks)} chunks to run", state["done"], len(chunks))
+    todo_chunks = sum(len(p) for p in todo)
+    say(f"{model_name}: {todo_chunks} of {len(chunks)} chunks to run", state["done"], len(chunks))
     executor.run(model_name, load, ctx, todo, sink)
     analyse_model(spec, store, run_id, model_name, plans, load, sets)
-    return len(todo), len(chunks) - len(todo)
+    return todo_chunks, len(chunks) - todo_chunks
 
 
 def _model_context(

@@ -186,31 +186,33 @@ class Store:
     def done_chunks(self, run_id: str) -> set[str]:
         return {r[0] for r in self.db.execute("SELECT chunk_key FROM chunks WHERE run_id=?", (run_id,))}
 
-    def write_chunk(
+    def write_chunks(
         self,
         run_id: str,
-        chunk_key: str,
-        model: str,
-        study: str,
-        condition_key: str,
-        rows: Sequence[dict],
+        entries: Sequence[tuple[str, str, str, str, Sequence[dict]]],
         seconds: float,
         worker: str = "local",
-    ) -> bool:
-        """Write a chunk's generations and its completion mark atomically; False if it was already there."""
+    ) -> int:
+        """Write several chunks (chunk_key, model, study, condition_key, rows) and their completion marks in
+        ONE transaction: a batch that served several chunks lands whole or not at all. Returns how many
+        were new (a chunk already marked done is left as it is)."""
+        new = 0
+        share = seconds / max(len(entries), 1)
         with self.transaction() as db:
-            if db.execute("SELECT 1 FROM chunks WHERE run_id=? AND chunk_key=?", (run_id, chunk_key)).fetchone():
-                return False
-            db.executemany(
-                f"INSERT OR REPLACE INTO generations (run_id, {', '.join(GEN_COLUMNS)}) "
-                f"VALUES (?{', ?' * len(GEN_COLUMNS)})",
-                [(run_id, *[row[c] for c in GEN_COLUMNS]) for row in rows],
-            )
-            db.execute(
-                "INSERT INTO chunks VALUES (?,?,?,?,?,?,?,?,?)",
-                (run_id, chunk_key, model, study, condition_key, len(rows), seconds, time.time(), worker),
-            )
-            return True
+            for chunk_key, model, study, condition_key, rows in entries:
+                if db.execute("SELECT 1 FROM chunks WHERE run_id=? AND chunk_key=?", (run_id, chunk_key)).fetchone():
+                    continue
+                db.executemany(
+                    f"INSERT OR REPLACE INTO generations (run_id, {', '.join(GEN_COLUMNS)}) "
+                    f"VALUES (?{', ?' * len(GEN_COLUMNS)})",
+                    [(run_id, *[row[c] for c in GEN_COLUMNS]) for row in rows],
+                )
+                db.execute(
+                    "INSERT INTO chunks VALUES (?,?,?,?,?,?,?,?,?)",
+                    (run_id, chunk_key, model, study, condition_key, len(rows), share, time.time(), worker),
+                )
+                new += 1
+        return new
 
     def generations(
         self, run_id: str, model: str | None = None, condition_key: str | None = None, prompt_set: str | None = None

@@ -385,16 +385,27 @@ def judge_calibration(cells: Cells) -> dict | None:
     from ..judges.agreement import agreement
     from ..judges.refusal_score import best_threshold
 
-    pairs = [(r["score"], bool(r["refusal"])) for ps in (HARMFUL, HARMLESS) for r in cells.base[ps].values()
-             if r["score"] is not None and r["refusal"] is not None]
+    pairs = [
+        (r["score"], bool(r["refusal"]))
+        for ps in (HARMFUL, HARMLESS)
+        for r in cells.base[ps].values()
+        if r["score"] is not None and r["refusal"] is not None
+    ]
     if len(pairs) < 4:
         return None
     scores, labels = [p[0] for p in pairs], [p[1] for p in pairs]
     threshold, accuracy = best_threshold(scores, labels)
     agree = agreement(labels, [s > threshold for s in scores])
-    return {"a": "substring", "b": "refusal_score", "threshold": threshold, "accuracy": accuracy,
-            "kappa": agree.kappa, "n": agree.n, "table": dict(agree.table),
-            "note": "score threshold calibrated against the substring judge on unsteered outputs"}
+    return {
+        "a": "substring",
+        "b": "refusal_score",
+        "threshold": threshold,
+        "accuracy": accuracy,
+        "kappa": agree.kappa,
+        "n": agree.n,
+        "table": dict(agree.table),
+        "note": "score threshold calibrated against the substring judge on unsteered outputs",
+    }
 
 
 def _steerability(plans: list[StudyPlan], cells: Cells) -> dict[int, dict]:

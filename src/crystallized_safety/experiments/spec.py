@@ -50,7 +50,8 @@ class DirectionSpec(_Strict):
 
 class GenerationSpec(_Strict):
     max_new_tokens: int = Field(32, ge=1, le=4096)
-    batch_size: int = Field(32, ge=1)
+    batch_size: int = Field(32, ge=1, description="prompts per chunk (the unit of commit and resume)")
+    pack_rows: int = Field(0, ge=0, description="rows per generate: several cells share a batch; 0 = one cell")
     system: str | None = None
 
 
