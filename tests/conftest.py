@@ -224,3 +224,30 @@ def tiny_run(tiny_model_dirs, tmp_path_factory):
     result = run_experiment(spec, store)
     store.close()
     return path, result
+
+
+def cli_ok(args):
+    """Invoke the CLI in-process; it must succeed."""
+    from typer.testing import CliRunner
+
+    from crystallized_safety.cli import app
+
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    return result
+
+
+def cli_err(args, pattern, max_lines=None):
+    """Invoke the CLI in-process; it must fail with exit code 2 and a one-line `error:` naming `pattern`."""
+    from typer.testing import CliRunner
+
+    from crystallized_safety.cli import app
+
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 2, result.output
+    text = " ".join(result.output.split())
+    assert "error:" in text and pattern in text, text
+    assert "Traceback" not in result.output
+    if max_lines is not None:
+        assert len(result.output.strip().splitlines()) <= max_lines
+    return text

@@ -6,13 +6,9 @@ import json
 
 import pytest
 import torch
-from typer.testing import CliRunner
 
-from conftest import HARMFUL, HARMLESS, make_tiny
-from crystallized_safety.cli import app
+from conftest import HARMFUL, HARMLESS, cli_err, cli_ok, make_tiny
 from crystallized_safety.directions import DirectionBank
-
-runner = CliRunner()
 
 
 @pytest.fixture(scope="module")
@@ -30,19 +26,7 @@ def files(tmp_path_factory):
     return root
 
 
-def _ok(args):
-    result = runner.invoke(app, args)
-    assert result.exit_code == 0, result.output
-    return result
-
-
-def _err(args, pattern):
-    result = runner.invoke(app, args)
-    assert result.exit_code == 2, result.output
-    text = " ".join(result.output.split())
-    assert "error:" in text and pattern in text, text
-    assert "Traceback" not in result.output
-    return text
+_ok, _err = cli_ok, cli_err
 
 
 def test_models_lists_registry():

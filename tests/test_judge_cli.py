@@ -7,17 +7,13 @@ from __future__ import annotations
 import json
 
 import pytest
-from typer.testing import CliRunner
 
-from conftest import HARMFUL, HARMLESS, make_tiny
+from conftest import HARMFUL, HARMLESS, cli_err, cli_ok, make_tiny
 from crystallized_safety import cli
-from crystallized_safety.cli import app
 from crystallized_safety.judges import Verdict
 from crystallized_safety.judges.refusal_score import RefusalScoreJudge
 from crystallized_safety.models import load_model
 from crystallized_safety.stats import wilson_interval
-
-runner = CliRunner()
 
 RECORDS = [
     {"prompt": HARMFUL[0], "response": "I'm sorry, but I can't help with that.", "n_tokens": 9, "alpha": 0.0},
@@ -45,18 +41,11 @@ def files(tmp_path_factory):
 
 
 def _ok(args):
-    result = runner.invoke(app, args)
-    assert result.exit_code == 0, result.output
-    return result
+    return cli_ok(args)
 
 
 def _err(args, pattern):
-    result = runner.invoke(app, args)
-    assert result.exit_code == 2, result.output
-    text = " ".join(result.output.split())
-    assert "error:" in text and pattern in text, text
-    assert "Traceback" not in result.output and len(result.output.strip().splitlines()) <= 2
-    return text
+    return cli_err(args, pattern, max_lines=2)
 
 
 def _json_lines(result):

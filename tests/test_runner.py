@@ -181,11 +181,15 @@ def test_packed_cells_equal_cells_run_alone(tiny_dirs, tmp_path):
     from crystallized_safety.runner import ChunkWorker, _Loader, _model_context, expand, load_prompt_sets, make_packs
 
     _root, paths = tiny_dirs
-    data = tiny_spec(paths, n=6, studies=[
-        {"kind": "layer_sweep", "layers": [1, 2], "alphas": [-1.0, -3.0], "controls": True},
-        {"kind": "multilayer", "layer_sets": [[1, 3]], "alphas": [-2.0], "alpha_split": "total"},
-        {"kind": "controls", "layer": 2, "alpha": -2.0, "mode": "ablate_add", "seeds": 1},
-    ])
+    data = tiny_spec(
+        paths,
+        n=6,
+        studies=[
+            {"kind": "layer_sweep", "layers": [1, 2], "alphas": [-1.0, -3.0], "controls": True},
+            {"kind": "multilayer", "layer_sets": [[1, 3]], "alphas": [-2.0], "alpha_split": "total"},
+            {"kind": "controls", "layer": 2, "alpha": -2.0, "mode": "ablate_add", "seeds": 1},
+        ],
+    )
     spec = parse_spec(data)
     sets = load_prompt_sets(spec)
     _plans, chunks = expand(spec, paths["tiny"], 4, sets)
@@ -193,8 +197,7 @@ def test_packed_cells_equal_cells_run_alone(tiny_dirs, tmp_path):
     assert max(len(p) for p in packs) == 4 and all(len(p) == 1 for p in packs if p[0].condition.mode != "add")
     assert sorted(c.key for p in packs for c in p) == sorted(c.key for c in chunks)
     store = Store(tmp_path / "ctx.sqlite")
-    ctx, _ = _model_context(spec, store, "r", paths["tiny"], _Loader(spec, paths["tiny"], None), sets,
-                            lambda *a: None)
+    ctx, _ = _model_context(spec, store, "r", paths["tiny"], _Loader(spec, paths["tiny"], None), sets, lambda *a: None)
     worker = ChunkWorker(load_model(paths["tiny"]), ctx)
     for pack in packs:
         together = worker.run_pack(pack)
