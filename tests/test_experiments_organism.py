@@ -58,3 +58,32 @@ def test_status_and_export(run_store, tmp_path):
     assert len(payload["generations"]) == row["generations"]
     missing = runner.invoke(app, ["status", "--store", str(tmp_path / "none.sqlite")])
     assert missing.exit_code == 2 and "does not exist" in missing.output
+
+
+def test_screening_mode_generates_only_cells_that_matter(tmp_path):
+    """Scores the whole grid in forward passes, keeps the band and the best cells, generates only those."""
+    import yaml
+
+    spec = {
+        "name": "organism-screen", "models": ["smollm2-135m-refusal"], "prompts": {"n": 8},
+        "generation": {"max_new_tokens": 16, "batch_size": 8, "pack_rows": 32},
+        "coherence": {"enabled": False},
+        "screening": {"enabled": True, "band": [0.2, 0.8], "best": 1},
+        "studies": [{"kind": "layer_sweep", "layers": [4, 12, 16], "alphas": [-0.02, -0.5]}],
+    }
+    (tmp_path / "spec.yaml").write_text(yaml.safe_dump(spec))
+    store_path = tmp_path / "s.sqlite"
+    res = CliRunner().invoke(app, ["run", str(tmp_path / "spec.yaml"), "--store", str(store_path)])
+    assert res.exit_code == 0, res.output
+    store = Store(store_path)
+    run = store.run()
+    screening, _ = store.get_artifact(run.run_id, "smollm2-135m-refusal", "screening")
+    rates = {c["condition"]: c["screened_flip"] for c in screening["cells"]}
+    assert len(rates) == 6 and all(r is not None for r in rates.values())
+    # barely steered cells screen as no flip; strongly steered mid layers as flips
+    assert max(r for c, r in rates.items() if "a=-0.02" in c) <= 0.25
+    assert max(r for c, r in rates.items() if "a=-0.5" in c) >= 0.75
+    generated = {r["condition_key"] for r in store.generations(run.run_id)}
+    kept = {c["condition_key"] for c in screening["cells"] if c["kept"]}
+    assert kept and generated & {c["condition_key"] for c in screening["cells"]} == kept
+    assert set(screening["dropped"]).isdisjoint(generated)

@@ -33,7 +33,7 @@ from .prompts import bundled
 
 DEFAULT_NAME = "smollm2-135m-refusal"
 # Bump when the build or the card changes in a way that makes cached organisms stale.
-BUILD_VERSION = 6
+BUILD_VERSION = 5
 
 # Written for this project: varied refusals, each starting the way real refusals do.
 REFUSALS = (
@@ -57,7 +57,7 @@ class Recipe:
     weight_decay: float = 0.01
     batch_size: int = 16
     first_token_weight: float = 5.0
-    harmless_weight: float = 3.5  # loss weight of harmless examples: over-refusal is the harder failure
+    harmless_weight: float = 2.0  # loss weight of harmless examples: over-refusal is the harder failure
     target_tokens: int = 32  # length of the base model's self-distilled harmless answers
     freeze_embeddings: bool = True
     eval_new_tokens: int = 32

@@ -412,6 +412,8 @@ def _run_model(
     load = _Loader(spec, model_name, models)
     ctx, n_layers = _model_context(spec, store, run_id, model_name, load, sets, say)
     plans, chunks = expand(spec, model_name, n_layers, sets)
+    if spec.screening.enabled:
+        chunks = _screen(spec, store, run_id, model_name, executor, load, ctx, plans, chunks, say)
     done = store.done_chunks(run_id)
     packs = make_packs(chunks, spec.generation.pack_rows)
     todo = [p for p in packs if any(c.key not in done for c in p)]
@@ -427,6 +429,94 @@ def _run_model(
     executor.run(model_name, load, ctx, todo, sink)
     analyse_model(spec, store, run_id, model_name, plans, load, sets)
     return todo_chunks, len(chunks) - todo_chunks
+
+
+def _screen(
+    spec: ExperimentSpec,
+    store,
+    run_id: str,
+    model_name: str,
+    executor: Executor,
+    load: Callable,
+    ctx: ModelContext,
+    plans: list[StudyPlan],
+    chunks: list[Chunk],
+    say: Progress,
+) -> list[Chunk]:
+    """Screening mode: baselines first, then first-token scores for every screened cell in forward passes;
+    drops the chunks of cells outside the band that are not among the best. Decisions kept in the store."""
+    found = store.get_artifact(run_id, model_name, "screening")
+    if found is None:
+        base_keys = {baseline(HARMFUL).key, baseline(HARMLESS).key}
+        base = [c for c in chunks if c.condition.key in base_keys]
+        done = store.done_chunks(run_id)
+        pending = [p for p in make_packs(base, 0) if any(c.key not in done for c in p)]
+
+        def sink(pack: Pack, rows: list[list[dict]], seconds: float, worker: str) -> None:
+            store.write_chunks(
+                run_id, [(c.key, c.model, c.study, c.condition.key, r) for c, r in zip(pack, rows)], seconds, worker
+            )
+
+        executor.run(model_name, load, ctx, pending, sink)
+        say(f"{model_name}: screening the grid with the first-token refusal score", 0, 1)
+        store.put_artifact(
+            run_id, model_name, "screening", screen_cells(spec, store, run_id, model_name, load(), ctx, plans)
+        )
+        found = store.get_artifact(run_id, model_name, "screening")
+    dropped = set(found[0]["dropped"])
+    return [c for c in chunks if c.condition.key not in dropped]
+
+
+def screen_cells(
+    spec: ExperimentSpec, store, run_id: str, model_name: str, model: Model, ctx: ModelContext, plans: list[StudyPlan]
+) -> dict:
+    """Screened flip rate per cell: baseline-refused prompts whose steered first-token score falls at or
+    below the threshold calibrated against the substring judge on the unsteered outputs."""
+    from .judges.refusal_score import RefusalScoreJudge
+
+    base = {r["prompt_index"]: r for r in store.generations(run_id, model_name, baseline(HARMFUL).key, HARMFUL)}
+    both = base | {
+        -1 - r["prompt_index"]: r for r in store.generations(run_id, model_name, baseline(HARMLESS).key, HARMLESS)
+    }
+    scorer = RefusalScoreJudge(model, system=ctx.system)
+    cal = scorer.calibrate([r["prompt"] for r in both.values()], [bool(r["refusal"]) for r in both.values()])
+    order = sorted(base)
+    prompts = [base[i]["prompt"] for i in order]
+    refused = [k for k, i in enumerate(order) if base[i]["refusal"] == 1]
+    bank, transfer = ctx.bank(), ctx.transfer()
+    cells = {}
+    for plan in plans:
+        if plan.kind not in spec.screening.kinds:
+            continue
+        for _tags, cond in plan.conditions:
+            if cond.prompt_set == HARMFUL and cond.direction == "extracted" and cond.key not in cells:
+                cells[cond.key] = cond
+    conds = list(cells.values())
+    per = max(1, 256 // max(len(prompts), 1))
+    rates: dict[str, float | None] = {}
+    for i in range(0, len(conds), per):
+        group = conds[i : i + per]
+        packable = all(c.mode == "add" for c in group)
+        parts = [group] if packable else [[c] for c in group]
+        for part in parts:
+            iv = pack_intervention(part, len(prompts), bank, transfer)
+            scores = scorer.scores(prompts * len(part), iv).view(len(part), len(prompts))
+            for j, cond in enumerate(part):
+                flips = sum(1 for k in refused if float(scores[j, k]) <= cal.threshold)
+                rates[cond.key] = flips / len(refused) if refused else None
+    lo, hi = spec.screening.band
+    ranked = sorted((k for k in rates if rates[k] is not None), key=lambda k: -rates[k])
+    keep = {k for k in ranked if lo <= rates[k] <= hi} | set(ranked[: spec.screening.best])
+    return {
+        "threshold": cal.threshold,
+        "calibration_accuracy": cal.accuracy,
+        "calibration_kappa": cal.kappa,
+        "cells": [
+            {"condition_key": k, "condition": cells[k].describe(), "screened_flip": rates[k], "kept": k in keep}
+            for k in cells
+        ],
+        "dropped": sorted(set(cells) - keep),
+    }
 
 
 def _model_context(

@@ -68,6 +68,16 @@ class VerdictSpec(_Strict):
     floor: float = Field(0.2, ge=0, lt=1, description="baseline refusal below this is a floor effect")
 
 
+class ScreeningSpec(_Strict):
+    """Score every cell with the first-token refusal score (forward passes only), then generate only the
+    cells that matter: those whose screened flip rate lies in `band` (near the threshold) and the `best`."""
+
+    enabled: bool = False
+    band: tuple[float, float] = (0.1, 0.9)
+    best: int = Field(3, ge=0)
+    kinds: list[Literal["layer_sweep", "threshold", "multilayer"]] = ["layer_sweep", "threshold", "multilayer"]
+
+
 class _Study(_Strict):
     name: str | None = None
     alpha_unit: Literal["absolute", "relative"] = "relative"
@@ -164,6 +174,7 @@ class ExperimentSpec(_Strict):
     judges: list[Literal["substring", "score"]] = ["substring"]
     coherence: CoherenceSpec = CoherenceSpec()
     verdict: VerdictSpec = VerdictSpec()
+    screening: ScreeningSpec = ScreeningSpec()
     seed: int = 0
     device: str = "auto"
     dtype: str = "auto"
