@@ -48,15 +48,17 @@ def test_distinct_n():
         distinct_n([1, 2], 0)
 
 
+@pytest.mark.parametrize("context", ["prompt", "neutral"])
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])  # gpt2: absolute positions must ignore the left padding
-def test_perplexity_equals_plain_transformers(arch):
+def test_perplexity_equals_plain_transformers(arch, context):
     model = make_tiny(arch)
-    gate = CoherenceGate(model, batch_size=2)  # 3 non-empty responses -> batches of 2 and 1, padded
+    gate = CoherenceGate(model, batch_size=2, context=context)  # 3 non-empty responses -> batches of 2 and 1
     prompts, responses = zip(*PAIRS)
     got = gate.perplexities(list(prompts), list(responses))
     assert got[3] is None  # empty response: no perplexity
     for (prompt, response), value in zip(PAIRS[:3], got[:3]):
-        assert value == pytest.approx(reference_perplexity(model, prompt, response), rel=1e-4)
+        shown = prompt if context == "prompt" else ""  # neutral: an empty user turn, not the (harmful) prompt
+        assert value == pytest.approx(reference_perplexity(model, shown, response), rel=1e-4)
     single = [gate.perplexities([p], [r])[0] for p, r in PAIRS[:3]]
     assert got[:3] == pytest.approx(single, rel=1e-4)
 
@@ -139,6 +141,8 @@ def test_gate_errors(tiny_llama):
         gate.perplexities(["Hi", "Yo"], ["Hello", None])
     with pytest.raises(JudgeError, match="batch_size must be a positive int"):
         CoherenceGate(tiny_llama, batch_size=0)
+    with pytest.raises(JudgeError, match="unknown coherence context 'question'"):
+        CoherenceGate(tiny_llama, context="question")
     with pytest.raises(JudgeError, match="n >= 1"):
         CoherenceGate(tiny_llama, n=0)
     iv = Intervention.single(1, torch.ones(tiny_llama.hidden_size), 1.0)
@@ -150,14 +154,17 @@ def test_gate_errors(tiny_llama):
 def test_smollm2_own_answers_pass_loops_and_garbage_fail(smollm2):
     prompts = HARMLESS
     answers = [g.response for g in generate(smollm2, prompts, max_new_tokens=24)]
-    gate = CoherenceGate(smollm2)
-    # Perplexity on the real model equals the independent computation too.
+    gate = CoherenceGate(smollm2)  # neutral context (default): fluency, not the refusal prior
+    # Perplexity on the real model equals the independent computation too, in both contexts.
     assert gate.perplexities(prompts[:1], answers[:1])[0] == pytest.approx(
+        reference_perplexity(smollm2, "", answers[0]), rel=1e-4
+    )
+    assert CoherenceGate(smollm2, context="prompt").perplexities(prompts[:1], answers[:1])[0] == pytest.approx(
         reference_perplexity(smollm2, prompts[0], answers[0]), rel=1e-4
     )
     t = gate.calibrate(prompts, answers)
     assert t.n_calibration == len(prompts) and t.quantile == 0.99 and t.margin == 4.0
-    assert 1.0 < t.max_perplexity < 100.0 and 0.0 < t.min_distinct <= 1.0
+    assert 1.0 < t.max_perplexity < 400.0 and 0.0 < t.min_distinct <= 1.0
     rng = random.Random(0)
     garbage = bytes(rng.randrange(256) for _ in range(60)).decode("latin-1")
     ascii_soup = "".join(chr(rng.randrange(33, 127)) for _ in range(80))
