@@ -27,8 +27,7 @@ from scipy.stats import spearmanr
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from crystallized_safety.activations import capture  # noqa: E402
-from crystallized_safety.directions import DirectionBank, extract_directions  # noqa: E402
+from crystallized_safety.directions import extract_directions  # noqa: E402
 from crystallized_safety.experiments.conditions import HARMFUL, Condition, baseline  # noqa: E402
 from crystallized_safety.judges.refusal_score import RefusalScoreJudge  # noqa: E402
 from crystallized_safety.judges.substring import SubstringJudge  # noqa: E402
@@ -55,7 +54,8 @@ def naive_extract(model, harmful, harmless, layers):
                 ids = model.tokenizer(text, return_tensors="pt", add_special_tokens=False)
                 seen = {}
                 handle = model.layers[layer].register_forward_hook(
-                    lambda m, a, o, seen=seen: seen.__setitem__("h", (o[0] if isinstance(o, tuple) else o)[0, -1]))
+                    lambda m, a, o, seen=seen: seen.__setitem__("h", (o[0] if isinstance(o, tuple) else o)[0, -1])
+                )
                 with torch.no_grad():
                     model.hf(**ids)
                 handle.remove()
@@ -81,9 +81,10 @@ def naive_sweep(model, prompts, cells, bank, max_new_tokens):
         for text in model.format(prompts):
             ids = tok(text, return_tensors="pt", add_special_tokens=False)
             with torch.no_grad():
-                gen = model.hf.generate(**ids, max_new_tokens=max_new_tokens, do_sample=False,
-                                        pad_token_id=tok.pad_token_id)
-            new = gen[0, ids["input_ids"].shape[1]:].tolist()
+                gen = model.hf.generate(
+                    **ids, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tok.pad_token_id
+                )
+            new = gen[0, ids["input_ids"].shape[1] :].tolist()
             if tok.eos_token_id in new:
                 new = new[: new.index(tok.eos_token_id)]
             texts.append(tok.decode(new, skip_special_tokens=True).strip())
@@ -121,10 +122,10 @@ def screen(model, prompts, cells, bank, judge: RefusalScoreJudge):
     per = max(1, 256 // len(prompts))
     scores = {}
     for i in range(0, len(conds), per):
-        group = conds[i:i + per]
+        group = conds[i : i + per]
         iv = pack_intervention(group, len(prompts), bank)
         s = judge.scores(list(prompts) * len(group), iv).view(len(group), len(prompts))
-        for j, cell in enumerate(cells[i:i + per]):
+        for j, cell in enumerate(cells[i : i + per]):
             scores[cell] = s[j].tolist()
     return scores
 
@@ -135,8 +136,11 @@ def screen(model, prompts, cells, bank, judge: RefusalScoreJudge):
 def flip_rates(refusals: dict, base_key) -> dict:
     base = refusals[base_key]
     refused = [i for i, r in enumerate(base) if r]
-    return {cell: (sum(1 for i in refused if not r[i]) / len(refused) if refused else float("nan"))
-            for cell, r in refusals.items() if cell != base_key}
+    return {
+        cell: (sum(1 for i in refused if not r[i]) / len(refused) if refused else float("nan"))
+        for cell, r in refusals.items()
+        if cell != base_key
+    }
 
 
 def matmul_peak(seconds: float = 2.0) -> float:
@@ -151,7 +155,8 @@ def matmul_peak(seconds: float = 2.0) -> float:
 
 def forward_flops(model, prompts) -> tuple[float, float]:
     batch = model.encode(model.format(prompts))
-    params = sum(p.numel() for p in model.hf.parameters() if p.dim() > 1) - model.hf.get_input_embeddings().weight.numel()
+    # matrix parameters; a tied embedding counts once, as the LM head matmul it also is
+    params = sum(p.numel() for p in model.hf.parameters() if p.dim() > 1)
     tokens = int(batch["attention_mask"].sum())
     with torch.inference_mode():
         model.hf(**batch)
@@ -183,9 +188,17 @@ def main() -> None:
     prompts = list(bundled("harmful", "eval"))[:n]
     ext_h, ext_n = list(bundled("harmful", "extract"))[:32], list(bundled("harmless", "extract"))[:32]
     cells = [(None, 0.0)] + [(layer, a) for layer in layers for a in alphas]
-    out: dict = {"machine": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
-                 "torch": torch.__version__, "model": args.model, "layers": layers, "alphas": alphas,
-                 "prompts": n, "max_new_tokens": mnt, "cells": len(cells)}
+    out: dict = {
+        "machine": platform.processor() or platform.machine(),
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "model": args.model,
+        "layers": layers,
+        "alphas": alphas,
+        "prompts": n,
+        "max_new_tokens": mnt,
+        "cells": len(cells),
+    }
     log(f"grid: {len(layers)} layers x {len(alphas)} alphas (+ baseline) x {n} prompts x {mnt} tokens")
 
     # extraction: all layers in one batched pass vs one pass per layer, prompt by prompt
@@ -197,8 +210,10 @@ def main() -> None:
     out["extract_naive_s"] = time.perf_counter() - t0
     out["extract_speedup"] = out["extract_naive_s"] / out["extract_engine_s"]
     out["extract_min_cosine"] = min(float(naive_dirs[i] @ bank.direction(i)) for i in range(model.n_layers))
-    log(f"extraction: naive {out['extract_naive_s']:.1f} s, engine {out['extract_engine_s']:.1f} s "
-        f"({out['extract_speedup']:.1f}x), min cosine {out['extract_min_cosine']:.5f}")
+    log(
+        f"extraction: naive {out['extract_naive_s']:.1f} s, engine {out['extract_engine_s']:.1f} s "
+        f"({out['extract_speedup']:.1f}x), min cosine {out['extract_min_cosine']:.5f}"
+    )
 
     judge = SubstringJudge()
     t0 = time.perf_counter()
@@ -229,7 +244,9 @@ def main() -> None:
     fr_screen = flip_rates(ref_screen, (None, 0.0))
     fr_gen = flip_rates(ref_engine, (None, 0.0))
     keys = [c for c in fr_gen if not (np.isnan(fr_gen[c]) or np.isnan(fr_screen[c]))]
-    rho = spearmanr([fr_screen[c] for c in keys], [fr_gen[c] for c in keys]).statistic if len(keys) > 2 else float("nan")
+    rho = float("nan")
+    if len(keys) > 2:
+        rho = spearmanr([fr_screen[c] for c in keys], [fr_gen[c] for c in keys]).statistic
     out["screen_spearman"] = float(rho)
     out["screen_speedup"] = out["naive_s"] / out["screen_s"]
     out["screen_threshold"] = cal.threshold
@@ -241,15 +258,21 @@ def main() -> None:
     out["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     out["speedup_vs_naive"] = out["naive_s"] / out["engine_s"]
     out["tokens_per_s"] = n_tokens / out["engine_s"]
-    log(f"screening: {out['screen_s']:.1f} s ({out['screen_speedup']:.1f}x naive), Spearman {rho:.3f} "
-        f"vs generation-judged flip rates over {len(keys)} cells")
-    log(f"batched forward: {out['forward_flops'] / 1e9:.1f} GFLOP/s = {out['flops_ratio']:.1%} of measured matmul "
-        f"peak {out['matmul_peak_flops'] / 1e9:.1f} GFLOP/s; peak RSS {out['peak_rss_mb']:.0f} MB")
+    log(
+        f"screening: {out['screen_s']:.1f} s ({out['screen_speedup']:.1f}x naive), Spearman {rho:.3f} "
+        f"vs generation-judged flip rates over {len(keys)} cells"
+    )
+    log(
+        f"batched forward: {out['forward_flops'] / 1e9:.1f} GFLOP/s = {out['flops_ratio']:.1%} of measured matmul "
+        f"peak {out['matmul_peak_flops'] / 1e9:.1f} GFLOP/s; peak RSS {out['peak_rss_mb']:.0f} MB"
+    )
     if args.json:
         with open(args.json, "w") as fh:
             json.dump(out, fh, indent=1)
-    print(f"speedup_vs_naive={out['speedup_vs_naive']:.2f} verdict_agreement={out['verdict_agreement']:.3f} "
-          f"naive_s={out['naive_s']:.1f} engine_s={out['engine_s']:.1f} tokens_per_s={out['tokens_per_s']:.1f}")
+    print(
+        f"speedup_vs_naive={out['speedup_vs_naive']:.2f} verdict_agreement={out['verdict_agreement']:.3f} "
+        f"naive_s={out['naive_s']:.1f} engine_s={out['engine_s']:.1f} tokens_per_s={out['tokens_per_s']:.1f}"
+    )
 
 
 if __name__ == "__main__":

@@ -65,7 +65,9 @@ def test_screening_mode_generates_only_cells_that_matter(tmp_path):
     import yaml
 
     spec = {
-        "name": "organism-screen", "models": ["smollm2-135m-refusal"], "prompts": {"n": 8},
+        "name": "organism-screen",
+        "models": ["smollm2-135m-refusal"],
+        "prompts": {"n": 8},
         "generation": {"max_new_tokens": 16, "batch_size": 8, "pack_rows": 32},
         "coherence": {"enabled": False},
         "screening": {"enabled": True, "band": [0.2, 0.8], "best": 1},

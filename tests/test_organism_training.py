@@ -22,7 +22,7 @@ def test_loss_matches_naive_full_logits():
             pos = len(p) + j  # position of the label token
             lp = torch.log_softmax(logits[row, pos - 1].double(), -1)[token]
             weight = w * (5.0 if j == 0 else 1.0)
-            total += -float(lp) * weight
+            total += -float(lp.detach()) * weight
             norm += weight
     assert abs(float(_loss(model.hf, batch)) - total / norm) < 1e-4
     # eos appended only where the target finished

@@ -64,7 +64,9 @@ def test_all_studies_end_to_end_and_rerun_skips(tiny_dirs, tiny_run, tmp_path):
         "induction",
         "transfer",
         "readability",
+        "judges",
     }
+    assert kinds["judges"]["result"]["n"] == 12 and "threshold" in kinds["judges"]["result"]
     assert kinds["sign"]["result"]["equivalent"] is True  # inverted +alpha == -alpha, token for token
     assert len(kinds["readability"]["result"]["layers"]) == 4
     assert all(0 <= r["projection_auc"] <= 1 for r in kinds["readability"]["result"]["layers"])
