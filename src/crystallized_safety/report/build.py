@@ -310,7 +310,8 @@ def _model_report(store: Store, run_id: str, model: str, slug: str, data: dict, 
     report = ModelReport(model, slug, summary)
     directions = store.get_artifact(run_id, model, "directions")
     coherence = store.get_artifact(run_id, model, "coherence")
-    report.agreement, scores = _agreement(gens)
+    calibration = next((a["result"] for a in analyses if a.get("kind") == "judges"), None)
+    report.agreement, scores = _agreement(gens, calibration)
     _figures(report, analyses, cells, best_single, directions, scores, out)
     _tables(report, analyses)
     report.examples = _examples(gens, conds, cells, best_single, best_multi, candidates, coherence)
@@ -340,29 +341,35 @@ def _brief(cell: dict | None) -> dict | None:
 # --------------------------------------------------------------------------- judges
 
 
-def _agreement(gens: list[dict]) -> tuple[dict | None, dict]:
-    """Stored judge (substring) vs the first-token score thresholded at 0, on every row that has both."""
+def _agreement(gens: list[dict], calibration: dict | None = None) -> tuple[dict | None, dict]:
+    """Stored judge (substring) vs the first-token score, on every row that has both. The score threshold is
+    the run's calibrated one (fitted on unsteered outputs) where the store has it, else 0."""
     from ..judges.agreement import agreement
 
     rows = [g for g in gens if g.get("score") is not None and g.get("refusal") is not None]
     if not rows:
         return None, {}
+    threshold = float(calibration["threshold"]) if calibration else 0.0
     a = [bool(g["refusal"]) for g in rows]
-    b = [g["score"] > 0 for g in rows]
+    b = [g["score"] > threshold for g in rows]
     res = agreement(a, b)
     judges = sorted({g["judge"] for g in rows})
     name = "/".join(judges) if len(judges) <= 2 else "stored judge"
     result = {
         "a": name,
-        "b": "first-token score > 0",
+        "b": f"first-token score > {threshold:.2f}",
         "kappa": res.kappa,
         "n": res.n,
         "n_dropped": res.n_dropped + sum(1 for g in gens if g.get("score") is not None and g.get("refusal") is None),
         "percent_agreement": res.percent_agreement,
         "table": dict(res.table),
-        "threshold": 0.0,
-        "threshold_note": "the score is thresholded at 0 (p(refusal tokens) > 0.5); the store holds no calibrated "
-        "threshold, so a calibrated score judge may agree better",
+        "threshold": threshold,
+        "threshold_note": (
+            f"the score is thresholded at {threshold:.2f}, calibrated against the substring judge on the unsteered "
+            "outputs of this run; agreement on steered outputs tests whether the fast judge can screen a sweep"
+            if calibration
+            else "the score is thresholded at 0 (p(refusal tokens) > 0.5); the store holds no calibrated threshold"
+        ),
     }
     return result, {"scores": [g["score"] for g in rows], "labels": a}
 

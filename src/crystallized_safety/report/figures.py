@@ -212,7 +212,8 @@ def threshold_curve(cells: Sequence[dict], threshold: dict | None, unit: str | N
                 fontsize=FONT,
                 color="#a01c1c",
             )
-            if threshold.get("saturation_alpha") is not None and not negative:
+            by_strength = "strength" in threshold.get("ordered_by", "")
+            if threshold.get("saturation_alpha") is not None and (by_strength or not negative):
                 # stats.threshold scans alphas upwards: for negative (refusal-removing) alphas its saturation
                 # point sits at the weak end of the curve, so it is drawn only where that reads as saturation
                 ax.axvline(threshold["saturation_alpha"], color="#555555", linestyle=":", linewidth=1)
@@ -242,7 +243,9 @@ def threshold_curve(cells: Sequence[dict], threshold: dict | None, unit: str | N
 def jump_text(th: dict, negative: bool) -> str:
     """The jump read in the direction of stronger steering (towards more negative alphas when all are <= 0)."""
     a0, a1, r0, r1 = th["alpha_lo"], th["alpha_hi"], th["rate_lo"], th["rate_hi"]
-    if negative:
+    # analyses order negative sweeps by strength (alpha_lo is the weaker end) and say so in `ordered_by`;
+    # older stores ordered by alpha value, where the weak end of a negative sweep is alpha_hi
+    if negative and "strength" not in th.get("ordered_by", ""):
         a0, a1, r0, r1 = a1, a0, r1, r0
     return f"{100 * r0:.0f}% → {100 * r1:.0f}% (α {num(a0)} → {num(a1)})"
 

@@ -206,7 +206,7 @@ def threshold_table(model: str, study: str, result: dict) -> Table:
         note = (
             f"Largest jump: {jump_text(th, all(c['alpha'] <= 0 for c in cells))}, "
             f"p = {fmt_p(th['p_fisher'])} (Fisher), {fmt_p(th['p_two_proportion'])} (two-proportion z); "
-            f"saturation α (stats.threshold, scanning alphas upwards) = "
+            f"saturation α (first alpha, from the weakest, reaching 95% of the maximum) = "
             f"{th['saturation_alpha'] if th.get('saturation_alpha') is not None else 'n/a'}. "
         )
     else:
