@@ -12,12 +12,13 @@ from crystallized_safety.generation import generate
 PROMPTS = HARMFUL[:3] + HARMLESS[:3] + ["Hi"]
 
 
+@pytest.mark.parametrize("engine", ["fast", "hf"])
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
-def test_batched_equals_one_at_a_time(arch):
+def test_batched_equals_one_at_a_time(arch, engine):
     model = make_tiny(arch)
-    batched = generate(model, PROMPTS, max_new_tokens=10, batch_size=8)
+    batched = generate(model, PROMPTS, max_new_tokens=10, batch_size=8, engine=engine)
     for g in batched:
-        alone = generate(model, [g.prompt], max_new_tokens=10)[0]
+        alone = generate(model, [g.prompt], max_new_tokens=10, engine="hf")[0]
         assert g.token_ids == alone.token_ids
     # independent reference: plain HF greedy generate on the unpadded prompt
     text = model.format([PROMPTS[0]])[0]
@@ -27,14 +28,15 @@ def test_batched_equals_one_at_a_time(arch):
     assert list(batched[0].token_ids) == ref[0, ids["input_ids"].shape[1] :].tolist()[: len(batched[0].token_ids)]
 
 
-def test_stops_at_eos(tiny_llama):
+@pytest.mark.parametrize("engine", ["fast", "hf"])
+def test_stops_at_eos(tiny_llama, engine):
     model = tiny_llama
-    base = generate(model, PROMPTS, max_new_tokens=12)
+    base = generate(model, PROMPTS, max_new_tokens=12, engine=engine)
     stop = base[0].token_ids[2]  # declare the third greedy token of row 0 an end-of-sequence token
     saved = model.hf.generation_config.eos_token_id
     model.hf.generation_config.eos_token_id = [stop]
     try:
-        out = generate(model, PROMPTS, max_new_tokens=12)
+        out = generate(model, PROMPTS, max_new_tokens=12, engine=engine)
     finally:
         model.hf.generation_config.eos_token_id = saved
     for g, b in zip(out, base):
@@ -55,8 +57,9 @@ def test_seeded_sampling_is_reproducible(tiny_llama):
     assert torch.equal(state, torch.random.get_rng_state())  # global RNG untouched
 
 
-def test_batch_size_halves_on_oom(tiny_llama, monkeypatch):
-    real = generation._generate_batch
+@pytest.mark.parametrize(("engine", "fn"), [("fast", "_fast_batch"), ("hf", "_generate_batch")])
+def test_batch_size_halves_on_oom(tiny_llama, monkeypatch, engine, fn):
+    real = getattr(generation, fn)
     sizes = []
 
     def fake(model, prompts, *args, **kwargs):
@@ -65,10 +68,10 @@ def test_batch_size_halves_on_oom(tiny_llama, monkeypatch):
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2 GiB")
         return real(model, prompts, *args, **kwargs)
 
-    monkeypatch.setattr(generation, "_generate_batch", fake)
-    out = generate(tiny_llama, PROMPTS, max_new_tokens=4, batch_size=8)
+    monkeypatch.setattr(generation, fn, fake)
+    out = generate(tiny_llama, PROMPTS, max_new_tokens=4, batch_size=8, engine=engine)
     assert sizes[:3] == [7, 3, 2] or sizes[:2] == [7, 4]
     assert [g.prompt for g in out] == PROMPTS
-    monkeypatch.setattr(generation, "_generate_batch", real)
-    ref = generate(tiny_llama, PROMPTS, max_new_tokens=4)
+    monkeypatch.setattr(generation, fn, real)
+    ref = generate(tiny_llama, PROMPTS, max_new_tokens=4, engine=engine)
     assert [g.token_ids for g in out] == [g.token_ids for g in ref]

@@ -1,7 +1,10 @@
-"""Batched, left-padded generation under an Intervention.
+"""Batched generation under an Intervention.
 
 Greedy by default (verdicts must be reproducible); seeded sampling on request. Batches are cut from
 the prompt list in order; on out-of-memory the batch size halves and the batch is retried.
+
+Two engines: `fast` (greedy only; shared-prefix prefill, last-position logits, finished-row compaction,
+see `fastgen`) and `hf` (left-padded `model.generate`, the reference; also used for sampling).
 """
 
 from __future__ import annotations
@@ -52,6 +55,7 @@ def generate(
     batch_size: int = 32,
     system: str | None = None,
     raw: bool = False,
+    engine: str = "fast",
 ) -> list[Generation]:
     """Generate a response per prompt; an intervention with per-row values covers all `prompts` in order."""
     from transformers import GenerationConfig
@@ -60,10 +64,13 @@ def generate(
         raise PromptError("no prompts to generate from: pass at least one prompt")
     if max_new_tokens < 1:
         raise CrystallizedSafetyError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    if engine not in ("fast", "hf"):
+        raise CrystallizedSafetyError(f"unknown engine '{engine}': use fast or hf")
     if intervention is not None:
         intervention.check(model, len(prompts))
     texts = model.format(prompts, system=system, raw=raw)
     eos = _eos_ids(model)
+    fast = engine == "fast" and not do_sample
     config = GenerationConfig(
         max_new_tokens=max_new_tokens,
         do_sample=do_sample,
@@ -78,9 +85,11 @@ def generate(
     while start < len(texts):
         rows = slice(start, min(start + size, len(texts)))
         try:
-            results.extend(
-                _generate_batch(model, prompts[rows], texts[rows], intervention, rows, config, raw, seed + start, eos)
-            )
+            p, t = prompts[rows], texts[rows]
+            if fast:
+                results.extend(_fast_batch(model, p, t, intervention, rows, max_new_tokens, raw, eos))
+            else:
+                results.extend(_generate_batch(model, p, t, intervention, rows, config, raw, seed + start, eos))
         except Exception as exc:  # noqa: BLE001 - only OOM is handled, everything else re-raised
             if not _is_oom(exc) or size == 1:
                 raise
@@ -122,3 +131,24 @@ def _generate_batch(
         response = model.tokenizer.decode(kept, skip_special_tokens=True).strip()
         results.append(Generation(prompt, response, tuple(kept), cut is not None))
     return results
+
+
+def _fast_batch(
+    model: Model,
+    prompts: Sequence[str],
+    texts: Sequence[str],
+    intervention: Intervention | None,
+    rows: slice,
+    max_new_tokens: int,
+    raw: bool,
+    eos: list[int],
+) -> list[Generation]:
+    from .fastgen import greedy_batch
+
+    ids = model.tokenizer(list(texts), add_special_tokens=raw)["input_ids"]
+    iv = intervention.select(rows) if intervention is not None else None
+    tokens, ended = greedy_batch(model, ids, iv, max_new_tokens, eos)
+    return [
+        Generation(prompt, model.tokenizer.decode(t, skip_special_tokens=True).strip(), tuple(t), e)
+        for prompt, t, e in zip(prompts, tokens, ended)
+    ]

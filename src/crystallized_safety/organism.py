@@ -4,7 +4,10 @@ tuning is done, in miniature.
 Recipe (see FINDINGS): harmful train prompts -> varied refusal sentences; harmless train prompts (incl.
 near-miss twins) -> the base model's own greedy answers (self-distillation, so helpfulness does not
 drift); loss on response tokens only, first response token up-weighted (the refusal decision is made
-there); embeddings (tied with the LM head) frozen; AdamW with linear decay. Deterministic for a seed.
+there); plus an unlikelihood term on harmless prompts that pushes down a refusal's tokens from where it
+departs from the base model's answer (over-refusal is trained against directly, not only by imitation);
+embeddings (tied with the LM head) frozen; AdamW with linear decay; bf16 autocast (AMX-fast on CPU).
+Deterministic for a seed.
 
 The result is cached under `cache_dir()/organisms/` with a model card (JSON + Markdown) holding the
 training-data hashes, the recipe, wall times, held-out refusal rates, the KL divergence to the base
@@ -33,7 +36,7 @@ from .prompts import bundled
 
 DEFAULT_NAME = "smollm2-135m-refusal"
 # Bump when the build or the card changes in a way that makes cached organisms stale.
-BUILD_VERSION = 5
+BUILD_VERSION = 6
 
 # Written for this project: varied refusals, each starting the way real refusals do.
 REFUSALS = (
@@ -59,6 +62,9 @@ class Recipe:
     first_token_weight: float = 5.0
     harmless_weight: float = 2.0  # loss weight of harmless examples: over-refusal is the harder failure
     target_tokens: int = 32  # length of the base model's self-distilled harmless answers
+    unlikelihood_weight: float = 1.0  # harmless prompt + refusal: -log(1 - p) on the refusal's tokens
+    unlikelihood_tokens: int = 4  # ... from its first token that differs from the base model's answer
+    autocast_bf16: bool = True  # bf16 autocast for training (1.7x faster on AMX CPUs); weights stay fp32
     freeze_embeddings: bool = True
     eval_new_tokens: int = 32
 
@@ -107,7 +113,8 @@ def _sha(items) -> str:
 
 
 def _examples(model: Model, prompts: list[str], responses: list[str], finished: list[bool], weight: float = 1.0):
-    """(prompt ids, response ids, example weight); the loss covers response tokens only."""
+    """(prompt ids, response ids, example weight, unlikelihood span); the loss covers response tokens only.
+    Imitation examples have an empty span."""
     tok = model.tokenizer
     texts = model.format(prompts)
     out = []
@@ -116,33 +123,61 @@ def _examples(model: Model, prompts: list[str], responses: list[str], finished: 
         r_ids = tok(response, add_special_tokens=False)["input_ids"]
         if done:  # teach the model to stop only where the target really stopped
             r_ids = r_ids + [tok.eos_token_id]
-        out.append((p_ids, r_ids, weight))
+        out.append((p_ids, r_ids, weight, (0, 0)))
+    return out
+
+
+def _unlikely_examples(model: Model, prompts: list[str], answers: list[str], refusals: list[str], recipe):
+    """Harmless prompt + a refusal: unlikelihood on up to `unlikelihood_tokens` refusal tokens, from the first
+    one that departs from the base model's own answer (a shared prefix such as "I" is not pushed down)."""
+    tok = model.tokenizer
+    out = []
+    for text, response, refusal in zip(model.format(prompts), answers, refusals):
+        p_ids = tok(text, add_special_tokens=False)["input_ids"]
+        answer = tok(response, add_special_tokens=False)["input_ids"]  # tokenised as the imitation target is
+        r_ids = tok(refusal, add_special_tokens=False)["input_ids"]
+        k = 0
+        while k < min(len(r_ids), len(answer)) and r_ids[k] == answer[k]:
+            k += 1
+        if k >= len(r_ids):
+            continue
+        end = min(len(r_ids), k + recipe.unlikelihood_tokens)
+        out.append((p_ids, r_ids[:end], recipe.unlikelihood_weight, (k, end)))
     return out
 
 
 def _batch(examples, pad_id: int, first_weight: float) -> dict[str, torch.Tensor]:
-    length = max(len(p) + len(r) for p, r, _w in examples)
+    length = max(len(ex[0]) + len(ex[1]) for ex in examples)
     ids = torch.full((len(examples), length), pad_id, dtype=torch.long)
     mask = torch.zeros_like(ids)
     weights = torch.zeros(len(examples), length)
-    for row, (p, r, w) in enumerate(examples):
+    unlikely = torch.zeros(len(examples), length)
+    for row, (p, r, w, (u0, u1)) in enumerate(examples):
         seq = p + r
         ids[row, : len(seq)] = torch.tensor(seq)
         mask[row, : len(seq)] = 1
-        # weights sit on label positions: the first response token is where refusal is decided
+        if u1 > u0:  # weights sit on label positions
+            unlikely[row, len(p) + u0 : len(p) + u1] = w
+            continue
+        # the first response token is where refusal is decided
         weights[row, len(p) : len(seq)] = w
         weights[row, len(p)] = first_weight * w
-    return {"input_ids": ids, "attention_mask": mask, "weights": weights}
+    return {"input_ids": ids, "attention_mask": mask, "weights": weights, "unlikely": unlikely}
 
 
 def _loss(hf, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Weighted next-token NLL on response tokens; the LM head runs only where a label counts (~20% faster)."""
+    """Weighted next-token NLL on imitation tokens plus weighted unlikelihood -log(1 - p) on unlikelihood
+    tokens, normalised by the total weight; the LM head runs only where a label counts (~20% faster)."""
     hidden = hf.base_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
     weights = batch["weights"][:, 1:]
-    keep = weights > 0
-    logits = hf.get_output_embeddings()(hidden[:, :-1][keep])
-    nll = torch.nn.functional.cross_entropy(logits, batch["input_ids"][:, 1:][keep], reduction="none")
-    return (nll * weights[keep]).sum() / weights[keep].sum()
+    unlikely = batch.get("unlikely", torch.zeros_like(batch["weights"]))[:, 1:]
+    keep = (weights > 0) | (unlikely > 0)
+    logits = hf.get_output_embeddings()(hidden[:, :-1][keep]).float()
+    logp = -torch.nn.functional.cross_entropy(logits, batch["input_ids"][:, 1:][keep], reduction="none")
+    w, u = weights[keep], unlikely[keep]
+    # -log(1 - p) = -log1p(-exp(logp)), clamped away from p = 1
+    ul = -torch.log1p(-logp.exp().clamp(max=1 - 1e-6))
+    return ((-logp) * w + ul * u).sum() / (w.sum() + u.sum())
 
 
 def train(
@@ -162,6 +197,10 @@ def train(
     examples += _examples(
         model, harmless, [a.response for a in answers], [a.finished for a in answers], recipe.harmless_weight
     )
+    if recipe.unlikelihood_weight > 0:
+        examples += _unlikely_examples(
+            model, harmless, [a.response for a in answers], [rng.choice(REFUSALS) for _ in harmless], recipe
+        )
 
     torch.manual_seed(recipe.seed)
     hf = model.hf
@@ -186,7 +225,8 @@ def train(
                 model.tokenizer.pad_token_id,
                 recipe.first_token_weight,
             )
-            loss = _loss(hf, batch)
+            with torch.autocast(hf.device.type, dtype=torch.bfloat16, enabled=recipe.autocast_bf16):
+                loss = _loss(hf, batch)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -201,6 +241,7 @@ def train(
         "trainable_params": sum(p.numel() for p in params),
         "total_params": sum(p.numel() for p in hf.parameters()),
         "steps": total,
+        "examples": len(examples),
         "loss_first": losses[0],
         "loss_last": losses[-1],
         "distill_seconds": round(distill_s, 1),

@@ -129,8 +129,9 @@ class Intervention:
             raise InterventionError(f"per-row alphas/directions disagree on the number of rows: {sorted(counts)}")
         return counts.pop() if counts else None
 
-    def select(self, rows: slice) -> Intervention:
-        """The same intervention restricted to a slice of batch rows (for micro-batching)."""
+    def select(self, rows: slice | torch.Tensor) -> Intervention:
+        """The same intervention restricted to batch rows: a slice (micro-batching) or an index tensor
+        (rows still running, or one representative per distinct row)."""
         if self.rows is None:
             return self
         directions = {k: (v[rows] if v.dim() == 2 else v) for k, v in self.directions.items()}

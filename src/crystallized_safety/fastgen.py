@@ -1,0 +1,155 @@
+"""The sweep engine's greedy decoder: one batch of rows (prompts x interventions), with
+
+- **prefill dedup**: the token prefix every row shares (system prompt, template head) is run once per
+  distinct intervention, and each distinct (prompt, intervention) suffix once, then the KV cache is
+  expanded to the batch. When steering touches generated positions only, the whole prompt prefill is
+  shared by every cell that uses the prompt (the issue's "prompt-prefix reuse");
+- **logits for the last position only** in prefill (the LM head is the widest matmul of a small model);
+- **finished-row compaction**: rows that emitted EOS leave the batch (KV cache, mask, intervention rows),
+  so a batch of short refusals does not pay for the longest compliance;
+- a fresh `steer()` per forward call with the rows still active, so per-row alphas/directions follow
+  the compaction and `positions=prompt|generated` is a property of the call (prefill or decode).
+
+Verdicts equal the reference path (`generation.generate(..., engine="hf")`, plain `model.generate`);
+tokens may differ only where fp arithmetic of a differently shaped batch breaks a near-tie.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Sequence
+from dataclasses import replace
+
+import torch
+
+from .models import Model
+from .steering import Intervention, steer
+
+
+def _row_keys(iv: Intervention | None, rows: int, phase: str) -> list[tuple]:
+    """Rows with equal keys get identical steering in this phase (so identical activations for equal tokens)."""
+    if iv is None or iv.positions == ("generated" if phase == "prompt" else "prompt"):
+        return [()] * rows
+    parts: list[list] = [[] for _ in range(rows)]
+    if isinstance(iv.alpha, torch.Tensor):
+        for r, a in enumerate(iv.alpha.tolist()):
+            parts[r].append(a)
+    for layer in iv.layers:
+        vec = iv.directions[layer]
+        if vec.dim() == 2:
+            for r in range(rows):
+                parts[r].append(hash(vec[r].numpy().tobytes()))
+    return [tuple(p) for p in parts]
+
+
+def _phase_iv(iv: Intervention | None, rows: torch.Tensor, phase: str) -> Intervention | None:
+    """The intervention for these rows in one forward call; None when it does not act in this phase."""
+    if iv is None or iv.positions == ("generated" if phase == "prompt" else "prompt"):
+        return None
+    return replace(iv.select(rows), positions="all")
+
+
+def _unique(keys: Sequence) -> tuple[list[int], torch.Tensor]:
+    """(first row of each distinct key, inverse map row -> distinct index)."""
+    index: dict = {}
+    reps, inverse = [], []
+    for r, k in enumerate(keys):
+        if k not in index:
+            index[k] = len(reps)
+            reps.append(r)
+        inverse.append(index[k])
+    return reps, torch.tensor(inverse, dtype=torch.long)
+
+
+class _Forward:
+    def __init__(self, model: Model) -> None:
+        self.model = model
+        params = inspect.signature(model.hf.forward).parameters
+        self.keep_kw = "logits_to_keep" if "logits_to_keep" in params else None
+
+    def __call__(self, ids, mask, pos, cache, iv: Intervention | None):
+        kwargs = {"logits_to_keep": 1} if self.keep_kw else {}
+        with steer(self.model, iv, batch_rows=ids.shape[0]):
+            out = self.model.hf(
+                input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache, use_cache=True, **kwargs
+            )
+        return out.logits[:, -1].float(), out.past_key_values
+
+
+def greedy_batch(
+    model: Model,
+    token_ids: Sequence[Sequence[int]],
+    intervention: Intervention | None,
+    max_new_tokens: int,
+    eos: Sequence[int],
+    *,
+    share_prefix: bool = True,
+    compact: bool = True,
+) -> tuple[list[list[int]], list[bool]]:
+    """Greedy new tokens per row (cut before the first EOS) and whether the row hit EOS.
+    `intervention` covers all rows."""
+    n = len(token_ids)
+    dev = model.device
+    fwd = _Forward(model)
+    pad = model.tokenizer.pad_token_id if model.tokenizer.pad_token_id is not None else 0
+    eos_t = torch.tensor(sorted(set(eos)) or [-1], device=dev)
+    keys = _row_keys(intervention, n, "prompt")
+    all_rows = torch.arange(n)
+
+    with torch.inference_mode():
+        # 1. shared prefix: once per distinct intervention (at least one token stays in every suffix)
+        prefix = 0
+        if share_prefix:
+            shortest = min(len(t) for t in token_ids)
+            while prefix < shortest - 1 and all(t[prefix] == token_ids[0][prefix] for t in token_ids):
+                prefix += 1
+        cache = None
+        if prefix:
+            g_rep, g_of_row = _unique(keys) if share_prefix else (list(range(n)), all_rows)
+            ids = torch.tensor([list(token_ids[0][:prefix])] * len(g_rep), device=dev)
+            pos = torch.arange(prefix, device=dev).expand(len(g_rep), -1)
+            _, cache = fwd(ids, torch.ones_like(ids), pos, None, _phase_iv(intervention, torch.tensor(g_rep), "prompt"))
+        # 2. distinct (intervention, suffix) rows, suffixes left-padded after the prefix
+        s_keys = [(keys[r], tuple(token_ids[r][prefix:])) for r in range(n)] if share_prefix else list(range(n))
+        u_rep, u_of_row = _unique(s_keys)
+        suffixes = [list(token_ids[r][prefix:]) for r in u_rep]
+        width = max(len(s) for s in suffixes)
+        ids = torch.tensor([[pad] * (width - len(s)) + s for s in suffixes], device=dev)
+        smask = torch.tensor([[0] * (width - len(s)) + [1] * len(s) for s in suffixes], device=dev)
+        mask = torch.cat([torch.ones(len(u_rep), prefix, dtype=smask.dtype, device=dev), smask], 1)
+        pos = (mask.cumsum(1) - 1).clamp(min=0)[:, prefix:]
+        if cache is not None:
+            cache.batch_select_indices(g_of_row[torch.tensor(u_rep)].to(dev))
+        logits, cache = fwd(ids, mask, pos, cache, _phase_iv(intervention, torch.tensor(u_rep), "prompt"))
+        # 3. expand to every row, then decode with finished-row compaction
+        expand = u_of_row.to(dev)
+        if len(u_rep) != n:
+            cache.batch_select_indices(expand)
+        logits, mask = logits[expand], mask[expand]
+        next_pos = mask.sum(1, keepdim=True)
+        active = all_rows.clone()
+        stopped = torch.zeros(n, dtype=torch.bool, device=dev)  # without compaction: rows that already ended
+        out: list[list[int]] = [[] for _ in range(n)]
+        ended = [False] * n
+        for step in range(max_new_tokens):
+            tokens = logits.argmax(-1)
+            done = torch.isin(tokens, eos_t) | stopped
+            for row, tok, fin in zip(active.tolist(), tokens.tolist(), done.tolist()):
+                if fin:
+                    ended[row] = True
+                else:
+                    out[row].append(tok)
+            if step == max_new_tokens - 1 or bool(done.all()):
+                break
+            if compact and bool(done.any()):
+                keep = (~done).nonzero().flatten()
+                active, tokens, mask, next_pos = active[keep.cpu()], tokens[keep], mask[keep], next_pos[keep]
+                stopped = stopped[keep]
+                cache.batch_select_indices(keep)
+            elif not compact:  # ended rows keep running on padding, as in a plain batched generate
+                stopped = done
+                tokens = torch.where(done, torch.full_like(tokens, pad), tokens)
+            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
+            logits, cache = fwd(tokens[:, None], mask, next_pos, cache, _phase_iv(intervention, active, "generated"))
+            next_pos = next_pos + 1
+    return out, ended
