@@ -1,12 +1,14 @@
 """Sweep benchmark: the seed's naive loop vs the engine, on the same grid, in one process.
 
 Naive (what the seed's scripts did): one prompt at a time, one hook registered and removed per cell,
-plain `generate`, one layer per extraction pass. Engine: batched left-padded generation with several
-cells per batch (per-row steering vectors), all layers in one extraction pass, and a screening mode
-that scores the whole grid with the first-token refusal score in forward passes only.
+plain `generate`, one layer per extraction pass. Engine: several cells per batch (per-row steering
+vectors) at an auto-tuned batch size, the engine's own greedy decoder (shared-prefix prefill, last-position
+logits, finished-row compaction), all layers in one extraction pass, and a screening mode that scores the
+whole grid with the first-token refusal score in forward passes only.
 
-    python benchmarks/sweep.py            # 6 layers x 5 alphas x 35 harmful prompts x 32 new tokens
-    python benchmarks/sweep.py --quick    # 2 x 2 x 8 x 16, a smoke run
+    python benchmarks/sweep.py                # 6 layers x 5 alphas x 35 harmful prompts x 32 new tokens
+    python benchmarks/sweep.py --techniques   # + the engine with techniques switched off one by one
+    python benchmarks/sweep.py --quick        # 2 x 2 x 8 x 16, a smoke run
 
 The last line is machine-readable:
 speedup_vs_naive=X.XX verdict_agreement=Y.YYY naive_s=... engine_s=... tokens_per_s=...
@@ -33,7 +35,7 @@ from crystallized_safety.judges.refusal_score import RefusalScoreJudge  # noqa: 
 from crystallized_safety.judges.substring import SubstringJudge  # noqa: E402
 from crystallized_safety.models import load_model  # noqa: E402
 from crystallized_safety.prompts import bundled  # noqa: E402
-from crystallized_safety.runner import Chunk, ChunkWorker, ModelContext, _bank_to_bytes, make_packs  # noqa: E402
+from crystallized_safety.runner import Chunk, make_packs  # noqa: E402
 
 
 def log(msg: str) -> None:
@@ -97,9 +99,22 @@ def naive_sweep(model, prompts, cells, bank, max_new_tokens):
 # --------------------------------------------------------------------------- engine
 
 
-def engine_sweep(model, prompts, cells, bank, max_new_tokens, pack_rows):
-    ctx = ModelContext(_bank_to_bytes(bank), coherence=None, judges=("substring",))
-    worker = ChunkWorker(model, ctx)
+VARIANTS = {
+    # name: (engine, packed cells, shared-prefix prefill, finished-row compaction); each adds one technique
+    "batched": ("hf", False, False, False),  # one cell per batched, left-padded model.generate
+    "packed": ("hf", True, False, False),  # + several cells (per-row vectors) per generate
+    "fast_decoder": ("fast", True, False, False),  # + own decoder: last-position logits, fresh per-call hooks
+    "prefix_dedup": ("fast", True, True, False),  # + shared prompt prefix run once per cell
+    "compaction": ("fast", True, True, True),  # + finished rows leave the batch (the full engine)
+}
+
+
+def engine_sweep(model, prompts, cells, bank, max_new_tokens, pack_rows, variant="compaction"):
+    """The engine's generation over the grid; `variant` switches techniques off (see VARIANTS)."""
+    from crystallized_safety.generation import generate
+    from crystallized_safety.runner import pack_intervention
+
+    engine, packed, share, compact = VARIANTS[variant]
     conds = {}
     for layer, alpha in cells:
         conds[(layer, alpha)] = baseline(HARMFUL) if layer is None else Condition(HARMFUL, (layer,), alpha)
@@ -107,10 +122,23 @@ def engine_sweep(model, prompts, cells, bank, max_new_tokens, pack_rows):
     by_key = {c.condition.key: cell for cell, c in zip(conds, chunks)}
     results = {}
     n_tokens = 0
-    for pack in make_packs(chunks, pack_rows):
-        for chunk, rows in zip(pack, worker.run_pack(pack)):
-            results[by_key[chunk.condition.key]] = [r["response"] for r in rows]
-            n_tokens += sum(r["n_tokens"] for r in rows)
+    for pack in make_packs(chunks, pack_rows if packed else 0):
+        iv = pack_intervention([c.condition for c in pack], len(prompts), bank)
+        rows = [p for c in pack for p in c.prompts]
+        gens = generate(
+            model,
+            rows,
+            iv,
+            max_new_tokens=max_new_tokens,
+            batch_size=len(rows),
+            engine=engine,
+            share_prefix=share,
+            compact=compact,
+        )
+        for j, chunk in enumerate(pack):
+            block = gens[j * len(prompts) : (j + 1) * len(prompts)]
+            results[by_key[chunk.condition.key]] = [g.response for g in block]
+            n_tokens += sum(len(g.token_ids) for g in block)
     return results, n_tokens
 
 
@@ -174,7 +202,11 @@ def main() -> None:
     ap.add_argument("--alphas", default=None, help="relative alphas (default -0.1,-0.2,-0.3,-0.4,-0.5)")
     ap.add_argument("--prompts", type=int, default=None)
     ap.add_argument("--max-new-tokens", type=int, default=None)
-    ap.add_argument("--pack-rows", type=int, default=140)
+    ap.add_argument("--pack-rows", default="auto", help="rows per generate, or auto (measured: largest and fastest)")
+    ap.add_argument(
+        "--techniques", action="store_true", help="also time the engine with techniques switched off, one by one"
+    )
+    ap.add_argument("--bf16", action="store_true", help="also time the full engine on a bfloat16 copy of the model")
     ap.add_argument("--json", default=None, help="also write all numbers here")
     ap.add_argument("--skip-extract-naive", action="store_true", help="skip the (slow) per-layer naive extraction")
     args = ap.parse_args()
@@ -218,22 +250,75 @@ def main() -> None:
         )
 
     judge = SubstringJudge()
-    t0 = time.perf_counter()
-    engine, n_tokens = engine_sweep(model, prompts, cells, bank, mnt, args.pack_rows)
-    out["engine_s"] = time.perf_counter() - t0
+    if args.pack_rows == "auto":
+        from crystallized_safety.fastgen import autotune_rows
+
+        t0 = time.perf_counter()
+        ids = model.tokenizer(model.format(prompts), add_special_tokens=False)["input_ids"]
+        pack_rows, probes = autotune_rows(model, ids, mnt, start=n, limit=n * len(cells))
+        out["autotune_s"] = time.perf_counter() - t0
+        out["autotune_probes"] = probes
+        log(
+            f"batch autotune ({out['autotune_s']:.1f} s): "
+            + ", ".join(f"{p['rows']} rows {p.get('est_s_per_row', float('nan')) * 1000:.0f} ms/row" for p in probes)
+            + f" -> {pack_rows}"
+        )
+    else:
+        pack_rows = int(args.pack_rows)
+    out["pack_rows"] = pack_rows
+
+    variants = list(VARIANTS) if args.techniques else ["compaction"]
+    runs: dict[str, dict] = {}
+    for variant in variants:
+        t0 = time.perf_counter()
+        texts, n_tokens = engine_sweep(model, prompts, cells, bank, mnt, pack_rows, variant)
+        runs[variant] = {"s": time.perf_counter() - t0, "tokens": n_tokens, "texts": texts}
+        log(f"engine [{variant}]: {runs[variant]['s']:.1f} s, {n_tokens} tokens")
+    if args.bf16:
+        import copy
+
+        model16 = copy.copy(model)
+        model16.hf = copy.deepcopy(model.hf).to(torch.bfloat16)
+        t0 = time.perf_counter()
+        texts, n_tokens = engine_sweep(model16, prompts, cells, bank, mnt, pack_rows)
+        runs["bf16"] = {"s": time.perf_counter() - t0, "tokens": n_tokens, "texts": texts}
+        log(f"engine [bf16]: {runs['bf16']['s']:.1f} s, {n_tokens} tokens")
+        del model16
+    engine, n_tokens = runs["compaction"]["texts"], runs["compaction"]["tokens"]
+    out["engine_s"] = runs["compaction"]["s"]
     out["engine_tokens"] = n_tokens
-    log(f"engine: {out['engine_s']:.1f} s, {n_tokens} tokens")
 
     t0 = time.perf_counter()
     naive = naive_sweep(model, prompts, cells, bank, mnt)
     out["naive_s"] = time.perf_counter() - t0
     log(f"naive: {out['naive_s']:.1f} s")
 
+    def agreement(texts: dict) -> tuple[float, float]:
+        ref = {c: [bool(v.refusal) for v in judge.judge(prompts, texts[c])] for c in cells}
+        same = sum(a == b for c in cells for a, b in zip(ref_naive[c], ref[c]))
+        identical = sum(a == b for c in cells for a, b in zip(naive[c], texts[c]))
+        return same / (len(cells) * n), identical / (len(cells) * n)
+
     ref_naive = {c: [bool(v.refusal) for v in judge.judge(prompts, naive[c])] for c in cells}
     ref_engine = {c: [bool(v.refusal) for v in judge.judge(prompts, engine[c])] for c in cells}
-    same = sum(a == b for c in cells for a, b in zip(ref_naive[c], ref_engine[c]))
-    out["verdict_agreement"] = same / (len(cells) * n)
-    out["identical_responses"] = sum(a == b for c in cells for a, b in zip(naive[c], engine[c])) / (len(cells) * n)
+    out["verdict_agreement"], out["identical_responses"] = agreement(engine)
+    out["techniques"] = {}
+    for name, r in runs.items():
+        agree, ident = agreement(r["texts"])
+        out["techniques"][name] = {
+            "seconds": r["s"],
+            "speedup_vs_naive": out["naive_s"] / r["s"],
+            "verdict_agreement": agree,
+            "identical_responses": ident,
+            "tokens": r["tokens"],
+        }
+    if len(runs) > 1:
+        log("technique           seconds  x naive  verdicts  identical")
+        for name, t in out["techniques"].items():
+            log(
+                f"{name:<18} {t['seconds']:8.1f} {t['speedup_vs_naive']:8.2f} {t['verdict_agreement']:9.3f} "
+                f"{t['identical_responses']:10.3f}"
+            )
 
     # screening: first-token score over the whole grid, forward passes only
     scorer = RefusalScoreJudge(model)

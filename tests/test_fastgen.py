@@ -111,3 +111,33 @@ def test_compaction_drops_finished_rows():
     assert out[0].finished and out[0].token_ids == base[0].token_ids[:1]
     assert decode_rows[0] == len(PROMPTS) and min(decode_rows) < len(PROMPTS)
     assert decode_rows == sorted(decode_rows, reverse=True)
+
+
+def test_autotune_doubles_until_limit_and_picks_the_cheapest_row():
+    from crystallized_safety.fastgen import autotune_rows
+
+    model = make_tiny("llama")
+    ids = model.tokenizer(model.format(PROMPTS), add_special_tokens=False)["input_ids"]
+    rows, table = autotune_rows(model, ids, 16, start=3, limit=24, tolerance=10.0)
+    assert [t["rows"] for t in table] == [3, 6, 12, 24]  # a huge tolerance never stops early
+    best = min(table, key=lambda t: t["est_s_per_row"])
+    assert rows == best["rows"]
+    for t in table:  # the estimate is the probe's arithmetic, not a made-up number
+        assert t["est_s_per_row"] == pytest.approx((t["prefill_s"] + 15 * t["step_s"]) / t["rows"])
+
+
+def test_autotune_stops_at_out_of_memory(monkeypatch):
+    from crystallized_safety import fastgen
+
+    model = make_tiny("llama")
+    ids = model.tokenizer(model.format(PROMPTS), add_special_tokens=False)["input_ids"]
+    real = fastgen.greedy_batch
+
+    def fake(model, token_ids, *args, **kwargs):
+        if len(token_ids) > 8:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 4 GiB")
+        return real(model, token_ids, *args, **kwargs)
+
+    monkeypatch.setattr(fastgen, "greedy_batch", fake)
+    rows, table = fastgen.autotune_rows(model, ids, 8, start=2, limit=64, tolerance=10.0)
+    assert [t["rows"] for t in table] == [2, 4, 8, 16] and table[-1]["oom"] and rows in (2, 4, 8)

@@ -207,3 +207,31 @@ def test_packed_cells_equal_cells_run_alone(tiny_dirs, tmp_path):
             alone = worker.run(chunk)
             assert [r["token_ids"] for r in rows] == [r["token_ids"] for r in alone]
             assert [r["refusal"] for r in rows] == [r["refusal"] for r in alone]
+
+
+@pytest.mark.filterwarnings("ignore:.*underpowered")
+def test_pack_rows_auto_is_measured_once_and_kept(tiny_dirs, tmp_path, monkeypatch):
+    from crystallized_safety import fastgen
+
+    _root, paths = tiny_dirs
+    studies = [{"kind": "layer_sweep", "layers": [1, 2], "alphas": [-0.5, -1.0], "controls": False}]
+    data = tiny_spec(paths, studies=studies, judges=["substring"], coherence={"enabled": False})
+    data["generation"] = {"max_new_tokens": 4, "batch_size": 3, "pack_rows": "auto"}
+    spec = parse_spec(data)
+    calls = []
+    real = fastgen.autotune_rows
+
+    def counted(*args, **kwargs):
+        calls.append(kwargs)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(fastgen, "autotune_rows", counted)
+    store = Store(tmp_path / "auto.sqlite")
+    first = run_experiment(spec, store)
+    tuned = store.get_artifact(first.run_id, paths["tiny"], "pack_rows")[0]
+    assert len(calls) == 1 and calls[0]["start"] == 3
+    assert 3 <= tuned["rows"] <= calls[0]["limit"] and tuned["rows"] in [p["rows"] for p in tuned["probes"]]
+    again = run_experiment(spec, store)
+    assert len(calls) == 1 and again.chunks_run == 0
+    with pytest.raises(Exception, match="pack_rows"):
+        parse_spec({**data, "generation": {"pack_rows": -1}})

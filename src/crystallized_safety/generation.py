@@ -56,6 +56,8 @@ def generate(
     system: str | None = None,
     raw: bool = False,
     engine: str = "fast",
+    share_prefix: bool = True,
+    compact: bool = True,
 ) -> list[Generation]:
     """Generate a response per prompt; an intervention with per-row values covers all `prompts` in order."""
     from transformers import GenerationConfig
@@ -87,7 +89,8 @@ def generate(
         try:
             p, t = prompts[rows], texts[rows]
             if fast:
-                results.extend(_fast_batch(model, p, t, intervention, rows, max_new_tokens, raw, eos))
+                opts = {"share_prefix": share_prefix, "compact": compact}
+                results.extend(_fast_batch(model, p, t, intervention, rows, max_new_tokens, raw, eos, opts))
             else:
                 results.extend(_generate_batch(model, p, t, intervention, rows, config, raw, seed + start, eos))
         except Exception as exc:  # noqa: BLE001 - only OOM is handled, everything else re-raised
@@ -142,12 +145,13 @@ def _fast_batch(
     max_new_tokens: int,
     raw: bool,
     eos: list[int],
+    opts: dict | None = None,
 ) -> list[Generation]:
     from .fastgen import greedy_batch
 
     ids = model.tokenizer(list(texts), add_special_tokens=raw)["input_ids"]
     iv = intervention.select(rows) if intervention is not None else None
-    tokens, ended = greedy_batch(model, ids, iv, max_new_tokens, eos)
+    tokens, ended = greedy_batch(model, ids, iv, max_new_tokens, eos, **(opts or {}))
     return [
         Generation(prompt, model.tokenizer.decode(t, skip_special_tokens=True).strip(), tuple(t), e)
         for prompt, t, e in zip(prompts, tokens, ended)

@@ -415,7 +415,7 @@ def _run_model(
     if spec.screening.enabled:
         chunks = _screen(spec, store, run_id, model_name, executor, load, ctx, plans, chunks, say)
     done = store.done_chunks(run_id)
-    packs = make_packs(chunks, spec.generation.pack_rows)
+    packs = make_packs(chunks, _pack_rows(spec, store, run_id, model_name, load, chunks, say))
     todo = [p for p in packs if any(c.key not in done for c in p)]
     state = {"done": sum(c.key in done for c in chunks)}
 
@@ -429,6 +429,32 @@ def _run_model(
     executor.run(model_name, load, ctx, todo, sink)
     analyse_model(spec, store, run_id, model_name, plans, load, sets)
     return todo_chunks, len(chunks) - todo_chunks
+
+
+def _pack_rows(spec: ExperimentSpec, store, run_id: str, model_name: str, load, chunks, say: Progress) -> int:
+    """The spec's pack_rows; for 'auto', measured once per (run, model) and kept in the store, so a resumed
+    run re-forms the same packs."""
+    if spec.generation.pack_rows != "auto":
+        return spec.generation.pack_rows
+    found = store.get_artifact(run_id, model_name, "pack_rows")
+    if found is None:
+        from .fastgen import autotune_rows
+
+        model = load()
+        prompts = list(chunks[0].prompts) if chunks else ["Hello"]
+        ids = model.tokenizer(model.format(prompts, system=spec.generation.system), add_special_tokens=False)
+        groups: dict[tuple, int] = {}
+        for c in chunks:
+            key = (c.condition.prompt_set, c.start, c.prompts, c.max_new_tokens)
+            groups[key] = groups.get(key, 0) + len(c.prompts)
+        limit = max(groups.values(), default=len(prompts))
+        say(f"{model_name}: tuning the batch size", 0, 1)
+        rows, table = autotune_rows(
+            model, ids["input_ids"], spec.generation.max_new_tokens, start=len(prompts), limit=limit
+        )
+        store.put_artifact(run_id, model_name, "pack_rows", {"rows": rows, "probes": table})
+        found = store.get_artifact(run_id, model_name, "pack_rows")
+    return int(found[0]["rows"])
 
 
 def _screen(

@@ -51,7 +51,19 @@ class DirectionSpec(_Strict):
 class GenerationSpec(_Strict):
     max_new_tokens: int = Field(32, ge=1, le=4096)
     batch_size: int = Field(32, ge=1, description="prompts per chunk (the unit of commit and resume)")
-    pack_rows: int = Field(0, ge=0, description="rows per generate: several cells share a batch; 0 = one cell")
+    pack_rows: int | Literal["auto"] = Field(
+        0,
+        description="rows per generate: several cells share a batch; 0 = one cell; auto = measured once per "
+        "(run, model): the largest batch that fits and is fastest",
+    )
+
+    @field_validator("pack_rows")
+    @classmethod
+    def _pack_rows(cls, v):
+        if isinstance(v, int) and v < 0:
+            raise ValueError("pack_rows must be >= 0 (0 = one cell per generate) or 'auto'")
+        return v
+
     system: str | None = None
 
 
