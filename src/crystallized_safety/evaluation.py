@@ -60,11 +60,18 @@ def refusal_rate(
     max_new_tokens: int = 32,
     batch_size: int = 32,
     system: str | None = None,
+    engine: str = "fast",
 ) -> RefusalRate:
     """Greedy generations judged (substring judge by default) -> refusal rate with Wilson CI."""
     judge = judge or SubstringJudge()
     gens = generate(
-        model, list(prompts), intervention, max_new_tokens=max_new_tokens, batch_size=batch_size, system=system
+        model,
+        list(prompts),
+        intervention,
+        max_new_tokens=max_new_tokens,
+        batch_size=batch_size,
+        system=system,
+        engine=engine,
     )
     verdicts = judge.judge([g.prompt for g in gens], [g.response for g in gens])
     k, n, undecided = count_refusals(verdicts)

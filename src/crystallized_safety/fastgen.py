@@ -76,6 +76,48 @@ class _Forward:
         return out.logits[:, -1].float(), out.past_key_values
 
 
+def _prefill(model: Model, fwd: _Forward, token_ids, intervention: Intervention | None, share_prefix: bool):
+    """Prompt prefill over the distinct rows: (last-position logits [U, V], cache [U], mask [U, len], row -> U)."""
+    n, dev = len(token_ids), model.device
+    pad = model.tokenizer.pad_token_id if model.tokenizer.pad_token_id is not None else 0
+    keys = _row_keys(intervention, n, "prompt")
+    # 1. shared prefix: once per distinct intervention (at least one token stays in every suffix)
+    prefix = 0
+    if share_prefix:
+        shortest = min(len(t) for t in token_ids)
+        while prefix < shortest - 1 and all(t[prefix] == token_ids[0][prefix] for t in token_ids):
+            prefix += 1
+    cache = None
+    if prefix:
+        g_rep, g_of_row = _unique(keys)
+        ids = torch.tensor([list(token_ids[0][:prefix])] * len(g_rep), device=dev)
+        pos = torch.arange(prefix, device=dev).expand(len(g_rep), -1)
+        _, cache = fwd(ids, torch.ones_like(ids), pos, None, _phase_iv(intervention, torch.tensor(g_rep), "prompt"))
+    # 2. distinct (intervention, suffix) rows, suffixes left-padded after the prefix
+    s_keys = [(keys[r], tuple(token_ids[r][prefix:])) for r in range(n)] if share_prefix else list(range(n))
+    u_rep, u_of_row = _unique(s_keys)
+    suffixes = [list(token_ids[r][prefix:]) for r in u_rep]
+    width = max(len(s) for s in suffixes)
+    ids = torch.tensor([[pad] * (width - len(s)) + s for s in suffixes], device=dev)
+    smask = torch.tensor([[0] * (width - len(s)) + [1] * len(s) for s in suffixes], device=dev)
+    mask = torch.cat([torch.ones(len(u_rep), prefix, dtype=smask.dtype, device=dev), smask], 1)
+    pos = (mask.cumsum(1) - 1).clamp(min=0)[:, prefix:]
+    if cache is not None:
+        cache.batch_select_indices(g_of_row[torch.tensor(u_rep)].to(dev))
+    logits, cache = fwd(ids, mask, pos, cache, _phase_iv(intervention, torch.tensor(u_rep), "prompt"))
+    return logits, cache, mask, u_of_row
+
+
+def first_logits(
+    model: Model, token_ids: Sequence[Sequence[int]], intervention: Intervention | None, *, share_prefix: bool = True
+) -> torch.Tensor:
+    """Next-token logits after each prompt (float32 [rows, vocab]), through the same deduplicated prefill as
+    `greedy_batch`: what screening needs, without generating."""
+    with torch.inference_mode():
+        logits, _cache, _mask, u_of_row = _prefill(model, _Forward(model), token_ids, intervention, share_prefix)
+    return logits[u_of_row.to(logits.device)]
+
+
 def greedy_batch(
     model: Model,
     token_ids: Sequence[Sequence[int]],
@@ -93,37 +135,13 @@ def greedy_batch(
     fwd = _Forward(model)
     pad = model.tokenizer.pad_token_id if model.tokenizer.pad_token_id is not None else 0
     eos_t = torch.tensor(sorted(set(eos)) or [-1], device=dev)
-    keys = _row_keys(intervention, n, "prompt")
     all_rows = torch.arange(n)
 
     with torch.inference_mode():
-        # 1. shared prefix: once per distinct intervention (at least one token stays in every suffix)
-        prefix = 0
-        if share_prefix:
-            shortest = min(len(t) for t in token_ids)
-            while prefix < shortest - 1 and all(t[prefix] == token_ids[0][prefix] for t in token_ids):
-                prefix += 1
-        cache = None
-        if prefix:
-            g_rep, g_of_row = _unique(keys) if share_prefix else (list(range(n)), all_rows)
-            ids = torch.tensor([list(token_ids[0][:prefix])] * len(g_rep), device=dev)
-            pos = torch.arange(prefix, device=dev).expand(len(g_rep), -1)
-            _, cache = fwd(ids, torch.ones_like(ids), pos, None, _phase_iv(intervention, torch.tensor(g_rep), "prompt"))
-        # 2. distinct (intervention, suffix) rows, suffixes left-padded after the prefix
-        s_keys = [(keys[r], tuple(token_ids[r][prefix:])) for r in range(n)] if share_prefix else list(range(n))
-        u_rep, u_of_row = _unique(s_keys)
-        suffixes = [list(token_ids[r][prefix:]) for r in u_rep]
-        width = max(len(s) for s in suffixes)
-        ids = torch.tensor([[pad] * (width - len(s)) + s for s in suffixes], device=dev)
-        smask = torch.tensor([[0] * (width - len(s)) + [1] * len(s) for s in suffixes], device=dev)
-        mask = torch.cat([torch.ones(len(u_rep), prefix, dtype=smask.dtype, device=dev), smask], 1)
-        pos = (mask.cumsum(1) - 1).clamp(min=0)[:, prefix:]
-        if cache is not None:
-            cache.batch_select_indices(g_of_row[torch.tensor(u_rep)].to(dev))
-        logits, cache = fwd(ids, mask, pos, cache, _phase_iv(intervention, torch.tensor(u_rep), "prompt"))
-        # 3. expand to every row, then decode with finished-row compaction
+        logits, cache, mask, u_of_row = _prefill(model, fwd, token_ids, intervention, share_prefix)
+        # expand the distinct rows to every row, then decode with finished-row compaction
         expand = u_of_row.to(dev)
-        if len(u_rep) != n:
+        if logits.shape[0] != n:
             cache.batch_select_indices(expand)
         logits, mask = logits[expand], mask[expand]
         next_pos = mask.sum(1, keepdim=True)

@@ -54,7 +54,7 @@ from crystallized_safety.judges.agreement import Agreement, agreement
 from crystallized_safety.judges.base import Verdict, check_same_length
 from crystallized_safety.judges.substring import DEFAULT_REFUSAL_PHRASES
 from crystallized_safety.models import Model
-from crystallized_safety.steering import Intervention, steer
+from crystallized_safety.steering import Intervention
 
 PLACEHOLDER_PROMPT = "Hello"
 """User prompt used to find the tokens at the start of the assistant turn (the template tail is fixed)."""
@@ -230,18 +230,6 @@ def refusal_log_odds(logits: torch.Tensor, token_ids: Sequence[int]) -> torch.Te
     return torch.logsumexp(logits[:, mask], dim=-1) - torch.logsumexp(logits[:, ~mask], dim=-1)
 
 
-def last_position_logits(model: Model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Next-token logits [B, V] at the last position of a left-padded batch (positions start per row)."""
-    mask = batch["attention_mask"]
-    position_ids = (mask.long().cumsum(-1) - 1).clamp_min(0)
-    kwargs = dict(batch, position_ids=position_ids, use_cache=False)
-    try:
-        logits = model.hf(**kwargs, logits_to_keep=1).logits
-    except TypeError:  # a model without logits_to_keep: compute them all, keep the last
-        logits = model.hf(**kwargs).logits
-    return logits[:, -1, :]
-
-
 def best_threshold(scores: Sequence[float], labels: Sequence[bool]) -> tuple[float, float]:
     """Threshold maximising accuracy of ``score > t`` against `labels`, and that accuracy.
 
@@ -351,23 +339,24 @@ class RefusalScoreJudge:
     def scores(self, prompts: Sequence[str], intervention: Intervention | None = None) -> torch.Tensor:
         """First-token refusal log-odds per prompt, float32 on the CPU, in order.
 
-        Batched and left-padded; `intervention` (per-row alphas/directions allowed, one row per prompt)
-        is applied through `steer` with the padded prompt length, exactly as in `generate`. Steering
+        Batched through the sweep engine's prefill (`fastgen.first_logits`); `intervention` (per-row
+        alphas/directions allowed, one row per prompt) acts on prompt positions exactly as in `generate`. Steering
         with ``positions="generated"`` changes nothing here: the first generated token is predicted
         from prompt positions only.
         """
         prompts = _check_prompts(prompts)
         if intervention is not None:
             intervention.check(self.model, len(prompts))
+        from ..fastgen import first_logits
+
         texts = self.model.format(prompts, system=self.system, raw=self.raw)
+        ids = self.model.tokenizer(texts, add_special_tokens=self.raw)["input_ids"]
         out = torch.empty(len(texts), dtype=torch.float32)
         for start in range(0, len(texts), self.batch_size):
             rows = slice(start, min(start + self.batch_size, len(texts)))
-            batch = self.model.encode(texts[rows], raw=self.raw)
             iv = intervention.select(rows) if intervention is not None else None
-            n_rows, prompt_len = rows.stop - rows.start, batch["input_ids"].shape[1]
-            with torch.inference_mode(), steer(self.model, iv, prompt_len=prompt_len, batch_rows=n_rows):
-                logits = last_position_logits(self.model, batch)
+            # the engine's prefill: the shared template prefix and repeated (prompt, steering) rows run once
+            logits = first_logits(self.model, ids[rows], iv)
             out[rows] = refusal_log_odds(logits, self.token_ids).cpu()
         return out
 
