@@ -123,7 +123,7 @@ def test_autotune_doubles_until_limit_and_picks_the_cheapest_row():
     best = min(table, key=lambda t: t["est_s_per_row"])
     assert rows == best["rows"]
     for t in table:  # the estimate is the probe's arithmetic, not a made-up number
-        assert t["est_s_per_row"] == pytest.approx((t["prefill_s"] + 15 * t["step_s"]) / t["rows"])
+        assert t["est_s_per_row"] == pytest.approx(t["prefill_s_per_row"] + 15 * t["step_s"] / t["rows"])
 
 
 def test_autotune_stops_at_out_of_memory(monkeypatch):
@@ -131,13 +131,13 @@ def test_autotune_stops_at_out_of_memory(monkeypatch):
 
     model = make_tiny("llama")
     ids = model.tokenizer(model.format(PROMPTS), add_special_tokens=False)["input_ids"]
-    real = fastgen.greedy_batch
+    real = fastgen._Forward.__call__
 
-    def fake(model, token_ids, *args, **kwargs):
-        if len(token_ids) > 8:
+    def fake(self, ids, *args, **kwargs):
+        if ids.shape[0] > 8:
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 4 GiB")
-        return real(model, token_ids, *args, **kwargs)
+        return real(self, ids, *args, **kwargs)
 
-    monkeypatch.setattr(fastgen, "greedy_batch", fake)
+    monkeypatch.setattr(fastgen._Forward, "__call__", fake)
     rows, table = fastgen.autotune_rows(model, ids, 8, start=2, limit=64, tolerance=10.0)
     assert [t["rows"] for t in table] == [2, 4, 8, 16] and table[-1]["oom"] and rows in (2, 4, 8)

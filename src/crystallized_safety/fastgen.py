@@ -196,40 +196,55 @@ def autotune_rows(
     """Rows per batch that generate fastest, as heretic does: double the batch from `start` (up to `limit`)
     while it fits and the estimated seconds per row keep falling.
 
-    Each probe runs the prefill of `rows` rows (prompts cycled, every row distinct by a per-row alpha so no
-    dedup flatters it) and `probe_steps` decode steps; the cost of a full row is extrapolated to
-    `max_new_tokens`. Returns (best rows, the probe table)."""
+    One prefill of `start` rows (prompts cycled, every row made distinct by a per-row alpha so no dedup
+    flatters it) gives the prefill cost per row; for each candidate size its KV cache is copied up to that
+    many rows and `probe_steps` decode steps are timed. A row's cost is extrapolated to `max_new_tokens`:
+    prefill per row + (max_new_tokens - 1) x step / rows. Returns (best rows, the probe table)."""
+    import copy
     import time
 
-    eos: list[int] = []  # probes never stop early
-    table: list[dict] = []
-    rows, best = max(1, start), None
+    start = max(1, start)
+    fwd = _Forward(model)
     direction = torch.randn(model.hidden_size, generator=torch.Generator().manual_seed(0))
-    direction = direction / direction.norm()
     layer = model.n_layers // 2
-    while rows <= max(limit, start):
-        ids = [token_ids[i % len(token_ids)] for i in range(rows)]
-        iv = Intervention({layer: direction}, alpha=torch.linspace(-1e-3, 1e-3, rows))
-        try:
-            t0 = time.perf_counter()
-            greedy_batch(model, ids, iv, 1, eos)
-            t1 = time.perf_counter()
-            greedy_batch(model, ids, iv, 1 + probe_steps, eos)
-            t2 = time.perf_counter()
-        except Exception as exc:  # noqa: BLE001 - out of memory ends the search, anything else is a bug
-            if not _is_oom(exc):
-                raise
-            table.append({"rows": rows, "oom": True})
-            break
-        prefill = t1 - t0
-        step = max(0.0, (t2 - t1) - prefill) / probe_steps
-        per_row = (prefill + step * (max_new_tokens - 1)) / rows
-        table.append({"rows": rows, "prefill_s": prefill, "step_s": step, "est_s_per_row": per_row})
-        if best is None or per_row < best["est_s_per_row"]:
-            best = table[-1]
-        elif per_row > best["est_s_per_row"] * (1 + tolerance):
-            break
-        if rows >= limit:
-            break
-        rows = min(rows * 2, limit)
-    return (best["rows"] if best else max(1, start)), table
+
+    def iv_for(rows: int) -> Intervention:
+        return Intervention({layer: direction / direction.norm()}, alpha=torch.linspace(-1e-3, 1e-3, rows))
+
+    ids = [token_ids[i % len(token_ids)] for i in range(start)]
+    with torch.inference_mode():
+        t0 = time.perf_counter()
+        logits, cache, mask, u_of_row = _prefill(model, fwd, ids, iv_for(start), True)
+        prefill_per_row = (time.perf_counter() - t0) / start
+        first = logits.argmax(-1)
+        table: list[dict] = []
+        rows, best = start, None
+        while True:
+            index = torch.arange(rows, device=model.device) % logits.shape[0]
+            try:
+                c = copy.deepcopy(cache)
+                c.batch_select_indices(index)
+                m, tokens, iv = mask[index], first[index], iv_for(rows)
+                pos = m.sum(1, keepdim=True)
+                t1 = time.perf_counter()
+                for _ in range(probe_steps):
+                    m = torch.cat([m, torch.ones_like(m[:, :1])], 1)
+                    step_logits, c = fwd(tokens[:, None], m, pos, c, iv)
+                    tokens, pos = step_logits.argmax(-1), pos + 1
+                step = (time.perf_counter() - t1) / probe_steps
+                del c
+            except Exception as exc:  # noqa: BLE001 - out of memory ends the search, anything else is a bug
+                if not _is_oom(exc):
+                    raise
+                table.append({"rows": rows, "oom": True})
+                break
+            per_row = prefill_per_row + step * (max_new_tokens - 1) / rows
+            table.append({"rows": rows, "prefill_s_per_row": prefill_per_row, "step_s": step, "est_s_per_row": per_row})
+            if best is None or per_row < best["est_s_per_row"]:
+                best = table[-1]
+            elif per_row > best["est_s_per_row"] * (1 + tolerance):
+                break
+            if rows >= limit:
+                break
+            rows = min(rows * 2, limit)
+    return (best["rows"] if best else start), table
