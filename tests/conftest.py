@@ -130,13 +130,15 @@ ORGANISM_SPEC = {
     "coherence": {"calibration_prompts": 8},
     "judges": ["substring", "score"],
     "studies": [
-        {"kind": "layer_sweep", "layers": [12, 16], "alphas": [-0.5]},
-        {"kind": "threshold", "layer": 12, "alphas": [-0.1, -0.5]},
-        {"kind": "controls", "layer": 12, "alpha": -0.5, "seeds": 1},
-        {"kind": "sign", "layer": 12, "alpha": 0.5},
+        # -0.3: where the direction flips the organism and a random direction of the same norm does not
+        # (at -0.5 a random direction already flips about half: damage, not bypass)
+        {"kind": "layer_sweep", "layers": [12, 16], "alphas": [-0.3]},
+        {"kind": "threshold", "layer": 12, "alphas": [-0.1, -0.3]},
+        {"kind": "controls", "layer": 12, "alpha": -0.3, "seeds": 1},
+        {"kind": "sign", "layer": 12, "alpha": 0.3},
         {"kind": "multilayer", "layer_sets": [[8, 12]], "alphas": [-0.25]},
         {"kind": "induction", "layers": [16], "alphas": [0.5]},
-        {"kind": "transfer", "source_model": "smollm2-135m", "layers": [12], "alphas": [-0.5]},
+        {"kind": "transfer", "source_model": "smollm2-135m", "layers": [12], "alphas": [-0.3]},
         {"kind": "readability", "layers": [4, 12, 16]},
     ],
 }

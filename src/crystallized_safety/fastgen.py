@@ -191,7 +191,7 @@ def autotune_rows(
     start: int,
     limit: int,
     probe_steps: int = 3,
-    tolerance: float = 0.05,
+    tolerance: float = 0.0,
 ) -> tuple[int, list[dict]]:
     """Rows per batch that generate fastest, as heretic does: double the batch from `start` (up to `limit`)
     while it fits and the estimated seconds per row keep falling.
