@@ -176,13 +176,6 @@ def greedy_batch(
 # --------------------------------------------------------------------------- batch-size auto-tuning
 
 
-def _is_oom(exc: BaseException) -> bool:
-    oom_type = getattr(torch, "OutOfMemoryError", None)
-    return (oom_type is not None and isinstance(exc, oom_type)) or (
-        isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower()
-    )
-
-
 def autotune_rows(
     model: Model,
     token_ids: Sequence[Sequence[int]],
@@ -234,6 +227,8 @@ def autotune_rows(
                 step = (time.perf_counter() - t1) / probe_steps
                 del c
             except Exception as exc:  # noqa: BLE001 - out of memory ends the search, anything else is a bug
+                from .generation import _is_oom
+
                 if not _is_oom(exc):
                     raise
                 table.append({"rows": rows, "oom": True})
