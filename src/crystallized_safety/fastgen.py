@@ -3,15 +3,16 @@
 - **prefill dedup**: the token prefix every row shares (system prompt, template head) is run once per
   distinct intervention, and each distinct (prompt, intervention) suffix once, then the KV cache is
   expanded to the batch. When steering touches generated positions only, the whole prompt prefill is
-  shared by every cell that uses the prompt (the issue's "prompt-prefix reuse");
+  shared by every cell that uses the prompt (prompt-prefix reuse);
 - **logits for the last position only** in prefill (the LM head is the widest matmul of a small model);
 - **finished-row compaction**: rows that emitted EOS leave the batch (KV cache, mask, intervention rows),
   so a batch of short refusals does not pay for the longest compliance;
 - a fresh `steer()` per forward call with the rows still active, so per-row alphas/directions follow
   the compaction and `positions=prompt|generated` is a property of the call (prefill or decode).
 
-Verdicts equal the reference path (`generation.generate(..., engine="hf")`, plain `model.generate`);
-tokens may differ only where fp arithmetic of a differently shaped batch breaks a near-tie.
+Tested token for token against the reference path (`generation.generate(..., engine="hf")`, plain
+left-padded `model.generate`); like any change of batch shape, it can differ only where fp arithmetic
+breaks a near-tie between two tokens.
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ def _row_keys(iv: Intervention | None, rows: int, phase: str) -> list[tuple]:
         vec = iv.directions[layer]
         if vec.dim() == 2:
             for r in range(rows):
-                parts[r].append(hash(vec[r].numpy().tobytes()))
+                parts[r].append(vec[r].detach().cpu().numpy().tobytes())  # exact bytes: no hash collisions
     return [tuple(p) for p in parts]
 
 
