@@ -141,3 +141,33 @@ def test_autotune_stops_at_out_of_memory(monkeypatch):
     monkeypatch.setattr(fastgen._Forward, "__call__", fake)
     rows, table = fastgen.autotune_rows(model, ids, 8, start=2, limit=64, tolerance=10.0)
     assert [t["rows"] for t in table] == [2, 4, 8, 16] and table[-1]["oom"] and rows in (2, 4, 8)
+
+
+def test_first_logits_from_the_generation_prefill_equal_a_plain_forward():
+    """The logits handed to `first_logits` (what run_pack turns into first-token refusal scores) equal a plain,
+    unbatched forward of each prompt under its own row's steering."""
+    from crystallized_safety.errors import CrystallizedSafetyError
+    from crystallized_safety.steering import steer
+
+    model = make_tiny("qwen2")
+    prompts, iv = _pack(model)
+    got: dict[int, torch.Tensor] = {}
+    gens = generate(
+        model,
+        prompts,
+        iv,
+        max_new_tokens=3,
+        batch_size=7,
+        first_logits=lambda rows, logits: got.__setitem__(rows.start, logits.clone()),
+    )
+    assert sorted(got) == list(range(0, len(prompts), 7))
+    logits = torch.cat([got[k] for k in sorted(got)])
+    texts = model.format(prompts)
+    for row, text in enumerate(texts):
+        ids = model.tokenizer(text, return_tensors="pt", add_special_tokens=False)
+        with torch.inference_mode(), steer(model, iv.select(slice(row, row + 1)), batch_rows=1):
+            ref = model.hf(**ids).logits[0, -1]
+        torch.testing.assert_close(logits[row], ref, atol=1e-4, rtol=1e-4)
+        assert gens[row].token_ids[:1] == (int(ref.argmax()),) or gens[row].finished
+    with pytest.raises(CrystallizedSafetyError, match="first_logits"):
+        generate(model, prompts[:2], max_new_tokens=2, engine="hf", first_logits=lambda rows, logits: None)

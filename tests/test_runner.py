@@ -180,7 +180,15 @@ def test_ray_executor_matches_local_and_retries(tiny_dirs, tmp_path, ray_cluster
 def test_packed_cells_equal_cells_run_alone(tiny_dirs, tmp_path):
     """Several cells in one batch (per-row vectors, alpha folded in) give the tokens each cell gives alone."""
     from crystallized_safety.models import load_model
-    from crystallized_safety.runner import ChunkWorker, _Loader, _model_context, expand, load_prompt_sets, make_packs
+    from crystallized_safety.runner import (
+        ChunkWorker,
+        _Loader,
+        _model_context,
+        expand,
+        load_prompt_sets,
+        make_packs,
+        pack_intervention,
+    )
 
     _root, paths = tiny_dirs
     data = tiny_spec(
@@ -207,6 +215,11 @@ def test_packed_cells_equal_cells_run_alone(tiny_dirs, tmp_path):
             alone = worker.run(chunk)
             assert [r["token_ids"] for r in rows] == [r["token_ids"] for r in alone]
             assert [r["refusal"] for r in rows] == [r["refusal"] for r in alone]
+            # first-token scores come from the generation's prefill: equal to the judge's own forward pass
+            iv = pack_intervention([chunk.condition], len(chunk.prompts), worker.bank, worker.transfer)
+            own = worker.scorer.scores(list(chunk.prompts), iv).tolist()
+            assert [r["score"] for r in rows] == pytest.approx(own, abs=1e-4)
+            assert [r["score"] for r in alone] == pytest.approx(own, abs=1e-4)
 
 
 @pytest.mark.filterwarnings("ignore:.*underpowered")

@@ -128,9 +128,11 @@ def greedy_batch(
     *,
     share_prefix: bool = True,
     compact: bool = True,
+    on_first_logits=None,
 ) -> tuple[list[list[int]], list[bool]]:
     """Greedy new tokens per row (cut before the first EOS) and whether the row hit EOS.
-    `intervention` covers all rows."""
+    `intervention` covers all rows; `on_first_logits(logits [rows, vocab])` receives the prefill's next-token
+    logits (what the first-token refusal score reads), so a caller need not run the prefill again."""
     n = len(token_ids)
     dev = model.device
     fwd = _Forward(model)
@@ -145,6 +147,8 @@ def greedy_batch(
         if logits.shape[0] != n:
             cache.batch_select_indices(expand)
         logits, mask = logits[expand], mask[expand]
+        if on_first_logits is not None:
+            on_first_logits(logits)
         next_pos = mask.sum(1, keepdim=True)
         active = all_rows.clone()
         stopped = torch.zeros(n, dtype=torch.bool, device=dev)  # without compaction: rows that already ended

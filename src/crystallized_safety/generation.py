@@ -9,7 +9,7 @@ see `fastgen`) and `hf` (left-padded `model.generate`, the reference; also used 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -58,8 +58,12 @@ def generate(
     engine: str = "fast",
     share_prefix: bool = True,
     compact: bool = True,
+    first_logits: Callable[[slice, torch.Tensor], None] | None = None,
 ) -> list[Generation]:
-    """Generate a response per prompt; an intervention with per-row values covers all `prompts` in order."""
+    """Generate a response per prompt; an intervention with per-row values covers all `prompts` in order.
+
+    `first_logits(rows, logits)`, if given, receives each batch's next-token logits after the prompt
+    (float32 [rows, vocab]; the `fast` engine only): the first-token refusal score without a second prefill."""
     from transformers import GenerationConfig
 
     if not prompts:
@@ -73,6 +77,8 @@ def generate(
     texts = model.format(prompts, system=system, raw=raw)
     eos = _eos_ids(model)
     fast = engine == "fast" and not do_sample
+    if first_logits is not None and not fast:
+        raise CrystallizedSafetyError("first_logits needs greedy decoding with engine='fast'")
     config = GenerationConfig(
         max_new_tokens=max_new_tokens,
         do_sample=do_sample,
@@ -90,6 +96,8 @@ def generate(
             p, t = prompts[rows], texts[rows]
             if fast:
                 opts = {"share_prefix": share_prefix, "compact": compact}
+                if first_logits is not None:
+                    opts["on_first_logits"] = lambda logits, rows=rows: first_logits(rows, logits)
                 results.extend(_fast_batch(model, p, t, intervention, rows, max_new_tokens, raw, eos, opts))
             else:
                 results.extend(_generate_batch(model, p, t, intervention, rows, config, raw, seed + start, eos))

@@ -117,6 +117,14 @@ class ChunkWorker:
 
         iv = pack_intervention([c.condition for c in pack], len(pack[0].prompts), self.bank, self.transfer)
         prompts = [p for chunk in pack for p in chunk.prompts]
+        scores: list = [None] * len(prompts)
+
+        def first_token_scores(rows: slice, logits) -> None:
+            # the first-token refusal score read from the generation's own prefill (no second forward pass)
+            from .judges.refusal_score import refusal_log_odds
+
+            scores[rows] = refusal_log_odds(logits, self.scorer.token_ids).cpu().tolist()
+
         gens = generate(
             self.model,
             prompts,
@@ -124,10 +132,10 @@ class ChunkWorker:
             max_new_tokens=pack[0].max_new_tokens,
             batch_size=len(prompts),
             system=self.ctx.system,
+            first_logits=first_token_scores if self.scorer is not None else None,
         )
         responses = [g.response for g in gens]
         verdicts = self.substring.judge(prompts, responses)
-        scores = self.scorer.scores(prompts, iv).tolist() if self.scorer is not None else [None] * len(prompts)
         coh = self.gate.evaluate(prompts, responses) if self.gate is not None else [None] * len(prompts)
         out, pos = [], 0
         for chunk in pack:
