@@ -246,5 +246,6 @@ def test_pack_rows_auto_is_measured_once_and_kept(tiny_dirs, tmp_path, monkeypat
     assert 3 <= tuned["rows"] <= calls[0]["limit"] and tuned["rows"] in [p["rows"] for p in tuned["probes"]]
     again = run_experiment(spec, store)
     assert len(calls) == 1 and again.chunks_run == 0
-    with pytest.raises(Exception, match="pack_rows"):
-        parse_spec({**data, "generation": {"pack_rows": -1}})
+    for bad in (-1, "fast", True):
+        with pytest.raises(Exception, match=r"pack_rows must be a number of rows >= 0 .* or 'auto', got"):
+            parse_spec({**data, "generation": {"pack_rows": bad}})

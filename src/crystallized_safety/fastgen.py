@@ -27,9 +27,18 @@ from .models import Model
 from .steering import Intervention, steer
 
 
+def _acts(iv: Intervention | None, phase: str) -> bool:
+    """Whether `iv` steers in this phase ("prompt" = prefill, "generated" = decode steps)."""
+    return iv is not None and iv.positions != ("generated" if phase == "prompt" else "prompt")
+
+
+def _pad_id(model: Model) -> int:
+    return model.tokenizer.pad_token_id if model.tokenizer.pad_token_id is not None else 0
+
+
 def _row_keys(iv: Intervention | None, rows: int, phase: str) -> list[tuple]:
     """Rows with equal keys get identical steering in this phase (so identical activations for equal tokens)."""
-    if iv is None or iv.positions == ("generated" if phase == "prompt" else "prompt"):
+    if not _acts(iv, phase):
         return [()] * rows
     parts: list[list] = [[] for _ in range(rows)]
     if isinstance(iv.alpha, torch.Tensor):
@@ -45,7 +54,7 @@ def _row_keys(iv: Intervention | None, rows: int, phase: str) -> list[tuple]:
 
 def _phase_iv(iv: Intervention | None, rows: torch.Tensor, phase: str) -> Intervention | None:
     """The intervention for these rows in one forward call; None when it does not act in this phase."""
-    if iv is None or iv.positions == ("generated" if phase == "prompt" else "prompt"):
+    if not _acts(iv, phase):
         return None
     return replace(iv.select(rows), positions="all")
 
@@ -80,7 +89,7 @@ class _Forward:
 def _prefill(model: Model, fwd: _Forward, token_ids, intervention: Intervention | None, share_prefix: bool):
     """Prompt prefill over the distinct rows: (last-position logits [U, V], cache [U], mask [U, len], row -> U)."""
     n, dev = len(token_ids), model.device
-    pad = model.tokenizer.pad_token_id if model.tokenizer.pad_token_id is not None else 0
+    pad = _pad_id(model)
     keys = _row_keys(intervention, n, "prompt")
     # 1. shared prefix: once per distinct intervention (at least one token stays in every suffix)
     prefix = 0
@@ -136,7 +145,7 @@ def greedy_batch(
     n = len(token_ids)
     dev = model.device
     fwd = _Forward(model)
-    pad = model.tokenizer.pad_token_id if model.tokenizer.pad_token_id is not None else 0
+    pad = _pad_id(model)
     eos_t = torch.tensor(sorted(set(eos)) or [-1], device=dev)
     all_rows = torch.arange(n)
 

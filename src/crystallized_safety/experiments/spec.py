@@ -57,12 +57,12 @@ class GenerationSpec(_Strict):
         "(run, model): the largest batch that fits and is fastest",
     )
 
-    @field_validator("pack_rows")
+    @field_validator("pack_rows", mode="before")
     @classmethod
     def _pack_rows(cls, v):
-        if isinstance(v, int) and v < 0:
-            raise ValueError("pack_rows must be >= 0 (0 = one cell per generate) or 'auto'")
-        return v
+        if v == "auto" or (isinstance(v, int) and not isinstance(v, bool) and v >= 0):
+            return v
+        raise ValueError(f"pack_rows must be a number of rows >= 0 (0 = one cell per generate) or 'auto', got {v!r}")
 
     system: str | None = None
 
