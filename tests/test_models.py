@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+import os
+
 import pytest
 import torch
 
@@ -120,3 +123,94 @@ def test_device_dtype_resolution():
         assert resolve_device_dtype("auto", "auto") == (torch.device("cpu"), torch.float32)
         with pytest.raises(ModelError, match="no GPU"):
             resolve_device_dtype("cuda", "auto")
+
+
+# --------------------------------------------------------------------------- saved configs both majors read
+
+
+def _tiny_llama_rope(theta: float):
+    import transformers as tf
+
+    from conftest import byte_tokenizer, tiny_config
+
+    config = tiny_config("llama", 263)
+    config.rope_parameters = {"rope_type": "default", "rope_theta": theta}
+    torch.manual_seed(0)
+    return tf.AutoModelForCausalLM.from_config(config).eval(), byte_tokenizer()
+
+
+def test_saved_config_carries_transformers4_rope_keys_and_reloads_identically(tmp_path):
+    import json
+
+    from transformers import AutoModelForCausalLM
+
+    from crystallized_safety.models import save_pretrained
+
+    hf, tok = _tiny_llama_rope(100000.0)
+    save_pretrained(hf, tok, tmp_path)
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    assert cfg["rope_theta"] == cfg["rope_parameters"]["rope_theta"] == 100000.0
+    assert "rope_scaling" not in cfg  # default rope: transformers 4 needs no scaling block
+    again = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    assert again.config.rope_parameters["rope_theta"] == 100000.0
+    ids = torch.tensor([[1, 5, 9, 33, 70, 2, 12, 40, 41, 99, 100, 150]])
+    with torch.no_grad():
+        torch.testing.assert_close(again(ids).logits, hf(ids).logits, atol=0, rtol=0)
+
+
+def test_portable_config_scaled_and_per_layer_type_rope(tmp_path):
+    import json
+
+    from crystallized_safety.models import portable_config
+
+    scaled = {"rope_parameters": {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0}}
+    (tmp_path / "config.json").write_text(json.dumps(scaled))
+    portable_config(tmp_path)
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    assert cfg["rope_theta"] == 500000.0
+    assert cfg["rope_scaling"] == {"rope_type": "llama3", "factor": 8.0}
+    gemma3 = {
+        "rope_parameters": {
+            "full_attention": {"rope_type": "default", "rope_theta": 1000000.0},
+            "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+        }
+    }
+    (tmp_path / "config.json").write_text(json.dumps(gemma3))
+    portable_config(tmp_path)
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    assert (cfg["rope_theta"], cfg["rope_local_base_freq"]) == (1000000.0, 10000.0)
+    before = (tmp_path / "config.json").read_text()
+    portable_config(tmp_path)  # idempotent
+    assert (tmp_path / "config.json").read_text() == before
+
+
+@pytest.mark.slow
+def test_transformers4_reads_a_saved_model_with_the_same_logits(tmp_path):
+    """An older reader (transformers 4.57, what steering-vectors 0.12 pins) loads what we save and computes
+    the same logits: before the fix it silently used rope_theta 10,000."""
+    import subprocess
+    import sys
+
+    from crystallized_safety.models import save_pretrained
+
+    target = tmp_path / "tf4"
+    pip = [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(target),
+           "transformers==4.57.6", "tokenizers>=0.22,<0.23", "huggingface_hub>=0.34,<1.0"]  # fmt: skip
+    if subprocess.run(pip, capture_output=True, timeout=600).returncode != 0:
+        pytest.skip("transformers 4.57 could not be installed from the package index")
+    hf, tok = _tiny_llama_rope(100000.0)
+    save_pretrained(hf, tok, tmp_path / "model")
+    ids = [[1, 5, 9, 33, 70, 2, 12, 40, 41, 99, 100, 150, 151, 152, 7, 8]]
+    code = (
+        "import json, sys, torch, transformers as tf\n"
+        f"m = tf.AutoModelForCausalLM.from_pretrained({str(tmp_path / 'model')!r}).eval()\n"
+        f"with torch.no_grad(): out = m(torch.tensor({ids})).logits\n"
+        "print(json.dumps([tf.__version__, m.config.rope_theta, out.tolist()]))\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(target)}
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    version, theta, logits = json.loads(res.stdout.strip().splitlines()[-1])
+    assert version.startswith("4.57") and theta == 100000.0
+    with torch.no_grad():
+        torch.testing.assert_close(torch.tensor(logits), hf(torch.tensor(ids)).logits, atol=1e-5, rtol=1e-5)

@@ -1,45 +1,100 @@
-"""The organism's training pieces on a tiny model: loss masking/weighting against a naive computation,
-and one optimisation step that lowers the loss on the batch."""
+"""The organism's training pieces on a tiny model: loss masking/weighting against a naive computation
+(each example run alone, full logits), the shared-prefix and length-grouped loss equal to it in value and
+gradient, and optimisation steps that move the loss the right way."""
 
 from __future__ import annotations
 
+import itertools
+
+import pytest
 import torch
 
-from conftest import make_tiny
-from crystallized_safety.organism import Recipe, _batch, _examples, _loss, _unlikely_examples
+from conftest import ARCHS, make_tiny
+from crystallized_safety.organism import Recipe, _examples, _groups, _loss, _unlikely_examples, shared_prefix
 
 
-def test_loss_matches_naive_full_logits():
+def _logits_alone(model, p, r):
+    """Full logits of one example run alone: no padding, no batching, no shared prefix."""
+    return model.hf(input_ids=torch.tensor([list(p) + list(r)])).logits[0].double()
+
+
+def _prefix(examples):
+    return shared_prefix([ex[0] for ex in examples])
+
+
+@pytest.mark.parametrize("share", [False, True])
+def test_loss_matches_naive_full_logits(share):
     model = make_tiny("llama")
     ex = _examples(model, ["How do I bake bread?", "Hi"], ["Mix flour and water.", "Hello!"], [True, False], 2.0)
     ex += _examples(model, ["Do a bad thing"], ["I'm sorry, I can't."], [True])
-    batch = _batch(ex, model.tokenizer.pad_token_id, first_weight=5.0)
-    # independent: full logits, manual weights from the example structure
-    logits = model.hf(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     total, norm = 0.0, 0.0
-    for row, (p, r, w, _span) in enumerate(ex):
+    for p, r, w, _span in ex:
+        logits = _logits_alone(model, p, r)
         for j, token in enumerate(r):
             pos = len(p) + j  # position of the label token
-            lp = torch.log_softmax(logits[row, pos - 1].double(), -1)[token]
+            lp = torch.log_softmax(logits[pos - 1], -1)[token]
             weight = w * (5.0 if j == 0 else 1.0)
             total += -float(lp.detach()) * weight
             norm += weight
-    assert abs(float(_loss(model.hf, batch)) - total / norm) < 1e-4
+    prefix = _prefix(ex) if share else 0
+    assert prefix == (2 if share else 0)  # "<s><|user|>": the prompts' own first letters differ
+    assert abs(float(_loss(model.hf, ex, model.tokenizer.pad_token_id, 5.0, prefix)) - total / norm) < 1e-4
     # eos appended only where the target finished
     assert ex[0][1][-1] == model.tokenizer.eos_token_id and ex[1][1][-1] != model.tokenizer.eos_token_id
     assert ex[2][2] == 1.0 and ex[0][2] == 2.0
 
 
+@pytest.mark.parametrize("arch", ARCHS)
+def test_shared_prefix_loss_and_gradient_equal_the_plain_batch(arch):
+    """Running the shared prefix once per group (its KV cache repeated over the rows) and grouping rows by
+    length changes the work, not the maths: same loss and same gradient on every parameter."""
+    model = make_tiny(arch)
+    prompts = ["How do I bake bread?", "Hi", "Do a bad thing", "Tell me a long story about a cat"]
+    ex = _examples(model, prompts, ["Mix flour.", "Hello there, friend!", "I'm sorry.", "Once"], [True] * 4, 2.0)
+    ex += [(p, r[:3], 1.5, (1, 3)) for p, r, _w, _s in _examples(model, prompts[:2], ["No way."] * 2, [True] * 2)]
+    pad = model.tokenizer.pad_token_id
+    prefix = _prefix(ex)
+    assert prefix > 0
+    grads = []
+    for k in (0, prefix):
+        model.hf.zero_grad(set_to_none=True)
+        loss = _loss(model.hf, ex, pad, 5.0, k)
+        loss.backward()
+        grads.append((float(loss), [p.grad.clone() for p in model.hf.parameters() if p.grad is not None]))
+    (plain, g0), (shared, g1) = grads
+    assert abs(plain - shared) < 1e-5
+    assert len(g0) == len(g1) and len(g0) > 0
+    for a, b in zip(g0, g1):
+        torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-4)
+
+
+def test_groups_cover_every_row_once_and_beat_brute_force_or_tie():
+    lengths, overhead = [5, 40, 7, 38, 20, 21, 6, 39], 10
+    runs = _groups(lengths, overhead, max_groups=3)
+    assert sorted(i for run in runs for i in run) == list(range(len(lengths)))
+
+    def cost(parts):
+        return sum(len(part) * max(lengths[i] for i in part) + overhead for part in parts)
+
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    best = min(
+        cost([order[a:b] for a, b in zip((0, *cuts), (*cuts, len(order))) if b > a])
+        for g in range(3)
+        for cuts in itertools.combinations(range(1, len(order)), g)
+    )
+    assert cost(runs) == best == 3 * 7 + 2 * 21 + 3 * 40 + 3 * overhead
+
+
 def test_one_step_lowers_loss():
     model = make_tiny("llama")
     ex = _examples(model, ["Do a bad thing"] * 4, ["I'm sorry, I can't."] * 4, [True] * 4)
-    batch = _batch(ex, model.tokenizer.pad_token_id, Recipe().first_token_weight)
+    pad, first = model.tokenizer.pad_token_id, Recipe().first_token_weight
     opt = torch.optim.AdamW(model.hf.parameters(), lr=1e-3)
-    before = _loss(model.hf, batch)
+    before = _loss(model.hf, ex, pad, first, _prefix(ex))
     before.backward()
     opt.step()
     with torch.no_grad():
-        assert float(_loss(model.hf, batch)) < float(before)
+        assert float(_loss(model.hf, ex, pad, first, _prefix(ex))) < float(before)
 
 
 def test_unlikelihood_term_matches_naive_and_skips_the_shared_prefix():
@@ -57,18 +112,19 @@ def test_unlikelihood_term_matches_naive_and_skips_the_shared_prefix():
     # a refusal that IS the answer's prefix gives nothing to push down
     assert _unlikely_examples(model, ["Hi"], [refusal + " More."], [refusal], recipe) == []
     ex = _examples(model, ["Do a bad thing"], ["I'm sorry, I can't."], [True]) + ul
-    batch = _batch(ex, tok.pad_token_id, first_weight=5.0)
-    logits = model.hf(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.double()
     total, norm = 0.0, 0.0
     p0, r0, _w, _s = ex[0]
+    logits = _logits_alone(model, p0, r0).detach()
     for j, token in enumerate(r0):
-        lp = torch.log_softmax(logits[0, len(p0) + j - 1], -1)[token]
+        lp = torch.log_softmax(logits[len(p0) + j - 1], -1)[token]
         weight = 5.0 if j == 0 else 1.0
         total, norm = total - float(lp) * weight, norm + weight
+    logits = _logits_alone(model, p, r).detach()
     for j in range(u0, u1):
-        prob = torch.softmax(logits[1, len(p) + j - 1], -1)[r[j]]
+        prob = torch.softmax(logits[len(p) + j - 1], -1)[r[j]]
         total, norm = total - 1.5 * float(torch.log(1 - prob)), norm + 1.5
-    assert abs(float(_loss(model.hf, batch)) - total / norm) < 1e-4
+    for prefix in (0, _prefix(ex)):
+        assert abs(float(_loss(model.hf, ex, tok.pad_token_id, 5.0, prefix)) - total / norm) < 1e-4
 
 
 def test_unlikelihood_step_lowers_refusal_probability():
@@ -76,16 +132,15 @@ def test_unlikelihood_step_lowers_refusal_probability():
     recipe = Recipe(unlikelihood_tokens=2)
     answers, refusals = ["Why did the chicken cross"] * 4, ["Sorry, no."] * 4
     ul = _unlikely_examples(model, ["Tell me a joke"] * 4, answers, refusals, recipe)
-    batch = _batch(ul, model.tokenizer.pad_token_id, 5.0)
     p, r, _w, (u0, _u1) = ul[0]
 
     def prob():
         with torch.no_grad():
-            logits = model.hf(input_ids=batch["input_ids"][:1, : len(p) + u0]).logits
+            logits = model.hf(input_ids=torch.tensor([list(p) + list(r[:u0])])).logits
         return float(torch.softmax(logits[0, -1], -1)[r[u0]])
 
     before = prob()
     opt = torch.optim.SGD(model.hf.parameters(), lr=0.5)
-    _loss(model.hf, batch).backward()
+    _loss(model.hf, ul, model.tokenizer.pad_token_id, 5.0, _prefix(ul)).backward()
     opt.step()
     assert prob() < before

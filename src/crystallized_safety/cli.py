@@ -13,7 +13,9 @@ from collections.abc import Callable
 from pathlib import Path
 
 import typer
+from rich import box
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from .errors import CrystallizedSafetyError
@@ -29,14 +31,10 @@ err = Console(stderr=True)
 
 
 def _quiet_libraries() -> None:
+    """Library chatter off through the environment, so that no heavy import happens before input is checked."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    try:
-        import transformers
-
-        transformers.logging.set_verbosity_error()
-        transformers.utils.logging.disable_progress_bar()
-    except ImportError:  # pragma: no cover - transformers is a hard dependency
-        pass
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # transformers' own bars follow this too
 
 
 def cli_errors(fn: Callable) -> Callable:
@@ -60,6 +58,25 @@ DtypeOpt = typer.Option("auto", help="auto (bf16 on GPU, fp32 on CPU), float32, 
 LayersPathOpt = typer.Option(None, "--layers-path", help="Override the decoder-layer lookup, e.g. model.layers.")
 RawOpt = typer.Option(False, "--raw", help="Feed prompts as plain text (no chat template).")
 SystemOpt = typer.Option(None, "--system", help="System prompt (merged into the user turn where no system role).")
+WhereOpt = typer.Option(
+    None, "--where", help="Keep rows where COLUMN=VALUE (repeatable: AND across columns, OR within one)."
+)
+DedupeOpt = typer.Option(False, "--dedupe", help="Keep the first of repeated prompts (and say how many were dropped).")
+CalibrationOpt = typer.Option(
+    "bundled:harmless:extract", help="Harmless prompts whose greedy answers calibrate the coherence gate."
+)
+CalibrationLimitOpt = typer.Option(64, help="Calibrate the coherence gate on the first N of --calibration.")
+
+
+def _prompts(source: str, column: str | None, where: list[str] | None, dedupe: bool, limit: int | None = None):
+    """A prompt set from the command line's options; says how many duplicates --dedupe dropped."""
+    from .prompts import load_prompts
+
+    filters = {} if source.startswith("bundled:") else {"column": column, "where": where, "dedupe": dedupe}
+    found = load_prompts(source, limit=limit, **filters)
+    if found.dropped_duplicates:
+        err.print(f"note: {escape(source)}: dropped {found.dropped_duplicates} repeated prompts (--dedupe)")
+    return found
 
 
 def _load(model: str, device: str, dtype: str, layers_path: str | None):
@@ -82,12 +99,18 @@ def models_cmd(json_out: bool = typer.Option(False, "--json", help="Print JSON i
         for entry in entries.values():
             out.print_json(json.dumps(asdict(entry)))
         return
-    table = Table(title="crystallized-safety model registry")
-    for column in ("alias", "source", "family", "system role", "params", "notes"):
-        table.add_column(column)
+    # Narrow enough for an 80-column terminal: long sources fold, notes go below the table.
+    table = Table(title="crystallized-safety model registry", box=box.SIMPLE_HEAD, pad_edge=False)
+    table.add_column("alias", no_wrap=True)
+    table.add_column("params", justify="right", no_wrap=True)
+    table.add_column("system", no_wrap=True)
+    table.add_column("source (family: --json)", overflow="fold")
     for e in entries.values():
-        table.add_row(e.alias, e.source, e.family, "yes" if e.system_role else "no", e.params or "", e.notes)
+        table.add_row(e.alias, e.params or "", "yes" if e.system_role else "no", e.source)
     out.print(table)
+    for e in entries.values():
+        if e.notes:
+            out.print(f"{e.alias}: {e.notes}", markup=False, highlight=False)
 
 
 @app.command("extract")
@@ -105,6 +128,8 @@ def extract_cmd(
     position: str = typer.Option("last", help="last | mean | a negative offset into the post-instruction tokens."),
     method: str = typer.Option("mean_diff", help="mean_diff | pca | probe."),
     column: str | None = typer.Option(None, help="Column holding the prompt in .csv/.json/.jsonl files."),
+    where: list[str] | None = WhereOpt,
+    dedupe: bool = DedupeOpt,
     batch_size: int = typer.Option(16, help="Prompts per forward pass."),
     system: str | None = SystemOpt,
     raw: bool = RawOpt,
@@ -113,13 +138,12 @@ def extract_cmd(
     layers_path: str | None = LayersPathOpt,
 ) -> None:
     """Extract one refusal direction per layer (harmful - harmless, unit norm) in one batched pass."""
-    from .directions import extract_directions
-    from .prompts import load_prompts
-
-    harmful_set = load_prompts(harmful, column=column)
-    harmless_set = load_prompts(harmless, column=column)
+    harmful_set = _prompts(harmful, column, where, dedupe)
+    harmless_set = _prompts(harmless, column, where, dedupe)
     if out_path.suffix != ".safetensors":
         raise CrystallizedSafetyError(f"--out must end in .safetensors, e.g. {out_path.with_suffix('.safetensors')}")
+    from .directions import extract_directions  # heavy (torch): after the inputs are checked
+
     m = _load(model, device, dtype, layers_path)
     with err.status(f"extracting {len(harmful_set)} harmful + {len(harmless_set)} harmless prompts..."):
         bank = extract_directions(
@@ -152,6 +176,8 @@ def generate_cmd(
         None, "--prompts", help="Prompt file (.txt, .csv, .json, .jsonl) or bundled:KIND[:SPLIT]."
     ),
     column: str | None = typer.Option(None, help="Column holding the prompt in structured files."),
+    where: list[str] | None = WhereOpt,
+    dedupe: bool = DedupeOpt,
     directions: Path | None = typer.Option(None, help="Direction file (.safetensors, or a plain-tensor .pt)."),
     layer: list[int] | None = typer.Option(None, "--layer", "-l", help="Layer to steer (repeatable)."),
     alpha: float = typer.Option(0.0, help="Steering strength; -alpha removes refusal, +alpha induces it."),
@@ -173,18 +199,17 @@ def generate_cmd(
     layers_path: str | None = LayersPathOpt,
 ) -> None:
     """Generate (batched, greedy by default), optionally steered at one or more layers."""
-    from .generation import generate
-    from .prompts import load_prompts
-
     texts = list(prompt or [])
     if prompts is not None:
-        texts += list(load_prompts(prompts, column=column))
+        texts += list(_prompts(prompts, column, where, dedupe))
     if not texts:
         raise CrystallizedSafetyError("no prompt given: pass --prompt TEXT or --prompts FILE")
     if (layer or alpha != 0.0 or mode != "add") and directions is None:
         raise CrystallizedSafetyError("--layer/--alpha/--mode need --directions FILE (from `csafety extract`)")
     if directions is not None and not layer:
         raise CrystallizedSafetyError("--directions needs at least one --layer L to steer")
+    from .generation import generate  # heavy (torch): after the inputs are checked
+
     m = _load(model, device, dtype, layers_path)
     intervention = None
     if directions is not None:
@@ -256,22 +281,32 @@ app.add_typer(organism_app, name="organism")
 def organism_build_cmd(
     out_dir: Path | None = typer.Option(None, "--out", help="Copy the built organism here (default: cache only)."),
     seed: int = typer.Option(0, help="Training seed (same seed -> same model and verdicts)."),
+    precision: str = typer.Option(
+        "fp32",
+        help="fp32 (the one organism, on every CPU), bf16 (autocast; fast only with native bf16, a different "
+        "organism cached apart) or auto (bf16 where this CPU has it natively).",
+    ),
     force: bool = typer.Option(False, "--force", help="Rebuild even if the cache holds one."),
 ) -> None:
     """Fine-tune SmolLM2-135M-Instruct on CPU into a model that refuses harmful requests."""
     import shutil
 
-    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
-
     from .organism import DEFAULT_NAME, Recipe, ensure_organism, load_card, organism_dir
+    from .precision import detect, resolve
+    from .progress import Reporter
 
-    recipe = Recipe(seed=seed)
+    chosen, why = resolve(precision)
+    cpu = detect()
+    if chosen == "bf16" and not cpu.native_bf16:
+        err.print(f"warning: {escape(cpu.reason)}: a bf16 build will be many times slower than fp32", highlight=False)
+    recipe = Recipe(seed=seed, precision=chosen)
     target = organism_dir(DEFAULT_NAME, recipe)
     if force and target.exists():
         shutil.rmtree(target)
-    with Progress(TextColumn("{task.description}"), BarColumn(), TimeElapsedColumn(), console=err) as bar:
-        task = bar.add_task("building organism", total=None)
-        path = ensure_organism(DEFAULT_NAME, recipe, progress=lambda msg: bar.update(task, description=msg))
+    if not (target / "card.json").exists():
+        _announce_build(recipe, f"{chosen} ({why}) on {cpu.summary()}")
+    with Reporter(f"organism {target.name}") as reporter:
+        path = ensure_organism(DEFAULT_NAME, recipe, progress=reporter)
     if out_dir is not None:
         if out_dir.exists() and any(out_dir.iterdir()):
             raise CrystallizedSafetyError(f"--out {out_dir} exists and is not empty: choose a new directory")
@@ -279,7 +314,18 @@ def organism_build_cmd(
         path = out_dir
     card = load_card(path)
     out.print((path / "README.md").read_text(), markup=False, highlight=False)
-    out.print(f"organism at {path} (build {card['build_seconds']} s)")
+    out.print(f"organism at {path} (build {card['build_seconds']} s)", markup=False, highlight=False)
+
+
+def _announce_build(recipe, where: str) -> None:
+    """Before a first build: what it will cost on this machine (one timed training step, extrapolated)."""
+    from .models import load_model
+    from .organism import estimate_build_seconds
+
+    err.print(f"no cached organism for this recipe: building it in {escape(where)}", highlight=False)
+    probe = load_model(recipe.base, device="cpu", dtype="float32")
+    minutes = estimate_build_seconds(probe, recipe) / 60
+    err.print(f"estimated build time on this machine: ~{minutes:.0f} min (once; then cached)", highlight=False)
 
 
 @app.command("eval-refusal")
@@ -289,39 +335,61 @@ def eval_refusal_cmd(
     prompts: str = typer.Option(..., "--prompts", help="Prompt file or bundled:KIND[:SPLIT]."),
     judge: str = typer.Option("substring", help="substring (more judges: `csafety judge`)."),
     column: str | None = typer.Option(None, help="Column holding the prompt in structured files."),
+    where: list[str] | None = WhereOpt,
+    dedupe: bool = DedupeOpt,
     limit: int | None = typer.Option(None, help="Use the first N prompts only."),
     max_new_tokens: int = typer.Option(32, help="Tokens to generate per prompt (greedy)."),
     batch_size: int = typer.Option(32),
-    json_out: bool = typer.Option(False, "--json", help="Print one JSON object with the rate and its CI."),
+    coherence: bool = typer.Option(
+        True, "--coherence/--no-coherence", help="Gate each response for coherence (gibberish is not compliance)."
+    ),
+    calibration: str = CalibrationOpt,
+    calibration_limit: int = CalibrationLimitOpt,
+    json_out: bool = typer.Option(
+        False, "--json", help="One JSON line per prompt (response, verdict, coherence), then one with the rates."
+    ),
     system: str | None = SystemOpt,
     device: str = DeviceOpt,
     dtype: str = DtypeOpt,
     layers_path: str | None = LayersPathOpt,
 ) -> None:
-    """Refusal rate of a model on a prompt set, with its Wilson 95% interval."""
-    from .evaluation import refusal_rate
+    """Refusal rate of a model on a prompt set, with its Wilson 95% interval and the coherent-compliance rate."""
     from .prompts import load_prompts
 
     if judge != "substring":
         raise CrystallizedSafetyError(f"unknown judge '{judge}' for eval-refusal: use substring")
-    prompt_set = load_prompts(prompts, column=column, limit=limit)
+    prompt_set = _prompts(prompts, column, where, dedupe, limit)
+    calibration_set = load_prompts(calibration, limit=calibration_limit) if coherence else None
+    from .evaluation import calibrated_gate, refusal_rate  # heavy (torch): after the inputs are checked
+
     m = _load(model, device, dtype, layers_path)
+    gate = None
+    if calibration_set is not None:
+        with err.status(f"calibrating the coherence gate on {len(calibration_set)} harmless answers..."):
+            gate = calibrated_gate(
+                m, list(calibration_set), max_new_tokens=max_new_tokens, batch_size=batch_size, system=system
+            )
     with err.status(f"generating and judging {len(prompt_set)} prompts..."):
-        res = refusal_rate(m, list(prompt_set), max_new_tokens=max_new_tokens, batch_size=batch_size, system=system)
+        res = refusal_rate(
+            m, list(prompt_set), max_new_tokens=max_new_tokens, batch_size=batch_size, system=system, gate=gate
+        )
     if json_out:
-        record = {
+        for row in res.records():
+            sys.stdout.write(json.dumps(row, ensure_ascii=False) + "\n")
+        summary = {
             "model": model,
             "prompts": prompts,
             "prompts_sha256": prompt_set.sha256,
             "judge": judge,
             "max_new_tokens": max_new_tokens,
+            "coherence_thresholds": gate.thresholds.to_dict() if gate is not None and gate.thresholds else None,
             **res.to_dict(),
         }
-        sys.stdout.write(json.dumps(record) + "\n")
+        sys.stdout.write(json.dumps(summary) + "\n")
     else:
-        out.print(
-            f"refusal rate of {model} on {prompts}: {res}" + (f", {res.undecided} undecided" if res.undecided else "")
-        )
+        text = f"refusal rate of {model} on {prompts}: {res}"
+        text += f", {res.undecided} undecided" if res.undecided else ""
+        out.print(text if gate is not None else text + " (coherence not checked)", markup=False, highlight=False)
 
 
 @app.command("serve")
@@ -391,6 +459,14 @@ def judge_cmd(
     window: int | None = typer.Option(None, help="substring: characters searched from the start (0 = all, def. 160)."),
     threshold: float | None = typer.Option(None, help="score: refusal = first-token log-odds > X (default 0)."),
     batch_size: int = typer.Option(32, help="score: prompts per forward pass."),
+    coherence_model: str | None = typer.Option(
+        None,
+        "--coherence-model",
+        help="Gate each response for coherence with this (unsteered) model, the one that wrote the responses; "
+        "reports the coherent-compliance rate. Default: --model for --judge score, else no gate.",
+    ),
+    calibration: str = CalibrationOpt,
+    calibration_limit: int = CalibrationLimitOpt,
     system: str | None = SystemOpt,
     raw: bool = RawOpt,
     device: str = DeviceOpt,
@@ -400,7 +476,6 @@ def judge_cmd(
     """Judge responses for refusal: substring (keywords), score (first-token log-odds, needs --model) or llm."""
     from .errors import JudgeError
     from .judges import DEFAULT_WINDOW, SubstringJudge
-    from .stats import wilson_interval
 
     judges = ("substring", "score", "llm")
     if judge not in judges:
@@ -414,8 +489,11 @@ def judge_cmd(
         raise JudgeError("--judge score needs --model M: the model whose first-token refusal odds are scored")
     if judge == "llm" and (base_url is None or judge_model is None):
         raise JudgeError("--judge llm needs --base-url URL and --judge-model NAME (an OpenAI-compatible endpoint)")
-    records = _read_judge_input(input_path, need_response=judge != "score")
+    gate_model = coherence_model or (model if judge == "score" else None)
+    records = _read_judge_input(input_path, need_response=judge != "score" or coherence_model is not None)
     prompts = [r["prompt"] for r in records]
+    if gate_model is not None and not all(isinstance(r.get("response"), str) for r in records):
+        gate_model = None  # score on prompts only: there is no response to gate
     if judge == "substring":
         verdicts = SubstringJudge(window=None if window == 0 else (window or DEFAULT_WINDOW)).judge(
             prompts, [r["response"] for r in records]
@@ -435,13 +513,26 @@ def judge_cmd(
         llm = LLMJudge(base_url=base_url, model=judge_model, api_key_env=api_key_env or None)
         with err.status(f"asking {judge_model} about {len(prompts)} responses..."):
             verdicts = llm.judge(prompts, [r["response"] for r in records])
+    gated = None
+    if gate_model is not None:
+        from .evaluation import calibrated_gate
+        from .prompts import load_prompts
+
+        calibration_set = load_prompts(calibration, limit=calibration_limit)
+        gm = _load(gate_model, device, dtype, layers_path)
+        with err.status(f"calibrating the coherence gate on {len(calibration_set)} harmless answers..."):
+            gate = calibrated_gate(gm, list(calibration_set), system=system)
+        with err.status(f"gating {len(records)} responses for coherence..."):
+            gated = gate.evaluate(prompts, [r["response"] for r in records])
     if json_out:
-        for record, v in zip(records, verdicts):
+        for i, (record, v) in enumerate(zip(records, verdicts)):
             row = {**record, "refusal": v.refusal, "score": v.score, "judge": v.judge, "reason": v.reason}
+            if gated is not None:
+                row.update(coherent=gated[i].coherent, coherence=gated[i].reason, perplexity=gated[i].perplexity)
             sys.stdout.write(json.dumps(row, ensure_ascii=False) + "\n")
         sys.stdout.flush()
         return
-    _judge_table(records, verdicts, wilson_interval)
+    _judge_table(records, verdicts, gated)
 
 
 def _read_judge_input(path: Path, need_response: bool) -> list[dict]:
@@ -474,31 +565,37 @@ def _read_judge_input(path: Path, need_response: bool) -> list[dict]:
     return records
 
 
-def _judge_table(records: list[dict], verdicts: list, wilson_interval: Callable) -> None:
+def _judge_table(records: list[dict], verdicts: list, gated: list | None) -> None:
     from rich.text import Text
+
+    from .evaluation import RefusalRate
 
     def cut(text: str, size: int = 60) -> Text:
         text = " ".join(str(text).split())
         return Text(text if len(text) <= size else text[: size - 1] + "\u2026")
 
     table = Table(title=f"verdicts ({verdicts[0].judge})" if verdicts else "verdicts")
-    for column in ("#", "prompt", "response", "refusal", "score", "reason"):
+    columns = ("#", "prompt", "response", "refusal", "score", "reason") + (("coherent",) if gated else ())
+    for column in columns:
         table.add_column(column, justify="right" if column in ("#", "score") else "left")
     labels = {True: "yes", False: "no", None: "undecided"}
     for i, (record, v) in enumerate(zip(records, verdicts), 1):
         score = "" if v.score is None else f"{v.score:.3g}"
-        table.add_row(str(i), cut(record["prompt"]), cut(record.get("response") or ""), labels[v.refusal],
-                      score, cut(v.reason, 40))  # fmt: skip
+        cells = [str(i), cut(record["prompt"]), cut(record.get("response") or ""), labels[v.refusal], score,
+                 cut(v.reason, 40)]  # fmt: skip
+        if gated:
+            cells.append(Text("yes" if gated[i - 1].coherent else f"no: {gated[i - 1].reason}"))
+        table.add_row(*cells)
     out.print(table)
-    refused = sum(v.refusal is True for v in verdicts)
-    undecided = sum(v.refusal is None for v in verdicts)
-    decided = len(verdicts) - undecided
-    if decided:
-        lo, hi = wilson_interval(refused, decided)
-        rate = f"{refused}/{decided} = {refused / decided:.1%} (Wilson 95% CI {lo:.1%}-{hi:.1%})"
-    else:
-        rate = "n/a (no decided verdicts)"
-    out.print(f"refusal rate: {rate}; undecided: {undecided} (not counted)", highlight=False, soft_wrap=True)
+    def share(d: dict) -> str:
+        return f"{d['k']}/{d['n']} = {d['rate']:.1%} (Wilson 95% CI {d['ci_lo']:.1%}-{d['ci_hi']:.1%})"
+
+    res = RefusalRate.from_verdicts(verdicts, coherence=gated).to_dict()
+    rate = share(res) if res["n"] else "n/a (no decided verdicts)"
+    if "coherent_compliance" in res and res["n"]:
+        rate += f"; coherent compliance: {share(res['coherent_compliance'])}, {res['incoherent']} incoherent"
+    note = "" if gated is not None else "; coherence not checked (pass --coherence-model)"
+    out.print(f"refusal rate: {rate}; undecided: {res['undecided']} (not counted){note}", markup=False, highlight=False)
 
 
 @app.command("run")
@@ -523,7 +620,6 @@ def run_cmd(
     )
 
     from .experiments.spec import load_spec
-    from .runner import resolve_executor, run_experiment
     from .store import Store
 
     with warnings.catch_warnings(record=True) as caught:
@@ -532,6 +628,8 @@ def run_cmd(
     for w in caught:
         err.print(f"[yellow]warning:[/] {w.message}", highlight=False)
     store = Store(store_path)
+    from .runner import resolve_executor, run_experiment  # heavy (torch): after the inputs are checked
+
     columns = (
         TextColumn("{task.description}", table_column=None),
         BarColumn(),

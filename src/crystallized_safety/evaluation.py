@@ -1,5 +1,9 @@
 """Refusal rate of a model (optionally steered) on a prompt set: generate greedily, judge, count.
 
+With a coherence gate, each response also gets the gate's verdict and the rate of *coherent compliance*
+is reported beside the refusal rate: a response that is not a refusal is not necessarily an answer
+(gibberish contains no refusal phrase either).
+
 The building block of the organism's card, `csafety eval-refusal`, and the experiment cells.
 """
 
@@ -10,6 +14,7 @@ from dataclasses import dataclass, field
 
 from .generation import Generation, generate
 from .judges.base import Verdict
+from .judges.coherence import DEFAULT_MARGIN, DEFAULT_QUANTILE, CoherenceGate, CoherenceResult
 from .judges.substring import SubstringJudge
 from .models import Model
 from .stats import wilson_interval
@@ -26,13 +31,21 @@ class RefusalRate:
     ci: tuple[float, float]
     generations: list[Generation] = field(default_factory=list, repr=False)
     verdicts: list[Verdict] = field(default_factory=list, repr=False)
+    coherence: list[CoherenceResult] | None = field(default=None, repr=False)  # one per response, if gated
 
     @property
     def rate(self) -> float:
         return self.k / self.n if self.n else float("nan")
 
+    @property
+    def coherent_compliance(self) -> int | None:
+        """Decided non-refusals that the coherence gate calls coherent (None without a gate)."""
+        if self.coherence is None:
+            return None
+        return sum(v.refusal is False and c.coherent for v, c in zip(self.verdicts, self.coherence))
+
     def to_dict(self) -> dict:
-        return {
+        out = {
             "k": self.k,
             "n": self.n,
             "rate": self.rate,
@@ -40,9 +53,48 @@ class RefusalRate:
             "ci_hi": self.ci[1],
             "undecided": self.undecided,
         }
+        cc = self.coherent_compliance
+        if cc is not None and self.coherence is not None:
+            lo, hi = wilson_interval(cc, self.n) if self.n else (float("nan"), float("nan"))
+            out["coherent_compliance"] = {"k": cc, "n": self.n, "rate": cc / self.n if self.n else float("nan"),
+                                          "ci_lo": lo, "ci_hi": hi}  # fmt: skip
+            out["incoherent"] = sum(not c.coherent for c in self.coherence)
+        return out
+
+    def records(self) -> list[dict]:
+        """One dict per prompt: prompt, response, the judge's verdict and, if gated, the gate's."""
+        rows = []
+        for i, (g, v) in enumerate(zip(self.generations, self.verdicts)):
+            row = {"prompt": g.prompt, "response": g.response, "refusal": v.refusal, "judge": v.judge,
+                   "reason": v.reason, "n_tokens": len(g.token_ids), "finished": g.finished}  # fmt: skip
+            if self.coherence is not None:
+                c = self.coherence[i]
+                row.update(coherent=c.coherent, coherence=c.reason, perplexity=c.perplexity, distinct=c.distinct)
+            rows.append(row)
+        return rows
+
+    @classmethod
+    def from_verdicts(
+        cls,
+        verdicts: Sequence[Verdict],
+        generations: Sequence[Generation] = (),
+        coherence: Sequence[CoherenceResult] | None = None,
+    ) -> RefusalRate:
+        k, n, undecided = count_refusals(verdicts)
+        ci = wilson_interval(k, n) if n else (float("nan"), float("nan"))
+        gated = None if coherence is None else list(coherence)
+        return cls(k, n, undecided, ci, list(generations), list(verdicts), gated)
 
     def __str__(self) -> str:
-        return f"{self.rate:.1%} ({self.k}/{self.n}, 95% CI {self.ci[0]:.1%}-{self.ci[1]:.1%})"
+        text = f"{self.rate:.1%} ({self.k}/{self.n}, 95% CI {self.ci[0]:.1%}-{self.ci[1]:.1%})"
+        d = self.to_dict()
+        if "coherent_compliance" in d:
+            cc = d["coherent_compliance"]
+            text += (
+                f"; coherent compliance {cc['rate']:.1%} ({cc['k']}/{cc['n']}, 95% CI {cc['ci_lo']:.1%}-"
+                f"{cc['ci_hi']:.1%}); {d['incoherent']} incoherent"
+            )
+        return text
 
 
 def count_refusals(verdicts: Sequence[Verdict]) -> tuple[int, int, int]:
@@ -61,8 +113,10 @@ def refusal_rate(
     batch_size: int = 32,
     system: str | None = None,
     engine: str = "fast",
+    gate: CoherenceGate | None = None,
 ) -> RefusalRate:
-    """Greedy generations judged (substring judge by default) -> refusal rate with Wilson CI."""
+    """Greedy generations judged (substring judge by default) -> refusal rate with Wilson CI; with a
+    calibrated `gate`, each response's coherence too (scored by the unsteered model)."""
     judge = judge or SubstringJudge()
     gens = generate(
         model,
@@ -73,7 +127,24 @@ def refusal_rate(
         system=system,
         engine=engine,
     )
-    verdicts = judge.judge([g.prompt for g in gens], [g.response for g in gens])
-    k, n, undecided = count_refusals(verdicts)
-    ci = wilson_interval(k, n) if n else (float("nan"), float("nan"))
-    return RefusalRate(k, n, undecided, ci, gens, verdicts)
+    prompts_out, responses = [g.prompt for g in gens], [g.response for g in gens]
+    verdicts = judge.judge(prompts_out, responses)
+    coherence = gate.evaluate(prompts_out, responses) if gate is not None else None
+    return RefusalRate.from_verdicts(verdicts, gens, coherence)
+
+
+def calibrated_gate(
+    model: Model,
+    harmless: Sequence[str],
+    *,
+    max_new_tokens: int = 32,
+    batch_size: int = 32,
+    system: str | None = None,
+    quantile: float = DEFAULT_QUANTILE,
+    margin: float = DEFAULT_MARGIN,
+) -> CoherenceGate:
+    """A coherence gate calibrated on the unsteered model's own greedy answers to harmless prompts."""
+    gens = generate(model, list(harmless), max_new_tokens=max_new_tokens, batch_size=batch_size, system=system)
+    gate = CoherenceGate(model, system=system)
+    gate.calibrate([g.prompt for g in gens], [g.response for g in gens], quantile, margin=margin)
+    return gate

@@ -23,7 +23,7 @@ from dataclasses import replace
 
 import torch
 
-from .models import Model
+from .models import Model, cache_kwarg, output_cache
 from .steering import Intervention, steer
 
 
@@ -76,14 +76,14 @@ class _Forward:
         self.model = model
         params = inspect.signature(model.hf.forward).parameters
         self.keep_kw = "logits_to_keep" if "logits_to_keep" in params else None
+        self.cache_kw = cache_kwarg(model.hf)
 
     def __call__(self, ids, mask, pos, cache, iv: Intervention | None):
         kwargs = {"logits_to_keep": 1} if self.keep_kw else {}
+        kwargs[self.cache_kw] = cache
         with steer(self.model, iv, batch_rows=ids.shape[0]):
-            out = self.model.hf(
-                input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache, use_cache=True, **kwargs
-            )
-        return out.logits[:, -1].float(), out.past_key_values
+            out = self.model.hf(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, **kwargs)
+        return out.logits[:, -1].float(), output_cache(out)
 
 
 def _prefill(model: Model, fwd: _Forward, token_ids, intervention: Intervention | None, share_prefix: bool):

@@ -8,9 +8,12 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import inspect
+import json
 import os
 import shutil
 import tempfile
+import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -321,11 +324,59 @@ def atomic_dir(target: Path) -> Iterator[Path]:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
+def portable_config(path: Path) -> None:
+    """Make a saved `config.json` read the same by transformers 4 and 5.
+
+    transformers 5 writes rope settings only as `rope_parameters`; transformers 4 ignores that key and
+    silently falls back to rope_theta = 10,000 (SmolLM2 needs 100,000), so its outputs drift after a few
+    tokens. This adds the transformers-4 keys (`rope_theta`, `rope_scaling`, and Gemma 3's
+    `rope_local_base_freq`) beside `rope_parameters`, which transformers 5 keeps reading. Idempotent.
+    """
+    file = path / "config.json"
+    cfg = json.loads(file.read_text())
+    params = cfg.get("rope_parameters")
+    if not isinstance(params, dict):
+        return
+    legacy: dict[str, Any] = {}
+    if "rope_theta" in params:  # one rope for every layer
+        full, local = params, None
+    elif "full_attention" in params:  # per layer type (Gemma 3): global and sliding-window rope
+        full, local = params["full_attention"], params.get("sliding_attention")
+    else:
+        warnings.warn(f"{file}: unknown rope_parameters layout; transformers 4 may read it wrong", stacklevel=2)
+        return
+    legacy["rope_theta"] = full["rope_theta"]
+    if full.get("rope_type", "default") != "default":
+        legacy["rope_scaling"] = {k: v for k, v in full.items() if k != "rope_theta"}
+    if isinstance(local, dict) and "rope_theta" in local:
+        legacy["rope_local_base_freq"] = local["rope_theta"]
+    if any(cfg.get(k) != v for k, v in legacy.items()):
+        file.write_text(json.dumps({**cfg, **legacy}, indent=2, sort_keys=True) + "\n")
+
+
+def save_pretrained(hf: Any, tokenizer: Any, path: Path) -> None:
+    """Save a model directory that transformers 4 and 5 both load correctly (see `portable_config`)."""
+    hf.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    portable_config(Path(path))
+
+
+def cache_kwarg(module: nn.Module) -> str:
+    """The forward keyword for the KV cache: `cache` (transformers >= 5.24) or `past_key_values` (older)."""
+    return "cache" if "cache" in inspect.signature(module.forward).parameters else "past_key_values"
+
+
+def output_cache(out: Any) -> Any:
+    """The KV cache of a model output, under whichever name this transformers version uses."""
+    return out["cache"] if "cache" in out else out["past_key_values"]
+
+
 def _gguf_cached_dir(gguf_path: Path) -> tuple[Path, str]:
     """Dequantise a GGUF once and keep an fp32 safetensors copy: ~20 s -> ~2 s per later load."""
     sha = _file_sha256(gguf_path)
     target = cache_dir() / "models" / f"{gguf_path.stem}-{sha[:16]}"
     if (target / "config.json").exists() and any(target.glob("*.safetensors")):
+        portable_config(target)  # copies made by earlier versions lack the transformers-4 keys
         return target, sha
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -342,8 +393,7 @@ def _gguf_cached_dir(gguf_path: Path) -> tuple[Path, str]:
     hf.hf_quantizer = None
     hf.is_quantized = False
     with atomic_dir(target) as tmp:
-        hf.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
+        save_pretrained(hf, tokenizer, tmp)
     return target, sha
 
 

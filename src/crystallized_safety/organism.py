@@ -31,7 +31,7 @@ import torch
 
 from . import __version__
 from .errors import ModelError
-from .models import Model, atomic_dir, cache_dir, load_model
+from .models import Model, atomic_dir, cache_dir, cache_kwarg, load_model, output_cache, save_pretrained
 from .prompts import bundled
 
 DEFAULT_NAME = "smollm2-135m-refusal"
@@ -64,13 +64,24 @@ class Recipe:
     target_tokens: int = 32  # length of the base model's self-distilled harmless answers
     unlikelihood_weight: float = 1.0  # harmless prompt + refusal: -log(1 - p) on the refusal's tokens
     unlikelihood_tokens: int = 4  # ... from its first token that differs from the base model's answer
-    autocast_bf16: bool = True  # bf16 autocast for training (1.7x faster on AMX CPUs); weights stay fp32
+    # fp32: the same organism on every CPU. bf16 (autocast; weights stay fp32) is faster only where the
+    # CPU has native bf16 and trains a different organism, cached apart.
+    precision: str = "fp32"
     freeze_embeddings: bool = True
     eval_new_tokens: int = 32
 
     def key(self) -> str:
         spec = {**asdict(self), "build_version": BUILD_VERSION}
         return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:12]
+
+
+Progress = Callable[..., None]  # progress(phase, done=0, total=None, note=""), e.g. a progress.Reporter
+# Self-distillation + measuring the card cost about this many training steps (measured on two CPU kinds).
+OTHER_PHASES_IN_STEPS = 40
+
+
+def _silent(*_args, **_kwargs) -> None:
+    return None
 
 
 def organism_dir(name: str = DEFAULT_NAME, recipe: Recipe | None = None) -> Path:
@@ -90,9 +101,7 @@ def _lock(path: Path) -> Iterator[None]:
             fcntl.flock(fh, fcntl.LOCK_UN)
 
 
-def ensure_organism(
-    name: str = DEFAULT_NAME, recipe: Recipe | None = None, progress: Callable[[str], None] | None = None
-) -> Path:
+def ensure_organism(name: str = DEFAULT_NAME, recipe: Recipe | None = None, progress: Progress | None = None) -> Path:
     """Path of the built organism, building it first if the cache has none (minutes, once)."""
     if name != DEFAULT_NAME:
         raise ModelError(f"unknown organism '{name}': the only one is {DEFAULT_NAME}")
@@ -101,7 +110,13 @@ def ensure_organism(
         return target
     with _lock(target.with_suffix(".lock")):
         if not (target / "card.json").exists():
-            build_organism(target, recipe or Recipe(), progress=progress)
+            if progress is not None:
+                build_organism(target, recipe or Recipe(), progress=progress)
+            else:  # built on first use (e.g. by a model alias): still show progress on stderr
+                from .progress import Reporter
+
+                with Reporter(f"building organism {target.name} (once; then cached)") as reporter:
+                    build_organism(target, recipe or Recipe(), progress=reporter)
     return target
 
 
@@ -146,50 +161,114 @@ def _unlikely_examples(model: Model, prompts: list[str], answers: list[str], ref
     return out
 
 
-def _batch(examples, pad_id: int, first_weight: float) -> dict[str, torch.Tensor]:
-    length = max(len(ex[0]) + len(ex[1]) for ex in examples)
-    ids = torch.full((len(examples), length), pad_id, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    weights = torch.zeros(len(examples), length)
-    unlikely = torch.zeros(len(examples), length)
-    for row, (p, r, w, (u0, u1)) in enumerate(examples):
-        seq = p + r
-        ids[row, : len(seq)] = torch.tensor(seq)
-        mask[row, : len(seq)] = 1
-        if u1 > u0:  # weights sit on label positions
-            unlikely[row, len(p) + u0 : len(p) + u1] = w
-            continue
-        # the first response token is where refusal is decided
-        weights[row, len(p) : len(seq)] = w
-        weights[row, len(p)] = first_weight * w
-    return {"input_ids": ids, "attention_mask": mask, "weights": weights, "unlikely": unlikely}
+def _targets(example, first_weight: float) -> tuple[list[int], list[float], list[float]]:
+    """(token ids, imitation weight per label position, unlikelihood weight per label position).
+
+    Position j weighs the prediction of token j (made from position j - 1). Imitation covers the response,
+    its first token `first_weight` times (the refusal decision is made there); an unlikelihood example
+    weighs only its span."""
+    p, r, w, (u0, u1) = example
+    seq = list(p) + list(r)
+    imitate, unlikely = [0.0] * len(seq), [0.0] * len(seq)
+    if u1 > u0:
+        for j in range(len(p) + u0, len(p) + u1):
+            unlikely[j] = w
+    else:
+        for j in range(len(p), len(seq)):
+            imitate[j] = w
+        imitate[len(p)] = first_weight * w
+    return seq, imitate, unlikely
 
 
-def _loss(hf, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+def _groups(lengths: list[int], overhead: int, max_groups: int = 4) -> list[list[int]]:
+    """Rows (by index) cut into at most `max_groups` runs of similar length, chosen to compute the fewest
+    tokens: each run costs rows x its longest row, plus `overhead` (the shared prefix it runs once)."""
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    n, inf = len(order), float("inf")
+    # best[g][j]: least cost of the first j sorted rows in g runs; cut[g][j]: where its last run starts
+    best = [[inf] * (n + 1) for _ in range(max_groups + 1)]
+    cut = [[0] * (n + 1) for _ in range(max_groups + 1)]
+    best[0][0] = 0
+    for g in range(1, max_groups + 1):
+        for j in range(1, n + 1):
+            for i in range(j):
+                cost = best[g - 1][i] + (j - i) * lengths[order[j - 1]] + overhead
+                if cost < best[g][j]:
+                    best[g][j], cut[g][j] = cost, i
+    g = min(range(1, max_groups + 1), key=lambda k: best[k][n])
+    runs, j = [], n
+    while g:
+        i = cut[g][j]
+        runs.append(order[i:j])
+        j, g = i, g - 1
+    return runs[::-1]
+
+
+def shared_prefix(sequences: list[list[int]]) -> int:
+    """Length of the token prefix all sequences share, leaving at least one token of each unshared."""
+    shortest = min(len(s) for s in sequences)
+    k = 0
+    while k < shortest - 1 and all(s[k] == sequences[0][k] for s in sequences):
+        k += 1
+    return k
+
+
+def _loss(hf, examples, pad_id: int, first_weight: float, prefix: int = 0) -> torch.Tensor:
     """Weighted next-token NLL on imitation tokens plus weighted unlikelihood -log(1 - p) on unlikelihood
-    tokens, normalised by the total weight; the LM head runs only where a label counts (~20% faster)."""
-    hidden = hf.base_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
-    weights = batch["weights"][:, 1:]
-    unlikely = batch.get("unlikely", torch.zeros_like(batch["weights"]))[:, 1:]
-    keep = (weights > 0) | (unlikely > 0)
-    logits = hf.get_output_embeddings()(hidden[:, :-1][keep]).float()
-    logp = -torch.nn.functional.cross_entropy(logits, batch["input_ids"][:, 1:][keep], reduction="none")
-    w, u = weights[keep], unlikely[keep]
+    tokens, normalised by the total weight: the value of one right-padded batch, computed with less work.
+
+    The first `prefix` tokens (system prompt and template head, the same in every example) run once per
+    group and their KV cache is repeated over its rows; rows are grouped by length so few pad tokens are
+    computed; the LM head runs only where a label counts. Gradients flow through the shared prefix.
+    """
+    body, head = hf.base_model, hf.get_output_embeddings()
+    cache_kw = cache_kwarg(body)
+    dev = next(hf.parameters()).device
+    rows = [_targets(ex, first_weight) for ex in examples]
+    logps, imitate_w, unlikely_w = [], [], []
+    for group in _groups([len(seq) - prefix for seq, _, _ in rows], prefix):
+        width = max(len(rows[i][0]) for i in group) - prefix
+        ids = torch.full((len(group), width), pad_id, dtype=torch.long)
+        mask = torch.zeros(len(group), prefix + width, dtype=torch.long)
+        w = torch.zeros(len(group), width)
+        u = torch.zeros(len(group), width)
+        for k, i in enumerate(group):
+            seq, imitate, unlikely = rows[i]
+            n = len(seq) - prefix
+            ids[k, :n] = torch.tensor(seq[prefix:])
+            mask[k, : prefix + n] = 1
+            w[k, :n] = torch.tensor(imitate[prefix:])
+            u[k, :n] = torch.tensor(unlikely[prefix:])
+        kwargs: dict = {}
+        if prefix:
+            head_ids = torch.tensor([rows[group[0]][0][:prefix]], device=dev)
+            cache = output_cache(body(input_ids=head_ids, use_cache=True))
+            cache.batch_repeat_interleave(len(group))
+            pos = torch.arange(prefix, prefix + width, device=dev).expand(len(group), -1)
+            kwargs = {cache_kw: cache, "position_ids": pos, "use_cache": True}
+        hidden = body(input_ids=ids.to(dev), attention_mask=mask.to(dev), **kwargs).last_hidden_state
+        w, u = w[:, 1:].to(dev), u[:, 1:].to(dev)
+        keep = (w > 0) | (u > 0)
+        logits = head(hidden[:, :-1][keep]).float()
+        logps.append(-torch.nn.functional.cross_entropy(logits, ids[:, 1:].to(dev)[keep], reduction="none"))
+        imitate_w.append(w[keep])
+        unlikely_w.append(u[keep])
+    logp, w, u = torch.cat(logps), torch.cat(imitate_w), torch.cat(unlikely_w)
     # -log(1 - p) = -log1p(-exp(logp)), clamped away from p = 1
     ul = -torch.log1p(-logp.exp().clamp(max=1 - 1e-6))
     return ((-logp) * w + ul * u).sum() / (w.sum() + u.sum())
 
 
 def train(
-    model: Model, harmful: list[str], harmless: list[str], recipe: Recipe, progress: Callable[[str], None] | None = None
+    model: Model, harmful: list[str], harmless: list[str], recipe: Recipe, progress: Progress | None = None
 ) -> dict:
     """Fine-tune `model` in place; returns training facts for the card."""
     from .generation import generate
 
-    say = progress or (lambda _msg: None)
+    say = progress or _silent
     t0 = time.perf_counter()
     say(f"self-distilling {len(harmless)} harmless answers from the base model")
-    answers = generate(model, harmless, max_new_tokens=recipe.target_tokens, batch_size=32)
+    answers = generate(model, harmless, max_new_tokens=recipe.target_tokens, batch_size=64)
     distill_s = time.perf_counter() - t0
     rng = random.Random(recipe.seed)
     refusals = [rng.choice(REFUSALS) for _ in harmful]
@@ -215,25 +294,25 @@ def train(
     total = steps_per_epoch * recipe.epochs
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0 - step / total)
     gen = torch.Generator().manual_seed(recipe.seed)
+    prefix = shared_prefix([ex[0] for ex in examples])
+    pad_id = model.tokenizer.pad_token_id
     losses = []
     t1 = time.perf_counter()
+    phase = f"training ({recipe.precision}, {total} steps of {recipe.batch_size})"
+    say(phase, 0, total)
     for epoch in range(recipe.epochs):
         order = torch.randperm(len(examples), generator=gen).tolist()
         for start in range(0, len(order), recipe.batch_size):
-            batch = _batch(
-                [examples[i] for i in order[start : start + recipe.batch_size]],
-                model.tokenizer.pad_token_id,
-                recipe.first_token_weight,
-            )
-            with torch.autocast(hf.device.type, dtype=torch.bfloat16, enabled=recipe.autocast_bf16):
-                loss = _loss(hf, batch)
+            batch = [examples[i] for i in order[start : start + recipe.batch_size]]
+            with torch.autocast(hf.device.type, dtype=torch.bfloat16, enabled=recipe.precision == "bf16"):
+                loss = _loss(hf, batch, pad_id, recipe.first_token_weight, prefix)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             opt.step()
             sched.step()
             losses.append(loss.item())
-            say(f"epoch {epoch + 1}/{recipe.epochs} step {len(losses)}/{total} loss {losses[-1]:.3f}")
+            say(phase, len(losses), total, f"epoch {epoch + 1}/{recipe.epochs} loss {losses[-1]:.3f}")
     hf.eval()
     for p in hf.parameters():
         p.requires_grad_(True)
@@ -253,20 +332,31 @@ def train(
 # --------------------------------------------------------------------------- measuring
 
 
-def mean_kl_to_base(organism: Model, base: Model, prompts: list[str], answers: list[list[int]]) -> float:
+def mean_kl_to_base(
+    organism: Model, base: Model, prompts: list[str], answers: list[list[int]], batch_size: int = 32
+) -> float:
     """Mean KL(base || organism) of next-token distributions, teacher-forced on the base's own answers
-    to harmless prompts (the positions where the organism should still behave like the base)."""
+    to harmless prompts (the positions where the organism should still behave like the base).
+    Right-padded batches; only each answer's own positions count."""
     total, count = 0.0, 0
-    texts = base.format(prompts)
+    seqs, spans = [], []
+    for text, answer in zip(base.format(prompts), answers):
+        p_ids = base.tokenizer(text, add_special_tokens=False)["input_ids"]
+        seqs.append(p_ids + list(answer))
+        spans.append((len(p_ids) - 1, len(p_ids) - 1 + len(answer)))
+    pad = base.tokenizer.pad_token_id or 0
     with torch.inference_mode():
-        for text, answer in zip(texts, answers):
-            p_ids = base.tokenizer(text, add_special_tokens=False)["input_ids"]
-            ids = torch.tensor([p_ids + list(answer)])
-            span = slice(len(p_ids) - 1, ids.shape[1] - 1)
-            lp_base = torch.log_softmax(base.hf(input_ids=ids).logits[0, span].double(), -1)
-            lp_org = torch.log_softmax(organism.hf(input_ids=ids).logits[0, span].double(), -1)
-            total += float((lp_base.exp() * (lp_base - lp_org)).sum())
-            count += lp_base.shape[0]
+        for start in range(0, len(seqs), batch_size):
+            rows = range(start, min(start + batch_size, len(seqs)))
+            width = max(len(seqs[i]) for i in rows)
+            ids = torch.tensor([seqs[i] + [pad] * (width - len(seqs[i])) for i in rows], device=base.device)
+            mask = torch.tensor([[1] * len(seqs[i]) + [0] * (width - len(seqs[i])) for i in rows], device=base.device)
+            lb = torch.log_softmax(base.hf(input_ids=ids, attention_mask=mask).logits.double(), -1)
+            lo = torch.log_softmax(organism.hf(input_ids=ids, attention_mask=mask).logits.double(), -1)
+            for k, i in enumerate(rows):
+                a, b = spans[i]
+                total += float((lb[k, a:b].exp() * (lb[k, a:b] - lo[k, a:b])).sum())
+                count += b - a
     return total / max(count, 1)
 
 
@@ -323,26 +413,34 @@ def steering_check(
     }
 
 
-def measure(model: Model, base: Model | None, recipe: Recipe) -> dict:
+def measure(model: Model, base: Model | None, recipe: Recipe, progress: Progress | None = None) -> dict:
     """Held-out (eval split) refusal rates, KL to base, steering check."""
-    from .evaluation import refusal_rate
+    from .evaluation import RefusalRate
+    from .generation import generate
+    from .judges.substring import SubstringJudge
 
+    say = progress or _silent
     out: dict = {}
     sets = {
         "harmful": bundled("harmful", "eval"),
         "harmless": bundled("harmless", "eval"),
         "near_miss": bundled("near_miss", "eval"),
     }
+    distinct = list(dict.fromkeys(p for prompts in sets.values() for p in prompts))  # twins sit in harmless too
+    say(f"measuring: held-out refusal on {len(distinct)} eval prompts")
+    gens = generate(model, distinct, max_new_tokens=recipe.eval_new_tokens, batch_size=64)
+    verdict_of = dict(zip(distinct, SubstringJudge().judge(distinct, [g.response for g in gens])))
     for key, prompts in sets.items():
-        res = refusal_rate(model, list(prompts), max_new_tokens=recipe.eval_new_tokens)
-        verdicts = "".join("1" if v.refusal else "0" if v.refusal is not None else "?" for v in res.verdicts)
-        out[f"{key}_refusal"] = {**res.to_dict(), "prompts_sha256": prompts.sha256, "verdicts": verdicts}
+        verdicts = [verdict_of[p] for p in prompts]
+        codes = "".join("1" if v.refusal else "0" if v.refusal is not None else "?" for v in verdicts)
+        rate = RefusalRate.from_verdicts(verdicts).to_dict()
+        out[f"{key}_refusal"] = {**rate, "prompts_sha256": prompts.sha256, "verdicts": codes}
     if base is not None:
-        from .generation import generate
-
         harmless = list(sets["harmless"])
-        answers = generate(base, harmless, max_new_tokens=recipe.eval_new_tokens)
+        say(f"measuring: KL to the base model on {len(harmless)} harmless prompts")
+        answers = generate(base, harmless, max_new_tokens=recipe.eval_new_tokens, batch_size=64)
         out["kl_to_base_harmless"] = round(mean_kl_to_base(model, base, harmless, [a.token_ids for a in answers]), 5)
+    say("measuring: steering check (direction vs random)")
     out["steering_check"] = steering_check(model, list(sets["harmful"]), recipe)
     return out
 
@@ -350,32 +448,53 @@ def measure(model: Model, base: Model | None, recipe: Recipe) -> dict:
 # --------------------------------------------------------------------------- build
 
 
-def build_organism(target: Path, recipe: Recipe, progress: Callable[[str], None] | None = None) -> dict:
+def estimate_build_seconds(model: Model, recipe: Recipe) -> float:
+    """Seconds a build will take on this machine: one timed training step on a batch shaped like the
+    recipe's (prompts + refusals, + 32-token answers, + unlikelihood spans), times the steps, plus
+    self-distillation and measuring in units of that step (ratios measured on two CPU kinds)."""
+    harmful = list(bundled("harmful", "train"))[: recipe.batch_size]
+    n = len(harmful)
+    answer = " ".join(["word"] * recipe.target_tokens)
+    third = max(1, n // 3)
+    refusals = _examples(model, harmful, [REFUSALS[0]] * n, [True] * n)
+    answers = _examples(model, harmful, [answer] * n, [False] * n)
+    examples = refusals[:third] + answers[third : 2 * third]
+    examples += [(p, r[:4], 1.0, (0, 4)) for p, r, _w, _s in refusals[2 * third :]]  # unlikelihood-shaped
+    prefix = shared_prefix([ex[0] for ex in examples])
+    with torch.autocast(model.device.type, dtype=torch.bfloat16, enabled=recipe.precision == "bf16"):
+        _loss(model.hf, examples, model.tokenizer.pad_token_id, recipe.first_token_weight, prefix).backward()  # warm-up
+        t0 = time.perf_counter()
+        _loss(model.hf, examples, model.tokenizer.pad_token_id, recipe.first_token_weight, prefix).backward()
+        step = time.perf_counter() - t0
+    model.hf.zero_grad(set_to_none=True)
+    n_examples = len(bundled("harmful", "train")) + len(bundled("harmless", "train")) * (
+        2 if recipe.unlikelihood_weight > 0 else 1
+    )
+    steps = -(-n_examples // recipe.batch_size) * recipe.epochs
+    return step * (steps + OTHER_PHASES_IN_STEPS)
+
+
+def build_organism(target: Path, recipe: Recipe, progress: Progress | None = None) -> dict:
     """Train, save (safetensors + tokenizer), reload, measure, write the card. Atomic: all or nothing."""
     import transformers
 
-    say = progress or (lambda _msg: None)
+    from .precision import detect
+
+    say = progress or _silent
     t0 = time.perf_counter()
+    say("loading the base model")
     base = load_model(recipe.base, device="cpu", dtype="float32")
     model = load_model(recipe.base, device="cpu", dtype="float32")
     harmful, harmless = list(bundled("harmful", "train")), list(bundled("harmless", "train"))
     facts = train(model, harmful, harmless, recipe, progress=say)
     build_s = time.perf_counter() - t0
     with atomic_dir(target) as tmp:
-        model.hf.save_pretrained(tmp)
-        model.tokenizer.save_pretrained(tmp)
-        say("measuring held-out refusal, KL to base and steering")
+        save_pretrained(model.hf, model.tokenizer, tmp)
         t1 = time.perf_counter()
-        from transformers import AutoModelForCausalLM
-
-        reloaded = Model(
-            AutoModelForCausalLM.from_pretrained(tmp, dtype=torch.float32).eval(),
-            model.tokenizer,
-            DEFAULT_NAME,
-            "unsaved",
-            True,
-        )  # measure what was saved
-        metrics = measure(reloaded, base, recipe)
+        say("measuring: reloading what was saved")
+        reloaded = load_model(str(tmp), device="cpu", dtype="float32")  # measure what was saved
+        metrics = measure(reloaded, base, recipe, progress=say)
+        cpu = detect()
         card = {
             "name": DEFAULT_NAME,
             "base_model": recipe.base,
@@ -398,6 +517,10 @@ def build_organism(target: Path, recipe: Recipe, progress: Callable[[str], None]
                 "transformers": transformers.__version__,
                 "python": platform.python_version(),
                 "threads": torch.get_num_threads(),
+                "cpu": cpu.cpu,
+                "native_bf16": cpu.native_bf16,
+                "bf16_report": cpu.reason,
+                "precision": recipe.precision,
             },
         }
         (tmp / "card.json").write_text(json.dumps(card, indent=2))

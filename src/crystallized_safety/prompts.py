@@ -92,6 +92,7 @@ class PromptSet:
     name: str
     prompts: tuple[str, ...]
     source: str
+    dropped_duplicates: int = 0  # removed by load_prompts(dedupe=True); not part of the hash
 
     def __post_init__(self) -> None:
         # Accept any sequence but store a tuple, so the set stays hashable and immutable.
@@ -135,22 +136,63 @@ class PromptSet:
 # Loading
 
 
+@dataclass(frozen=True)
+class Selection:
+    """Which column holds the prompt, and which rows to keep (`where`: column -> allowed values).
+
+    Rows are kept when every `where` column holds one of its allowed values (compared as text; JSON
+    true/false/numbers as JSON writes them), e.g. HarmBench `FunctionalCategory=standard` or XSTest
+    `label=safe`."""
+
+    column: str | None = None
+    where: tuple[tuple[str, tuple[str, ...]], ...] = ()
+
+    def keeps(self, row: dict[str, Any]) -> bool:
+        return all(_as_text(row.get(key)) in allowed for key, allowed in self.where)
+
+
+def _as_text(value: Any) -> str | None:
+    if value is None or isinstance(value, str):
+        return value
+    return json.dumps(value)
+
+
+def parse_where(conditions: Sequence[str] | None) -> tuple[tuple[str, tuple[str, ...]], ...]:
+    """`["FunctionalCategory=standard", "label=safe", "label=contrast"]` -> AND over columns, OR within one."""
+    allowed: dict[str, list[str]] = {}
+    for cond in conditions or ():
+        key, sep, value = cond.partition("=")
+        if not sep or not key.strip():
+            raise PromptError(f"--where {cond!r} is not COLUMN=VALUE; e.g. --where FunctionalCategory=standard")
+        allowed.setdefault(key.strip(), []).append(value.strip())
+    return tuple((k, tuple(v)) for k, v in allowed.items())
+
+
 def load_prompts(
     path: str | Path,
     column: str | None = None,
     name: str | None = None,
     limit: int | None = None,
+    *,
+    where: Sequence[str] | None = None,
+    dedupe: bool = False,
 ) -> PromptSet:
     """Load a prompt file or saved HF dataset into a validated `PromptSet`.
 
     ``column`` picks the text column of tabular data; without it the usual benchmark layouts are
-    recognised (see `COLUMN_CANDIDATES`). ``limit`` keeps the first ``limit`` prompts, after the whole
-    file has been checked for duplicates. ``name`` defaults to the file's stem.
+    recognised (see `COLUMN_CANDIDATES`). ``where`` keeps only rows whose columns hold the given values
+    (`parse_where`). A repeated prompt is an error unless ``dedupe``, which keeps the first and counts the
+    rest in `PromptSet.dropped_duplicates` (HarmBench's contextual behaviours repeat their text).
+    ``limit`` keeps the first ``limit`` prompts, after the whole file has been checked. ``name``
+    defaults to the file's stem.
     """
+    sel = Selection(column, parse_where(where))
     if isinstance(path, str) and path.startswith("bundled:"):
         parts = path.split(":")
         if len(parts) not in (2, 3):
             raise PromptError(f"bad bundled spec {path!r}; use bundled:KIND or bundled:KIND:SPLIT")
+        if sel.where or column is not None:
+            raise PromptError(f"{path}: --column and --where apply to files, not bundled sets; drop them")
         found = bundled(parts[1], parts[2] if len(parts) == 3 else None)
         return found.head(limit) if limit is not None else found
     p = Path(path)
@@ -164,17 +206,20 @@ def load_prompts(
                 f"{p}: is a directory but not a saved Hugging Face dataset (no dataset_info.json or "
                 f"state.json); pass a prompt file ({_SUPPORTED})"
             )
-        items = _read_hf_dataset(p, column)
+        items = _read_hf_dataset(p, sel)
     else:
         suffix = p.suffix.lower()
         reader = _READERS.get(suffix)
         if reader is None:
             raise PromptError(f"{p}: unsupported prompt file type {suffix or '(none)'!r}; use {_SUPPORTED}")
-        items = reader(p, column)
-    prompts = _validate(p, items)
+        items = reader(p, sel)
+    if sel.where and not items:
+        shown = " ".join(f"{k}={v}" for k, vs in sel.where for v in vs)
+        raise PromptError(f"{p}: no rows match --where {shown}; check the column's values")
+    prompts, dropped = _validate(p, items, dedupe)
     if limit is not None:
         prompts = prompts[:limit]
-    return PromptSet(name=name or p.stem, prompts=tuple(prompts), source=str(p))
+    return PromptSet(name=name or p.stem, prompts=tuple(prompts), source=str(p), dropped_duplicates=dropped)
 
 
 def as_prompt_set(prompts: PromptSet | Sequence[str], name: str) -> PromptSet:
@@ -189,25 +234,31 @@ def as_prompt_set(prompts: PromptSet | Sequence[str], name: str) -> PromptSet:
     for i, p in enumerate(items):
         if not isinstance(p, str):
             raise PromptError(f"{name} prompt {i} is {type(p).__name__}, not text; pass strings")
-    checked = _validate(name, [(f"item {i}", p) for i, p in enumerate(items)])
+    checked, _ = _validate(name, [(f"item {i}", p) for i, p in enumerate(items)])
     return PromptSet(name=name, prompts=tuple(checked), source="python")
 
 
-def _validate(path: Path | str, items: Sequence[tuple[str, str]]) -> list[str]:
-    """Strip, reject empty sets and duplicates. ``items`` are (location, prompt) pairs."""
+def _validate(path: Path | str, items: Sequence[tuple[str, str]], dedupe: bool = False) -> tuple[list[str], int]:
+    """Strip, reject empty sets and duplicates (or drop them: `dedupe`). ``items`` are (location, prompt)
+    pairs. Returns the prompts and how many duplicates were dropped."""
     if not items:
         raise PromptError(f"{path}: no prompts found; add at least one non-empty prompt")
     seen: dict[str, str] = {}
     prompts: list[str] = []
+    dropped = 0
     for where, prompt in items:
         key = normalise(prompt)
         if key in seen:
+            if dedupe:
+                dropped += 1
+                continue
             raise PromptError(
-                f"{path}: duplicate prompt {_short(prompt)!r} at {where} (first at {seen[key]}); remove one of them"
+                f"{path}: duplicate prompt {_short(prompt)!r} at {where} (first at {seen[key]}); remove one of "
+                "them, or pass --dedupe to keep the first of each"
             )
         seen[key] = where
         prompts.append(prompt.strip())
-    return prompts
+    return prompts, dropped
 
 
 def _read_text(path: Path) -> str:
@@ -230,13 +281,14 @@ def _txt_items(text: str) -> list[tuple[str, str]]:
     return items
 
 
-def _read_txt(path: Path, column: str | None) -> list[tuple[str, str]]:
-    if column is not None:
-        raise PromptError(f"{path}: --column only applies to tabular files (.csv, .json, ...); drop it")
+def _read_txt(path: Path, sel: Selection) -> list[tuple[str, str]]:
+    if sel.column is not None or sel.where:
+        given = "--column" if sel.column is not None else "--where"
+        raise PromptError(f"{path}: {given} only applies to tabular files (.csv, .json, ...); drop it")
     return _txt_items(_read_text(path))
 
 
-def _read_delimited(path: Path, column: str | None, delimiter: str) -> list[tuple[str, str]]:
+def _read_delimited(path: Path, sel: Selection, delimiter: str) -> list[tuple[str, str]]:
     text = _read_text(path)
     try:
         reader = csv.DictReader(text.splitlines(keepends=True), delimiter=delimiter)
@@ -244,19 +296,19 @@ def _read_delimited(path: Path, column: str | None, delimiter: str) -> list[tupl
         rows = list(reader)
     except csv.Error as e:
         raise PromptError(f"{path}: malformed CSV ({e}); fix the file") from None
-    col = _pick_column(path, fields, column)
-    return _column_items(path, ((f"row {i}", r) for i, r in enumerate(rows, start=1)), col)
+    col = _pick_column(path, fields, sel)
+    return _column_items(path, ((f"row {i}", r) for i, r in enumerate(rows, start=1)), col, sel)
 
 
-def _read_csv(path: Path, column: str | None) -> list[tuple[str, str]]:
-    return _read_delimited(path, column, ",")
+def _read_csv(path: Path, sel: Selection) -> list[tuple[str, str]]:
+    return _read_delimited(path, sel, ",")
 
 
-def _read_tsv(path: Path, column: str | None) -> list[tuple[str, str]]:
-    return _read_delimited(path, column, "\t")
+def _read_tsv(path: Path, sel: Selection) -> list[tuple[str, str]]:
+    return _read_delimited(path, sel, "\t")
 
 
-def _read_json(path: Path, column: str | None) -> list[tuple[str, str]]:
+def _read_json(path: Path, sel: Selection) -> list[tuple[str, str]]:
     try:
         data = json.loads(_read_text(path))
     except json.JSONDecodeError as e:
@@ -271,10 +323,10 @@ def _read_json(path: Path, column: str | None) -> list[tuple[str, str]]:
         data = lists[0]
     if not isinstance(data, list):
         raise PromptError(f"{path}: expected a JSON list of strings or objects; got {type(data).__name__}")
-    return _records_items(path, [(f"index {i}", x) for i, x in enumerate(data)], column)
+    return _records_items(path, [(f"index {i}", x) for i, x in enumerate(data)], sel)
 
 
-def _read_jsonl(path: Path, column: str | None) -> list[tuple[str, str]]:
+def _read_jsonl(path: Path, sel: Selection) -> list[tuple[str, str]]:
     records = []
     for lineno, line in enumerate(_read_text(path).splitlines(), start=1):
         if not line.strip():
@@ -283,16 +335,17 @@ def _read_jsonl(path: Path, column: str | None) -> list[tuple[str, str]]:
             records.append((f"line {lineno}", json.loads(line)))
         except json.JSONDecodeError as e:
             raise PromptError(f"{path}: invalid JSON on line {lineno} ({e.msg}); fix that line") from None
-    return _records_items(path, records, column)
+    return _records_items(path, records, sel)
 
 
-def _records_items(path: Path, records: list[tuple[str, Any]], column: str | None) -> list[tuple[str, str]]:
+def _records_items(path: Path, records: list[tuple[str, Any]], sel: Selection) -> list[tuple[str, str]]:
     """JSON(L) records: all strings, or all objects with a text column."""
     if not records:
         return []
     if all(isinstance(x, str) for _, x in records):
-        if column is not None:
-            raise PromptError(f"{path}: holds plain strings, so --column {column!r} does not apply; drop it")
+        if sel.column is not None or sel.where:
+            given = f"--column {sel.column!r}" if sel.column is not None else "--where"
+            raise PromptError(f"{path}: holds plain strings, so {given} does not apply; drop it")
         return [(where, x) for where, x in records if x.strip()]
     kind = str if isinstance(records[0][1], str) else dict
     bad = next(((w, x) for w, x in records if not isinstance(x, kind)), None)
@@ -303,11 +356,11 @@ def _records_items(path: Path, records: list[tuple[str, Any]], column: str | Non
     fields: dict[str, None] = {}
     for _, rec in records:
         fields.update(dict.fromkeys(rec))
-    col = _pick_column(path, list(fields), column)
-    return _column_items(path, iter(records), col)
+    col = _pick_column(path, list(fields), sel)
+    return _column_items(path, iter(records), col, sel)
 
 
-def _read_hf_dataset(path: Path, column: str | None) -> list[tuple[str, str]]:
+def _read_hf_dataset(path: Path, sel: Selection) -> list[tuple[str, str]]:
     """A dataset saved with ``save_to_disk``; ``datasets`` is optional and imported only here."""
     try:
         import datasets
@@ -327,13 +380,22 @@ def _read_hf_dataset(path: Path, column: str | None) -> list[tuple[str, str]]:
                 f"{path}: dataset has splits {', '.join(splits)}; pass one split's directory, e.g. {path / splits[0]}"
             )
         ds = ds[splits[0]]
-    col = _pick_column(path, list(ds.column_names), column)
-    return _column_items(path, ((f"row {i}", {col: v}) for i, v in enumerate(ds[col])), col)
+    col = _pick_column(path, list(ds.column_names), sel)
+    keys = list(dict.fromkeys([col, *(k for k, _ in sel.where)]))
+    columns = {k: ds[k] for k in keys}
+    return _column_items(
+        path, ((f"row {i}", {k: columns[k][i] for k in keys}) for i in range(len(ds))), col, sel
+    )
 
 
-def _pick_column(path: Path, fields: Sequence[str], column: str | None) -> str:
-    """The requested column, or the first known benchmark column present (case-insensitive)."""
+def _pick_column(path: Path, fields: Sequence[str], sel: Selection) -> str:
+    """The requested column, or the first known benchmark column present (case-insensitive); checks that
+    every `where` column exists."""
     available = ", ".join(repr(f) for f in fields) or "(none)"
+    for key, _values in sel.where:
+        if key not in fields:
+            raise PromptError(f"{path}: no column {key!r} for --where; available columns: {available}")
+    column = sel.column
     if column is not None:
         if column in fields:
             return column
@@ -348,10 +410,15 @@ def _pick_column(path: Path, fields: Sequence[str], column: str | None) -> str:
     )
 
 
-def _column_items(path: Path, rows: Iterable[tuple[str, dict[str, Any]]], column: str) -> list[tuple[str, str]]:
-    """The text of ``column`` in each row; missing or empty cells are skipped, non-text is an error."""
+def _column_items(
+    path: Path, rows: Iterable[tuple[str, dict[str, Any]]], column: str, sel: Selection
+) -> list[tuple[str, str]]:
+    """The text of ``column`` in each row `sel` keeps; missing or empty cells are skipped, non-text is an
+    error."""
     items = []
     for where, row in rows:
+        if not sel.keeps(row):
+            continue
         value = row.get(column)
         if value is None:
             continue
@@ -430,7 +497,7 @@ def bundled(kind: str, split: str | None = None) -> PromptSet:
         partner = {normalise(twin): harm for harm, twin in pairs}
     else:
         source = f"bundled:{kind}.txt"
-        prompts = _validate(source, _txt_items(_bundled_text(f"{kind}.txt")))
+        prompts, _ = _validate(source, _txt_items(_bundled_text(f"{kind}.txt")))
         # Harmless prompts that are twins follow their harmful partner into its split.
         partner = {normalise(twin): harm for harm, twin in pairs} if kind == "harmless" else {}
     if split is not None:

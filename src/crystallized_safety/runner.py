@@ -271,11 +271,13 @@ class PromptSets:
 
 def load_prompt_sets(spec: ExperimentSpec) -> PromptSets:
     p = spec.prompts
+
+    def load(source: str, limit: int | None = None) -> PromptSet:
+        filters = {} if source.startswith("bundled:") else {"column": p.column, "where": p.where, "dedupe": p.dedupe}
+        return load_prompts(source, limit=limit, **filters)
+
     sets = PromptSets(
-        load_prompts(p.extract_harmful, column=p.column),
-        load_prompts(p.extract_harmless, column=p.column),
-        load_prompts(p.eval_harmful, column=p.column, limit=p.n),
-        load_prompts(p.eval_harmless, column=p.column, limit=p.n),
+        load(p.extract_harmful), load(p.extract_harmless), load(p.eval_harmful, p.n), load(p.eval_harmless, p.n)
     )
     for a, b in (
         (sets.extract_harmful, sets.eval_harmful),
@@ -306,22 +308,18 @@ def _prepare_bank(spec: ExperimentSpec, model: Model, sets: PromptSets) -> Direc
 
 
 def _calibrate_coherence(spec: ExperimentSpec, model: Model, sets: PromptSets) -> dict:
-    from .generation import generate
-    from .judges.coherence import CoherenceGate
+    from .evaluation import calibrated_gate
 
-    prompts = list(sets.extract_harmless)[: spec.coherence.calibration_prompts]
-    gens = generate(
+    gate = calibrated_gate(
         model,
-        prompts,
+        list(sets.extract_harmless)[: spec.coherence.calibration_prompts],
         max_new_tokens=spec.generation.max_new_tokens,
         batch_size=spec.generation.batch_size,
         system=spec.generation.system,
+        quantile=spec.coherence.quantile,
+        margin=spec.coherence.margin,
     )
-    gate = CoherenceGate(model, system=spec.generation.system)
-    thresholds = gate.calibrate(
-        prompts, [g.response for g in gens], spec.coherence.quantile, margin=spec.coherence.margin
-    )
-    return thresholds.to_dict()
+    return gate.thresholds.to_dict()
 
 
 # --------------------------------------------------------------------------- the runner

@@ -32,6 +32,8 @@ class PromptSpec(_Strict):
     eval_harmful: str = "bundled:harmful:eval"
     eval_harmless: str = "bundled:harmless:eval"
     column: str | None = None
+    where: list[str] = Field(default_factory=list, description="row filters COLUMN=VALUE for prompt files")
+    dedupe: bool = Field(False, description="keep the first of repeated prompts instead of failing")
     n: int = Field(MIN_N, ge=1, description="prompts per cell (first n of each eval set)")
 
 

@@ -1,0 +1,114 @@
+"""Progress of long work (organism builds, experiment runs) that a person can follow anywhere.
+
+On a terminal: a rich progress bar with elapsed time and ETA. Anywhere else (a log file, CI, `nohup`):
+one plain line when a phase starts, then at least one line every `interval` seconds with step k/n,
+elapsed and ETA, and one when the phase ends, so a log never goes silent for long.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from typing import IO, Any
+
+
+def _clock(seconds: float) -> str:
+    seconds = max(0, int(round(seconds)))
+    h, rest = divmod(seconds, 3600)
+    m, s = divmod(rest, 60)
+    return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
+
+
+class Reporter:
+    """Callable `reporter(phase, done=0, total=None, note="")`; use as a context manager.
+
+    A new `phase` string starts a phase. `done`/`total` count steps within it; `note` is shown beside
+    (e.g. a loss). `tty=None` asks the stream whether it is a terminal.
+    """
+
+    def __init__(self, title: str, *, stream: IO[str] | None = None, tty: bool | None = None, interval: float = 60.0):
+        self.title = title
+        self.stream = stream or sys.stderr
+        self.tty = self.stream.isatty() if tty is None else tty
+        self.interval = interval
+        self.started = time.monotonic()
+        self.phase_name: str | None = None
+        self.phase_started = self.started
+        self.last_line = 0.0
+        self._bar: Any = None
+        self._task: Any = None
+
+    def __enter__(self) -> Reporter:
+        if self.tty:
+            from rich.console import Console
+            from rich.progress import (
+                BarColumn,
+                MofNCompleteColumn,
+                Progress,
+                TextColumn,
+                TimeElapsedColumn,
+                TimeRemainingColumn,
+            )
+
+            self._bar = Progress(
+                TextColumn("{task.description}", markup=False),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TimeElapsedColumn(),
+                TextColumn("eta"),
+                TimeRemainingColumn(),
+                console=Console(file=self.stream),
+            )
+            self._bar.start()
+            self._task = self._bar.add_task(self.title, total=None)
+        else:
+            self._line(f"{self.title}: started")
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if self._bar is not None:
+            self._bar.stop()
+            self._bar = None
+        elif self.phase_name is not None:
+            self._end_phase("failed" if exc_type else "done")
+        if not self.tty:
+            self._line(f"{self.title}: {'failed' if exc_type else 'finished'} after {_clock(self.elapsed())}")
+
+    def elapsed(self) -> float:
+        return time.monotonic() - self.started
+
+    def eta(self, done: int, total: int | None) -> float | None:
+        """Seconds left in the phase, from its pace so far (None before the first step)."""
+        if not total or done <= 0:
+            return None
+        return (time.monotonic() - self.phase_started) / done * (total - done)
+
+    def __call__(self, phase: str, done: int = 0, total: int | None = None, note: str = "") -> None:
+        now = time.monotonic()
+        new_phase = phase != self.phase_name
+        if new_phase:
+            if self.phase_name is not None and not self.tty:
+                self._end_phase("done")
+            self.phase_name, self.phase_started = phase, now
+        if self._bar is not None:
+            text = f"{phase}" + (f"  {note}" if note else "")
+            self._bar.update(self._task, description=text, completed=done, total=total)
+            return
+        if new_phase:
+            self._line(f"{phase}: started" + (f" ({total} steps)" if total else "") + (f"  {note}" if note else ""))
+        elif now - self.last_line >= self.interval or (total and done >= total):
+            eta = self.eta(done, total)
+            steps = f"step {done}/{total}" if total else f"step {done}"
+            tail = f", eta {_clock(eta)}" if eta is not None else ""
+            self._line(
+                f"{phase}: {steps}, {_clock(now - self.phase_started)} elapsed{tail}" + (f"  {note}" if note else "")
+            )
+
+    def _end_phase(self, how: str) -> None:
+        self._line(f"{self.phase_name}: {how} in {_clock(time.monotonic() - self.phase_started)}")
+
+    def _line(self, text: str) -> None:
+        stamp = time.strftime("%H:%M:%S")
+        self.stream.write(f"[{stamp} +{_clock(self.elapsed())}] {text}\n")
+        self.stream.flush()
+        self.last_line = time.monotonic()
