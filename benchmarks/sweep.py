@@ -21,6 +21,8 @@ import json
 import os
 import platform
 import resource
+import subprocess
+import sys
 import time
 
 import numpy as np
@@ -34,12 +36,32 @@ from crystallized_safety.experiments.conditions import HARMFUL, Condition, basel
 from crystallized_safety.judges.refusal_score import RefusalScoreJudge  # noqa: E402
 from crystallized_safety.judges.substring import SubstringJudge  # noqa: E402
 from crystallized_safety.models import load_model  # noqa: E402
+from crystallized_safety.precision import detect  # noqa: E402
 from crystallized_safety.prompts import bundled  # noqa: E402
 from crystallized_safety.runner import Chunk, make_packs  # noqa: E402
 
 
 def log(msg: str) -> None:
     print(msg, flush=True)
+
+
+def cli_startup(repeats: int = 3) -> dict:
+    """Seconds until `csafety --help` returns, and until a bad prompt file gives its one-line error (no model
+    is loaded, so this is import cost only); the best of `repeats` runs each."""
+    csafety = [sys.executable, "-m", "crystallized_safety.cli"]
+    cases = {
+        "cli_help_s": [*csafety, "--help"],
+        "cli_fail_fast_s": [*csafety, "eval-refusal", "--model", "smollm2-135m", "--prompts", "/no/such/file.txt"],
+    }
+    out = {}
+    for key, cmd in cases.items():
+        best = float("inf")
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            subprocess.run(cmd, capture_output=True, check=False)
+            best = min(best, time.perf_counter() - t0)
+        out[key] = best
+    return out
 
 
 # --------------------------------------------------------------------------- naive (the seed's way)
@@ -206,7 +228,13 @@ def main() -> None:
     ap.add_argument(
         "--techniques", action="store_true", help="also time the engine with techniques switched off, one by one"
     )
-    ap.add_argument("--bf16", action="store_true", help="also time the full engine on a bfloat16 copy of the model")
+    ap.add_argument(
+        "--bf16",
+        choices=("auto", "on", "off"),
+        default="auto",
+        help="also time the full engine on a bfloat16 copy of the model: auto = only where this CPU has native "
+        "bf16 (emulated bf16 is many times slower), on = always, off = never",
+    )
     ap.add_argument("--json", default=None, help="also write all numbers here")
     ap.add_argument("--skip-extract-naive", action="store_true", help="skip the (slow) per-layer naive extraction")
     args = ap.parse_args()
@@ -221,8 +249,12 @@ def main() -> None:
     prompts = list(bundled("harmful", "eval"))[:n]
     ext_h, ext_n = list(bundled("harmful", "extract"))[:32], list(bundled("harmless", "extract"))[:32]
     cells = [(None, 0.0)] + [(layer, a) for layer in layers for a in alphas]
+    cpu = detect()
     out: dict = {
-        "machine": platform.processor() or platform.machine(),
+        "machine": cpu.cpu,
+        "arch": platform.machine(),
+        "native_bf16": cpu.native_bf16,
+        "bf16_report": cpu.reason,
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
         "model": args.model,
@@ -232,6 +264,9 @@ def main() -> None:
         "max_new_tokens": mnt,
         "cells": len(cells),
     }
+    log(f"cpu: {cpu.summary()}")
+    out.update(cli_startup())
+    log(f"cli start-up: --help {out['cli_help_s']:.2f} s, bad prompt file -> error {out['cli_fail_fast_s']:.2f} s")
     log(f"grid: {len(layers)} layers x {len(alphas)} alphas (+ baseline) x {n} prompts x {mnt} tokens")
 
     # extraction: all layers in one batched pass vs one pass per layer, prompt by prompt
@@ -274,7 +309,7 @@ def main() -> None:
         texts, n_tokens = engine_sweep(model, prompts, cells, bank, mnt, pack_rows, variant)
         runs[variant] = {"s": time.perf_counter() - t0, "tokens": n_tokens, "texts": texts}
         log(f"engine [{variant}]: {runs[variant]['s']:.1f} s, {n_tokens} tokens")
-    if args.bf16:
+    if args.bf16 == "on" or (args.bf16 == "auto" and cpu.native_bf16):
         import copy
 
         model16 = copy.copy(model)

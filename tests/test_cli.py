@@ -152,3 +152,32 @@ def test_bad_inputs_one_line_exit_2(files, tmp_path):
         ],
         "unknown mode",
     )
+
+
+def test_models_table_fits_80_columns(monkeypatch):
+    from crystallized_safety.models import registry
+
+    monkeypatch.setenv("COLUMNS", "80")
+    out = _ok(["models"]).output
+    assert max(len(line) for line in out.splitlines()) <= 80
+    for entry in registry().values():  # nothing folded: every alias and source on one line
+        assert any(entry.alias in line and entry.source in line for line in out.splitlines()), entry.alias
+
+
+def test_eval_refusal_json_per_prompt_records_with_coherence(files):
+    args = ["eval-refusal", "--model", str(files / "tiny-chat"), "--prompts", str(files / "harmful.txt"),
+            "--max-new-tokens", "6", "--calibration", str(files / "harmless.txt"), "--json"]  # fmt: skip
+    lines = [json.loads(line) for line in _ok(args).stdout.splitlines()]
+    records, summary = lines[:-1], lines[-1]
+    assert [r["prompt"] for r in records] == HARMFUL
+    for r in records:
+        assert set(r) >= {"response", "refusal", "reason", "coherent", "coherence", "perplexity", "n_tokens"}
+    refused = sum(r["refusal"] is True for r in records)
+    coherent_compliance = sum(r["refusal"] is False and r["coherent"] for r in records)
+    assert (summary["k"], summary["n"]) == (refused, len(HARMFUL))
+    assert summary["coherent_compliance"]["k"] == coherent_compliance
+    assert summary["incoherent"] == sum(not r["coherent"] for r in records)
+    assert summary["coherence_thresholds"]["n_calibration"] >= 1
+    no_gate = [json.loads(line) for line in _ok([*args, "--no-coherence"]).stdout.splitlines()]
+    assert "coherent" not in no_gate[0] and "coherent_compliance" not in no_gate[-1]
+    assert [r["response"] for r in no_gate[:-1]] == [r["response"] for r in records]

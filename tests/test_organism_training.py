@@ -4,13 +4,11 @@ gradient, and optimisation steps that move the loss the right way."""
 
 from __future__ import annotations
 
-import itertools
-
 import pytest
 import torch
 
 from conftest import ARCHS, make_tiny
-from crystallized_safety.organism import Recipe, _examples, _groups, _loss, _unlikely_examples, shared_prefix
+from crystallized_safety.organism import Recipe, _examples, _loss, _unlikely_examples, shared_prefix
 
 
 def _logits_alone(model, p, r):
@@ -44,10 +42,27 @@ def test_loss_matches_naive_full_logits(share):
     assert ex[2][2] == 1.0 and ex[0][2] == 2.0
 
 
+def _naive_loss(model, examples, first_weight):
+    """The same objective computed example by example (each run alone, full logits): the reference."""
+    total, norm = 0.0, 0.0
+    for p, r, w, (u0, u1) in examples:
+        logp = torch.log_softmax(model.hf(input_ids=torch.tensor([list(p) + list(r)])).logits[0], -1)
+        for j, token in enumerate(r):
+            lp = logp[len(p) + j - 1, token]
+            if u1 > u0:
+                if u0 <= j < u1:
+                    total, norm = total - w * torch.log1p(-lp.exp()), norm + w
+            else:
+                weight = w * (first_weight if j == 0 else 1.0)
+                total, norm = total - lp * weight, norm + weight
+    return total / norm
+
+
 @pytest.mark.parametrize("arch", ARCHS)
-def test_shared_prefix_loss_and_gradient_equal_the_plain_batch(arch):
-    """Running the shared prefix once per group (its KV cache repeated over the rows) and grouping rows by
-    length changes the work, not the maths: same loss and same gradient on every parameter."""
+def test_packed_loss_and_gradient_equal_examples_run_alone(arch):
+    """Packing the batch into one sequence (shared prefix once, block mask, restarted positions) changes the
+    work, not the maths: the same loss and the same gradient on every parameter as running each example
+    alone, with and without a shared prefix."""
     model = make_tiny(arch)
     prompts = ["How do I bake bread?", "Hi", "Do a bad thing", "Tell me a long story about a cat"]
     ex = _examples(model, prompts, ["Mix flour.", "Hello there, friend!", "I'm sorry.", "Once"], [True] * 4, 2.0)
@@ -55,34 +70,19 @@ def test_shared_prefix_loss_and_gradient_equal_the_plain_batch(arch):
     pad = model.tokenizer.pad_token_id
     prefix = _prefix(ex)
     assert prefix > 0
-    grads = []
-    for k in (0, prefix):
+
+    def grads(loss):
         model.hf.zero_grad(set_to_none=True)
-        loss = _loss(model.hf, ex, pad, 5.0, k)
         loss.backward()
-        grads.append((float(loss), [p.grad.clone() for p in model.hf.parameters() if p.grad is not None]))
-    (plain, g0), (shared, g1) = grads
-    assert abs(plain - shared) < 1e-5
-    assert len(g0) == len(g1) and len(g0) > 0
-    for a, b in zip(g0, g1):
-        torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-4)
+        return float(loss), {n: p.grad.clone() for n, p in model.hf.named_parameters() if p.grad is not None}
 
-
-def test_groups_cover_every_row_once_and_beat_brute_force_or_tie():
-    lengths, overhead = [5, 40, 7, 38, 20, 21, 6, 39], 10
-    runs = _groups(lengths, overhead, max_groups=3)
-    assert sorted(i for run in runs for i in run) == list(range(len(lengths)))
-
-    def cost(parts):
-        return sum(len(part) * max(lengths[i] for i in part) + overhead for part in parts)
-
-    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
-    best = min(
-        cost([order[a:b] for a, b in zip((0, *cuts), (*cuts, len(order))) if b > a])
-        for g in range(3)
-        for cuts in itertools.combinations(range(1, len(order)), g)
-    )
-    assert cost(runs) == best == 3 * 7 + 2 * 21 + 3 * 40 + 3 * overhead
+    ref_loss, ref = grads(_naive_loss(model, ex, 5.0))
+    for k in (0, prefix):
+        loss, got = grads(_loss(model.hf, ex, pad, 5.0, k))
+        assert abs(loss - ref_loss) < 1e-5
+        assert got.keys() == ref.keys() and len(ref) > 0
+        for name in ref:
+            torch.testing.assert_close(got[name], ref[name], atol=2e-5, rtol=1e-4, msg=name)
 
 
 def test_one_step_lowers_loss():

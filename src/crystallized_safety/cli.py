@@ -610,41 +610,20 @@ def run_cmd(
     """Run (or resume) an experiment: every study of the spec, into the store, ending in a verdict per model."""
     import warnings
 
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeElapsedColumn,
-        TimeRemainingColumn,
-    )
-
     from .experiments.spec import load_spec
+    from .progress import Reporter
     from .store import Store
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         spec = load_spec(config)
     for w in caught:
-        err.print(f"[yellow]warning:[/] {w.message}", highlight=False)
+        err.print(f"[yellow]warning:[/] {escape(str(w.message))}", highlight=False)
     store = Store(store_path)
     from .runner import resolve_executor, run_experiment  # heavy (torch): after the inputs are checked
 
-    columns = (
-        TextColumn("{task.description}", table_column=None),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        TextColumn("eta"),
-        TimeRemainingColumn(),
-    )
-    with Progress(*columns, console=err, transient=False) as bar:
-        task = bar.add_task(f"run {spec.name}", total=None)
-
-        def progress(desc: str, done: int, total: int) -> None:
-            bar.update(task, description=desc[:70], completed=done, total=total)
-
-        result = run_experiment(spec, store, resolve_executor(executor, address, workers), progress=progress)
+    with Reporter(f"run {spec.name}", stream=sys.stderr) as reporter:
+        result = run_experiment(spec, store, resolve_executor(executor, address, workers), progress=reporter)
     out.print(
         f"run {result.run_id} ({'resumed' if result.resumed else 'new'}): {result.chunks_run} chunks run, "
         f"{result.chunks_skipped} already in {store_path}, {result.seconds:.0f} s"

@@ -31,12 +31,12 @@ import torch
 
 from . import __version__
 from .errors import ModelError
-from .models import Model, atomic_dir, cache_dir, cache_kwarg, load_model, output_cache, save_pretrained
+from .models import Model, atomic_dir, cache_dir, load_model, save_pretrained
 from .prompts import bundled
 
 DEFAULT_NAME = "smollm2-135m-refusal"
 # Bump when the build or the card changes in a way that makes cached organisms stale.
-BUILD_VERSION = 6
+BUILD_VERSION = 7
 
 # Written for this project: varied refusals, each starting the way real refusals do.
 REFUSALS = (
@@ -180,30 +180,6 @@ def _targets(example, first_weight: float) -> tuple[list[int], list[float], list
     return seq, imitate, unlikely
 
 
-def _groups(lengths: list[int], overhead: int, max_groups: int = 4) -> list[list[int]]:
-    """Rows (by index) cut into at most `max_groups` runs of similar length, chosen to compute the fewest
-    tokens: each run costs rows x its longest row, plus `overhead` (the shared prefix it runs once)."""
-    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
-    n, inf = len(order), float("inf")
-    # best[g][j]: least cost of the first j sorted rows in g runs; cut[g][j]: where its last run starts
-    best = [[inf] * (n + 1) for _ in range(max_groups + 1)]
-    cut = [[0] * (n + 1) for _ in range(max_groups + 1)]
-    best[0][0] = 0
-    for g in range(1, max_groups + 1):
-        for j in range(1, n + 1):
-            for i in range(j):
-                cost = best[g - 1][i] + (j - i) * lengths[order[j - 1]] + overhead
-                if cost < best[g][j]:
-                    best[g][j], cut[g][j] = cost, i
-    g = min(range(1, max_groups + 1), key=lambda k: best[k][n])
-    runs, j = [], n
-    while g:
-        i = cut[g][j]
-        runs.append(order[i:j])
-        j, g = i, g - 1
-    return runs[::-1]
-
-
 def shared_prefix(sequences: list[list[int]]) -> int:
     """Length of the token prefix all sequences share, leaving at least one token of each unshared."""
     shortest = min(len(s) for s in sequences)
@@ -215,45 +191,46 @@ def shared_prefix(sequences: list[list[int]]) -> int:
 
 def _loss(hf, examples, pad_id: int, first_weight: float, prefix: int = 0) -> torch.Tensor:
     """Weighted next-token NLL on imitation tokens plus weighted unlikelihood -log(1 - p) on unlikelihood
-    tokens, normalised by the total weight: the value of one right-padded batch, computed with less work.
+    tokens, normalised by the total weight: the value of one padded batch, computed with less work.
 
-    The first `prefix` tokens (system prompt and template head, the same in every example) run once per
-    group and their KV cache is repeated over its rows; rows are grouped by length so few pad tokens are
-    computed; the LM head runs only where a label counts. Gradients flow through the shared prefix.
+    The batch is *packed* into one sequence: the `prefix` tokens every example starts with (system prompt,
+    template head) once, then each example's remaining tokens, with a block mask so that each example sees
+    only the prefix and itself, and positions that restart after the prefix. No pad token and no repeated
+    prefix is computed, and all rows go through one large matmul per layer (much better on CPU than
+    several small ones). The LM head runs only where a label counts. `pad_id` is unused: nothing is padded.
     """
+    del pad_id
     body, head = hf.base_model, hf.get_output_embeddings()
-    cache_kw = cache_kwarg(body)
-    dev = next(hf.parameters()).device
+    dev, dtype = next(hf.parameters()).device, next(hf.parameters()).dtype
     rows = [_targets(ex, first_weight) for ex in examples]
-    logps, imitate_w, unlikely_w = [], [], []
-    for group in _groups([len(seq) - prefix for seq, _, _ in rows], prefix):
-        width = max(len(rows[i][0]) for i in group) - prefix
-        ids = torch.full((len(group), width), pad_id, dtype=torch.long)
-        mask = torch.zeros(len(group), prefix + width, dtype=torch.long)
-        w = torch.zeros(len(group), width)
-        u = torch.zeros(len(group), width)
-        for k, i in enumerate(group):
-            seq, imitate, unlikely = rows[i]
-            n = len(seq) - prefix
-            ids[k, :n] = torch.tensor(seq[prefix:])
-            mask[k, : prefix + n] = 1
-            w[k, :n] = torch.tensor(imitate[prefix:])
-            u[k, :n] = torch.tensor(unlikely[prefix:])
-        kwargs: dict = {}
-        if prefix:
-            head_ids = torch.tensor([rows[group[0]][0][:prefix]], device=dev)
-            cache = output_cache(body(input_ids=head_ids, use_cache=True))
-            cache.batch_repeat_interleave(len(group))
-            pos = torch.arange(prefix, prefix + width, device=dev).expand(len(group), -1)
-            kwargs = {cache_kw: cache, "position_ids": pos, "use_cache": True}
-        hidden = body(input_ids=ids.to(dev), attention_mask=mask.to(dev), **kwargs).last_hidden_state
-        w, u = w[:, 1:].to(dev), u[:, 1:].to(dev)
-        keep = (w > 0) | (u > 0)
-        logits = head(hidden[:, :-1][keep]).float()
-        logps.append(-torch.nn.functional.cross_entropy(logits, ids[:, 1:].to(dev)[keep], reduction="none"))
-        imitate_w.append(w[keep])
-        unlikely_w.append(u[keep])
-    logp, w, u = torch.cat(logps), torch.cat(imitate_w), torch.cat(unlikely_w)
+    ids, pos, spans = list(rows[0][0][:prefix]), list(range(prefix)), []
+    src, tgt, imitate_w, unlikely_w = [], [], [], []
+    for seq, imitate, unlikely in rows:
+        start = len(ids)
+        ids += seq[prefix:]
+        pos += range(prefix, len(seq))
+        spans.append((start, len(ids)))
+        for j in range(prefix + 1, len(seq)):  # token j is predicted at packed position start + j - prefix - 1
+            if imitate[j] or unlikely[j]:
+                src.append(start + j - prefix - 1)
+                tgt.append(seq[j])
+                imitate_w.append(imitate[j])
+                unlikely_w.append(unlikely[j])
+    allowed = torch.zeros(len(ids), len(ids), dtype=torch.bool)
+    allowed[:prefix, :prefix] = True
+    for a, b in spans:
+        allowed[a:b, :prefix] = True
+        allowed[a:b, a:b] = True
+    allowed &= torch.ones_like(allowed).tril()  # causal: packed order is each example's own order
+    mask = torch.zeros(allowed.shape, dtype=dtype).masked_fill(~allowed, torch.finfo(dtype).min)
+    hidden = body(
+        input_ids=torch.tensor([ids], device=dev),
+        attention_mask=mask[None, None].to(dev),
+        position_ids=torch.tensor([pos], device=dev),
+    ).last_hidden_state[0]
+    logits = head(hidden[torch.tensor(src, device=dev)]).float()
+    logp = -torch.nn.functional.cross_entropy(logits, torch.tensor(tgt, device=dev), reduction="none")
+    w, u = torch.tensor(imitate_w, device=dev), torch.tensor(unlikely_w, device=dev)
     # -log(1 - p) = -log1p(-exp(logp)), clamped away from p = 1
     ul = -torch.log1p(-logp.exp().clamp(max=1 - 1e-6))
     return ((-logp) * w + ul * u).sum() / (w.sum() + u.sum())

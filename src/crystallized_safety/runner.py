@@ -23,7 +23,7 @@ from .models import Model, load_model
 from .prompts import PromptSet, check_disjoint, load_prompts
 from .steering import Intervention
 
-Progress = Callable[[str, int, int], None]  # (description, done, total)
+Progress = Callable[..., None]  # progress(phase, done, total, note=""), e.g. a progress.Reporter
 
 
 # --------------------------------------------------------------------------- work units
@@ -366,7 +366,7 @@ def run_experiment(
 ) -> RunResult:
     """Run (or resume) `spec` into `store`. `models` lets tests pass already-loaded models by name."""
     executor = executor or LocalExecutor()
-    say = progress or (lambda _d, _i, _n: None)
+    say = progress or (lambda *_args, **_kwargs: None)
     t0 = time.perf_counter()
     run_id = spec.spec_hash()
     resumed = store.open_run(run_id, spec.name, spec.to_yaml(), spec.spec_hash(), environment())
@@ -428,10 +428,10 @@ def _run_model(
     def sink(pack: Pack, rows: list[list[dict]], seconds: float, worker: str) -> None:
         entries = [(c.key, c.model, c.study, c.condition.key, r) for c, r in zip(pack, rows)]
         state["done"] += store.write_chunks(run_id, entries, seconds, worker)
-        say(f"{model_name}: {pack[0].study} {pack[0].condition.describe()}", state["done"], len(chunks))
+        say(f"{model_name}: chunks", state["done"], len(chunks), f"{pack[0].study} {pack[0].condition.describe()}")
 
     todo_chunks = sum(len(p) for p in todo)
-    say(f"{model_name}: {todo_chunks} of {len(chunks)} chunks to run", state["done"], len(chunks))
+    say(f"{model_name}: chunks", state["done"], len(chunks), f"{todo_chunks} of {len(chunks)} to run")
     executor.run(model_name, load, ctx, todo, sink)
     analyse_model(spec, store, run_id, model_name, plans, load, sets)
     return todo_chunks, len(chunks) - todo_chunks
