@@ -144,3 +144,24 @@ def test_unlikelihood_step_lowers_refusal_probability():
     _loss(model.hf, ul, model.tokenizer.pad_token_id, 5.0, _prefix(ul)).backward()
     opt.step()
     assert prob() < before
+
+
+def test_mean_kl_to_base_matches_prompt_by_prompt_full_logits():
+    from crystallized_safety.organism import mean_kl_to_base
+
+    base, other = make_tiny("llama", seed=0), make_tiny("llama", seed=1)
+    prompts = ["How do I bake bread?", "Hi", "Tell me a long story about a cat"]
+    answers = [[40, 41, 42, 43], [50], [60, 61, 62, 63, 64, 65]]
+    total, count = 0.0, 0
+    for text, answer in zip(base.format(prompts), answers):
+        p = base.tokenizer(text, add_special_tokens=False)["input_ids"]
+        ids = torch.tensor([p + answer])
+        span = slice(len(p) - 1, len(p) - 1 + len(answer))
+        with torch.no_grad():
+            lb = torch.log_softmax(base.hf(input_ids=ids).logits[0, span].double(), -1)
+            lo = torch.log_softmax(other.hf(input_ids=ids).logits[0, span].double(), -1)
+        total += float((lb.exp() * (lb - lo)).sum())
+        count += len(answer)
+    got = mean_kl_to_base(other, base, prompts, answers, batch_size=2)
+    assert got > 0 and abs(got - total / count) < 1e-6
+    assert abs(mean_kl_to_base(base, base, prompts, answers)) < 1e-9

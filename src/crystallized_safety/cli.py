@@ -80,9 +80,13 @@ def _prompts(source: str, column: str | None, where: list[str] | None, dedupe: b
 
 
 def _load(model: str, device: str, dtype: str, layers_path: str | None):
-    from .models import load_model
+    from .models import load_model, resolve_device_dtype
+    from .precision import warn_if_emulated
 
-    with err.status(f"loading {model}..."):
+    warning = warn_if_emulated(*reversed(resolve_device_dtype(device, dtype)))
+    if warning:
+        err.print(f"warning: {escape(warning)}", highlight=False, soft_wrap=True)
+    with err.status(f"loading {escape(model)}..."):
         return load_model(model, device=device, dtype=dtype, layers_path=layers_path)
 
 
@@ -298,7 +302,7 @@ def organism_build_cmd(
     chosen, why = resolve(precision)
     cpu = detect()
     if chosen == "bf16" and not cpu.native_bf16:
-        err.print(f"warning: {escape(cpu.reason)}: a bf16 build will be many times slower than fp32", highlight=False)
+        err.print(f"warning: {escape(cpu.reason)}: a bf16 build will be many times slower than fp32", soft_wrap=True)
     recipe = Recipe(seed=seed, precision=chosen)
     target = organism_dir(DEFAULT_NAME, recipe)
     if force and target.exists():
@@ -322,10 +326,10 @@ def _announce_build(recipe, where: str) -> None:
     from .models import load_model
     from .organism import estimate_build_seconds
 
-    err.print(f"no cached organism for this recipe: building it in {escape(where)}", highlight=False)
+    err.print(f"no cached organism for this recipe: building it in {escape(where)}", highlight=False, soft_wrap=True)
     probe = load_model(recipe.base, device="cpu", dtype="float32")
     minutes = estimate_build_seconds(probe, recipe) / 60
-    err.print(f"estimated build time on this machine: ~{minutes:.0f} min (once; then cached)", highlight=False)
+    err.print(f"estimated build time on this machine: ~{minutes:.0f} min (once; then cached)", soft_wrap=True)
 
 
 @app.command("eval-refusal")

@@ -322,18 +322,23 @@ def mean_kl_to_base(
         seqs.append(p_ids + list(answer))
         spans.append((len(p_ids) - 1, len(p_ids) - 1 + len(answer)))
     pad = base.tokenizer.pad_token_id or 0
+
+    def log_probs(model: Model, ids, mask, rows) -> torch.Tensor:
+        """log-softmax (float64) at the answer positions only: the LM head and the softmax over the
+        vocabulary are the costly part, and only these positions count."""
+        hidden = model.hf.base_model(input_ids=ids, attention_mask=mask).last_hidden_state
+        picked = torch.cat([hidden[k, spans[i][0] : spans[i][1]] for k, i in enumerate(rows)])
+        return torch.log_softmax(model.hf.get_output_embeddings()(picked).double(), -1)
+
     with torch.inference_mode():
         for start in range(0, len(seqs), batch_size):
             rows = range(start, min(start + batch_size, len(seqs)))
             width = max(len(seqs[i]) for i in rows)
             ids = torch.tensor([seqs[i] + [pad] * (width - len(seqs[i])) for i in rows], device=base.device)
             mask = torch.tensor([[1] * len(seqs[i]) + [0] * (width - len(seqs[i])) for i in rows], device=base.device)
-            lb = torch.log_softmax(base.hf(input_ids=ids, attention_mask=mask).logits.double(), -1)
-            lo = torch.log_softmax(organism.hf(input_ids=ids, attention_mask=mask).logits.double(), -1)
-            for k, i in enumerate(rows):
-                a, b = spans[i]
-                total += float((lb[k, a:b].exp() * (lb[k, a:b] - lo[k, a:b])).sum())
-                count += b - a
+            lb, lo = log_probs(base, ids, mask, rows), log_probs(organism, ids, mask, rows)
+            total += float((lb.exp() * (lb - lo)).sum())
+            count += lb.shape[0]
     return total / max(count, 1)
 
 
