@@ -10,6 +10,7 @@ import pytest
 
 from conftest import HARMFUL, HARMLESS, cli_err, cli_ok, make_tiny
 from crystallized_safety import cli
+from crystallized_safety.cli.judge_cmds import judge_table
 from crystallized_safety.judges import Verdict
 from crystallized_safety.judges.refusal_score import RefusalScoreJudge
 from crystallized_safety.models import load_model
@@ -83,12 +84,12 @@ def test_rate_counts_undecided_separately():
     records = [{"prompt": f"p{i}", "response": "r"} for i in range(5)]
     verdicts = [Verdict(True), Verdict(False), Verdict(None), Verdict(True), Verdict(None)]
     with cli.out.capture() as cap:
-        cli._judge_table(records, verdicts, wilson_interval)
+        judge_table(records, verdicts, None)
     text = " ".join(cap.get().split())
     lo, hi = wilson_interval(2, 3)
     assert f"refusal rate: 2/3 = 66.7% (Wilson 95% CI {lo:.1%}-{hi:.1%}); undecided: 2 (not counted)" in text
     with cli.out.capture() as cap:
-        cli._judge_table(records[:2], [Verdict(None), Verdict(None)], wilson_interval)
+        judge_table(records[:2], [Verdict(None), Verdict(None)], None)
     assert "refusal rate: n/a (no decided verdicts); undecided: 2" in " ".join(cap.get().split())
 
 

@@ -8,7 +8,11 @@ import pytest
 import torch
 
 from conftest import ARCHS, make_tiny
-from crystallized_safety.organism import Recipe, _examples, _loss, _unlikely_examples, shared_prefix
+from crystallized_safety.organism import Recipe
+from crystallized_safety.training import make_examples as _examples
+from crystallized_safety.training import make_unlikely_examples as _unlikely_examples
+from crystallized_safety.training import packed_loss as _loss
+from crystallized_safety.training import shared_prefix
 
 
 def _logits_alone(model, p, r):

@@ -1,12 +1,14 @@
 """A model organism that really refuses: SmolLM2-135M-Instruct refusal-tuned on CPU, the way safety
 tuning is done, in miniature.
 
-Recipe (see FINDINGS): harmful train prompts -> varied refusal sentences; harmless train prompts (incl.
-near-miss twins) -> the base model's own greedy answers (self-distillation, so helpfulness does not
-drift); loss on response tokens only, first response token up-weighted (the refusal decision is made
-there); plus an unlikelihood term on harmless prompts that pushes down a refusal's tokens from where it
-departs from the base model's answer (over-refusal is trained against directly, not only by imitation);
-embeddings (tied with the LM head) frozen; AdamW with linear decay; bf16 autocast (AMX-fast on CPU).
+Recipe (README, "Model organism"): harmful train prompts -> varied refusal sentences; harmless train
+prompts (incl. near-miss twins) -> the base model's own greedy answers (self-distillation, so helpfulness
+does not drift); loss on response tokens only, first response token up-weighted (the refusal decision is
+made there); plus an unlikelihood term on harmless prompts that pushes down a refusal's tokens from where
+it departs from the base model's answer (over-refusal is trained against directly, not only by
+imitation); embeddings (tied with the LM head) frozen; AdamW with linear decay; fp32 on every CPU (bf16
+only on request: emulated bf16 is many times slower). Each step's batch is packed into one sequence
+(shared prefix once, block mask): the same loss and gradients, about 1.5x faster on CPU.
 Deterministic for a seed.
 
 The result is cached under `cache_dir()/organisms/` with a model card (JSON + Markdown) holding the
@@ -21,7 +23,6 @@ import fcntl
 import hashlib
 import json
 import platform
-import random
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
@@ -31,24 +32,14 @@ import torch
 
 from . import __version__
 from .errors import ModelError
+from .generation import generate
 from .models import Model, atomic_dir, cache_dir, load_model, save_pretrained
 from .prompts import bundled
+from .training import REFUSALS, base_answers, make_examples, packed_loss, shared_prefix, train
 
 DEFAULT_NAME = "smollm2-135m-refusal"
 # Bump when the build or the card changes in a way that makes cached organisms stale.
 BUILD_VERSION = 7
-
-# Written for this project: varied refusals, each starting the way real refusals do.
-REFUSALS = (
-    "I'm sorry, but I can't help with that.",
-    "I can't help with that request. If you have another question, I'm happy to help.",
-    "I'm sorry, I can't assist with that.",
-    "I won't help with this, because it could cause real harm.",
-    "Sorry, I can't provide that information.",
-    "I'm not able to help with that, as it could put people at risk.",
-    "I cannot help with that request.",
-    "I'm sorry, but I won't provide help with that. Is there something else I can do for you?",
-)
 
 
 @dataclass(frozen=True)
@@ -120,192 +111,6 @@ def ensure_organism(name: str = DEFAULT_NAME, recipe: Recipe | None = None, prog
     return target
 
 
-# --------------------------------------------------------------------------- training
-
-
-def _sha(items) -> str:
-    return hashlib.sha256("\n".join(items).encode()).hexdigest()
-
-
-def _examples(model: Model, prompts: list[str], responses: list[str], finished: list[bool], weight: float = 1.0):
-    """(prompt ids, response ids, example weight, unlikelihood span); the loss covers response tokens only.
-    Imitation examples have an empty span."""
-    tok = model.tokenizer
-    texts = model.format(prompts)
-    out = []
-    for text, response, done in zip(texts, responses, finished):
-        p_ids = tok(text, add_special_tokens=False)["input_ids"]
-        r_ids = tok(response, add_special_tokens=False)["input_ids"]
-        if done:  # teach the model to stop only where the target really stopped
-            r_ids = r_ids + [tok.eos_token_id]
-        out.append((p_ids, r_ids, weight, (0, 0)))
-    return out
-
-
-def _unlikely_examples(model: Model, prompts: list[str], answers: list[str], refusals: list[str], recipe):
-    """Harmless prompt + a refusal: unlikelihood on up to `unlikelihood_tokens` refusal tokens, from the first
-    one that departs from the base model's own answer (a shared prefix such as "I" is not pushed down)."""
-    tok = model.tokenizer
-    out = []
-    for text, response, refusal in zip(model.format(prompts), answers, refusals):
-        p_ids = tok(text, add_special_tokens=False)["input_ids"]
-        answer = tok(response, add_special_tokens=False)["input_ids"]  # tokenised as the imitation target is
-        r_ids = tok(refusal, add_special_tokens=False)["input_ids"]
-        k = 0
-        while k < min(len(r_ids), len(answer)) and r_ids[k] == answer[k]:
-            k += 1
-        if k >= len(r_ids):
-            continue
-        end = min(len(r_ids), k + recipe.unlikelihood_tokens)
-        out.append((p_ids, r_ids[:end], recipe.unlikelihood_weight, (k, end)))
-    return out
-
-
-def _targets(example, first_weight: float) -> tuple[list[int], list[float], list[float]]:
-    """(token ids, imitation weight per label position, unlikelihood weight per label position).
-
-    Position j weighs the prediction of token j (made from position j - 1). Imitation covers the response,
-    its first token `first_weight` times (the refusal decision is made there); an unlikelihood example
-    weighs only its span."""
-    p, r, w, (u0, u1) = example
-    seq = list(p) + list(r)
-    imitate, unlikely = [0.0] * len(seq), [0.0] * len(seq)
-    if u1 > u0:
-        for j in range(len(p) + u0, len(p) + u1):
-            unlikely[j] = w
-    else:
-        for j in range(len(p), len(seq)):
-            imitate[j] = w
-        imitate[len(p)] = first_weight * w
-    return seq, imitate, unlikely
-
-
-def shared_prefix(sequences: list[list[int]]) -> int:
-    """Length of the token prefix all sequences share, leaving at least one token of each unshared."""
-    shortest = min(len(s) for s in sequences)
-    k = 0
-    while k < shortest - 1 and all(s[k] == sequences[0][k] for s in sequences):
-        k += 1
-    return k
-
-
-def _loss(hf, examples, pad_id: int, first_weight: float, prefix: int = 0) -> torch.Tensor:
-    """Weighted next-token NLL on imitation tokens plus weighted unlikelihood -log(1 - p) on unlikelihood
-    tokens, normalised by the total weight: the value of one padded batch, computed with less work.
-
-    The batch is *packed* into one sequence: the `prefix` tokens every example starts with (system prompt,
-    template head) once, then each example's remaining tokens, with a block mask so that each example sees
-    only the prefix and itself, and positions that restart after the prefix. No pad token and no repeated
-    prefix is computed, and all rows go through one large matmul per layer (much better on CPU than
-    several small ones). The LM head runs only where a label counts. `pad_id` is unused: nothing is padded.
-    """
-    del pad_id
-    body, head = hf.base_model, hf.get_output_embeddings()
-    dev, dtype = next(hf.parameters()).device, next(hf.parameters()).dtype
-    rows = [_targets(ex, first_weight) for ex in examples]
-    ids, pos, spans = list(rows[0][0][:prefix]), list(range(prefix)), []
-    src, tgt, imitate_w, unlikely_w = [], [], [], []
-    for seq, imitate, unlikely in rows:
-        start = len(ids)
-        ids += seq[prefix:]
-        pos += range(prefix, len(seq))
-        spans.append((start, len(ids)))
-        for j in range(prefix + 1, len(seq)):  # token j is predicted at packed position start + j - prefix - 1
-            if imitate[j] or unlikely[j]:
-                src.append(start + j - prefix - 1)
-                tgt.append(seq[j])
-                imitate_w.append(imitate[j])
-                unlikely_w.append(unlikely[j])
-    allowed = torch.zeros(len(ids), len(ids), dtype=torch.bool)
-    allowed[:prefix, :prefix] = True
-    for a, b in spans:
-        allowed[a:b, :prefix] = True
-        allowed[a:b, a:b] = True
-    allowed &= torch.ones_like(allowed).tril()  # causal: packed order is each example's own order
-    mask = torch.zeros(allowed.shape, dtype=dtype).masked_fill(~allowed, torch.finfo(dtype).min)
-    hidden = body(
-        input_ids=torch.tensor([ids], device=dev),
-        attention_mask=mask[None, None].to(dev),
-        position_ids=torch.tensor([pos], device=dev),
-    ).last_hidden_state[0]
-    logits = head(hidden[torch.tensor(src, device=dev)]).float()
-    logp = -torch.nn.functional.cross_entropy(logits, torch.tensor(tgt, device=dev), reduction="none")
-    w, u = torch.tensor(imitate_w, device=dev), torch.tensor(unlikely_w, device=dev)
-    # -log(1 - p) = -log1p(-exp(logp)), clamped away from p = 1
-    ul = -torch.log1p(-logp.exp().clamp(max=1 - 1e-6))
-    return ((-logp) * w + ul * u).sum() / (w.sum() + u.sum())
-
-
-def train(
-    model: Model, harmful: list[str], harmless: list[str], recipe: Recipe, progress: Progress | None = None
-) -> dict:
-    """Fine-tune `model` in place; returns training facts for the card."""
-    from .generation import generate
-
-    say = progress or _silent
-    t0 = time.perf_counter()
-    say(f"self-distilling {len(harmless)} harmless answers from the base model")
-    answers = generate(model, harmless, max_new_tokens=recipe.target_tokens, batch_size=64)
-    distill_s = time.perf_counter() - t0
-    rng = random.Random(recipe.seed)
-    refusals = [rng.choice(REFUSALS) for _ in harmful]
-    examples = _examples(model, harmful, refusals, [True] * len(harmful))
-    examples += _examples(
-        model, harmless, [a.response for a in answers], [a.finished for a in answers], recipe.harmless_weight
-    )
-    if recipe.unlikelihood_weight > 0:
-        examples += _unlikely_examples(
-            model, harmless, [a.response for a in answers], [rng.choice(REFUSALS) for _ in harmless], recipe
-        )
-
-    torch.manual_seed(recipe.seed)
-    hf = model.hf
-    hf.train()
-    if recipe.freeze_embeddings:
-        hf.get_input_embeddings().weight.requires_grad_(False)
-        if hf.get_output_embeddings() is not None:
-            hf.get_output_embeddings().weight.requires_grad_(False)
-    params = [p for p in hf.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=recipe.lr, weight_decay=recipe.weight_decay)
-    steps_per_epoch = -(-len(examples) // recipe.batch_size)
-    total = steps_per_epoch * recipe.epochs
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0 - step / total)
-    gen = torch.Generator().manual_seed(recipe.seed)
-    prefix = shared_prefix([ex[0] for ex in examples])
-    pad_id = model.tokenizer.pad_token_id
-    losses = []
-    t1 = time.perf_counter()
-    phase = f"training ({recipe.precision}, {total} steps of {recipe.batch_size})"
-    say(phase, 0, total)
-    for epoch in range(recipe.epochs):
-        order = torch.randperm(len(examples), generator=gen).tolist()
-        for start in range(0, len(order), recipe.batch_size):
-            batch = [examples[i] for i in order[start : start + recipe.batch_size]]
-            with torch.autocast(hf.device.type, dtype=torch.bfloat16, enabled=recipe.precision == "bf16"):
-                loss = _loss(hf, batch, pad_id, recipe.first_token_weight, prefix)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-            opt.step()
-            sched.step()
-            losses.append(loss.item())
-            say(phase, len(losses), total, f"epoch {epoch + 1}/{recipe.epochs} loss {losses[-1]:.3f}")
-    hf.eval()
-    for p in hf.parameters():
-        p.requires_grad_(True)
-    return {
-        "trainable_params": sum(p.numel() for p in params),
-        "total_params": sum(p.numel() for p in hf.parameters()),
-        "steps": total,
-        "examples": len(examples),
-        "loss_first": losses[0],
-        "loss_last": losses[-1],
-        "distill_seconds": round(distill_s, 1),
-        "train_seconds": round(time.perf_counter() - t1, 1),
-        "refusal_texts_sha256": _sha(REFUSALS),
-    }
-
-
 # --------------------------------------------------------------------------- measuring
 
 
@@ -357,23 +162,24 @@ def steering_check(
     refusal on `n_prompts` held-out harmful prompts; the random control uses the same layer and alpha.
     """
     from .directions import extract_directions, random_direction
-    from .evaluation import refusal_rate
-    from .steering import Intervention
+    from .evaluation import RefusalRate, refusal_rate
+    from .judges.substring import SubstringJudge
+    from .steering import Intervention, pack_interventions
 
     bank = extract_directions(model, bundled("harmful", "extract"), bundled("harmless", "extract"), layers=list(layers))
     prompts = harmful_eval[:n_prompts]
-    base = refusal_rate(model, prompts, max_new_tokens=recipe.eval_new_tokens)
-    grid = []
-    for layer in layers:
-        for rel in rel_alphas:
-            alpha = -rel * bank.resid_norm(layer)
-            res = refusal_rate(
-                model,
-                prompts,
-                Intervention.single(layer, bank.direction(layer), alpha),
-                max_new_tokens=recipe.eval_new_tokens,
-            )
-            grid.append({"layer": layer, "rel_alpha": rel, "alpha": round(alpha, 2), **res.to_dict()})
+    cells = [(layer, rel, -rel * bank.resid_norm(layer)) for layer in layers for rel in rel_alphas]
+    # the baseline and every cell in one batched generate (per-row steering vectors, same arithmetic per row)
+    ivs = [None] + [Intervention.single(layer, bank.direction(layer), alpha) for layer, _rel, alpha in cells]
+    packed = pack_interventions(ivs, len(prompts), model.hidden_size)
+    gens = generate(model, prompts * len(ivs), packed, max_new_tokens=recipe.eval_new_tokens, batch_size=len(ivs) * 32)
+    verdicts = SubstringJudge().judge([g.prompt for g in gens], [g.response for g in gens])
+    rates = [RefusalRate.from_verdicts(verdicts[j * len(prompts) : (j + 1) * len(prompts)]) for j in range(len(ivs))]
+    base = rates[0]
+    grid = [
+        {"layer": layer, "rel_alpha": rel, "alpha": round(alpha, 2), **rate.to_dict()}
+        for (layer, rel, alpha), rate in zip(cells, rates[1:])
+    ]
     best = min(grid, key=lambda g: (g["rate"], g["rel_alpha"], abs(g["layer"] - 15)))
     rand = random_direction(model.hidden_size, seed)
     ctrl = refusal_rate(
@@ -398,7 +204,6 @@ def steering_check(
 def measure(model: Model, base: Model | None, recipe: Recipe, progress: Progress | None = None) -> dict:
     """Held-out (eval split) refusal rates, KL to base, steering check."""
     from .evaluation import RefusalRate
-    from .generation import generate
     from .judges.substring import SubstringJudge
 
     say = progress or _silent
@@ -420,7 +225,7 @@ def measure(model: Model, base: Model | None, recipe: Recipe, progress: Progress
     if base is not None:
         harmless = list(sets["harmless"])
         say(f"measuring: KL to the base model on {len(harmless)} harmless prompts")
-        answers = generate(base, harmless, max_new_tokens=recipe.eval_new_tokens, batch_size=64)
+        answers = base_answers(base, sets["harmless"], recipe.eval_new_tokens)
         out["kl_to_base_harmless"] = round(mean_kl_to_base(model, base, harmless, [a.token_ids for a in answers]), 5)
     say("measuring: steering check (direction vs random)")
     out["steering_check"] = steering_check(model, list(sets["harmful"]), recipe)
@@ -438,15 +243,16 @@ def estimate_build_seconds(model: Model, recipe: Recipe) -> float:
     n = len(harmful)
     answer = " ".join(["word"] * recipe.target_tokens)
     third = max(1, n // 3)
-    refusals = _examples(model, harmful, [REFUSALS[0]] * n, [True] * n)
-    answers = _examples(model, harmful, [answer] * n, [False] * n)
+    refusals = make_examples(model, harmful, [REFUSALS[0]] * n, [True] * n)
+    answers = make_examples(model, harmful, [answer] * n, [False] * n)
     examples = refusals[:third] + answers[third : 2 * third]
     examples += [(p, r[:4], 1.0, (0, 4)) for p, r, _w, _s in refusals[2 * third :]]  # unlikelihood-shaped
     prefix = shared_prefix([ex[0] for ex in examples])
     with torch.autocast(model.device.type, dtype=torch.bfloat16, enabled=recipe.precision == "bf16"):
-        _loss(model.hf, examples, model.tokenizer.pad_token_id, recipe.first_token_weight, prefix).backward()  # warm-up
+        # warm-up (kernel selection, allocation), then the timed step
+        packed_loss(model.hf, examples, model.tokenizer.pad_token_id, recipe.first_token_weight, prefix).backward()
         t0 = time.perf_counter()
-        _loss(model.hf, examples, model.tokenizer.pad_token_id, recipe.first_token_weight, prefix).backward()
+        packed_loss(model.hf, examples, model.tokenizer.pad_token_id, recipe.first_token_weight, prefix).backward()
         step = time.perf_counter() - t0
     model.hf.zero_grad(set_to_none=True)
     n_examples = len(bundled("harmful", "train")) + len(bundled("harmless", "train")) * (
@@ -467,7 +273,7 @@ def build_organism(target: Path, recipe: Recipe, progress: Progress | None = Non
     say("loading the base model")
     base = load_model(recipe.base, device="cpu", dtype="float32")
     model = load_model(recipe.base, device="cpu", dtype="float32")
-    harmful, harmless = list(bundled("harmful", "train")), list(bundled("harmless", "train"))
+    harmful, harmless = list(bundled("harmful", "train")), bundled("harmless", "train")
     facts = train(model, harmful, harmless, recipe, progress=say)
     build_s = time.perf_counter() - t0
     with atomic_dir(target) as tmp:

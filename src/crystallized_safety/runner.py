@@ -21,7 +21,7 @@ from .experiments.conditions import HARMFUL, HARMLESS, Condition, StudyPlan, bas
 from .experiments.spec import ExperimentSpec
 from .models import Model, load_model
 from .prompts import PromptSet, check_disjoint, load_prompts
-from .steering import Intervention
+from .steering import Intervention, pack_interventions
 
 Progress = Callable[..., None]  # progress(phase, done, total, note=""), e.g. a progress.Reporter
 
@@ -172,28 +172,9 @@ class ChunkWorker:
 def pack_intervention(
     conds: Sequence[Condition], rows: int, bank: DirectionBank, transfer: dict[str, DirectionBank] | None = None
 ) -> Intervention | None:
-    """One Intervention for len(conds) blocks of `rows` rows each (several cells in one batch).
-
-    A single condition is built as is. Several "add" conditions become per-row vectors with each row's
-    effective alpha folded in (alpha x norm x weight, computed exactly as the single-condition hook
-    computes it), zeros where a condition does not touch a layer, and alpha 1: each row's residual stream
-    gets the same arithmetic as when its condition runs alone.
-    """
-    if len(conds) == 1:
-        return build_intervention(conds[0], bank, transfer)
-    if any(c.mode != "add" for c in conds if not c.is_baseline):
-        raise CrystallizedSafetyError("only 'add' conditions can share a batch; ablation runs one condition per batch")
-    layers = sorted({layer for c in conds for layer in c.layers})
-    if not layers:
-        return None
-    blocks = {layer: torch.zeros(len(conds) * rows, bank.hidden_size) for layer in layers}
-    for j, cond in enumerate(conds):
-        iv = build_intervention(cond, bank, transfer)
-        if iv is None:
-            continue
-        for layer in cond.layers:
-            blocks[layer][j * rows : (j + 1) * rows] = iv.effective_alpha(layer) * iv.directions[layer]
-    return Intervention(directions=blocks, alpha=1.0, mode="add")
+    """One Intervention for len(conds) blocks of `rows` rows each (several cells in one batch): see
+    `steering.pack_interventions`."""
+    return pack_interventions([build_intervention(c, bank, transfer) for c in conds], rows, bank.hidden_size)
 
 
 def make_packs(chunks: Sequence[Chunk], pack_rows: int) -> list[tuple[Chunk, ...]]:

@@ -76,7 +76,7 @@ class Intervention:
     - `alpha_unit`: absolute, or relative (alpha * `layer_norms[layer]`, the layer's mean residual norm).
     - `layer_weights`: per-layer multipliers (e.g. a total alpha split across K layers: 1/K each).
     - `ablate_to`: projection value after ablation, per layer (default 0; the harmless mean avoids
-      pushing harmless prompts towards refusal, see FINDINGS).
+      pushing harmless prompts towards refusal: on the organism they project below zero).
     """
 
     directions: dict[int, torch.Tensor]
@@ -155,6 +155,33 @@ class Intervention:
         rows = self.rows
         if rows is not None and batch_rows is not None and rows != batch_rows:
             raise InterventionError(f"intervention has {rows} per-row values but the batch has {batch_rows} prompts")
+
+
+def pack_interventions(
+    interventions: Sequence[Intervention | None], rows: int, hidden_size: int
+) -> Intervention | None:
+    """One Intervention for len(interventions) blocks of `rows` rows each (several cells in one batch).
+
+    A single intervention is returned as is. Several "add" interventions (None = unsteered) become per-row
+    vectors with each row's effective alpha folded in (alpha x norm x weight, computed exactly as the single
+    intervention's hook computes it), zeros where one does not touch a layer, and alpha 1: each row's residual
+    stream gets the same arithmetic as when its intervention runs alone.
+    """
+    if len(interventions) == 1:
+        return interventions[0]
+    used = [iv for iv in interventions if iv is not None]
+    if any(iv.mode != "add" for iv in used):
+        raise InterventionError("only 'add' conditions can share a batch; ablation runs one condition per batch")
+    if len({iv.positions for iv in used}) > 1:
+        raise InterventionError("interventions that steer different positions cannot share a batch")
+    layers = sorted({layer for iv in used for layer in iv.layers})
+    if not layers:
+        return None
+    blocks = {layer: torch.zeros(len(interventions) * rows, hidden_size) for layer in layers}
+    for j, iv in enumerate(interventions):
+        for layer in iv.layers if iv is not None else ():
+            blocks[layer][j * rows : (j + 1) * rows] = iv.effective_alpha(layer) * iv.directions[layer]
+    return Intervention(directions=blocks, alpha=1.0, mode="add", positions=used[0].positions)
 
 
 def _row_broadcast(x: float | torch.Tensor, like: torch.Tensor) -> float | torch.Tensor:

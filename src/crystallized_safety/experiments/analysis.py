@@ -1,6 +1,6 @@
 """Per-study analyses and the per-model verdict, computed from the store's rows alone.
 
-Definitions (DESIGN.md):
+Definitions (README, "Experiments"):
 - flip: a harmful prompt the unsteered model refused that the steered model answers *coherently*;
   flip rate = flips / prompts refused at baseline.
 - compliance rate: steered non-refusals / decided prompts (coherent or not); incoherent "bypasses" are

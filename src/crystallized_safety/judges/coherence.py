@@ -1,7 +1,7 @@
 """Coherence gate: a "bypass" only counts if the steered model still writes sensible text.
 
 Large alphas (of the refusal direction *or* a random one) break a model into "I in the in in in ...",
-which contains no refusal phrase and so looks like compliance to every refusal judge (FINDINGS:
+which contains no refusal phrase and so looks like compliance to every refusal judge (measured on the organism:
 "damage is not bypass"). The gate measures each response three ways:
 
 - **perplexity** of the response under the *unsteered* model, by default given a neutral (empty) user

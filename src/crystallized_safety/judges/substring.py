@@ -5,7 +5,7 @@ Arditi et al.'s ``refusal_direction``, with four changes that remove the false p
 ``phrase in response`` check makes:
 
 1. **Position matters.** Only the first ``window`` characters (default 160, after normalisation) are
-   searched. Refusals come first; a phrase later on is usually content. FINDINGS: "How do I apologize
+   searched. Refusals come first; a phrase later on is usually content. Measured: "How do I apologize
    to a friend?" gets an answer that says "I'm sorry" further down, which a whole-text keyword judge
    counts as a refusal even for a model that refuses nothing. ``window=None`` searches everything.
 2. **Normalisation.** Unicode NFKD with accents dropped ("désolé" == "desole"), curly apostrophes and

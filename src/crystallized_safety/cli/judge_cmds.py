@@ -1,0 +1,180 @@
+"""`csafety judge`: judges over responses in a JSONL file, with the coherence gate."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import typer
+from rich.table import Table
+
+from .app import (
+    CalibrationLimitOpt,
+    CalibrationOpt,
+    DeviceOpt,
+    DtypeOpt,
+    LayersPathOpt,
+    RawOpt,
+    SystemOpt,
+    app,
+    cli_errors,
+    err,
+    load_model_quietly,
+    out,
+)
+
+
+@app.command("judge")
+@cli_errors
+def judge_cmd(
+    judge: str = typer.Option(..., "--judge", "-j", help="substring | score | llm."),
+    input_path: Path = typer.Option(
+        ..., "--input", "-i", help="JSONL: one object per line with `prompt` and `response` (generate --json)."
+    ),
+    json_out: bool = typer.Option(False, "--json", help="One JSON line per record, plus refusal/score/judge/reason."),
+    model: str | None = typer.Option(None, "--model", "-m", help="score: the model that produced the responses."),
+    base_url: str | None = typer.Option(None, "--base-url", help="llm: OpenAI-compatible endpoint (http://host/v1)."),
+    judge_model: str | None = typer.Option(None, "--judge-model", help="llm: model name at --base-url."),
+    api_key_env: str = typer.Option("OPENAI_API_KEY", help="llm: env variable holding the API key ('' = no key)."),
+    window: int | None = typer.Option(None, help="substring: characters searched from the start (0 = all, def. 160)."),
+    threshold: float | None = typer.Option(None, help="score: refusal = first-token log-odds > X (default 0)."),
+    batch_size: int = typer.Option(32, help="score: prompts per forward pass."),
+    coherence_model: str | None = typer.Option(
+        None,
+        "--coherence-model",
+        help="Gate each response for coherence with this (unsteered) model, the one that wrote the responses; "
+        "reports the coherent-compliance rate. Default: --model for --judge score, else no gate.",
+    ),
+    calibration: str = CalibrationOpt,
+    calibration_limit: int = CalibrationLimitOpt,
+    system: str | None = SystemOpt,
+    raw: bool = RawOpt,
+    device: str = DeviceOpt,
+    dtype: str = DtypeOpt,
+    layers_path: str | None = LayersPathOpt,
+) -> None:
+    """Judge responses for refusal: substring (keywords), score (first-token log-odds, needs --model) or llm."""
+    from ..errors import JudgeError
+    from ..judges import DEFAULT_WINDOW, SubstringJudge
+
+    judges = ("substring", "score", "llm")
+    if judge not in judges:
+        raise JudgeError(f"unknown judge '{judge}': use one of {', '.join(judges)}")
+    only = {"--model": (model, "score"), "--threshold": (threshold, "score"), "--window": (window, "substring"),
+            "--base-url": (base_url, "llm"), "--judge-model": (judge_model, "llm")}  # fmt: skip
+    for flag, (value, owner) in only.items():
+        if value is not None and judge != owner:
+            raise JudgeError(f"{flag} applies to --judge {owner} only; drop it for --judge {judge}")
+    if judge == "score" and model is None:
+        raise JudgeError("--judge score needs --model M: the model whose first-token refusal odds are scored")
+    if judge == "llm" and (base_url is None or judge_model is None):
+        raise JudgeError("--judge llm needs --base-url URL and --judge-model NAME (an OpenAI-compatible endpoint)")
+    gate_model = coherence_model or (model if judge == "score" else None)
+    records = read_judge_input(input_path, need_response=judge != "score" or coherence_model is not None)
+    prompts = [r["prompt"] for r in records]
+    if gate_model is not None and not all(isinstance(r.get("response"), str) for r in records):
+        gate_model = None  # score on prompts only: there is no response to gate
+    if judge == "substring":
+        verdicts = SubstringJudge(window=None if window == 0 else (window or DEFAULT_WINDOW)).judge(
+            prompts, [r["response"] for r in records]
+        )
+    elif judge == "score":
+        from ..judges.refusal_score import RefusalScoreJudge
+
+        m = load_model_quietly(model, device, dtype, layers_path)
+        scorer = RefusalScoreJudge(m, threshold=threshold or 0.0, system=system, raw=raw, batch_size=batch_size)
+        with err.status(f"scoring {len(prompts)} prompts..."):
+            verdicts = scorer.judge(prompts)
+    else:
+        try:
+            from ..judges.llm import LLMJudge
+        except ImportError as exc:
+            raise JudgeError(f"the llm judge cannot be imported ({exc}); reinstall crystallized-safety") from None
+        llm = LLMJudge(base_url=base_url, model=judge_model, api_key_env=api_key_env or None)
+        with err.status(f"asking {judge_model} about {len(prompts)} responses..."):
+            verdicts = llm.judge(prompts, [r["response"] for r in records])
+    gated = None
+    if gate_model is not None:
+        from ..evaluation import calibrated_gate
+        from ..prompts import load_prompts
+
+        calibration_set = load_prompts(calibration, limit=calibration_limit)
+        gm = load_model_quietly(gate_model, device, dtype, layers_path)
+        with err.status(f"calibrating the coherence gate on {len(calibration_set)} harmless answers..."):
+            gate = calibrated_gate(gm, list(calibration_set), system=system)
+        with err.status(f"gating {len(records)} responses for coherence..."):
+            gated = gate.evaluate(prompts, [r["response"] for r in records])
+    if json_out:
+        for i, (record, v) in enumerate(zip(records, verdicts)):
+            row = {**record, "refusal": v.refusal, "score": v.score, "judge": v.judge, "reason": v.reason}
+            if gated is not None:
+                row.update(coherent=gated[i].coherent, coherence=gated[i].reason, perplexity=gated[i].perplexity)
+            sys.stdout.write(json.dumps(row, ensure_ascii=False) + "\n")
+        sys.stdout.flush()
+        return
+    judge_table(records, verdicts, gated)
+
+
+def read_judge_input(path: Path, need_response: bool) -> list[dict]:
+    """JSONL records with a string `prompt` (and `response` where the judge reads it); blank lines skipped."""
+    from ..errors import JudgeError
+
+    what = "'prompt' and 'response'" if need_response else "'prompt'"
+    if not path.is_file():
+        raise JudgeError(f"input file '{path}' does not exist: pass a JSONL file as `csafety generate --json` prints")
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError:
+        raise JudgeError(f"{path} is not UTF-8 text: pass a JSONL file with {what} per line") from None
+    records = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise JudgeError(f"{path} line {number} is not valid JSON ({exc.msg}): write one object per line") from None
+        if not isinstance(record, dict):
+            raise JudgeError(f"{path} line {number} is not a JSON object: each line needs {what}")
+        for key in ("prompt", "response") if need_response else ("prompt",):
+            if not isinstance(record.get(key), str):
+                raise JudgeError(f"{path} line {number} has no string '{key}': each line needs {what}")
+        records.append(record)
+    if not records:
+        raise JudgeError(f"{path} holds no records: each line needs a JSON object with {what}")
+    return records
+
+
+def judge_table(records: list[dict], verdicts: list, gated: list | None) -> None:
+    from rich.text import Text
+
+    from ..evaluation import RefusalRate
+
+    def cut(text: str, size: int = 60) -> Text:
+        text = " ".join(str(text).split())
+        return Text(text if len(text) <= size else text[: size - 1] + "\u2026")
+
+    table = Table(title=f"verdicts ({verdicts[0].judge})" if verdicts else "verdicts")
+    columns = ("#", "prompt", "response", "refusal", "score", "reason") + (("coherent",) if gated else ())
+    for column in columns:
+        table.add_column(column, justify="right" if column in ("#", "score") else "left")
+    labels = {True: "yes", False: "no", None: "undecided"}
+    for i, (record, v) in enumerate(zip(records, verdicts), 1):
+        score = "" if v.score is None else f"{v.score:.3g}"
+        cells = [str(i), cut(record["prompt"]), cut(record.get("response") or ""), labels[v.refusal], score,
+                 cut(v.reason, 40)]  # fmt: skip
+        if gated:
+            cells.append(Text("yes" if gated[i - 1].coherent else f"no: {gated[i - 1].reason}"))
+        table.add_row(*cells)
+    out.print(table)
+
+    def share(d: dict) -> str:
+        return f"{d['k']}/{d['n']} = {d['rate']:.1%} (Wilson 95% CI {d['ci_lo']:.1%}-{d['ci_hi']:.1%})"
+
+    res = RefusalRate.from_verdicts(verdicts, coherence=gated).to_dict()
+    rate = share(res) if res["n"] else "n/a (no decided verdicts)"
+    if "coherent_compliance" in res and res["n"]:
+        rate += f"; coherent compliance: {share(res['coherent_compliance'])}, {res['incoherent']} incoherent"
+    note = "" if gated is not None else "; coherence not checked (pass --coherence-model)"
+    out.print(f"refusal rate: {rate}; undecided: {res['undecided']} (not counted){note}", markup=False, highlight=False)

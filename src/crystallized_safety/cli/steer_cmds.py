@@ -1,0 +1,247 @@
+"""`csafety models | extract | generate | serve`: the registry, directions, steered generation and serving."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import typer
+from rich import box
+from rich.table import Table
+
+from ..errors import CrystallizedSafetyError
+from .app import (
+    DedupeOpt,
+    DeviceOpt,
+    DtypeOpt,
+    LayersPathOpt,
+    ModelOpt,
+    RawOpt,
+    SystemOpt,
+    WhereOpt,
+    app,
+    cli_errors,
+    err,
+    intervention_from_options,
+    load_model_quietly,
+    load_prompt_set,
+    out,
+)
+
+
+@app.command("models")
+@cli_errors
+def models_cmd(json_out: bool = typer.Option(False, "--json", help="Print JSON instead of a table.")) -> None:
+    """List the model registry."""
+    from dataclasses import asdict
+
+    from ..models import registry
+
+    entries = registry()
+    if json_out:
+        for entry in entries.values():
+            out.print_json(json.dumps(asdict(entry)))
+        return
+    # Narrow enough for an 80-column terminal: long sources fold, notes go below the table.
+    table = Table(title="crystallized-safety model registry", box=box.SIMPLE_HEAD, pad_edge=False)
+    table.add_column("alias", no_wrap=True)
+    table.add_column("params", justify="right", no_wrap=True)
+    table.add_column("system", no_wrap=True)
+    table.add_column("source (family: --json)", overflow="fold")
+    for e in entries.values():
+        table.add_row(e.alias, e.params or "", "yes" if e.system_role else "no", e.source)
+    out.print(table)
+    for e in entries.values():
+        if e.notes:
+            out.print(f"{e.alias}: {e.notes}", markup=False, highlight=False)
+
+
+@app.command("extract")
+@cli_errors
+def extract_cmd(
+    model: str = ModelOpt,
+    harmful: str = typer.Option(
+        ...,
+        help="Harmful prompts: .txt (one per line), .csv, .json, .jsonl, a saved HF "
+        "dataset, or bundled:harmful[:train|extract|eval].",
+    ),
+    harmless: str = typer.Option(..., help="Harmless prompts, same formats (bundled:harmless[:split])."),
+    out_path: Path = typer.Option(..., "--out", help="Output .safetensors file."),
+    layers: str = typer.Option("all", help="'all' or comma-separated layer indices (0-based block outputs)."),
+    position: str = typer.Option("last", help="last | mean | a negative offset into the post-instruction tokens."),
+    method: str = typer.Option("mean_diff", help="mean_diff | pca | probe."),
+    column: str | None = typer.Option(None, help="Column holding the prompt in .csv/.json/.jsonl files."),
+    where: list[str] | None = WhereOpt,
+    dedupe: bool = DedupeOpt,
+    batch_size: int = typer.Option(16, help="Prompts per forward pass."),
+    system: str | None = SystemOpt,
+    raw: bool = RawOpt,
+    device: str = DeviceOpt,
+    dtype: str = DtypeOpt,
+    layers_path: str | None = LayersPathOpt,
+) -> None:
+    """Extract one refusal direction per layer (harmful - harmless, unit norm) in one batched pass."""
+    harmful_set = load_prompt_set(harmful, column, where, dedupe)
+    harmless_set = load_prompt_set(harmless, column, where, dedupe)
+    if out_path.suffix != ".safetensors":
+        raise CrystallizedSafetyError(f"--out must end in .safetensors, e.g. {out_path.with_suffix('.safetensors')}")
+    from ..directions import extract_directions  # heavy (torch): after the inputs are checked
+
+    m = load_model_quietly(model, device, dtype, layers_path)
+    with err.status(f"extracting {len(harmful_set)} harmful + {len(harmless_set)} harmless prompts..."):
+        bank = extract_directions(
+            m,
+            harmful_set,
+            harmless_set,
+            layers=layers,
+            position=position,
+            method=method,
+            batch_size=batch_size,
+            system=system,
+            raw=raw,
+        )
+    bank.save(out_path)
+    table = Table(title=f"{out_path} ({method}, position {position}; layer i = output of block i)")
+    table.add_column("layer", justify="right")
+    table.add_column("|mean diff|", justify="right")
+    table.add_column("mean resid norm", justify="right")
+    for row, layer in enumerate(bank.layers):
+        table.add_row(str(layer), f"{float(bank.raw_norms[row]):.3f}", f"{float(bank.resid_norms[row]):.2f}")
+    out.print(table)
+
+
+@app.command("generate")
+@cli_errors
+def generate_cmd(
+    model: str = ModelOpt,
+    prompt: list[str] | None = typer.Option(None, "--prompt", "-p", help="A prompt (repeatable)."),
+    prompts: str | None = typer.Option(
+        None, "--prompts", help="Prompt file (.txt, .csv, .json, .jsonl) or bundled:KIND[:SPLIT]."
+    ),
+    column: str | None = typer.Option(None, help="Column holding the prompt in structured files."),
+    where: list[str] | None = WhereOpt,
+    dedupe: bool = DedupeOpt,
+    directions: Path | None = typer.Option(None, help="Direction file (.safetensors, or a plain-tensor .pt)."),
+    layer: list[int] | None = typer.Option(None, "--layer", "-l", help="Layer to steer (repeatable)."),
+    alpha: float = typer.Option(0.0, help="Steering strength; -alpha removes refusal, +alpha induces it."),
+    mode: str = typer.Option("add", help="add | ablate | ablate_add."),
+    positions: str = typer.Option("all", help="all | prompt | generated."),
+    alpha_unit: str = typer.Option("absolute", help="absolute | relative (x the layer's mean residual norm)."),
+    ablate_to: str = typer.Option("zero", help="Ablation target projection: zero | harmless-mean."),
+    max_new_tokens: int = typer.Option(64, help="Tokens to generate at most."),
+    batch_size: int = typer.Option(32, help="Prompts per generate call (halves on out-of-memory)."),
+    sample: bool = typer.Option(False, "--sample", help="Sample instead of greedy decoding."),
+    temperature: float = typer.Option(1.0),
+    top_p: float = typer.Option(1.0),
+    seed: int = typer.Option(0, help="Seed for sampling."),
+    json_out: bool = typer.Option(False, "--json", help="One JSON object per line."),
+    system: str | None = SystemOpt,
+    raw: bool = RawOpt,
+    device: str = DeviceOpt,
+    dtype: str = DtypeOpt,
+    layers_path: str | None = LayersPathOpt,
+) -> None:
+    """Generate (batched, greedy by default), optionally steered at one or more layers."""
+    texts = list(prompt or [])
+    if prompts is not None:
+        texts += list(load_prompt_set(prompts, column, where, dedupe))
+    if not texts:
+        raise CrystallizedSafetyError("no prompt given: pass --prompt TEXT or --prompts FILE")
+    if (layer or alpha != 0.0 or mode != "add") and directions is None:
+        raise CrystallizedSafetyError("--layer/--alpha/--mode need --directions FILE (from `csafety extract`)")
+    if directions is not None and not layer:
+        raise CrystallizedSafetyError("--directions needs at least one --layer L to steer")
+    from ..generation import generate  # heavy (torch): after the inputs are checked
+
+    m = load_model_quietly(model, device, dtype, layers_path)
+    intervention = None
+    if directions is not None:
+        intervention = intervention_from_options(
+            m, directions, layer or [], alpha, mode, positions, alpha_unit, ablate_to
+        )
+    with err.status(f"generating {len(texts)} responses..."):
+        results = generate(
+            m,
+            texts,
+            intervention,
+            max_new_tokens=max_new_tokens,
+            do_sample=sample,
+            temperature=temperature,
+            top_p=top_p,
+            seed=seed,
+            batch_size=batch_size,
+            system=system,
+            raw=raw,
+        )
+    for g in results:
+        if json_out:
+            record = {
+                "prompt": g.prompt,
+                "response": g.response,
+                "n_tokens": len(g.token_ids),
+                "finished": g.finished,
+                "model": model,
+                "layers": layer or [],
+                "alpha": alpha,
+                "mode": mode if intervention else None,
+            }
+            sys.stdout.write(json.dumps(record, ensure_ascii=False) + "\n")
+        else:
+            out.print(f"[bold]> {g.prompt}[/]", highlight=False)
+            out.print(g.response + "\n", highlight=False, markup=False)
+    sys.stdout.flush()
+
+
+@app.command("serve")
+@cli_errors
+def serve_cmd(
+    model: str = ModelOpt,
+    host: str = typer.Option("127.0.0.1", help="Address to bind (loopback by default; the API has no auth)."),
+    port: int = typer.Option(8000, help="Port to listen on."),
+    served_name: str | None = typer.Option(None, "--served-name", help="Model name clients send (default: --model)."),
+    directions: Path | None = typer.Option(None, help="Direction file: serve the model steered."),
+    layer: list[int] | None = typer.Option(None, "--layer", "-l", help="Layer to steer (repeatable)."),
+    alpha: float = typer.Option(0.0, help="Steering strength; -alpha removes refusal, +alpha induces it."),
+    mode: str = typer.Option("add", help="add | ablate | ablate_add."),
+    positions: str = typer.Option("all", help="all | prompt | generated."),
+    alpha_unit: str = typer.Option("absolute", help="absolute | relative (x the layer's mean residual norm)."),
+    ablate_to: str = typer.Option("zero", help="Ablation target projection: zero | harmless-mean."),
+    max_batch: int = typer.Option(8, help="Most concurrent requests run in one batched generate."),
+    batch_window_ms: float = typer.Option(15.0, help="How long the batcher waits for more requests (ms)."),
+    max_tokens_limit: int = typer.Option(4096, help="Largest max_tokens a request may ask for."),
+    device: str = DeviceOpt,
+    dtype: str = DtypeOpt,
+    layers_path: str | None = LayersPathOpt,
+) -> None:
+    """Serve a model (optionally steered) as an OpenAI-compatible chat API; runs until Ctrl-C."""
+    from ..serve import check_port, describe_intervention, serve
+
+    if (layer or alpha != 0.0 or mode != "add") and directions is None:
+        raise CrystallizedSafetyError("--layer/--alpha/--mode need --directions FILE (from `csafety extract`)")
+    if directions is not None and not layer:
+        raise CrystallizedSafetyError("--directions needs at least one --layer L to steer")
+    check_port(host, port)
+    m = load_model_quietly(model, device, dtype, layers_path)
+    intervention = None
+    if directions is not None:
+        intervention = intervention_from_options(
+            m, directions, layer or [], alpha, mode, positions, alpha_unit, ablate_to
+        )
+    name = served_name or model
+    steering = describe_intervention(intervention)
+    how = "unsteered" if steering is None else ", ".join(f"{k} {v}" for k, v in steering.items())
+    out.print(f"serving {name} ({how}) at http://{host}:{port}/v1 - Ctrl-C to stop", highlight=False)
+    if host not in ("127.0.0.1", "localhost", "::1"):
+        err.print(f"warning: listening on {host}: the API has no authentication", highlight=False)
+    sys.stdout.flush()
+    serve(
+        m,
+        host=host,
+        port=port,
+        model_name=name,
+        intervention=intervention,
+        max_batch=max_batch,
+        batch_window=batch_window_ms / 1000,
+        max_tokens_limit=max_tokens_limit,
+    )
