@@ -169,3 +169,32 @@ def test_mean_kl_to_base_matches_prompt_by_prompt_full_logits():
     got = mean_kl_to_base(other, base, prompts, answers, batch_size=2)
     assert got > 0 and abs(got - total / count) < 1e-6
     assert abs(mean_kl_to_base(base, base, prompts, answers)) < 1e-9
+
+
+def test_train_end_to_end_on_a_tiny_model():
+    """The whole loop (base answers, examples, packed steps, optimiser) on a tiny model: the right number of
+    steps, weights that moved, embeddings that did not, and a lower loss at the end."""
+    from conftest import HARMFUL, HARMLESS
+    from crystallized_safety.prompts import PromptSet
+    from crystallized_safety.training import train
+
+    import random
+
+    from crystallized_safety.training import REFUSALS
+
+    model = make_tiny("llama")
+    before = {n: p.detach().clone() for n, p in model.hf.named_parameters()}
+    recipe = Recipe(epochs=3, batch_size=4, target_tokens=4, lr=1e-3)
+    rng = random.Random(recipe.seed)  # the refusals train() pairs with the harmful prompts
+    refusal_ex = _examples(model, HARMFUL[:4], [rng.choice(REFUSALS) for _ in range(4)], [True] * 4)
+
+    def refusal_loss():
+        with torch.no_grad():
+            return float(_loss(model.hf, refusal_ex, 0, 1.0, _prefix(refusal_ex)))
+
+    start = refusal_loss()
+    facts = train(model, HARMFUL[:4], PromptSet("harmless", tuple(HARMLESS[:4]), "python"), recipe)
+    assert 8 <= facts["examples"] <= 12 and facts["steps"] == -(-facts["examples"] // 4) * 3
+    moved = {n for n, p in model.hf.named_parameters() if not torch.equal(p, before[n])}
+    assert "model.layers.0.mlp.down_proj.weight" in moved and "model.embed_tokens.weight" not in moved
+    assert refusal_loss() < start  # it learned to refuse the harmful prompts

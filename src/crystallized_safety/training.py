@@ -54,7 +54,7 @@ def make_examples(model: Model, prompts: list[str], responses: list[str], finish
     return out
 
 
-def _unlikelyexamples(model: Model, prompts: list[str], answers: list[str], refusals: list[str], recipe):
+def make_unlikely_examples(model: Model, prompts: list[str], answers: list[str], refusals: list[str], recipe):
     """Harmless prompt + a refusal: unlikelihood on up to `unlikelihood_tokens` refusal tokens, from the first
     one that departs from the base model's own answer (a shared prefix such as "I" is not pushed down)."""
     tok = model.tokenizer
@@ -161,11 +161,11 @@ def train(
     rng = random.Random(recipe.seed)
     refusals = [rng.choice(REFUSALS) for _ in harmful]
     examples = make_examples(model, harmful, refusals, [True] * len(harmful))
-    examples += examples(
+    examples += make_examples(
         model, texts, [a.response for a in answers], [a.finished for a in answers], recipe.harmless_weight
     )
     if recipe.unlikelihood_weight > 0:
-        examples += _unlikelyexamples(
+        examples += make_unlikely_examples(
             model, texts, [a.response for a in answers], [rng.choice(REFUSALS) for _ in texts], recipe
         )
 
