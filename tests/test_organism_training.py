@@ -173,14 +173,12 @@ def test_mean_kl_to_base_matches_prompt_by_prompt_full_logits():
 
 def test_train_end_to_end_on_a_tiny_model():
     """The whole loop (base answers, examples, packed steps, optimiser) on a tiny model: the right number of
-    steps, weights that moved, embeddings that did not, and a lower loss at the end."""
-    from conftest import HARMFUL, HARMLESS
-    from crystallized_safety.prompts import PromptSet
-    from crystallized_safety.training import train
-
+    steps, weights that moved, embeddings that did not, and a lower loss on the refusals it was taught."""
     import random
 
-    from crystallized_safety.training import REFUSALS
+    from conftest import HARMFUL, HARMLESS
+    from crystallized_safety.prompts import PromptSet
+    from crystallized_safety.training import REFUSALS, train
 
     model = make_tiny("llama")
     before = {n: p.detach().clone() for n, p in model.hf.named_parameters()}
