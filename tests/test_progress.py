@@ -66,3 +66,16 @@ def test_terminal_gets_a_bar_not_log_lines(clock):
     with progress.Reporter("build", stream=out, tty=True) as rep:
         rep("training", 1, 5, "loss 0.5")
     assert "training: started" not in out.getvalue()
+
+
+def test_heartbeat_when_a_phase_reports_no_step():
+    """A phase that reports nothing for longer than the interval still gets a line (real time, short interval)."""
+    import time
+
+    out = io.StringIO()
+    with progress.Reporter("build", stream=out, tty=False, interval=0.2) as rep:
+        rep("measuring", 3, 10)
+        time.sleep(1)  # the heartbeat checks every min(5 s, interval / 4) = 0.05 s here
+    got = lines(out)
+    beats = [line for line in got if line.startswith("measuring: still running (step 3/10)")]
+    assert beats, got

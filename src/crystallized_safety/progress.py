@@ -2,12 +2,14 @@
 
 On a terminal: a rich progress bar with elapsed time and ETA. Anywhere else (a log file, CI, `nohup`):
 one plain line when a phase starts, then at least one line every `interval` seconds with step k/n,
-elapsed and ETA, and one when the phase ends, so a log never goes silent for long.
+elapsed and ETA, and one when the phase ends, so a log never goes silent for long: where the work
+reports no step for a whole interval, a heartbeat thread says the phase is still running.
 """
 
 from __future__ import annotations
 
 import sys
+import threading
 import time
 from typing import IO, Any
 
@@ -37,6 +39,10 @@ class Reporter:
         self.last_line = 0.0
         self._bar: Any = None
         self._task: Any = None
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._heartbeat: threading.Thread | None = None
+        self._last_step: tuple[int, int | None] = (0, None)
 
     def __enter__(self) -> Reporter:
         if self.tty:
@@ -63,9 +69,25 @@ class Reporter:
             self._task = self._bar.add_task(self.title, total=None)
         else:
             self._line(f"{self.title}: started")
+            self._heartbeat = threading.Thread(target=self._beat, name="progress-heartbeat", daemon=True)
+            self._heartbeat.start()
         return self
 
+    def _beat(self) -> None:
+        """Log mode: a line at least every `interval` seconds, also while a phase reports no step."""
+        while not self._stop.wait(min(5.0, self.interval / 4)):
+            with self._lock:
+                quiet = time.monotonic() - self.last_line >= self.interval
+            if quiet and self.phase_name is not None:
+                done, total = self._last_step
+                steps = f"step {done}/{total}" if total else "running"
+                spent = _clock(time.monotonic() - self.phase_started)
+                self._line(f"{self.phase_name}: still running ({steps}), {spent} elapsed")
+
     def __exit__(self, exc_type, exc, tb) -> None:
+        self._stop.set()
+        if self._heartbeat is not None:
+            self._heartbeat.join()
         if self._bar is not None:
             self._bar.stop()
             self._bar = None
@@ -86,6 +108,7 @@ class Reporter:
     def __call__(self, phase: str, done: int = 0, total: int | None = None, note: str = "") -> None:
         now = time.monotonic()
         new_phase = phase != self.phase_name
+        self._last_step = (done, total)
         if new_phase:
             if self.phase_name is not None and not self.tty:
                 self._end_phase("done")
@@ -108,7 +131,8 @@ class Reporter:
         self._line(f"{self.phase_name}: {how} in {_clock(time.monotonic() - self.phase_started)}")
 
     def _line(self, text: str) -> None:
-        stamp = time.strftime("%H:%M:%S")
-        self.stream.write(f"[{stamp} +{_clock(self.elapsed())}] {text}\n")
-        self.stream.flush()
-        self.last_line = time.monotonic()
+        with self._lock:
+            stamp = time.strftime("%H:%M:%S")
+            self.stream.write(f"[{stamp} +{_clock(self.elapsed())}] {text}\n")
+            self.stream.flush()
+            self.last_line = time.monotonic()
