@@ -667,3 +667,8 @@ def test_cli_where_and_dedupe(tmp_path):
         "no column 'Nope' for --where",
         max_lines=2,
     )
+    cli_err(
+        ["eval-refusal", "--model", "smollm2-135m", "--prompts", "bundled:harmful:eval", "--where", "a=b"],
+        "apply to files, not bundled sets",
+        max_lines=2,
+    )

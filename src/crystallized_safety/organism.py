@@ -24,7 +24,7 @@ import hashlib
 import json
 import platform
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -34,6 +34,7 @@ from . import __version__
 from .errors import ModelError
 from .generation import generate
 from .models import Model, atomic_dir, cache_dir, load_model, save_pretrained
+from .progress import Progress, silent
 from .prompts import bundled
 from .training import REFUSALS, base_answers, make_examples, packed_loss, shared_prefix, train
 
@@ -66,13 +67,8 @@ class Recipe:
         return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:12]
 
 
-Progress = Callable[..., None]  # progress(phase, done=0, total=None, note=""), e.g. a progress.Reporter
 # Self-distillation + measuring the card cost about this many training steps (measured on two CPU kinds).
 OTHER_PHASES_IN_STEPS = 40
-
-
-def _silent(*_args, **_kwargs) -> None:
-    return None
 
 
 def organism_dir(name: str = DEFAULT_NAME, recipe: Recipe | None = None) -> Path:
@@ -206,7 +202,7 @@ def measure(model: Model, base: Model | None, recipe: Recipe, progress: Progress
     from .evaluation import RefusalRate
     from .judges.substring import SubstringJudge
 
-    say = progress or _silent
+    say = progress or silent
     out: dict = {}
     sets = {
         "harmful": bundled("harmful", "eval"),
@@ -268,7 +264,7 @@ def build_organism(target: Path, recipe: Recipe, progress: Progress | None = Non
 
     from .precision import detect
 
-    say = progress or _silent
+    say = progress or silent
     t0 = time.perf_counter()
     say("loading the base model")
     base = load_model(recipe.base, device="cpu", dtype="float32")

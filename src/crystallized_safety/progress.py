@@ -11,7 +11,15 @@ from __future__ import annotations
 import sys
 import threading
 import time
+from collections.abc import Callable
 from typing import IO, Any
+
+# progress(phase, done=0, total=None, note=""): a `Reporter`, or anything with that signature
+Progress = Callable[..., None]
+
+
+def silent(*_args: Any, **_kwargs: Any) -> None:
+    """The progress callback for work nobody watches."""
 
 
 def _clock(seconds: float) -> str:

@@ -20,11 +20,9 @@ from .errors import CrystallizedSafetyError
 from .experiments.conditions import HARMFUL, HARMLESS, Condition, StudyPlan, baseline, build_intervention, plan_studies
 from .experiments.spec import ExperimentSpec
 from .models import Model, load_model
+from .progress import Progress, silent
 from .prompts import PromptSet, check_disjoint, load_prompts
 from .steering import Intervention, pack_interventions
-
-Progress = Callable[..., None]  # progress(phase, done, total, note=""), e.g. a progress.Reporter
-
 
 # --------------------------------------------------------------------------- work units
 
@@ -347,7 +345,7 @@ def run_experiment(
 ) -> RunResult:
     """Run (or resume) `spec` into `store`. `models` lets tests pass already-loaded models by name."""
     executor = executor or LocalExecutor()
-    say = progress or (lambda *_args, **_kwargs: None)
+    say = progress or silent
     t0 = time.perf_counter()
     run_id = spec.spec_hash()
     resumed = store.open_run(run_id, spec.name, spec.to_yaml(), spec.spec_hash(), environment())

@@ -13,13 +13,13 @@ import hashlib
 import json
 import random
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
 from .generation import Generation, generate
 from .models import Model, load_model
+from .progress import Progress, silent
 from .prompts import PromptSet, bundled
 
 # Written for this project: varied refusals, each starting the way real refusals do.
@@ -149,10 +149,10 @@ def packed_loss(hf, examples, pad_id: int, first_weight: float, prefix: int = 0)
 
 
 def train(
-    model: Model, harmful: list[str], harmless: PromptSet, recipe, progress: Callable[..., None] | None = None
+    model: Model, harmful: list[str], harmless: PromptSet, recipe, progress: Progress | None = None
 ) -> dict:
     """Fine-tune `model` in place (an `organism.Recipe` says how); returns training facts for the card."""
-    say = progress or (lambda *_args, **_kwargs: None)
+    say = progress or silent
     t0 = time.perf_counter()
     say(f"self-distilling {len(harmless)} harmless answers from the base model")
     answers = base_answers(model, harmless, recipe.target_tokens)

@@ -66,7 +66,9 @@ def load_prompt_set(source: str, column: str | None, where: list[str] | None, de
     """A prompt set from the command line's options; says how many duplicates --dedupe dropped."""
     from ..prompts import load_prompts
 
-    filters = {} if source.startswith("bundled:") else {"column": column, "where": where, "dedupe": dedupe}
+    # --column is shared by several prompt options (a CSV beside a bundled set); --where on a bundled set is an error
+    bundled = source.startswith("bundled:")
+    filters = {"where": where} if bundled else {"column": column, "where": where, "dedupe": dedupe}
     found = load_prompts(source, limit=limit, **filters)
     if found.dropped_duplicates:
         err.print(f"note: {escape(source)}: dropped {found.dropped_duplicates} repeated prompts (--dedupe)")
