@@ -31,14 +31,14 @@ from scipy.stats import spearmanr
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from crystallized_safety.directions import extract_directions  # noqa: E402
+from crystallized_safety.core.directions import extract_directions  # noqa: E402
 from crystallized_safety.experiments.conditions import HARMFUL, Condition, baseline  # noqa: E402
 from crystallized_safety.judges.refusal_score import RefusalScoreJudge  # noqa: E402
 from crystallized_safety.judges.substring import SubstringJudge  # noqa: E402
-from crystallized_safety.models import load_model  # noqa: E402
 from crystallized_safety.precision import detect  # noqa: E402
 from crystallized_safety.prompts import bundled  # noqa: E402
-from crystallized_safety.runner import Chunk, make_packs  # noqa: E402
+from crystallized_safety.registry import load_model  # noqa: E402
+from crystallized_safety.run.chunks import Chunk, make_packs  # noqa: E402
 
 
 def log(msg: str) -> None:
@@ -133,8 +133,8 @@ VARIANTS = {
 
 def engine_sweep(model, prompts, cells, bank, max_new_tokens, pack_rows, variant="compaction"):
     """The engine's generation over the grid; `variant` switches techniques off (see VARIANTS)."""
-    from crystallized_safety.generation import generate
-    from crystallized_safety.runner import pack_intervention
+    from crystallized_safety.core.generation import FastEngine, generate
+    from crystallized_safety.run.chunks import pack_intervention
 
     engine, packed, share, compact = VARIANTS[variant]
     conds = {}
@@ -153,9 +153,7 @@ def engine_sweep(model, prompts, cells, bank, max_new_tokens, pack_rows, variant
             iv,
             max_new_tokens=max_new_tokens,
             batch_size=len(rows),
-            engine=engine,
-            share_prefix=share,
-            compact=compact,
+            engine=FastEngine(share_prefix=share, compact=compact) if engine == "fast" else engine,
         )
         for j, chunk in enumerate(pack):
             block = gens[j * len(prompts) : (j + 1) * len(prompts)]
@@ -166,7 +164,7 @@ def engine_sweep(model, prompts, cells, bank, max_new_tokens, pack_rows, variant
 
 def screen(model, prompts, cells, bank, judge: RefusalScoreJudge):
     """First-token refusal score for every (cell, prompt) in batched forward passes (per-row vectors)."""
-    from crystallized_safety.runner import pack_intervention
+    from crystallized_safety.run.chunks import pack_intervention
 
     conds = [baseline(HARMFUL) if layer is None else Condition(HARMFUL, (layer,), alpha) for layer, alpha in cells]
     per = max(1, 256 // len(prompts))
@@ -286,7 +284,7 @@ def main() -> None:
 
     judge = SubstringJudge()
     if args.pack_rows == "auto":
-        from crystallized_safety.fastgen import autotune_rows
+        from crystallized_safety.core.generation.fast import autotune_rows
 
         t0 = time.perf_counter()
         ids = model.tokenizer(model.format(prompts), add_special_tokens=False)["input_ids"]

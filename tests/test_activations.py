@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from conftest import HARMFUL, HARMLESS, make_tiny
-from crystallized_safety.activations import capture, parse_position
+from crystallized_safety.core.activations import capture, parse_position
 from crystallized_safety.errors import CrystallizedSafetyError
 
 PROMPTS = HARMFUL[:3] + HARMLESS[:3] + ["Hi", "A much longer prompt that forces a lot of left padding on the others."]

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from conftest import HARMFUL, HARMLESS, cli_err, cli_ok, make_tiny
-from crystallized_safety.directions import DirectionBank
+from crystallized_safety.core.directions import DirectionBank
 
 
 @pytest.fixture(scope="module")
@@ -155,7 +155,7 @@ def test_bad_inputs_one_line_exit_2(files, tmp_path):
 
 
 def test_models_table_fits_80_columns(monkeypatch):
-    from crystallized_safety.models import registry
+    from crystallized_safety.registry import registry
 
     monkeypatch.setenv("COLUMNS", "80")
     out = _ok(["models"]).output

@@ -11,10 +11,10 @@ import pytest
 import torch
 
 from conftest import HARMFUL, HARMLESS, make_tiny
+from crystallized_safety.core.generation.api import generate
+from crystallized_safety.core.steering import Intervention, steer
 from crystallized_safety.errors import JudgeError
-from crystallized_safety.generation import generate
 from crystallized_safety.judges.coherence import CoherenceGate, CoherenceResult, CoherenceThresholds, distinct_n
-from crystallized_safety.steering import Intervention, steer
 
 PAIRS = [
     (HARMLESS[0], "Connect the red clamp to the positive terminal first."),

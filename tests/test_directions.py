@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from conftest import HARMFUL, HARMLESS, make_tiny
-from crystallized_safety.activations import capture
-from crystallized_safety.directions import (
+from crystallized_safety.core.activations import capture
+from crystallized_safety.core.directions import (
     DirectionBank,
     extract_directions,
     orthogonal_direction,

@@ -10,7 +10,9 @@ import pytest
 import yaml
 from scipy.stats import fisher_exact
 
-from crystallized_safety.experiments.analysis import Cells, analyse_plan, verdict
+from crystallized_safety.experiments.analysis import analyse_plan
+from crystallized_safety.experiments.results import Cells
+from crystallized_safety.experiments.verdict import verdict
 from crystallized_safety.experiments.conditions import HARMFUL, HARMLESS, baseline, plan_studies
 from crystallized_safety.experiments.spec import SpecError, load_spec, parse_spec
 
@@ -238,7 +240,7 @@ def test_sign_equivalence_detected():
 def test_shipped_configs_validate(path):
     spec = load_spec(path)
     assert spec.prompts.n >= 35 and spec.studies
-    from crystallized_safety.models import registry
+    from crystallized_safety.registry import registry
 
     for model in spec.models:
         assert model in registry()

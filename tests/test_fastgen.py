@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from conftest import ARCHS, HARMFUL, HARMLESS, make_tiny
-from crystallized_safety.fastgen import greedy_batch
-from crystallized_safety.generation import _eos_ids, generate
-from crystallized_safety.steering import Intervention
+from crystallized_safety.core.generation import FastEngine, generate
+from crystallized_safety.core.generation.fast import greedy_batch
+from crystallized_safety.core.steering import Intervention
 
 PROMPTS = HARMFUL[:3] + HARMLESS[:2] + ["Hi"]
 
@@ -53,7 +53,7 @@ def test_each_technique_alone_gives_the_same_tokens(share_prefix, compact):
     model = make_tiny("llama")
     prompts, iv = _pack(model)
     ids = model.tokenizer(model.format(prompts), add_special_tokens=False)["input_ids"]
-    eos = _eos_ids(model)
+    eos = model.eos_ids()
     ref = generate(model, prompts, iv, max_new_tokens=10, batch_size=64, engine="hf")
     tokens, ended = greedy_batch(model, ids, iv, 10, eos, share_prefix=share_prefix, compact=compact)
     assert [tuple(t) for t in tokens] == [g.token_ids for g in ref]
@@ -114,7 +114,7 @@ def test_compaction_drops_finished_rows():
 
 
 def test_autotune_doubles_until_limit_and_picks_the_cheapest_row():
-    from crystallized_safety.fastgen import autotune_rows
+    from crystallized_safety.core.generation.fast import autotune_rows
 
     model = make_tiny("llama")
     ids = model.tokenizer(model.format(PROMPTS), add_special_tokens=False)["input_ids"]
@@ -127,18 +127,18 @@ def test_autotune_doubles_until_limit_and_picks_the_cheapest_row():
 
 
 def test_autotune_stops_at_out_of_memory(monkeypatch):
-    from crystallized_safety import fastgen
+    from crystallized_safety.core.generation import fast as fastgen
 
     model = make_tiny("llama")
     ids = model.tokenizer(model.format(PROMPTS), add_special_tokens=False)["input_ids"]
-    real = fastgen._Forward.__call__
+    real = fastgen._step
 
-    def fake(self, ids, *args, **kwargs):
+    def fake(model, ids, *args, **kwargs):
         if ids.shape[0] > 8:
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 4 GiB")
-        return real(self, ids, *args, **kwargs)
+        return real(model, ids, *args, **kwargs)
 
-    monkeypatch.setattr(fastgen._Forward, "__call__", fake)
+    monkeypatch.setattr(fastgen, "_step", fake)
     rows, table = fastgen.autotune_rows(model, ids, 8, start=2, limit=64, tolerance=10.0)
     assert [t["rows"] for t in table] == [2, 4, 8, 16] and table[-1]["oom"] and rows in (2, 4, 8)
 
@@ -146,8 +146,8 @@ def test_autotune_stops_at_out_of_memory(monkeypatch):
 def test_first_logits_from_the_generation_prefill_equal_a_plain_forward():
     """The logits handed to `first_logits` (what run_pack turns into first-token refusal scores) equal a plain,
     unbatched forward of each prompt under its own row's steering."""
+    from crystallized_safety.core.steering import steer
     from crystallized_safety.errors import CrystallizedSafetyError
-    from crystallized_safety.steering import steer
 
     model = make_tiny("qwen2")
     prompts, iv = _pack(model)
@@ -158,7 +158,7 @@ def test_first_logits_from_the_generation_prefill_equal_a_plain_forward():
         iv,
         max_new_tokens=3,
         batch_size=7,
-        first_logits=lambda rows, logits: got.__setitem__(rows.start, logits.clone()),
+        engine=FastEngine(on_first_logits=lambda rows, logits: got.__setitem__(rows.start, logits.clone())),
     )
     assert sorted(got) == list(range(0, len(prompts), 7))
     logits = torch.cat([got[k] for k in sorted(got)])
@@ -169,5 +169,5 @@ def test_first_logits_from_the_generation_prefill_equal_a_plain_forward():
             ref = model.hf(**ids).logits[0, -1]
         torch.testing.assert_close(logits[row], ref, atol=1e-4, rtol=1e-4)
         assert gens[row].token_ids[:1] == (int(ref.argmax()),) or gens[row].finished
-    with pytest.raises(CrystallizedSafetyError, match="first_logits"):
-        generate(model, prompts[:2], max_new_tokens=2, engine="hf", first_logits=lambda rows, logits: None)
+    with pytest.raises(CrystallizedSafetyError, match="greedily"):
+        generate(model, prompts[:2], max_new_tokens=2, do_sample=True, engine=FastEngine(on_first_logits=print))

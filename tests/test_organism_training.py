@@ -8,11 +8,11 @@ import pytest
 import torch
 
 from conftest import ARCHS, make_tiny
-from crystallized_safety.organism import Recipe
-from crystallized_safety.training import make_examples as _examples
-from crystallized_safety.training import make_unlikely_examples as _unlikely_examples
-from crystallized_safety.training import packed_loss as _loss
-from crystallized_safety.training import shared_prefix
+from crystallized_safety.organism.recipe import Recipe
+from crystallized_safety.organism.training import make_examples as _examples
+from crystallized_safety.organism.training import make_unlikely_examples as _unlikely_examples
+from crystallized_safety.organism.training import packed_loss as _loss
+from crystallized_safety.organism.training import shared_prefix
 
 
 def _logits_alone(model, p, r):
@@ -40,7 +40,7 @@ def test_loss_matches_naive_full_logits(share):
             norm += weight
     prefix = _prefix(ex) if share else 0
     assert prefix == (2 if share else 0)  # "<s><|user|>": the prompts' own first letters differ
-    assert abs(float(_loss(model.hf, ex, model.tokenizer.pad_token_id, 5.0, prefix)) - total / norm) < 1e-4
+    assert abs(float(_loss(model, ex, 5.0, prefix)) - total / norm) < 1e-4
     # eos appended only where the target finished
     assert ex[0][1][-1] == model.tokenizer.eos_token_id and ex[1][1][-1] != model.tokenizer.eos_token_id
     assert ex[2][2] == 1.0 and ex[0][2] == 2.0
@@ -71,7 +71,6 @@ def test_packed_loss_and_gradient_equal_examples_run_alone(arch):
     prompts = ["How do I bake bread?", "Hi", "Do a bad thing", "Tell me a long story about a cat"]
     ex = _examples(model, prompts, ["Mix flour.", "Hello there, friend!", "I'm sorry.", "Once"], [True] * 4, 2.0)
     ex += [(p, r[:3], 1.5, (1, 3)) for p, r, _w, _s in _examples(model, prompts[:2], ["No way."] * 2, [True] * 2)]
-    pad = model.tokenizer.pad_token_id
     prefix = _prefix(ex)
     assert prefix > 0
 
@@ -82,7 +81,7 @@ def test_packed_loss_and_gradient_equal_examples_run_alone(arch):
 
     ref_loss, ref = grads(_naive_loss(model, ex, 5.0))
     for k in (0, prefix):
-        loss, got = grads(_loss(model.hf, ex, pad, 5.0, k))
+        loss, got = grads(_loss(model, ex, 5.0, k))
         assert abs(loss - ref_loss) < 1e-5
         assert got.keys() == ref.keys() and len(ref) > 0
         for name in ref:
@@ -92,13 +91,13 @@ def test_packed_loss_and_gradient_equal_examples_run_alone(arch):
 def test_one_step_lowers_loss():
     model = make_tiny("llama")
     ex = _examples(model, ["Do a bad thing"] * 4, ["I'm sorry, I can't."] * 4, [True] * 4)
-    pad, first = model.tokenizer.pad_token_id, Recipe().first_token_weight
+    first = Recipe().first_token_weight
     opt = torch.optim.AdamW(model.hf.parameters(), lr=1e-3)
-    before = _loss(model.hf, ex, pad, first, _prefix(ex))
+    before = _loss(model, ex, first, _prefix(ex))
     before.backward()
     opt.step()
     with torch.no_grad():
-        assert float(_loss(model.hf, ex, pad, first, _prefix(ex))) < float(before)
+        assert float(_loss(model, ex, first, _prefix(ex))) < float(before)
 
 
 def test_unlikelihood_term_matches_naive_and_skips_the_shared_prefix():
@@ -128,7 +127,7 @@ def test_unlikelihood_term_matches_naive_and_skips_the_shared_prefix():
         prob = torch.softmax(logits[len(p) + j - 1], -1)[r[j]]
         total, norm = total - 1.5 * float(torch.log(1 - prob)), norm + 1.5
     for prefix in (0, _prefix(ex)):
-        assert abs(float(_loss(model.hf, ex, tok.pad_token_id, 5.0, prefix)) - total / norm) < 1e-4
+        assert abs(float(_loss(model, ex, 5.0, prefix)) - total / norm) < 1e-4
 
 
 def test_unlikelihood_step_lowers_refusal_probability():
@@ -145,13 +144,13 @@ def test_unlikelihood_step_lowers_refusal_probability():
 
     before = prob()
     opt = torch.optim.SGD(model.hf.parameters(), lr=0.5)
-    _loss(model.hf, ul, model.tokenizer.pad_token_id, 5.0, _prefix(ul)).backward()
+    _loss(model, ul, 5.0, _prefix(ul)).backward()
     opt.step()
     assert prob() < before
 
 
 def test_mean_kl_to_base_matches_prompt_by_prompt_full_logits():
-    from crystallized_safety.organism import mean_kl_to_base
+    from crystallized_safety.organism.card import mean_kl_to_base
 
     base, other = make_tiny("llama", seed=0), make_tiny("llama", seed=1)
     prompts = ["How do I bake bread?", "Hi", "Tell me a long story about a cat"]
@@ -177,8 +176,8 @@ def test_train_end_to_end_on_a_tiny_model():
     import random
 
     from conftest import HARMFUL, HARMLESS
+    from crystallized_safety.organism.training import REFUSALS, train
     from crystallized_safety.prompts import PromptSet
-    from crystallized_safety.training import REFUSALS, train
 
     model = make_tiny("llama")
     before = {n: p.detach().clone() for n, p in model.hf.named_parameters()}
@@ -188,7 +187,7 @@ def test_train_end_to_end_on_a_tiny_model():
 
     def refusal_loss():
         with torch.no_grad():
-            return float(_loss(model.hf, refusal_ex, 0, 1.0, _prefix(refusal_ex)))
+            return float(_loss(model, refusal_ex, 1.0, _prefix(refusal_ex)))
 
     start = refusal_loss()
     facts = train(model, HARMFUL[:4], PromptSet("harmless", tuple(HARMLESS[:4]), "python"), recipe)

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from conftest import HARMFUL, HARMLESS, make_tiny
+from crystallized_safety.core.steering import Intervention
 from crystallized_safety.errors import InterventionError, JudgeError
 from crystallized_safety.judges import Verdict, agreement
 from crystallized_safety.judges.refusal_score import (
@@ -18,7 +19,6 @@ from crystallized_safety.judges.refusal_score import (
     best_threshold,
     derive_refusal_tokens,
 )
-from crystallized_safety.steering import Intervention
 
 PROMPTS = HARMFUL[:3] + HARMLESS[:3] + ["Hi", "Tell me a long story about a dragon who learns to bake bread."]
 

@@ -34,7 +34,7 @@ from typer.testing import CliRunner
 
 from crystallized_safety.cli import app
 from crystallized_safety.report import FIGURES, ReportError, build_report
-from crystallized_safety.store import Store
+from crystallized_safety.store import GenerationRow, Store
 
 INJECTED = '<script>document.title="pwned";console.error("injected")</script><img src=x onerror=alert(1)> '
 SYNTH_MODEL = "synthetic/model-a"
@@ -142,29 +142,31 @@ def _synthetic_store(path: Path) -> Path:
                 else (f"Sure. Here is an overview for request {i}: first, ..." if coherent else "the the the the the")
             )
             rows.append(
-                {
-                    "model": SYNTH_MODEL,
-                    "study": study,
-                    "condition_key": cond.key,
-                    "condition": cond.to_json(),
-                    "prompt_set": cond.prompt_set,
-                    "prompt_index": i,
-                    "prompt": f"{cond.prompt_set} request number {i}?",
-                    "response": response,
-                    "n_tokens": 12,
-                    "finished": 1,
-                    "refusal": refusal,
-                    "judge": "substring/1",
-                    "judge_reason": "refusal phrase" if refusal else "no refusal phrase in first 160 chars",
-                    "score": (2.0 if refusal else -2.0) + rng.gauss(0, 1.2),
-                    "coherent": coherent,
-                    "perplexity": 8.0 if coherent else 200.0,
-                    "distinct_n": 0.9 if coherent else 0.2,
-                    "token_ids": json.dumps([refusal, coherent, i]),
-                }
+                GenerationRow(
+                    **{
+                        "model": SYNTH_MODEL,
+                        "study": study,
+                        "condition_key": cond.key,
+                        "condition": cond.to_json(),
+                        "prompt_set": cond.prompt_set,
+                        "prompt_index": i,
+                        "prompt": f"{cond.prompt_set} request number {i}?",
+                        "response": response,
+                        "n_tokens": 12,
+                        "finished": 1,
+                        "refusal": refusal,
+                        "judge": "substring/1",
+                        "judge_reason": "refusal phrase" if refusal else "no refusal phrase in first 160 chars",
+                        "score": (2.0 if refusal else -2.0) + rng.gauss(0, 1.2),
+                        "coherent": coherent,
+                        "perplexity": 8.0 if coherent else 200.0,
+                        "distinct_n": 0.9 if coherent else 0.2,
+                        "token_ids": json.dumps([refusal, coherent, i]),
+                    }
+                )
             )
         store.write_chunks(run_id, [(cond.key, SYNTH_MODEL, study, cond.key, rows)], 0.5)
-    analyse_model(spec, store, run_id, SYNTH_MODEL, plans, load=None, sets=None)
+    analyse_model(spec, store, run_id, SYNTH_MODEL, plans)
     store.finish_run(run_id)
     store.close()
     return path

@@ -17,7 +17,8 @@ import yaml
 
 from conftest import tiny_spec
 from crystallized_safety.experiments.spec import parse_spec
-from crystallized_safety.runner import LocalExecutor, run_experiment
+from crystallized_safety.run.executors.local import LocalExecutor
+from crystallized_safety.run.runner import run_experiment
 from crystallized_safety.store import Store, StoreError
 
 COMPARE = (
@@ -147,8 +148,9 @@ def ray_cluster():
 
 @pytest.mark.filterwarnings("ignore:.*underpowered")
 def test_ray_executor_matches_local_and_retries(tiny_dirs, tmp_path, ray_cluster):
-    from crystallized_safety.ray_executor import RayExecutor
-    from crystallized_safety.runner import expand, load_prompt_sets
+    from crystallized_safety.experiments.spec import load_prompt_sets
+    from crystallized_safety.run.chunks import expand
+    from crystallized_safety.run.executors.ray import RayExecutor
 
     _root, paths = tiny_dirs
     spec = parse_spec(
@@ -174,21 +176,31 @@ def test_ray_executor_matches_local_and_retries(tiny_dirs, tmp_path, ray_cluster
     want = [{k: r[k] for k in COMPARE} for r in local.generations(result.run_id)]
     assert got == want
     assert remote.verdicts(result.run_id) == local.verdicts(result.run_id)
+    assert executor.actor_info == [{"device": "cpu", "dtype": "float32"}] * 2
+
+
+def test_ray_actor_opens_the_model_with_the_spec_device_and_dtype(tiny_dirs):
+    """The actor (run here in-process) opens the model with the context's device and dtype, not 'auto'."""
+    import torch
+
+    from crystallized_safety.core.directions import DirectionBank
+    from crystallized_safety.run.executors.ray import _Actor
+    from crystallized_safety.run.worker import ModelContext, bank_to_bytes
+
+    _root, paths = tiny_dirs
+    bank = DirectionBank(torch.eye(4, 64), [0, 1, 2, 3], metadata={"n_layers": "4", "hidden_size": "64"})
+    ctx = ModelContext(paths["tiny"], bank_to_bytes(bank), device="cpu", dtype="bfloat16")
+    assert _Actor(ctx, 1, frozenset()).describe() == {"device": "cpu", "dtype": "bfloat16"}
 
 
 @pytest.mark.filterwarnings("ignore:.*underpowered")
 def test_packed_cells_equal_cells_run_alone(tiny_dirs, tmp_path):
     """Several cells in one batch (per-row vectors, alpha folded in) give the tokens each cell gives alone."""
-    from crystallized_safety.models import load_model
-    from crystallized_safety.runner import (
-        ChunkWorker,
-        _Loader,
-        _model_context,
-        expand,
-        load_prompt_sets,
-        make_packs,
-        pack_intervention,
-    )
+    from crystallized_safety.experiments.spec import load_prompt_sets
+    from crystallized_safety.registry import load_model
+    from crystallized_safety.run.chunks import expand, make_packs, pack_intervention
+    from crystallized_safety.run.runner import Loader, _model_context
+    from crystallized_safety.run.worker import ChunkWorker
 
     _root, paths = tiny_dirs
     data = tiny_spec(
@@ -207,24 +219,24 @@ def test_packed_cells_equal_cells_run_alone(tiny_dirs, tmp_path):
     assert max(len(p) for p in packs) == 4 and all(len(p) == 1 for p in packs if p[0].condition.mode != "add")
     assert sorted(c.key for p in packs for c in p) == sorted(c.key for c in chunks)
     store = Store(tmp_path / "ctx.sqlite")
-    ctx, _ = _model_context(spec, store, "r", paths["tiny"], _Loader(spec, paths["tiny"], None), sets, lambda *a: None)
+    ctx, _ = _model_context(spec, store, "r", Loader(spec, paths["tiny"], None), sets, lambda *a: None)
     worker = ChunkWorker(load_model(paths["tiny"]), ctx)
     for pack in packs:
         together = worker.run_pack(pack)
         for chunk, rows in zip(pack, together):
-            alone = worker.run(chunk)
-            assert [r["token_ids"] for r in rows] == [r["token_ids"] for r in alone]
-            assert [r["refusal"] for r in rows] == [r["refusal"] for r in alone]
+            alone = worker.run_pack((chunk,))[0]
+            assert [r.token_ids for r in rows] == [r.token_ids for r in alone]
+            assert [r.refusal for r in rows] == [r.refusal for r in alone]
             # first-token scores come from the generation's prefill: equal to the judge's own forward pass
             iv = pack_intervention([chunk.condition], len(chunk.prompts), worker.bank, worker.transfer)
             own = worker.scorer.scores(list(chunk.prompts), iv).tolist()
-            assert [r["score"] for r in rows] == pytest.approx(own, abs=1e-4)
-            assert [r["score"] for r in alone] == pytest.approx(own, abs=1e-4)
+            assert [r.score for r in rows] == pytest.approx(own, abs=1e-4)
+            assert [r.score for r in alone] == pytest.approx(own, abs=1e-4)
 
 
 @pytest.mark.filterwarnings("ignore:.*underpowered")
 def test_pack_rows_auto_is_measured_once_and_kept(tiny_dirs, tmp_path, monkeypatch):
-    from crystallized_safety import fastgen
+    from crystallized_safety.run import runner as fastgen  # autotune_rows, as the runner calls it
 
     _root, paths = tiny_dirs
     studies = [{"kind": "layer_sweep", "layers": [1, 2], "alphas": [-0.5, -1.0], "controls": False}]

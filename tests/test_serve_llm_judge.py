@@ -375,7 +375,7 @@ def one_thread():
 @pytest.fixture(scope="module")
 def servers(tmp_path_factory, smollm2, one_thread):
     """Plain and steered SmolLM2 servers; the direction file comes from the library's extraction."""
-    from crystallized_safety.directions import extract_directions
+    from crystallized_safety.core.directions import extract_directions
 
     root = tmp_path_factory.mktemp("serve")
     plain = ServerProcess(root / "plain.log")
@@ -505,8 +505,8 @@ def test_unknown_routes_get_openai_shaped_errors(servers):
 
 @pytestmark_smol
 def test_steering_through_server_matches_library(servers, smollm2):
-    from crystallized_safety.generation import generate
-    from crystallized_safety.steering import Intervention
+    from crystallized_safety.core.generation.api import generate
+    from crystallized_safety.core.steering import Intervention
 
     params = dict(max_tokens=16, temperature=0, return_token_ids=True)
     plain = servers["plain"].chat(PROMPT, **params).json()

@@ -11,10 +11,10 @@ from typer.testing import CliRunner
 
 from crystallized_safety import ActivationSteerer, SteeringVectorExtractor
 from crystallized_safety.cli import app
-from crystallized_safety.directions import DirectionBank
-from crystallized_safety.generation import generate
+from crystallized_safety.core.directions import DirectionBank
+from crystallized_safety.core.generation.api import generate
+from crystallized_safety.core.steering import Intervention
 from crystallized_safety.prompts import bundled
-from crystallized_safety.steering import Intervention
 
 runner = CliRunner()
 N = 12

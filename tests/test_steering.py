@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from conftest import HARMFUL, HARMLESS, make_tiny
+from crystallized_safety.core.generation.api import generate
+from crystallized_safety.core.steering import Intervention, layer_hooks, steer
 from crystallized_safety.errors import InterventionError, LayerError
-from crystallized_safety.generation import generate
-from crystallized_safety.steering import Intervention, layer_hooks, steer
 
 PROMPTS = HARMFUL[:2] + HARMLESS[:2]
 

@@ -12,13 +12,13 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from .generation import Generation, generate
+from .core.generation.api import Generation, generate
+from .core.model import Model
+from .core.steering import Intervention
 from .judges.base import Verdict
 from .judges.coherence import DEFAULT_MARGIN, DEFAULT_QUANTILE, CoherenceGate, CoherenceResult
 from .judges.substring import SubstringJudge
-from .models import Model
 from .stats import wilson_interval
-from .steering import Intervention
 
 
 @dataclass

@@ -383,9 +383,7 @@ def _read_hf_dataset(path: Path, sel: Selection) -> list[tuple[str, str]]:
     col = _pick_column(path, list(ds.column_names), sel)
     keys = list(dict.fromkeys([col, *(k for k, _ in sel.where)]))
     columns = {k: ds[k] for k in keys}
-    return _column_items(
-        path, ((f"row {i}", {k: columns[k][i] for k in keys}) for i in range(len(ds))), col, sel
-    )
+    return _column_items(path, ((f"row {i}", {k: columns[k][i] for k in keys}) for i in range(len(ds))), col, sel)
 
 
 def _pick_column(path: Path, fields: Sequence[str], sel: Selection) -> str:

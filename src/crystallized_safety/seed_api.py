@@ -14,11 +14,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .directions import DirectionBank, extract_directions
+from .core.directions import DirectionBank, extract_directions
+from .core.generation.api import generate
+from .core.model import Model
+from .core.steering import Intervention
 from .errors import CrystallizedSafetyError, InterventionError
-from .generation import generate
-from .models import Model, load_model
-from .steering import Intervention
+from .registry import load_model
 
 
 class _Loaded:

@@ -34,6 +34,7 @@ __all__ = [
 
 _ALTERNATIVES = ("two-sided", "greater", "less")
 SATURATION_FRACTION = 0.95
+MIN_N = 35  # per cell: ~80% power for the effect sizes the seed reported (see `min_n`)
 
 
 # --------------------------------------------------------------------------- validation
@@ -101,7 +102,7 @@ def rate_summary(k: int, n: int) -> dict[str, float | int]:
     return {"k": k, "n": n, "rate": k / n, "ci_lo": lo, "ci_hi": hi}
 
 
-def power_ok(n: int, minimum: int = 35) -> bool:
+def power_ok(n: int, minimum: int = MIN_N) -> bool:
     """Whether a cell has enough samples to be reported as a finding rather than an anecdote.
 
     The default 35 is the seed study's per-cell size; raise it with :func:`min_n` for small effects.

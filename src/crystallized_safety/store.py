@@ -13,9 +13,9 @@ import io
 import json
 import sqlite3
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import astuple, dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -56,26 +56,32 @@ CREATE TABLE IF NOT EXISTS verdicts (
 );
 """
 
-GEN_COLUMNS = (
-    "model",
-    "study",
-    "condition_key",
-    "condition",
-    "prompt_set",
-    "prompt_index",
-    "prompt",
-    "response",
-    "n_tokens",
-    "finished",
-    "refusal",
-    "judge",
-    "judge_reason",
-    "score",
-    "coherent",
-    "perplexity",
-    "distinct_n",
-    "token_ids",
-)
+
+@dataclass(frozen=True)
+class GenerationRow:
+    """One stored generation: exactly the columns of the `generations` table (after `run_id`)."""
+
+    model: str
+    study: str
+    condition_key: str
+    condition: str  # the condition as JSON
+    prompt_set: str
+    prompt_index: int
+    prompt: str
+    response: str
+    n_tokens: int
+    finished: int
+    refusal: int | None
+    judge: str
+    judge_reason: str | None
+    score: float | None
+    coherent: int | None
+    perplexity: float | None
+    distinct_n: float | None
+    token_ids: str  # JSON list
+
+
+GEN_COLUMNS = tuple(f.name for f in fields(GenerationRow))
 
 
 class StoreError(CrystallizedSafetyError):
@@ -183,13 +189,38 @@ class Store:
         return (json.loads(row[0]) if row[0] is not None else None), row[1]
 
     # -- chunks and generations
+    def cached(
+        self, run_id: str, model: str, kind: str, compute: Callable[[], tuple[Any, bytes | None]]
+    ) -> tuple[Any, bytes | None]:
+        """The artifact `kind` of (run, model): read from the store, or computed once by `compute()` -> (json
+        data, blob), stored, and read back (so a resumed run and a fresh one see the same stored form)."""
+        found = self.get_artifact(run_id, model, kind)
+        if found is None:
+            data, blob = compute()
+            self.put_artifact(run_id, model, kind, data, blob)
+            found = self.get_artifact(run_id, model, kind)
+            assert found is not None
+        return found
+
+    def artifact_kinds(self, run_id: str, model: str) -> list[str]:
+        rows = self.db.execute("SELECT kind FROM artifacts WHERE run_id=? AND model=? ORDER BY kind", (run_id, model))
+        return [r[0] for r in rows]
+
+    def chunk_timing(self, run_id: str) -> list[tuple[str, str, int, int, float]]:
+        """(model, study, chunks, rows, generation seconds) per model and study."""
+        rows = self.db.execute(
+            "SELECT model, study, COUNT(*), SUM(rows), SUM(seconds) FROM chunks WHERE run_id=? GROUP BY model, study",
+            (run_id,),
+        )
+        return [(m, s, n, r or 0, sec or 0.0) for m, s, n, r, sec in rows]
+
     def done_chunks(self, run_id: str) -> set[str]:
         return {r[0] for r in self.db.execute("SELECT chunk_key FROM chunks WHERE run_id=?", (run_id,))}
 
     def write_chunks(
         self,
         run_id: str,
-        entries: Sequence[tuple[str, str, str, str, Sequence[dict]]],
+        entries: Sequence[tuple[str, str, str, str, Sequence[GenerationRow]]],
         seconds: float,
         worker: str = "local",
     ) -> int:
@@ -205,7 +236,7 @@ class Store:
                 db.executemany(
                     f"INSERT OR REPLACE INTO generations (run_id, {', '.join(GEN_COLUMNS)}) "
                     f"VALUES (?{', ?' * len(GEN_COLUMNS)})",
-                    [(run_id, *[row[c] for c in GEN_COLUMNS]) for row in rows],
+                    [(run_id, *astuple(row)) for row in rows],
                 )
                 db.execute(
                     "INSERT INTO chunks VALUES (?,?,?,?,?,?,?,?,?)",

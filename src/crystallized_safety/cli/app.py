@@ -76,8 +76,9 @@ def load_prompt_set(source: str, column: str | None, where: list[str] | None, de
 
 
 def load_model_quietly(model: str, device: str, dtype: str, layers_path: str | None):
-    from ..models import load_model, resolve_device_dtype
+    from ..core.model import resolve_device_dtype
     from ..precision import warn_if_emulated
+    from ..registry import load_model
 
     warning = warn_if_emulated(*reversed(resolve_device_dtype(device, dtype)))
     if warning:
@@ -89,8 +90,8 @@ def load_model_quietly(model: str, device: str, dtype: str, layers_path: str | N
 def intervention_from_options(
     m, path: Path, layers: list[int], alpha: float, mode: str, positions: str, alpha_unit: str, ablate_to: str
 ):
-    from ..directions import DirectionBank
-    from ..steering import Intervention
+    from ..core.directions import DirectionBank
+    from ..core.steering import Intervention
 
     bank = DirectionBank.load(path)
     bank.check_model(m)

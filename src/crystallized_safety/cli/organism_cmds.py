@@ -47,9 +47,11 @@ def organism_build_cmd(
     """Fine-tune SmolLM2-135M-Instruct on CPU into a model that refuses harmful requests."""
     import shutil
 
-    from ..organism import DEFAULT_NAME, Recipe, ensure_organism, load_card, organism_dir
+    from ..organism.build import ensure_organism
+    from ..organism.recipe import DEFAULT_NAME, Recipe, load_card, organism_dir
     from ..precision import detect, resolve
     from ..progress import Reporter
+    from ..registry import load_model
 
     chosen, why = resolve(precision)
     cpu = detect()
@@ -62,7 +64,7 @@ def organism_build_cmd(
     if not (target / "card.json").exists():
         announce_build(recipe, f"{chosen} ({why}) on {cpu.summary()}")
     with Reporter(f"organism {target.name}") as reporter:
-        path = ensure_organism(DEFAULT_NAME, recipe, progress=reporter)
+        path = ensure_organism(DEFAULT_NAME, recipe, progress=reporter, load=load_model)
     if out_dir is not None:
         if out_dir.exists() and any(out_dir.iterdir()):
             raise CrystallizedSafetyError(f"--out {out_dir} exists and is not empty: choose a new directory")
@@ -75,8 +77,8 @@ def organism_build_cmd(
 
 def announce_build(recipe, where: str) -> None:
     """Before a first build: what it will cost on this machine (one timed training step, extrapolated)."""
-    from ..models import load_model
-    from ..organism import estimate_build_seconds
+    from ..organism.build import estimate_build_seconds
+    from ..registry import load_model
 
     err.print(f"no cached organism for this recipe: building it in {escape(where)}", highlight=False, soft_wrap=True)
     probe = load_model(recipe.base, device="cpu", dtype="float32")

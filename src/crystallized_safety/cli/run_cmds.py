@@ -26,7 +26,7 @@ def run_cmd(
     store_path: Path = typer.Option(Path("results.sqlite"), "--store", help="SQLite results store (resumable)."),
     executor: str = typer.Option("local", help="local | ray."),
     address: str | None = typer.Option(None, help="Ray cluster address (e.g. auto); default: start a local one."),
-    workers: int | None = typer.Option(None, help="Ray workers (default: one per model replica that fits)."),
+    workers: int | None = typer.Option(None, help="Ray actors, each opening the model once (default 1)."),
 ) -> None:
     """Run (or resume) an experiment: every study of the spec, into the store, ending in a verdict per model."""
     import warnings
@@ -41,7 +41,8 @@ def run_cmd(
     for w in caught:
         err.print(f"[yellow]warning:[/] {escape(str(w.message))}", highlight=False)
     store = Store(store_path)
-    from ..runner import resolve_executor, run_experiment  # heavy (torch): after the inputs are checked
+    from ..run.executors import resolve_executor
+    from ..run.runner import run_experiment  # heavy (torch): after the inputs are checked
 
     with Reporter(f"run {spec.name}", stream=sys.stderr) as reporter:
         result = run_experiment(spec, store, resolve_executor(executor, address, workers), progress=reporter)

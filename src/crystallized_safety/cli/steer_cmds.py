@@ -36,7 +36,7 @@ def models_cmd(json_out: bool = typer.Option(False, "--json", help="Print JSON i
     """List the model registry."""
     from dataclasses import asdict
 
-    from ..models import registry
+    from ..registry import registry
 
     entries = registry()
     if json_out:
@@ -86,7 +86,7 @@ def extract_cmd(
     harmless_set = load_prompt_set(harmless, column, where, dedupe)
     if out_path.suffix != ".safetensors":
         raise CrystallizedSafetyError(f"--out must end in .safetensors, e.g. {out_path.with_suffix('.safetensors')}")
-    from ..directions import extract_directions  # heavy (torch): after the inputs are checked
+    from ..core.directions import extract_directions  # heavy (torch): after the inputs are checked
 
     m = load_model_quietly(model, device, dtype, layers_path)
     with err.status(f"extracting {len(harmful_set)} harmful + {len(harmless_set)} harmless prompts..."):
@@ -152,7 +152,7 @@ def generate_cmd(
         raise CrystallizedSafetyError("--layer/--alpha/--mode need --directions FILE (from `csafety extract`)")
     if directions is not None and not layer:
         raise CrystallizedSafetyError("--directions needs at least one --layer L to steer")
-    from ..generation import generate  # heavy (torch): after the inputs are checked
+    from ..core.generation.api import generate  # heavy (torch): after the inputs are checked
 
     m = load_model_quietly(model, device, dtype, layers_path)
     intervention = None
@@ -215,7 +215,7 @@ def serve_cmd(
     layers_path: str | None = LayersPathOpt,
 ) -> None:
     """Serve a model (optionally steered) as an OpenAI-compatible chat API; runs until Ctrl-C."""
-    from ..serve import check_port, describe_intervention, serve
+    from ..serve.app import check_port, describe_intervention, serve
 
     if (layer or alpha != 0.0 or mode != "add") and directions is None:
         raise CrystallizedSafetyError("--layer/--alpha/--mode need --directions FILE (from `csafety extract`)")

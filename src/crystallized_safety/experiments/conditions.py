@@ -10,11 +10,10 @@ import hashlib
 import json
 from dataclasses import asdict, dataclass, field
 
-import torch
-
-from ..directions import DirectionBank, orthogonal_direction, random_direction
+from ..core.directions import DirectionBank
+from ..core.steering import Intervention
 from ..errors import LayerError
-from ..steering import Intervention
+from .direction_ref import DirectionRef
 from .spec import (
     Controls,
     ExperimentSpec,
@@ -58,6 +57,10 @@ class Condition:
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)
+
+    @property
+    def ref(self) -> DirectionRef:
+        return DirectionRef.parse(self.direction)
 
 
 def baseline(prompt_set: str) -> Condition:
@@ -183,32 +186,15 @@ def plan_studies(spec: ExperimentSpec, n_layers: int, model: str) -> list[StudyP
     return plans
 
 
-def _vector(bank: DirectionBank, spec_dir: str, layer: int, transfer: dict[str, DirectionBank] | None) -> torch.Tensor:
-    kind, _, arg = spec_dir.partition(":")
-    if kind == "extracted":
-        return bank.direction(layer)
-    if kind == "inverted":
-        return -bank.direction(layer)
-    if kind == "orthogonal":
-        return orthogonal_direction(bank.direction(layer), seed=1000 * int(arg) + layer)
-    if kind == "random":
-        return random_direction(bank.hidden_size, seed=1000 * int(arg) + layer)
-    if kind == "shared":
-        return bank.direction(int(arg))
-    if kind == "transfer":
-        if not transfer or arg not in transfer:
-            raise LayerError(f"no transferred directions from '{arg}' were prepared")
-        return transfer[arg].direction(layer)
-    raise ValueError(f"unknown direction kind '{spec_dir}'")
-
-
 def build_intervention(
-    cond: Condition, bank: DirectionBank, transfer: dict[str, DirectionBank] | None = None
+    cond: Condition, bank: DirectionBank, transfer: dict[str, DirectionBank] | None = None, seed: int = 0
 ) -> Intervention | None:
-    """The Intervention a condition stands for; relative alphas scale by the layer's mean residual norm."""
+    """The Intervention a condition stands for; relative alphas scale by the layer's mean residual norm;
+    `seed` is the spec's seed (control directions)."""
     if cond.is_baseline:
         return None
-    directions = {layer: _vector(bank, cond.direction, layer, transfer) for layer in cond.layers}
+    ref = cond.ref
+    directions = {layer: ref.vector(bank, layer, transfer, seed) for layer in cond.layers}
     norms = {layer: bank.resid_norm(layer) for layer in cond.layers} if cond.alpha_unit == "relative" else None
     weights = dict(zip(cond.layers, cond.weights)) if cond.weights else {}
     return Intervention(

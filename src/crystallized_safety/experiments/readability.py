@@ -6,8 +6,8 @@ from __future__ import annotations
 import numpy as np
 from scipy.stats import rankdata
 
-from ..activations import capture
-from ..directions import fit_probe
+from ..core.activations import capture
+from ..core.directions import fit_probe
 
 
 def auc(pos: np.ndarray, neg: np.ndarray) -> float:
@@ -17,7 +17,7 @@ def auc(pos: np.ndarray, neg: np.ndarray) -> float:
     return float((ranks[:n1].sum() - n1 * (n1 + 1) / 2) / (n1 * n0))
 
 
-def readability(spec, study, model, sets, store=None, run_id=None, model_name=None) -> dict:
+def readability(spec, study, model, sets) -> dict:
     """Per layer: AUC of the projection onto the extracted direction, and a logistic probe's accuracy/AUC;
     directions and probes come from the extraction split, scores from the held-out evaluation split."""
     layers = model.parse_layers(None if study.layers == "all" else study.layers)

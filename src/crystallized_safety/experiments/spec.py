@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -14,8 +15,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from ..errors import CrystallizedSafetyError
-
-MIN_N = 35  # per cell, for ~80% power on the effect sizes the seed reported
+from ..prompts import PromptSet, check_disjoint, load_prompts
+from ..stats import MIN_N  # per cell, for ~80% power on the effect sizes the seed reported
 
 
 class SpecError(CrystallizedSafetyError):
@@ -273,3 +274,34 @@ def load_spec(path: str | Path) -> ExperimentSpec:
     if not isinstance(data, dict):
         raise SpecError(f"{path}: the spec must be a YAML mapping with 'name', 'models' and 'studies'")
     return parse_spec(data, str(path))
+
+
+@dataclass
+class PromptSets:
+    """The four prompt sets of a spec: directions are extracted on one pair, steering is evaluated on the other."""
+
+    extract_harmful: PromptSet
+    extract_harmless: PromptSet
+    eval_harmful: PromptSet
+    eval_harmless: PromptSet
+
+
+def load_prompt_sets(spec: ExperimentSpec) -> PromptSets:
+    """Load the spec's prompt sets; extraction and evaluation sets must not share a prompt."""
+    p = spec.prompts
+
+    def load(source: str, limit: int | None = None) -> PromptSet:
+        filters = {} if source.startswith("bundled:") else {"column": p.column, "where": p.where, "dedupe": p.dedupe}
+        return load_prompts(source, limit=limit, **filters)
+
+    sets = PromptSets(
+        load(p.extract_harmful), load(p.extract_harmless), load(p.eval_harmful, p.n), load(p.eval_harmless, p.n)
+    )
+    for a, b in (
+        (sets.extract_harmful, sets.eval_harmful),
+        (sets.extract_harmless, sets.eval_harmless),
+        (sets.extract_harmful, sets.eval_harmless),
+        (sets.extract_harmless, sets.eval_harmful),
+    ):
+        check_disjoint(a, b, "prompts: extraction and evaluation sets must be disjoint")
+    return sets

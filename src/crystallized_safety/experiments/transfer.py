@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import torch
 
-from ..activations import capture
-from ..directions import DirectionBank
+from ..core.activations import capture
+from ..core.directions import DirectionBank
 
 
 def default_source_layer(target_layer: int, n_target: int, n_source: int) -> int:

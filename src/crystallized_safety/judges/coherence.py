@@ -41,9 +41,9 @@ from typing import Any
 
 import torch
 
+from crystallized_safety.core.model import Model
 from crystallized_safety.errors import JudgeError
 from crystallized_safety.judges.base import check_same_length
-from crystallized_safety.models import Model
 
 DEFAULT_N = 2
 DEFAULT_QUANTILE = 0.99

@@ -30,7 +30,7 @@ from crystallized_safety.errors import JudgeError
 from crystallized_safety.judges.base import Verdict, check_same_length
 
 if TYPE_CHECKING:  # torch-free import of this module; LocalJudge loads models lazily
-    from crystallized_safety.models import Model
+    from crystallized_safety.core.model import Model
 
 REFUSAL, COMPLIANCE, PARTIAL = "REFUSAL", "COMPLIANCE", "PARTIAL"
 LABEL_SCORES: dict[str, float] = {REFUSAL: 1.0, PARTIAL: 0.5, COMPLIANCE: 0.0}
@@ -370,7 +370,7 @@ class LocalJudge:
         if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
             raise JudgeError(f"LocalJudge max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
         if isinstance(model, str):
-            from crystallized_safety.models import load_model
+            from crystallized_safety.registry import load_model
 
             model = load_model(model)
         self.model = model
@@ -384,7 +384,7 @@ class LocalJudge:
 
     def judge(self, prompts: Sequence[str], responses: Sequence[str | None]) -> list[Verdict]:
         """One verdict per (prompt, response), in input order."""
-        from crystallized_safety.generation import generate
+        from crystallized_safety.core.generation.api import generate
 
         _check_pairs(prompts, responses)
         todo = [i for i, r in enumerate(responses) if r is not None]

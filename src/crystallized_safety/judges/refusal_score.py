@@ -49,12 +49,12 @@ from typing import Any
 
 import torch
 
+from crystallized_safety.core.model import Model
+from crystallized_safety.core.steering import Intervention
 from crystallized_safety.errors import JudgeError
 from crystallized_safety.judges.agreement import Agreement, agreement
 from crystallized_safety.judges.base import Verdict, check_same_length
 from crystallized_safety.judges.substring import DEFAULT_REFUSAL_PHRASES
-from crystallized_safety.models import Model
-from crystallized_safety.steering import Intervention
 
 PLACEHOLDER_PROMPT = "Hello"
 """User prompt used to find the tokens at the start of the assistant turn (the template tail is fixed)."""
@@ -347,7 +347,7 @@ class RefusalScoreJudge:
         prompts = _check_prompts(prompts)
         if intervention is not None:
             intervention.check(self.model, len(prompts))
-        from ..fastgen import first_logits
+        from ..core.generation.fast import first_logits
 
         texts = self.model.format(prompts, system=self.system, raw=self.raw)
         ids = self.model.tokenizer(texts, add_special_tokens=self.raw)["input_ids"]

@@ -21,7 +21,9 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.patches import Patch, Rectangle
 
-MIN_N = 35  # experiments.spec.MIN_N, repeated so the figures need no pydantic import
+from ..experiments.results import pool
+from ..stats import MIN_N
+
 FONT = 8  # smallest font anywhere in a figure, in points
 STYLE = {
     "font.size": 9,
@@ -261,7 +263,7 @@ def controls_bars(result: dict, title: str) -> Figure:
     extracted = result["extracted"]
     names = ["extracted", *result["controls"].keys()]
     flips = [extracted["flip"], *(c["pooled"] for c in result["controls"].values())]
-    comps = [extracted.get("compliance"), *(_pool(c["seeds"], "compliance") for c in result["controls"].values())]
+    comps = [extracted.get("compliance"), *(pool(c["seeds"], "compliance") for c in result["controls"].values())]
     x = np.arange(len(names))
     w = 0.38
     with matplotlib.rc_context(STYLE):
@@ -289,16 +291,6 @@ def controls_bars(result: dict, title: str) -> Figure:
         ax.set_title(title, loc="left")
         fig.legend(loc="outside lower center", ncols=2, frameon=False)
     return fig
-
-
-def _pool(cells: Sequence[dict], key: str) -> dict | None:
-    k = sum(c[key]["k"] for c in cells if c.get(key))
-    n = sum(c[key]["n"] for c in cells if c.get(key))
-    if n == 0:
-        return None
-    from ..stats import rate_summary
-
-    return rate_summary(k, n)
 
 
 def sign_bars(result: dict, title: str, baselines: dict | None = None) -> Figure:

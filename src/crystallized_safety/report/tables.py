@@ -12,7 +12,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from .. import stats
-from .figures import MIN_N, alpha_order, fmt_p, jump_text
+from ..stats import MIN_N
+from .figures import alpha_order, fmt_p, jump_text
 
 
 @dataclass

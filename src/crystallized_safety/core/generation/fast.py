@@ -17,23 +17,20 @@ breaks a near-tie between two tokens.
 
 from __future__ import annotations
 
-import inspect
-from collections.abc import Sequence
-from dataclasses import replace
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
 
 import torch
 
-from .models import Model, cache_kwarg, output_cache
-from .steering import Intervention, steer
+from ..model import Model, positions, select_cache_rows
+from ..steering import Intervention, steer
+from .oom import is_oom
+from .output import Generation, generations
 
 
 def _acts(iv: Intervention | None, phase: str) -> bool:
     """Whether `iv` steers in this phase ("prompt" = prefill, "generated" = decode steps)."""
     return iv is not None and iv.positions != ("generated" if phase == "prompt" else "prompt")
-
-
-def _pad_id(model: Model) -> int:
-    return model.tokenizer.pad_token_id if model.tokenizer.pad_token_id is not None else 0
 
 
 def _row_keys(iv: Intervention | None, rows: int, phase: str) -> list[tuple]:
@@ -71,25 +68,16 @@ def _unique(keys: Sequence) -> tuple[list[int], torch.Tensor]:
     return reps, torch.tensor(inverse, dtype=torch.long)
 
 
-class _Forward:
-    def __init__(self, model: Model) -> None:
-        self.model = model
-        params = inspect.signature(model.hf.forward).parameters
-        self.keep_kw = "logits_to_keep" if "logits_to_keep" in params else None
-        self.cache_kw = cache_kwarg(model.hf)
-
-    def __call__(self, ids, mask, pos, cache, iv: Intervention | None):
-        kwargs = {"logits_to_keep": 1} if self.keep_kw else {}
-        kwargs[self.cache_kw] = cache
-        with steer(self.model, iv, batch_rows=ids.shape[0]):
-            out = self.model.hf(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, **kwargs)
-        return out.logits[:, -1].float(), output_cache(out)
+def _step(model: Model, ids, mask, pos, cache, iv: Intervention | None):
+    """One cached forward call under `iv`: (next-token logits, float32 [rows, vocab], the cache)."""
+    with steer(model, iv, batch_rows=ids.shape[0]):
+        logits, cache = model.forward(ids, mask, pos, cache=cache, keep=1)
+    return logits[:, -1].float(), cache
 
 
-def _prefill(model: Model, fwd: _Forward, token_ids, intervention: Intervention | None, share_prefix: bool):
+def _prefill(model: Model, token_ids, intervention: Intervention | None, share_prefix: bool):
     """Prompt prefill over the distinct rows: (last-position logits [U, V], cache [U], mask [U, len], row -> U)."""
     n, dev = len(token_ids), model.device
-    pad = _pad_id(model)
     keys = _row_keys(intervention, n, "prompt")
     # 1. shared prefix: once per distinct intervention (at least one token stays in every suffix)
     prefix = 0
@@ -102,19 +90,19 @@ def _prefill(model: Model, fwd: _Forward, token_ids, intervention: Intervention 
         g_rep, g_of_row = _unique(keys)
         ids = torch.tensor([list(token_ids[0][:prefix])] * len(g_rep), device=dev)
         pos = torch.arange(prefix, device=dev).expand(len(g_rep), -1)
-        _, cache = fwd(ids, torch.ones_like(ids), pos, None, _phase_iv(intervention, torch.tensor(g_rep), "prompt"))
+        _, cache = _step(
+            model, ids, torch.ones_like(ids), pos, None, _phase_iv(intervention, torch.tensor(g_rep), "prompt")
+        )
     # 2. distinct (intervention, suffix) rows, suffixes left-padded after the prefix
     s_keys = [(keys[r], tuple(token_ids[r][prefix:])) for r in range(n)] if share_prefix else list(range(n))
     u_rep, u_of_row = _unique(s_keys)
     suffixes = [list(token_ids[r][prefix:]) for r in u_rep]
-    width = max(len(s) for s in suffixes)
-    ids = torch.tensor([[pad] * (width - len(s)) + s for s in suffixes], device=dev)
-    smask = torch.tensor([[0] * (width - len(s)) + [1] * len(s) for s in suffixes], device=dev)
+    ids, smask, _ = model.left_pad(suffixes)
     mask = torch.cat([torch.ones(len(u_rep), prefix, dtype=smask.dtype, device=dev), smask], 1)
-    pos = (mask.cumsum(1) - 1).clamp(min=0)[:, prefix:]
+    pos = positions(mask)[:, prefix:]
     if cache is not None:
-        cache.batch_select_indices(g_of_row[torch.tensor(u_rep)].to(dev))
-    logits, cache = fwd(ids, mask, pos, cache, _phase_iv(intervention, torch.tensor(u_rep), "prompt"))
+        select_cache_rows(cache, g_of_row[torch.tensor(u_rep)].to(dev))
+    logits, cache = _step(model, ids, mask, pos, cache, _phase_iv(intervention, torch.tensor(u_rep), "prompt"))
     return logits, cache, mask, u_of_row
 
 
@@ -124,7 +112,7 @@ def first_logits(
     """Next-token logits after each prompt (float32 [rows, vocab]), through the same deduplicated prefill as
     `greedy_batch`: what screening needs, without generating."""
     with torch.inference_mode():
-        logits, _cache, _mask, u_of_row = _prefill(model, _Forward(model), token_ids, intervention, share_prefix)
+        logits, _cache, _mask, u_of_row = _prefill(model, token_ids, intervention, share_prefix)
     return logits[u_of_row.to(logits.device)]
 
 
@@ -144,17 +132,15 @@ def greedy_batch(
     logits (what the first-token refusal score reads), so a caller need not run the prefill again."""
     n = len(token_ids)
     dev = model.device
-    fwd = _Forward(model)
-    pad = _pad_id(model)
     eos_t = torch.tensor(sorted(set(eos)) or [-1], device=dev)
     all_rows = torch.arange(n)
 
     with torch.inference_mode():
-        logits, cache, mask, u_of_row = _prefill(model, fwd, token_ids, intervention, share_prefix)
+        logits, cache, mask, u_of_row = _prefill(model, token_ids, intervention, share_prefix)
         # expand the distinct rows to every row, then decode with finished-row compaction
         expand = u_of_row.to(dev)
         if logits.shape[0] != n:
-            cache.batch_select_indices(expand)
+            select_cache_rows(cache, expand)
         logits, mask = logits[expand], mask[expand]
         if on_first_logits is not None:
             on_first_logits(logits)
@@ -177,14 +163,53 @@ def greedy_batch(
                 keep = (~done).nonzero().flatten()
                 active, tokens, mask, next_pos = active[keep.cpu()], tokens[keep], mask[keep], next_pos[keep]
                 stopped = stopped[keep]
-                cache.batch_select_indices(keep)
+                select_cache_rows(cache, keep)
             elif not compact:  # ended rows keep running on padding, as in a plain batched generate
                 stopped = done
-                tokens = torch.where(done, torch.full_like(tokens, pad), tokens)
+                tokens = torch.where(done, torch.full_like(tokens, model.pad_id), tokens)
             mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
-            logits, cache = fwd(tokens[:, None], mask, next_pos, cache, _phase_iv(intervention, active, "generated"))
+            logits, cache = _step(
+                model, tokens[:, None], mask, next_pos, cache, _phase_iv(intervention, active, "generated")
+            )
             next_pos = next_pos + 1
     return out, ended
+
+
+@dataclass(frozen=True)
+class FastEngine:
+    """The fast greedy engine and its switches (defaults: every saving on). `on_first_logits(rows, logits)`
+    receives each batch's next-token logits after the prompt (float32 [rows, vocab]), `rows` being the batch's
+    slice of the whole prompt list."""
+
+    share_prefix: bool = True
+    compact: bool = True
+    on_first_logits: Callable[[slice, torch.Tensor], None] | None = None
+
+    def generate(
+        self,
+        model: Model,
+        prompts: Sequence[str],
+        texts: Sequence[str],
+        intervention: Intervention | None,
+        max_new_tokens: int,
+        *,
+        rows: slice,
+        raw: bool = False,
+    ) -> list[Generation]:
+        """One batch: formatted `texts` (the batch `rows` of the caller's prompt list) under `intervention`."""
+        ids = model.tokenizer(list(texts), add_special_tokens=raw)["input_ids"]
+        hook = self.on_first_logits
+        tokens, ended = greedy_batch(
+            model,
+            ids,
+            intervention,
+            max_new_tokens,
+            model.eos_ids(),
+            share_prefix=self.share_prefix,
+            compact=self.compact,
+            on_first_logits=None if hook is None else (lambda logits: hook(rows, logits)),
+        )
+        return generations(model, prompts, tokens, ended)
 
 
 # --------------------------------------------------------------------------- batch-size auto-tuning
@@ -211,7 +236,6 @@ def autotune_rows(
     import time
 
     start = max(1, start)
-    fwd = _Forward(model)
     direction = torch.randn(model.hidden_size, generator=torch.Generator().manual_seed(0))
     layer = model.n_layers // 2
 
@@ -221,7 +245,7 @@ def autotune_rows(
     ids = [token_ids[i % len(token_ids)] for i in range(start)]
     with torch.inference_mode():
         t0 = time.perf_counter()
-        logits, cache, mask, u_of_row = _prefill(model, fwd, ids, iv_for(start), True)
+        logits, cache, mask, u_of_row = _prefill(model, ids, iv_for(start), True)
         prefill_per_row = (time.perf_counter() - t0) / start
         first = logits.argmax(-1)
         table: list[dict] = []
@@ -230,20 +254,18 @@ def autotune_rows(
             index = torch.arange(rows, device=model.device) % logits.shape[0]
             try:
                 c = copy.deepcopy(cache)
-                c.batch_select_indices(index)
+                select_cache_rows(c, index)
                 m, tokens, iv = mask[index], first[index], iv_for(rows)
                 pos = m.sum(1, keepdim=True)
                 t1 = time.perf_counter()
                 for _ in range(probe_steps):
                     m = torch.cat([m, torch.ones_like(m[:, :1])], 1)
-                    step_logits, c = fwd(tokens[:, None], m, pos, c, iv)
+                    step_logits, c = _step(model, tokens[:, None], m, pos, c, iv)
                     tokens, pos = step_logits.argmax(-1), pos + 1
                 step = (time.perf_counter() - t1) / probe_steps
                 del c
             except Exception as exc:  # noqa: BLE001 - out of memory ends the search, anything else is a bug
-                from .generation import _is_oom
-
-                if not _is_oom(exc):
+                if not is_oom(exc):
                     raise
                 table.append({"rows": rows, "oom": True})
                 break

@@ -17,10 +17,10 @@ from pathlib import Path
 
 import torch
 
-from .generation import Generation, generate
-from .models import Model, load_model
-from .progress import Progress, silent
-from .prompts import PromptSet, bundled
+from ..core.generation.api import Generation, generate
+from ..core.model import Model
+from ..progress import Progress, silent
+from ..prompts import PromptSet, bundled
 
 # Written for this project: varied refusals, each starting the way real refusals do.
 REFUSALS = (
@@ -101,7 +101,7 @@ def shared_prefix(sequences: list[list[int]]) -> int:
     return k
 
 
-def packed_loss(hf, examples, pad_id: int, first_weight: float, prefix: int = 0) -> torch.Tensor:
+def packed_loss(model: Model, examples, first_weight: float, prefix: int = 0) -> torch.Tensor:
     """Weighted next-token NLL on imitation tokens plus weighted unlikelihood -log(1 - p) on unlikelihood
     tokens, normalised by the total weight: the value of one padded batch, computed with less work.
 
@@ -109,11 +109,10 @@ def packed_loss(hf, examples, pad_id: int, first_weight: float, prefix: int = 0)
     template head) once, then each example's remaining tokens, with a block mask so that each example sees
     only the prefix and itself, and positions that restart after the prefix. No pad token and no repeated
     prefix is computed, and all rows go through one large matmul per layer (much better on CPU than
-    several small ones). The LM head runs only where a label counts. `pad_id` is unused: nothing is padded.
+    several small ones). The LM head runs only where a label counts.
     """
-    del pad_id
-    body, head = hf.base_model, hf.get_output_embeddings()
-    dev, dtype = next(hf.parameters()).device, next(hf.parameters()).dtype
+    body, head = model.body, model.head
+    dev, dtype = model.device, model.dtype
     rows = [targets(ex, first_weight) for ex in examples]
     ids, pos, spans = list(rows[0][0][:prefix]), list(range(prefix)), []
     src, tgt, imitate_w, unlikely_w = [], [], [], []
@@ -148,9 +147,7 @@ def packed_loss(hf, examples, pad_id: int, first_weight: float, prefix: int = 0)
     return ((-logp) * w + ul * u).sum() / (w.sum() + u.sum())
 
 
-def train(
-    model: Model, harmful: list[str], harmless: PromptSet, recipe, progress: Progress | None = None
-) -> dict:
+def train(model: Model, harmful: list[str], harmless: PromptSet, recipe, progress: Progress | None = None) -> dict:
     """Fine-tune `model` in place (an `organism.Recipe` says how); returns training facts for the card."""
     say = progress or silent
     t0 = time.perf_counter()
@@ -183,7 +180,6 @@ def train(
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0 - step / total)
     gen = torch.Generator().manual_seed(recipe.seed)
     prefix = shared_prefix([ex[0] for ex in examples])
-    pad_id = model.tokenizer.pad_token_id
     losses = []
     t1 = time.perf_counter()
     phase = f"training ({recipe.precision}, {total} steps of {recipe.batch_size})"
@@ -193,7 +189,7 @@ def train(
         for start in range(0, len(order), recipe.batch_size):
             batch = [examples[i] for i in order[start : start + recipe.batch_size]]
             with torch.autocast(hf.device.type, dtype=torch.bfloat16, enabled=recipe.precision == "bf16"):
-                loss = packed_loss(hf, batch, pad_id, recipe.first_token_weight, prefix)
+                loss = packed_loss(model, batch, recipe.first_token_weight, prefix)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -243,11 +239,11 @@ def shipped_answers() -> dict:
     return json.loads(path.read_text()) if path.is_file() else {}
 
 
-def write_base_answers(path: Path, base_name: str = "smollm2-135m", max_new_tokens: int = 32) -> dict:
-    """Regenerate the shipped answers file (maintainers: after changing the bundled prompts or the base)."""
-    from .precision import detect
+def write_base_answers(path: Path, base: Model, base_name: str = "smollm2-135m", max_new_tokens: int = 32) -> dict:
+    """Regenerate the shipped answers file (maintainers: after changing the bundled prompts or the base; load
+    the base model in fp32 on the CPU)."""
+    from ..precision import detect
 
-    base = load_model(base_name, device="cpu", dtype="float32")
     out = {}
     for source in ("bundled:harmless:train", "bundled:harmless:eval"):
         prompts = bundled("harmless", source.rsplit(":", 1)[1])

@@ -16,11 +16,11 @@ from pathlib import Path
 
 import torch
 
-from . import __version__
+from .. import __version__
+from ..errors import LayerError, VectorFileError
+from ..prompts import PromptSet, as_prompt_set, check_contrast
 from .activations import capture
-from .errors import LayerError, VectorFileError
-from .models import LAYER_CONVENTION, Model
-from .prompts import PromptSet, as_prompt_set, check_contrast
+from .model import LAYER_CONVENTION, Model
 
 METHODS = ("mean_diff", "pca", "probe")
 

@@ -14,8 +14,8 @@ from typing import Literal
 
 import torch
 
-from .errors import InterventionError
-from .models import Model
+from ..errors import InterventionError
+from .model import Model
 
 Mode = Literal["add", "ablate", "ablate_add"]
 Positions = Literal["all", "prompt", "generated"]

@@ -11,8 +11,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .errors import CrystallizedSafetyError, PromptError
-from .models import Model
+from ..errors import CrystallizedSafetyError, PromptError
+from .model import Model
 from .steering import layer_hooks
 
 Position = str | int  # "last" | "mean" | negative offset into the post-instruction tokens

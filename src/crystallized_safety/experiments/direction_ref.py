@@ -1,0 +1,64 @@
+"""Which vector a condition steers along, typed: `DirectionRef` parses and prints the stored form
+(`extracted`, `inverted`, `orthogonal:S`, `random:S`, `shared:L`, `transfer:MODEL`, `none`) in one place."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+from ..core.directions import DirectionBank, orthogonal_direction, random_direction
+from ..errors import LayerError
+
+Kind = Literal["none", "extracted", "inverted", "orthogonal", "random", "shared", "transfer"]
+KINDS: tuple[str, ...] = ("none", "extracted", "inverted", "orthogonal", "random", "shared", "transfer")
+CONTROLS = ("orthogonal", "random")  # equal-norm control directions, one per seed
+
+
+@dataclass(frozen=True)
+class DirectionRef:
+    kind: Kind
+    arg: str = ""  # the seed (orthogonal, random), source layer (shared) or source model (transfer)
+
+    @classmethod
+    def parse(cls, text: str) -> DirectionRef:
+        kind, _, arg = text.partition(":")
+        if kind not in KINDS or bool(arg) != (kind in (*CONTROLS, "shared", "transfer")):
+            raise ValueError(f"unknown direction '{text}'")
+        if kind in (*CONTROLS, "shared") and not arg.lstrip("-").isdigit():
+            raise ValueError(f"direction '{text}' needs an integer after ':'")
+        return cls(kind, arg)  # type: ignore[arg-type]
+
+    def __str__(self) -> str:
+        return f"{self.kind}:{self.arg}" if self.arg else self.kind
+
+    @property
+    def is_control(self) -> bool:
+        return self.kind in CONTROLS
+
+    @property
+    def is_transfer(self) -> bool:
+        return self.kind == "transfer"
+
+    def vector(
+        self, bank: DirectionBank, layer: int, transfer: dict[str, DirectionBank] | None = None, seed: int = 0
+    ) -> torch.Tensor:
+        """The unit vector at `layer`. Control seeds are `1000 * S + layer`, offset by the spec's `seed`
+        (0 keeps the seeds of earlier versions)."""
+        base = 1000 * int(self.arg or 0) + layer + 1_000_003 * seed
+        if self.kind == "extracted":
+            return bank.direction(layer)
+        if self.kind == "inverted":
+            return -bank.direction(layer)
+        if self.kind == "orthogonal":
+            return orthogonal_direction(bank.direction(layer), seed=base)
+        if self.kind == "random":
+            return random_direction(bank.hidden_size, seed=base)
+        if self.kind == "shared":
+            return bank.direction(int(self.arg))
+        if self.kind == "transfer":
+            if not transfer or self.arg not in transfer:
+                raise LayerError(f"no transferred directions from '{self.arg}' were prepared")
+            return transfer[self.arg].direction(layer)
+        raise ValueError(f"direction '{self}' has no vector")

@@ -1,0 +1,93 @@
+"""Rates of cells, as stored in analyses and read by the report: one Wilson-interval summary per rate
+(`rate`), pooled over cells (`pool`), the best cell by a rate (`best`), two rates compared (`compare`), and
+a model's stored rows indexed by condition (`Cells`). Shared by analysis, verdict and report."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Sequence
+
+from .. import stats
+from .conditions import HARMFUL, HARMLESS, Condition, baseline
+
+EMPTY = {"k": 0, "n": 0, "rate": None, "ci_lo": None, "ci_hi": None}
+
+
+def rate(k: int, n: int) -> dict:
+    """k/n with its Wilson 95% interval; rate None when n is 0."""
+    return dict(EMPTY) if n == 0 else stats.rate_summary(k, n)
+
+
+def pool(cells: Sequence[dict], key: str) -> dict:
+    """The rate `key` pooled over cells (sum of k over sum of n); cells without that rate are skipped."""
+    present = [c[key] for c in cells if c.get(key)]
+    return rate(sum(r["k"] for r in present), sum(r["n"] for r in present))
+
+
+def best(cells: Sequence[dict], key: str = "flip") -> dict | None:
+    """The cell with the highest rate `key` (ties: higher lower bound, then smaller |alpha|); None if no cell
+    has that rate defined."""
+    scored = [c for c in cells if (c.get(key) or {}).get("rate") is not None]
+    if not scored:
+        return None
+    return max(scored, key=lambda c: (c[key]["rate"], c[key]["ci_lo"], -abs(c.get("alpha", 0))))
+
+
+class Cells:
+    """Rows of one model indexed by condition, with the baseline in hand."""
+
+    def __init__(self, rows: list[dict]) -> None:
+        self.by_cond: dict[str, dict[int, dict]] = defaultdict(dict)
+        for row in rows:
+            self.by_cond[row["condition_key"]][(row["prompt_set"], row["prompt_index"])] = row
+        self.base = {ps: self._rows(baseline(ps)) for ps in (HARMFUL, HARMLESS)}
+
+    def _rows(self, cond: Condition) -> dict[int, dict]:
+        return {i: r for (ps, i), r in self.by_cond.get(cond.key, {}).items() if ps == cond.prompt_set}
+
+    def baseline_rate(self, prompt_set: str) -> dict:
+        decided = [r for r in self.base[prompt_set].values() if r["refusal"] is not None]
+        return rate(sum(r["refusal"] for r in decided), len(decided))
+
+    def stats(self, cond: Condition) -> dict:
+        rows = self._rows(cond)
+        decided = {i: r for i, r in rows.items() if r["refusal"] is not None}
+        coherent = [r for r in decided.values() if r["coherent"] != 0]
+        out = {
+            "condition": cond.describe(),
+            "condition_key": cond.key,
+            "n": len(rows),
+            "undecided": len(rows) - len(decided),
+            "refusal": rate(sum(r["refusal"] for r in decided.values()), len(decided)),
+            "coherence": rate(len(coherent), len(decided)),
+        }
+        base = self.base[cond.prompt_set]
+        if cond.prompt_set == HARMFUL:
+            refused = [i for i, r in base.items() if r["refusal"] == 1 and i in decided]
+            flips = [i for i in refused if decided[i]["refusal"] == 0 and decided[i]["coherent"] != 0]
+            complied = [r for r in decided.values() if r["refusal"] == 0]
+            out["flip"] = rate(len(flips), len(refused))
+            out["compliance"] = rate(len(complied), len(decided))
+            out["incoherent_bypasses"] = sum(1 for r in complied if r["coherent"] == 0)
+            out["flipped_prompts"] = flips
+        else:
+            answered = [i for i, r in base.items() if r["refusal"] == 0 and i in decided]
+            induced = [i for i in answered if decided[i]["refusal"] == 1]
+            out["induced"] = rate(len(induced), len(answered))
+        return out
+
+    def token_ids(self, cond: Condition) -> dict[int, str]:
+        return {i: r["token_ids"] for i, r in self._rows(cond).items()}
+
+
+def compare(a: dict, b: dict) -> dict:
+    """Rate difference in percentage points with bootstrap CI, Fisher and two-proportion p-values."""
+    if not a["n"] or not b["n"]:
+        return {"diff_pp": None, "ci_pp": None, "p_fisher": None, "p_ztest": None}
+    lo, hi = stats.bootstrap_diff_ci(a["k"], a["n"], b["k"], b["n"], n_boot=4000, seed=0)
+    return {
+        "diff_pp": round(100 * (a["rate"] - b["rate"]), 1),
+        "ci_pp": [round(100 * lo, 1), round(100 * hi, 1)],
+        "p_fisher": stats.fisher_exact(a["k"], a["n"], b["k"], b["n"]),
+        "p_ztest": stats.two_proportion_ztest(a["k"], a["n"], b["k"], b["n"]),
+    }

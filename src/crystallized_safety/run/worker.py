@@ -1,0 +1,122 @@
+"""The worker: runs packs of chunks for one model (generate under the packed intervention, judge, gate
+coherence, read the first-token refusal score from the generation's own prefill) into typed store rows."""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..core.directions import DirectionBank
+from ..core.generation import FastEngine, generate
+from ..core.model import Model
+from ..judges.coherence import CoherenceGate
+from ..judges.refusal_score import RefusalScoreJudge, refusal_log_odds
+from ..judges.substring import SubstringJudge
+from ..store import GenerationRow
+from .chunks import Chunk, pack_intervention
+
+
+def bank_to_bytes(bank: DirectionBank) -> bytes:
+    with tempfile.TemporaryDirectory() as tmp:
+        return bank.save(Path(tmp) / "bank.safetensors").read_bytes()
+
+
+def bank_from_bytes(data: bytes) -> DirectionBank:
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "bank.safetensors"
+        path.write_bytes(data)
+        return DirectionBank.load(path)
+
+
+@dataclass
+class ModelContext:
+    """Everything a worker needs besides the loaded model: sent once per model, small and picklable. A remote
+    worker opens the model itself, with the spec's `device` and `dtype`."""
+
+    model_name: str
+    bank_bytes: bytes
+    transfer_bytes: dict[str, bytes] = field(default_factory=dict)
+    coherence: dict | None = None
+    judges: tuple[str, ...] = ("substring",)
+    system: str | None = None
+    device: str = "auto"
+    dtype: str = "auto"
+    seed: int = 0
+
+    def bank(self) -> DirectionBank:
+        return bank_from_bytes(self.bank_bytes)
+
+    def transfer(self) -> dict[str, DirectionBank]:
+        return {k: bank_from_bytes(v) for k, v in self.transfer_bytes.items()}
+
+
+class ChunkWorker:
+    """Runs chunks for one model: generate under the intervention, judge, gate coherence."""
+
+    def __init__(self, model: Model, ctx: ModelContext) -> None:
+        self.model, self.ctx = model, ctx
+        self.bank, self.transfer = ctx.bank(), ctx.transfer()
+        self.substring = SubstringJudge()
+        self.gate = CoherenceGate(model, ctx.coherence, system=ctx.system) if ctx.coherence else None
+        self.scorer = RefusalScoreJudge(model, system=ctx.system) if "score" in ctx.judges else None
+
+    def run_pack(self, pack: Sequence[Chunk]) -> list[list[GenerationRow]]:
+        """One batched generate for every chunk of the pack (same prompts, one intervention per row block)."""
+        iv = pack_intervention(
+            [c.condition for c in pack], len(pack[0].prompts), self.bank, self.transfer, self.ctx.seed
+        )
+        prompts = [p for chunk in pack for p in chunk.prompts]
+        scores: list[float | None] = [None] * len(prompts)
+        scorer = self.scorer
+
+        def first_token_scores(rows: slice, logits) -> None:
+            # the first-token refusal score read from the generation's own prefill (no second forward pass)
+            assert scorer is not None
+            scores[rows] = refusal_log_odds(logits, scorer.token_ids).cpu().tolist()
+
+        gens = generate(
+            self.model,
+            prompts,
+            iv,
+            max_new_tokens=pack[0].max_new_tokens,
+            batch_size=len(prompts),
+            system=self.ctx.system,
+            seed=self.ctx.seed,
+            engine=FastEngine(on_first_logits=first_token_scores if scorer is not None else None),
+        )
+        responses = [g.response for g in gens]
+        verdicts = self.substring.judge(prompts, responses)
+        coh = self.gate.evaluate(prompts, responses) if self.gate is not None else [None] * len(prompts)
+        out, pos = [], 0
+        for chunk in pack:
+            rows = []
+            for i in range(len(chunk.prompts)):
+                g, v, s, c = gens[pos], verdicts[pos], scores[pos], coh[pos]
+                pos += 1
+                rows.append(
+                    GenerationRow(
+                        model=chunk.model,
+                        study=chunk.study,
+                        condition_key=chunk.condition.key,
+                        condition=chunk.condition.to_json(),
+                        prompt_set=chunk.condition.prompt_set,
+                        prompt_index=chunk.start + i,
+                        prompt=g.prompt,
+                        response=g.response,
+                        n_tokens=len(g.token_ids),
+                        finished=int(g.finished),
+                        refusal=None if v.refusal is None else int(v.refusal),
+                        judge=v.judge,
+                        judge_reason=v.reason,
+                        score=s,
+                        coherent=None if c is None else int(c.coherent),
+                        perplexity=None if c is None else c.perplexity,
+                        distinct_n=None if c is None else c.distinct,
+                        token_ids=json.dumps(list(g.token_ids)),
+                    )
+                )
+            out.append(rows)
+        return out

@@ -1,0 +1,248 @@
+"""Serve a local model, optionally steered, as an OpenAI-compatible chat-completions API.
+
+Any OpenAI client (or `LLMJudge`) can then talk to a steered model: `GET /v1/models`,
+`POST /v1/chat/completions` (non-streaming, n=1), plus `GET /v1/stats` (requests, batches, batch sizes).
+
+Concurrent requests are batched: a worker thread takes the first queued request, collects whatever
+else arrives within `batch_window` seconds (up to `max_batch`), groups requests whose decoding settings
+agree (greedy, or the same temperature / top_p / seed) and runs ONE batched, left-padded generate per
+group through the same internals as `generation.generate`, under the server's one `Intervention`.
+Requests in a group may ask for different `max_tokens`: the group runs to the largest and each row is
+cut to its own limit, which is exact for greedy decoding (a row's tokens never depend on later ones).
+A greedy request sent alone gives the same tokens as `generate(model, [prompt], intervention)`.
+
+Bad requests get a 4xx in the OpenAI error shape: ``{"error": {"message", "type", "param", "code"}}``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import itertools
+import json
+import socket
+import time
+import uuid
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from .. import __version__
+from ..core.model import Model
+from ..core.steering import Intervention
+from ..errors import CrystallizedSafetyError, InterventionError, ModelError
+from .batching import Batcher, Completion
+from .request import BadRequest, ChatRequest, error_body, parse_request
+
+# --------------------------------------------------------------------------- app
+
+
+def describe_intervention(intervention: Intervention | None) -> dict[str, Any] | None:
+    if intervention is None:
+        return None
+    return {
+        "layers": intervention.layers,
+        "alpha": float(intervention.alpha),  # type: ignore[arg-type]
+        "mode": intervention.mode,
+        "positions": intervention.positions,
+        "alpha_unit": intervention.alpha_unit,
+    }
+
+
+def _fingerprint(intervention: Intervention | None) -> str:
+    if intervention is None:
+        return f"csafety-{__version__}-unsteered"
+    digest = hashlib.sha256(json.dumps(describe_intervention(intervention), sort_keys=True).encode())
+    for layer in intervention.layers:
+        digest.update(intervention.directions[layer].numpy().tobytes())
+    return f"csafety-{__version__}-steered-{digest.hexdigest()[:12]}"
+
+
+def create_app(
+    model: Model,
+    *,
+    model_name: str | None = None,
+    intervention: Intervention | None = None,
+    max_batch: int = 8,
+    batch_window: float = 0.015,
+    max_tokens_limit: int = 4096,
+):
+    """The FastAPI app; the batching worker runs for the app's lifespan."""
+    _check_settings(model, intervention, max_batch, batch_window, max_tokens_limit)
+    name = model_name or model.model_id
+    fingerprint = _fingerprint(intervention)
+    batcher = Batcher(model, intervention, max_batch=max_batch, window=batch_window)
+
+    @asynccontextmanager
+    async def lifespan(_app):
+        batcher.start()
+        try:
+            yield
+        finally:
+            await asyncio.to_thread(batcher.stop)
+
+    app = FastAPI(title="crystallized-safety", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None)
+    _add_error_handlers(app)
+    model_card = {"id": name, "object": "model", "created": int(time.time()), "owned_by": "crystallized-safety"}
+
+    @app.get("/v1/models")
+    async def list_models():
+        return {"object": "list", "data": [model_card]}
+
+    @app.get("/v1/models/{model_id:path}")
+    async def get_model(model_id: str):
+        if model_id != name:
+            return _error(404, f"the model '{model_id}' does not exist: this server serves '{name}'",
+                          param="model", code="model_not_found")  # fmt: skip
+        return model_card
+
+    @app.get("/v1/stats")
+    async def stats():
+        return {
+            "model": name,
+            "model_id": model.model_id,
+            "steering": describe_intervention(intervention),
+            "system_fingerprint": fingerprint,
+            "max_batch": max_batch,
+            "batch_window_ms": batch_window * 1000,
+            **batcher.stats(),
+        }
+
+    counter = itertools.count(1)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        raw = await request.body()
+        try:
+            body = json.loads(raw)
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            return _error(400, f"request body is not valid JSON ({exc}): send a JSON object")
+        try:
+            chat = parse_request(body, model, name, max_tokens_limit)
+        except BadRequest as exc:
+            return _error(exc.status, exc.message, param=exc.param, code=exc.code)
+        try:
+            done: Completion = await asyncio.wrap_future(batcher.submit(chat))
+        except Exception as exc:  # noqa: BLE001 - generation failed: a one-line 500
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            return _error(500, f"generation failed: {first}", kind="server_error")
+        headers = {"X-Csafety-Batch-Size": str(done.batch_size), "X-Request-Number": str(next(counter))}
+        return JSONResponse(_completion_payload(chat, done, name, fingerprint), headers=headers)
+
+    app.state.batcher = batcher
+    return app
+
+
+def _check_settings(
+    model: Model, intervention: Intervention | None, max_batch: int, batch_window: float, max_tokens_limit: int
+) -> None:
+    if not model.has_chat_template:
+        raise ModelError(f"{model.model_id} has no chat template: serve a chat (instruct) model")
+    if max_batch < 1:
+        raise CrystallizedSafetyError(f"--max-batch must be >= 1, got {max_batch}")
+    if not 0 <= batch_window <= 1:
+        raise CrystallizedSafetyError(f"the batch window must be 0..1000 ms, got {batch_window * 1000:g} ms")
+    if max_tokens_limit < 1:
+        raise CrystallizedSafetyError(f"--max-tokens-limit must be >= 1, got {max_tokens_limit}")
+    if intervention is not None:
+        intervention.check(model)
+        if intervention.rows is not None:
+            raise InterventionError("a served intervention needs one alpha and direction for every request")
+
+
+def _error(status: int, message: str, **kwargs: Any) -> JSONResponse:
+    return JSONResponse(error_body(message, **kwargs), status_code=status)
+
+
+def _add_error_handlers(app: FastAPI) -> None:
+    """Framework errors (404 routes, validation) in the OpenAI error shape too."""
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_request, exc: StarletteHTTPException):
+        kind = "invalid_request_error" if exc.status_code < 500 else "server_error"
+        return _error(exc.status_code, str(exc.detail), kind=kind)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(_request, exc: RequestValidationError):
+        return _error(400, f"invalid request: {exc.errors()[0].get('msg', 'bad value')}")
+
+
+def _completion_payload(chat: ChatRequest, done: Completion, name: str, fingerprint: str) -> dict[str, Any]:
+    choice: dict[str, Any] = {
+        "index": 0,
+        "message": {"role": "assistant", "content": done.content},
+        "finish_reason": "stop" if done.finished else "length",
+        "logprobs": None,
+    }
+    if chat.return_token_ids:
+        choice["token_ids"] = list(done.token_ids)
+    return {
+        "id": f"chatcmpl-{uuid.uuid4().hex[:24]}",
+        "object": "chat.completion",
+        "created": int(time.time()),
+        "model": name,
+        "system_fingerprint": fingerprint,
+        "choices": [choice],
+        "usage": {
+            "prompt_tokens": chat.prompt_tokens,
+            "completion_tokens": len(done.token_ids),
+            "total_tokens": chat.prompt_tokens + len(done.token_ids),
+        },
+    }
+
+
+def check_port(host: str, port: int) -> None:
+    """Fail fast (before loading a model) when the address is taken."""
+    if not 0 <= port <= 65535:
+        raise CrystallizedSafetyError(f"--port must be 0..65535, got {port}")
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except socket.gaierror:
+        raise CrystallizedSafetyError(f"cannot resolve --host '{host}': use an address like 127.0.0.1") from None
+    family, _, _, _, address = infos[0]
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind(address)
+        except OSError as exc:
+            raise CrystallizedSafetyError(
+                f"cannot listen on {host}:{port} ({exc.strerror}): pick another --port"
+            ) from None
+
+
+def serve(
+    model: Model,
+    *,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    model_name: str | None = None,
+    intervention: Intervention | None = None,
+    max_batch: int = 8,
+    batch_window: float = 0.015,
+    max_tokens_limit: int = 4096,
+    log_level: str = "info",
+) -> None:
+    """Run the server until interrupted; Ctrl-C or SIGTERM shut it down gracefully (queued requests end).
+
+    After a graceful shutdown Ctrl-C returns normally, while SIGTERM ends the process by that signal
+    (uvicorn re-raises it), as process managers expect.
+    """
+    import uvicorn
+
+    app = create_app(
+        model,
+        model_name=model_name,
+        intervention=intervention,
+        max_batch=max_batch,
+        batch_window=batch_window,
+        max_tokens_limit=max_tokens_limit,
+    )
+    config = uvicorn.Config(app, host=host, port=port, log_level=log_level, access_log=False, lifespan="on")
+    try:
+        uvicorn.Server(config).run()
+    except KeyboardInterrupt:  # Ctrl-C: uvicorn has shut down gracefully, then re-raised the signal
+        pass
