@@ -11,10 +11,10 @@ import yaml
 from scipy.stats import fisher_exact
 
 from crystallized_safety.experiments.analysis import analyse_plan
-from crystallized_safety.experiments.results import Cells
-from crystallized_safety.experiments.verdict import verdict
 from crystallized_safety.experiments.conditions import HARMFUL, HARMLESS, baseline, plan_studies
+from crystallized_safety.experiments.results import Cells
 from crystallized_safety.experiments.spec import SpecError, load_spec, parse_spec
+from crystallized_safety.experiments.verdict import verdict
 
 BASE = {"name": "t", "models": ["m"], "prompts": {"n": 40}}
 

@@ -16,7 +16,8 @@ from crystallized_safety.judges import (
 )
 from crystallized_safety.judges.substring import DEFAULT_EXCLUSIONS, normalize
 
-# The FINDINGS false positive: an answer to "How do I apologize to a friend?" says "I'm sorry" late.
+# A known false positive of plain substring judges: an answer to
+# "How do I apologize to a friend?" says "I'm sorry" late.
 APOLOGY_ANSWER = (
     "Apologizing to a friend takes some courage, and it helps to prepare. Pick a calm moment and a "
     "private place where you can both talk without distractions or an audience. Then say it plainly: "

@@ -6,6 +6,7 @@ from __future__ import annotations
 import functools
 import os
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import typer
@@ -87,29 +88,58 @@ def load_model_quietly(model: str, device: str, dtype: str, layers_path: str | N
         return load_model(model, device=device, dtype=dtype, layers_path=layers_path)
 
 
-def intervention_from_options(
-    m, path: Path, layers: list[int], alpha: float, mode: str, positions: str, alpha_unit: str, ablate_to: str
-):
-    from ..core.directions import DirectionBank
-    from ..core.steering import Intervention
+# Steering options, declared once and shared by `generate` and `serve`.
+DirectionsOpt = typer.Option(None, help="Direction file (.safetensors, or a plain-tensor .pt): steer the model.")
+LayerOpt = typer.Option(None, "--layer", "-l", help="Layer to steer (repeatable).")
+AlphaOpt = typer.Option(0.0, help="Steering strength; -alpha removes refusal, +alpha induces it.")
+ModeOpt = typer.Option("add", help="add | ablate | ablate_add.")
+PositionsOpt = typer.Option("all", help="all | prompt | generated.")
+AlphaUnitOpt = typer.Option("absolute", help="absolute | relative (x the layer's mean residual norm).")
+AblateToOpt = typer.Option("zero", help="Ablation target projection: zero | harmless-mean.")
 
-    bank = DirectionBank.load(path)
-    bank.check_model(m)
-    for layer in layers:
-        m.check_layer(layer)
-    if ablate_to not in ("zero", "harmless-mean"):
-        raise CrystallizedSafetyError(f"unknown --ablate-to '{ablate_to}': use zero or harmless-mean")
-    norms = {layer: bank.resid_norm(layer) for layer in layers} if alpha_unit == "relative" else None
-    targets = {layer: bank.harmless_projection(layer) for layer in layers} if ablate_to == "harmless-mean" else {}
-    return Intervention(
-        directions={layer: bank.direction(layer) for layer in layers},
-        alpha=alpha,
-        mode=mode,
-        positions=positions,
-        alpha_unit=alpha_unit,
-        layer_norms=norms,
-        ablate_to=targets,
-    )
+
+@dataclass(frozen=True)
+class Steering:
+    """The steering options of a command: checked before the model loads, built into an Intervention after."""
+
+    directions: Path | None
+    layers: list[int]
+    alpha: float = 0.0
+    mode: str = "add"
+    positions: str = "all"
+    alpha_unit: str = "absolute"
+    ablate_to: str = "zero"
+
+    def check(self) -> None:
+        if (self.layers or self.alpha != 0.0 or self.mode != "add") and self.directions is None:
+            raise CrystallizedSafetyError("--layer/--alpha/--mode need --directions FILE (from `csafety extract`)")
+        if self.directions is not None and not self.layers:
+            raise CrystallizedSafetyError("--directions needs at least one --layer L to steer")
+        if self.ablate_to not in ("zero", "harmless-mean"):
+            raise CrystallizedSafetyError(f"unknown --ablate-to '{self.ablate_to}': use zero or harmless-mean")
+
+    def intervention(self, m):
+        """The Intervention for model `m` (None when unsteered)."""
+        if self.directions is None:
+            return None
+        from ..core.directions import DirectionBank
+        from ..core.steering import Intervention
+
+        bank = DirectionBank.load(self.directions)
+        bank.check_model(m)
+        layers = [m.check_layer(layer) for layer in self.layers]
+        relative = self.alpha_unit == "relative"
+        return Intervention(
+            directions={layer: bank.direction(layer) for layer in layers},
+            alpha=self.alpha,
+            mode=self.mode,  # type: ignore[arg-type]
+            positions=self.positions,  # type: ignore[arg-type]
+            alpha_unit=self.alpha_unit,  # type: ignore[arg-type]
+            layer_norms={layer: bank.resid_norm(layer) for layer in layers} if relative else None,
+            ablate_to={layer: bank.harmless_projection(layer) for layer in layers}
+            if self.ablate_to == "harmless-mean"
+            else {},
+        )
 
 
 def main() -> None:

@@ -96,15 +96,8 @@ def judge_cmd(
             verdicts = llm.judge(prompts, [r["response"] for r in records])
     gated = None
     if gate_model is not None:
-        from ..evaluation import calibrated_gate
-        from ..prompts import load_prompts
-
-        calibration_set = load_prompts(calibration, limit=calibration_limit)
-        gm = load_model_quietly(gate_model, device, dtype, layers_path)
-        with err.status(f"calibrating the coherence gate on {len(calibration_set)} harmless answers..."):
-            gate = calibrated_gate(gm, list(calibration_set), system=system)
-        with err.status(f"gating {len(records)} responses for coherence..."):
-            gated = gate.evaluate(prompts, [r["response"] for r in records])
+        opts = (device, dtype, layers_path, system)
+        gated = _coherence(gate_model, calibration, calibration_limit, opts, prompts, [r["response"] for r in records])
     if json_out:
         for i, (record, v) in enumerate(zip(records, verdicts)):
             row = {**record, "refusal": v.refusal, "score": v.score, "judge": v.judge, "reason": v.reason}
@@ -114,6 +107,22 @@ def judge_cmd(
         sys.stdout.flush()
         return
     judge_table(records, verdicts, gated)
+
+
+def _coherence(
+    gate_model: str, calibration: str, limit: int, opts: tuple, prompts: list[str], responses: list[str]
+) -> list:
+    """Coherence of each response under `gate_model`, gated at a threshold calibrated on harmless answers."""
+    from ..evaluation import calibrated_gate
+    from ..prompts import load_prompts
+
+    device, dtype, layers_path, system = opts
+    calibration_set = load_prompts(calibration, limit=limit)
+    gm = load_model_quietly(gate_model, device, dtype, layers_path)
+    with err.status(f"calibrating the coherence gate on {len(calibration_set)} harmless answers..."):
+        gate = calibrated_gate(gm, list(calibration_set), system=system)
+    with err.status(f"gating {len(responses)} responses for coherence..."):
+        return gate.evaluate(prompts, responses)
 
 
 def read_judge_input(path: Path, need_response: bool) -> list[dict]:

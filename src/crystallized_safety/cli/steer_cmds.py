@@ -12,18 +12,25 @@ from rich.table import Table
 
 from ..errors import CrystallizedSafetyError
 from .app import (
+    AblateToOpt,
+    AlphaOpt,
+    AlphaUnitOpt,
     DedupeOpt,
     DeviceOpt,
+    DirectionsOpt,
     DtypeOpt,
+    LayerOpt,
     LayersPathOpt,
     ModelOpt,
+    ModeOpt,
+    PositionsOpt,
     RawOpt,
+    Steering,
     SystemOpt,
     WhereOpt,
     app,
     cli_errors,
     err,
-    intervention_from_options,
     load_model_quietly,
     load_prompt_set,
     out,
@@ -122,13 +129,13 @@ def generate_cmd(
     column: str | None = typer.Option(None, help="Column holding the prompt in structured files."),
     where: list[str] | None = WhereOpt,
     dedupe: bool = DedupeOpt,
-    directions: Path | None = typer.Option(None, help="Direction file (.safetensors, or a plain-tensor .pt)."),
-    layer: list[int] | None = typer.Option(None, "--layer", "-l", help="Layer to steer (repeatable)."),
-    alpha: float = typer.Option(0.0, help="Steering strength; -alpha removes refusal, +alpha induces it."),
-    mode: str = typer.Option("add", help="add | ablate | ablate_add."),
-    positions: str = typer.Option("all", help="all | prompt | generated."),
-    alpha_unit: str = typer.Option("absolute", help="absolute | relative (x the layer's mean residual norm)."),
-    ablate_to: str = typer.Option("zero", help="Ablation target projection: zero | harmless-mean."),
+    directions: Path | None = DirectionsOpt,
+    layer: list[int] | None = LayerOpt,
+    alpha: float = AlphaOpt,
+    mode: str = ModeOpt,
+    positions: str = PositionsOpt,
+    alpha_unit: str = AlphaUnitOpt,
+    ablate_to: str = AblateToOpt,
     max_new_tokens: int = typer.Option(64, help="Tokens to generate at most."),
     batch_size: int = typer.Option(32, help="Prompts per generate call (halves on out-of-memory)."),
     sample: bool = typer.Option(False, "--sample", help="Sample instead of greedy decoding."),
@@ -148,18 +155,12 @@ def generate_cmd(
         texts += list(load_prompt_set(prompts, column, where, dedupe))
     if not texts:
         raise CrystallizedSafetyError("no prompt given: pass --prompt TEXT or --prompts FILE")
-    if (layer or alpha != 0.0 or mode != "add") and directions is None:
-        raise CrystallizedSafetyError("--layer/--alpha/--mode need --directions FILE (from `csafety extract`)")
-    if directions is not None and not layer:
-        raise CrystallizedSafetyError("--directions needs at least one --layer L to steer")
-    from ..core.generation.api import generate  # heavy (torch): after the inputs are checked
+    steering = Steering(directions, layer or [], alpha, mode, positions, alpha_unit, ablate_to)
+    steering.check()
+    from ..core.generation import generate  # heavy (torch): after the inputs are checked
 
     m = load_model_quietly(model, device, dtype, layers_path)
-    intervention = None
-    if directions is not None:
-        intervention = intervention_from_options(
-            m, directions, layer or [], alpha, mode, positions, alpha_unit, ablate_to
-        )
+    intervention = steering.intervention(m)
     with err.status(f"generating {len(texts)} responses..."):
         results = generate(
             m,
@@ -200,13 +201,13 @@ def serve_cmd(
     host: str = typer.Option("127.0.0.1", help="Address to bind (loopback by default; the API has no auth)."),
     port: int = typer.Option(8000, help="Port to listen on."),
     served_name: str | None = typer.Option(None, "--served-name", help="Model name clients send (default: --model)."),
-    directions: Path | None = typer.Option(None, help="Direction file: serve the model steered."),
-    layer: list[int] | None = typer.Option(None, "--layer", "-l", help="Layer to steer (repeatable)."),
-    alpha: float = typer.Option(0.0, help="Steering strength; -alpha removes refusal, +alpha induces it."),
-    mode: str = typer.Option("add", help="add | ablate | ablate_add."),
-    positions: str = typer.Option("all", help="all | prompt | generated."),
-    alpha_unit: str = typer.Option("absolute", help="absolute | relative (x the layer's mean residual norm)."),
-    ablate_to: str = typer.Option("zero", help="Ablation target projection: zero | harmless-mean."),
+    directions: Path | None = DirectionsOpt,
+    layer: list[int] | None = LayerOpt,
+    alpha: float = AlphaOpt,
+    mode: str = ModeOpt,
+    positions: str = PositionsOpt,
+    alpha_unit: str = AlphaUnitOpt,
+    ablate_to: str = AblateToOpt,
     max_batch: int = typer.Option(8, help="Most concurrent requests run in one batched generate."),
     batch_window_ms: float = typer.Option(15.0, help="How long the batcher waits for more requests (ms)."),
     max_tokens_limit: int = typer.Option(4096, help="Largest max_tokens a request may ask for."),
@@ -217,20 +218,14 @@ def serve_cmd(
     """Serve a model (optionally steered) as an OpenAI-compatible chat API; runs until Ctrl-C."""
     from ..serve.app import check_port, describe_intervention, serve
 
-    if (layer or alpha != 0.0 or mode != "add") and directions is None:
-        raise CrystallizedSafetyError("--layer/--alpha/--mode need --directions FILE (from `csafety extract`)")
-    if directions is not None and not layer:
-        raise CrystallizedSafetyError("--directions needs at least one --layer L to steer")
+    steering = Steering(directions, layer or [], alpha, mode, positions, alpha_unit, ablate_to)
+    steering.check()
     check_port(host, port)
     m = load_model_quietly(model, device, dtype, layers_path)
-    intervention = None
-    if directions is not None:
-        intervention = intervention_from_options(
-            m, directions, layer or [], alpha, mode, positions, alpha_unit, ablate_to
-        )
+    intervention = steering.intervention(m)
     name = served_name or model
-    steering = describe_intervention(intervention)
-    how = "unsteered" if steering is None else ", ".join(f"{k} {v}" for k, v in steering.items())
+    described = describe_intervention(intervention)
+    how = "unsteered" if described is None else ", ".join(f"{k} {v}" for k, v in described.items())
     out.print(f"serving {name} ({how}) at http://{host}:{port}/v1 - Ctrl-C to stop", highlight=False)
     if host not in ("127.0.0.1", "localhost", "::1"):
         err.print(f"warning: listening on {host}: the API has no authentication", highlight=False)

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import CrystallizedSafetyError, PromptError
-from .model import Model
+from .model import Model, positions
 from .steering import layer_hooks
 
 Position = str | int  # "last" | "mean" | negative offset into the post-instruction tokens
@@ -106,7 +106,7 @@ def capture(
     acts = torch.empty(n, len(layers), d, dtype=torch.float32)
     norm_sum = torch.zeros(len(layers), dtype=torch.float64)
     norm_count = 0
-    body = model.hf.base_model  # skip the LM head: only the residual stream is needed
+    body = model.body  # skip the LM head: only the residual stream is needed
 
     for start in range(0, n, batch_size):
         batch = model.encode(texts[start : start + batch_size], raw=raw)
@@ -128,10 +128,7 @@ def capture(
         }
         with torch.inference_mode(), layer_hooks(model, fns):
             try:
-                # Left padding: positions count from each row's first real token (absolute-position
-                # models such as GPT-2 would otherwise see shifted positions).
-                position_ids = (mask.long().cumsum(-1) - 1).clamp_min(0)
-                body(**batch, position_ids=position_ids, use_cache=False)
+                body(**batch, position_ids=positions(mask), use_cache=False)
             except _StopForward:
                 pass
     resid = (norm_sum / max(norm_count, 1)).float()

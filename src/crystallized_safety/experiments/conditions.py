@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
 from ..core.directions import DirectionBank
@@ -89,99 +90,97 @@ def _windows(study: Multilayer) -> list[list[int]]:
     return sets
 
 
+def _sweep(study: LayerSweep | Induction, plan: StudyPlan, common: dict) -> None:
+    prompt_set = HARMLESS if isinstance(study, Induction) else HARMFUL
+    for layer in study.layers:
+        for alpha in study.alphas:
+            plan.add(Condition(prompt_set, (layer,), alpha, **common), layer=layer, alpha=alpha)
+            if isinstance(study, Induction) or study.controls:
+                plan.add(
+                    Condition(prompt_set, (layer,), alpha, direction="random:0", **common),
+                    layer=layer,
+                    alpha=alpha,
+                    control="random",
+                )
+
+
+def _threshold(study: Threshold, plan: StudyPlan, common: dict) -> None:
+    for alpha in study.alphas:
+        plan.add(Condition(HARMFUL, (study.layer,), alpha, **common), alpha=alpha)
+
+
+def _controls(study: Controls, plan: StudyPlan, common: dict) -> None:
+    plan.add(Condition(HARMFUL, (study.layer,), study.alpha, **common), control="extracted", seed=None)
+    for control in study.controls:
+        for seed in range(study.seeds):
+            plan.add(
+                Condition(HARMFUL, (study.layer,), study.alpha, direction=f"{control}:{seed}", **common),
+                control=control,
+                seed=seed,
+            )
+
+
+def _sign(study: Sign, plan: StudyPlan, common: dict) -> None:
+    a = abs(study.alpha)
+    for prompt_set in (HARMFUL, HARMLESS):
+        plan.add(Condition(prompt_set, (study.layer,), +a, **common), variant="+alpha", prompt_set=prompt_set)
+        plan.add(Condition(prompt_set, (study.layer,), -a, **common), variant="-alpha", prompt_set=prompt_set)
+        plan.add(
+            Condition(prompt_set, (study.layer,), +a, direction="inverted", **common),
+            variant="inverted +alpha",
+            prompt_set=prompt_set,
+        )
+
+
+def _multilayer(study: Multilayer, plan: StudyPlan, common: dict) -> None:
+    for layers in _windows(study):
+        k = len(layers)
+        weights = tuple([1.0 / k] * k) if study.alpha_split == "total" else ()
+        direction = f"shared:{study.shared_layer}" if study.directions == "shared" else "extracted"
+        for alpha in study.alphas:
+            cond = Condition(HARMFUL, tuple(layers), alpha, direction=direction, weights=weights, **common)
+            plan.add(cond, layers=layers, alpha=alpha)
+            if study.controls:
+                ctrl = Condition(HARMFUL, tuple(layers), alpha, direction="random:0", weights=weights, **common)
+                plan.add(ctrl, layers=layers, alpha=alpha, control="random")
+
+
+def _transfer(study: Transfer, plan: StudyPlan, common: dict) -> None:
+    for i, layer in enumerate(study.layers):
+        src = (study.source_layers[i],) if study.source_layers else ()
+        direction = f"transfer:{study.source_model}"
+        for alpha in study.alphas:
+            cond = Condition(HARMFUL, (layer,), alpha, direction=direction, source_layers=src, **common)
+            plan.add(cond, layer=layer, alpha=alpha, source="transfer")
+            plan.add(Condition(HARMFUL, (layer,), alpha, **common), layer=layer, alpha=alpha, source="own")
+
+
+PLANNERS: dict[type, Callable[..., None]] = {
+    LayerSweep: _sweep,
+    Induction: _sweep,
+    Threshold: _threshold,
+    Controls: _controls,
+    Sign: _sign,
+    Multilayer: _multilayer,
+    Transfer: _transfer,
+    Readability: lambda study, plan, common: None,  # no generations: it reads activations
+}
+
+
 def plan_studies(spec: ExperimentSpec, n_layers: int, model: str) -> list[StudyPlan]:
     """Expand every study of the spec for one model (layers checked against its depth)."""
-
-    def check(layers, where: str) -> None:
-        for layer in layers:
-            if not 0 <= layer < n_layers:
-                raise LayerError(f"{where}: layer {layer} is out of range for {model} (0..{n_layers - 1})")
-
     plans: list[StudyPlan] = []
     for study in spec.studies:
         plan = StudyPlan(study.label, study.kind)
-        common = dict(alpha_unit=study.alpha_unit, mode=study.mode)
-        where = f"studies.{study.label}"
-        if isinstance(study, (LayerSweep, Induction)):
-            check(study.layers, where)
-            prompt_set = HARMLESS if isinstance(study, Induction) else HARMFUL
-            for layer in study.layers:
-                for alpha in study.alphas:
-                    plan.add(Condition(prompt_set, (layer,), alpha, **common), layer=layer, alpha=alpha)
-                    if isinstance(study, Induction) or study.controls:
-                        plan.add(
-                            Condition(prompt_set, (layer,), alpha, direction="random:0", **common),
-                            layer=layer,
-                            alpha=alpha,
-                            control="random",
-                        )
-        elif isinstance(study, Threshold):
-            check([study.layer], where)
-            for alpha in study.alphas:
-                plan.add(Condition(HARMFUL, (study.layer,), alpha, **common), alpha=alpha)
-        elif isinstance(study, Controls):
-            check([study.layer], where)
-            plan.add(Condition(HARMFUL, (study.layer,), study.alpha, **common), control="extracted", seed=None)
-            for control in study.controls:
-                for seed in range(study.seeds):
-                    plan.add(
-                        Condition(HARMFUL, (study.layer,), study.alpha, direction=f"{control}:{seed}", **common),
-                        control=control,
-                        seed=seed,
-                    )
-        elif isinstance(study, Sign):
-            check([study.layer], where)
-            a = abs(study.alpha)
-            for prompt_set in (HARMFUL, HARMLESS):
-                plan.add(Condition(prompt_set, (study.layer,), +a, **common), variant="+alpha", prompt_set=prompt_set)
-                plan.add(Condition(prompt_set, (study.layer,), -a, **common), variant="-alpha", prompt_set=prompt_set)
-                plan.add(
-                    Condition(prompt_set, (study.layer,), +a, direction="inverted", **common),
-                    variant="inverted +alpha",
-                    prompt_set=prompt_set,
+        PLANNERS[type(study)](study, plan, {"alpha_unit": study.alpha_unit, "mode": study.mode})
+        layers = [layer for _tags, cond in plan.conditions for layer in cond.layers]
+        if isinstance(study, Readability) and study.layers != "all":
+            layers = list(study.layers)
+        for layer in layers:
+            if not 0 <= layer < n_layers:
+                raise LayerError(
+                    f"studies.{study.label}: layer {layer} is out of range for {model} (0..{n_layers - 1})"
                 )
-        elif isinstance(study, Multilayer):
-            sets = _windows(study)
-            for layers in sets:
-                check(layers, where)
-                k = len(layers)
-                weights = tuple([1.0 / k] * k) if study.alpha_split == "total" else ()
-                direction = f"shared:{study.shared_layer}" if study.directions == "shared" else "extracted"
-                for alpha in study.alphas:
-                    plan.add(
-                        Condition(HARMFUL, tuple(layers), alpha, direction=direction, weights=weights, **common),
-                        layers=layers,
-                        alpha=alpha,
-                    )
-                    if study.controls:
-                        plan.add(
-                            Condition(HARMFUL, tuple(layers), alpha, direction="random:0", weights=weights, **common),
-                            layers=layers,
-                            alpha=alpha,
-                            control="random",
-                        )
-        elif isinstance(study, Transfer):
-            check(study.layers, where)
-            for i, layer in enumerate(study.layers):
-                src = (study.source_layers[i],) if study.source_layers else ()
-                for alpha in study.alphas:
-                    plan.add(
-                        Condition(
-                            HARMFUL,
-                            (layer,),
-                            alpha,
-                            direction=f"transfer:{study.source_model}",
-                            source_layers=src,
-                            **common,
-                        ),
-                        layer=layer,
-                        alpha=alpha,
-                        source="transfer",
-                    )
-                    plan.add(Condition(HARMFUL, (layer,), alpha, **common), layer=layer, alpha=alpha, source="own")
-        elif isinstance(study, Readability):
-            if study.layers != "all":
-                check(study.layers, where)
         plans.append(plan)
     return plans
 

@@ -171,7 +171,6 @@ class Transfer(_Study):
 class Readability(_Study):
     kind: Literal["readability"]
     layers: list[int] | Literal["all"] = "all"
-    holdout_fraction: float = Field(0.5, gt=0, lt=1)
 
 
 Study = Annotated[

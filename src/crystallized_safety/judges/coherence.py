@@ -196,33 +196,14 @@ class CoherenceGate:
         """Mean NLL of each response given its prompt, batched and left-padded."""
         out: list[float | None] = [None] * len(prompt_ids)
         todo = [i for i, r in enumerate(response_ids) if r]
-        pad = self.model.tokenizer.pad_token_id
-        pad = 0 if pad is None else pad
-        device = self.model.device
         for start in range(0, len(todo), self.batch_size):
             rows = todo[start : start + self.batch_size]
-            seqs = [prompt_ids[i] + response_ids[i] for i in rows]
-            width = max(len(s) for s in seqs)
-            input_ids = torch.full((len(rows), width), pad, dtype=torch.long)
-            mask = torch.zeros((len(rows), width), dtype=torch.long)
-            for row, seq in enumerate(seqs):
-                input_ids[row, width - len(seq) :] = torch.tensor(seq)
-                mask[row, width - len(seq) :] = 1
+            input_ids, mask, pos = self.model.left_pad([prompt_ids[i] + response_ids[i] for i in rows])
             longest = max(len(response_ids[i]) for i in rows)
             keep = longest + 1  # logits at the last `keep` positions predict the last `longest` tokens
-            input_ids, mask = input_ids.to(device), mask.to(device)
-            kwargs = {
-                "input_ids": input_ids,
-                "attention_mask": mask,
-                "position_ids": (mask.cumsum(-1) - 1).clamp_min(0),
-                "use_cache": False,
-            }
             with torch.inference_mode():
-                try:
-                    logits = self.model.hf(**kwargs, logits_to_keep=keep).logits
-                except TypeError:  # a model without logits_to_keep
-                    logits = self.model.hf(**kwargs).logits
-                logits = logits[:, -keep:-1].float()
+                logits, _ = self.model.forward(input_ids, mask, pos, keep=keep, use_cache=False)
+                logits = logits[:, :-1].float()
                 targets = input_ids[:, -longest:]
                 token_lp = logits.gather(-1, targets[..., None])[..., 0] - torch.logsumexp(logits, dim=-1)
             for row, i in enumerate(rows):

@@ -36,9 +36,9 @@ def mean_kl_to_base(
     def log_probs(model: Model, ids, mask, rows) -> torch.Tensor:
         """log-softmax (float64) at the answer positions only: the LM head and the softmax over the
         vocabulary are the costly part, and only these positions count."""
-        hidden = model.hf.base_model(input_ids=ids, attention_mask=mask).last_hidden_state
+        hidden = model.body(input_ids=ids, attention_mask=mask).last_hidden_state
         picked = torch.cat([hidden[k, spans[i][0] : spans[i][1]] for k, i in enumerate(rows)])
-        return torch.log_softmax(model.hf.get_output_embeddings()(picked).double(), -1)
+        return torch.log_softmax(model.head(picked).double(), -1)
 
     with torch.inference_mode():
         for start in range(0, len(seqs), batch_size):
