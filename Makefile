@@ -43,6 +43,7 @@ test-slow: organism
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/python -m mypy src/crystallized_safety
 
 clean:
 	rm -rf $(VENV) out .pytest_cache

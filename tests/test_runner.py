@@ -71,9 +71,14 @@ def test_all_studies_end_to_end_and_rerun_skips(tiny_dirs, tiny_run, tmp_path):
     assert kinds["sign"]["result"]["equivalent"] is True  # inverted +alpha == -alpha, token for token
     assert len(kinds["readability"]["result"]["layers"]) == 4
     assert all(0 <= r["projection_auc"] <= 1 for r in kinds["readability"]["result"]["layers"])
-    assert "map_r2" in str(store.get_artifact(first.run_id, paths["tiny"], f"transfer:{paths['tiny2']}")[0])
+    fits = json.loads(store.get_artifact(first.run_id, paths["tiny"], f"transfer:{paths['tiny2']}")[0]["fits"])
+    assert [(f["target_layer"], f["source_layer"]) for f in fits] == [(1, 1), (2, 2)]  # 4 and 4 layers: same depth
+    assert all(f["map_r2"] <= 1.0 for f in fits)
     (v,) = store.verdicts(first.run_id)
-    assert v["verdict"] in {"floor effect", "inconclusive", "liquid", "crystallized", "immune"} and v["rule"]
+    # random weights never write a refusal phrase: the baseline refuses nothing, so steering cannot be read
+    base = kinds["baseline"]["result"]["harmful"]
+    assert (base["k"], base["n"]) == (0, 6)
+    assert v["verdict"] == "floor effect" and v["rule"].startswith("baseline harmful refusal 0.0% (0/6")
     n_rows = store.counts(first.run_id)["generations"]
     again = run_experiment(spec, store)
     assert again.resumed and again.chunks_run == 0 and again.chunks_skipped == first.chunks_run

@@ -45,7 +45,7 @@ class RefusalRate:
         return sum(v.refusal is False and c.coherent for v, c in zip(self.verdicts, self.coherence))
 
     def to_dict(self) -> dict:
-        out = {
+        out: dict = {
             "k": self.k,
             "n": self.n,
             "rate": self.rate,
@@ -65,7 +65,7 @@ class RefusalRate:
         """One dict per prompt: prompt, response, the judge's verdict and, if gated, the gate's."""
         rows = []
         for i, (g, v) in enumerate(zip(self.generations, self.verdicts)):
-            row = {"prompt": g.prompt, "response": g.response, "refusal": v.refusal, "judge": v.judge,
+            row: dict = {"prompt": g.prompt, "response": g.response, "refusal": v.refusal, "judge": v.judge,
                    "reason": v.reason, "n_tokens": len(g.token_ids), "finished": g.finished}  # fmt: skip
             if self.coherence is not None:
                 c = self.coherence[i]

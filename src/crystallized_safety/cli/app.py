@@ -81,7 +81,8 @@ def load_model_quietly(model: str, device: str, dtype: str, layers_path: str | N
     from ..precision import warn_if_emulated
     from ..registry import load_model
 
-    warning = warn_if_emulated(*reversed(resolve_device_dtype(device, dtype)))
+    dev, dt = resolve_device_dtype(device, dtype)
+    warning = warn_if_emulated(dt, dev)
     if warning:
         err.print(f"warning: {escape(warning)}", highlight=False, soft_wrap=True)
     with err.status(f"loading {escape(model)}..."):
@@ -132,9 +133,9 @@ class Steering:
         return Intervention(
             directions={layer: bank.direction(layer) for layer in layers},
             alpha=self.alpha,
-            mode=self.mode,  # type: ignore[arg-type]
-            positions=self.positions,  # type: ignore[arg-type]
-            alpha_unit=self.alpha_unit,  # type: ignore[arg-type]
+            mode=self.mode,
+            positions=self.positions,
+            alpha_unit=self.alpha_unit,
             layer_norms={layer: bank.resid_norm(layer) for layer in layers} if relative else None,
             ablate_to={layer: bank.harmless_projection(layer) for layer in layers}
             if self.ablate_to == "harmless-mean"

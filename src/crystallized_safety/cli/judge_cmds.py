@@ -82,6 +82,7 @@ def judge_cmd(
     elif judge == "score":
         from ..judges.refusal_score import RefusalScoreJudge
 
+        assert model is not None  # checked above
         m = load_model_quietly(model, device, dtype, layers_path)
         scorer = RefusalScoreJudge(m, threshold=threshold or 0.0, system=system, raw=raw, batch_size=batch_size)
         with err.status(f"scoring {len(prompts)} prompts..."):
@@ -91,6 +92,7 @@ def judge_cmd(
             from ..judges.llm import LLMJudge
         except ImportError as exc:
             raise JudgeError(f"the llm judge cannot be imported ({exc}); reinstall crystallized-safety") from None
+        assert base_url is not None and judge_model is not None  # checked above
         llm = LLMJudge(base_url=base_url, model=judge_model, api_key_env=api_key_env or None)
         with err.status(f"asking {judge_model} about {len(prompts)} responses..."):
             verdicts = llm.judge(prompts, [r["response"] for r in records])
@@ -171,7 +173,7 @@ def judge_table(records: list[dict], verdicts: list, gated: list | None) -> None
     labels = {True: "yes", False: "no", None: "undecided"}
     for i, (record, v) in enumerate(zip(records, verdicts), 1):
         score = "" if v.score is None else f"{v.score:.3g}"
-        cells = [str(i), cut(record["prompt"]), cut(record.get("response") or ""), labels[v.refusal], score,
+        cells: list = [str(i), cut(record["prompt"]), cut(record.get("response") or ""), labels[v.refusal], score,
                  cut(v.reason, 40)]  # fmt: skip
         if gated:
             cells.append(Text("yes" if gated[i - 1].coherent else f"no: {gated[i - 1].reason}"))

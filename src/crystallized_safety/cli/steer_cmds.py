@@ -113,6 +113,7 @@ def extract_cmd(
     table.add_column("layer", justify="right")
     table.add_column("|mean diff|", justify="right")
     table.add_column("mean resid norm", justify="right")
+    assert bank.raw_norms is not None and bank.resid_norms is not None  # an extracted bank has both
     for row, layer in enumerate(bank.layers):
         table.add_row(str(layer), f"{float(bank.raw_norms[row]):.3f}", f"{float(bank.resid_norms[row]):.2f}")
     out.print(table)

@@ -25,7 +25,7 @@ class _StopForward(Exception):
 def parse_position(value: str | int) -> Position:
     """'last' | 'mean' | a negative integer (e.g. -2: second-to-last prompt token)."""
     if isinstance(value, int) and not isinstance(value, bool):
-        position: Position = value
+        position = value
     elif isinstance(value, str) and value.strip().lower() in ("last", "mean"):
         return value.strip().lower()
     else:
@@ -70,6 +70,7 @@ def _capture_hook(
         elif position == "mean":
             picked = (h * body_mask.unsqueeze(-1)).sum(dim=1) / lengths.unsqueeze(-1)
         else:
+            assert isinstance(position, int)
             picked = h[:, position]
         acts[chunk, slot] = picked.cpu()
         if deepest:

@@ -246,9 +246,13 @@ def extract_directions(
     if method not in METHODS:
         raise VectorFileError(f"unknown method '{method}': use one of {', '.join(METHODS)}")
     layer_list = model.parse_layers(layers)
-    kwargs = dict(layers=layer_list, position=position, batch_size=batch_size, system=system, raw=raw)
-    cap_h = capture(model, list(harmful_set), **kwargs)
-    cap_n = capture(model, list(harmless_set), **kwargs)
+
+    def cap(prompts):
+        return capture(
+            model, prompts, layers=layer_list, position=position, batch_size=batch_size, system=system, raw=raw
+        )
+
+    cap_h, cap_n = cap(list(harmful_set)), cap(list(harmless_set))
     mean_h, mean_n = cap_h.acts.mean(0), cap_n.acts.mean(0)
     diff = mean_h - mean_n
     if method == "mean_diff":

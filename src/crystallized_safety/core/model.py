@@ -380,7 +380,7 @@ def _load_pretrained(source: str, dev: torch.device, dt: torch.dtype, **kwargs: 
 
     tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
     hf = AutoModelForCausalLM.from_pretrained(source, dtype=dt, **kwargs)
-    hf.to(dev)
+    hf.to(dev)  # type: ignore[arg-type]  # transformers' stub types `to` oddly
     hf.eval()
     return hf, tokenizer
 
@@ -464,8 +464,8 @@ def _gguf_cached_dir(gguf_path: Path) -> tuple[Path, str]:
     # dequantised, so drop it.
     if hasattr(hf.config, "quantization_config"):
         del hf.config.quantization_config
-    hf.hf_quantizer = None
-    hf.is_quantized = False
+    hf.hf_quantizer = None  # type: ignore[assignment]
+    hf.is_quantized = False  # type: ignore[assignment]
     with atomic_dir(target) as tmp:
         save_pretrained(hf, tokenizer, tmp)
     return target, sha

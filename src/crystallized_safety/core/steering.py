@@ -81,9 +81,9 @@ class Intervention:
 
     directions: dict[int, torch.Tensor]
     alpha: float | torch.Tensor = 0.0
-    mode: Mode = "add"
-    positions: Positions = "all"
-    alpha_unit: AlphaUnit = "absolute"
+    mode: str = "add"  # a Mode, checked on construction
+    positions: str = "all"  # Positions
+    alpha_unit: str = "absolute"  # AlphaUnit
     layer_norms: dict[int, float] | None = None
     layer_weights: dict[int, float] = field(default_factory=dict)
     ablate_to: dict[int, float] = field(default_factory=dict)
@@ -112,8 +112,11 @@ class Intervention:
                 )
 
     @classmethod
-    def single(cls, layer: int, direction: torch.Tensor, alpha: float | Sequence[float], **kwargs) -> Intervention:
-        return cls(directions={layer: direction}, alpha=alpha, **kwargs)
+    def single(
+        cls, layer: int, direction: torch.Tensor, alpha: float | Sequence[float] | torch.Tensor, **kwargs
+    ) -> Intervention:
+        value = alpha if isinstance(alpha, (int, float, torch.Tensor)) else torch.as_tensor(alpha, dtype=torch.float32)
+        return cls(directions={layer: direction}, alpha=value, **kwargs)
 
     @property
     def layers(self) -> list[int]:
@@ -178,9 +181,11 @@ def pack_interventions(
     if not layers:
         return None
     blocks = {layer: torch.zeros(len(interventions) * rows, hidden_size) for layer in layers}
-    for j, iv in enumerate(interventions):
-        for layer in iv.layers if iv is not None else ():
-            blocks[layer][j * rows : (j + 1) * rows] = iv.effective_alpha(layer) * iv.directions[layer]
+    for j, one in enumerate(interventions):
+        if one is None:
+            continue
+        for layer in one.layers:
+            blocks[layer][j * rows : (j + 1) * rows] = one.effective_alpha(layer) * one.directions[layer]
     return Intervention(directions=blocks, alpha=1.0, mode="add", positions=used[0].positions)
 
 
@@ -215,7 +220,9 @@ def _make_hook(iv: Intervention, layer: int, prompt_len: int | None) -> HookFn:
         return keep.view(1, -1, 1)
 
     def hook(hidden: torch.Tensor) -> torch.Tensor:
-        v = _row_broadcast(vec, hidden) if vec.dim() == 2 else vec.to(device=hidden.device, dtype=hidden.dtype)
+        v = vec.to(device=hidden.device, dtype=hidden.dtype)
+        if vec.dim() == 2:
+            v = v.view(v.shape[0], 1, v.shape[1])  # [rows, d] -> [rows, 1, d]: one vector per batch row
         mask = position_mask(hidden)
         if mask is not None and not bool(mask.any()):
             return hidden

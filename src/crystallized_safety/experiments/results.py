@@ -37,7 +37,7 @@ class Cells:
     """Rows of one model indexed by condition, with the baseline in hand."""
 
     def __init__(self, rows: list[dict]) -> None:
-        self.by_cond: dict[str, dict[int, dict]] = defaultdict(dict)
+        self.by_cond: dict[str, dict[tuple[str, int], dict]] = defaultdict(dict)
         for row in rows:
             self.by_cond[row["condition_key"]][(row["prompt_set"], row["prompt_index"])] = row
         self.base = {ps: self._rows(baseline(ps)) for ps in (HARMFUL, HARMLESS)}

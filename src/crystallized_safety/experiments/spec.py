@@ -290,8 +290,9 @@ def load_prompt_sets(spec: ExperimentSpec) -> PromptSets:
     p = spec.prompts
 
     def load(source: str, limit: int | None = None) -> PromptSet:
-        filters = {} if source.startswith("bundled:") else {"column": p.column, "where": p.where, "dedupe": p.dedupe}
-        return load_prompts(source, limit=limit, **filters)
+        if source.startswith("bundled:"):
+            return load_prompts(source, limit=limit)
+        return load_prompts(source, limit=limit, column=p.column, where=p.where, dedupe=p.dedupe)
 
     sets = PromptSets(
         load(p.extract_harmful), load(p.extract_harmless), load(p.eval_harmful, p.n), load(p.eval_harmless, p.n)

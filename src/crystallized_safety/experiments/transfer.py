@@ -7,6 +7,8 @@ split), and the source's raw mean difference is mapped through it, then unit-nor
 
 from __future__ import annotations
 
+import json
+
 import torch
 
 from ..core.activations import capture
@@ -65,7 +67,7 @@ def transfer_bank(spec, study, target, source, sets, target_bank: DirectionBank)
         "source_hash": source.model_hash,
         "target_model": target.model_id,
         "mapping": "identity (same hidden size)" if same else "ridge linear map on shared prompts",
-        "fits": str(fits),
+        "fits": json.dumps(fits),
         "n_layers": str(target.n_layers),
     }
     return DirectionBank(directions=torch.stack(rows), layers=layers, resid_norms=resid, metadata=meta)

@@ -124,7 +124,8 @@ def measure(model: Model, base: Model | None, recipe: Recipe, progress: Progress
         harmless = list(sets["harmless"])
         say(f"measuring: KL to the base model on {len(harmless)} harmless prompts")
         answers = base_answers(base, sets["harmless"], recipe.eval_new_tokens)
-        out["kl_to_base_harmless"] = round(mean_kl_to_base(model, base, harmless, [a.token_ids for a in answers]), 5)
+        kl = mean_kl_to_base(model, base, harmless, [list(a.token_ids) for a in answers])
+        out["kl_to_base_harmless"] = round(kl, 5)
     say("measuring: steering check (direction vs random)")
     out["steering_check"] = steering_check(model, list(sets["harmful"]), recipe)
     return out

@@ -235,7 +235,7 @@ def base_answers(base: Model, prompts: PromptSet, max_new_tokens: int, use_shipp
 def shipped_answers() -> dict:
     from importlib import resources
 
-    path = resources.files("crystallized_safety").joinpath("data", BASE_ANSWERS)
+    path = resources.files("crystallized_safety").joinpath("data").joinpath(BASE_ANSWERS)
     return json.loads(path.read_text()) if path.is_file() else {}
 
 

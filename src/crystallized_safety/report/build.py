@@ -109,7 +109,7 @@ def _model_report(store: Store, run_id: str, model: str, slug: str, data: dict, 
     single = [c for c in candidates if len(c["layers"]) == 1]
     multi = [c for c in candidates if len(c["layers"]) > 1]
     best_single, best_multi = best(single), best(multi)
-    baseline = next((a["result"] for a in analyses if a["kind"] == "baseline"), {})
+    baseline: dict = next((a["result"] for a in analyses if a["kind"] == "baseline"), {})
     base = baseline.get("harmful") or (verdict or {}).get("evidence", {}).get("baseline_refusal")
     control = control_for(best_single, cells) if best_single else None
     summary = {

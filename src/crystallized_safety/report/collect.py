@@ -34,7 +34,8 @@ def collect(store: Store, run_id: str) -> dict:
     present = {a["model"] for a in analyses} | {v["model"] for v in verdicts}
     ordered = [m for m in spec.get("models", []) if m in present]
     models = ordered + sorted(present - set(ordered))
-    timing = defaultdict(lambda: {"chunks": 0, "rows": 0, "generation_seconds": 0.0, "analysis_seconds": None})
+    empty = {"chunks": 0, "rows": 0, "generation_seconds": 0.0, "analysis_seconds": None}
+    timing: defaultdict[tuple[str, str], dict] = defaultdict(lambda: dict(empty))
     for model, study, n, rows, seconds in store.chunk_timing(run_id):
         timing[(model, study)].update(chunks=n, rows=rows, generation_seconds=seconds)
     for a in analyses:

@@ -53,7 +53,7 @@ def examples(
     for (key, ps, i), g in index.items():
         if ps == "harmful":
             rows_of[key][i] = g
-    base_rows = rows_of.get(base_key, {})
+    base_rows = rows_of.get(base_key, {}) if base_key is not None else {}
     examples: list[dict] = []
 
     bests = [c for c in (best_single, best_multi) if c]
@@ -75,7 +75,7 @@ def examples(
             examples.append(_example(title, best_full, chosen_index, base_rows, steered, thresholds))
         controls = [c for c in cells.values() if is_control(c) and c["prompt_set"] == "harmful"]
         same = [c for c in controls if c["layers"] == best_full["layers"] and c["alpha"] == best_full["alpha"]]
-        ctrl = (same or controls or [None])[0]
+        ctrl = (same or controls)[0] if (same or controls) else None
         if ctrl is not None and chosen_index is not None:
             examples.append(
                 _example(

@@ -14,6 +14,7 @@ import io
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import matplotlib
 import numpy as np
@@ -25,7 +26,7 @@ from ..experiments.results import pool
 from ..stats import MIN_N
 
 FONT = 8  # smallest font anywhere in a figure, in points
-STYLE = {
+STYLE: dict[str, Any] = {
     "font.size": 9,
     "axes.titlesize": 9,
     "axes.labelsize": 9,
@@ -40,6 +41,11 @@ STYLE = {
     "svg.hashsalt": "crystallized-safety",  # deterministic SVG ids
     "savefig.dpi": 200,
 }
+
+
+def _styled():
+    """The house style for one figure (matplotlib types rcParams keys as literals; ours is a plain dict)."""
+    return matplotlib.rc_context(STYLE)
 LAYER_AXIS = "layer i (output of decoder block i)"
 LAYER_AXIS_2 = "layer i\n(output of decoder block i)"
 RATE_AXIS = "rate (Wilson 95% CI)"
@@ -127,7 +133,7 @@ def heatmap(cells: Sequence[dict], unit: str | None, title: str, metric: str = "
     row_in = min(0.36, 7.7 / max(1, len(layers)))  # at most 9 in tall: a page
     height = min(9.0, max(2.4, 1.3 + row_in * len(layers)))
     two_lines = row_in >= 0.27 and len(alphas) <= 10  # "rate / n=" where two 8 pt lines fit, else the rate only
-    with matplotlib.rc_context(STYLE):
+    with _styled():
         fig = _new(width, height)
         ax = fig.add_subplot()
         for (li, layer), (ai, alpha) in ((x, y) for x in enumerate(layers) for y in enumerate(alphas)):
@@ -188,7 +194,7 @@ def threshold_curve(cells: Sequence[dict], threshold: dict | None, unit: str | N
     """Flip (and raw compliance) rate against alpha with Wilson bands; the largest jump shaded with its p."""
     cells = sorted(cells, key=lambda c: c["alpha"])
     alphas = np.array([c["alpha"] for c in cells], dtype=float)
-    with matplotlib.rc_context(STYLE):
+    with _styled():
         fig = _new(5.0, 3.0)
         ax = fig.add_subplot()
         for key, color, style, name in (
@@ -266,7 +272,7 @@ def controls_bars(result: dict, title: str) -> Figure:
     comps = [extracted.get("compliance"), *(pool(c["seeds"], "compliance") for c in result["controls"].values())]
     x = np.arange(len(names))
     w = 0.38
-    with matplotlib.rc_context(STYLE):
+    with _styled():
         fig = _new(max(3.5, 1.6 + 1.3 * len(names)), 3.0)
         ax = fig.add_subplot()
         ax.bar(x - w / 2, [_val(r) for r in flips], w, yerr=_err(flips), color=C_MAIN, capsize=3, label="flip rate")
@@ -296,7 +302,7 @@ def controls_bars(result: dict, title: str) -> Figure:
 def sign_bars(result: dict, title: str, baselines: dict | None = None) -> Figure:
     """Refusal rate under +alpha, -alpha and the inverted direction, on harmful and harmless prompts."""
     sets = result["sets"]
-    with matplotlib.rc_context(STYLE):
+    with _styled():
         fig = _new(6.5, 2.9)
         axes = fig.subplots(1, len(sets), sharey=True, squeeze=False)[0]
         colors = {"+alpha": C_MAIN, "-alpha": C_COMPLY, "inverted +alpha": C_OTHER}
@@ -343,7 +349,7 @@ def single_vs_multi(multi_cells: Sequence[dict], best_single: dict | None, title
     has_control = any(c.get("control_rate") for _l, c, _k in groups)
     w = 0.27 if has_control else 0.38
     many = len(groups) > 8
-    with matplotlib.rc_context(STYLE):
+    with _styled():
         fig = _new(6.5 if len(groups) > 3 else 4.5, 3.4 if many else 3.0)
         ax = fig.add_subplot()
         flips = [c["flip"] for _l, c, _k in groups]
@@ -385,7 +391,7 @@ def readability(result: dict, title: str) -> Figure:
     """Probe / projection AUC per layer (top) against the best flip rate steering reached there (bottom)."""
     rows = sorted(result.get("layers", []), key=lambda r: r["layer"])
     steer = {int(k): v for k, v in (result.get("steerability") or {}).items()}
-    with matplotlib.rc_context(STYLE):
+    with _styled():
         fig = _new(6.5, 4.0)
         top, bottom = fig.subplots(2, 1, sharex=True, height_ratios=[1.2, 1])
         layers = [r["layer"] for r in rows]
@@ -427,16 +433,17 @@ def readability(result: dict, title: str) -> Figure:
     return fig
 
 
-def direction_norms(layers: Sequence[int], raw: Sequence[float], resid: Sequence[float] | None, title: str) -> Figure:
-    """Per-layer norm of the raw mean difference and the mean residual norm (log scale), and their ratio."""
+def direction_norms(layers: Sequence[int], raw_norms, resid_norms, title: str) -> Figure:
+    """Per-layer norm of the raw mean difference and the mean residual norm (log scale), and their ratio.
+    `raw_norms` and `resid_norms` (or None) are sequences or arrays of floats, one per layer."""
     layers = list(layers)
-    raw = np.asarray(raw, dtype=float)
-    with matplotlib.rc_context(STYLE):
+    raw = np.asarray(raw_norms, dtype=float)
+    resid = None if resid_norms is None else np.asarray(resid_norms, dtype=float)
+    with _styled():
         fig = _new(6.5, 3.8)
         top, bottom = fig.subplots(2, 1, sharex=True, height_ratios=[1.3, 1])
         top.plot(layers, raw, marker="o", markersize=3, color=C_MAIN, label="‖mean harmful − mean harmless‖")
         if resid is not None:
-            resid = np.asarray(resid, dtype=float)
             top.plot(layers, resid, marker="s", markersize=3, color=C_COMPLY, label="mean residual norm")
             with np.errstate(divide="ignore", invalid="ignore"):
                 bottom.plot(layers, 100 * raw / resid, marker="o", markersize=3, color=C_OTHER)
@@ -457,7 +464,7 @@ def judge_agreement(
 ) -> Figure:
     """2x2 confusion of two judges (left) and the score distribution split by the first judge (right)."""
     a, b = names
-    with matplotlib.rc_context(STYLE):
+    with _styled():
         fig = _new(6.5, 2.8)
         left, right = fig.subplots(1, 2, width_ratios=[1, 1.4])
         grid = np.array(
@@ -513,7 +520,7 @@ def save(fig: Figure, out_dir: Path, fig_id: str, model: str, title: str, captio
     """Write `fig-<id>.png` (200 dpi) and `.svg` into out_dir; keep the PNG bytes for embedding."""
     png, svg = out_dir / f"fig-{fig_id}.png", out_dir / f"fig-{fig_id}.svg"
     buf = io.BytesIO()
-    with matplotlib.rc_context(STYLE):
+    with _styled():
         fig.savefig(buf, format="png", metadata={"Software": None})
         fig.savefig(svg, format="svg", metadata={"Date": None})
     png.write_bytes(buf.getvalue())

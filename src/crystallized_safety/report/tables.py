@@ -93,7 +93,7 @@ def n_flag(n: int) -> str:
 def holm_map(pvalues: Sequence[float | None]) -> list[float | None]:
     """Holm-adjust the defined p-values, leaving None in place."""
     idx = [i for i, p in enumerate(pvalues) if p is not None]
-    adjusted = stats.holm([pvalues[i] for i in idx]) if idx else []
+    adjusted = stats.holm([p for p in pvalues if p is not None]) if idx else []
     out: list[float | None] = [None] * len(pvalues)
     for i, p in zip(idx, adjusted):
         out[i] = p

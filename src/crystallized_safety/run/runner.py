@@ -14,7 +14,7 @@ from ..environment import environment
 from ..evaluation import calibrated_gate
 from ..experiments.analysis import analyse_model
 from ..experiments.readability import readability
-from ..experiments.spec import ExperimentSpec, PromptSets, load_prompt_sets
+from ..experiments.spec import ExperimentSpec, PromptSets, Transfer, load_prompt_sets
 from ..experiments.transfer import transfer_bank
 from ..progress import Progress, silent
 from ..registry import load_model
@@ -98,12 +98,11 @@ def _run_model(
     for plan in plans:
         if plan.kind == "readability":
             study = next(s for s in spec.studies if s.label == plan.label)
-            store.cached(
-                run_id,
-                model_name,
-                f"readability:{plan.label}",
-                lambda study=study: (readability(spec, study, load(), sets), None),
-            )
+
+            def scores(study=study) -> tuple[dict, None]:
+                return readability(spec, study, load(), sets), None
+
+            store.cached(run_id, model_name, f"readability:{plan.label}", scores)
     analyse_model(spec, store, run_id, model_name, plans)
     return todo_chunks, len(chunks) - todo_chunks
 
@@ -157,8 +156,9 @@ def _model_context(
 
         coherence = store.cached(run_id, name, "coherence", calibrate)[0]
     transfer = {}
-    for study in {s.source_model: s for s in spec.studies if s.kind == "transfer"}.values():  # type: ignore[attr-defined]
-        source = study.source_model  # type: ignore[attr-defined]
+    transfers = [s for s in spec.studies if isinstance(s, Transfer)]
+    for study in {s.source_model: s for s in transfers}.values():
+        source = study.source_model
 
         def fit(study=study, source=source) -> tuple[dict, bytes]:
             say(f"{name}: fitting transfer from {source}", 0, 1)
@@ -208,4 +208,5 @@ def _calibrate_coherence(spec: ExperimentSpec, model: Model, sets: PromptSets) -
         quantile=spec.coherence.quantile,
         margin=spec.coherence.margin,
     )
+    assert gate.thresholds is not None  # a calibrated gate has its thresholds
     return gate.thresholds.to_dict()

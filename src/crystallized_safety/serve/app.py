@@ -46,7 +46,7 @@ def describe_intervention(intervention: Intervention | None) -> dict[str, Any] |
         return None
     return {
         "layers": intervention.layers,
-        "alpha": float(intervention.alpha),  # type: ignore[arg-type]
+        "alpha": float(intervention.alpha),
         "mode": intervention.mode,
         "positions": intervention.positions,
         "alpha_unit": intervention.alpha_unit,

@@ -35,7 +35,7 @@ def _acts(iv: Intervention | None, phase: str) -> bool:
 
 def _row_keys(iv: Intervention | None, rows: int, phase: str) -> list[tuple]:
     """Rows with equal keys get identical steering in this phase (so identical activations for equal tokens)."""
-    if not _acts(iv, phase):
+    if iv is None or not _acts(iv, phase):
         return [()] * rows
     parts: list[list] = [[] for _ in range(rows)]
     if isinstance(iv.alpha, torch.Tensor):
@@ -51,7 +51,7 @@ def _row_keys(iv: Intervention | None, rows: int, phase: str) -> list[tuple]:
 
 def _phase_iv(iv: Intervention | None, rows: torch.Tensor, phase: str) -> Intervention | None:
     """The intervention for these rows in one forward call; None when it does not act in this phase."""
-    if not _acts(iv, phase):
+    if iv is None or not _acts(iv, phase):
         return None
     return replace(iv.select(rows), positions="all")
 
@@ -59,7 +59,8 @@ def _phase_iv(iv: Intervention | None, rows: torch.Tensor, phase: str) -> Interv
 def _unique(keys: Sequence) -> tuple[list[int], torch.Tensor]:
     """(first row of each distinct key, inverse map row -> distinct index)."""
     index: dict = {}
-    reps, inverse = [], []
+    reps: list[int] = []
+    inverse: list[int] = []
     for r, k in enumerate(keys):
         if k not in index:
             index[k] = len(reps)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 
@@ -95,7 +96,8 @@ class RayExecutor:
         self._init()
         n = self.workers or 1
         cpus = max(1.0, float(ray.available_resources().get("CPU", 1)) / n)
-        actor_cls = ray.remote(num_cpus=cpus, max_restarts=self.max_retries, max_task_retries=self.max_retries)(_Actor)
+        remote: Any = ray.remote
+        actor_cls = remote(num_cpus=cpus, max_restarts=self.max_retries, max_task_retries=self.max_retries)(_Actor)
         threads = torch.get_num_threads()
         actors = [actor_cls.remote(ctx, threads, self.fail_once) for _ in range(n)]
         try:
