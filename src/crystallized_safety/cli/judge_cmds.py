@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 
 import typer
@@ -58,18 +59,9 @@ def judge_cmd(
     from ..errors import JudgeError
     from ..judges import DEFAULT_WINDOW, SubstringJudge
 
-    judges = ("substring", "score", "llm")
-    if judge not in judges:
-        raise JudgeError(f"unknown judge '{judge}': use one of {', '.join(judges)}")
     only = {"--model": (model, "score"), "--threshold": (threshold, "score"), "--window": (window, "substring"),
             "--base-url": (base_url, "llm"), "--judge-model": (judge_model, "llm")}  # fmt: skip
-    for flag, (value, owner) in only.items():
-        if value is not None and judge != owner:
-            raise JudgeError(f"{flag} applies to --judge {owner} only; drop it for --judge {judge}")
-    if judge == "score" and model is None:
-        raise JudgeError("--judge score needs --model M: the model whose first-token refusal odds are scored")
-    if judge == "llm" and (base_url is None or judge_model is None):
-        raise JudgeError("--judge llm needs --base-url URL and --judge-model NAME (an OpenAI-compatible endpoint)")
+    _check_judge(judge, only)
     gate_model = coherence_model or (model if judge == "score" else None)
     records = read_judge_input(input_path, need_response=judge != "score" or coherence_model is not None)
     prompts = [r["prompt"] for r in records]
@@ -109,6 +101,22 @@ def judge_cmd(
         sys.stdout.flush()
         return
     judge_table(records, verdicts, gated)
+
+
+def _check_judge(judge: str, only: Mapping[str, tuple[object, str]]) -> None:
+    """A known judge, given what it needs and nothing that belongs to another judge."""
+    from ..errors import JudgeError
+
+    judges = ("substring", "score", "llm")
+    if judge not in judges:
+        raise JudgeError(f"unknown judge '{judge}': use one of {', '.join(judges)}")
+    for flag, (value, owner) in only.items():
+        if value is not None and judge != owner:
+            raise JudgeError(f"{flag} applies to --judge {owner} only; drop it for --judge {judge}")
+    if judge == "score" and only["--model"][0] is None:
+        raise JudgeError("--judge score needs --model M: the model whose first-token refusal odds are scored")
+    if judge == "llm" and (only["--base-url"][0] is None or only["--judge-model"][0] is None):
+        raise JudgeError("--judge llm needs --base-url URL and --judge-model NAME (an OpenAI-compatible endpoint)")
 
 
 def _coherence(
