@@ -244,3 +244,24 @@ def test_shipped_configs_validate(path):
 
     for model in spec.models:
         assert model in registry()
+
+
+def test_direction_refs_parse_print_and_seed():
+    import torch
+
+    from crystallized_safety.core.directions import DirectionBank, random_direction
+    from crystallized_safety.experiments.direction_ref import DirectionRef
+
+    for text in ("extracted", "inverted", "none", "random:2", "orthogonal:0", "shared:3", "transfer:org/model-x"):
+        assert str(DirectionRef.parse(text)) == text
+    assert DirectionRef.parse("random:1").is_control and not DirectionRef.parse("transfer:/a/b").is_control
+    assert DirectionRef.parse("transfer:/tmp/x:y").arg == "/tmp/x:y"
+    for bad in ("random", "random:x", "shared:", "sideways", "extracted:1"):
+        with pytest.raises(ValueError):
+            DirectionRef.parse(bad)
+    bank = DirectionBank(torch.eye(3, 8), [0, 1, 2])
+    # seeds of earlier versions are kept at spec seed 0; another spec seed gives another vector
+    assert torch.equal(DirectionRef.parse("random:1").vector(bank, 2), random_direction(8, seed=1002))
+    assert not torch.equal(DirectionRef.parse("random:1").vector(bank, 2, seed=1), random_direction(8, seed=1002))
+    assert torch.equal(DirectionRef.parse("inverted").vector(bank, 1), -torch.eye(3, 8)[1])
+    assert torch.equal(DirectionRef.parse("shared:0").vector(bank, 2), torch.eye(3, 8)[0])

@@ -73,7 +73,7 @@ def test_all_studies_end_to_end_and_rerun_skips(tiny_dirs, tiny_run, tmp_path):
     assert all(0 <= r["projection_auc"] <= 1 for r in kinds["readability"]["result"]["layers"])
     fits = json.loads(store.get_artifact(first.run_id, paths["tiny"], f"transfer:{paths['tiny2']}")[0]["fits"])
     assert [(f["target_layer"], f["source_layer"]) for f in fits] == [(1, 1), (2, 2)]  # 4 and 4 layers: same depth
-    assert all(f["map_r2"] <= 1.0 for f in fits)
+    assert all(f["map_r2"] is None for f in fits)  # equal hidden sizes (64): directions used as is, no map
     (v,) = store.verdicts(first.run_id)
     # random weights never write a refusal phrase: the baseline refuses nothing, so steering cannot be read
     base = kinds["baseline"]["result"]["harmful"]

@@ -41,20 +41,22 @@ class DirectionRef:
     def is_transfer(self) -> bool:
         return self.kind == "transfer"
 
+    def _seed(self, layer: int, seed: int) -> int:
+        return 1000 * int(self.arg) + layer + 1_000_003 * seed
+
     def vector(
         self, bank: DirectionBank, layer: int, transfer: dict[str, DirectionBank] | None = None, seed: int = 0
     ) -> torch.Tensor:
         """The unit vector at `layer`. Control seeds are `1000 * S + layer`, offset by the spec's `seed`
         (0 keeps the seeds of earlier versions)."""
-        base = 1000 * int(self.arg or 0) + layer + 1_000_003 * seed
         if self.kind == "extracted":
             return bank.direction(layer)
         if self.kind == "inverted":
             return -bank.direction(layer)
         if self.kind == "orthogonal":
-            return orthogonal_direction(bank.direction(layer), seed=base)
+            return orthogonal_direction(bank.direction(layer), seed=self._seed(layer, seed))
         if self.kind == "random":
-            return random_direction(bank.hidden_size, seed=base)
+            return random_direction(bank.hidden_size, seed=self._seed(layer, seed))
         if self.kind == "shared":
             return bank.direction(int(self.arg))
         if self.kind == "transfer":
