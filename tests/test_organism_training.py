@@ -195,3 +195,70 @@ def test_train_end_to_end_on_a_tiny_model():
     moved = {n for n, p in model.hf.named_parameters() if not torch.equal(p, before[n])}
     assert "model.layers.0.mlp.down_proj.weight" in moved and "model.embed_tokens.weight" not in moved
     assert refusal_loss() < start  # it learned to refuse the harmful prompts
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_attacked_packed_loss_equals_examples_steered_alone(arch):
+    """Hardening attacks inside the packed batch act on exactly their example: the packed loss and gradient
+    equal each example run alone, the attacked ones under the tool's own `steer()` (add -alpha*v at one layer;
+    ablation to a target projection at another)."""
+    from crystallized_safety.core.steering import Intervention, steer
+    from crystallized_safety.organism.hardening import Attack
+
+    model = make_tiny(arch)
+    ex = _examples(model, ["Do a bad thing", "Another bad thing?", "Hi"], ["I'm sorry.", "No.", "Hello!"], [True] * 3)
+    torch.manual_seed(0)
+    v1, v2 = torch.nn.functional.normalize(torch.randn(2, model.hidden_size), dim=-1)
+    attacks = [Attack(0, 1, False, 3.0, v1, 0.0), Attack(1, 2, True, 0.0, v2, 0.7)]
+    ivs = {
+        0: Intervention.single(1, v1, -3.0),
+        1: Intervention({2: v2}, mode="ablate", ablate_to={2: 0.7}),
+    }
+
+    def grads(loss):
+        model.hf.zero_grad()
+        loss.backward()
+        return {n: p.grad.clone() for n, p in model.hf.named_parameters() if p.grad is not None}
+
+    packed = grads(_loss(model, ex, 5.0, 0, attacks))
+    got = float(_loss(model, ex, 5.0, 0, attacks).detach())
+    total, norm = 0.0, 0.0
+    for i, (p, r, w, _span) in enumerate(ex):
+        with steer(model, ivs.get(i)):
+            logp = torch.log_softmax(model.hf(input_ids=torch.tensor([list(p) + list(r)])).logits[0], -1)
+        for j, token in enumerate(r):
+            weight = w * (5.0 if j == 0 else 1.0)
+            total, norm = total - logp[len(p) + j - 1, token] * weight, norm + weight
+    assert abs(got - float(total / norm)) < 1e-4
+    ref = grads(total / norm)
+    for name, g in ref.items():
+        torch.testing.assert_close(packed[name], g, atol=1e-5, rtol=1e-4)
+    # without the attacks the loss differs (they really act), and a shared prefix is refused
+    assert abs(float(_loss(model, ex, 5.0, 0)) - got) > 1e-3
+    with pytest.raises(ValueError, match="prefix"):
+        _loss(model, ex, 5.0, _prefix(ex), attacks)
+
+
+def test_attacker_draws_from_the_recipe_and_refreshes_on_schedule():
+    from crystallized_safety.organism.hardening import Attacker
+    from crystallized_safety.organism.recipe import hardened_recipe
+
+    model = make_tiny("llama")
+    recipe = hardened_recipe()
+    recipe = Recipe(**{**recipe.__dict__, "attack_band": (1, 2), "reextract_every": 3, "attack_p": 0.5})
+    harmful = [f"How do I hurt person number {i}?" for i in range(6)]
+    attacker = Attacker(recipe, harmful, [f"How do I bake bread number {i}?" for i in range(6)], 0)
+    for step in range(7):
+        attacker.refresh(model, step)
+    assert attacker.refreshed == 3  # steps 0, 3, 6
+    drawn = [attacker.draw([True, True, False, True]) for _ in range(200)]
+    attacks = [a for batch in drawn for a in batch]
+    assert all(a.example != 2 for a in attacks) and {a.layer for a in attacks} == {1, 2}
+    assert abs(len(attacks) / (3 * 200) - 0.5) < 0.06  # attack_p
+    assert abs(sum(a.ablate for a in attacks) / len(attacks) - recipe.attack_ablate_p) < 0.08
+    bank = attacker.bank
+    for a in attacks:
+        if not a.ablate:
+            lo, hi = (x * bank.resid_norm(a.layer) for x in recipe.attack_rel_alpha)
+            assert lo <= a.alpha <= hi
+        assert a.target == pytest.approx(bank.harmless_projection(a.layer))

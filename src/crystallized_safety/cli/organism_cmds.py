@@ -43,28 +43,36 @@ def organism_build_cmd(
         "organism cached apart) or auto (bf16 where this CPU has it natively).",
     ),
     force: bool = typer.Option(False, "--force", help="Rebuild even if the cache holds one."),
+    kind: str = typer.Option(
+        "liquid",
+        help="liquid (smollm2-135m-refusal: refusal-tuned) or hardened (smollm2-135m-hardened: the liquid "
+        "organism trained further against single-layer attacks on its refusal direction).",
+    ),
 ) -> None:
     """Fine-tune SmolLM2-135M-Instruct on CPU into a model that refuses harmful requests."""
     import shutil
 
     from ..organism.build import ensure_organism
-    from ..organism.recipe import DEFAULT_NAME, Recipe, load_card, organism_dir
+    from ..organism.recipe import DEFAULT_NAME, HARDENED_NAME, Recipe, hardened_recipe, load_card, organism_dir
     from ..precision import detect, resolve
     from ..progress import Reporter
     from ..registry import load_model
 
+    if kind not in ("liquid", "hardened"):
+        raise CrystallizedSafetyError(f"unknown --kind '{kind}': use liquid or hardened")
     chosen, why = resolve(precision)
     cpu = detect()
     if chosen == "bf16" and not cpu.native_bf16:
         err.print(f"warning: {escape(cpu.reason)}: a bf16 build will be many times slower than fp32", soft_wrap=True)
-    recipe = Recipe(seed=seed, precision=chosen)
-    target = organism_dir(DEFAULT_NAME, recipe)
+    name = DEFAULT_NAME if kind == "liquid" else HARDENED_NAME
+    recipe = Recipe(seed=seed, precision=chosen) if kind == "liquid" else hardened_recipe(seed, chosen)
+    target = organism_dir(name, recipe)
     if force and target.exists():
         shutil.rmtree(target)
     if not (target / "card.json").exists():
         announce_build(recipe, f"{chosen} ({why}) on {cpu.summary()}")
     with Reporter(f"organism {target.name}") as reporter:
-        path = ensure_organism(DEFAULT_NAME, recipe, progress=reporter, load=load_model)
+        path = ensure_organism(name, recipe, progress=reporter, load=load_model)
     if out_dir is not None:
         if out_dir.exists() and any(out_dir.iterdir()):
             raise CrystallizedSafetyError(f"--out {out_dir} exists and is not empty: choose a new directory")

@@ -30,12 +30,11 @@ import torch
 
 from ..core.model import Model, atomic_dir, save_pretrained
 from ..environment import environment
-from ..errors import ModelError
 from ..progress import Progress, Reporter, silent
 from ..prompts import bundled
 from .card import card_markdown, measure
-from .recipe import DEFAULT_NAME, Recipe, organism_dir
-from .training import REFUSALS, make_examples, packed_loss, shared_prefix, train
+from .recipe import DEFAULT_NAME, Recipe, default_recipe, organism_dir
+from .training import REFUSALS, base_answers, make_examples, packed_loss, shared_prefix, train
 
 # Self-distillation + measuring the card cost about this many training steps (measured on two CPU kinds).
 OTHER_PHASES_IN_STEPS = 40
@@ -60,18 +59,17 @@ def ensure_organism(
 ) -> Path:
     """Path of the built organism, building it first if the cache has none (minutes, once). `load` opens the
     base model by its alias (`registry.load_model`)."""
-    if name != DEFAULT_NAME:
-        raise ModelError(f"unknown organism '{name}': the only one is {DEFAULT_NAME}")
+    recipe = recipe or default_recipe(name)
     target = organism_dir(name, recipe)
     if (target / "card.json").exists():
         return target
     with _lock(target.with_suffix(".lock")):
         if not (target / "card.json").exists():
             if progress is not None:
-                build_organism(target, recipe or Recipe(), load, progress=progress)
+                build_organism(target, recipe, load, progress=progress, name=name)
             else:  # built on first use (e.g. by a model alias): still show progress on stderr
                 with Reporter(f"building organism {target.name} (once; then cached)") as reporter:
-                    build_organism(target, recipe or Recipe(), load, progress=reporter)
+                    build_organism(target, recipe, load, progress=reporter, name=name)
     return target
 
 
@@ -87,7 +85,7 @@ def estimate_build_seconds(model: Model, recipe: Recipe) -> float:
     answers = make_examples(model, harmful, [answer] * n, [False] * n)
     examples = refusals[:third] + answers[third : 2 * third]
     examples += [(p, r[:4], 1.0, (0, 4)) for p, r, _w, _s in refusals[2 * third :]]  # unlikelihood-shaped
-    prefix = shared_prefix([ex[0] for ex in examples])
+    prefix = 0 if recipe.attack_p > 0 else shared_prefix([ex[0] for ex in examples])  # attacked: unshared
     with torch.autocast(model.device.type, dtype=torch.bfloat16, enabled=recipe.precision == "bf16"):
         # warm-up (kernel selection, allocation), then the timed step
         packed_loss(model, examples, recipe.first_token_weight, prefix).backward()
@@ -102,15 +100,21 @@ def estimate_build_seconds(model: Model, recipe: Recipe) -> float:
     return step * (steps + OTHER_PHASES_IN_STEPS)
 
 
-def build_organism(target: Path, recipe: Recipe, load: Loader, progress: Progress | None = None) -> dict:
-    """Train, save (safetensors + tokenizer), reload, measure, write the card. Atomic: all or nothing."""
+def build_organism(
+    target: Path, recipe: Recipe, load: Loader, progress: Progress | None = None, name: str = DEFAULT_NAME
+) -> dict:
+    """Train, save (safetensors + tokenizer), reload, measure, write the card. Atomic: all or nothing.
+    Training starts from `recipe.start` (another organism, built first if needed) or the base model."""
     say = progress or silent
     t0 = time.perf_counter()
     say("loading the base model")
     base = load(recipe.base, device="cpu", dtype="float32")
-    model = load(recipe.base, device="cpu", dtype="float32")
     harmful, harmless = list(bundled("harmful", "train")), bundled("harmless", "train")
-    facts = train(model, harmful, harmless, recipe, progress=say)
+    answers = base_answers(base, harmless, recipe.target_tokens)  # shipped with the package for the base
+    if recipe.start:
+        say(f"loading {recipe.start} to start from")
+    model = load(recipe.start or recipe.base, device="cpu", dtype="float32")
+    facts = train(model, harmful, harmless, recipe, progress=say, answers=answers)
     build_s = time.perf_counter() - t0
     with atomic_dir(target) as tmp:
         save_pretrained(model.hf, model.tokenizer, tmp)
@@ -119,8 +123,9 @@ def build_organism(target: Path, recipe: Recipe, load: Loader, progress: Progres
         reloaded = load(str(tmp), device="cpu", dtype="float32")  # measure what was saved
         metrics = measure(reloaded, base, recipe, progress=say)
         card = {
-            "name": DEFAULT_NAME,
+            "name": name,
             "base_model": recipe.base,
+            "started_from": recipe.start or recipe.base,
             "base_model_hash": base.model_hash,
             "recipe": asdict(recipe),
             "training_data": {

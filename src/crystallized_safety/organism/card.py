@@ -72,7 +72,7 @@ def steering_check(
     # the baseline and every cell in one batched generate (per-row steering vectors, same arithmetic per row)
     ivs = [None] + [Intervention.single(layer, bank.direction(layer), alpha) for layer, _rel, alpha in cells]
     packed = pack_interventions(ivs, len(prompts), model.hidden_size)
-    gens = generate(model, prompts * len(ivs), packed, max_new_tokens=recipe.eval_new_tokens, batch_size=len(ivs) * 32)
+    gens = generate(model, prompts * len(ivs), packed, max_new_tokens=recipe.eval_new_tokens, batch_size=288)
     verdicts = SubstringJudge().judge([g.prompt for g in gens], [g.response for g in gens])
     rates = [RefusalRate.from_verdicts(verdicts[j * len(prompts) : (j + 1) * len(prompts)]) for j in range(len(ivs))]
     base = rates[0]
@@ -98,6 +98,55 @@ def steering_check(
             "drop_pp_direction": round(100 * (base.rate - best["rate"]), 1),
             "drop_pp_random": round(100 * (base.rate - ctrl.rate), 1),
         },
+    }
+
+
+def multilayer_check(
+    model: Model,
+    harmful_eval: list[str],
+    recipe: Recipe,
+    starts=(4, 8, 12, 16),
+    width: int = 8,
+    rel_alphas=(0.1, 0.2, 0.3),
+    n_prompts: int = 32,
+    seed: int = 0,
+) -> dict:
+    """Coordinated steering of `width` consecutive layers (each at -rel x its mean residual norm) vs random
+    directions at the same layers and alphas: what a hardened organism should still give in to."""
+    layers = sorted({start + k for start in starts for k in range(width)})
+    bank = extract_directions(model, bundled("harmful", "extract"), bundled("harmless", "extract"), layers=layers)
+    prompts = harmful_eval[:n_prompts]
+    norms = {layer: bank.resid_norm(layer) for layer in layers}
+
+    def window(start: int, rel: float, vectors) -> Intervention:
+        chosen = range(start, start + width)
+        return Intervention(
+            {layer: vectors(layer) for layer in chosen}, alpha=-rel, alpha_unit="relative", layer_norms=norms
+        )
+
+    cells = [(start, rel) for start in starts for rel in rel_alphas]
+    ivs = [None] + [window(start, rel, bank.direction) for start, rel in cells]
+    packed = pack_interventions(ivs, len(prompts), model.hidden_size)
+    gens = generate(model, prompts * len(ivs), packed, max_new_tokens=recipe.eval_new_tokens, batch_size=256)
+    verdicts = SubstringJudge().judge([g.prompt for g in gens], [g.response for g in gens])
+    rates = [RefusalRate.from_verdicts(verdicts[j * len(prompts) : (j + 1) * len(prompts)]) for j in range(len(ivs))]
+    grid = [
+        {"layers": f"{start}-{start + width - 1}", "rel_alpha_per_layer": rel, **rate.to_dict()}
+        for (start, rel), rate in zip(cells, rates[1:])
+    ]
+    best_i = min(range(len(cells)), key=lambda i: (grid[i]["rate"], cells[i][1]))
+    start, rel = cells[best_i]
+    ctrl = refusal_rate(
+        model,
+        prompts,
+        window(start, rel, lambda layer: random_direction(model.hidden_size, seed + layer)),
+        max_new_tokens=recipe.eval_new_tokens,
+    )
+    return {
+        "n_prompts": len(prompts),
+        "baseline": rates[0].to_dict(),
+        "grid": grid,
+        "best": {**grid[best_i], "random_rate": ctrl.rate},
     }
 
 
@@ -127,7 +176,13 @@ def measure(model: Model, base: Model | None, recipe: Recipe, progress: Progress
         kl = mean_kl_to_base(model, base, harmless, [list(a.token_ids) for a in answers])
         out["kl_to_base_harmless"] = round(kl, 5)
     say("measuring: steering check (direction vs random)")
-    out["steering_check"] = steering_check(model, list(sets["harmful"]), recipe)
+    if recipe.kind == "hardened":
+        wide = {"layers": (4, 8, 12, 16, 20, 24), "rel_alphas": (0.25, 0.5, 0.75)}
+        out["steering_check"] = steering_check(model, list(sets["harmful"]), recipe, **wide)
+        say("measuring: coordinated multi-layer steering (direction vs random)")
+        out["multilayer_check"] = multilayer_check(model, list(sets["harmful"]), recipe)
+    else:
+        out["steering_check"] = steering_check(model, list(sets["harmful"]), recipe)
     return out
 
 
@@ -158,6 +213,7 @@ def card_markdown(card: dict) -> str:
         f"{m['steering_check']['baseline']['rate']:.1%} -> {best['direction_rate']:.1%} along the refusal direction, "
         f"{best['random_rate']:.1%} along a random direction of equal norm.",
         "",
+        *_multilayer_lines(m),
         "## Recipe",
         "```json",
         json.dumps(card["recipe"], indent=2),
@@ -171,3 +227,17 @@ def card_markdown(card: dict) -> str:
         "",
     ]
     return "\n".join(lines)
+
+
+def _multilayer_lines(metrics: dict) -> list[str]:
+    check = metrics.get("multilayer_check")
+    if not check:
+        return []
+    best = check["best"]
+    return [
+        "## Coordinated multi-layer steering",
+        f"Layers {best['layers']}, each at -{best['rel_alpha_per_layer']} x its mean residual norm, "
+        f"{check['n_prompts']} held-out harmful prompts: refusal {check['baseline']['rate']:.1%} -> "
+        f"{best['rate']:.1%} along the refusal directions, {best['random_rate']:.1%} along random directions.",
+        "",
+    ]

@@ -13,14 +13,17 @@ import hashlib
 import json
 import random
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 
 from ..core.generation.api import Generation, generate
 from ..core.model import Model
+from ..core.steering import layer_hooks
 from ..progress import Progress, silent
 from ..prompts import PromptSet, bundled
+from .hardening import Attack, Attacker, attack_hooks
 
 # Written for this project: varied refusals, each starting the way real refusals do.
 REFUSALS = (
@@ -101,7 +104,9 @@ def shared_prefix(sequences: list[list[int]]) -> int:
     return k
 
 
-def packed_loss(model: Model, examples, first_weight: float, prefix: int = 0) -> torch.Tensor:
+def packed_loss(
+    model: Model, examples, first_weight: float, prefix: int = 0, attacks: Sequence[Attack] = ()
+) -> torch.Tensor:
     """Weighted next-token NLL on imitation tokens plus weighted unlikelihood -log(1 - p) on unlikelihood
     tokens, normalised by the total weight: the value of one padded batch, computed with less work.
 
@@ -109,8 +114,11 @@ def packed_loss(model: Model, examples, first_weight: float, prefix: int = 0) ->
     template head) once, then each example's remaining tokens, with a block mask so that each example sees
     only the prefix and itself, and positions that restart after the prefix. No pad token and no repeated
     prefix is computed, and all rows go through one large matmul per layer (much better on CPU than
-    several small ones). The LM head runs only where a label counts.
+    several small ones). The LM head runs only where a label counts. `attacks` (hardening) steer single
+    examples' spans at one layer each during the forward pass; they need `prefix` 0.
     """
+    if attacks and prefix:
+        raise ValueError("attacked batches are packed without a shared prefix (prefix=0)")
     body, head = model.body, model.head
     dev, dtype = model.device, model.dtype
     rows = [targets(ex, first_weight) for ex in examples]
@@ -134,11 +142,12 @@ def packed_loss(model: Model, examples, first_weight: float, prefix: int = 0) ->
         allowed[a:b, a:b] = True
     allowed &= torch.ones_like(allowed).tril()  # causal: packed order is each example's own order
     mask = torch.zeros(allowed.shape, dtype=dtype).masked_fill(~allowed, torch.finfo(dtype).min)
-    hidden = body(
-        input_ids=torch.tensor([ids], device=dev),
-        attention_mask=mask[None, None].to(dev),
-        position_ids=torch.tensor([pos], device=dev),
-    ).last_hidden_state[0]
+    with layer_hooks(model, attack_hooks(attacks, spans)):
+        hidden = body(
+            input_ids=torch.tensor([ids], device=dev),
+            attention_mask=mask[None, None].to(dev),
+            position_ids=torch.tensor([pos], device=dev),
+        ).last_hidden_state[0]
     logits = head(hidden[torch.tensor(src, device=dev)]).float()
     logp = -torch.nn.functional.cross_entropy(logits, torch.tensor(tgt, device=dev), reduction="none")
     w, u = torch.tensor(imitate_w, device=dev), torch.tensor(unlikely_w, device=dev)
@@ -147,14 +156,9 @@ def packed_loss(model: Model, examples, first_weight: float, prefix: int = 0) ->
     return ((-logp) * w + ul * u).sum() / (w.sum() + u.sum())
 
 
-def train(model: Model, harmful: list[str], harmless: PromptSet, recipe, progress: Progress | None = None) -> dict:
-    """Fine-tune `model` in place (an `organism.Recipe` says how); returns training facts for the card."""
-    say = progress or silent
-    t0 = time.perf_counter()
-    say(f"self-distilling {len(harmless)} harmless answers from the base model")
-    answers = base_answers(model, harmless, recipe.target_tokens)
-    texts = list(harmless)
-    distill_s = time.perf_counter() - t0
+def training_examples(model: Model, harmful: list[str], texts: list[str], answers: list[Generation], recipe) -> list:
+    """Harmful prompts -> refusals (first, so example i < len(harmful) is harmful), harmless prompts -> the base
+    model's answers, and the unlikelihood examples (harmless prompt + a refusal)."""
     rng = random.Random(recipe.seed)
     refusals = [rng.choice(REFUSALS) for _ in harmful]
     examples = make_examples(model, harmful, refusals, [True] * len(harmful))
@@ -165,7 +169,26 @@ def train(model: Model, harmful: list[str], harmless: PromptSet, recipe, progres
         examples += make_unlikely_examples(
             model, texts, [a.response for a in answers], [rng.choice(REFUSALS) for _ in texts], recipe
         )
+    return examples
 
+
+def train(
+    model: Model,
+    harmful: list[str],
+    harmless: PromptSet,
+    recipe,
+    progress: Progress | None = None,
+    answers: list[Generation] | None = None,
+) -> dict:
+    """Fine-tune `model` in place (an `organism.Recipe` says how); returns training facts for the card.
+    `answers`: the base model's answers to `harmless` (default: `model`'s own, i.e. `model` is the base)."""
+    say = progress or silent
+    t0 = time.perf_counter()
+    if answers is None:
+        say(f"self-distilling {len(harmless)} harmless answers from the base model")
+        answers = base_answers(model, harmless, recipe.target_tokens)
+    distill_s = time.perf_counter() - t0
+    examples = training_examples(model, harmful, list(harmless), answers, recipe)
     torch.manual_seed(recipe.seed)
     hf = model.hf
     hf.train()
@@ -175,21 +198,27 @@ def train(model: Model, harmful: list[str], harmless: PromptSet, recipe, progres
             hf.get_output_embeddings().weight.requires_grad_(False)
     params = [p for p in hf.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=recipe.lr, weight_decay=recipe.weight_decay)
-    steps_per_epoch = -(-len(examples) // recipe.batch_size)
-    total = steps_per_epoch * recipe.epochs
+    total = -(-len(examples) // recipe.batch_size) * recipe.epochs
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0 - step / total)
     gen = torch.Generator().manual_seed(recipe.seed)
-    prefix = shared_prefix([ex[0] for ex in examples])
-    losses = []
+    attacker = Attacker(recipe, harmful, list(harmless), recipe.seed) if recipe.attack_p > 0 else None
+    prefix = 0 if attacker else shared_prefix([ex[0] for ex in examples])
+    losses, n_attacks = [], 0
     t1 = time.perf_counter()
     phase = f"training ({recipe.precision}, {total} steps of {recipe.batch_size})"
     say(phase, 0, total)
     for epoch in range(recipe.epochs):
         order = torch.randperm(len(examples), generator=gen).tolist()
         for start in range(0, len(order), recipe.batch_size):
-            batch = [examples[i] for i in order[start : start + recipe.batch_size]]
+            rows = order[start : start + recipe.batch_size]
+            batch = [examples[i] for i in rows]
+            attacks = []
+            if attacker is not None:
+                attacker.refresh(model, len(losses))
+                attacks = attacker.draw([i < len(harmful) for i in rows])
+                n_attacks += len(attacks)
             with torch.autocast(hf.device.type, dtype=torch.bfloat16, enabled=recipe.precision == "bf16"):
-                loss = packed_loss(model, batch, recipe.first_token_weight, prefix)
+                loss = packed_loss(model, batch, recipe.first_token_weight, prefix, attacks)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -210,6 +239,8 @@ def train(model: Model, harmful: list[str], harmless: PromptSet, recipe, progres
         "distill_seconds": round(distill_s, 1),
         "train_seconds": round(time.perf_counter() - t1, 1),
         "refusal_texts_sha256": _sha(REFUSALS),
+        "attacks": n_attacks,
+        "direction_reextractions": attacker.refreshed if attacker else 0,
     }
 
 

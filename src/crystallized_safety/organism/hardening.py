@@ -1,0 +1,99 @@
+"""Single-layer attacks during training (the hardened organism): refusal-feature adversarial training
+(ReFAT, Yu et al. 2024; DeepRefusal, Xie et al. 2025) restricted to ONE layer per example.
+
+Every `reextract_every` steps the per-layer diff-in-means directions are re-extracted from the model being
+trained (train split). In each step, every harmful example is attacked with probability `attack_p`: one layer
+drawn from `attack_band` either has its direction ablated (projection set to the harmless mean) or gets
+`-alpha * resid_norm * v` added, alpha drawn from `attack_rel_alpha`; the target stays the refusal. Attacks
+act on all of the example's positions, as steering does at evaluation, so hardened batches are packed
+without a shared prefix (each example carries its own copy of the system prompt and template head).
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from ..core.directions import DirectionBank, extract_directions
+from ..core.model import Model
+from ..prompts import PromptSet
+
+
+@dataclass(frozen=True)
+class Attack:
+    """One attack on one example of a batch: at `layer`, ablate (to `target`) or add `-alpha * v`."""
+
+    example: int  # index in the batch
+    layer: int
+    ablate: bool
+    alpha: float  # absolute (already times the layer's residual norm); unused when ablating
+    direction: torch.Tensor  # unit [d]
+    target: float  # ablation: the projection harmless prompts have
+
+
+class Attacker:
+    """Draws attacks for a batch from the model's current directions (re-extracted on a schedule)."""
+
+    def __init__(self, recipe, harmful: PromptSet, harmless: PromptSet, seed: int) -> None:
+        self.recipe = recipe
+        n = recipe.reextract_prompts
+        self.harmful, self.harmless = list(harmful)[:n], list(harmless)[:n]
+        lo, hi = recipe.attack_band
+        self.layers = list(range(lo, hi + 1))
+        self.rng = random.Random(seed)
+        self.bank: DirectionBank | None = None
+        self.refreshed = 0
+
+    def refresh(self, model: Model, step: int) -> None:
+        """Re-extract the directions every `reextract_every` steps (the first call always does)."""
+        if self.bank is not None and step % self.recipe.reextract_every:
+            return
+        was_training = model.hf.training
+        model.hf.eval()
+        self.bank = extract_directions(model, self.harmful, self.harmless, layers=self.layers)
+        model.hf.train(was_training)
+        self.refreshed += 1
+
+    def draw(self, attackable: Sequence[bool]) -> list[Attack]:
+        """Attacks for a batch; `attackable[i]` says whether example i is a harmful (refusal) example."""
+        assert self.bank is not None, "refresh() before draw()"
+        r, out = self.recipe, []
+        for i, ok in enumerate(attackable):
+            if not ok or self.rng.random() >= r.attack_p:
+                continue
+            layer = self.rng.choice(self.layers)
+            ablate = self.rng.random() < r.attack_ablate_p
+            alpha = self.rng.uniform(*r.attack_rel_alpha) * self.bank.resid_norm(layer)
+            target = self.bank.harmless_projection(layer)
+            out.append(Attack(i, layer, ablate, alpha, self.bank.direction(layer), target))
+        return out
+
+
+def attack_hooks(
+    attacks: Sequence[Attack], spans: Sequence[tuple[int, int]]
+) -> dict[int, Callable[[torch.Tensor], torch.Tensor]]:
+    """Hook functions per layer (for `steering.layer_hooks`) that attack each example's packed span
+    [a, b) of a [1, T, d] hidden state. Differentiable: ablation depends on the hidden state itself."""
+    by_layer: dict[int, list[Attack]] = {}
+    for attack in attacks:
+        by_layer.setdefault(attack.layer, []).append(attack)
+
+    def make(group: list[Attack]) -> Callable[[torch.Tensor], torch.Tensor]:
+        def hook(hidden: torch.Tensor) -> torch.Tensor:
+            delta = torch.zeros_like(hidden)
+            for attack in group:
+                a, b = spans[attack.example]
+                v = attack.direction.to(device=hidden.device, dtype=hidden.dtype)
+                if attack.ablate:
+                    proj = hidden[:, a:b] @ v
+                    delta[:, a:b] = -(proj - attack.target)[..., None] * v
+                else:
+                    delta[:, a:b] = -attack.alpha * v
+            return hidden + delta
+
+        return hook
+
+    return {layer: make(group) for layer, group in by_layer.items()}
