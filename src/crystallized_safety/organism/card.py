@@ -177,8 +177,8 @@ def measure(model: Model, base: Model | None, recipe: Recipe, progress: Progress
         out["kl_to_base_harmless"] = round(kl, 5)
     say("measuring: steering check (direction vs random)")
     if recipe.kind == "hardened":
-        wide = {"layers": (4, 8, 12, 16, 20, 24), "rel_alphas": (0.25, 0.5, 0.75)}
-        out["steering_check"] = steering_check(model, list(sets["harmful"]), recipe, **wide)
+        layers, rels = (4, 8, 12, 16, 20, 24), (0.25, 0.5, 0.75)
+        out["steering_check"] = steering_check(model, list(sets["harmful"]), recipe, layers=layers, rel_alphas=rels)
         say("measuring: coordinated multi-layer steering (direction vs random)")
         out["multilayer_check"] = multilayer_check(model, list(sets["harmful"]), recipe)
     else:

@@ -19,7 +19,6 @@ import torch
 
 from ..core.directions import DirectionBank, extract_directions
 from ..core.model import Model
-from ..prompts import PromptSet
 
 
 @dataclass(frozen=True)
@@ -37,7 +36,7 @@ class Attack:
 class Attacker:
     """Draws attacks for a batch from the model's current directions (re-extracted on a schedule)."""
 
-    def __init__(self, recipe, harmful: PromptSet, harmless: PromptSet, seed: int) -> None:
+    def __init__(self, recipe, harmful: Sequence[str], harmless: Sequence[str], seed: int) -> None:
         self.recipe = recipe
         n = recipe.reextract_prompts
         self.harmful, self.harmless = list(harmful)[:n], list(harmless)[:n]

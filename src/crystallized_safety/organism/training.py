@@ -203,7 +203,8 @@ def train(
     gen = torch.Generator().manual_seed(recipe.seed)
     attacker = Attacker(recipe, harmful, list(harmless), recipe.seed) if recipe.attack_p > 0 else None
     prefix = 0 if attacker else shared_prefix([ex[0] for ex in examples])
-    losses, n_attacks = [], 0
+    losses: list[float] = []
+    n_attacks = 0
     t1 = time.perf_counter()
     phase = f"training ({recipe.precision}, {total} steps of {recipe.batch_size})"
     say(phase, 0, total)
