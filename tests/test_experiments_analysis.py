@@ -265,3 +265,63 @@ def test_direction_refs_parse_print_and_seed():
     assert not torch.equal(DirectionRef.parse("random:1").vector(bank, 2, seed=1), random_direction(8, seed=1002))
     assert torch.equal(DirectionRef.parse("inverted").vector(bank, 1), -torch.eye(3, 8)[1])
     assert torch.equal(DirectionRef.parse("shared:0").vector(bank, 2), torch.eye(3, 8)[0])
+
+
+MIN_LAYERS = {"kind": "min_layers", "ks": [1, 2, 4], "window_range": [0, 7], "alphas": [-0.2, -0.4]}
+
+
+def test_min_layers_expansion():
+    (plan,) = plan_studies(spec_with(MIN_LAYERS), 8, "m")
+    windows = sorted({(t["k"], tuple(c.layers)) for t, c in plan.conditions if "control" not in t})
+    assert windows == [(1, (i,)) for i in range(8)] + [(2, (i, i + 1)) for i in (0, 2, 4, 6)] + [
+        (4, (0, 1, 2, 3)),
+        (4, (4, 5, 6, 7)),
+    ]
+    controls = sorted((t["k"], tuple(c.layers), c.alpha) for t, c in plan.conditions if "control" in t)
+    # one random control per (K, alpha), on the middle window of each K
+    assert controls == sorted(
+        (k, layers, a) for k, layers in ((1, (4,)), (2, (4, 5)), (4, (4, 5, 6, 7))) for a in (-0.4, -0.2)
+    )
+    spread = plan_studies(spec_with({**MIN_LAYERS, "ks": [4], "spread": True, "stride": 4}), 8, "m")[0]
+    assert {tuple(c.layers) for t, c in spread.conditions if "control" not in t} == {
+        (0, 1, 2, 3),
+        (4, 5, 6, 7),
+        (0, 2, 5, 7),
+    }
+    for bad, message in (({"ks": [2, 1]}, "ascending"), ({"ks": [16]}, "does not fit"), ({"window_range": [5, 2]}, "empty")):
+        with pytest.raises(SpecError, match=message):
+            spec_with({**MIN_LAYERS, **bad})
+
+
+def test_min_layers_k_star_and_crystallized_verdict():
+    """Flips only when 4 layers are steered together (and strongly): K* = 4, verdict crystallized; the random
+    control of K=4 stays low. Per-K best cells and the bound comparison are re-derived by hand."""
+    spec = spec_with(MIN_LAYERS)
+
+    def fn(tags, cond):
+        n = 40
+        if cond.direction.startswith("random"):
+            k = 3
+        elif len(cond.layers) == 4 and cond.alpha == -0.4 and cond.layers[0] == 4:
+            k = 32
+        elif len(cond.layers) == 4:
+            k = 12
+        elif len(cond.layers) == 2:
+            k = 8
+        else:
+            k = 2
+        return [0] * k + [1] * (n - k), [1] * n
+
+    plans, cells = build(spec, fn)
+    res = analyse_plan(plans[0], cells, 0.5)
+    by_k = {r["k"]: r for r in res["per_k"]}
+    assert res["k_star"] == 4
+    assert by_k[4]["best"]["layers"] == [4, 5, 6, 7] and by_k[4]["best"]["alpha"] == -0.4
+    assert (by_k[4]["best"]["flip"]["k"], by_k[4]["best"]["flip"]["n"]) == (32, 40)
+    assert (by_k[4]["control"]["k"], by_k[4]["control"]["n"]) == (3, 40) and by_k[4]["beats_control"]
+    assert by_k[2]["best"]["flip"]["k"] == 8 and not by_k[2]["reaches_threshold"]
+    assert not by_k[1]["beats_control"]
+    v = verdict(spec, plans, cells)
+    assert v["verdict"] == "crystallized" and "L4,5,6,7 a=-0.4" in v["rule"]
+    # a threshold no K reaches: K* is none
+    assert analyse_plan(plans[0], cells, 0.9)["k_star"] is None

@@ -24,14 +24,14 @@ from .verdict import verdict
 Tagged = list[tuple[dict, Condition, dict]]  # (study tags, condition, cell stats)
 
 
-def analyse_plan(plan: StudyPlan, cells: Cells) -> dict:
-    """The analysis of one study, from its tagged conditions."""
+def analyse_plan(plan: StudyPlan, cells: Cells, flip_threshold: float = 0.5) -> dict:
+    """The analysis of one study, from its tagged conditions (`flip_threshold`: the verdict's)."""
     tagged = [(tags, cond, cells.stats(cond)) for tags, cond in plan.conditions]
     analyse = ANALYSES.get(plan.kind)
-    return analyse(plan.kind, tagged, cells) if analyse is not None else {}
+    return analyse(plan.kind, tagged, cells, flip_threshold) if analyse is not None else {}
 
 
-def _sweep(kind: str, tagged: Tagged, cells: Cells) -> dict:
+def _sweep(kind: str, tagged: Tagged, cells: Cells, flip_threshold: float) -> dict:
     """Layer sweeps, multi-layer, transfer and induction: every cell, its control and (transfer) own cell."""
     metric = "induced" if kind == "induction" else "flip"
     main = [{**tags, **st} for tags, _c, st in tagged if "control" not in tags and tags.get("source") != "own"]
@@ -63,7 +63,7 @@ def _sweep(kind: str, tagged: Tagged, cells: Cells) -> dict:
     return result
 
 
-def _threshold(kind: str, tagged: Tagged, cells: Cells) -> dict:
+def _threshold(kind: str, tagged: Tagged, cells: Cells, flip_threshold: float) -> dict:
     rows = sorted(({**tags, **st} for tags, _c, st in tagged), key=lambda c: c["alpha"])
     usable = [c for c in rows if c["flip"]["n"]]
     result: dict = {"metric": "flip", "cells": rows}
@@ -85,7 +85,7 @@ def _threshold(kind: str, tagged: Tagged, cells: Cells) -> dict:
     return result
 
 
-def _controls(kind: str, tagged: Tagged, cells: Cells) -> dict:
+def _controls(kind: str, tagged: Tagged, cells: Cells, flip_threshold: float) -> dict:
     ext = next(st for tags, _c, st in tagged if tags["control"] == "extracted")
     by_kind: dict[str, list[dict]] = defaultdict(list)
     for tags, _c, st in tagged:
@@ -101,7 +101,7 @@ def _controls(kind: str, tagged: Tagged, cells: Cells) -> dict:
     return {"metric": "flip", "extracted": ext, "controls": comparisons}
 
 
-def _sign(kind: str, tagged: Tagged, cells: Cells) -> dict:
+def _sign(kind: str, tagged: Tagged, cells: Cells, flip_threshold: float) -> dict:
     out: dict = {"sets": {}}
     for prompt_set in (HARMFUL, HARMLESS):
         group = {tags["variant"]: (cond, st) for tags, cond, st in tagged if tags["prompt_set"] == prompt_set}
@@ -126,7 +126,38 @@ def _sign(kind: str, tagged: Tagged, cells: Cells) -> dict:
     return out
 
 
-ANALYSES: dict[str, Callable[[str, Tagged, Cells], dict]] = {
+def _min_layers(kind: str, tagged: Tagged, cells: Cells, flip_threshold: float) -> dict:
+    """Per K: the best window (coherent flip rate) and the random control of that K; K* = the smallest K whose
+    best flip reaches the threshold with its Wilson lower bound above the control's upper bound."""
+    main = [{**tags, **st} for tags, _c, st in tagged if "control" not in tags]
+    controls = [{**tags, **st} for tags, _c, st in tagged if "control" in tags]
+    per_k, k_star = [], None
+    for k in sorted({c["k"] for c in main}):
+        top = best([c for c in main if c["k"] == k], "flip")
+        ctrl = None
+        if top is not None:
+            same = [c for c in controls if c["k"] == k and c["alpha"] == top["alpha"]]
+            stronger = [c for c in controls if c["k"] == k and abs(c["alpha"]) >= abs(top["alpha"])]
+            ctrl = pool(same or stronger[:1], "flip") if (same or stronger) else None
+        upper = ctrl["ci_hi"] if ctrl and ctrl["rate"] is not None else None
+        reaches = bool(top and top["flip"]["rate"] is not None and top["flip"]["rate"] >= flip_threshold)
+        beats = bool(reaches and upper is not None and top is not None and top["flip"]["ci_lo"] > upper)
+        per_k.append({"k": k, "best": top, "control": ctrl, "reaches_threshold": reaches, "beats_control": beats})
+        if beats and k_star is None:
+            k_star = k
+    return {
+        "metric": "flip",
+        "cells": main,
+        "controls": controls,
+        "per_k": per_k,
+        "k_star": k_star,
+        "flip_threshold": flip_threshold,
+        "note": "K* = 1: liquid; K* > 1: crystallized to degree K*; none: immune within the grid",
+    }
+
+
+ANALYSES: dict[str, Callable[[str, Tagged, Cells, float], dict]] = {
+    "min_layers": _min_layers,
     "layer_sweep": _sweep,
     "multilayer": _sweep,
     "transfer": _sweep,
@@ -159,12 +190,18 @@ def analyse_model(spec: ExperimentSpec, store, run_id: str, model_name: str, pla
                 )
             result = {**found[0], "steerability": _steerability(plans, cells)}
         else:
-            result = analyse_plan(plan, cells)
+            result = analyse_plan(plan, cells, spec.verdict.flip_threshold)
         store.put_analysis(run_id, model_name, plan.label, plan.kind, result, time.perf_counter() - t0)
     judges = judge_calibration(cells)
     if judges is not None:
         store.put_analysis(run_id, model_name, "judges", "judges", judges, 0.0)
     v = verdict(spec, plans, cells)
+    for plan in plans:
+        if plan.kind == "min_layers":  # the crystallization degree, beside the verdict
+            found = next(a for a in store.analyses(run_id) if a["model"] == model_name and a["study"] == plan.label)
+            v["evidence"]["k_star"] = found["result"]["k_star"]
+            v["evidence"]["k_star_study"] = plan.label
+            break
     store.put_verdict(run_id, model_name, v["verdict"], v["rule"], v["evidence"])
     return v
 

@@ -20,6 +20,7 @@ from .spec import (
     ExperimentSpec,
     Induction,
     LayerSweep,
+    MinLayers,
     Multilayer,
     Readability,
     Sign,
@@ -145,6 +146,32 @@ def _multilayer(study: Multilayer, plan: StudyPlan, common: dict) -> None:
                 plan.add(ctrl, layers=layers, alpha=alpha, control="random")
 
 
+def min_layer_sets(study: MinLayers) -> list[tuple[int, list[int], bool]]:
+    """(K, layers, is_control_window) for every window the study runs; the control window of each K is the
+    middle contiguous one."""
+    lo, hi = study.window_range
+    out = []
+    for k in study.ks:
+        starts = list(range(lo, hi - k + 2, study.stride or k))
+        windows = [list(range(s, s + k)) for s in starts]
+        if study.spread and k > 1:
+            spread = sorted({round(lo + i * (hi - lo) / (k - 1)) for i in range(k)})
+            if len(spread) == k and spread not in windows:
+                windows.append(spread)
+        middle = windows[len(starts) // 2]
+        out += [(k, w, w == middle) for w in windows]
+    return out
+
+
+def _min_layers(study: MinLayers, plan: StudyPlan, common: dict) -> None:
+    for k, layers, control_here in min_layer_sets(study):
+        for alpha in study.alphas:
+            plan.add(Condition(HARMFUL, tuple(layers), alpha, **common), k=k, layers=layers, alpha=alpha)
+            if study.controls and control_here:
+                ctrl = Condition(HARMFUL, tuple(layers), alpha, direction="random:0", **common)
+                plan.add(ctrl, k=k, layers=layers, alpha=alpha, control="random")
+
+
 def _transfer(study: Transfer, plan: StudyPlan, common: dict) -> None:
     for i, layer in enumerate(study.layers):
         src = (study.source_layers[i],) if study.source_layers else ()
@@ -162,6 +189,7 @@ PLANNERS: dict[type, Callable[..., None]] = {
     Controls: _controls,
     Sign: _sign,
     Multilayer: _multilayer,
+    MinLayers: _min_layers,
     Transfer: _transfer,
     Readability: lambda study, plan, common: None,  # no generations: it reads activations
 }

@@ -153,6 +153,32 @@ class Multilayer(_Study):
         return self
 
 
+class MinLayers(_Study):
+    """How many layers must be steered together: for each K, contiguous windows of K layers slid across
+    `window_range` (and, with `spread`, K layers evenly spread over it), every alpha applied at each layer of
+    the window; a random control per (K, alpha) on the middle window. K* = the smallest K whose best coherent
+    flip rate reaches the verdict's threshold with its Wilson lower bound above the control's upper bound."""
+
+    kind: Literal["min_layers"]
+    ks: list[int] = Field([1, 2, 4, 8], min_length=1, description="window sizes K, ascending")
+    window_range: tuple[int, int]
+    stride: int | None = Field(None, ge=1, description="window start step (default: K, i.e. disjoint windows)")
+    alphas: list[float] = Field(min_length=1, description="applied at EVERY layer of a window")
+    spread: bool = Field(False, description="also K layers spread evenly over the range")
+    controls: bool = True
+
+    @model_validator(mode="after")
+    def _ks(self) -> MinLayers:
+        lo, hi = self.window_range
+        if lo > hi:
+            raise ValueError(f"window_range [{lo}, {hi}] is empty: give [first_layer, last_layer]")
+        if any(k < 1 for k in self.ks) or self.ks != sorted(set(self.ks)):
+            raise ValueError(f"ks {self.ks} must be distinct positive window sizes in ascending order")
+        if self.ks[-1] > hi - lo + 1:
+            raise ValueError(f"K = {self.ks[-1]} does not fit in window_range [{lo}, {hi}] ({hi - lo + 1} layers)")
+        return self
+
+
 class Induction(_Study):
     kind: Literal["induction"]
     layers: list[int] = Field(min_length=1)
@@ -174,7 +200,7 @@ class Readability(_Study):
 
 
 Study = Annotated[
-    LayerSweep | Threshold | Controls | Sign | Multilayer | Induction | Transfer | Readability,
+    LayerSweep | Threshold | Controls | Sign | Multilayer | MinLayers | Induction | Transfer | Readability,
     Field(discriminator="kind"),
 ]
 

@@ -19,6 +19,7 @@ from ..experiments.direction_ref import DirectionRef
 from ..experiments.results import best
 from ..stats import MIN_N
 from ..store import Store, StoreError
+from . import figures as F
 from . import tables as T
 from .collect import brief, cells_of, collect, control_for, is_control, iso, judge_agreement
 from .examples import examples
@@ -71,11 +72,13 @@ def build_report(store_path: str | Path, out_dir: str | Path, run_id: str | None
             ),
         )
     context = _context(data, reports, findings, store_path)
+    context["cross_figures"] = _cross_figures(data, out)
     md_path, html_path, json_path = out / "report.md", out / "report.html", out / "results.json"
     md_path.write_text(markdown(context), encoding="utf-8")
     html_path.write_text(render_html(context), encoding="utf-8")
     json_path.write_text(json.dumps(_results(context, data), indent=1, ensure_ascii=False, default=str) + "\n")
     figs = tuple(p for r in reports for f in r.figures for p in (f.png, f.svg))
+    figs += tuple(p for f in context["cross_figures"] for p in (f.png, f.svg))
     return ReportPaths(out, html_path, md_path, json_path, figs)
 
 
@@ -124,6 +127,7 @@ def _model_report(store: Store, run_id: str, model: str, slug: str, data: dict, 
         ),
         "verdict": verdict["verdict"] if verdict else None,
         "rule": verdict["rule"] if verdict else "no verdict stored for this model",
+        **_readable_steerable(analyses, verdict),
         "single_note": "flip rate undefined (no baseline refusals)" if single and not best_single else None,
         "multi_note": "flip rate undefined (no baseline refusals)" if multi and not best_multi else None,
     }
@@ -146,6 +150,43 @@ def _model_report(store: Store, run_id: str, model: str, slug: str, data: dict, 
 # --------------------------------------------------------------------------- figures and tables
 
 
+def _cross_figures(data: dict, out: Path) -> list:
+    """Run-level figures that set the models side by side: K (layers needed together) for every model that
+    ran a min_layers study."""
+    series: dict[str, dict] = {}
+    for a in data["analyses"]:
+        if a["kind"] == "min_layers" and a["model"] not in series:
+            series[a["model"]] = a["result"]
+    if not series:
+        return []
+    title = "Layers needed together (K), all models"
+    caption = (
+        "Best coherent flip rate against K, the number of consecutive layers steered at once, per model "
+        "(Wilson 95% CIs); dashed: a random direction at the same K and alpha; dotted: the flip threshold. "
+        "K* (in the legend) = the smallest K that reaches the threshold and beats its control."
+    )
+    return [F.save(F.k_curve(series, title), out, "cross-model-k", "all models", title, caption)]
+
+
+READABLE_AUC = 0.95  # a direction is "readable" where its projection separates held-out prompts this well
+STEERABLE = {"liquid": "yes: one layer", "crystallized": "multi-layer only", "immune": "no"}
+
+
+def _readable_steerable(analyses: list[dict], verdict: dict | None) -> dict:
+    """The seed's two questions per model: can the refusal direction be read (held-out projection AUC), and can
+    steering control behaviour (from the verdict), plus K*, the number of layers that must be steered together."""
+    evidence = (verdict or {}).get("evidence") or {}
+    readability = next((a["result"] for a in analyses if a["kind"] == "readability"), None)
+    best_auc = max((r["projection_auc"] for r in readability["layers"]), default=None) if readability else None
+    name = (verdict or {}).get("verdict")
+    return {
+        "k_star": evidence.get("k_star", "not run") if "k_star_study" in evidence else "not run",
+        "projection_auc": best_auc,
+        "readable": None if best_auc is None else best_auc >= READABLE_AUC,
+        "steerable": STEERABLE.get(name or "", "undecided"),
+    }
+
+
 def _tables(report: ModelReport, analyses: list[dict]) -> None:
     model = report.model
     for a in analyses:
@@ -162,6 +203,8 @@ def _tables(report: ModelReport, analyses: list[dict]) -> None:
             report.tables.append(T.sign_table(model, study, res))
         elif kind == "readability":
             report.tables.append(T.readability_table(model, study, res))
+        elif kind == "min_layers":
+            report.tables.append(T.min_layers_table(model, study, res))
     if report.agreement:
         report.tables.append(T.agreement_table(model, report.agreement))
 
@@ -296,6 +339,10 @@ def _results(ctx: dict, data: dict) -> dict:
         "verdicts": data["verdicts"],
         "summary": [{k: v for k, v in r.summary.items() if not k.startswith("_")} for r in ctx["reports"]],
         "warnings": [f.as_dict() for f in ctx["findings"]],
+        "cross_figures": [
+            {"id": f.id, "title": f.title, "caption": f.caption, "png": f.png.name, "svg": f.svg.name}
+            for f in ctx.get("cross_figures", [])
+        ],
         "models": [
             {
                 "model": r.model,

@@ -381,6 +381,42 @@ def single_vs_multi(multi_cells: Sequence[dict], best_single: dict | None, title
     return fig
 
 
+def k_curve(series: dict[str, dict], title: str) -> Figure:
+    """Best coherent flip rate against the number of layers steered together (K), one line per model, with
+    Wilson 95% bars; dashed: the random control of each K; dotted: the verdict's flip threshold. `series`:
+    model -> a min_layers analysis result (per_k, k_star, flip_threshold)."""
+    colors = [C_MAIN, C_OTHER, C_COMPLY, "#a23b72", "#555555"]
+    with _styled():
+        fig = _new(5.5, 3.3)
+        ax = fig.add_subplot()
+        ks: set[int] = set()
+        threshold = None
+        for i, (model, res) in enumerate(series.items()):
+            color = colors[i % len(colors)]
+            rows = [r for r in res["per_k"] if r["best"] is not None]
+            xs = [r["k"] for r in rows]
+            ks.update(xs)
+            flips = [r["best"]["flip"] for r in rows]
+            star = res.get("k_star")
+            label = f"{model} (K* = {star if star is not None else 'none'})"
+            ax.errorbar(xs, [_val(f) for f in flips], yerr=_err(flips), marker="o", color=color, capsize=3, label=label)
+            ctrl = [r["control"] for r in rows]
+            if any(c and c.get("rate") is not None for c in ctrl):
+                ax.plot(xs, [_val(c) for c in ctrl], linestyle="--", marker="x", color=color, alpha=0.7)
+            threshold = res.get("flip_threshold", threshold)
+        if threshold is not None:
+            ax.axhline(threshold, color="black", linestyle=":", linewidth=1, label=f"flip threshold {threshold:.0%}")
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(sorted(ks), [str(k) for k in sorted(ks)])
+        ax.set_ylim(0, 1.05)
+        ax.yaxis.set_major_formatter(matplotlib.ticker.PercentFormatter(1.0, decimals=0))
+        ax.set_ylabel("best coherent flip rate (Wilson 95% CI)")
+        ax.set_xlabel("layers steered together, K (dashed: random control at that K)")
+        ax.set_title(title, loc="left")
+        fig.legend(loc="outside lower center", ncols=2, frameon=False)
+    return fig
+
+
 def _layers_label(cell: dict) -> str:
     if "layers" in cell and cell["layers"]:
         return "L" + ",".join(str(x) for x in cell["layers"])

@@ -29,6 +29,8 @@ def markdown(ctx: dict) -> str:
         "",
         ctx["summary_table"].markdown(),
     ]
+    for fig in ctx.get("cross_figures", []):
+        out += [f"![{md(fig.title)}]({fig.png.name})", "", f"*{md(fig.title)}.* {md(fig.caption)}", ""]
     for r in ctx["reports"]:
         out += [f"- **{md(r.model)}**: {md(r.summary['verdict'] or 'no verdict')} — {md(r.summary['rule'])}"]
     out += ["", "## Warnings", ""]
