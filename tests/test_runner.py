@@ -266,3 +266,27 @@ def test_pack_rows_auto_is_measured_once_and_kept(tiny_dirs, tmp_path, monkeypat
     for bad in (-1, "fast", True):
         with pytest.raises(Exception, match=r"pack_rows must be a number of rows >= 0 .* or 'auto', got"):
             parse_spec({**data, "generation": {"pack_rows": bad}})
+
+
+@pytest.mark.filterwarnings("ignore:.*underpowered")
+def test_blind_reanalysis_renames_every_model_and_reaches_the_same_analyses(tiny_dirs, tiny_run, tmp_path):
+    """The blind copy holds no real model name, and the analyses recomputed under the anonymous name equal the
+    named ones (transfer excluded: its conditions name the source model)."""
+    from crystallized_safety.experiments.blind import blind_verdicts
+
+    _root, paths = tiny_dirs
+    spec = parse_spec(tiny_spec(paths))
+    path, first = tiny_run
+    store = Store(path)
+    got = blind_verdicts(store, first.run_id, spec, tmp_path)
+    (named,) = store.verdicts(first.run_id)
+    assert set(got) == {paths["tiny"]}
+    assert (got[paths["tiny"]]["verdict"], got[paths["tiny"]]["rule"]) == (named["verdict"], named["rule"])
+    blind = Store(tmp_path / "blind-0.sqlite")
+    assert {r["model"] for r in blind.generations(first.run_id)} == {"model-a"}
+    assert paths["tiny"] not in json.dumps([a for a in blind.analyses(first.run_id)])
+    named_analyses = {a["study"]: a["result"] for a in store.analyses(first.run_id) if a["study"] != "transfer"}
+    blind_analyses = {a["study"]: a["result"] for a in blind.analyses(first.run_id)}
+    assert blind_analyses == named_analyses
+    with pytest.raises(StoreError, match="exists"):
+        store.blind_copy(first.run_id, tmp_path / "blind-0.sqlite", {})

@@ -289,6 +289,29 @@ class Store:
         )
         return [{"model": m, "verdict": v, "rule": r, "evidence": json.loads(e)} for m, v, r, e in rows]
 
+    # -- blind re-analysis
+    def blind_copy(self, run_id: str, path: str | Path, names: dict[str, str]) -> Store:
+        """A copy of one run at `path` with every model renamed (`names`: real -> anonymous) and no analyses
+        or verdicts: what a blind re-analysis starts from."""
+        target = Path(path)
+        if target.exists():
+            raise StoreError(f"'{target}' exists: pass a new path for the blind copy")
+        with sqlite3.connect(str(target)) as dest:
+            self.db.backup(dest)
+        dest.close()
+        copy = Store(target)
+        with copy.transaction() as db:
+            for table in ("runs", "artifacts", "chunks", "generations", "analyses", "verdicts"):
+                if table != "runs":
+                    db.execute(f"DELETE FROM {table} WHERE run_id != ?", (run_id,))
+            db.execute("DELETE FROM runs WHERE run_id != ?", (run_id,))
+            db.execute("DELETE FROM analyses")
+            db.execute("DELETE FROM verdicts")
+            for real, anonymous in names.items():
+                for table in ("artifacts", "chunks", "generations"):
+                    db.execute(f"UPDATE {table} SET model=? WHERE model=?", (anonymous, real))
+        return copy
+
     # -- export
     def export(self, run_id: str, fmt: str) -> str:
         if fmt == "json":
