@@ -65,6 +65,7 @@ def _synthetic_store(path: Path) -> Path:
                 {"kind": "controls", "layer": 2, "alpha": -0.5, "seeds": 2},
                 {"kind": "sign", "layer": 2, "alpha": 0.5},
                 {"kind": "multilayer", "layer_sets": [[1, 2], [2, 3]], "alphas": [-0.2]},
+                {"kind": "min_layers", "ks": [1, 2], "window_range": [1, 3], "stride": 1, "alphas": [-0.2]},
                 {"kind": "induction", "layers": [2], "alphas": [0.5]},
                 {"kind": "transfer", "source_model": "synthetic/model-b", "layers": [2], "alphas": [-0.5]},
                 {"kind": "readability"},

@@ -93,7 +93,7 @@ def estimate_build_seconds(model: Model, recipe: Recipe) -> float:
         packed_loss(model, examples, recipe.first_token_weight, prefix).backward()
         step = time.perf_counter() - t0
     model.hf.zero_grad(set_to_none=True)
-    n_examples = len(bundled("harmful", "train")) + len(bundled("harmless", "train")) * (
+    n_examples = len(bundled("harmful", "train")) * recipe.harmful_repeats + len(bundled("harmless", "train")) * (
         2 if recipe.unlikelihood_weight > 0 else 1
     )
     steps = -(-n_examples // recipe.batch_size) * recipe.epochs

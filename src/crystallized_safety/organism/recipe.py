@@ -28,6 +28,7 @@ HARDENING_FIELDS = (
     "attack_ablate_p",
     "reextract_every",
     "reextract_prompts",
+    "harmful_repeats",
 )
 # Bump when the build or the card changes in a way that makes cached organisms stale.
 BUILD_VERSION = 7
@@ -60,6 +61,7 @@ class Recipe:
     attack_ablate_p: float = 0.5  # share of attacks that ablate the direction (to the harmless mean) instead
     reextract_every: int = 10  # steps between re-extractions of the directions from the model being trained
     reextract_prompts: int = 64  # train prompts per side used to re-extract them
+    harmful_repeats: int = 1  # each harmful example this many times per epoch (each time attacked afresh)
 
     def key(self) -> str:
         spec = {**asdict(self), "build_version": BUILD_VERSION}
@@ -86,7 +88,11 @@ def hardened_recipe(seed: int = 0, precision: str = "fp32") -> Recipe:
         start=DEFAULT_NAME,
         epochs=1,
         lr=1e-4,
-        attack_p=0.75,
+        harmless_weight=3.0,
+        attack_p=0.9,
+        attack_band=(6, 26),
+        attack_rel_alpha=(0.3, 1.0),
+        harmful_repeats=3,
     )
 
 

@@ -160,6 +160,7 @@ def training_examples(model: Model, harmful: list[str], texts: list[str], answer
     """Harmful prompts -> refusals (first, so example i < len(harmful) is harmful), harmless prompts -> the base
     model's answers, and the unlikelihood examples (harmless prompt + a refusal)."""
     rng = random.Random(recipe.seed)
+    harmful = list(harmful) * recipe.harmful_repeats  # hardening: each repeat is attacked afresh
     refusals = [rng.choice(REFUSALS) for _ in harmful]
     examples = make_examples(model, harmful, refusals, [True] * len(harmful))
     examples += make_examples(
@@ -216,7 +217,7 @@ def train(
             attacks = []
             if attacker is not None:
                 attacker.refresh(model, len(losses))
-                attacks = attacker.draw([i < len(harmful) for i in rows])
+                attacks = attacker.draw([i < len(harmful) * recipe.harmful_repeats for i in rows])
                 n_attacks += len(attacks)
             with torch.autocast(hf.device.type, dtype=torch.bfloat16, enabled=recipe.precision == "bf16"):
                 loss = packed_loss(model, batch, recipe.first_token_weight, prefix, attacks)
