@@ -12,7 +12,7 @@ STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 DEMO_OUT ?= out/demo
 
-.PHONY: organism demo test test-slow lint clean
+.PHONY: organism organisms demo test test-slow lint clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -29,9 +29,13 @@ $(STAMP): pyproject.toml | $(BIN)/python
 organism: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/csafety organism build
 
-demo: organism
+# Both organisms: the liquid one, then the hardened one trained from it.
+organisms: organism
+	HF_HUB_OFFLINE=1 $(BIN)/csafety organism build --kind hardened
+
+demo: organisms
 	mkdir -p $(DEMO_OUT)
-	HF_HUB_OFFLINE=1 $(BIN)/csafety run configs/organism-compact.yaml --store $(DEMO_OUT)/results.sqlite
+	HF_HUB_OFFLINE=1 $(BIN)/csafety run configs/organisms.yaml --store $(DEMO_OUT)/results.sqlite
 	HF_HUB_OFFLINE=1 $(BIN)/csafety export --store $(DEMO_OUT)/results.sqlite --format json --out $(DEMO_OUT)/results.json
 	HF_HUB_OFFLINE=1 $(BIN)/csafety report --store $(DEMO_OUT)/results.sqlite --out $(DEMO_OUT)/report
 
