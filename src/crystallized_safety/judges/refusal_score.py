@@ -339,7 +339,7 @@ class RefusalScoreJudge:
     def scores(self, prompts: Sequence[str], intervention: Intervention | None = None) -> torch.Tensor:
         """First-token refusal log-odds per prompt, float32 on the CPU, in order.
 
-        Batched through the sweep engine's prefill (`fastgen.first_logits`); `intervention` (per-row
+        Batched through the sweep engine's prefill (`core.generation.fast.first_logits`); `intervention` (per-row
         alphas/directions allowed, one row per prompt) acts on prompt positions exactly as in `generate`. Steering
         with ``positions="generated"`` changes nothing here: the first generated token is predicted
         from prompt positions only.

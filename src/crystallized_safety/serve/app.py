@@ -6,7 +6,8 @@ Any OpenAI client (or `LLMJudge`) can then talk to a steered model: `GET /v1/mod
 Concurrent requests are batched: a worker thread takes the first queued request, collects whatever
 else arrives within `batch_window` seconds (up to `max_batch`), groups requests whose decoding settings
 agree (greedy, or the same temperature / top_p / seed) and runs ONE batched, left-padded generate per
-group through the same internals as `generation.generate`, under the server's one `Intervention`.
+group through the reference engine (`core.generation.reference`, as `generate(engine="hf")`), under the
+server's one `Intervention`.
 Requests in a group may ask for different `max_tokens`: the group runs to the largest and each row is
 cut to its own limit, which is exact for greedy decoding (a row's tokens never depend on later ones).
 A greedy request sent alone gives the same tokens as `generate(model, [prompt], intervention)`.
