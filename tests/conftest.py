@@ -140,6 +140,7 @@ ORGANISM_SPEC = {
         {"kind": "induction", "layers": [16], "alphas": [0.5]},
         {"kind": "transfer", "source_model": "smollm2-135m", "layers": [12], "alphas": [-0.3]},
         {"kind": "readability", "layers": [4, 12, 16]},
+        {"kind": "min_layers", "ks": [1, 2], "window_range": [12, 13], "alphas": [-0.3]},
     ],
 }
 
@@ -192,6 +193,7 @@ def tiny_spec(paths, n=6, studies=None, **extra):
             {"kind": "induction", "layers": [1], "alphas": [1.0]},
             {"kind": "transfer", "source_model": paths["tiny2"], "layers": [1, 2], "alphas": [-0.5]},
             {"kind": "readability"},
+            {"kind": "min_layers", "ks": [1, 2], "window_range": [1, 2], "alphas": [-0.5]},
         ],
         **extra,
     }

@@ -292,7 +292,10 @@ def test_every_figure_in_markdown_and_embedded_in_html(report):
         assert f"]({fig['png']})" in md and f"({fig['svg']})" in md
         assert embedded[fig["id"]] == png.read_bytes()
         assert _nonblank(embedded[fig["id"]]), fig["id"]
-    assert len(embedded) == len(model["figures"])
+    cross = results["cross_figures"]  # the K figure of every model that ran min_layers, in the summary
+    assert [f["id"] for f in cross] == ["cross-model-k"]
+    assert f"]({cross[0]['png']})" in md and embedded["cross-model-k"] == (out / cross[0]["png"]).read_bytes()
+    assert len(embedded) == len(model["figures"]) + len(cross)
 
 
 class _Tags(HTMLParser):
@@ -599,7 +602,7 @@ def test_report_in_headless_chromium(chromium, report, tmp_path):
     assert state["title"].startswith("crystallized-safety report") and state["scripts"] == 0  # injected markup inert
 
     results = json.loads(results_path.read_text())
-    expected = {f["id"] for f in results["models"][0]["figures"]}
+    expected = {f["id"] for f in results["models"][0]["figures"]} | {f["id"] for f in results["cross_figures"]}
     images = {img["id"]: img for img in state["images"]}
     assert set(images) == expected
     for fig_id, img in images.items():

@@ -65,6 +65,7 @@ def test_all_studies_end_to_end_and_rerun_skips(tiny_dirs, tiny_run, tmp_path):
         "induction",
         "transfer",
         "readability",
+        "min_layers",
         "judges",
     }
     assert kinds["judges"]["result"]["n"] == 12 and "threshold" in kinds["judges"]["result"]

@@ -102,8 +102,6 @@ def _multilayer(res: dict, head: str, inp: Inputs) -> Drawing | str:
 
 
 def _min_layers(res: dict, head: str, inp: Inputs) -> Drawing | str:
-    if not any(r["best"] for r in res.get("per_k", [])):
-        return "no window has a defined flip rate"
     star = res.get("k_star")
     return Drawing(
         F.k_curve({inp.model: res}, head),
@@ -135,7 +133,7 @@ SPECS: tuple[FigureSpec, ...] = (
     FigureSpec("controls", "controls", "Extracted direction vs controls", _controls),
     FigureSpec("sign", "sign", "Sign inversion", _sign),
     FigureSpec("multilayer", "multilayer", "Single vs multi-layer steering", _multilayer),
-    FigureSpec("min_layers", "min_layers", "Layers needed together (K)", _min_layers),
+    FigureSpec("kcurve", "min_layers", "Layers needed together (K)", _min_layers),
     FigureSpec("induction", "induction", "Induced refusal on harmless prompts", _induction),
     FigureSpec("readability", "readability", "Readability vs steerability", _readability),
     FigureSpec("norms", "directions", "Direction norms per layer"),

@@ -389,13 +389,12 @@ def k_curve(series: dict[str, dict], title: str) -> Figure:
     with _styled():
         fig = _new(5.5, 3.3)
         ax = fig.add_subplot()
-        ks: set[int] = set()
+        ks: set[int] = {r["k"] for res in series.values() for r in res["per_k"]}
         threshold = None
         for i, (model, res) in enumerate(series.items()):
             color = colors[i % len(colors)]
             rows = [r for r in res["per_k"] if r["best"] is not None]
             xs = [r["k"] for r in rows]
-            ks.update(xs)
             flips = [r["best"]["flip"] for r in rows]
             star = res.get("k_star")
             label = f"{model} (K* = {star if star is not None else 'none'})"
@@ -406,8 +405,12 @@ def k_curve(series: dict[str, dict], title: str) -> Figure:
             threshold = res.get("flip_threshold", threshold)
         if threshold is not None:
             ax.axhline(threshold, color="black", linestyle=":", linewidth=1, label=f"flip threshold {threshold:.0%}")
-        ax.set_xscale("log", base=2)
-        ax.set_xticks(sorted(ks), [str(k) for k in sorted(ks)])
+        if not any(r["best"] for res in series.values() for r in res["per_k"]):
+            _empty_note(ax, "no K has a defined flip rate (no baseline refusals)")
+        if ks and min(ks) > 0:
+            ax.set_xscale("log", base=2)
+            ax.set_xlim(min(ks) / 1.3, max(ks) * 1.3)
+            ax.set_xticks(sorted(ks), [str(k) for k in sorted(ks)])
         ax.set_ylim(0, 1.05)
         ax.yaxis.set_major_formatter(matplotlib.ticker.PercentFormatter(1.0, decimals=0))
         ax.set_ylabel("best coherent flip rate (Wilson 95% CI)")
