@@ -116,3 +116,8 @@ def test_shipped_base_answers_are_what_the_base_model_says():
         fresh = generate(base, list(prompts)[:16], max_new_tokens=32, batch_size=64)
         same = sum(f.token_ids == g.token_ids for f, g in zip(fresh, got))
         assert same >= 15, f"{split}: only {same}/16 shipped answers match the base model's own"
+
+
+def test_organism_build_rejects_an_unknown_kind():
+    res = CliRunner().invoke(app, ["organism", "build", "--kind", "sideways"])
+    assert res.exit_code == 2 and res.output.strip() == "error: unknown --kind 'sideways': use liquid or hardened"

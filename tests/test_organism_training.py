@@ -262,3 +262,15 @@ def test_attacker_draws_from_the_recipe_and_refreshes_on_schedule():
             lo, hi = (x * bank.resid_norm(a.layer) for x in recipe.attack_rel_alpha)
             assert lo <= a.alpha <= hi
         assert a.target == pytest.approx(bank.harmless_projection(a.layer))
+
+
+def test_hardening_settings_leave_the_liquid_cache_key_alone():
+    """A liquid recipe ignores the hardening fields in its cache key (organisms built before they existed stay
+    valid); the hardened recipe has its own key and starts from the liquid organism."""
+    from crystallized_safety.organism.recipe import DEFAULT_NAME, HARDENED_NAME, default_recipe, hardened_recipe
+
+    assert Recipe(attack_p=0.5, attack_band=(1, 3), harmful_repeats=4).key() == Recipe().key()
+    hard = hardened_recipe()
+    assert hard.key() != Recipe().key() and hard.start == DEFAULT_NAME and hard.kind == "hardened"
+    assert default_recipe(HARDENED_NAME) == hard and default_recipe(DEFAULT_NAME) == Recipe()
+    assert hardened_recipe(seed=1).key() != hard.key()
