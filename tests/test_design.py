@@ -146,3 +146,13 @@ def test_internals_stay_in_their_module(pattern, home):
         if rx.search(code):
             found.append(rel)
     assert found == []
+
+
+def test_every_public_name_imports():
+    """`from crystallized_safety import X` for every name of the public API (they are imported lazily, so a
+    moved module would otherwise break only at the user's first call)."""
+    import crystallized_safety
+
+    for name in crystallized_safety.__all__:
+        assert getattr(crystallized_safety, name) is not None, name
+    from crystallized_safety import ActivationSteerer, Intervention, generate, load_model  # noqa: F401
