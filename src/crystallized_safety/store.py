@@ -301,10 +301,8 @@ class Store:
         dest.close()
         copy = Store(target)
         with copy.transaction() as db:
-            for table in ("runs", "artifacts", "chunks", "generations", "analyses", "verdicts"):
-                if table != "runs":
-                    db.execute(f"DELETE FROM {table} WHERE run_id != ?", (run_id,))
-            db.execute("DELETE FROM runs WHERE run_id != ?", (run_id,))
+            for table in ("runs", "artifacts", "chunks", "generations"):
+                db.execute(f"DELETE FROM {table} WHERE run_id != ?", (run_id,))
             db.execute("DELETE FROM analyses")
             db.execute("DELETE FROM verdicts")
             for real, anonymous in names.items():

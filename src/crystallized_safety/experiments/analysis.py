@@ -180,6 +180,7 @@ def analyse_model(spec: ExperimentSpec, store, run_id: str, model_name: str, pla
         {"harmful": cells.baseline_rate(HARMFUL), "harmless": cells.baseline_rate(HARMLESS)},
         0.0,
     )
+    k_star: dict | None = None
     for plan in plans:
         t0 = time.perf_counter()
         if plan.kind == "readability":
@@ -192,16 +193,13 @@ def analyse_model(spec: ExperimentSpec, store, run_id: str, model_name: str, pla
         else:
             result = analyse_plan(plan, cells, spec.verdict.flip_threshold)
         store.put_analysis(run_id, model_name, plan.label, plan.kind, result, time.perf_counter() - t0)
+        if plan.kind == "min_layers" and k_star is None:  # the crystallization degree, beside the verdict
+            k_star = {"k_star": result["k_star"], "k_star_study": plan.label}
     judges = judge_calibration(cells)
     if judges is not None:
         store.put_analysis(run_id, model_name, "judges", "judges", judges, 0.0)
     v = verdict(spec, plans, cells)
-    for plan in plans:
-        if plan.kind == "min_layers":  # the crystallization degree, beside the verdict
-            found = next(a for a in store.analyses(run_id) if a["model"] == model_name and a["study"] == plan.label)
-            v["evidence"]["k_star"] = found["result"]["k_star"]
-            v["evidence"]["k_star_study"] = plan.label
-            break
+    v["evidence"].update(k_star or {})
     store.put_verdict(run_id, model_name, v["verdict"], v["rule"], v["evidence"])
     return v
 
