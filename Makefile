@@ -43,7 +43,8 @@ test: organism
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest $(PYTEST_ARGS)
 
 test-slow: organism
-	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -m slow $(PYTEST_ARGS)
+	HF_HUB_OFFLINE=1 HYPOTHESIS_PROFILE=slow $(BIN)/python -m pytest -m "slow or not slow" $(PYTEST_ARGS) tests/test_fuzz.py
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -m slow --ignore=tests/test_fuzz.py $(PYTEST_ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks

@@ -256,3 +256,32 @@ def cli_err(args, pattern, max_lines=None):
     if max_lines is not None:
         assert len(result.output.strip().splitlines()) <= max_lines
     return text
+
+
+class ThreadServer:
+    """uvicorn in a daemon thread on a free port (fake judge endpoints, tiny-model servers)."""
+
+    def __init__(self, asgi_app):
+        import threading
+
+        import uvicorn
+
+        config = uvicorn.Config(asgi_app, host="127.0.0.1", port=0, log_level="warning", timeout_graceful_shutdown=1)
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    def __enter__(self):
+        import time
+
+        self.thread.start()
+        deadline = time.monotonic() + 20
+        while not self.server.started:
+            assert time.monotonic() < deadline, "fake endpoint did not start"
+            time.sleep(0.02)
+        port = self.server.servers[0].sockets[0].getsockname()[1]
+        self.url = f"http://127.0.0.1:{port}/v1"
+        return self
+
+    def __exit__(self, *exc):
+        self.server.should_exit = True
+        self.thread.join(10)

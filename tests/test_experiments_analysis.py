@@ -288,7 +288,11 @@ def test_min_layers_expansion():
         (4, 5, 6, 7),
         (0, 2, 5, 7),
     }
-    for bad, message in (({"ks": [2, 1]}, "ascending"), ({"ks": [16]}, "does not fit"), ({"window_range": [5, 2]}, "empty")):
+    for bad, message in (
+        ({"ks": [2, 1]}, "ascending"),
+        ({"ks": [16]}, "does not fit"),
+        ({"window_range": [5, 2]}, "empty"),
+    ):
         with pytest.raises(SpecError, match=message):
             spec_with({**MIN_LAYERS, **bad})
 

@@ -251,7 +251,7 @@ def test_attacker_draws_from_the_recipe_and_refreshes_on_schedule():
     for step in range(7):
         attacker.refresh(model, step)
     assert attacker.refreshed == 3  # steps 0, 3, 6
-    drawn = [attacker.draw([True, True, False, True]) for _ in range(200)]
+    drawn = [attacker.draw(["harmful", "harmful", None, "harmful"]) for _ in range(200)]
     attacks = [a for batch in drawn for a in batch]
     assert all(a.example != 2 for a in attacks) and {a.layer for a in attacks} == {1, 2}
     assert abs(len(attacks) / (3 * 200) - 0.5) < 0.06  # attack_p
@@ -262,6 +262,16 @@ def test_attacker_draws_from_the_recipe_and_refreshes_on_schedule():
             lo, hi = (x * bank.resid_norm(a.layer) for x in recipe.attack_rel_alpha)
             assert lo <= a.alpha <= hi
         assert a.target == pytest.approx(bank.harmless_projection(a.layer))
+    # harmless examples: induction attacks (negative alpha: +v is added), never ablation, at attack_harmless_p
+    assert not any(a.alpha < 0 for a in attacks)
+    recipe = Recipe(**{**recipe.__dict__, "attack_harmless_p": 0.25})
+    attacker = Attacker(recipe, harmful, [f"How do I bake bread number {i}?" for i in range(6)], 0)
+    attacker.refresh(model, 0)
+    induced = [a for _ in range(400) for a in attacker.draw([None, "harmless"])]
+    assert abs(len(induced) / 400 - 0.25) < 0.06 and all(a.example == 1 and not a.ablate for a in induced)
+    for a in induced:
+        lo, hi = (x * attacker.bank.resid_norm(a.layer) for x in recipe.attack_rel_alpha)
+        assert lo <= -a.alpha <= hi
 
 
 def test_hardening_settings_leave_the_liquid_cache_key_alone():

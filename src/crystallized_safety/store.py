@@ -4,14 +4,23 @@ A run is identified by its spec hash: rerunning the same spec resumes it, a chan
 Work is committed in *chunks* (one batch of prompts under one condition): the generations of a chunk and
 its completion mark land in one transaction, so a `kill -9` at any point loses at most the chunk in
 flight, and a resumed run recomputes exactly that chunk with the same batch composition (same tokens).
+
+Each write is followed by a checkpoint (the WAL's pages copied into the main file), so the `.sqlite` file
+alone holds everything but the transaction in flight: copying it without its `-wal` loses at most that. A
+run holds a lock (`<store>.lock.<run>`, released by the OS even on `kill -9`) so that two processes never
+compute the same run twice; a run that raises is marked `failed` with its reason. Read-only stores (media,
+permissions) open read-only for status, export and report.
 """
 
 from __future__ import annotations
 
 import csv
+import fcntl
 import io
 import json
+import os
 import sqlite3
+import struct
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -19,6 +28,7 @@ from dataclasses import astuple, dataclass, fields
 from pathlib import Path
 from typing import Any
 
+from . import jsonio
 from .errors import CrystallizedSafetyError
 
 SCHEMA_VERSION = 1
@@ -27,7 +37,7 @@ SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS runs (
     run_id TEXT PRIMARY KEY, name TEXT NOT NULL, spec_yaml TEXT NOT NULL, spec_hash TEXT NOT NULL,
-    created REAL NOT NULL, finished REAL, status TEXT NOT NULL, environment TEXT NOT NULL
+    created REAL NOT NULL, finished REAL, status TEXT NOT NULL, environment TEXT NOT NULL, error TEXT
 );
 CREATE TABLE IF NOT EXISTS artifacts (
     run_id TEXT NOT NULL, model TEXT NOT NULL, kind TEXT NOT NULL, json TEXT, blob BLOB,
@@ -96,33 +106,219 @@ class RunInfo:
     created: float
     finished: float | None
     status: str
+    error: str | None = None
+
+
+class RunLock:
+    """An exclusive, non-blocking lock on a file (fcntl): held for a run's duration, released by the OS when its
+    process ends however it ends."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.fd: int | None = None
+
+    def __enter__(self) -> RunLock:
+        try:
+            self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as exc:
+            raise StoreError(f"cannot create the run lock '{self.path}': {exc.strerror}") from None
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(self.fd)
+            self.fd = None
+            raise StoreError(
+                f"this run is already being computed by another process on this store ({self.path.name} is locked): "
+                "wait for it to end, or follow it with `csafety status`"
+            ) from None
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.fd is not None:
+            fcntl.flock(self.fd, fcntl.LOCK_UN)
+            os.close(self.fd)
+            self.fd = None
+
+
+def wal_commits_beyond_valid(path: Path) -> int:
+    """Commit frames of the current WAL generation that follow its first damaged frame: transactions SQLite
+    will silently drop on recovery. Reads the documented WAL layout (32-byte header, 24-byte frame headers,
+    big-endian; https://sqlite.org/fileformat2.html#walformat): checksums are left to SQLite, whose valid frame
+    count comes from opening the file; here only salts and commit marks are read."""
+    wal = Path(f"{path}-wal")
+    try:
+        data = wal.read_bytes() if wal.is_file() else b""
+    except OSError:
+        return 0
+    if len(data) < 32:
+        return 0
+    magic, _version, page_size, _seq, salt1, salt2 = struct.unpack(">6I", data[:24])
+    if magic not in (0x377F0682, 0x377F0683) or page_size < 512:
+        return 0
+    frames = []
+    for offset in range(32, len(data) - 24 - page_size + 1, page_size + 24):
+        _page, commit, s1, s2 = struct.unpack(">4I", data[offset : offset + 16])
+        if (s1, s2) != (salt1, salt2):
+            break  # a stale frame of an earlier generation: the current one ends here
+        frames.append(commit)
+    valid = _valid_wal_frames(path)  # SQLite recovers the valid prefix (and removes the WAL when it closes)
+    lost = 0 if valid is None else sum(1 for commit in frames[valid:] if commit)
+    if lost:  # keep the damaged WAL beside the store: nothing is thrown away
+        Path(f"{path}-wal.damaged").write_bytes(data)
+    return lost
+
+
+def _valid_wal_frames(path: Path) -> int | None:
+    """How many WAL frames SQLite accepts (it verifies the checksums), read through a passive checkpoint on a
+    private connection; None when that cannot be asked (read-only media, a busy writer)."""
+    try:
+        db = sqlite3.connect(f"{path.resolve().as_uri()}?mode=rw", uri=True, timeout=1, isolation_level=None)
+    except sqlite3.Error:
+        return None
+    try:
+        busy, log, _done = db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+        return None if busy or log < 0 else int(log)
+    except sqlite3.Error:
+        return None
+    finally:
+        db.close()
 
 
 class Store:
-    """Thin, explicit access to the SQLite results file."""
+    """Thin, explicit access to the SQLite results file. `readonly=True` (status, export, report) never writes
+    and also opens stores on read-only media; `warnings` lists what opening found wrong (a damaged WAL)."""
 
-    def __init__(self, path: str | Path) -> None:
+    def __init__(self, path: str | Path, *, readonly: bool = False) -> None:
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.readonly = readonly
+        self.warnings: list[str] = []
+        if readonly and not self.path.is_file():
+            raise StoreError(f"store '{self.path}' does not exist: run `csafety run CONFIG --store {self.path}`")
+        dropped = wal_commits_beyond_valid(self.path) if self.path.is_file() else 0
         try:
-            self.db = sqlite3.connect(str(self.path), timeout=60, isolation_level=None)
-            self.db.execute("PRAGMA journal_mode=WAL")
-            self.db.execute("PRAGMA synchronous=NORMAL")
-            self.db.executescript(SCHEMA)
+            self.db = self._open_readonly() if readonly else self._open_writable()
             row = self.db.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
         except sqlite3.DatabaseError as exc:
             raise StoreError(
                 f"'{self.path}' is not a crystallized-safety store ({exc}); pass another --store"
             ) from None
-        if row is None:
+        if row is None and not readonly:
             self.db.execute("INSERT OR IGNORE INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
-        elif int(row[0]) != SCHEMA_VERSION:
+        elif row is None or int(row[0]) != SCHEMA_VERSION:
             raise StoreError(
-                f"'{self.path}' has schema v{row[0]}, this tool writes v{SCHEMA_VERSION}: use a new --store"
+                f"'{self.path}' has schema v{row[0] if row else '?'}, this tool reads v{SCHEMA_VERSION}: "
+                "use a new --store"
+            )
+        if dropped:
+            self.warnings.append(
+                f"{self.path.name}-wal held {dropped} committed transaction(s) past a damaged frame, which SQLite "
+                "ignores: chunks committed there are missing and a resumed run recomputes them (the WAL is kept as "
+                f"{self.path.name}-wal.damaged)"
             )
 
+    def _open_writable(self) -> sqlite3.Connection:
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        except (FileExistsError, NotADirectoryError):
+            raise StoreError(f"cannot create store '{self.path}': a parent of it is a file, not a directory") from None
+        except OSError as exc:
+            raise StoreError(f"cannot create store '{self.path}': {exc.strerror}") from None
+        try:
+            db = sqlite3.connect(str(self.path), timeout=60, isolation_level=None)
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA synchronous=NORMAL")
+            db.execute("PRAGMA journal_size_limit=0")  # a reset WAL is truncated: no stale frames left behind
+            db.executescript(SCHEMA)
+            if "error" not in {row[1] for row in db.execute("PRAGMA table_info(runs)")}:
+                db.execute("ALTER TABLE runs ADD COLUMN error TEXT")  # stores written before runs kept a reason
+        except sqlite3.OperationalError as exc:
+            if "readonly" in str(exc) or "unable to open" in str(exc):
+                raise StoreError(
+                    f"cannot write store '{self.path}' ({exc}): it is on read-only media or not writable; pass a "
+                    "writable --store (status, export and report can still read it)"
+                ) from None
+            raise
+        return db
+
+    def _open_readonly(self) -> sqlite3.Connection:
+        uri = self.path.resolve().as_uri()
+        try:
+            db = sqlite3.connect(f"{uri}?mode=ro", uri=True, timeout=60, isolation_level=None)
+            db.execute("SELECT 1 FROM sqlite_master LIMIT 1").fetchall()
+            return db
+        except sqlite3.OperationalError:  # read-only media: the WAL index cannot be created
+            pass
+        wal = Path(f"{self.path}-wal")
+        if wal.is_file() and wal.stat().st_size > 0:
+            self.warnings.append(
+                f"{wal.name} cannot be read on read-only media: what was committed only there is not shown; copy the "
+                "store with its -wal file to writable storage to see it"
+            )
+        return sqlite3.connect(f"{uri}?mode=ro&immutable=1", uri=True, isolation_level=None)
+
+    def checkpoint(self) -> None:
+        """Copy the WAL into the main file (the `.sqlite` file alone then holds every committed chunk)."""
+        if not self.readonly:
+            self.db.execute("PRAGMA wal_checkpoint(PASSIVE)")
+
     def close(self) -> None:
+        if not self.readonly:
+            try:
+                self.db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            except sqlite3.OperationalError:  # another process holds the WAL: it checkpoints when it ends
+                pass
         self.db.close()
+
+    # -- locks, backups, checks
+    def lock_run(self, run_id: str) -> RunLock:
+        return RunLock(Path(f"{self.path}.lock.{run_id[:16]}"))
+
+    def run_active(self, run_id: str) -> bool:
+        """Whether a process holds this run's lock now (a 'running' run without one was interrupted)."""
+        try:
+            fd = os.open(f"{self.path}.lock.{run_id[:16]}", os.O_RDONLY)
+        except OSError:  # no lock file: no process ever ran it here
+            return False
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            return False
+        except BlockingIOError:
+            return True
+        finally:
+            os.close(fd)
+
+    def backup(self, target: str | Path) -> Path:
+        """A consistent single-file copy (WAL included, even while a run writes)."""
+        target = Path(target)
+        if target.exists():
+            raise StoreError(f"'{target}' exists: pass a new path for the backup")
+        try:
+            dest = sqlite3.connect(str(target))
+        except sqlite3.OperationalError as exc:
+            raise StoreError(f"cannot write backup '{target}' ({exc}): pass a path in a writable directory") from None
+        with dest:
+            self.db.backup(dest)
+        dest.execute("PRAGMA journal_mode=DELETE")
+        dest.close()
+        return target
+
+    def check(self) -> list[str]:
+        """Problems found: SQLite's integrity check, a damaged WAL, chunks whose rows are missing."""
+        problems = list(self.warnings)
+        result = [r[0] for r in self.db.execute("PRAGMA integrity_check").fetchall()]
+        if result != ["ok"]:
+            problems += [f"integrity: {line}" for line in result[:10]]
+        for run_id, model, condition, rows, found in self.db.execute(
+            "SELECT c.run_id, c.model, c.condition_key, SUM(c.rows), (SELECT COUNT(*) FROM generations g WHERE "
+            "g.run_id = c.run_id AND g.model = c.model AND g.condition_key = c.condition_key) FROM chunks c "
+            "GROUP BY c.run_id, c.model, c.condition_key"
+        ):
+            if found != rows:
+                problems.append(
+                    f"run {run_id}: {model} condition {condition}: its chunks are marked done with {rows} rows but "
+                    f"{found} are stored"
+                )
+        return problems
 
     @contextmanager
     def transaction(self) -> Iterator[sqlite3.Connection]:
@@ -142,19 +338,32 @@ class Store:
             if row is not None:
                 if row[0] != spec_hash:
                     raise StoreError(f"run {run_id} in {self.path} was made by another spec; use a new --store")
-                db.execute("UPDATE runs SET status='running', finished=NULL WHERE run_id=?", (run_id,))
+                db.execute("UPDATE runs SET status='running', finished=NULL, error=NULL WHERE run_id=?", (run_id,))
                 return True
             db.execute(
-                "INSERT INTO runs VALUES (?,?,?,?,?,NULL,'running',?)",
-                (run_id, name, spec_yaml, spec_hash, time.time(), json.dumps(environment)),
+                "INSERT INTO runs VALUES (?,?,?,?,?,NULL,'running',?,NULL)",
+                (run_id, name, spec_yaml, spec_hash, time.time(), jsonio.dumps(environment)),
             )
             return False
 
     def finish_run(self, run_id: str) -> None:
         self.db.execute("UPDATE runs SET status='finished', finished=? WHERE run_id=?", (time.time(), run_id))
+        self.checkpoint()
+
+    def fail_run(self, run_id: str, reason: str) -> None:
+        """Mark a run failed (or interrupted) with its reason, kept in the run's row."""
+        status = "interrupted" if reason == "interrupted" else "failed"
+        self.db.execute(
+            "UPDATE runs SET status=?, finished=?, error=? WHERE run_id=?", (status, time.time(), reason[:500], run_id)
+        )
+        self.checkpoint()
 
     def runs(self) -> list[RunInfo]:
-        rows = self.db.execute("SELECT run_id, name, spec_hash, created, finished, status FROM runs ORDER BY created")
+        has_error = "error" in {row[1] for row in self.db.execute("PRAGMA table_info(runs)")}
+        rows = self.db.execute(
+            f"SELECT run_id, name, spec_hash, created, finished, status, {'error' if has_error else 'NULL'} "
+            "FROM runs ORDER BY created"
+        )
         return [RunInfo(*row) for row in rows]
 
     def run(self, run_id: str | None = None) -> RunInfo:
@@ -177,7 +386,7 @@ class Store:
     def put_artifact(self, run_id: str, model: str, kind: str, data: Any = None, blob: bytes | None = None) -> None:
         self.db.execute(
             "INSERT OR REPLACE INTO artifacts VALUES (?,?,?,?,?)",
-            (run_id, model, kind, json.dumps(data) if data is not None else None, blob),
+            (run_id, model, kind, jsonio.dumps(data) if data is not None else None, blob),
         )
 
     def get_artifact(self, run_id: str, model: str, kind: str) -> tuple[Any, bytes | None] | None:
@@ -243,6 +452,7 @@ class Store:
                     (run_id, chunk_key, model, study, condition_key, len(rows), share, time.time(), worker),
                 )
                 new += 1
+        self.checkpoint()
         return new
 
     def generations(
@@ -267,7 +477,7 @@ class Store:
     def put_analysis(self, run_id: str, model: str, study: str, kind: str, result: dict, seconds: float) -> None:
         self.db.execute(
             "INSERT OR REPLACE INTO analyses VALUES (?,?,?,?,?,?)",
-            (run_id, model, study, kind, json.dumps(result), seconds),
+            (run_id, model, study, kind, jsonio.dumps(result), seconds),
         )
 
     def analyses(self, run_id: str) -> list[dict]:
@@ -280,7 +490,7 @@ class Store:
 
     def put_verdict(self, run_id: str, model: str, verdict: str, rule: str, evidence: dict) -> None:
         self.db.execute(
-            "INSERT OR REPLACE INTO verdicts VALUES (?,?,?,?,?)", (run_id, model, verdict, rule, json.dumps(evidence))
+            "INSERT OR REPLACE INTO verdicts VALUES (?,?,?,?,?)", (run_id, model, verdict, rule, jsonio.dumps(evidence))
         )
 
     def verdicts(self, run_id: str) -> list[dict]:
@@ -320,7 +530,7 @@ class Store:
                 "analyses": self.analyses(run_id),
                 "generations": self.generations(run_id),
             }
-            return json.dumps(payload, indent=1, ensure_ascii=False)
+            return jsonio.dumps(payload, indent=1, ensure_ascii=False)
         if fmt == "csv":
             rows = self.generations(run_id)
             buf = io.StringIO()

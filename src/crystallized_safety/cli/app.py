@@ -5,24 +5,58 @@ from __future__ import annotations
 
 import functools
 import os
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import typer
 from rich.console import Console
-from rich.markup import escape
+from rich.text import Text
 
 from ..errors import CrystallizedSafetyError
 
+
+class OneLineErrors(typer.core.TyperGroup):
+    """Usage errors (a bad option value, an unknown option) as one `error:` line on stderr, exit code 2, like
+    every other error of the tool, instead of click's multi-line box."""
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        try:
+            rv = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except typer.Abort:
+            err.print("aborted")
+            sys.exit(1)
+        except typer.TyperException as exc:  # typer's click: usage errors, bad values, unknown options
+            if type(exc).__name__ == "NoArgsIsHelpError":  # a bare group: its help, as before
+                exc.show()  # type: ignore[attr-defined]
+                sys.exit(2)
+            ctx = getattr(exc, "ctx", None)
+            hint = f" (see '{ctx.command_path} --help')" if ctx is not None else ""
+            message = exc.format_message()  # type: ignore[attr-defined]
+            err.print(Text.assemble(("error:", "bold red"), f" {message}{hint}"), soft_wrap=True)
+            sys.exit(getattr(exc, "exit_code", 2))
+        sys.exit(rv if isinstance(rv, int) else 0)
+
+
 app = typer.Typer(
+    cls=OneLineErrors,
     add_completion=False,
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     help="Map how refusal is built into open-weight LLMs: extract, steer, judge, conclude.",
 )
-out = Console()
-err = Console(stderr=True)
+# No console markup: user-supplied text (model names, paths, prompts, responses, error messages) often holds
+# square brackets ("[/INST]"), which rich would read as tags; styled prefixes are built as Text instead.
+out = Console(markup=False)
+err = Console(stderr=True, markup=False)
+
+
+def status(message: str):
+    """A spinner on stderr whose message is shown literally (rich parses markup in plain status strings)."""
+    return err.status(Text(message))
 
 
 def quiet_libraries() -> None:
@@ -41,7 +75,7 @@ def cli_errors(fn: Callable) -> Callable:
             quiet_libraries()
             return fn(*args, **kwargs)
         except CrystallizedSafetyError as exc:
-            err.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+            err.print(Text.assemble(("error:", "bold red"), f" {exc}"), highlight=False, soft_wrap=True)
             raise typer.Exit(2) from None
 
     return wrapper
@@ -72,7 +106,7 @@ def load_prompt_set(source: str, column: str | None, where: list[str] | None, de
     filters = {"where": where} if bundled else {"column": column, "where": where, "dedupe": dedupe}
     found = load_prompts(source, limit=limit, **filters)
     if found.dropped_duplicates:
-        err.print(f"note: {escape(source)}: dropped {found.dropped_duplicates} repeated prompts (--dedupe)")
+        err.print(f"note: {source}: dropped {found.dropped_duplicates} repeated prompts (--dedupe)")
     return found
 
 
@@ -81,11 +115,14 @@ def load_model_quietly(model: str, device: str, dtype: str, layers_path: str | N
     from ..precision import warn_if_emulated
     from ..registry import load_model
 
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # also when transformers was imported before quiet_libraries() ran
     dev, dt = resolve_device_dtype(device, dtype)
     warning = warn_if_emulated(dt, dev)
     if warning:
-        err.print(f"warning: {escape(warning)}", highlight=False, soft_wrap=True)
-    with err.status(f"loading {escape(model)}..."):
+        err.print(f"warning: {warning}", highlight=False, soft_wrap=True)
+    with status(f"loading {model}..."):
         return load_model(model, device=device, dtype=dtype, layers_path=layers_path)
 
 
@@ -118,6 +155,20 @@ class Steering:
             raise CrystallizedSafetyError("--directions needs at least one --layer L to steer")
         if self.ablate_to not in ("zero", "harmless-mean"):
             raise CrystallizedSafetyError(f"unknown --ablate-to '{self.ablate_to}': use zero or harmless-mean")
+        if self.directions is not None:  # a bad file or alpha fails here, before the model loads
+            from ..core.steering import ALPHA_LIMITS, check_numbers
+
+            if self.alpha_unit not in ALPHA_LIMITS:
+                raise CrystallizedSafetyError(f"unknown --alpha-unit '{self.alpha_unit}': use absolute or relative")
+            check_numbers(self.alpha, "--alpha", ALPHA_LIMITS[self.alpha_unit])
+            from ..core.directions import DirectionBank
+
+            bank = DirectionBank.load(self.directions)
+            for layer in self.layers:
+                if self.alpha_unit == "relative":
+                    bank.resid_norm(layer)
+                if self.ablate_to == "harmless-mean":
+                    bank.harmless_projection(layer)
 
     def intervention(self, m):
         """The Intervention for model `m` (None when unsteered)."""
@@ -144,4 +195,4 @@ class Steering:
 
 
 def main() -> None:
-    app()
+    app(prog_name="csafety")  # also under `python -m crystallized_safety.cli`

@@ -10,6 +10,7 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
+from .. import jsonio
 from .app import (
     CalibrationLimitOpt,
     CalibrationOpt,
@@ -20,9 +21,9 @@ from .app import (
     SystemOpt,
     app,
     cli_errors,
-    err,
     load_model_quietly,
     out,
+    status,
 )
 
 
@@ -38,6 +39,8 @@ def judge_cmd(
     base_url: str | None = typer.Option(None, "--base-url", help="llm: OpenAI-compatible endpoint (http://host/v1)."),
     judge_model: str | None = typer.Option(None, "--judge-model", help="llm: model name at --base-url."),
     api_key_env: str = typer.Option("OPENAI_API_KEY", help="llm: env variable holding the API key ('' = no key)."),
+    judge_timeout: float | None = typer.Option(None, help="llm: seconds per HTTP attempt (default 30)."),
+    judge_retries: int | None = typer.Option(None, help="llm: retries after a failed attempt (default 3)."),
     window: int | None = typer.Option(None, help="substring: characters searched from the start (0 = all, def. 160)."),
     threshold: float | None = typer.Option(None, help="score: refusal = first-token log-odds > X (default 0)."),
     batch_size: int = typer.Option(32, help="score: prompts per forward pass."),
@@ -60,7 +63,8 @@ def judge_cmd(
     from ..judges import DEFAULT_WINDOW, SubstringJudge
 
     only = {"--model": (model, "score"), "--threshold": (threshold, "score"), "--window": (window, "substring"),
-            "--base-url": (base_url, "llm"), "--judge-model": (judge_model, "llm")}  # fmt: skip
+            "--base-url": (base_url, "llm"), "--judge-model": (judge_model, "llm"),
+            "--judge-timeout": (judge_timeout, "llm"), "--judge-retries": (judge_retries, "llm")}  # fmt: skip
     _check_judge(judge, only)
     gate_model = coherence_model or (model if judge == "score" else None)
     records = read_judge_input(input_path, need_response=judge != "score" or coherence_model is not None)
@@ -77,7 +81,7 @@ def judge_cmd(
         assert model is not None  # checked above
         m = load_model_quietly(model, device, dtype, layers_path)
         scorer = RefusalScoreJudge(m, threshold=threshold or 0.0, system=system, raw=raw, batch_size=batch_size)
-        with err.status(f"scoring {len(prompts)} prompts..."):
+        with status(f"scoring {len(prompts)} prompts..."):
             verdicts = scorer.judge(prompts)
     else:
         try:
@@ -85,9 +89,20 @@ def judge_cmd(
         except ImportError as exc:
             raise JudgeError(f"the llm judge cannot be imported ({exc}); reinstall crystallized-safety") from None
         assert base_url is not None and judge_model is not None  # checked above
-        llm = LLMJudge(base_url=base_url, model=judge_model, api_key_env=api_key_env or None)
-        with err.status(f"asking {judge_model} about {len(prompts)} responses..."):
+        limits = {"timeout": judge_timeout, "max_retries": judge_retries}
+        llm = LLMJudge(
+            base_url=base_url,
+            model=judge_model,
+            api_key_env=api_key_env or None,
+            **{k: v for k, v in limits.items() if v is not None},
+        )
+        with status(f"asking {judge_model} about {len(prompts)} responses..."):
             verdicts = llm.judge(prompts, [r["response"] for r in records])
+        if verdicts and all(v.refusal is None for v in verdicts):
+            raise JudgeError(
+                f"the LLM judge reached no verdict for any of {len(verdicts)} responses ({verdicts[0].reason}): "
+                "check --base-url, --judge-model and the API key"
+            )
     gated = None
     if gate_model is not None:
         opts = (device, dtype, layers_path, system)
@@ -97,7 +112,7 @@ def judge_cmd(
             row = {**record, "refusal": v.refusal, "score": v.score, "judge": v.judge, "reason": v.reason}
             if gated is not None:
                 row.update(coherent=gated[i].coherent, coherence=gated[i].reason, perplexity=gated[i].perplexity)
-            sys.stdout.write(json.dumps(row, ensure_ascii=False) + "\n")
+            sys.stdout.write(jsonio.dumps(row, ensure_ascii=False) + "\n")
         sys.stdout.flush()
         return
     judge_table(records, verdicts, gated)
@@ -129,9 +144,9 @@ def _coherence(
     device, dtype, layers_path, system = opts
     calibration_set = load_prompts(calibration, limit=limit)
     gm = load_model_quietly(gate_model, device, dtype, layers_path)
-    with err.status(f"calibrating the coherence gate on {len(calibration_set)} harmless answers..."):
+    with status(f"calibrating the coherence gate on {len(calibration_set)} harmless answers..."):
         gate = calibrated_gate(gm, list(calibration_set), system=system)
-    with err.status(f"gating {len(responses)} responses for coherence..."):
+    with status(f"gating {len(responses)} responses for coherence..."):
         return gate.evaluate(prompts, responses)
 
 

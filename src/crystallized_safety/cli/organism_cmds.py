@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
 import typer
-from rich.markup import escape
 
+from .. import jsonio
 from ..errors import CrystallizedSafetyError
 from .app import (
     CalibrationLimitOpt,
@@ -26,6 +25,7 @@ from .app import (
     load_model_quietly,
     load_prompt_set,
     out,
+    status,
 )
 
 organism_app = typer.Typer(no_args_is_help=True, help="The refusal-tuned SmolLM2 model organism.")
@@ -63,7 +63,7 @@ def organism_build_cmd(
     chosen, why = resolve(precision)
     cpu = detect()
     if chosen == "bf16" and not cpu.native_bf16:
-        err.print(f"warning: {escape(cpu.reason)}: a bf16 build will be many times slower than fp32", soft_wrap=True)
+        err.print(f"warning: {cpu.reason}: a bf16 build will be many times slower than fp32", soft_wrap=True)
     name = DEFAULT_NAME if kind == "liquid" else HARDENED_NAME
     recipe = Recipe(seed=seed, precision=chosen) if kind == "liquid" else hardened_recipe(seed, chosen)
     target = organism_dir(name, recipe)
@@ -88,7 +88,7 @@ def announce_build(recipe, where: str) -> None:
     from ..organism.build import estimate_build_seconds
     from ..registry import load_model
 
-    err.print(f"no cached organism for this recipe: building it in {escape(where)}", highlight=False, soft_wrap=True)
+    err.print(f"no cached organism for this recipe: building it in {where}", highlight=False, soft_wrap=True)
     probe = load_model(recipe.base, device="cpu", dtype="float32")
     minutes = estimate_build_seconds(probe, recipe) / 60
     err.print(f"estimated build time on this machine: ~{minutes:.0f} min (once; then cached)", soft_wrap=True)
@@ -131,17 +131,17 @@ def eval_refusal_cmd(
     m = load_model_quietly(model, device, dtype, layers_path)
     gate = None
     if calibration_set is not None:
-        with err.status(f"calibrating the coherence gate on {len(calibration_set)} harmless answers..."):
+        with status(f"calibrating the coherence gate on {len(calibration_set)} harmless answers..."):
             gate = calibrated_gate(
                 m, list(calibration_set), max_new_tokens=max_new_tokens, batch_size=batch_size, system=system
             )
-    with err.status(f"generating and judging {len(prompt_set)} prompts..."):
+    with status(f"generating and judging {len(prompt_set)} prompts..."):
         res = refusal_rate(
             m, list(prompt_set), max_new_tokens=max_new_tokens, batch_size=batch_size, system=system, gate=gate
         )
     if json_out:
         for row in res.records():
-            sys.stdout.write(json.dumps(row, ensure_ascii=False) + "\n")
+            sys.stdout.write(jsonio.dumps(row, ensure_ascii=False) + "\n")
         summary = {
             "model": model,
             "prompts": prompts,
@@ -151,7 +151,7 @@ def eval_refusal_cmd(
             "coherence_thresholds": gate.thresholds.to_dict() if gate is not None and gate.thresholds else None,
             **res.to_dict(),
         }
-        sys.stdout.write(json.dumps(summary) + "\n")
+        sys.stdout.write(jsonio.dumps(summary) + "\n")
     else:
         text = f"refusal rate of {model} on {prompts}: {res}"
         text += f", {res.undecided} undecided" if res.undecided else ""

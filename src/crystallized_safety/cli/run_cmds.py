@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
 import typer
-from rich.markup import escape
 from rich.table import Table
 
+from .. import jsonio
 from ..errors import CrystallizedSafetyError
 from .app import (
     app,
@@ -39,10 +38,13 @@ def run_cmd(
         warnings.simplefilter("always")
         spec = load_spec(config)
     for w in caught:
-        err.print(f"[yellow]warning:[/] {escape(str(w.message))}", highlight=False)
-    store = Store(store_path)
+        err.print(f"warning: {str(w.message)}", highlight=False)
     from ..run.executors import resolve_executor
-    from ..run.runner import run_experiment  # heavy (torch): after the inputs are checked
+    from ..run.runner import check_models, run_experiment  # heavy (torch): after the spec is checked
+
+    check_models(spec, {})  # every model name resolvable before the store is touched
+    store = Store(store_path)
+    print_store_warnings(store)
 
     with Reporter(f"run {spec.name}", stream=sys.stderr) as reporter:
         result = run_experiment(spec, store, resolve_executor(executor, address, workers), progress=reporter)
@@ -51,6 +53,36 @@ def run_cmd(
         f"{result.chunks_skipped} already in {store_path}, {result.seconds:.0f} s"
     )
     print_verdicts(result.verdicts)
+
+
+def open_store(store_path: Path):
+    """A store opened read-only (status, export, report: also on read-only media), its warnings printed."""
+    from ..store import Store
+
+    if store_path.is_dir():
+        raise CrystallizedSafetyError(f"store '{store_path}' is a directory: pass the results .sqlite file")
+    if not store_path.exists():
+        raise CrystallizedSafetyError(
+            f"store '{store_path}' does not exist: run `csafety run CONFIG --store {store_path}`"
+        )
+    store = Store(store_path, readonly=True)
+    print_store_warnings(store)
+    return store
+
+
+def print_store_warnings(store) -> None:
+    for warning in store.warnings:
+        err.print(f"warning: {warning}", highlight=False, soft_wrap=True)
+
+
+def write_output(path: Path, text: str) -> None:
+    """Write a command's --out file, or one clear error (missing directory, a file in the way, no permission)."""
+    if not path.parent.is_dir():
+        raise CrystallizedSafetyError(f"cannot write '{path}': directory '{path.parent}' does not exist")
+    try:
+        path.write_text(text, encoding="utf-8")
+    except OSError as exc:
+        raise CrystallizedSafetyError(f"cannot write '{path}': {exc.strerror or exc}") from None
 
 
 def print_verdicts(verdicts: list[dict]) -> None:
@@ -68,27 +100,25 @@ def status_cmd(
     store_path: Path = typer.Option(..., "--store", help="SQLite results store."),
     json_out: bool = typer.Option(False, "--json"),
 ) -> None:
-    """Runs in a store: progress, timings, verdicts."""
-    from ..store import Store
-
-    if not store_path.exists():
-        raise CrystallizedSafetyError(
-            f"store '{store_path}' does not exist: run `csafety run CONFIG --store {store_path}`"
-        )
-    store = Store(store_path)
+    """Runs in a store: progress, timings, verdicts (a 'running' run whose process is gone shows as interrupted)."""
+    store = open_store(store_path)
     rows = []
     for info in store.runs():
         counts = store.counts(info.run_id)
-        rows.append({**info.__dict__, **counts, "verdicts": store.verdicts(info.run_id)})
+        row = {**info.__dict__, **counts, "verdicts": store.verdicts(info.run_id)}
+        if info.status == "running" and not store.run_active(info.run_id):
+            row["status"] = "interrupted"
+        rows.append(row)
     if json_out:
-        sys.stdout.write(json.dumps(rows) + "\n")
+        sys.stdout.write(jsonio.dumps(rows) + "\n")
         return
     table = Table(title=str(store_path))
     for column in ("run", "name", "status", "chunks", "generations", "gen. seconds"):
         table.add_column(column)
     for r in rows:
+        status = r["status"] + (f": {r['error']}" if r.get("error") else "")
         table.add_row(
-            r["run_id"], r["name"], r["status"], str(r["chunks"]), str(r["generations"]), str(r["generation_seconds"])
+            r["run_id"], r["name"], status, str(r["chunks"]), str(r["generations"]), str(r["generation_seconds"])
         )
     out.print(table)
     for r in rows:
@@ -105,14 +135,12 @@ def export_cmd(
     out_path: Path | None = typer.Option(None, "--out", help="Write here instead of stdout."),
 ) -> None:
     """Export a run's generations (csv) or everything (json)."""
-    from ..store import Store
-
-    if not store_path.exists():
-        raise CrystallizedSafetyError(f"store '{store_path}' does not exist")
-    store = Store(store_path)
+    if fmt not in ("json", "csv"):
+        raise CrystallizedSafetyError(f"unknown export format '{fmt}': use json or csv")
+    store = open_store(store_path)
     text = store.export(store.run(run).run_id, fmt)
     if out_path is not None:
-        out_path.write_text(text)
+        write_output(out_path, text)
         err.print(f"wrote {out_path}")
     else:
         sys.stdout.write(text)
@@ -131,3 +159,39 @@ def report_cmd(
     paths = build_report(store_path, out_dir, run)
     err.print(f"wrote {paths.markdown}, {paths.results} and {len(paths.figures)} figure files", soft_wrap=True)
     sys.stdout.write(f"report: {paths.html}\n")  # the last line: `make demo` ends by pointing at the report
+
+
+store_app = typer.Typer(help="Look after a results store: consistent backups and checks.", no_args_is_help=True)
+app.add_typer(store_app, name="store")
+
+
+@store_app.command("backup")
+@cli_errors
+def store_backup_cmd(
+    store_path: Path = typer.Option(..., "--store", help="SQLite results store."),
+    out_path: Path = typer.Option(..., "--out", help="The backup file to create (a single .sqlite, WAL included)."),
+) -> None:
+    """A consistent single-file copy of the store, also while a run writes to it."""
+    store = open_store(store_path)
+    if not out_path.parent.is_dir():
+        raise CrystallizedSafetyError(f"cannot write '{out_path}': directory '{out_path.parent}' does not exist")
+    store.backup(out_path)
+    err.print(f"wrote {out_path}")
+
+
+@store_app.command("check")
+@cli_errors
+def store_check_cmd(store_path: Path = typer.Option(..., "--store", help="SQLite results store.")) -> None:
+    """SQLite's integrity check, a damaged WAL, chunks marked done whose rows are missing; exit 1 on a problem."""
+    from ..store import Store
+
+    if not store_path.is_file():
+        raise CrystallizedSafetyError(f"store '{store_path}' does not exist")
+    store = Store(store_path, readonly=True)
+    problems = store.check()
+    for problem in problems:
+        out.print(f"problem: {problem}", highlight=False, soft_wrap=True)
+    runs = store.runs()
+    out.print(f"{store_path}: {len(runs)} runs, {len(problems)} problems", highlight=False, soft_wrap=True)
+    if problems:
+        raise typer.Exit(1)

@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
 import typer
 from rich import box
 from rich.table import Table
+from rich.text import Text
 
+from .. import jsonio
 from ..errors import CrystallizedSafetyError
 from .app import (
     AblateToOpt,
@@ -34,6 +35,7 @@ from .app import (
     load_model_quietly,
     load_prompt_set,
     out,
+    status,
 )
 
 
@@ -48,7 +50,7 @@ def models_cmd(json_out: bool = typer.Option(False, "--json", help="Print JSON i
     entries = registry()
     if json_out:
         for entry in entries.values():
-            out.print_json(json.dumps(asdict(entry)))
+            out.print_json(jsonio.dumps(asdict(entry)))
         return
     # Narrow enough for an 80-column terminal: long sources fold, notes go below the table.
     table = Table(title="crystallized-safety model registry", box=box.SIMPLE_HEAD, pad_edge=False)
@@ -96,7 +98,7 @@ def extract_cmd(
     from ..core.directions import extract_directions  # heavy (torch): after the inputs are checked
 
     m = load_model_quietly(model, device, dtype, layers_path)
-    with err.status(f"extracting {len(harmful_set)} harmful + {len(harmless_set)} harmless prompts..."):
+    with status(f"extracting {len(harmful_set)} harmful + {len(harmless_set)} harmless prompts..."):
         bank = extract_directions(
             m,
             harmful_set,
@@ -162,7 +164,7 @@ def generate_cmd(
 
     m = load_model_quietly(model, device, dtype, layers_path)
     intervention = steering.intervention(m)
-    with err.status(f"generating {len(texts)} responses..."):
+    with status(f"generating {len(texts)} responses..."):
         results = generate(
             m,
             texts,
@@ -188,9 +190,9 @@ def generate_cmd(
                 "alpha": alpha,
                 "mode": mode if intervention else None,
             }
-            sys.stdout.write(json.dumps(record, ensure_ascii=False) + "\n")
+            sys.stdout.write(jsonio.dumps(record, ensure_ascii=False) + "\n")
         else:
-            out.print(f"[bold]> {g.prompt}[/]", highlight=False)
+            out.print(Text(f"> {g.prompt}", style="bold"), highlight=False)
             out.print(g.response + "\n", highlight=False, markup=False)
     sys.stdout.flush()
 

@@ -124,22 +124,17 @@ class DirectionBank:
         if "directions" not in tensors:
             raise VectorFileError(f"'{path}' has no 'directions' tensor; re-create it with `csafety extract`")
         directions = _check_matrix(tensors["directions"], path)
-        layers = tensors.get("layers")
-        layer_list = [int(x) for x in layers.tolist()] if layers is not None else list(range(directions.shape[0]))
-        if len(layer_list) != directions.shape[0]:
-            raise VectorFileError(
-                f"'{path}' is inconsistent: {len(layer_list)} layer indices for {directions.shape[0]} rows"
-            )
+        layer_list = _check_layers(tensors.get("layers"), directions.shape[0], path)
         extras = {}
-        for name in ("mean_harmful", "mean_harmless"):
-            if name in tensors and tensors[name].shape != directions.shape:
-                raise VectorFileError(f"'{path}' is inconsistent: '{name}' has shape {tuple(tensors[name].shape)}")
-            extras[name] = tensors.get(name)
+        for name, shape in (("mean_harmful", directions.shape), ("mean_harmless", directions.shape)):
+            extras[name] = _check_extra(tensors.get(name), name, shape, path)
         for name in ("raw_norms", "resid_norms"):
-            extras[name] = tensors.get(name)
-        any_layer = json.loads(meta.pop("any_layer", "false"))
+            extras[name] = _check_extra(tensors.get(name), name, directions.shape[:1], path, positive=True)
+        any_layer = meta.pop("any_layer", "false")
+        if any_layer not in ("true", "false"):
+            raise VectorFileError(f"'{path}' has metadata any_layer={any_layer[:40]!r}: expected true or false")
         meta.pop("layers", None)
-        return cls(directions=directions, layers=layer_list, metadata=meta, any_layer=bool(any_layer), **extras)
+        return cls(directions=directions, layers=layer_list, metadata=meta, any_layer=any_layer == "true", **extras)
 
     @classmethod
     def _load_pt(cls, path: Path) -> DirectionBank:
@@ -165,9 +160,51 @@ class DirectionBank:
 def _check_matrix(tensor: torch.Tensor, path: Path) -> torch.Tensor:
     if tensor.dim() != 2 or tensor.shape[0] == 0 or tensor.shape[1] == 0:
         raise VectorFileError(f"'{path}' directions must have shape [layers, hidden], got {tuple(tensor.shape)}")
+    if not tensor.is_floating_point():
+        raise VectorFileError(
+            f"'{path}' directions are {str(tensor.dtype).removeprefix('torch.')}, not floating point (quantised "
+            "directions lose the direction): save them as float32"
+        )
     tensor = tensor.float()
     if not torch.isfinite(tensor).all():
         raise VectorFileError(f"'{path}' contains NaN or inf values; re-create it with `csafety extract`")
+    zero = (tensor.norm(dim=-1) == 0).nonzero().flatten().tolist()
+    if zero:
+        raise VectorFileError(f"'{path}' has all-zero directions (rows {_span(zero)}): steering with them does nothing")
+    return tensor
+
+
+def _check_layers(layers: torch.Tensor | None, rows: int, path: Path) -> list[int]:
+    """The file's layer indices: 1-D integers, one per row, distinct, >= 0 (absent: 0..rows-1)."""
+    if layers is None:
+        return list(range(rows))
+    if layers.dim() != 1 or layers.is_floating_point() or layers.dtype == torch.bool:
+        raise VectorFileError(
+            f"'{path}' 'layers' must be a 1-D integer tensor, got {layers.dtype} {tuple(layers.shape)}"
+        )
+    found = [int(x) for x in layers.tolist()]
+    if len(found) != rows:
+        raise VectorFileError(f"'{path}' is inconsistent: {len(found)} layer indices for {rows} rows")
+    if min(found) < 0 or len(set(found)) != len(found):
+        raise VectorFileError(f"'{path}' 'layers' must be distinct layer indices >= 0, got {_span(found)}")
+    return found
+
+
+def _check_extra(
+    tensor: torch.Tensor | None, name: str, shape: torch.Size, path: Path, positive: bool = False
+) -> torch.Tensor | None:
+    """An optional statistic (means, norms): the right shape, floating point, finite (norms also > 0)."""
+    if tensor is None:
+        return None
+    if tuple(tensor.shape) != tuple(shape) or not tensor.is_floating_point():
+        raise VectorFileError(
+            f"'{path}' is inconsistent: '{name}' is {str(tensor.dtype).removeprefix('torch.')} "
+            f"{tuple(tensor.shape)}, expected floating point {tuple(shape)}"
+        )
+    tensor = tensor.float()
+    if not torch.isfinite(tensor).all() or (positive and not (tensor > 0).all()):
+        need = "finite and > 0" if positive else "finite"
+        raise VectorFileError(f"'{path}' '{name}' must be {need}; re-create the file with `csafety extract`")
     return tensor
 
 

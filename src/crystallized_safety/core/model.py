@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..errors import LayerError, ModelError
+from ..errors import InterventionError, LayerError, ModelError, PromptError
 
 CACHE_ENV = "CSAFETY_CACHE"
 LAYER_CONVENTION = "i = output of decoder block i (0-based) = HF hidden_states[i+1]"
@@ -277,6 +277,28 @@ class Model:
                 return value
         return None
 
+    def check_fits(self, texts: Sequence[str], max_new_tokens: int, *, raw: bool = False) -> list[int]:
+        """Prompt token counts, or a clear error when a prompt plus `max_new_tokens` exceeds the context length
+        (checked on characters first, so a megabyte prompt fails before it is tokenised)."""
+        limit = self.context_length
+        if limit is not None and max_new_tokens >= limit:
+            raise PromptError(f"max_new_tokens {max_new_tokens} does not fit the model's context of {limit} tokens")
+        if limit is not None:
+            for i, text in enumerate(texts):
+                if len(text) > MAX_CHARS_PER_TOKEN * limit:
+                    raise PromptError(
+                        f"prompt {i + 1} is {len(text):,} characters, far beyond the model's context of {limit} "
+                        "tokens: shorten it"
+                    )
+        counts = [len(ids) for ids in self.tokenizer(list(texts), add_special_tokens=raw)["input_ids"]]
+        if limit is not None and counts and max(counts) + max_new_tokens > limit:
+            i = counts.index(max(counts))
+            raise PromptError(
+                f"prompt {i + 1} ({counts[i]} tokens) + max_new_tokens ({max_new_tokens}) exceeds the model's context "
+                f"of {limit} tokens: shorten the prompt or generate fewer tokens"
+            )
+        return counts
+
     @property
     def pad_id(self) -> int:
         pad = self.tokenizer.pad_token_id
@@ -344,7 +366,25 @@ class Model:
             pad_token_id=self.tokenizer.pad_token_id,
             eos_token_id=self.eos_ids(),
         )
-        return self.hf.generate(**batch, generation_config=config)
+        from transformers import LogitsProcessor, LogitsProcessorList
+
+        dtype = self.dtype
+
+        class FiniteLogits(LogitsProcessor):  # last in the list: top-p's -inf is allowed, NaN / +inf are not
+            def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+                if torch.isnan(scores).any() or torch.isposinf(scores).any():
+                    raise InterventionError(nonfinite_message(dtype))
+                return scores
+
+        return self.hf.generate(
+            **batch, generation_config=config, logits_processor=LogitsProcessorList([FiniteLogits()])
+        )
+
+    def check_logits(self, logits: torch.Tensor) -> torch.Tensor:
+        """`logits`, or a clear error when steering (or the dtype) made them NaN / inf: never silent garbage."""
+        if not torch.isfinite(logits).all():
+            raise InterventionError(nonfinite_message(self.dtype))
+        return logits
 
     def metadata(self) -> dict[str, str]:
         return {
@@ -353,6 +393,16 @@ class Model:
             "n_layers": str(self.n_layers),
             "hidden_size": str(self.hidden_size),
         }
+
+
+MAX_CHARS_PER_TOKEN = 64  # a text this many times longer than the context cannot fit, whatever the tokenizer
+
+
+def nonfinite_message(dtype: torch.dtype) -> str:
+    return (
+        "the model produced NaN/inf logits: steering pushed the activations out of range (lower the alpha, check "
+        f"the direction file's norms and means) or {str(dtype).removeprefix('torch.')} overflowed (try float32)"
+    )
 
 
 # --------------------------------------------------------------------------- loading

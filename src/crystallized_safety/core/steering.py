@@ -23,6 +23,9 @@ AlphaUnit = Literal["absolute", "relative"]
 HookFn = Callable[[torch.Tensor], torch.Tensor | None]
 
 MODES = ("add", "ablate", "ablate_add")
+# The largest |alpha| accepted per unit: beyond these, activations overflow (fp16/bf16 at once, fp32 soon
+# after) and generation returns NaN logits, i.e. empty "responses" a substring judge would count as flips.
+ALPHA_LIMITS = {"absolute": 1e6, "relative": 1e3}
 POSITIONS = ("all", "prompt", "generated")
 
 
@@ -61,7 +64,20 @@ def _as_vector(value: torch.Tensor | Sequence[float], what: str) -> torch.Tensor
         raise InterventionError(f"{what} must be a [d] vector or a [batch, d] matrix, got shape {tuple(tensor.shape)}")
     if not torch.isfinite(tensor).all():
         raise InterventionError(f"{what} contains NaN or inf values: re-extract or check the vector file")
+    if tensor.dim() == 1 and tensor.norm() == 0:  # per-row matrices hold zero rows for unsteered cells
+        raise InterventionError(f"{what} is all zeros: steering with it changes nothing")
     return tensor
+
+
+def check_numbers(values, what: str, limit: float | None = None, positive: bool = False) -> None:
+    """Every value finite (and within +-limit, and > 0 where asked), or one clear error."""
+    tensor = torch.as_tensor(values, dtype=torch.float64).flatten()
+    if not torch.isfinite(tensor).all():
+        raise InterventionError(f"{what} must be finite numbers, got NaN or inf")
+    if limit is not None and (tensor.abs() > limit).any():
+        raise InterventionError(f"{what} {float(tensor.abs().max()):g} is out of range: use |{what}| <= {limit:g}")
+    if positive and not (tensor > 0).all():
+        raise InterventionError(f"{what} must be > 0: re-extract the direction file with `csafety extract`")
 
 
 @dataclass
@@ -103,6 +119,11 @@ class Intervention:
             if alpha.dim() != 1:
                 raise InterventionError("alpha must be a number or a 1-D sequence with one value per prompt")
             self.alpha = alpha
+        check_numbers(self.alpha, f"{self.alpha_unit} alpha", ALPHA_LIMITS[self.alpha_unit])
+        check_numbers(list(self.layer_weights.values()), "layer weight", ALPHA_LIMITS["relative"])
+        check_numbers(list(self.ablate_to.values()), "ablation target")
+        if self.layer_norms:
+            check_numbers(list(self.layer_norms.values()), "layer residual norm", positive=True)
         if self.alpha_unit == "relative":
             missing = [k for k in self.directions if not self.layer_norms or k not in self.layer_norms]
             if missing:

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Annotated, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, NonNegativeInt, ValidationError, field_validator, model_validator
 
 from ..errors import CrystallizedSafetyError
 from ..prompts import PromptSet, check_disjoint, load_prompts
@@ -24,7 +24,7 @@ class SpecError(CrystallizedSafetyError):
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)  # alphas, seeds: finite only
 
 
 class PromptSpec(_Strict):
@@ -105,7 +105,7 @@ class _Study(_Strict):
 
 class LayerSweep(_Study):
     kind: Literal["layer_sweep"]
-    layers: list[int] = Field(min_length=1)
+    layers: list[NonNegativeInt] = Field(min_length=1)
     alphas: list[float] = Field(min_length=1)
     controls: bool = Field(False, description="also run a random direction at every (layer, alpha)")
 
@@ -132,9 +132,9 @@ class Sign(_Study):
 
 class Multilayer(_Study):
     kind: Literal["multilayer"]
-    layer_sets: list[list[int]] = []
+    layer_sets: list[list[NonNegativeInt]] = []
     windows: list[int] = Field([], description="contiguous window sizes K, slid across `window_range`")
-    window_range: tuple[int, int] | None = None
+    window_range: tuple[NonNegativeInt, NonNegativeInt] | None = None
     window_stride: int = Field(1, ge=1)
     alphas: list[float] = Field(min_length=1)
     alpha_split: Literal["per_layer", "total"] = "per_layer"
@@ -161,7 +161,7 @@ class MinLayers(_Study):
 
     kind: Literal["min_layers"]
     ks: list[int] = Field([1, 2, 4, 8], min_length=1, description="window sizes K, ascending")
-    window_range: tuple[int, int]
+    window_range: tuple[NonNegativeInt, NonNegativeInt]
     stride: int | None = Field(None, ge=1, description="window start step (default: K, i.e. disjoint windows)")
     alphas: list[float] = Field(min_length=1, description="applied at EVERY layer of a window")
     spread: bool = Field(False, description="also K layers spread evenly over the range")
@@ -181,22 +181,22 @@ class MinLayers(_Study):
 
 class Induction(_Study):
     kind: Literal["induction"]
-    layers: list[int] = Field(min_length=1)
+    layers: list[NonNegativeInt] = Field(min_length=1)
     alphas: list[float] = Field(min_length=1, description="positive alphas induce refusal on harmless prompts")
 
 
 class Transfer(_Study):
     kind: Literal["transfer"]
     source_model: str
-    layers: list[int] = Field(min_length=1, description="target-model layers")
-    source_layers: list[int] | None = Field(None, description="default: same relative depth")
+    layers: list[NonNegativeInt] = Field(min_length=1, description="target-model layers")
+    source_layers: list[NonNegativeInt] | None = Field(None, description="default: same relative depth")
     alphas: list[float] = Field(min_length=1)
     map_prompts: int = Field(64, ge=8, description="shared prompts for the linear map when hidden sizes differ")
 
 
 class Readability(_Study):
     kind: Literal["readability"]
-    layers: list[int] | Literal["all"] = "all"
+    layers: list[NonNegativeInt] | Literal["all"] = "all"
 
 
 Study = Annotated[
@@ -291,7 +291,9 @@ def load_spec(path: str | Path) -> ExperimentSpec:
     if not path.is_file():
         raise SpecError(f"experiment spec '{path}' does not exist")
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise SpecError(f"{path}: not UTF-8 text: a spec is a YAML file") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark else ""

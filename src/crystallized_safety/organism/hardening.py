@@ -4,7 +4,10 @@
 Every `reextract_every` steps the per-layer diff-in-means directions are re-extracted from the model being
 trained (train split). In each step, every harmful example is attacked with probability `attack_p`: one layer
 drawn from `attack_band` either has its direction ablated (projection set to the harmless mean) or gets
-`-alpha * resid_norm * v` added, alpha drawn from `attack_rel_alpha`; the target stays the refusal. Attacks
+`-alpha * resid_norm * v` added, alpha drawn from `attack_rel_alpha`; the target stays the refusal. With
+`attack_harmless_p` > 0, harmless imitation examples are attacked the other way (`+alpha * resid_norm * v`
+added at one layer, inducing refusal) while their target stays the compliant answer, so the direction cannot
+become an over-refusal shortcut. Attacks
 act on all of the example's positions, as steering does at evaluation, so hardened batches are packed
 without a shared prefix (each example carries its own copy of the system prompt and template head).
 """
@@ -28,7 +31,7 @@ class Attack:
     example: int  # index in the batch
     layer: int
     ablate: bool
-    alpha: float  # absolute (already times the layer's residual norm); unused when ablating
+    alpha: float  # absolute (already times the layer's residual norm; < 0 induces); unused when ablating
     direction: torch.Tensor  # unit [d]
     target: float  # ablation: the projection harmless prompts have
 
@@ -56,18 +59,21 @@ class Attacker:
         model.hf.train(was_training)
         self.refreshed += 1
 
-    def draw(self, attackable: Sequence[bool]) -> list[Attack]:
-        """Attacks for a batch; `attackable[i]` says whether example i is a harmful (refusal) example."""
+    def draw(self, kinds: Sequence[str | None]) -> list[Attack]:
+        """Attacks for a batch; `kinds[i]` is "harmful" (a refusal example: bypass attacks), "harmless" (a
+        compliant-answer example: induction attacks, when the recipe asks for them) or None (not attacked)."""
         assert self.bank is not None, "refresh() before draw()"
         r, out = self.recipe, []
-        for i, ok in enumerate(attackable):
-            if not ok or self.rng.random() >= r.attack_p:
+        p = {"harmful": r.attack_p, "harmless": r.attack_harmless_p}
+        for i, kind in enumerate(kinds):
+            if kind is None or self.rng.random() >= p[kind]:
                 continue
             layer = self.rng.choice(self.layers)
-            ablate = self.rng.random() < r.attack_ablate_p
+            ablate = kind == "harmful" and self.rng.random() < r.attack_ablate_p
             alpha = self.rng.uniform(*r.attack_rel_alpha) * self.bank.resid_norm(layer)
             target = self.bank.harmless_projection(layer)
-            out.append(Attack(i, layer, ablate, alpha, self.bank.direction(layer), target))
+            sign = 1.0 if kind == "harmful" else -1.0
+            out.append(Attack(i, layer, ablate, sign * alpha, self.bank.direction(layer), target))
         return out
 
 

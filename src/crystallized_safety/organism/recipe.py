@@ -29,7 +29,10 @@ HARDENING_FIELDS = (
     "reextract_every",
     "reextract_prompts",
     "harmful_repeats",
+    "attack_harmless_p",
 )
+# Settings added after organisms were cached: left out of the key while at this default, so those stay valid.
+LATER_FIELDS = {"attack_harmless_p": 0.0}
 # Bump when the build or the card changes in a way that makes cached organisms stale.
 BUILD_VERSION = 7
 
@@ -62,11 +65,13 @@ class Recipe:
     reextract_every: int = 10  # steps between re-extractions of the directions from the model being trained
     reextract_prompts: int = 64  # train prompts per side used to re-extract them
     harmful_repeats: int = 1  # each harmful example this many times per epoch (each time attacked afresh)
+    attack_harmless_p: float = 0.0  # probability that a harmless answer example gets an induction attack
 
     def key(self) -> str:
         spec = {**asdict(self), "build_version": BUILD_VERSION}
         if self.kind == "liquid":
             spec = {k: v for k, v in spec.items() if k not in HARDENING_FIELDS}
+        spec = {k: v for k, v in spec.items() if k not in LATER_FIELDS or v != LATER_FIELDS[k]}
         return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:12]
 
 
@@ -89,7 +94,9 @@ def hardened_recipe(seed: int = 0, precision: str = "fp32") -> Recipe:
         epochs=1,
         lr=1e-4,
         harmless_weight=3.0,
+        unlikelihood_weight=2.0,
         attack_p=0.9,
+        attack_harmless_p=0.5,
         attack_band=(6, 26),
         attack_rel_alpha=(0.3, 1.0),
         harmful_repeats=3,

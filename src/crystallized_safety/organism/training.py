@@ -204,6 +204,11 @@ def train(
     gen = torch.Generator().manual_seed(recipe.seed)
     attacker = Attacker(recipe, harmful, list(harmless), recipe.seed) if recipe.attack_p > 0 else None
     prefix = 0 if attacker else shared_prefix([ex[0] for ex in examples])
+    n_harmful, n_harmless = len(harmful) * recipe.harmful_repeats, len(harmless)
+
+    def kind(i: int) -> str | None:  # examples: harmful refusals, harmless answers, then unlikelihood ones
+        return "harmful" if i < n_harmful else "harmless" if i < n_harmful + n_harmless else None
+
     losses: list[float] = []
     n_attacks = 0
     t1 = time.perf_counter()
@@ -217,7 +222,7 @@ def train(
             attacks = []
             if attacker is not None:
                 attacker.refresh(model, len(losses))
-                attacks = attacker.draw([i < len(harmful) * recipe.harmful_repeats for i in rows])
+                attacks = attacker.draw([kind(i) for i in rows])
                 n_attacks += len(attacks)
             with torch.autocast(hf.device.type, dtype=torch.bfloat16, enabled=recipe.precision == "bf16"):
                 loss = packed_loss(model, batch, recipe.first_token_weight, prefix, attacks)

@@ -14,7 +14,7 @@ import platform
 import time
 from pathlib import Path
 
-from .. import __version__
+from .. import __version__, jsonio
 from ..experiments.direction_ref import DirectionRef
 from ..experiments.results import best
 from ..stats import MIN_N
@@ -46,9 +46,17 @@ def build_report(store_path: str | Path, out_dir: str | Path, run_id: str | None
     if out.exists() and not out.is_dir():
         raise ReportError(f"--out '{out}' is a file: pass a directory for the report")
     try:
-        store = Store(store_path)
+        store = Store(store_path, readonly=True)  # a report never writes the store (it may be on read-only media)
     except StoreError as exc:  # not a store, another schema: one error family for the report's callers
         raise ReportError(str(exc)) from None
+    try:
+        return _write_report(store, store_path, out, run_id)
+    except OSError as exc:
+        raise ReportError(f"cannot write the report under '{out}': {exc.strerror or exc}") from None
+
+
+def _write_report(store: Store, store_path: Path, out: Path, run_id: str | None) -> ReportPaths:
+    """The report files of one run (the store is closed here)."""
     try:
         try:
             info = store.run(run_id)
@@ -61,6 +69,7 @@ def build_report(store_path: str | Path, out_dir: str | Path, run_id: str | None
     finally:
         store.close()
     findings = [f for r in reports for f in r.summary.pop("_findings")]
+    findings[:0] = [Finding("warning", "", "store", w) for w in store.warnings]
     if data["run"]["status"] != "finished":
         findings.insert(
             0,
@@ -76,7 +85,7 @@ def build_report(store_path: str | Path, out_dir: str | Path, run_id: str | None
     md_path, html_path, json_path = out / "report.md", out / "report.html", out / "results.json"
     md_path.write_text(markdown(context), encoding="utf-8")
     html_path.write_text(render_html(context), encoding="utf-8")
-    json_path.write_text(json.dumps(_results(context, data), indent=1, ensure_ascii=False, default=str) + "\n")
+    json_path.write_text(jsonio.dumps(_results(context, data), indent=1, ensure_ascii=False, default=str) + "\n")
     figs = tuple(p for r in reports for f in r.figures for p in (f.png, f.svg))
     figs += tuple(p for f in context["cross_figures"] for p in (f.png, f.svg))
     return ReportPaths(out, html_path, md_path, json_path, figs)

@@ -46,6 +46,8 @@ STYLE: dict[str, Any] = {
 def _styled():
     """The house style for one figure (matplotlib types rcParams keys as literals; ours is a plain dict)."""
     return matplotlib.rc_context(STYLE)
+
+
 LAYER_AXIS = "layer i (output of decoder block i)"
 LAYER_AXIS_2 = "layer i\n(output of decoder block i)"
 RATE_AXIS = "rate (Wilson 95% CI)"

@@ -14,10 +14,10 @@ from ..environment import environment
 from ..evaluation import calibrated_gate
 from ..experiments.analysis import analyse_model
 from ..experiments.readability import readability
-from ..experiments.spec import ExperimentSpec, PromptSets, Transfer, load_prompt_sets
+from ..experiments.spec import ExperimentSpec, PromptSets, SpecError, Transfer, load_prompt_sets
 from ..experiments.transfer import transfer_bank
 from ..progress import Progress, silent
-from ..registry import load_model
+from ..registry import check_model_name, load_model
 from ..store import Store
 from .chunks import Chunk, Pack, expand, make_packs
 from .executors.base import Executor
@@ -64,26 +64,66 @@ def run_experiment(
     say = progress or silent
     t0 = time.perf_counter()
     run_id = spec.spec_hash()
-    resumed = store.open_run(run_id, spec.name, spec.to_yaml(), spec.spec_hash(), environment())
+    check_models(spec, models or {})
     sets = load_prompt_sets(spec)
-    ran = skipped = 0
-    for model_name in spec.models:
-        r, k = _run_model(spec, store, run_id, Loader(spec, model_name, models), executor, sets, say)
-        ran, skipped = ran + r, skipped + k
-    store.finish_run(run_id)
+    with store.lock_run(run_id):  # a second process on the same run stops here instead of redoing the work
+        resumed = store.open_run(run_id, spec.name, spec.to_yaml(), spec.spec_hash(), environment())
+        ran = skipped = 0
+        try:
+            for model_name in spec.models:
+                r, k = _run_model(spec, store, run_id, Loader(spec, model_name, models), executor, sets, say)
+                ran, skipped = ran + r, skipped + k
+        except KeyboardInterrupt:
+            store.fail_run(run_id, "interrupted")
+            raise
+        except Exception as exc:
+            store.fail_run(run_id, str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__)
+            raise
+        store.finish_run(run_id)
     return RunResult(run_id, resumed, ran, skipped, time.perf_counter() - t0, store.verdicts(run_id))
+
+
+def check_models(spec: ExperimentSpec, given: dict[str, Model]) -> None:
+    """Every model and transfer source resolvable, before anything loads (an organism is not built here)."""
+    names = list(spec.models) + [s.source_model for s in spec.studies if isinstance(s, Transfer)]
+    for name in dict.fromkeys(names):
+        if name not in given:
+            check_model_name(name)
+
+
+def check_layers(spec: ExperimentSpec, model: Model) -> None:
+    """Every layer a study steers or reads exists in `model`: checked right after it loads, before any
+    extraction (a transfer's `source_layers` belong to the source model and are checked when it loads)."""
+    for study in spec.studies:
+        named = {
+            "layers": getattr(study, "layers", None),
+            "window_range": getattr(study, "window_range", None),
+            "layer_sets": [x for group in getattr(study, "layer_sets", None) or [] for x in group],
+        }
+        for field_name, value in named.items():
+            if not isinstance(value, (list, tuple)):
+                continue
+            bad = [layer for layer in value if not 0 <= layer < model.n_layers]
+            if bad:
+                raise SpecError(
+                    f"study '{study.label}': {field_name} {bad} outside {model.model_id}'s layers "
+                    f"0..{model.n_layers - 1}: fix the spec"
+                )
 
 
 def _run_model(
     spec: ExperimentSpec, store: Store, run_id: str, load: Loader, executor: Executor, sets: PromptSets, say: Progress
 ) -> tuple[int, int]:
     model_name = load.default
+    check_layers(spec, load())
     ctx, n_layers = _model_context(spec, store, run_id, load, sets, say)
     plans, chunks = expand(spec, model_name, n_layers, sets)
+    # the pack size is fixed (and stored) before any generation, so a resumed run forms the same packs
+    rows = _pack_rows(spec, store, run_id, load, chunks, say)
     if spec.screening.enabled:
         chunks = screen(spec, store, run_id, executor, load, ctx, plans, chunks, say)
     done = store.done_chunks(run_id)
-    packs = make_packs(chunks, _pack_rows(spec, store, run_id, load, chunks, say))
+    packs = make_packs(chunks, rows)
     todo = [p for p in packs if any(c.key not in done for c in p)]
     state = {"done": sum(c.key in done for c in chunks)}
 

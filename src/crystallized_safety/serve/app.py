@@ -29,7 +29,7 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .. import __version__
@@ -37,7 +37,10 @@ from ..core.model import Model
 from ..core.steering import Intervention
 from ..errors import CrystallizedSafetyError, InterventionError, ModelError
 from .batching import Batcher, Completion
-from .request import BadRequest, ChatRequest, error_body, parse_request
+from .request import BadRequest, ChatRequest, decode_body, error_body, parse_request
+
+MAX_BODY_BYTES = 2 * 1024 * 1024  # far above any prompt that fits a context window; larger bodies get a 413
+DISCONNECT_POLL_S = 0.2
 
 # --------------------------------------------------------------------------- app
 
@@ -71,8 +74,11 @@ def create_app(
     max_batch: int = 8,
     batch_window: float = 0.015,
     max_tokens_limit: int = 4096,
+    max_body_bytes: int = MAX_BODY_BYTES,
 ):
-    """The FastAPI app; the batching worker runs for the app's lifespan."""
+    """The FastAPI app; the batching worker runs for the app's lifespan. Request bodies over `max_body_bytes` are
+    refused unread (413); decoding and tokenising run off the event loop; a request whose client disconnects
+    before its batch starts is dropped from the queue."""
     _check_settings(model, intervention, max_batch, batch_window, max_tokens_limit)
     name = model_name or model.model_id
     fingerprint = _fingerprint(intervention)
@@ -115,19 +121,24 @@ def create_app(
 
     counter = itertools.count(1)
 
+    def parse(raw: bytes) -> ChatRequest:
+        return parse_request(decode_body(raw), model, name, max_tokens_limit)
+
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
-        raw = await request.body()
         try:
-            body = json.loads(raw)
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            return _error(400, f"request body is not valid JSON ({exc}): send a JSON object")
-        try:
-            chat = parse_request(body, model, name, max_tokens_limit)
+            raw = await _read_body(request, max_body_bytes)
+            chat = await asyncio.to_thread(parse, raw)  # tokenising a long prompt must not block other requests
         except BadRequest as exc:
             return _error(exc.status, exc.message, param=exc.param, code=exc.code)
+        future = asyncio.wrap_future(batcher.submit(chat))
         try:
-            done: Completion = await asyncio.wrap_future(batcher.submit(chat))
+            while not future.done():
+                await asyncio.wait({future}, timeout=DISCONNECT_POLL_S)
+                if not future.done() and await request.is_disconnected():
+                    future.cancel()  # cancels the queued request too: the batcher skips it
+                    return Response(status_code=499)
+            done: Completion = future.result()
         except Exception as exc:  # noqa: BLE001 - generation failed: a one-line 500
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             return _error(500, f"generation failed: {first}", kind="server_error")
@@ -136,6 +147,21 @@ def create_app(
 
     app.state.batcher = batcher
     return app
+
+
+async def _read_body(request: Request, limit: int) -> bytes:
+    """The body, or a 413 as soon as it is known to exceed `limit` bytes (declared or streamed)."""
+    declared = request.headers.get("content-length")
+    too_big = f"request body over {limit:,} bytes: send a shorter prompt"
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise BadRequest(too_big, code="request_too_large", status=413)
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise BadRequest(too_big, code="request_too_large", status=413)
+        chunks.append(chunk)
+    return b"".join(chunks)
 
 
 def _check_settings(
@@ -225,6 +251,7 @@ def serve(
     max_batch: int = 8,
     batch_window: float = 0.015,
     max_tokens_limit: int = 4096,
+    max_body_bytes: int = MAX_BODY_BYTES,
     log_level: str = "info",
 ) -> None:
     """Run the server until interrupted; Ctrl-C or SIGTERM shut it down gracefully (queued requests end).
@@ -241,6 +268,7 @@ def serve(
         max_batch=max_batch,
         batch_window=batch_window,
         max_tokens_limit=max_tokens_limit,
+        max_body_bytes=max_body_bytes,
     )
     config = uvicorn.Config(app, host=host, port=port, log_level=log_level, access_log=False, lifespan="on")
     try:

@@ -38,6 +38,7 @@ class Batcher:
         self._lock = threading.Lock()
         self._sizes: Counter[int] = Counter()
         self._tokens = {"prompt_tokens": 0, "completion_tokens": 0}
+        self._cancelled = 0
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._loop, name="csafety-batcher", daemon=True)
@@ -54,7 +55,7 @@ class Batcher:
                 item = self._queue.get_nowait()
             except queue.Empty:
                 break
-            if item is not None and not item.future.done():
+            if item is not None and not item.future.done() and item.future.set_running_or_notify_cancel():
                 item.future.set_exception(RuntimeError("server is shutting down"))
 
     def submit(self, request: ChatRequest) -> Future:
@@ -70,6 +71,7 @@ class Batcher:
                 "max_batch_size": max(sizes, default=0),
                 "batch_sizes": {str(k): v for k, v in sizes.items()},
                 **self._tokens,
+                "cancelled": self._cancelled,
                 "queued": self._queue.qsize(),
             }
 
@@ -97,6 +99,10 @@ class Batcher:
             batch, stopping = self._collect(first)
             groups: dict[tuple, list[ChatRequest]] = {}
             for request in batch:
+                if not request.future.set_running_or_notify_cancel():  # its client went away: skip it
+                    with self._lock:
+                        self._cancelled += 1
+                    continue
                 groups.setdefault(request.group_key, []).append(request)
             for group in groups.values():
                 self._run(group)

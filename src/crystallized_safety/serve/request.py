@@ -4,13 +4,16 @@ template. Bad requests raise `BadRequest`, answered in the OpenAI error shape.""
 from __future__ import annotations
 
 import json
+import math
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
 
 from ..core.model import Model
+from ..errors import PromptError
 
 DEFAULT_MAX_TOKENS = 256
+MAX_SEED = 2**63 - 1
 ROLES = ("system", "developer", "user", "assistant")  # developer = OpenAI's newer name for system
 UNSUPPORTED = ("stop", "tools", "functions", "tool_choice", "function_call", "logprobs", "top_logprobs", "logit_bias")
 
@@ -54,25 +57,48 @@ def _number(body: dict, name: str, default: float, low: float, high: float, *, l
     value = body.get(name)
     if value is None:
         return default
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise BadRequest(f"'{name}' must be a number, got {json.dumps(value)}", param=name)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise BadRequest(f"'{name}' must be a finite number, got {json.dumps(value)}", param=name)
     if value > high or value < low or (low_open and value == low):
         bounds = f"{'(' if low_open else '['}{low:g}, {high:g}]"
         raise BadRequest(f"'{name}' must be in {bounds}, got {value}", param=name)
     return float(value)
 
 
-def _integer(body: dict, name: str) -> int | None:
+def _integer(body: dict, name: str, low: int = -MAX_SEED - 1, high: int = MAX_SEED) -> int | None:
     value = body.get(name)
     if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
-        raise BadRequest(f"'{name}' must be an integer, got {json.dumps(value)}", param=name)
+        raise BadRequest(f"'{name}' must be an integer, got {json.dumps(value)[:40]}", param=name)
+    if value is not None and not low <= value <= high:
+        raise BadRequest(f"'{name}' must be an integer in [{low}, {high}], got {str(value)[:40]}", param=name)
+    return value
+
+
+def decode_body(raw: bytes) -> Any:
+    """The request's JSON; NaN / Infinity (which Python's json accepts) are refused like any invalid JSON."""
+
+    def no_constants(name: str) -> Any:
+        raise ValueError(f"{name} is not valid JSON")
+
+    try:
+        return json.loads(raw, parse_constant=no_constants)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise BadRequest(f"request body is not valid JSON ({str(exc)[:200]}): send a JSON object") from None
+
+
+def _text(value: str, where: str) -> str:
+    """Text the tokenizer can encode: a lone UTF-16 surrogate (legal in JSON escapes) is a client error."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise BadRequest(f"{where} holds an unpaired UTF-16 surrogate: send valid Unicode text", param=where) from None
     return value
 
 
 def _content(message: dict, i: int) -> str:
     content = message.get("content")
     if isinstance(content, str):
-        return content
+        return _text(content, f"messages[{i}].content")
     if isinstance(content, list):  # [{"type": "text", "text": "..."}, ...]
         parts = []
         for part in content:
@@ -81,7 +107,7 @@ def _content(message: dict, i: int) -> str:
                     f"messages[{i}].content parts must be {{'type': 'text', 'text': str}}: this server takes text only",
                     param=f"messages[{i}].content",
                 )
-            parts.append(part["text"])
+            parts.append(_text(part["text"], f"messages[{i}].content"))
         return "".join(parts)
     raise BadRequest(f"messages[{i}].content must be a string or a list of text parts", param=f"messages[{i}].content")
 
@@ -147,7 +173,7 @@ def parse_request(body: Any, model: Model, model_name: str, max_tokens_limit: in
         raise BadRequest(f"'{param}' must be between 1 and {max_tokens_limit}, got {max_tokens}", param=param)
     temperature = _number(body, "temperature", 1.0, 0.0, 2.0)
     top_p = _number(body, "top_p", 1.0, 0.0, 1.0, low_open=True)
-    seed = _integer(body, "seed")
+    seed = _integer(body, "seed", 0, MAX_SEED)
     return_ids = body.get("return_token_ids", False)
     if not isinstance(return_ids, bool):
         raise BadRequest("'return_token_ids' must be true or false", param="return_token_ids")
@@ -158,14 +184,10 @@ def parse_request(body: Any, model: Model, model_name: str, max_tokens_limit: in
     except Exception as exc:  # noqa: BLE001 - template rules (e.g. strict role alternation) -> one line
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise BadRequest(f"the model's chat template rejected these messages: {first}", param="messages") from None
-    prompt_tokens = len(model.tokenizer(text, add_special_tokens=False)["input_ids"])
-    limit = model.context_length
-    if limit is not None and prompt_tokens + max_tokens > limit:
-        raise BadRequest(
-            f"prompt ({prompt_tokens} tokens) + max_tokens ({max_tokens}) exceeds the model's context of {limit}",
-            param="messages",
-            code="context_length_exceeded",
-        )
+    try:
+        (prompt_tokens,) = model.check_fits([text], max_tokens)
+    except PromptError as exc:
+        raise BadRequest(str(exc), param="messages", code="context_length_exceeded") from None
     return ChatRequest(
         text=text,
         prompt_tokens=prompt_tokens,

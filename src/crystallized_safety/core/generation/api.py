@@ -52,6 +52,7 @@ def generate(
     if intervention is not None:
         intervention.check(model, len(prompts))
     texts = model.format(prompts, system=system, raw=raw)
+    model.check_fits(texts, max_new_tokens, raw=raw)
     decoding = Decoding(max_new_tokens, do_sample, temperature, top_p, seed)
     fast = engine if isinstance(engine, FastEngine) else (FastEngine() if engine == "fast" and not do_sample else None)
 

@@ -73,7 +73,7 @@ def _step(model: Model, ids, mask, pos, cache, iv: Intervention | None):
     """One cached forward call under `iv`: (next-token logits, float32 [rows, vocab], the cache)."""
     with steer(model, iv, batch_rows=ids.shape[0]):
         logits, cache = model.forward(ids, mask, pos, cache=cache, keep=1)
-    return logits[:, -1].float(), cache
+    return model.check_logits(logits[:, -1].float()), cache
 
 
 def _prefill(model: Model, token_ids, intervention: Intervention | None, share_prefix: bool):
