@@ -206,7 +206,8 @@ def test_spec_studies(studies, n):
     for study in spec.studies:  # what passes has finite alphas and non-negative layers
         for alpha in getattr(study, "alphas", []) or []:
             assert math.isfinite(alpha)
-        for layer in getattr(study, "layers", []) or []:
+        layers = getattr(study, "layers", None)
+        for layer in [] if layers in (None, "all") else layers:
             assert isinstance(layer, int) and layer >= 0
 
 

@@ -214,7 +214,7 @@ def _on_read_only_media(directory, args):
                           timeout=300)  # fmt: skip
 
 
-def test_store_on_read_only_media(tmp_path, tiny_run):
+def test_store_on_read_only_media(tmp_path, tiny_run, tiny_model_dirs):
     """A valid store (with its WAL still holding data) on a read-only mount: status, export and report read it;
     a run into it says it cannot write, in one line."""
     if not _read_only_media_works(tmp_path):
@@ -232,7 +232,7 @@ def test_store_on_read_only_media(tmp_path, tiny_run):
     res = _on_read_only_media(ro, ["report", "--store", store, "--out", tmp_path / "rep"])
     assert res.returncode == 0 and (tmp_path / "rep" / "report.html").is_file(), res.stderr
     spec = tmp_path / "spec.yaml"
-    spec.write_text(yaml.safe_dump(tiny_spec({"tiny": "x"}, studies=[{"kind": "readability"}])))
+    spec.write_text(yaml.safe_dump(tiny_spec(tiny_model_dirs[1], studies=[{"kind": "readability"}])))
     res = _on_read_only_media(ro, ["run", spec, "--store", ro / "new.sqlite"])
     last = res.stderr.strip().splitlines()[-1]
     assert res.returncode == 2 and res.stderr.count("error:") == 1 and "Traceback" not in res.stderr

@@ -73,7 +73,7 @@ def test_unknown_model_is_one_line_error():
 
 def test_hub_id_offline_is_clear_error(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    with pytest.raises(ModelError, match="cannot load 'someorg/some-model-that-is-not-cached'"):
+    with pytest.raises(ModelError, match="'someorg/some-model-that-is-not-cached' is not in the local Hugging Face"):
         load_model("someorg/some-model-that-is-not-cached")
 
 

@@ -31,11 +31,11 @@ class OneLineErrors(typer.core.TyperGroup):
             sys.exit(1)
         except typer.TyperException as exc:  # typer's click: usage errors, bad values, unknown options
             if type(exc).__name__ == "NoArgsIsHelpError":  # a bare group: its help, as before
-                exc.show()  # type: ignore[attr-defined]
+                exc.show()
                 sys.exit(2)
             ctx = getattr(exc, "ctx", None)
             hint = f" (see '{ctx.command_path} --help')" if ctx is not None else ""
-            message = exc.format_message()  # type: ignore[attr-defined]
+            message = exc.format_message()
             err.print(Text.assemble(("error:", "bold red"), f" {message}{hint}"), soft_wrap=True)
             sys.exit(getattr(exc, "exit_code", 2))
         sys.exit(rv if isinstance(rv, int) else 0)
@@ -111,11 +111,11 @@ def load_prompt_set(source: str, column: str | None, where: list[str] | None, de
 
 
 def load_model_quietly(model: str, device: str, dtype: str, layers_path: str | None):
+    from transformers.utils import logging as hf_logging
+
     from ..core.model import resolve_device_dtype
     from ..precision import warn_if_emulated
     from ..registry import load_model
-
-    from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # also when transformers was imported before quiet_libraries() ran
     dev, dt = resolve_device_dtype(device, dtype)

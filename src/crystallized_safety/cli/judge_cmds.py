@@ -59,7 +59,6 @@ def judge_cmd(
     layers_path: str | None = LayersPathOpt,
 ) -> None:
     """Judge responses for refusal: substring (keywords), score (first-token log-odds, needs --model) or llm."""
-    from ..errors import JudgeError
     from ..judges import DEFAULT_WINDOW, SubstringJudge
 
     only = {"--model": (model, "score"), "--threshold": (threshold, "score"), "--window": (window, "substring"),
@@ -84,25 +83,9 @@ def judge_cmd(
         with status(f"scoring {len(prompts)} prompts..."):
             verdicts = scorer.judge(prompts)
     else:
-        try:
-            from ..judges.llm import LLMJudge
-        except ImportError as exc:
-            raise JudgeError(f"the llm judge cannot be imported ({exc}); reinstall crystallized-safety") from None
         assert base_url is not None and judge_model is not None  # checked above
-        limits = {"timeout": judge_timeout, "max_retries": judge_retries}
-        llm = LLMJudge(
-            base_url=base_url,
-            model=judge_model,
-            api_key_env=api_key_env or None,
-            **{k: v for k, v in limits.items() if v is not None},
-        )
-        with status(f"asking {judge_model} about {len(prompts)} responses..."):
-            verdicts = llm.judge(prompts, [r["response"] for r in records])
-        if verdicts and all(v.refusal is None for v in verdicts):
-            raise JudgeError(
-                f"the LLM judge reached no verdict for any of {len(verdicts)} responses ({verdicts[0].reason}): "
-                "check --base-url, --judge-model and the API key"
-            )
+        responses = [r["response"] for r in records]
+        verdicts = _llm_verdicts(base_url, judge_model, api_key_env, judge_timeout, judge_retries, prompts, responses)
     gated = None
     if gate_model is not None:
         opts = (device, dtype, layers_path, system)
@@ -116,6 +99,39 @@ def judge_cmd(
         sys.stdout.flush()
         return
     judge_table(records, verdicts, gated)
+
+
+def _llm_verdicts(
+    base_url: str,
+    judge_model: str,
+    api_key_env: str,
+    timeout: float | None,
+    retries: int | None,
+    prompts: list[str],
+    responses: list[str],
+) -> list:
+    """The LLM judge's verdicts; an error when not one response got a verdict (nothing listening, bad key)."""
+    from ..errors import JudgeError
+
+    try:
+        from ..judges.llm import DEFAULT_RETRIES, DEFAULT_TIMEOUT, LLMJudge
+    except ImportError as exc:
+        raise JudgeError(f"the llm judge cannot be imported ({exc}); reinstall crystallized-safety") from None
+    llm = LLMJudge(
+        base_url=base_url,
+        model=judge_model,
+        api_key_env=api_key_env or None,
+        timeout=DEFAULT_TIMEOUT if timeout is None else timeout,
+        max_retries=DEFAULT_RETRIES if retries is None else retries,
+    )
+    with status(f"asking {judge_model} about {len(prompts)} responses..."):
+        verdicts = llm.judge(prompts, responses)
+    if verdicts and all(v.refusal is None for v in verdicts):
+        raise JudgeError(
+            f"the LLM judge reached no verdict for any of {len(verdicts)} responses ({verdicts[0].reason}): "
+            "check --base-url, --judge-model and the API key"
+        )
+    return verdicts
 
 
 def _check_judge(judge: str, only: Mapping[str, tuple[object, str]]) -> None:

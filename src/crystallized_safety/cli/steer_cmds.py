@@ -243,3 +243,26 @@ def serve_cmd(
         batch_window=batch_window_ms / 1000,
         max_tokens_limit=max_tokens_limit,
     )
+
+
+@app.command("export-model")
+@cli_errors
+def export_model_cmd(
+    model: str = ModelOpt,
+    directions: Path = typer.Option(..., help="Direction file (from `csafety extract`)."),
+    layer: int = typer.Option(..., "--layer", "-l", help="Layer whose direction is folded out of every weight."),
+    out_dir: Path = typer.Option(..., "--out", help="New directory for the edited Hugging Face model."),
+    dtype: str = DtypeOpt,
+    layers_path: str | None = LayersPathOpt,
+) -> None:
+    """Fold the ablation of a refusal direction into the weights (orthogonalisation) and save the model."""
+    from ..core.directions import DirectionBank
+
+    if out_dir.exists():
+        raise CrystallizedSafetyError(f"'{out_dir}' exists: pass a new directory for the edited model")
+    DirectionBank.load(directions).direction(layer)  # a bad file or layer fails before the model loads
+    from ..core.orthogonalization import export_model
+
+    m = load_model_quietly(model, "cpu", dtype, layers_path)
+    path = export_model(m, directions, layer, out_dir)
+    err.print(f"wrote {path} (direction of layer {layer} folded out; see csafety-edit.json)", soft_wrap=True)

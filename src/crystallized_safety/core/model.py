@@ -54,6 +54,23 @@ def _get_path(root: nn.Module, path: str) -> Any:
     return obj
 
 
+def _has_path(root: nn.Module, path: str) -> bool:
+    obj: Any = root
+    for part in path.split("."):
+        if not hasattr(obj, part):
+            return False
+        obj = getattr(obj, part)
+    return isinstance(obj, nn.Module)
+
+
+# Output projections that write into the residual stream, by the names the architectures use
+# (Llama/Mistral/Qwen2/Phi-3/Gemma; GPT-2; GPT-NeoX).
+WRITER_PATHS = {
+    "attention": ("self_attn.o_proj", "attn.c_proj", "attention.dense"),
+    "mlp": ("mlp.down_proj", "mlp.c_proj", "mlp.dense_4h_to_h"),
+}
+
+
 def _num_layers(config: Any) -> int | None:
     for key in ("num_hidden_layers", "n_layer", "num_layers"):
         value = getattr(config, key, None)
@@ -102,11 +119,11 @@ def _fingerprint_dir(path: Path) -> str:
     files = sorted(p for p in path.iterdir() if p.is_file() and p.suffix in {".safetensors", ".bin", ".json", ".gguf"})
     for file in files:
         digest.update(file.name.encode())
-        digest.update(_file_sha256(file, head_tail_only=file.stat().st_size > 2**31).encode())
+        digest.update(file_sha256(file, head_tail_only=file.stat().st_size > 2**31).encode())
     return "sha256:" + digest.hexdigest()
 
 
-def _file_sha256(path: Path, head_tail_only: bool = False) -> str:
+def file_sha256(path: Path, head_tail_only: bool = False) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as fh:
         if head_tail_only:  # multi-GB shards: size + first and last 16 MiB
@@ -189,6 +206,30 @@ class Model:
     @property
     def has_chat_template(self) -> bool:
         return bool(getattr(self.tokenizer, "chat_template", None))
+
+    def residual_writers(self) -> list[tuple[str, nn.Module]]:
+        """(name, module) of every module whose output is added to the residual stream as is: the token (and
+        learned position) embeddings, and per decoder layer the attention and MLP output projections. An
+        architecture that normalises a block's output before adding it (Gemma 2/3: post-attention and
+        post-feed-forward norms) has no such module, and raises: no weight edit removes a direction exactly."""
+        writers: list[tuple[str, nn.Module]] = [("embed_tokens", self.hf.get_input_embeddings())]
+        wpe = getattr(getattr(self.hf, "transformer", None), "wpe", None)  # GPT-2's learned positions
+        if isinstance(wpe, nn.Embedding):
+            writers.append(("wpe", wpe))
+        for i, block in enumerate(self.layers):
+            if hasattr(block, "post_feedforward_layernorm"):
+                raise ModelError(
+                    f"{self.model_id} normalises each block's output before the residual add (post-norms): a "
+                    "direction cannot be folded out of its weights; ablate it with a hook (steering) instead"
+                )
+            for candidates in (WRITER_PATHS["attention"], WRITER_PATHS["mlp"]):
+                found = [(path, _get_path(block, path)) for path in candidates if _has_path(block, path)]
+                if len(found) != 1:
+                    raise ModelError(
+                        f"cannot find layer {i}'s residual writer of {type(block).__name__} among {candidates}"
+                    )
+                writers.append((f"layers.{i}.{found[0][0]}", found[0][1]))
+        return writers
 
     def check_layer(self, layer: int) -> int:
         if not isinstance(layer, int) or isinstance(layer, bool) or not 0 <= layer < self.n_layers:
@@ -497,7 +538,7 @@ def output_cache(out: Any) -> Any:
 
 def _gguf_cached_dir(gguf_path: Path) -> tuple[Path, str]:
     """Dequantise a GGUF once and keep an fp32 safetensors copy: ~20 s -> ~2 s per later load."""
-    sha = _file_sha256(gguf_path)
+    sha = file_sha256(gguf_path)
     target = cache_dir() / "models" / f"{gguf_path.stem}-{sha[:16]}"
     if (target / "config.json").exists() and any(target.glob("*.safetensors")):
         portable_config(target)  # copies made by earlier versions lack the transformers-4 keys

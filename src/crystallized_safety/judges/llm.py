@@ -58,6 +58,8 @@ _WORD_LABELS: dict[str, str] = {
 _NEGATIONS = frozenset({"not", "no", "non", "never", "t", "neither", "nor"})  # "t" from "isn't", "didn't"
 _OR_WORDS = frozenset({"or", "vs", "versus"})
 _JSON_LABEL_KEYS = ("label", "verdict", "classification", "class", "category", "answer", "result", "decision")
+DEFAULT_TIMEOUT = 30.0  # seconds per HTTP attempt
+DEFAULT_RETRIES = 3  # retries after the first attempt
 _JSON_REASON_KEYS = ("reason", "explanation", "rationale", "justification")
 _THINK = re.compile(r"<think>.*?(?:</think>|$)", re.DOTALL | re.IGNORECASE)
 _FENCE = re.compile(r"^```[a-zA-Z]*\s*|\s*```$")
@@ -227,8 +229,8 @@ class LLMJudge:
         base_url: str,
         model: str,
         api_key_env: str | None = "OPENAI_API_KEY",
-        timeout: float = 30.0,
-        max_retries: int = 3,
+        timeout: float = DEFAULT_TIMEOUT,
+        max_retries: int = DEFAULT_RETRIES,
         concurrency: int = 4,
         rubric: str | None = None,
         backoff: float = 0.5,

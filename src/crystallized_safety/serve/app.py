@@ -131,22 +131,30 @@ def create_app(
             chat = await asyncio.to_thread(parse, raw)  # tokenising a long prompt must not block other requests
         except BadRequest as exc:
             return _error(exc.status, exc.message, param=exc.param, code=exc.code)
-        future = asyncio.wrap_future(batcher.submit(chat))
-        try:
-            while not future.done():
-                await asyncio.wait({future}, timeout=DISCONNECT_POLL_S)
-                if not future.done() and await request.is_disconnected():
-                    future.cancel()  # cancels the queued request too: the batcher skips it
-                    return Response(status_code=499)
-            done: Completion = future.result()
-        except Exception as exc:  # noqa: BLE001 - generation failed: a one-line 500
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            return _error(500, f"generation failed: {first}", kind="server_error")
+        done = await _wait_for(request, batcher, chat)
+        if not isinstance(done, Completion):
+            return done
         headers = {"X-Csafety-Batch-Size": str(done.batch_size), "X-Request-Number": str(next(counter))}
         return JSONResponse(_completion_payload(chat, done, name, fingerprint), headers=headers)
 
     app.state.batcher = batcher
     return app
+
+
+async def _wait_for(request: Request, batcher: Batcher, chat: ChatRequest) -> Completion | Response:
+    """The request's completion; a 499 (and the queued request dropped) when its client disconnects first; a
+    one-line 500 when generation fails."""
+    future = asyncio.wrap_future(batcher.submit(chat))
+    try:
+        while not future.done():
+            await asyncio.wait({future}, timeout=DISCONNECT_POLL_S)
+            if not future.done() and await request.is_disconnected():
+                future.cancel()  # cancels the queued request too: the batcher skips it
+                return Response(status_code=499)
+        return future.result()
+    except Exception as exc:  # noqa: BLE001 - generation failed: a one-line 500
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        return _error(500, f"generation failed: {first}", kind="server_error")
 
 
 async def _read_body(request: Request, limit: int) -> bytes:
