@@ -34,6 +34,7 @@ def _unit(direction: torch.Tensor) -> torch.Tensor:
 def _project_out(module: nn.Module, v: torch.Tensor) -> None:
     """In place: `module`'s contribution to the residual stream loses its component along unit `v`."""
     weight = module.weight
+    assert isinstance(weight, torch.Tensor)
     w = weight.data.double()
     vv = v.to(w.device)
     if isinstance(module, nn.Embedding):  # rows are residual vectors
