@@ -56,7 +56,10 @@ class DirectionBank:
 
     def resid_norm(self, layer: int) -> float:
         if self.resid_norms is None:
-            raise VectorFileError("this direction file has no residual norms: re-extract it with `csafety extract`")
+            raise VectorFileError(
+                "this direction file has no residual norms (files imported from other tools lack them): use "
+                "--alpha-unit absolute, or extract directions with `csafety extract`"
+            )
         return float(self.resid_norms[self._row(layer)])
 
     def harmless_projection(self, layer: int) -> float:
