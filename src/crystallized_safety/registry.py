@@ -90,6 +90,18 @@ def check_model_name(name: str) -> None:
             raise ModelError(f"model '{name}' is not in the local Hugging Face cache and HF_HUB_OFFLINE is set")
 
 
+def organism_pending(name: str):
+    """(base model alias, recipe) when `name` is an organism whose cache holds no build yet, else None."""
+    entry = registry().get(name)
+    if entry is None or not entry.source.startswith("organism:"):
+        return None
+    from .organism.recipe import default_recipe, organism_dir
+
+    organism = entry.source.partition(":")[2]
+    recipe = default_recipe(organism)
+    return None if (organism_dir(organism, recipe) / "card.json").is_file() else (recipe.base, recipe)
+
+
 def resolve_source(name: str) -> tuple[str, bool]:
     """(concrete source: a path or hub id, whether the chat template has a system role) for a model name."""
     check_model_name(name)

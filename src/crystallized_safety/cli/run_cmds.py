@@ -26,6 +26,9 @@ def run_cmd(
     executor: str = typer.Option("local", help="local | ray."),
     address: str | None = typer.Option(None, help="Ray cluster address (e.g. auto); default: start a local one."),
     workers: int | None = typer.Option(None, help="Ray actors, each opening the model once (default 1)."),
+    dry_run: bool = typer.Option(
+        False, "--dry-run", help="Print the cells, generations, tokens and an estimated time; run nothing."
+    ),
 ) -> None:
     """Run (or resume) an experiment: every study of the spec, into the store, ending in a verdict per model."""
     import warnings
@@ -43,6 +46,9 @@ def run_cmd(
     from ..run.runner import check_models, run_experiment  # heavy (torch): after the spec is checked
 
     check_models(spec, {})  # every model name resolvable before the store is touched
+    if dry_run:
+        print_estimate(spec)
+        return
     store = Store(store_path)
     print_store_warnings(store)
 
@@ -53,6 +59,34 @@ def run_cmd(
         f"{result.chunks_skipped} already in {store_path}, {result.seconds:.0f} s"
     )
     print_verdicts(result.verdicts)
+
+
+def print_estimate(spec) -> None:
+    """The dry run: per model what the spec will generate and about how long it takes here; nothing written."""
+    from ..precision import detect
+    from ..progress import Reporter
+    from ..run.estimate import estimate_spec
+
+    with Reporter(f"dry run {spec.name}", stream=sys.stderr) as reporter:
+        estimates = estimate_spec(spec, progress=reporter)
+    table = Table(title=f"{spec.name}: dry run on {detect().cpu} (nothing was run)")
+    for column in ("model", "cells", "gens", "tokens", "calibration", "build", "estimate"):
+        table.add_column(column, overflow="fold")
+    for e in estimates:
+        table.add_row(
+            e.model, str(e.cells), str(e.generations), str(e.new_tokens),
+            f"{e.calibration_rows} rows {e.calibration_seconds:.1f} s",
+            f"{e.build_seconds / 60:.0f} min" if e.build_seconds else "-", f"{e.seconds / 60:.1f} min",
+        )  # fmt: skip
+    out.print(table)
+    total = sum(e.seconds for e in estimates)
+    cells, gens = sum(e.cells for e in estimates), sum(e.generations for e in estimates)
+    tokens = sum(e.new_tokens for e in estimates)
+    out.print(
+        f"total: about {total / 60:.0f} min on this machine (cells={cells} generations={gens} new_tokens={tokens})",
+        highlight=False,
+        soft_wrap=True,
+    )
 
 
 def open_store(store_path: Path):
