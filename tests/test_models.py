@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from conftest import ARCHS, make_tiny
-from crystallized_safety.core.model import decoder_layers, resolve_device_dtype
+from crystallized_safety.core.loading import resolve_device_dtype
+from crystallized_safety.core.model import decoder_layers
 from crystallized_safety.errors import LayerError, ModelError
 from crystallized_safety.registry import load_model, registry
 
@@ -145,7 +146,7 @@ def test_saved_config_carries_transformers4_rope_keys_and_reloads_identically(tm
 
     from transformers import AutoModelForCausalLM
 
-    from crystallized_safety.core.model import save_pretrained
+    from crystallized_safety.core.loading import save_pretrained
 
     hf, tok = _tiny_llama_rope(100000.0)
     save_pretrained(hf, tok, tmp_path)
@@ -162,7 +163,7 @@ def test_saved_config_carries_transformers4_rope_keys_and_reloads_identically(tm
 def test_portable_config_scaled_and_per_layer_type_rope(tmp_path):
     import json
 
-    from crystallized_safety.core.model import portable_config
+    from crystallized_safety.core.loading import portable_config
 
     scaled = {"rope_parameters": {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0}}
     (tmp_path / "config.json").write_text(json.dumps(scaled))
@@ -192,7 +193,7 @@ def test_transformers4_reads_a_saved_model_with_the_same_logits(tmp_path):
     import subprocess
     import sys
 
-    from crystallized_safety.core.model import save_pretrained
+    from crystallized_safety.core.loading import save_pretrained
 
     target = tmp_path / "tf4"
     pip = [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(target),

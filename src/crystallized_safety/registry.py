@@ -1,5 +1,5 @@
 """Known models by alias, and `load_model`: resolves an alias, an `organism:` or `pypi:` source, a local
-directory, a `.gguf` file or a hub id, then opens the model (`core.model.open_model`).
+directory, a `.gguf` file or a hub id, then opens the model (`core.loading.open_model`).
 
 It sits above `core` and `organism`: an `organism:` source is built on first use by the organism package,
 which opens its base model through the loader it is handed (this module's `load_model`), so neither core
@@ -17,7 +17,8 @@ from pathlib import Path
 
 import yaml
 
-from .core.model import Model, open_model, resolve_device_dtype
+from .core.loading import DeviceMap, check_device_map, open_model, resolve_device_dtype
+from .core.model import Model
 from .errors import ModelError
 
 
@@ -125,9 +126,12 @@ def load_model(
     dtype: str = "auto",
     layers_path: str | None = None,
     trust_remote_code: bool = False,
+    device_map: DeviceMap = None,
 ) -> Model:
-    """Load by registry alias, local directory, `.gguf` file or hub id."""
-    resolve_device_dtype(device, dtype)  # a bad --device fails before anything is built or read
+    """Load by registry alias, local directory, `.gguf` file or hub id; `device_map` shards it over GPUs / CPU /
+    disk (accelerate's placement: "auto", or {module: device})."""
+    resolve_device_dtype(device, dtype)  # a bad --device or device map fails before anything is built or read
+    check_device_map(device_map)
     source, system_role = resolve_source(name)
     return open_model(
         source,
@@ -137,4 +141,5 @@ def load_model(
         layers_path=layers_path,
         trust_remote_code=trust_remote_code,
         system_role=system_role,
+        device_map=device_map,
     )

@@ -84,6 +84,9 @@ def cli_errors(fn: Callable) -> Callable:
 ModelOpt = typer.Option(..., "--model", "-m", help="Registry alias, local directory, .gguf file or hub id.")
 DeviceOpt = typer.Option("auto", help="auto (cuda if present, else cpu), cpu, cuda, cuda:N.")
 DtypeOpt = typer.Option("auto", help="auto (bf16 on GPU, fp32 on CPU), float32, bfloat16, float16.")
+DeviceMapOpt = typer.Option(
+    None, "--device-map", help="Shard over devices: auto | balanced | a JSON {module: cpu|disk|cuda:N} (or .json file)."
+)
 LayersPathOpt = typer.Option(None, "--layers-path", help="Override the decoder-layer lookup, e.g. model.layers.")
 RawOpt = typer.Option(False, "--raw", help="Feed prompts as plain text (no chat template).")
 SystemOpt = typer.Option(None, "--system", help="System prompt (merged into the user turn where no system role).")
@@ -110,10 +113,26 @@ def load_prompt_set(source: str, column: str | None, where: list[str] | None, de
     return found
 
 
-def load_model_quietly(model: str, device: str, dtype: str, layers_path: str | None):
+def parse_device_map(value: str | None):
+    """--device-map: auto | balanced | sequential, a JSON object {module: device}, or a .json file holding one."""
+    if value is None or value in ("auto", "balanced", "balanced_low_0", "sequential"):
+        return value
+    import json
+
+    text = Path(value).read_text() if value.endswith(".json") and Path(value).is_file() else value
+    try:
+        found = json.loads(text)
+    except json.JSONDecodeError:
+        raise CrystallizedSafetyError(
+            f"--device-map {value[:60]!r} is neither auto/balanced/sequential nor a JSON object (inline or .json file)"
+        ) from None
+    return found
+
+
+def load_model_quietly(model: str, device: str, dtype: str, layers_path: str | None, device_map: str | None = None):
     from transformers.utils import logging as hf_logging
 
-    from ..core.model import resolve_device_dtype
+    from ..core.loading import resolve_device_dtype
     from ..precision import warn_if_emulated
     from ..registry import load_model
 
@@ -123,7 +142,9 @@ def load_model_quietly(model: str, device: str, dtype: str, layers_path: str | N
     if warning:
         err.print(f"warning: {warning}", highlight=False, soft_wrap=True)
     with status(f"loading {model}..."):
-        return load_model(model, device=device, dtype=dtype, layers_path=layers_path)
+        return load_model(
+            model, device=device, dtype=dtype, layers_path=layers_path, device_map=parse_device_map(device_map)
+        )
 
 
 # Steering options, declared once and shared by `generate` and `serve`.

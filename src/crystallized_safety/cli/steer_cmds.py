@@ -17,6 +17,7 @@ from .app import (
     AlphaOpt,
     AlphaUnitOpt,
     DedupeOpt,
+    DeviceMapOpt,
     DeviceOpt,
     DirectionsOpt,
     DtypeOpt,
@@ -89,6 +90,7 @@ def extract_cmd(
     device: str = DeviceOpt,
     dtype: str = DtypeOpt,
     layers_path: str | None = LayersPathOpt,
+    device_map: str | None = DeviceMapOpt,
 ) -> None:
     """Extract one refusal direction per layer (harmful - harmless, unit norm) in one batched pass."""
     harmful_set = load_prompt_set(harmful, column, where, dedupe)
@@ -97,7 +99,7 @@ def extract_cmd(
         raise CrystallizedSafetyError(f"--out must end in .safetensors, e.g. {out_path.with_suffix('.safetensors')}")
     from ..core.directions import extract_directions  # heavy (torch): after the inputs are checked
 
-    m = load_model_quietly(model, device, dtype, layers_path)
+    m = load_model_quietly(model, device, dtype, layers_path, device_map)
     with status(f"extracting {len(harmful_set)} harmful + {len(harmless_set)} harmless prompts..."):
         bank = extract_directions(
             m,
@@ -151,6 +153,7 @@ def generate_cmd(
     device: str = DeviceOpt,
     dtype: str = DtypeOpt,
     layers_path: str | None = LayersPathOpt,
+    device_map: str | None = DeviceMapOpt,
 ) -> None:
     """Generate (batched, greedy by default), optionally steered at one or more layers."""
     texts = list(prompt or [])
@@ -162,7 +165,7 @@ def generate_cmd(
     steering.check()
     from ..core.generation import generate  # heavy (torch): after the inputs are checked
 
-    m = load_model_quietly(model, device, dtype, layers_path)
+    m = load_model_quietly(model, device, dtype, layers_path, device_map)
     intervention = steering.intervention(m)
     with status(f"generating {len(texts)} responses..."):
         results = generate(
@@ -217,6 +220,7 @@ def serve_cmd(
     device: str = DeviceOpt,
     dtype: str = DtypeOpt,
     layers_path: str | None = LayersPathOpt,
+    device_map: str | None = DeviceMapOpt,
 ) -> None:
     """Serve a model (optionally steered) as an OpenAI-compatible chat API; runs until Ctrl-C."""
     from ..serve.app import check_port, describe_intervention, serve
@@ -224,7 +228,7 @@ def serve_cmd(
     steering = Steering(directions, layer or [], alpha, mode, positions, alpha_unit, ablate_to)
     steering.check()
     check_port(host, port)
-    m = load_model_quietly(model, device, dtype, layers_path)
+    m = load_model_quietly(model, device, dtype, layers_path, device_map)
     intervention = steering.intervention(m)
     name = served_name or model
     described = describe_intervention(intervention)

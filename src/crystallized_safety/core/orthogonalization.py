@@ -21,7 +21,8 @@ from torch import nn
 from .. import __version__
 from ..errors import InterventionError, ModelError
 from .directions import DirectionBank
-from .model import Model, atomic_dir, file_sha256, save_pretrained
+from .loading import atomic_dir, file_sha256, save_pretrained
+from .model import Model
 
 
 def _unit(direction: torch.Tensor) -> torch.Tensor:

@@ -218,6 +218,9 @@ class ExperimentSpec(_Strict):
     seed: int = 0
     device: str = "auto"
     dtype: str = "auto"
+    device_map: str | dict[str, str | int] | None = Field(
+        None, description="shard the models: auto | balanced | sequential | {module: cpu | disk | cuda:N}"
+    )
     studies: list[Study] = Field(min_length=1)
 
     @field_validator("studies")

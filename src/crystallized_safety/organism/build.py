@@ -28,7 +28,8 @@ from pathlib import Path
 
 import torch
 
-from ..core.model import Model, atomic_dir, save_pretrained
+from ..core.loading import atomic_dir, save_pretrained
+from ..core.model import Model
 from ..environment import environment
 from ..progress import Progress, Reporter, silent
 from ..prompts import bundled

@@ -12,7 +12,7 @@ import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from ..core.model import cache_dir
+from ..core.loading import cache_dir
 from ..errors import ModelError
 
 DEFAULT_NAME = "smollm2-135m-refusal"

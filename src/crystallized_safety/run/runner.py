@@ -48,7 +48,8 @@ class Loader:
         if name in self.given:
             return self.given[name]
         if name not in self.cache:
-            self.cache[name] = load_model(name, device=self.spec.device, dtype=self.spec.dtype)
+            spec = self.spec
+            self.cache[name] = load_model(name, device=spec.device, dtype=spec.dtype, device_map=spec.device_map)
         return self.cache[name]
 
 
