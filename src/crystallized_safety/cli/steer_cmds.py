@@ -270,3 +270,54 @@ def export_model_cmd(
     m = load_model_quietly(model, "cpu", dtype, layers_path)
     path = export_model(m, directions, layer, out_dir)
     err.print(f"wrote {path} (direction of layer {layer} folded out; see csafety-edit.json)", soft_wrap=True)
+
+
+@app.command("select")
+@cli_errors
+def select_cmd(
+    model: str = ModelOpt,
+    harmful: str = typer.Option("bundled:harmful:extract", help="Harmful prompts the candidates are extracted from."),
+    harmless: str = typer.Option(
+        "bundled:harmless:extract", help="Harmless prompts the candidates are extracted from."
+    ),
+    eval_harmful: str = typer.Option("bundled:harmful:eval", help="Held-out harmful prompts (bypass score)."),
+    eval_harmless: str = typer.Option("bundled:harmless:eval", help="Held-out harmless prompts (induce, KL)."),
+    n: int = typer.Option(32, help="Held-out prompts per side."),
+    positions: str = typer.Option("-1,-2,-3,-4,-5", help="Post-instruction positions (comma-separated)."),
+    layers: str | None = typer.Option(None, help="Candidate layers (default: all)."),
+    kl_max: float = typer.Option(0.1, help="Keep candidates whose ablation KL on harmless prompts is below this."),
+    induce_min: float = typer.Option(0.0, help="Keep candidates whose induced refusal log-odds exceed this."),
+    out: Path = typer.Option(..., "--out", help="Direction file of the chosen position (.safetensors)."),
+    table: Path | None = typer.Option(None, help="Write every candidate's scores here (JSON)."),
+    device: str = DeviceOpt,
+    dtype: str = DtypeOpt,
+    layers_path: str | None = LayersPathOpt,
+) -> None:
+    """Choose a refusal direction over positions x layers as Arditi et al. 2024 do (bypass, induce, KL)."""
+    import sys
+
+    from ..experiments.selection import select_direction
+    from ..progress import Reporter
+
+    try:
+        pos = [int(x) for x in positions.split(",")]
+    except ValueError:
+        raise CrystallizedSafetyError(f"--positions '{positions}': give negative integers like -1,-2") from None
+    if any(p >= 0 for p in pos) or not pos:
+        raise CrystallizedSafetyError(f"--positions '{positions}': post-instruction positions are negative (-1 = last)")
+    sources = (("x", harmful), ("x", harmless), ("eval", eval_harmful), ("eval", eval_harmless))
+    sets = [load_prompt_set(s, None, None, False, limit=n if kind == "eval" else None) for kind, s in sources]
+    m = load_model_quietly(model, device, dtype, layers_path)
+    layer_list = m.parse_layers(layers)
+    with Reporter("direction selection", stream=sys.stderr) as reporter:
+        sel = select_direction(m, (sets[0], sets[1]), (sets[2], sets[3]), positions=pos, layers=layer_list,
+                               kl_max=kl_max, induce_min=induce_min, progress=reporter)  # fmt: skip
+    sel.bank.save(out)
+    if table is not None:
+        rows = [{**c.__dict__, "chosen": c == sel.chosen} for c in sel.candidates]
+        table.write_text(jsonio.dumps({"settings": sel.settings, "candidates": rows}, indent=1) + "\n")
+    c = sel.chosen
+    out.parent.mkdir(parents=True, exist_ok=True)
+    err.print(f"chosen: position {c.position}, layer {c.layer} (bypass {c.bypass:.2f}, induce {c.induce:.2f}, "
+              f"KL {c.kl:.3f}; {sum(x.kept for x in sel.candidates)} of {len(sel.candidates)} kept); wrote {out}",
+              soft_wrap=True)  # fmt: skip

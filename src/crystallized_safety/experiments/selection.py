@@ -1,0 +1,130 @@
+"""Choosing one refusal direction among positions x layers, as Arditi et al. 2024 do (andyrdt/refusal_direction),
+with forward passes only.
+
+Candidates: the difference-in-means direction at each post-instruction template position (-1 .. -5) and each
+layer. Scores per candidate, on held-out prompts:
+- *bypass*: the mean first-token refusal log-odds on harmful prompts with the direction ablated (projection set
+  to zero) at the output of every block: lower = ablating it removes refusal better;
+- *induce*: the mean refusal log-odds on harmless prompts with the raw difference-in-means vector added at its
+  own layer: > 0 = adding it induces refusal;
+- *KL*: the mean first-token KL(unsteered || ablated) on harmless prompts: how much ablation disturbs the model
+  where there is nothing to refuse.
+Filters as in the paper: KL < 0.1, induce > 0, and not in the last 20% of layers; the kept candidate with the
+lowest bypass wins. (The paper also ablates at the embedding output; here ablation acts on every block's
+output, which is where this tool's hooks live.)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from ..core.directions import DirectionBank, extract_directions
+from ..core.generation.fast import first_logits
+from ..core.model import Model
+from ..core.steering import Intervention
+from ..errors import CrystallizedSafetyError
+from ..judges.refusal_score import RefusalScoreJudge, refusal_log_odds
+from ..progress import Progress, silent
+
+POSITIONS = (-1, -2, -3, -4, -5)
+
+
+@dataclass(frozen=True)
+class Candidate:
+    position: int
+    layer: int
+    bypass: float
+    induce: float
+    kl: float
+    kept: bool
+    reason: str  # why it was filtered out ("" when kept)
+
+
+@dataclass
+class Selection:
+    candidates: list[Candidate]
+    chosen: Candidate
+    bank: DirectionBank  # every layer's direction at the chosen position
+    settings: dict = field(default_factory=dict)
+
+
+def first_token_logits(model: Model, prompts: Sequence[str], iv: Intervention | None, batch: int = 32) -> torch.Tensor:
+    """Next-token logits after each prompt under `iv` (float32 [n, vocab], CPU)."""
+    ids = model.tokenizer(model.format(list(prompts)), add_special_tokens=False)["input_ids"]
+    out = [first_logits(model, ids[i : i + batch], iv).float().cpu() for i in range(0, len(ids), batch)]
+    return torch.cat(out)
+
+
+def mean_kl(base: torch.Tensor, other: torch.Tensor) -> float:
+    """Mean over rows of KL(softmax(base) || softmax(other)), in nats."""
+    p_log, q_log = torch.log_softmax(base.double(), -1), torch.log_softmax(other.double(), -1)
+    return float((p_log.exp() * (p_log - q_log)).sum(-1).mean())
+
+
+def filter_reason(c: dict, n_layers: int, kl_max: float, drop_last: float, induce_min: float = 0.0) -> str:
+    """Why the paper's filters drop a candidate ("" = kept)."""
+    if c["layer"] >= n_layers * (1 - drop_last):
+        return f"in the last {drop_last:.0%} of layers"
+    if not c["kl"] < kl_max:
+        return f"KL {c['kl']:.3f} >= {kl_max}"
+    if not c["induce"] > induce_min:
+        return f"induce {c['induce']:.2f} <= {induce_min:g}"
+    return ""
+
+
+def select_direction(
+    model: Model,
+    extract: tuple[Sequence[str], Sequence[str]],
+    evaluate: tuple[Sequence[str], Sequence[str]],
+    *,
+    positions: Sequence[int] = POSITIONS,
+    layers: Sequence[int] | None = None,
+    kl_max: float = 0.1,
+    drop_last: float = 0.2,
+    induce_min: float = 0.0,
+    progress: Progress | None = None,
+) -> Selection:
+    """Score every (position, layer) candidate and pick one (see the module docstring)."""
+    say = progress or silent
+    judge = RefusalScoreJudge(model)
+    harmful, harmless = list(evaluate[0]), list(evaluate[1])
+    base_harmless = first_token_logits(model, harmless, None)
+    layer_list = model.parse_layers(list(layers) if layers is not None else None)
+    banks = {p: extract_directions(model, extract[0], extract[1], layers=layer_list, position=p) for p in positions}
+    rows: list[dict] = []
+    total = len(positions) * len(layer_list)
+    for p, bank in banks.items():
+        for layer in layer_list:
+            v = bank.direction(layer)
+            ablate = Intervention(directions=dict.fromkeys(range(model.n_layers), v), mode="ablate")
+            assert bank.raw_norms is not None  # extracted banks carry their norms
+            induce = Intervention(directions={layer: v}, alpha=float(bank.raw_norms[bank.layers.index(layer)]))
+            ablated_harmless = first_token_logits(model, harmless, ablate)
+            row = {
+                "position": p,
+                "layer": layer,
+                "bypass": float(refusal_log_odds(first_token_logits(model, harmful, ablate), judge.token_ids).mean()),
+                "induce": float(judge.scores(harmless, induce).mean()),
+                "kl": mean_kl(base_harmless, ablated_harmless),
+            }
+            rows.append(row)
+            say("direction selection", len(rows), total, f"position {p} layer {layer}")
+    reasons = [filter_reason(r, model.n_layers, kl_max, drop_last, induce_min) for r in rows]
+    candidates = [Candidate(**r, kept=not why, reason=why) for r, why in zip(rows, reasons)]
+    kept = [c for c in candidates if c.kept]
+    if not kept:
+        raise CrystallizedSafetyError(
+            f"no candidate passes the filters (KL < {kl_max}, induce > {induce_min:g}, first {1 - drop_last:.0%} of "
+            "layers): "
+            "raise --kl-max or add harmless prompts"
+        )
+    chosen = min(kept, key=lambda c: c.bypass)
+    bank = banks[chosen.position]
+    rule = f"Arditi et al. 2024: min bypass s.t. KL < {kl_max:g}, induce > 0"
+    bank.metadata.update(selected_layer=str(chosen.layer), selected_position=str(chosen.position), selection=rule)
+    settings = {"kl_max": kl_max, "drop_last": drop_last, "induce_min": induce_min, "positions": list(positions),
+                "n_eval": len(harmful)}  # fmt: skip
+    return Selection(candidates, chosen, bank, settings)

@@ -1,0 +1,97 @@
+"""Direction selection over positions x layers (issue 15, part 1; Arditi et al. 2024): every score of a candidate
+is recomputed independently (plain transformers forward with hand-written hooks; KL with scipy), the paper's
+filters are applied as written, and the winner is the kept candidate with the lowest bypass score."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from scipy.stats import entropy
+
+from conftest import HARMFUL, HARMLESS, cli_ok, make_tiny
+from crystallized_safety.core.directions import DirectionBank
+from crystallized_safety.experiments.selection import filter_reason, mean_kl, select_direction
+from crystallized_safety.judges.refusal_score import RefusalScoreJudge
+
+
+def test_mean_kl_equals_scipy():
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(5, 40, generator=g), torch.randn(5, 40, generator=g)
+    want = np.mean([entropy(torch.softmax(a[i].double(), -1).numpy(), torch.softmax(b[i].double(), -1).numpy())
+                    for i in range(5)])  # fmt: skip
+    assert mean_kl(a, b) == pytest.approx(want, rel=1e-9)
+
+
+@pytest.mark.parametrize(
+    "row, reason",
+    [
+        ({"layer": 3, "kl": 0.01, "induce": 1.0}, ""),
+        ({"layer": 8, "kl": 0.01, "induce": 1.0}, "in the last 20% of layers"),
+        ({"layer": 3, "kl": 0.2, "induce": 1.0}, "KL 0.200 >= 0.1"),
+        ({"layer": 3, "kl": float("nan"), "induce": 1.0}, "KL nan >= 0.1"),
+        ({"layer": 3, "kl": 0.01, "induce": -0.5}, "induce -0.50 <= 0"),
+    ],
+)
+def test_filters_as_in_the_paper(row, reason):
+    assert filter_reason(row, n_layers=10, kl_max=0.1, drop_last=0.2) == reason
+
+
+def _independent_bypass(model, judge, prompts, v):
+    """Mean refusal log-odds with v ablated at every block output: transformers forward + hand-written hooks."""
+
+    def hook(_m, _a, out):
+        h = out[0] if isinstance(out, tuple) else out
+        h = h - (h @ v)[..., None] * v
+        return (h, *out[1:]) if isinstance(out, tuple) else h
+
+    handles = [layer.register_forward_hook(hook) for layer in model.layers]
+    try:
+        scores = []
+        for text in model.format(prompts):  # one prompt at a time: no padding involved
+            ids = model.tokenizer(text, return_tensors="pt", add_special_tokens=False)
+            with torch.no_grad():
+                logits = model.hf(**ids).logits[0, -1].double()
+            mask = torch.zeros_like(logits, dtype=torch.bool)
+            mask[judge.token_ids] = True
+            scores.append(float(torch.logsumexp(logits[mask], 0) - torch.logsumexp(logits[~mask], 0)))
+        return float(np.mean(scores))
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def test_selection_scores_and_choice_on_a_tiny_model():
+    model = make_tiny("llama")
+    sel = select_direction(model, (HARMFUL, HARMLESS), (HARMFUL[:4], HARMLESS[:4]), positions=(-1, -2),
+                           kl_max=10.0, drop_last=0.25, induce_min=-1e9)  # fmt: skip
+    assert len(sel.candidates) == 2 * model.n_layers
+    judge = RefusalScoreJudge(model)
+    for c in sel.candidates[::3]:
+        from crystallized_safety.core.directions import extract_directions
+
+        v = extract_directions(model, HARMFUL, HARMLESS, layers=[c.layer], position=c.position).direction(c.layer)
+        assert c.bypass == pytest.approx(_independent_bypass(model, judge, HARMFUL[:4], v), abs=2e-4)
+    kept = [c for c in sel.candidates if c.kept]
+    assert all(c.layer < 3 for c in kept) and sel.chosen == min(kept, key=lambda c: c.bypass)
+    assert sel.bank.metadata["selected_layer"] == str(sel.chosen.layer)
+
+
+def test_select_cli_writes_table_and_direction(tmp_path):
+    model = make_tiny("llama")
+    model.hf.save_pretrained(tmp_path / "tiny")
+    model.tokenizer.save_pretrained(tmp_path / "tiny")
+    (tmp_path / "h.txt").write_text("\n".join(HARMFUL) + "\n")
+    (tmp_path / "n.txt").write_text("\n".join(HARMLESS) + "\n")
+    cli_ok(["select", "--model", str(tmp_path / "tiny"), "--harmful", str(tmp_path / "h.txt"), "--harmless",
+            str(tmp_path / "n.txt"), "--eval-harmful", str(tmp_path / "h.txt"), "--eval-harmless",
+            str(tmp_path / "n.txt"), "--positions", "-1", "--kl-max", "10", "--induce-min", "-1e9",
+            "--out", str(tmp_path / "sel.safetensors"),
+            "--table", str(tmp_path / "table.json")])  # fmt: skip
+    table = json.loads((tmp_path / "table.json").read_text())
+    bank = DirectionBank.load(tmp_path / "sel.safetensors")
+    chosen = [row for row in table["candidates"] if row["chosen"]]
+    assert len(table["candidates"]) == model.n_layers and len(chosen) == 1
+    assert bank.metadata["selected_layer"] == str(chosen[0]["layer"])
