@@ -95,3 +95,17 @@ def test_select_cli_writes_table_and_direction(tmp_path):
     chosen = [row for row in table["candidates"] if row["chosen"]]
     assert len(table["candidates"]) == model.n_layers and len(chosen) == 1
     assert bank.metadata["selected_layer"] == str(chosen[0]["layer"])
+
+
+def test_no_choice_and_affine_ablation():
+    from crystallized_safety.experiments.selection import no_choice_message
+
+    model = make_tiny("llama")
+    data = ((HARMFUL, HARMLESS), (HARMFUL[:3], HARMLESS[:3]))
+    none = select_direction(model, *data, positions=(-1,), kl_max=-1.0, induce_min=-1e9)
+    assert none.chosen is None and none.bank is None and len(none.candidates) == model.n_layers
+    assert "lowest KL" in no_choice_message(none) and "--ablate-to harmless-mean" in no_choice_message(none)
+    affine = select_direction(model, *data, positions=(-1,), kl_max=10.0, induce_min=-1e9, ablate_to="harmless-mean")
+    zero = select_direction(model, *data, positions=(-1,), kl_max=10.0, induce_min=-1e9)
+    assert [c.bypass for c in affine.candidates] != [c.bypass for c in zero.candidates]
+    assert [c.induce for c in affine.candidates] == [c.induce for c in zero.candidates]  # induction is unchanged

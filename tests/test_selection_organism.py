@@ -25,14 +25,23 @@ def test_selected_direction_bypasses_and_induces():
     model = load_model("smollm2-135m-refusal")
     extract = (bundled("harmful", "extract"), bundled("harmless", "extract"))
     harmful, harmless = list(bundled("harmful", "eval"))[:32], list(bundled("harmless", "eval"))[:32]
-    sel = select_direction(model, extract, (harmful, harmless), layers=list(range(4, 25, 2)))
+    zero = select_direction(model, extract, (harmful, harmless), layers=[12, 16])
+    # zero-ablation as in the paper: on this organism no candidate passes the filters (seen over layers 4-24)
+    low_kl, top_induce = min(c.kl for c in zero.candidates), max(c.induce for c in zero.candidates)
+    print(f"\nzero-ablation: lowest KL {low_kl:.3f}, highest induce {top_induce:.2f}; nothing kept")
+    assert zero.chosen is None
+    sel = select_direction(model, extract, (harmful, harmless), layers=list(range(4, 25, 2)), ablate_to="harmless-mean")
     c = sel.chosen
+    assert c is not None and sel.bank is not None
     v = sel.bank.direction(c.layer)
     everywhere = range(model.n_layers)
     base = refusal_rate(model, harmful)
-    ablated = refusal_rate(model, harmful, Intervention(directions=dict.fromkeys(everywhere, v), mode="ablate"))
+    to = {k: float(sel.bank.mean_harmless[k] @ v) for k in everywhere}
+    ablated = refusal_rate(model, harmful, Intervention(dict.fromkeys(everywhere, v), mode="ablate", ablate_to=to))
     r = random_direction(model.hidden_size, 7)
-    control = refusal_rate(model, harmful, Intervention(directions=dict.fromkeys(everywhere, r), mode="ablate"))
+    mean = sel.bank.mean_harmless
+    to_r = {k: float(mean[k] @ r) for k in everywhere}
+    control = refusal_rate(model, harmful, Intervention(dict.fromkeys(everywhere, r), mode="ablate", ablate_to=to_r))
     norm = float(sel.bank.raw_norms[sel.bank.layers.index(c.layer)])
     induced = refusal_rate(model, harmless, Intervention(directions={c.layer: v}, alpha=norm))
     harmless_base = refusal_rate(model, harmless)

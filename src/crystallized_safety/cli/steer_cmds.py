@@ -287,6 +287,9 @@ def select_cmd(
     layers: str | None = typer.Option(None, help="Candidate layers (default: all)."),
     kl_max: float = typer.Option(0.1, help="Keep candidates whose ablation KL on harmless prompts is below this."),
     induce_min: float = typer.Option(0.0, help="Keep candidates whose induced refusal log-odds exceed this."),
+    ablate_to: str = typer.Option(
+        "zero", help="zero (the paper) | harmless-mean (affine: where harmless prompts sit)."
+    ),
     out: Path = typer.Option(..., "--out", help="Direction file of the chosen position (.safetensors)."),
     table: Path | None = typer.Option(None, help="Write every candidate's scores here (JSON)."),
     device: str = DeviceOpt,
@@ -311,13 +314,17 @@ def select_cmd(
     layer_list = m.parse_layers(layers)
     with Reporter("direction selection", stream=sys.stderr) as reporter:
         sel = select_direction(m, (sets[0], sets[1]), (sets[2], sets[3]), positions=pos, layers=layer_list,
-                               kl_max=kl_max, induce_min=induce_min, progress=reporter)  # fmt: skip
-    sel.bank.save(out)
+                               kl_max=kl_max, induce_min=induce_min, ablate_to=ablate_to,
+                               progress=reporter)  # fmt: skip
     if table is not None:
         rows = [{**c.__dict__, "chosen": c == sel.chosen} for c in sel.candidates]
         table.write_text(jsonio.dumps({"settings": sel.settings, "candidates": rows}, indent=1) + "\n")
+    if sel.chosen is None or sel.bank is None:
+        from ..experiments.selection import no_choice_message
+
+        raise CrystallizedSafetyError(no_choice_message(sel) + (f" (scores in {table})" if table else ""))
+    sel.bank.save(out)
     c = sel.chosen
-    out.parent.mkdir(parents=True, exist_ok=True)
     err.print(f"chosen: position {c.position}, layer {c.layer} (bypass {c.bypass:.2f}, induce {c.induce:.2f}, "
               f"KL {c.kl:.3f}; {sum(x.kept for x in sel.candidates)} of {len(sel.candidates)} kept); wrote {out}",
               soft_wrap=True)  # fmt: skip

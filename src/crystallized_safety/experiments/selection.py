@@ -3,8 +3,10 @@ with forward passes only.
 
 Candidates: the difference-in-means direction at each post-instruction template position (-1 .. -5) and each
 layer. Scores per candidate, on held-out prompts:
-- *bypass*: the mean first-token refusal log-odds on harmful prompts with the direction ablated (projection set
-  to zero) at the output of every block: lower = ablating it removes refusal better;
+- *bypass*: the mean first-token refusal log-odds on harmful prompts with the direction ablated at the output of
+  every block (projection set to zero as in the paper, or with `ablate_to="harmless-mean"` to where harmless
+  prompts sit at that layer, the affine ablation that avoids pushing harmless prompts towards refusal where
+  they project far from zero): lower = ablating it removes refusal better;
 - *induce*: the mean refusal log-odds on harmless prompts with the raw difference-in-means vector added at its
   own layer: > 0 = adding it induces refusal;
 - *KL*: the mean first-token KL(unsteered || ablated) on harmless prompts: how much ablation disturbs the model
@@ -46,8 +48,8 @@ class Candidate:
 @dataclass
 class Selection:
     candidates: list[Candidate]
-    chosen: Candidate
-    bank: DirectionBank  # every layer's direction at the chosen position
+    chosen: Candidate | None  # None when no candidate passes the filters
+    bank: DirectionBank | None  # every layer's direction at the chosen position
     settings: dict = field(default_factory=dict)
 
 
@@ -85,21 +87,30 @@ def select_direction(
     kl_max: float = 0.1,
     drop_last: float = 0.2,
     induce_min: float = 0.0,
+    ablate_to: str = "zero",
     progress: Progress | None = None,
 ) -> Selection:
-    """Score every (position, layer) candidate and pick one (see the module docstring)."""
+    """Score every (position, layer) candidate and pick one (see the module docstring); `chosen` is None when no
+    candidate passes the filters (the scores are still returned, to see which filter failed)."""
+    if ablate_to not in ("zero", "harmless-mean"):
+        raise CrystallizedSafetyError(f"unknown ablate_to '{ablate_to}': use zero or harmless-mean")
     say = progress or silent
     judge = RefusalScoreJudge(model)
     harmful, harmless = list(evaluate[0]), list(evaluate[1])
     base_harmless = first_token_logits(model, harmless, None)
     layer_list = model.parse_layers(list(layers) if layers is not None else None)
-    banks = {p: extract_directions(model, extract[0], extract[1], layers=layer_list, position=p) for p in positions}
+    every = list(range(model.n_layers))  # ablation acts at every block: the harmless means of all of them
+    banks = {p: extract_directions(model, extract[0], extract[1], layers=every, position=p) for p in positions}
     rows: list[dict] = []
     total = len(positions) * len(layer_list)
     for p, bank in banks.items():
         for layer in layer_list:
             v = bank.direction(layer)
-            ablate = Intervention(directions=dict.fromkeys(range(model.n_layers), v), mode="ablate")
+            targets = {}
+            if ablate_to == "harmless-mean":
+                assert bank.mean_harmless is not None
+                targets = {k: float(bank.mean_harmless[k] @ v) for k in every}
+            ablate = Intervention(directions=dict.fromkeys(every, v), mode="ablate", ablate_to=targets)
             assert bank.raw_norms is not None  # extracted banks carry their norms
             induce = Intervention(directions={layer: v}, alpha=float(bank.raw_norms[bank.layers.index(layer)]))
             ablated_harmless = first_token_logits(model, harmless, ablate)
@@ -114,17 +125,25 @@ def select_direction(
             say("direction selection", len(rows), total, f"position {p} layer {layer}")
     reasons = [filter_reason(r, model.n_layers, kl_max, drop_last, induce_min) for r in rows]
     candidates = [Candidate(**r, kept=not why, reason=why) for r, why in zip(rows, reasons)]
+    settings = {"kl_max": kl_max, "drop_last": drop_last, "induce_min": induce_min, "positions": list(positions),
+                "n_eval": len(harmful), "ablate_to": ablate_to}  # fmt: skip
     kept = [c for c in candidates if c.kept]
     if not kept:
-        raise CrystallizedSafetyError(
-            f"no candidate passes the filters (KL < {kl_max}, induce > {induce_min:g}, first {1 - drop_last:.0%} of "
-            "layers): "
-            "raise --kl-max or add harmless prompts"
-        )
+        return Selection(candidates, None, None, settings)
     chosen = min(kept, key=lambda c: c.bypass)
     bank = banks[chosen.position]
     rule = f"Arditi et al. 2024: min bypass s.t. KL < {kl_max:g}, induce > 0"
     bank.metadata.update(selected_layer=str(chosen.layer), selected_position=str(chosen.position), selection=rule)
-    settings = {"kl_max": kl_max, "drop_last": drop_last, "induce_min": induce_min, "positions": list(positions),
-                "n_eval": len(harmful)}  # fmt: skip
     return Selection(candidates, chosen, bank, settings)
+
+
+def no_choice_message(sel: Selection) -> str:
+    """Why nothing was chosen, with the closest candidates, for the one-line error."""
+    s = sel.settings
+    low_kl = min(sel.candidates, key=lambda c: c.kl)
+    high_induce = max(sel.candidates, key=lambda c: c.induce)
+    return (
+        f"no candidate passes the filters (KL < {s['kl_max']}, induce > {s['induce_min']:g}, first "
+        f"{1 - s['drop_last']:.0%} of layers): lowest KL {low_kl.kl:.3f} (position {low_kl.position}, layer "
+        f"{low_kl.layer}), highest induce {high_induce.induce:.2f}; try --ablate-to harmless-mean or raise --kl-max"
+    )
