@@ -279,12 +279,8 @@ def test_http_raw_bytes(data):
 
 
 @pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    root = tmp_path_factory.mktemp("fuzz-cli")
-    model = make_tiny("llama")
-    model.hf.save_pretrained(root / "tiny")
-    model.tokenizer.save_pretrained(root / "tiny")
-    return root
+def tiny_dir(tiny_model_dirs):
+    return tiny_model_dirs[0]  # holds the saved tiny llama as "tiny"
 
 
 def corpus(kind: str) -> list[Path]:

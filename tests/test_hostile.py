@@ -25,13 +25,11 @@ from crystallized_safety.store import Store
 
 
 @pytest.fixture(scope="module")
-def files(tmp_path_factory):
+def files(tmp_path_factory, tiny_model_dirs):
     """A tiny chat model on disk, its direction file, prompt files with brackets in their names and text."""
     root = tmp_path_factory.mktemp("hostile")
-    model = make_tiny("llama")
-    model.hf.save_pretrained(root / "tiny")
-    model.tokenizer.save_pretrained(root / "tiny")
-    bank = extract_directions(model, HARMFUL, HARMLESS, layers=[1, 2])
+    (root / "tiny").symlink_to(tiny_model_dirs[1]["tiny"])  # the shared saved tiny llama (make_tiny("llama"))
+    bank = extract_directions(make_tiny("llama"), HARMFUL, HARMLESS, layers=[1, 2])
     bank.save(root / "d.safetensors")
     (root / "[draft]").mkdir()
     (root / "[draft]" / "p.txt").write_text("[/INST] hello [bold]there[/bold]\nsecond [/x] prompt\n")
