@@ -71,6 +71,14 @@ def test_spec_files(tmp_path):
     assert changed.spec_hash() != spec.spec_hash()
     with pytest.warns(UserWarning, match="underpowered"):
         parse_spec({**BASE, "prompts": {"n": 10}, "studies": [{"kind": "readability"}]})
+    # reduced precision: a warning with the measured agreement, none for float32
+    with pytest.warns(UserWarning, match=r"dtype bfloat16: reduced precision can change the conclusions.*27\.5%"):
+        parse_spec({**BASE, "dtype": "bfloat16", "studies": [{"kind": "readability"}]})
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        parse_spec({**BASE, "dtype": "float32", "studies": [{"kind": "readability"}]})
 
 
 def test_expansion_and_layer_check():
