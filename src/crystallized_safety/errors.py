@@ -6,6 +6,12 @@ Every message is one line that says what to fix; the CLI prints it without a tra
 from __future__ import annotations
 
 
+def first_line(exc: BaseException) -> str:
+    """An exception as one line (its first), or its type name when it has no message."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
 class CrystallizedSafetyError(Exception):
     """Base class: a user-facing, one-line, actionable error."""
 

@@ -115,11 +115,13 @@ def load_prompt_set(source: str, column: str | None, where: list[str] | None, de
 
 def parse_device_map(value: str | None):
     """--device-map: auto | balanced | sequential, a JSON object {module: device}, or a .json file holding one."""
-    if value is None or value in ("auto", "balanced", "balanced_low_0", "sequential"):
+    from ..core.loading import DEVICE_MAP_PRESETS
+
+    if value is None or value in DEVICE_MAP_PRESETS:
         return value
     import json
 
-    text = Path(value).read_text() if value.endswith(".json") and Path(value).is_file() else value
+    text = Path(value).read_text(errors="replace") if value.endswith(".json") and Path(value).is_file() else value
     try:
         found = json.loads(text)
     except json.JSONDecodeError:

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from ..errors import ModelError
+from ..errors import ModelError, first_line
 from .model import Model
 
 CACHE_ENV = "CSAFETY_CACHE"
@@ -80,12 +80,13 @@ def resolve_device_dtype(device: str = "auto", dtype: str = "auto") -> tuple[tor
 
 
 DeviceMap = str | dict[str, Any] | None
+DEVICE_MAP_PRESETS = ("auto", "balanced", "balanced_low_0", "sequential")  # accelerate's named placements
 
 
 def check_device_map(device_map: DeviceMap) -> DeviceMap:
     """A device map transformers/accelerate can place: "auto" | "balanced" | "sequential" | {module: device}, the
     devices existing here ("cpu", "disk", "cuda:N" / N with N < the GPU count); one clear error otherwise."""
-    if device_map is None or device_map in ("auto", "balanced", "balanced_low_0", "sequential"):
+    if device_map is None or device_map in DEVICE_MAP_PRESETS:
         return device_map
     if not isinstance(device_map, dict) or not device_map:
         raise ModelError(f"unknown device map {device_map!r}: use auto, balanced, sequential or {{module: device}}")
@@ -117,7 +118,7 @@ def _load_pretrained(
                 source, dtype=dt, device_map=device_map, offload_folder=str(offload), **kwargs
             )
         except (ValueError, KeyError, RuntimeError) as exc:
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            first = first_line(exc)
             raise ModelError(f"cannot place the model with this device map: {first}") from None
     hf.eval()
     return hf, tokenizer
@@ -235,7 +236,7 @@ def open_model(
     try:
         hf, tok = _load_pretrained(source, dev, dt, trust_remote_code=trust_remote_code, **placement)
     except Exception as exc:  # noqa: BLE001 - offline or missing repo: one line
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        first = first_line(exc)
         raise ModelError(
             f"cannot load '{source}' from the Hugging Face hub ({first}); download it first or pass a local directory"
         ) from None

@@ -11,6 +11,7 @@ from ..core.directions import DirectionBank, extract_directions
 from ..core.generation.fast import autotune_rows
 from ..core.model import Model
 from ..environment import environment
+from ..errors import first_line
 from ..evaluation import calibrated_gate
 from ..experiments.analysis import analyse_model
 from ..experiments.readability import readability
@@ -78,7 +79,7 @@ def run_experiment(
             store.fail_run(run_id, "interrupted")
             raise
         except Exception as exc:
-            store.fail_run(run_id, str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__)
+            store.fail_run(run_id, first_line(exc))
             raise
         store.finish_run(run_id)
     return RunResult(run_id, resumed, ran, skipped, time.perf_counter() - t0, store.verdicts(run_id))

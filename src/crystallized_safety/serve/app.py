@@ -35,7 +35,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from .. import __version__
 from ..core.model import Model
 from ..core.steering import Intervention
-from ..errors import CrystallizedSafetyError, InterventionError, ModelError
+from ..errors import CrystallizedSafetyError, InterventionError, ModelError, first_line
 from .batching import Batcher, Completion
 from .request import BadRequest, ChatRequest, decode_body, error_body, parse_request
 
@@ -153,7 +153,7 @@ async def _wait_for(request: Request, batcher: Batcher, chat: ChatRequest) -> Co
                 return Response(status_code=499)
         return future.result()
     except Exception as exc:  # noqa: BLE001 - generation failed: a one-line 500
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        first = first_line(exc)
         return _error(500, f"generation failed: {first}", kind="server_error")
 
 

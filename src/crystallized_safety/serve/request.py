@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..core.model import Model
-from ..errors import PromptError
+from ..errors import PromptError, first_line
 
 DEFAULT_MAX_TOKENS = 256
 MAX_SEED = 2**63 - 1
@@ -182,7 +182,7 @@ def parse_request(body: Any, model: Model, model_name: str, max_tokens_limit: in
     try:
         text = model.chat_text(messages)
     except Exception as exc:  # noqa: BLE001 - template rules (e.g. strict role alternation) -> one line
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        first = first_line(exc)
         raise BadRequest(f"the model's chat template rejected these messages: {first}", param="messages") from None
     try:
         (prompt_tokens,) = model.check_fits([text], max_tokens)
