@@ -5,6 +5,7 @@ answers are known by construction (flip counts re-derived by hand, p-values agai
 from __future__ import annotations
 
 import json
+import warnings
 
 import pytest
 import yaml
@@ -71,10 +72,18 @@ def test_spec_files(tmp_path):
     assert changed.spec_hash() != spec.spec_hash()
     with pytest.warns(UserWarning, match="underpowered"):
         parse_spec({**BASE, "prompts": {"n": 10}, "studies": [{"kind": "readability"}]})
+    # a key added later leaves the hash of specs that do not set it alone (their stores still resume)
+    from pathlib import Path
+
+    organisms = Path(__file__).resolve().parents[1] / "configs" / "organisms.yaml"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert load_spec(organisms).spec_hash() == "0f06c80b03260ed1"  # the hash its stores were written under
+    sharded = parse_spec({**BASE, "device_map": "auto", "studies": [{"kind": "readability"}]})
+    assert sharded.spec_hash() != parse_spec({**BASE, "studies": [{"kind": "readability"}]}).spec_hash()
     # reduced precision: a warning with the measured agreement, none for float32
     with pytest.warns(UserWarning, match=r"dtype bfloat16: reduced precision can change the conclusions.*27\.5%"):
         parse_spec({**BASE, "dtype": "bfloat16", "studies": [{"kind": "readability"}]})
-    import warnings
 
     with warnings.catch_warnings():
         warnings.simplefilter("error")

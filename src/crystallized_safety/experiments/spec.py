@@ -26,6 +26,9 @@ REDUCED_PRECISION_NOTE = (
 )
 
 
+LATER_KEYS = {"device_map": None}
+
+
 class SpecError(CrystallizedSafetyError):
     """An experiment spec that does not validate."""
 
@@ -240,7 +243,10 @@ class ExperimentSpec(_Strict):
         return studies
 
     def spec_hash(self) -> str:
-        canonical = yaml.safe_dump(self.model_dump(mode="json"), sort_keys=True)
+        data = self.model_dump(mode="json")
+        # keys added after stores were written, left out while at their default: those runs still resume
+        data = {k: v for k, v in data.items() if k not in LATER_KEYS or v != LATER_KEYS[k]}
+        canonical = yaml.safe_dump(data, sort_keys=True)
         return hashlib.sha256(canonical.encode()).hexdigest()[:16]
 
     def to_yaml(self) -> str:
