@@ -33,6 +33,7 @@ from matplotlib import image as mpimg
 from typer.testing import CliRunner
 
 from crystallized_safety.cli import app
+from crystallized_safety.experiments.results import DAMAGE_PREFIX, harmless_twin
 from crystallized_safety.report import FIGURES, ReportError, build_report
 from crystallized_safety.store import GenerationRow, Store
 
@@ -167,6 +168,9 @@ def _synthetic_store(path: Path) -> Path:
                 )
             )
         store.write_chunks(run_id, [(cond.key, SYNTH_MODEL, study, cond.key, rows)], 0.5)
+        if cond.layers:  # KL damage grows with the steering strength (what the runner measures per intervention)
+            kl = {"kl_first": 0.02 * abs(strength) + 0.001, "kl_answer": 0.05 * abs(strength) + 0.002}
+            store.put_artifact(run_id, SYNTH_MODEL, DAMAGE_PREFIX + harmless_twin(cond).key, {**kl, "prompts": 16})
     analyse_model(spec, store, run_id, SYNTH_MODEL, plans)
     store.finish_run(run_id)
     store.close()

@@ -13,7 +13,8 @@ from scipy.stats import entropy
 
 from conftest import HARMFUL, HARMLESS, cli_ok, make_tiny
 from crystallized_safety.core.directions import DirectionBank
-from crystallized_safety.experiments.selection import filter_reason, mean_kl, select_direction
+from crystallized_safety.experiments.selection import filter_reason, select_direction
+from crystallized_safety.judges.divergence import mean_kl
 from crystallized_safety.judges.refusal_score import RefusalScoreJudge
 
 

@@ -6,10 +6,12 @@ from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Sequence
+from dataclasses import replace
 
 from .. import stats
 from .conditions import HARMFUL, HARMLESS, Condition, baseline
 
+DAMAGE_PREFIX = "damage:"  # artifact kind of one intervention's KL damage, + its harmless twin's key
 EMPTY = {"k": 0, "n": 0, "rate": None, "ci_lo": None, "ci_hi": None}
 
 
@@ -33,10 +35,27 @@ def best(cells: Sequence[dict], key: str = "flip") -> dict | None:
     return max(scored, key=lambda c: (c[key]["rate"], c[key]["ci_lo"], -abs(c.get("alpha", 0))))
 
 
-class Cells:
-    """Rows of one model indexed by condition, with the baseline in hand."""
+def harmless_twin(cond: Condition) -> Condition:
+    """The same intervention on harmless prompts: what the damage (KL) of `cond` is measured and stored under."""
+    return replace(cond, prompt_set=HARMLESS)
 
-    def __init__(self, rows: list[dict]) -> None:
+
+def stored_damage(store, run_id: str, model_name: str) -> dict[str, dict]:
+    """Harmless-twin key -> stored KL damage of every measured intervention of (run, model)."""
+    out = {}
+    for kind in store.artifact_kinds(run_id, model_name):
+        found = store.get_artifact(run_id, model_name, kind) if kind.startswith(DAMAGE_PREFIX) else None
+        if found is not None:
+            out[kind.removeprefix(DAMAGE_PREFIX)] = found[0]
+    return out
+
+
+class Cells:
+    """Rows of one model indexed by condition, with the baseline in hand (and the KL damage per intervention,
+    keyed by harmless twin, where it was measured)."""
+
+    def __init__(self, rows: list[dict], damage: dict[str, dict] | None = None) -> None:
+        self.damage = damage or {}
         self.by_cond: dict[str, dict[tuple[str, int], dict]] = defaultdict(dict)
         for row in rows:
             self.by_cond[row["condition_key"]][(row["prompt_set"], row["prompt_index"])] = row
@@ -61,6 +80,8 @@ class Cells:
             "refusal": rate(sum(r["refusal"] for r in decided.values()), len(decided)),
             "coherence": rate(len(coherent), len(decided)),
         }
+        if not cond.is_baseline and harmless_twin(cond).key in self.damage:
+            out["kl"] = self.damage[harmless_twin(cond).key]
         base = self.base[cond.prompt_set]
         if cond.prompt_set == HARMFUL:
             refused = [i for i, r in base.items() if r["refusal"] == 1 and i in decided]

@@ -28,6 +28,7 @@ from ..core.generation.fast import first_logits
 from ..core.model import Model
 from ..core.steering import Intervention
 from ..errors import CrystallizedSafetyError
+from ..judges.divergence import mean_kl
 from ..judges.refusal_score import RefusalScoreJudge, refusal_log_odds
 from ..progress import Progress, silent
 
@@ -58,12 +59,6 @@ def first_token_logits(model: Model, prompts: Sequence[str], iv: Intervention | 
     ids = model.tokenizer(model.format(list(prompts)), add_special_tokens=False)["input_ids"]
     out = [first_logits(model, ids[i : i + batch], iv).float().cpu() for i in range(0, len(ids), batch)]
     return torch.cat(out)
-
-
-def mean_kl(base: torch.Tensor, other: torch.Tensor) -> float:
-    """Mean over rows of KL(softmax(base) || softmax(other)), in nats."""
-    p_log, q_log = torch.log_softmax(base.double(), -1), torch.log_softmax(other.double(), -1)
-    return float((p_log.exp() * (p_log - q_log)).sum(-1).mean())
 
 
 def filter_reason(c: dict, n_layers: int, kl_max: float, drop_last: float, induce_min: float = 0.0) -> str:

@@ -26,9 +26,6 @@ REDUCED_PRECISION_NOTE = (
 )
 
 
-LATER_KEYS = {"device_map": None}
-
-
 class SpecError(CrystallizedSafetyError):
     """An experiment spec that does not validate."""
 
@@ -101,6 +98,18 @@ class ScreeningSpec(_Strict):
     band: tuple[float, float] = (0.1, 0.9)
     best: int = Field(3, ge=0)
     kinds: list[Literal["layer_sweep", "threshold", "multilayer"]] = ["layer_sweep", "threshold", "multilayer"]
+
+
+class DamageSpec(_Strict):
+    """KL divergence of every steered cell to the unsteered model on harmless prompts (first token, and
+    teacher-forced over the unsteered answer): the damage a cell does, next to the coherence gate."""
+
+    enabled: bool = True
+    prompts: int = Field(16, ge=1, description="harmless eval prompts (first n) the KL is measured on")
+
+
+# keys added after stores were written, at their default (left out of the spec hash so those runs resume)
+LATER_KEYS = {"device_map": None, "damage": DamageSpec().model_dump(mode="json")}
 
 
 class _Study(_Strict):
@@ -225,6 +234,7 @@ class ExperimentSpec(_Strict):
     coherence: CoherenceSpec = CoherenceSpec()
     verdict: VerdictSpec = VerdictSpec()
     screening: ScreeningSpec = ScreeningSpec()
+    damage: DamageSpec = DamageSpec()
     seed: int = 0
     device: str = "auto"
     dtype: str = "auto"

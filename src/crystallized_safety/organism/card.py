@@ -5,13 +5,12 @@ from __future__ import annotations
 
 import json
 
-import torch
-
 from ..core.directions import extract_directions, random_direction
 from ..core.generation import generate
 from ..core.model import Model
 from ..core.steering import Intervention, pack_interventions
 from ..evaluation import RefusalRate, refusal_rate
+from ..judges.divergence import DivergenceMeter
 from ..judges.substring import SubstringJudge
 from ..progress import Progress, silent
 from ..prompts import bundled
@@ -23,33 +22,9 @@ def mean_kl_to_base(
     organism: Model, base: Model, prompts: list[str], answers: list[list[int]], batch_size: int = 32
 ) -> float:
     """Mean KL(base || organism) of next-token distributions, teacher-forced on the base's own answers
-    to harmless prompts (the positions where the organism should still behave like the base).
-    Right-padded batches; only each answer's own positions count."""
-    total, count = 0.0, 0
-    seqs, spans = [], []
-    for text, answer in zip(base.format(prompts), answers):
-        p_ids = base.tokenizer(text, add_special_tokens=False)["input_ids"]
-        seqs.append(p_ids + list(answer))
-        spans.append((len(p_ids) - 1, len(p_ids) - 1 + len(answer)))
-    pad = base.tokenizer.pad_token_id or 0
-
-    def log_probs(model: Model, ids, mask, rows) -> torch.Tensor:
-        """log-softmax (float64) at the answer positions only: the LM head and the softmax over the
-        vocabulary are the costly part, and only these positions count."""
-        hidden = model.body(input_ids=ids, attention_mask=mask).last_hidden_state
-        picked = torch.cat([hidden[k, spans[i][0] : spans[i][1]] for k, i in enumerate(rows)])
-        return torch.log_softmax(model.head(picked).double(), -1)
-
-    with torch.inference_mode():
-        for start in range(0, len(seqs), batch_size):
-            rows = range(start, min(start + batch_size, len(seqs)))
-            width = max(len(seqs[i]) for i in rows)
-            ids = torch.tensor([seqs[i] + [pad] * (width - len(seqs[i])) for i in rows], device=base.device)
-            mask = torch.tensor([[1] * len(seqs[i]) + [0] * (width - len(seqs[i])) for i in rows], device=base.device)
-            lb, lo = log_probs(base, ids, mask, rows), log_probs(organism, ids, mask, rows)
-            total += float((lb.exp() * (lb - lo)).sum())
-            count += lb.shape[0]
-    return total / max(count, 1)
+    to harmless prompts (the positions where the organism should still behave like the base)."""
+    meter = DivergenceMeter(organism, prompts, answers, batch_size=batch_size, reference=base)
+    return meter.measure([None])[0].kl_answer
 
 
 def steering_check(

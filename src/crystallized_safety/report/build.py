@@ -21,6 +21,7 @@ from ..stats import MIN_N
 from ..store import Store, StoreError
 from . import figures as F
 from . import tables as T
+from .canvas import save
 from .collect import brief, cells_of, collect, control_for, is_control, iso, judge_agreement
 from .examples import examples
 from .figure_specs import FIGURES, figures
@@ -174,7 +175,7 @@ def _cross_figures(data: dict, out: Path) -> list:
         "(Wilson 95% CIs); dashed: a random direction at the same K and alpha; dotted: the flip threshold. "
         "K* (in the legend) = the smallest K that reaches the threshold and beats its control."
     )
-    return [F.save(F.k_curve(series, title), out, "cross-model-k", "all models", title, caption)]
+    return [save(F.k_curve(series, title), out, "cross-model-k", "all models", title, caption)]
 
 
 READABLE_AUC = 0.95  # a direction is "readable" where its projection separates held-out prompts this well

@@ -11,8 +11,10 @@ from pathlib import Path
 
 from ..stats import MIN_N
 from . import figures as F
+from .canvas import save
 from .collect import unit, walk
 from .model_report import ModelReport
+from .tradeoff import KL_FLOOR, refusal_vs_kl, tradeoff_points
 
 
 @dataclass(frozen=True)
@@ -136,6 +138,7 @@ SPECS: tuple[FigureSpec, ...] = (
     FigureSpec("kcurve", "min_layers", "Layers needed together (K)", _min_layers),
     FigureSpec("induction", "induction", "Induced refusal on harmless prompts", _induction),
     FigureSpec("readability", "readability", "Readability vs steerability", _readability),
+    FigureSpec("tradeoff", "damage", "Refusals vs KL damage"),
     FigureSpec("norms", "directions", "Direction norms per layer"),
     FigureSpec("agreement", "score", "Judge agreement"),
 )
@@ -161,6 +164,8 @@ def figures(
     for spec in SPECS:
         if spec.kind == "norms":
             _norm_figure(report, directions, spec, out)
+        elif spec.kind == "tradeoff":
+            _tradeoff_figure(report, inputs, spec, out)
         elif spec.kind == "agreement":
             _agreement_figure(report, scores, spec, out)
         elif not by_kind.get(spec.needs):
@@ -184,11 +189,28 @@ def _add(report: ModelReport, out: Path, spec: FigureSpec, study: str, fig, titl
     used, base, i = {f.id for f in report.figures}, fig_id, 2
     while fig_id in used:
         fig_id, i = f"{base}-{i}", i + 1
-    report.figures.append(F.save(fig, out, fig_id, report.model, title, caption))
+    report.figures.append(save(fig, out, fig_id, report.model, title, caption))
 
 
 def _skip(report: ModelReport, spec: FigureSpec, reason: str) -> None:
     report.skipped.append({"kind": spec.kind, "model": report.model, "title": spec.title, "reason": reason})
+
+
+def _tradeoff_figure(report: ModelReport, inputs: Inputs, spec: FigureSpec, out: Path) -> None:
+    cells = list(inputs.cells_by_key.values())
+    points = tradeoff_points(cells)
+    if not points:
+        _skip(report, spec, "no steered cell has a measured KL (the spec's damage.enabled is false, or no cells)")
+        return
+    base = (inputs.baseline or {}).get("harmful")
+    fig = refusal_vs_kl(points, base, f"{report.model}: refusals vs KL damage")
+    caption = (
+        f"Every steered cell on harmful prompts ({len(points)}): refusal rate (Wilson 95% CI) against the KL "
+        "divergence of the steered model from the unsteered one on harmless prompts, teacher-forced over the "
+        f"unsteered answers (log axis; cells below {KL_FLOOR:g} nats drawn at it). Low and left is a clean "
+        "bypass; controls show how far damage alone lowers refusal."
+    )
+    _add(report, out, spec, "damage", fig, spec.title, caption)
 
 
 def _agreement_figure(report: ModelReport, scores: dict, spec: FigureSpec, out: Path) -> None:

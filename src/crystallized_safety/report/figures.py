@@ -9,110 +9,35 @@ the figure's own width (3.5-6.5 in), axes name their units, layers follow the pr
 
 from __future__ import annotations
 
-import base64
-import io
 from collections.abc import Sequence
-from dataclasses import dataclass
-from pathlib import Path
-from typing import Any
 
 import matplotlib
 import numpy as np
-from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.patches import Patch, Rectangle
 
 from ..experiments.results import pool
 from ..stats import MIN_N
-
-FONT = 8  # smallest font anywhere in a figure, in points
-STYLE: dict[str, Any] = {
-    "font.size": 9,
-    "axes.titlesize": 9,
-    "axes.labelsize": 9,
-    "xtick.labelsize": FONT,
-    "ytick.labelsize": FONT,
-    "legend.fontsize": FONT,
-    "legend.title_fontsize": FONT,
-    "figure.titlesize": 9,
-    "axes.spines.top": False,
-    "axes.spines.right": False,
-    "hatch.linewidth": 0.6,
-    "svg.hashsalt": "crystallized-safety",  # deterministic SVG ids
-    "savefig.dpi": 200,
-}
-
-
-def _styled():
-    """The house style for one figure (matplotlib types rcParams keys as literals; ours is a plain dict)."""
-    return matplotlib.rc_context(STYLE)
-
-
-LAYER_AXIS = "layer i (output of decoder block i)"
-LAYER_AXIS_2 = "layer i\n(output of decoder block i)"
-RATE_AXIS = "rate (Wilson 95% CI)"
-C_MAIN, C_COMPLY, C_CONTROL, C_OTHER = "#1f5fa8", "#e08a1e", "#8c8c8c", "#3a9d5d"
-
-
-def alpha_axis(unit: str | None) -> str:
-    """Axis label for alpha in the unit the study used."""
-    if unit == "relative":
-        return "alpha (relative: × mean residual norm of the layer)"
-    if unit == "absolute":
-        return "alpha (absolute, on a unit direction)"
-    return "alpha"
-
-
-def num(x: float) -> str:
-    """A number as matplotlib prints tick labels (true minus sign)."""
-    return f"{x:g}".replace("-", "−")
-
-
-def pct(rate: dict | None, digits: int = 0) -> str:
-    if not rate or rate.get("rate") is None:
-        return "n/a"
-    return f"{100 * rate['rate']:.{digits}f}%"
-
-
-def _val(rate: dict | None) -> float:
-    return float("nan") if not rate or rate.get("rate") is None else float(rate["rate"])
-
-
-def _err(rates: Sequence[dict | None]) -> np.ndarray:
-    """Asymmetric error bars (2 x n) from Wilson bounds; 0 where a rate is undefined."""
-    lo, hi = [], []
-    for r in rates:
-        if not r or r.get("rate") is None:
-            lo.append(0.0)
-            hi.append(0.0)
-        else:
-            lo.append(max(0.0, r["rate"] - r["ci_lo"]))
-            hi.append(max(0.0, r["ci_hi"] - r["rate"]))
-    return np.array([lo, hi])
-
-
-def _p_eq(p: float | None) -> str:
-    text = fmt_p(p)
-    return text if text.startswith("<") else f"= {text}"
-
-
-def fmt_p(p: float | None) -> str:
-    if p is None:
-        return "n/a"
-    if p < 1e-4:
-        return "< 1e-4"
-    return f"{p:.2g}"
-
-
-def _new(width: float, height: float) -> Figure:
-    fig = Figure(figsize=(width, height), layout="constrained")
-    FigureCanvasAgg(fig)
-    return fig
-
-
-def _empty_note(ax, text: str) -> None:
-    ax.text(0.5, 0.5, text, ha="center", va="center", transform=ax.transAxes, fontsize=FONT, color="#555555", wrap=True)
-
+from .canvas import (
+    C_COMPLY,
+    C_CONTROL,
+    C_MAIN,
+    C_OTHER,
+    FONT,
+    LAYER_AXIS,
+    LAYER_AXIS_2,
+    RATE_AXIS,
+    alpha_axis,
+    empty_note,
+    fmt_p,
+    new_figure,
+    num,
+    p_eq,
+    pct,
+    rate_value,
+    styled,
+    wilson_err,
+)
 
 # --------------------------------------------------------------------------- figures
 
@@ -135,8 +60,8 @@ def heatmap(cells: Sequence[dict], unit: str | None, title: str, metric: str = "
     row_in = min(0.36, 7.7 / max(1, len(layers)))  # at most 9 in tall: a page
     height = min(9.0, max(2.4, 1.3 + row_in * len(layers)))
     two_lines = row_in >= 0.27 and len(alphas) <= 10  # "rate / n=" where two 8 pt lines fit, else the rate only
-    with _styled():
-        fig = _new(width, height)
+    with styled():
+        fig = new_figure(width, height)
         ax = fig.add_subplot()
         for (li, layer), (ai, alpha) in ((x, y) for x in enumerate(layers) for y in enumerate(alphas)):
             cell = by.get((layer, alpha))
@@ -196,15 +121,15 @@ def threshold_curve(cells: Sequence[dict], threshold: dict | None, unit: str | N
     """Flip (and raw compliance) rate against alpha with Wilson bands; the largest jump shaded with its p."""
     cells = sorted(cells, key=lambda c: c["alpha"])
     alphas = np.array([c["alpha"] for c in cells], dtype=float)
-    with _styled():
-        fig = _new(5.0, 3.0)
+    with styled():
+        fig = new_figure(5.0, 3.0)
         ax = fig.add_subplot()
         for key, color, style, name in (
             ("flip", C_MAIN, "-", "flip rate (coherent)"),
             ("compliance", C_COMPLY, "--", "raw compliance"),
         ):
             rates = [c.get(key) for c in cells]
-            y = np.array([_val(r) for r in rates])
+            y = np.array([rate_value(r) for r in rates])
             lo = np.array([np.nan if r is None or r.get("rate") is None else r["ci_lo"] for r in rates], dtype=float)
             hi = np.array([np.nan if r is None or r.get("rate") is None else r["ci_hi"] for r in rates], dtype=float)
             ax.fill_between(alphas, lo, hi, color=color, alpha=0.18, linewidth=0)
@@ -238,7 +163,7 @@ def threshold_curve(cells: Sequence[dict], threshold: dict | None, unit: str | N
                     color="#555555",
                 )
         elif not any(c["flip"].get("rate") is not None for c in cells):
-            _empty_note(ax, "flip rate undefined: the baseline refused none of these prompts")
+            empty_note(ax, "flip rate undefined: the baseline refused none of these prompts")
         if negative:
             ax.invert_xaxis()  # stronger (more negative) steering to the right
         ax.set_ylim(-0.02, 1.02)
@@ -274,12 +199,26 @@ def controls_bars(result: dict, title: str) -> Figure:
     comps = [extracted.get("compliance"), *(pool(c["seeds"], "compliance") for c in result["controls"].values())]
     x = np.arange(len(names))
     w = 0.38
-    with _styled():
-        fig = _new(max(3.5, 1.6 + 1.3 * len(names)), 3.0)
+    with styled():
+        fig = new_figure(max(3.5, 1.6 + 1.3 * len(names)), 3.0)
         ax = fig.add_subplot()
-        ax.bar(x - w / 2, [_val(r) for r in flips], w, yerr=_err(flips), color=C_MAIN, capsize=3, label="flip rate")
         ax.bar(
-            x + w / 2, [_val(r) for r in comps], w, yerr=_err(comps), color=C_COMPLY, capsize=3, label="raw compliance"
+            x - w / 2,
+            [rate_value(r) for r in flips],
+            w,
+            yerr=wilson_err(flips),
+            color=C_MAIN,
+            capsize=3,
+            label="flip rate",
+        )
+        ax.bar(
+            x + w / 2,
+            [rate_value(r) for r in comps],
+            w,
+            yerr=wilson_err(comps),
+            color=C_COMPLY,
+            capsize=3,
+            label="raw compliance",
         )
         _bar_labels(ax, x - w / 2, flips)
         _bar_labels(ax, x + w / 2, comps)
@@ -288,7 +227,7 @@ def controls_bars(result: dict, title: str) -> Figure:
             ax.plot([i - w / 2] * len(seeds), seeds, "o", color="black", markersize=3, zorder=3)
             p = comp.get("p_fisher_holm", comp.get("p_fisher"))
             diff = comp.get("diff_pp")
-            text = f"Δ {diff:+.0f} pp\np(Holm) {_p_eq(p)}" if diff is not None else "p n/a"
+            text = f"Δ {diff:+.0f} pp\np(Holm) {p_eq(p)}" if diff is not None else "p n/a"
             ax.text(i, 1.2, text, ha="center", va="top", fontsize=FONT)
         ax.set_xticks(x, names)
         ax.set_ylim(0, 1.25)
@@ -304,8 +243,8 @@ def controls_bars(result: dict, title: str) -> Figure:
 def sign_bars(result: dict, title: str, baselines: dict | None = None) -> Figure:
     """Refusal rate under +alpha, -alpha and the inverted direction, on harmful and harmless prompts."""
     sets = result["sets"]
-    with _styled():
-        fig = _new(6.5, 2.9)
+    with styled():
+        fig = new_figure(6.5, 2.9)
         axes = fig.subplots(1, len(sets), sharey=True, squeeze=False)[0]
         colors = {"+alpha": C_MAIN, "-alpha": C_COMPLY, "inverted +alpha": C_OTHER}
         for ax, (name, s) in zip(axes, sets.items()):
@@ -314,9 +253,9 @@ def sign_bars(result: dict, title: str, baselines: dict | None = None) -> Figure
             rates = [v["refusal"] for _n, v in variants]
             ax.bar(
                 x,
-                [_val(r) for r in rates],
+                [rate_value(r) for r in rates],
                 0.6,
-                yerr=_err(rates),
+                yerr=wilson_err(rates),
                 capsize=3,
                 color=[colors.get(n, C_CONTROL) for n, _v in variants],
             )
@@ -351,18 +290,34 @@ def single_vs_multi(multi_cells: Sequence[dict], best_single: dict | None, title
     has_control = any(c.get("control_rate") for _l, c, _k in groups)
     w = 0.27 if has_control else 0.38
     many = len(groups) > 8
-    with _styled():
-        fig = _new(6.5 if len(groups) > 3 else 4.5, 3.4 if many else 3.0)
+    with styled():
+        fig = new_figure(6.5 if len(groups) > 3 else 4.5, 3.4 if many else 3.0)
         ax = fig.add_subplot()
         flips = [c["flip"] for _l, c, _k in groups]
         comps = [c.get("compliance") for _l, c, _k in groups]
         colors = [C_OTHER if k == "single" else C_MAIN for _l, _c, k in groups]
-        ax.bar(x - w, [_val(r) for r in flips], w, yerr=_err(flips), color=colors, capsize=2, label="flip rate")
-        ax.bar(x, [_val(r) for r in comps], w, yerr=_err(comps), color=C_COMPLY, capsize=2, label="raw compliance")
+        ax.bar(
+            x - w, [rate_value(r) for r in flips], w, yerr=wilson_err(flips), color=colors, capsize=2, label="flip rate"
+        )
+        ax.bar(
+            x,
+            [rate_value(r) for r in comps],
+            w,
+            yerr=wilson_err(comps),
+            color=C_COMPLY,
+            capsize=2,
+            label="raw compliance",
+        )
         if has_control:
             ctrl = [c.get("control_rate") for _l, c, _k in groups]
             ax.bar(
-                x + w, [_val(r) for r in ctrl], w, yerr=_err(ctrl), color=C_CONTROL, capsize=2, label="random control"
+                x + w,
+                [rate_value(r) for r in ctrl],
+                w,
+                yerr=wilson_err(ctrl),
+                color=C_CONTROL,
+                capsize=2,
+                label="random control",
             )
         if not many:
             _bar_labels(ax, x - w, flips)
@@ -388,8 +343,8 @@ def k_curve(series: dict[str, dict], title: str) -> Figure:
     Wilson 95% bars; dashed: the random control of each K; dotted: the verdict's flip threshold. `series`:
     model -> a min_layers analysis result (per_k, k_star, flip_threshold)."""
     colors = [C_MAIN, C_OTHER, C_COMPLY, "#a23b72", "#555555"]
-    with _styled():
-        fig = _new(5.5, 3.3)
+    with styled():
+        fig = new_figure(5.5, 3.3)
         ax = fig.add_subplot()
         ks: set[int] = {r["k"] for res in series.values() for r in res["per_k"]}
         threshold = None
@@ -400,15 +355,23 @@ def k_curve(series: dict[str, dict], title: str) -> Figure:
             flips = [r["best"]["flip"] for r in rows]
             star = res.get("k_star")
             label = f"{model} (K* = {star if star is not None else 'none'})"
-            ax.errorbar(xs, [_val(f) for f in flips], yerr=_err(flips), marker="o", color=color, capsize=3, label=label)
+            ax.errorbar(
+                xs,
+                [rate_value(f) for f in flips],
+                yerr=wilson_err(flips),
+                marker="o",
+                color=color,
+                capsize=3,
+                label=label,
+            )
             ctrl = [r["control"] for r in rows]
             if any(c and c.get("rate") is not None for c in ctrl):
-                ax.plot(xs, [_val(c) for c in ctrl], linestyle="--", marker="x", color=color, alpha=0.7)
+                ax.plot(xs, [rate_value(c) for c in ctrl], linestyle="--", marker="x", color=color, alpha=0.7)
             threshold = res.get("flip_threshold", threshold)
         if threshold is not None:
             ax.axhline(threshold, color="black", linestyle=":", linewidth=1, label=f"flip threshold {threshold:.0%}")
         if not any(r["best"] for res in series.values() for r in res["per_k"]):
-            _empty_note(ax, "no K has a defined flip rate (no baseline refusals)")
+            empty_note(ax, "no K has a defined flip rate (no baseline refusals)")
         if ks and min(ks) > 0:
             ax.set_xscale("log", base=2)
             ax.set_xlim(min(ks) / 1.3, max(ks) * 1.3)
@@ -432,8 +395,8 @@ def readability(result: dict, title: str) -> Figure:
     """Probe / projection AUC per layer (top) against the best flip rate steering reached there (bottom)."""
     rows = sorted(result.get("layers", []), key=lambda r: r["layer"])
     steer = {int(k): v for k, v in (result.get("steerability") or {}).items()}
-    with _styled():
-        fig = _new(6.5, 4.0)
+    with styled():
+        fig = new_figure(6.5, 4.0)
         top, bottom = fig.subplots(2, 1, sharex=True, height_ratios=[1.2, 1])
         layers = [r["layer"] for r in rows]
         for key, color, name in (("probe_auc", C_MAIN, "probe AUC"), ("projection_auc", C_COMPLY, "projection AUC")):
@@ -459,11 +422,17 @@ def readability(result: dict, title: str) -> Figure:
             ls = sorted(steer)
             rates = [steer[x] for x in ls]
             bottom.errorbar(
-                ls, [_val(r) for r in rates], yerr=_err(rates), fmt="o", color=C_OTHER, capsize=3, markersize=4
+                ls,
+                [rate_value(r) for r in rates],
+                yerr=wilson_err(rates),
+                fmt="o",
+                color=C_OTHER,
+                capsize=3,
+                markersize=4,
             )
             bottom.set_ylim(-0.02, 1.05)
         else:
-            _empty_note(bottom, "no single-layer flip rate was measured at these layers")
+            empty_note(bottom, "no single-layer flip rate was measured at these layers")
             bottom.set_ylim(0, 1)
         bottom.yaxis.set_major_formatter(matplotlib.ticker.PercentFormatter(1.0, decimals=0))
         bottom.set_ylabel("steerability\n(best flip rate)")
@@ -480,8 +449,8 @@ def direction_norms(layers: Sequence[int], raw_norms, resid_norms, title: str) -
     layers = list(layers)
     raw = np.asarray(raw_norms, dtype=float)
     resid = None if resid_norms is None else np.asarray(resid_norms, dtype=float)
-    with _styled():
-        fig = _new(6.5, 3.8)
+    with styled():
+        fig = new_figure(6.5, 3.8)
         top, bottom = fig.subplots(2, 1, sharex=True, height_ratios=[1.3, 1])
         top.plot(layers, raw, marker="o", markersize=3, color=C_MAIN, label="‖mean harmful − mean harmless‖")
         if resid is not None:
@@ -490,7 +459,7 @@ def direction_norms(layers: Sequence[int], raw_norms, resid_norms, title: str) -
                 bottom.plot(layers, 100 * raw / resid, marker="o", markersize=3, color=C_OTHER)
             bottom.set_ylabel("ratio (%)")
         else:
-            _empty_note(bottom, "no residual norms stored with these directions")
+            empty_note(bottom, "no residual norms stored with these directions")
         top.set_yscale("log")
         top.set_ylabel("L2 norm\n(residual units, log)")
         top.legend(loc="best", frameon=False)
@@ -505,8 +474,8 @@ def judge_agreement(
 ) -> Figure:
     """2x2 confusion of two judges (left) and the score distribution split by the first judge (right)."""
     a, b = names
-    with _styled():
-        fig = _new(6.5, 2.8)
+    with styled():
+        fig = new_figure(6.5, 2.8)
         left, right = fig.subplots(1, 2, width_ratios=[1, 1.4])
         grid = np.array(
             [
@@ -538,33 +507,3 @@ def judge_agreement(
         right.set_ylabel("responses")
         fig.legend(loc="outside lower right", ncols=2, frameon=False)
     return fig
-
-
-# --------------------------------------------------------------------------- files
-
-
-@dataclass(frozen=True)
-class FigureFile:
-    """One saved figure: PNG and SVG beside report.md, and the PNG as base64 for the HTML."""
-
-    id: str
-    model: str
-    title: str
-    caption: str
-    png: Path
-    svg: Path
-    width_in: float
-    png_base64: str
-
-
-def save(fig: Figure, out_dir: Path, fig_id: str, model: str, title: str, caption: str) -> FigureFile:
-    """Write `fig-<id>.png` (200 dpi) and `.svg` into out_dir; keep the PNG bytes for embedding."""
-    png, svg = out_dir / f"fig-{fig_id}.png", out_dir / f"fig-{fig_id}.svg"
-    buf = io.BytesIO()
-    with _styled():
-        fig.savefig(buf, format="png", metadata={"Software": None})
-        fig.savefig(svg, format="svg", metadata={"Date": None})
-    png.write_bytes(buf.getvalue())
-    width = float(fig.get_figwidth())
-    fig.clear()
-    return FigureFile(fig_id, model, title, caption, png, svg, width, base64.b64encode(buf.getvalue()).decode("ascii"))

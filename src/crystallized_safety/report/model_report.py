@@ -7,7 +7,7 @@ from pathlib import Path
 
 from ..errors import CrystallizedSafetyError
 from . import tables as T
-from .figures import FigureFile
+from .canvas import FigureFile
 
 KAPPA_BOUND = 0.6  # judge agreement below this is flagged
 NOT_VERDICT_KINDS = ("induction", "transfer", "readability", "baseline")  # studies the verdict does not read

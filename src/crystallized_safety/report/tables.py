@@ -100,6 +100,15 @@ def holm_map(pvalues: Sequence[float | None]) -> list[float | None]:
     return out
 
 
+KL_HEADER = "KL first / answer (nats)"
+
+
+def kl_text(cell: dict) -> str:
+    """First-token / teacher-forced KL to the unsteered model on harmless prompts (nats), or a dash."""
+    kl = cell.get("kl")
+    return f"{kl['kl_first']:.3f} / {kl['kl_answer']:.3f}" if kl else "—"
+
+
 def layers_of(cell: dict) -> str:
     if cell.get("layers"):
         return ",".join(str(x) for x in cell["layers"])
@@ -177,7 +186,7 @@ def sweep_table(model: str, study: str, result: dict, metric: str = "flip") -> T
         headers += ["raw compliance", "coherent", "incoherent bypasses"]
     else:
         headers += ["coherent"]
-    headers += [ref_name, "Δ (pp, 95% CI)", "p Fisher (Holm)"]
+    headers += [KL_HEADER, ref_name, "Δ (pp, 95% CI)", "p Fisher (Holm)"]
     body = []
     for c, p_adj in zip(cells, adjusted):
         cmp = c.get(key) or {}
@@ -189,6 +198,7 @@ def sweep_table(model: str, study: str, result: dict, metric: str = "flip") -> T
         diff = cmp.get("diff_pp")
         ci = cmp.get("ci_pp")
         row += [
+            kl_text(c),
             rate(c.get(ref)) if ref in c else "—",
             f"{diff:+.1f} ({ci[0]:+.1f}, {ci[1]:+.1f})" if diff is not None and ci else "—",
             fmt_p(p_adj),
@@ -209,7 +219,14 @@ def threshold_table(model: str, study: str, result: dict) -> Table:
     cells = result.get("cells", [])
     order = {a: i for i, a in enumerate(alpha_order([c["alpha"] for c in cells]))}  # weak to strong
     body = [
-        [f"{c['alpha']:g}", n_flag(c["n"]), rate(c["flip"]), rate(c.get("compliance")), rate(c.get("coherence"))]
+        [
+            f"{c['alpha']:g}",
+            n_flag(c["n"]),
+            rate(c["flip"]),
+            rate(c.get("compliance")),
+            rate(c.get("coherence")),
+            kl_text(c),
+        ]
         for c in sorted(cells, key=lambda c: order[c["alpha"]])
     ]
     th = result.get("threshold")
@@ -225,7 +242,7 @@ def threshold_table(model: str, study: str, result: dict) -> Table:
     return Table(
         f"{study}-threshold",
         f"{study}: flip rate against alpha",
-        ["α", "n", "flip", "raw compliance", "coherent"],
+        ["α", "n", "flip", "raw compliance", "coherent", KL_HEADER],
         body,
         note + UNDERPOWERED_NOTE,
         model,

@@ -21,6 +21,7 @@ from ..progress import Progress, silent
 from ..registry import check_model_name, load_model
 from ..store import Store
 from .chunks import Chunk, Pack, expand, make_packs
+from .damage import measure_damage
 from .executors.base import Executor
 from .executors.local import LocalExecutor
 from .screening import screen
@@ -137,6 +138,7 @@ def _run_model(
     todo_chunks = sum(len(p) for p in todo)
     say(f"{model_name}: chunks", state["done"], len(chunks), f"{todo_chunks} of {len(chunks)} to run")
     executor.run(load, ctx, todo, sink)
+    measure_damage(spec, store, run_id, load, ctx, plans, say)
     for plan in plans:
         if plan.kind == "readability":
             study = next(s for s in spec.studies if s.label == plan.label)
