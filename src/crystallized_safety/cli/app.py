@@ -83,7 +83,9 @@ def cli_errors(fn: Callable) -> Callable:
 
 ModelOpt = typer.Option(..., "--model", "-m", help="Registry alias, local directory, .gguf file or hub id.")
 DeviceOpt = typer.Option("auto", help="auto (cuda if present, else cpu), cpu, cuda, cuda:N.")
-DtypeOpt = typer.Option("auto", help="auto (bf16 on GPU, fp32 on CPU), float32, bfloat16, float16.")
+DtypeOpt = typer.Option(
+    "auto", help="auto (bf16 on GPU, fp32 on CPU), float32, bfloat16, float16, mixed (bf16 matmuls, fp32 residual)."
+)
 DeviceMapOpt = typer.Option(
     None, "--device-map", help="Shard over devices: auto | balanced | a JSON {module: cpu|disk|cuda:N} (or .json file)."
 )

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from ..errors import ModelError, first_line
+from .mixed_precision import mix_precision
 from .model import Model
 
 CACHE_ENV = "CSAFETY_CACHE"
@@ -74,8 +75,10 @@ def resolve_device_dtype(device: str = "auto", dtype: str = "auto") -> tuple[tor
         raise ModelError("device 'cuda' requested but no GPU is visible; use --device cpu")
     if dtype == "auto":
         return dev, (torch.bfloat16 if dev.type == "cuda" else torch.float32)
+    if dtype == MIXED:
+        return dev, torch.float32  # loaded in fp32, then its matmuls switched to bf16 (core.mixed_precision)
     if dtype not in _DTYPES:
-        raise ModelError(f"unknown dtype '{dtype}': use auto, float32, bfloat16 or float16")
+        raise ModelError(f"unknown dtype '{dtype}': use auto, float32, bfloat16, float16 or mixed")
     return dev, _DTYPES[dtype]
 
 
@@ -205,6 +208,9 @@ def _gguf_cached_dir(gguf_path: Path) -> tuple[Path, str]:
     return target, sha
 
 
+MIXED = "mixed"  # bf16 matmuls, fp32 residual stream, norms and steering
+
+
 def open_model(
     source: str,
     name: str | None = None,
@@ -217,7 +223,24 @@ def open_model(
     device_map: DeviceMap = None,
 ) -> Model:
     """Open a model from a concrete source: a `.gguf` file, a local model directory or a hub id.
-    (Registry aliases are resolved one level up, by `registry.load_model`.)"""
+    (Registry aliases are resolved one level up, by `registry.load_model`.) dtype `mixed`: loaded in float32,
+    then every linear layer of the blocks and the LM head computes in bf16 (`core.mixed_precision`)."""
+    model = _open(source, name, device, dtype, layers_path, trust_remote_code, system_role, device_map)
+    if dtype == MIXED:
+        mix_precision(model)
+    return model
+
+
+def _open(
+    source: str,
+    name: str | None,
+    device: str,
+    dtype: str,
+    layers_path: str | None,
+    trust_remote_code: bool,
+    system_role: bool,
+    device_map: DeviceMap,
+) -> Model:
     dev, dt = resolve_device_dtype(device, dtype)
     placement = {"device_map": check_device_map(device_map)}
     name = name or source

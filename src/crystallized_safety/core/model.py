@@ -126,6 +126,7 @@ class Model:
     layers_path: str | None = None
     layers: nn.ModuleList = field(init=False, repr=False)
     active_interventions: int = field(default=0, init=False, repr=False)  # > 0 inside steer()
+    precision: str = field(default="", init=False, repr=False)  # "mixed": bf16 matmuls, fp32 residual
     _forward_kw: dict[str, Any] | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -188,6 +189,18 @@ class Model:
                     )
                 writers.append((f"layers.{i}.{found[0][0]}", found[0][1]))
         return writers
+
+    def sublayers(self) -> list[nn.Module]:
+        """Each block's attention and MLP modules (the parents of its residual writers), block by block."""
+        out = []
+        for i, block in enumerate(self.layers):
+            for kind, candidates in WRITER_PATHS.items():
+                parents = sorted({path.rsplit(".", 1)[0] for path in candidates})
+                found = [_get_path(block, path) for path in parents if _has_path(block, path)]
+                if len(found) != 1:
+                    raise ModelError(f"cannot find layer {i}'s {kind} module of {type(block).__name__} among {parents}")
+                out.append(found[0])
+        return out
 
     def check_layer(self, layer: int) -> int:
         if not isinstance(layer, int) or isinstance(layer, bool) or not 0 <= layer < self.n_layers:
@@ -381,7 +394,8 @@ class Model:
 
     def check_logits(self, logits: torch.Tensor) -> torch.Tensor:
         """`logits`, or a clear error when steering (or the dtype) made them NaN / inf: never silent garbage."""
-        if not torch.isfinite(logits).all():
+        lo, hi = torch.aminmax(logits)  # NaN propagates; one pass, ~15x cheaper than isfinite(...).all() here
+        if not (torch.isfinite(lo) and torch.isfinite(hi)):
             raise InterventionError(nonfinite_message(self.dtype))
         return logits
 
