@@ -70,6 +70,7 @@ def _synthetic_store(path: Path) -> Path:
                 {"kind": "induction", "layers": [2], "alphas": [0.5]},
                 {"kind": "transfer", "source_model": "synthetic/model-b", "layers": [2], "alphas": [-0.5]},
                 {"kind": "readability"},
+                {"kind": "selection", "positions": [-1, -2], "layers": [0, 1, 2, 3]},
             ],
         }
     )
@@ -115,6 +116,16 @@ def _synthetic_store(path: Path) -> Path:
             "note": "synthetic",
         },
     )
+    candidates = [
+        {"position": p, "layer": k, "bypass": 1.0 - 0.3 * k + 0.1 * p, "induce": 0.5 * k - 0.4, "kl": 0.04 * k,
+         "score": -(1.0 - 0.3 * k + 0.1 * p), "kept": k < 3 and k > 0, "reason": "" if 0 < k < 3 else "filtered",
+         "chosen": (p, k) == (-1, 2)}
+        for p in (-1, -2) for k in range(4)
+    ]  # fmt: skip
+    settings = {"criterion": "arditi", "kl_max": 0.1, "drop_last": 0.2, "ablate_to": "zero"}
+    chosen = next(c for c in candidates if c["chosen"])
+    store.put_artifact(run_id, SYNTH_MODEL, "selection:selection", {"settings": settings, "candidates": candidates,
+                                                                    "chosen": chosen, "no_choice": None})  # fmt: skip
     plans = plan_studies(spec, 4, SYNTH_MODEL)
     wanted = {baseline(ps).key: ("baseline", baseline(ps)) for ps in (HARMFUL, "harmless")}
     for plan in plans:

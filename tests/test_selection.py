@@ -110,3 +110,71 @@ def test_no_choice_and_affine_ablation():
     zero = select_direction(model, *data, positions=(-1,), kl_max=10.0, induce_min=-1e9)
     assert [c.bypass for c in affine.candidates] != [c.bypass for c in zero.candidates]
     assert [c.induce for c in affine.candidates] == [c.induce for c in zero.candidates]  # induction is unchanged
+
+
+def _independent_cosmic(model, harmful, harmless, layers, v, alpha, source):
+    """COSMIC's two cosines by hand: one prompt at a time, plain transformers hidden states, hand-written hooks."""
+
+    def last_states(prompts, hooks):
+        handles = [model.layers[i].register_forward_hook(h) for i, h in hooks]
+        try:
+            rows = []
+            for text in model.format(prompts):
+                ids = model.tokenizer(text, return_tensors="pt", add_special_tokens=False)
+                with torch.no_grad():
+                    hs = model.hf(**ids, output_hidden_states=True).hidden_states
+                rows.append(torch.stack([hs[k + 1][0, -1].double() for k in layers]))
+            mean = torch.stack(rows).mean(dim=(0, 1))
+            return mean / mean.norm()
+        finally:
+            for handle in handles:
+                handle.remove()
+
+    def ablate(_m, _a, out):
+        h = out[0] if isinstance(out, tuple) else out
+        h = h - (h @ v)[..., None] * v
+        return (h, *out[1:]) if isinstance(out, tuple) else h
+
+    def add(_m, _a, out):
+        h = out[0] if isinstance(out, tuple) else out
+        h = h + alpha * v
+        return (h, *out[1:]) if isinstance(out, tuple) else h
+
+    base_h, base_n = last_states(harmful, []), last_states(harmless, [])
+    ablated = last_states(harmful, [(i, ablate) for i in range(model.n_layers)])
+    induced = last_states(harmless, [(source, add)])
+    return float(ablated @ base_n), float(induced @ base_h)
+
+
+def test_cosmic_scores_equal_a_hand_computation_and_pick_the_largest_sum():
+    from crystallized_safety.core.directions import extract_directions
+    from crystallized_safety.experiments.selection import cosmic_layers
+
+    model = make_tiny("llama")
+    ev_h, ev_n = HARMFUL[:4], HARMLESS[:4]
+    sel = select_direction(model, (HARMFUL, HARMLESS), (ev_h, ev_n), positions=(-1,), kl_max=10.0, drop_last=0.25,
+                           criterion="cosmic")  # fmt: skip
+    layers = sel.settings["cosmic_layers"]
+    assert layers == cosmic_layers(model, ev_h, ev_n) and len(layers) == 1
+    # independent: the layer whose harmful and harmless mean activations have the lowest cosine, by numpy
+    h = np.stack([_last(model, p) for p in ev_h]).mean(0)
+    n = np.stack([_last(model, p) for p in ev_n]).mean(0)
+    cos = [float(h[k] @ n[k] / np.linalg.norm(h[k]) / np.linalg.norm(n[k])) for k in range(model.n_layers)]
+    assert layers == [int(np.argmin(cos))]
+    for c in sel.candidates:
+        bank = extract_directions(model, HARMFUL, HARMLESS, position=c.position)
+        v, alpha = bank.direction(c.layer), float(bank.raw_norms[c.layer])
+        want = _independent_cosmic(model, ev_h, ev_n, layers, v, alpha, c.layer)
+        assert (c.bypass, c.induce) == pytest.approx(want, abs=1e-5)
+        assert c.score == pytest.approx(c.bypass + c.induce)
+    kept = [c for c in sel.candidates if c.kept]
+    assert sel.chosen == max(kept, key=lambda c: c.bypass + c.induce)
+    assert "COSMIC" in sel.bank.metadata["selection"]
+
+
+def _last(model, prompt):
+    text = model.format([prompt])[0]
+    ids = model.tokenizer(text, return_tensors="pt", add_special_tokens=False)
+    with torch.no_grad():
+        hs = model.hf(**ids, output_hidden_states=True).hidden_states
+    return np.stack([hs[k + 1][0, -1].double().numpy() for k in range(model.n_layers)])

@@ -290,13 +290,16 @@ def select_cmd(
     ablate_to: str = typer.Option(
         "zero", help="zero (the paper) | harmless-mean (affine: where harmless prompts sit)."
     ),
+    criterion: str = typer.Option(
+        "arditi", help="arditi (refusal log-odds: bypass, induce, KL) | cosmic (activation cosines, no output tokens)."
+    ),
     out: Path = typer.Option(..., "--out", help="Direction file of the chosen position (.safetensors)."),
     table: Path | None = typer.Option(None, help="Write every candidate's scores here (JSON)."),
     device: str = DeviceOpt,
     dtype: str = DtypeOpt,
     layers_path: str | None = LayersPathOpt,
 ) -> None:
-    """Choose a refusal direction over positions x layers as Arditi et al. 2024 do (bypass, induce, KL)."""
+    """Choose a refusal direction over positions x layers as Arditi et al. 2024 (bypass, induce, KL) or COSMIC do."""
     import sys
 
     from ..experiments.selection import select_direction
@@ -314,7 +317,7 @@ def select_cmd(
     layer_list = m.parse_layers(layers)
     with Reporter("direction selection", stream=sys.stderr) as reporter:
         sel = select_direction(m, (sets[0], sets[1]), (sets[2], sets[3]), positions=pos, layers=layer_list,
-                               kl_max=kl_max, induce_min=induce_min, ablate_to=ablate_to,
+                               kl_max=kl_max, induce_min=induce_min, ablate_to=ablate_to, criterion=criterion,
                                progress=reporter)  # fmt: skip
     if table is not None:
         rows = [{**c.__dict__, "chosen": c == sel.chosen} for c in sel.candidates]

@@ -2,7 +2,8 @@
 
 File format (safetensors, never pickle): tensors `directions` [L, d] (unit rows, sign harmful - harmless),
 `mean_harmful` [L, d], `mean_harmless` [L, d], `raw_norms` [L] (|mean_harmful - mean_harmless|),
-`resid_norms` [L] (mean residual norm, attention-sink token excluded), `layers` [L] (int64 layer indices);
+`resid_norms` [L] (mean residual norm, attention-sink token excluded), `layers` [L] (int64 layer indices),
+optionally `subspace` [L, K, d] (orthonormal rows: the top-K right-singular vectors of the paired differences);
 header metadata: model id and hash, layer convention, position, method, prompt-set hashes and counts,
 tool version.
 """
@@ -37,6 +38,7 @@ class DirectionBank:
     resid_norms: torch.Tensor | None = None
     metadata: dict[str, str] = field(default_factory=dict)
     any_layer: bool = False  # a single seed-style vector usable at whichever layer is asked for
+    subspace: torch.Tensor | None = None  # [L, K, d]: a K-dimensional refusal subspace per layer
 
     @property
     def hidden_size(self) -> int:
@@ -62,12 +64,27 @@ class DirectionBank:
             )
         return float(self.resid_norms[self._row(layer)])
 
-    def harmless_projection(self, layer: int) -> float:
-        """Where harmless prompts sit on the direction: a neutral target for directional ablation."""
+    def basis(self, layer: int, k: int) -> torch.Tensor:
+        """The first `k` orthonormal vectors [k, d] of the refusal subspace at `layer`."""
+        if self.subspace is None or k > self.subspace.shape[1]:
+            have = 0 if self.subspace is None else self.subspace.shape[1]
+            raise VectorFileError(
+                f"the direction file holds a {have}-dimensional refusal subspace, {k} asked: extract with "
+                f"--subspace {k} (or a study asking for k = {k})"
+            )
+        return self.subspace[self._row(layer), :k]
+
+    def harmless_mean(self, layer: int) -> torch.Tensor:
+        """The mean residual of the harmless extraction prompts at `layer`."""
         if self.mean_harmless is None:
             raise VectorFileError("this direction file has no harmless mean: re-extract it with `csafety extract`")
-        row = self._row(layer)
-        return float(self.mean_harmless[row] @ self.directions[row])
+        return self.mean_harmless[self._row(layer)]
+
+    def harmless_projection(self, layer: int, vector: torch.Tensor | None = None) -> float:
+        """Where harmless prompts sit on the direction (or on `vector`) at `layer`: the neutral target of affine
+        ablation."""
+        v = self.direction(layer) if vector is None else vector
+        return float(self.harmless_mean(layer) @ v)
 
     def check_model(self, model: Model) -> None:
         if self.hidden_size != model.hidden_size:
@@ -95,7 +112,7 @@ class DirectionBank:
             "directions": self.directions.float().contiguous(),
             "layers": torch.tensor(self.layers, dtype=torch.int64),
         }
-        for name in ("mean_harmful", "mean_harmless", "raw_norms", "resid_norms"):
+        for name in ("mean_harmful", "mean_harmless", "raw_norms", "resid_norms", "subspace"):
             value = getattr(self, name)
             if value is not None:
                 tensors[name] = value.float().contiguous()
@@ -133,6 +150,11 @@ class DirectionBank:
             extras[name] = _check_extra(tensors.get(name), name, shape, path)
         for name in ("raw_norms", "resid_norms"):
             extras[name] = _check_extra(tensors.get(name), name, directions.shape[:1], path, positive=True)
+        sub = tensors.get("subspace")
+        if sub is not None:
+            k = sub.shape[1] if sub.dim() == 3 else 0
+            shape = torch.Size((directions.shape[0], k, directions.shape[1]))
+            extras["subspace"] = _check_extra(sub, "subspace", shape, path)
         any_layer = meta.pop("any_layer", "false")
         if any_layer not in ("true", "false"):
             raise VectorFileError(f"'{path}' has metadata any_layer={any_layer[:40]!r}: expected true or false")
@@ -219,18 +241,26 @@ def _unit(x: torch.Tensor) -> torch.Tensor:
     return x / x.norm(dim=-1, keepdim=True).clamp_min(1e-12)
 
 
-def _pca_directions(harm: torch.Tensor, harmless: torch.Tensor, diff: torch.Tensor) -> torch.Tensor:
-    """First right-singular vector of the (uncentred) paired differences, per layer, sign-aligned to diff.
+def pca_basis(harm: torch.Tensor, harmless: torch.Tensor, diff: torch.Tensor, k: int = 1) -> torch.Tensor:
+    """Top-`k` right-singular vectors [L, k, d] of the (uncentred) paired differences harmful_i - harmless_i per
+    layer, each sign-aligned to the mean difference `diff`; orthonormal rows.
 
     Uncentred on purpose: centring would remove the mean difference, which is the signal.
     """
-    k = min(harm.shape[0], harmless.shape[0])
-    paired = (harm[:k] - harmless[:k]).transpose(0, 1)  # [L, k, d]
+    n = min(harm.shape[0], harmless.shape[0])
+    if not 1 <= k <= min(n, harm.shape[-1]):
+        raise VectorFileError(f"a {k}-dimensional subspace needs at least {k} prompt pairs, got {n}")
+    paired = (harm[:n] - harmless[:n]).transpose(0, 1)  # [L, n, d]
     _, _, vh = torch.linalg.svd(paired.double(), full_matrices=False)
-    first = vh[:, 0, :].float()
-    sign = torch.sign((first * diff).sum(-1, keepdim=True))
+    top = vh[:, :k, :]
+    sign = torch.sign((top * diff.double()[:, None, :]).sum(-1, keepdim=True))
     sign[sign == 0] = 1
-    return _unit(first * sign)
+    return (top * sign).float()
+
+
+def _pca_directions(harm: torch.Tensor, harmless: torch.Tensor, diff: torch.Tensor) -> torch.Tensor:
+    """First right-singular vector of the paired differences, per layer, sign-aligned to diff."""
+    return _unit(pca_basis(harm, harmless, diff, 1)[:, 0])
 
 
 def fit_probe(
@@ -279,8 +309,10 @@ def extract_directions(
     batch_size: int = 16,
     system: str | None = None,
     raw: bool = False,
+    subspace: int = 0,
 ) -> DirectionBank:
-    """Directions for every chosen layer from ONE batched pass over each prompt set."""
+    """Directions for every chosen layer from ONE batched pass over each prompt set (and, with `subspace` = K,
+    the K-dimensional refusal subspace per layer from the same activations)."""
     harmful_set, harmless_set = as_prompt_set(harmful, "harmful"), as_prompt_set(harmless, "harmless")
     check_contrast(harmful_set, harmless_set)
     if method not in METHODS:
@@ -325,6 +357,7 @@ def extract_directions(
         raw_norms=diff.norm(dim=-1),
         resid_norms=resid,
         metadata=metadata,
+        subspace=pca_basis(cap_h.acts, cap_n.acts, diff, subspace) if subspace else None,
     )
 
 

@@ -7,6 +7,7 @@ it to a `Model` for the duration of a `with` block and always removes its hooks,
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
@@ -17,12 +18,12 @@ import torch
 from ..errors import InterventionError
 from .model import Model
 
-Mode = Literal["add", "ablate", "ablate_add"]
+Mode = Literal["add", "ablate", "ablate_add", "rotate"]
 Positions = Literal["all", "prompt", "generated"]
 AlphaUnit = Literal["absolute", "relative"]
 HookFn = Callable[[torch.Tensor], torch.Tensor | None]
 
-MODES = ("add", "ablate", "ablate_add")
+MODES = ("add", "ablate", "ablate_add", "rotate")
 # The largest |alpha| accepted per unit: beyond these, activations overflow (fp16/bf16 at once, fp32 soon
 # after) and generation returns NaN logits, i.e. empty "responses" a substring judge would count as flips.
 ALPHA_LIMITS = {"absolute": 1e6, "relative": 1e3}
@@ -93,6 +94,12 @@ class Intervention:
     - `layer_weights`: per-layer multipliers (e.g. a total alpha split across K layers: 1/K each).
     - `ablate_to`: projection value after ablation, per layer (default 0; the harmless mean avoids
       pushing harmless prompts towards refusal: on the organism they project below zero).
+    - `basis` (modes ablate / ablate_add): per layer an orthonormal [k, d] basis of a refusal subspace: ablation
+      sets the activation's k coordinates in it to `basis_targets[layer]` (default zeros) instead of one
+      projection; `directions[layer]` is then the basis's first vector.
+    - `planes` (mode rotate, angular steering): per layer a second vector; with the direction it spans the plane
+      in which each activation's component is rotated to `alpha` degrees from the direction (towards the second
+      vector's side), keeping its length: the activation's norm never changes.
     """
 
     directions: dict[int, torch.Tensor]
@@ -103,6 +110,9 @@ class Intervention:
     layer_norms: dict[int, float] | None = None
     layer_weights: dict[int, float] = field(default_factory=dict)
     ablate_to: dict[int, float] = field(default_factory=dict)
+    planes: dict[int, torch.Tensor] = field(default_factory=dict)
+    basis: dict[int, torch.Tensor] = field(default_factory=dict)
+    basis_targets: dict[int, torch.Tensor] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if not self.directions:
@@ -124,12 +134,35 @@ class Intervention:
         check_numbers(list(self.ablate_to.values()), "ablation target")
         if self.layer_norms:
             check_numbers(list(self.layer_norms.values()), "layer residual norm", positive=True)
+        if self.mode == "rotate":
+            self._check_rotation()
+        for k, b in self.basis.items():
+            if b.dim() != 2 or not torch.allclose(b @ b.T, torch.eye(b.shape[0]), atol=1e-4):
+                raise InterventionError(f"layer {k}: a subspace basis must be orthonormal rows [k, d]")
+            target = self.basis_targets.get(k)
+            if target is not None and tuple(target.shape) != (b.shape[0],):
+                raise InterventionError(f"layer {k}: {b.shape[0]} subspace targets needed, got {tuple(target.shape)}")
         if self.alpha_unit == "relative":
             missing = [k for k in self.directions if not self.layer_norms or k not in self.layer_norms]
             if missing:
                 raise InterventionError(
                     f"relative alpha needs the mean residual norm of layers {missing}: use a direction file from "
                     "`csafety extract` or pass layer_norms"
+                )
+
+    def _check_rotation(self) -> None:
+        if self.alpha_unit != "absolute" or isinstance(self.alpha, torch.Tensor):
+            raise InterventionError("rotate takes one angle in degrees as alpha, with alpha_unit absolute")
+        missing = [k for k in self.directions if k not in self.planes]
+        if missing:
+            raise InterventionError(f"rotate needs a plane vector for layers {missing}")
+        self.planes = {int(k): _as_vector(v, f"plane vector for layer {k}") for k, v in self.planes.items()}
+        for k, v in self.directions.items():
+            unit = v / v.norm()
+            rest = self.planes[k] - (self.planes[k] @ unit) * unit
+            if v.dim() != 1 or rest.norm() < 1e-6 * self.planes[k].norm():
+                raise InterventionError(
+                    f"layer {k}: the plane vector is parallel to the direction: no plane to rotate in"
                 )
 
     @classmethod
@@ -218,8 +251,28 @@ def _row_broadcast(x: float | torch.Tensor, like: torch.Tensor) -> float | torch
     return x
 
 
+def _rotation(iv: Intervention, layer: int) -> tuple[torch.Tensor, torch.Tensor, float, float]:
+    """Orthonormal (b1, b2) of the rotation plane (b1 = the direction) and the target angle's cos, sin."""
+    b1 = iv.directions[layer] / iv.directions[layer].norm()
+    rest = iv.planes[layer] - (iv.planes[layer] @ b1) * b1
+    theta = math.radians(float(iv.alpha))  # checked: one number
+    return b1, rest / rest.norm(), math.cos(theta), math.sin(theta)
+
+
+def rotate(hidden: torch.Tensor, b1: torch.Tensor, b2: torch.Tensor, cos: float, sin: float) -> torch.Tensor:
+    """Each activation's component in the plane (b1, b2) turned to the angle (cos, sin) from b1, its length kept;
+    the rest of the activation untouched (so the norm is preserved exactly, up to rounding)."""
+    x1 = (hidden * b1).sum(-1, keepdim=True)
+    x2 = (hidden * b2).sum(-1, keepdim=True)
+    r = torch.sqrt(x1 * x1 + x2 * x2)
+    return hidden + (r * cos - x1) * b1 + (r * sin - x2) * b2
+
+
 def _make_hook(iv: Intervention, layer: int, prompt_len: int | None) -> HookFn:
     vec = iv.directions[layer]
+    plane = _rotation(iv, layer) if iv.mode == "rotate" else None
+    basis = iv.basis.get(layer)
+    basis_target = iv.basis_targets.get(layer)
     alpha = iv.effective_alpha(layer)
     target = float(iv.ablate_to.get(layer, 0.0))
     state = {"end": 0, "calls": 0}
@@ -248,7 +301,16 @@ def _make_hook(iv: Intervention, layer: int, prompt_len: int | None) -> HookFn:
         if mask is not None and not bool(mask.any()):
             return hidden
         out = hidden
-        if iv.mode in ("ablate", "ablate_add"):
+        if plane is not None:
+            b1, b2, cos, sin = plane
+            out = rotate(out, b1.to(hidden.device, hidden.dtype), b2.to(hidden.device, hidden.dtype), cos, sin)
+        if basis is not None and iv.mode in ("ablate", "ablate_add"):
+            b = basis.to(device=hidden.device, dtype=hidden.dtype)
+            coords = out @ b.T  # [..., k]
+            if basis_target is not None:
+                coords = coords - basis_target.to(device=hidden.device, dtype=hidden.dtype)
+            out = out - coords @ b
+        elif iv.mode in ("ablate", "ablate_add"):
             unit = v / v.norm(dim=-1, keepdim=True)
             proj = (out * unit).sum(dim=-1, keepdim=True)
             out = out - (proj - target) * unit

@@ -16,6 +16,7 @@ from collections.abc import Callable
 
 from .. import stats
 from ..errors import CrystallizedSafetyError
+from . import comparison
 from .conditions import HARMFUL, HARMLESS, Condition, StudyPlan
 from .results import Cells, best, compare, pool, stored_damage
 from .spec import ExperimentSpec
@@ -36,6 +37,8 @@ def _sweep(kind: str, tagged: Tagged, cells: Cells, flip_threshold: float) -> di
     metric = "induced" if kind == "induction" else "flip"
     main = [{**tags, **st} for tags, _c, st in tagged if "control" not in tags and tags.get("source") != "own"]
     result: dict = {"metric": metric, "cells": main, "best": best(main, metric)}
+    if kind == "layer_sweep":
+        result["layer_thresholds"] = layer_thresholds(main, flip_threshold)
     controls = [{**tags, **st} for tags, _c, st in tagged if "control" in tags]
     if controls:
         result["controls"] = controls
@@ -61,6 +64,19 @@ def _sweep(kind: str, tagged: Tagged, cells: Cells, flip_threshold: float) -> di
             cell["own_rate"] = mine["flip"]
             cell["vs_own"] = compare(cell["flip"], mine["flip"])
     return result
+
+
+def layer_thresholds(cells: list[dict], flip_threshold: float) -> dict[str, float | None]:
+    """Per layer, the weakest alpha (by strength: |alpha| when all alphas share a sign) whose coherent flip rate
+    reaches `flip_threshold`, among the cells that were generated; None where none does."""
+    out: dict[str, float | None] = {}
+    alphas = [c["alpha"] for c in cells]
+    sign = -1.0 if alphas and all(a <= 0 for a in alphas) else 1.0
+    for layer in sorted({c["layer"] for c in cells if "layer" in c}):
+        mine = sorted((c for c in cells if c.get("layer") == layer), key=lambda c: sign * c["alpha"])
+        hit = [c["alpha"] for c in mine if c["flip"]["rate"] is not None and c["flip"]["rate"] >= flip_threshold]
+        out[str(layer)] = hit[0] if hit else None
+    return out
 
 
 def _threshold(kind: str, tagged: Tagged, cells: Cells, flip_threshold: float) -> dict:
@@ -165,6 +181,9 @@ ANALYSES: dict[str, Callable[[str, Tagged, Cells, float], dict]] = {
     "threshold": _threshold,
     "controls": _controls,
     "sign": _sign,
+    "ablation": comparison.ablation,
+    "angular": comparison.angular,
+    "subspace": comparison.subspace,
 }
 
 
@@ -190,6 +209,13 @@ def analyse_model(spec: ExperimentSpec, store, run_id: str, model_name: str, pla
                     f"study '{plan.label}': no readability scores in the store; rerun `csafety run` to compute them"
                 )
             result = {**found[0], "steerability": _steerability(plans, cells)}
+        elif plan.kind == "selection":
+            chosen = store.get_artifact(run_id, model_name, f"selection:{plan.label}")
+            if chosen is None:
+                raise CrystallizedSafetyError(
+                    f"study '{plan.label}': no selection table in the store; rerun `csafety run` to compute it"
+                )
+            result = chosen[0]
         else:
             result = analyse_plan(plan, cells, spec.verdict.flip_threshold)
         store.put_analysis(run_id, model_name, plan.label, plan.kind, result, time.perf_counter() - t0)

@@ -16,7 +16,10 @@ from ..core.steering import Intervention
 from ..errors import LayerError
 from .direction_ref import DirectionRef
 from .spec import (
+    Ablation,
+    Angular,
     Controls,
+    DirectionSelection,
     ExperimentSpec,
     Induction,
     LayerSweep,
@@ -24,6 +27,7 @@ from .spec import (
     Multilayer,
     Readability,
     Sign,
+    Subspace,
     Threshold,
     Transfer,
 )
@@ -37,7 +41,7 @@ class Condition:
     layers: tuple[int, ...] = ()
     alpha: float = 0.0
     alpha_unit: str = "relative"
-    mode: str = "add"
+    mode: str = "add"  # add | ablate | ablate_add | affine (ablate to the harmless mean) | rotate (alpha in degrees)
     direction: str = "extracted"  # extracted | inverted | orthogonal:S | random:S | shared:L | transfer:MODEL
     weights: tuple[float, ...] = ()  # per-layer multipliers (total alpha split); empty = all 1
     source_layers: tuple[int, ...] = ()  # transfer only: source-model layer per target layer
@@ -53,9 +57,11 @@ class Condition:
     def describe(self) -> str:
         if self.is_baseline:
             return f"baseline ({self.prompt_set})"
-        layers = ",".join(map(str, self.layers))
+        contiguous = len(self.layers) >= 8 and self.layers == tuple(range(self.layers[0], self.layers[-1] + 1))
+        layers = f"{self.layers[0]}-{self.layers[-1]}" if contiguous else ",".join(map(str, self.layers))
         unit = " rel" if self.alpha_unit == "relative" else ""
-        return f"L{layers} a={self.alpha:g}{unit} {self.mode} {self.direction} ({self.prompt_set})"
+        size = f"θ={self.alpha:g}°" if self.mode == "rotate" else f"a={self.alpha:g}{unit}"
+        return f"L{layers} {size} {self.mode} {self.direction} ({self.prompt_set})"
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)
@@ -182,6 +188,37 @@ def _transfer(study: Transfer, plan: StudyPlan, common: dict) -> None:
             plan.add(Condition(HARMFUL, (layer,), alpha, **common), layer=layer, alpha=alpha, source="own")
 
 
+def _ablation(study: Ablation, plan: StudyPlan, common: dict, n_layers: int) -> None:
+    at = tuple(range(n_layers)) if study.at == "all" else tuple(study.at)
+    for source in study.source_layers:
+        for mode in study.modes:
+            for prompt_set in (HARMFUL, HARMLESS):
+                tags = {"source_layer": source, "mode": mode, "prompt_set": prompt_set, "layers": list(at)}
+                plan.add(Condition(prompt_set, at, 0.0, "absolute", mode, f"shared:{source}"), **tags)
+                if study.controls:
+                    ctrl = Condition(prompt_set, at, 0.0, "absolute", mode, "random:0")
+                    plan.add(ctrl, **tags, control="random")
+
+
+def _subspace(study: Subspace, plan: StudyPlan, common: dict, n_layers: int) -> None:
+    at = tuple(range(n_layers)) if study.at == "all" else tuple(study.at)
+    for source in study.source_layers:
+        for k in study.ks:
+            for mode in study.modes:
+                for prompt_set in (HARMFUL, HARMLESS):
+                    cond = Condition(prompt_set, at, 0.0, "absolute", mode, f"subspace:{k}@{source}")
+                    plan.add(cond, source_layer=source, k=k, mode=mode, prompt_set=prompt_set, layers=list(at))
+
+
+def _angular(study: Angular, plan: StudyPlan, common: dict, n_layers: int) -> None:
+    groups = [tuple(study.layers)] if study.together else [(layer,) for layer in study.layers]
+    for layers in groups:
+        for angle in study.angles:
+            for prompt_set in (HARMFUL, HARMLESS):
+                cond = Condition(prompt_set, layers, angle, "absolute", "rotate")
+                plan.add(cond, layers=list(layers), alpha=angle, angle=angle, prompt_set=prompt_set)
+
+
 PLANNERS: dict[type, Callable[..., None]] = {
     LayerSweep: _sweep,
     Induction: _sweep,
@@ -192,7 +229,13 @@ PLANNERS: dict[type, Callable[..., None]] = {
     MinLayers: _min_layers,
     Transfer: _transfer,
     Readability: lambda study, plan, common: None,  # no generations: it reads activations
+    DirectionSelection: lambda study, plan, common: None,  # no generations: forward passes, in the runner
 }
+LAYERED_PLANNERS: dict[type, Callable[..., None]] = {
+    Ablation: _ablation,
+    Angular: _angular,
+    Subspace: _subspace,
+}  # need the depth
 
 
 def plan_studies(spec: ExperimentSpec, n_layers: int, model: str) -> list[StudyPlan]:
@@ -200,9 +243,13 @@ def plan_studies(spec: ExperimentSpec, n_layers: int, model: str) -> list[StudyP
     plans: list[StudyPlan] = []
     for study in spec.studies:
         plan = StudyPlan(study.label, study.kind)
-        PLANNERS[type(study)](study, plan, {"alpha_unit": study.alpha_unit, "mode": study.mode})
+        common = {"alpha_unit": study.alpha_unit, "mode": study.mode}
+        if type(study) in LAYERED_PLANNERS:
+            LAYERED_PLANNERS[type(study)](study, plan, common, n_layers)
+        else:
+            PLANNERS[type(study)](study, plan, common)
         layers = [layer for _tags, cond in plan.conditions for layer in cond.layers]
-        if isinstance(study, Readability) and study.layers != "all":
+        if isinstance(study, (Readability, DirectionSelection)) and study.layers != "all":
             layers = list(study.layers)
         for layer in layers:
             if not 0 <= layer < n_layers:
@@ -224,11 +271,23 @@ def build_intervention(
     directions = {layer: ref.vector(bank, layer, transfer, seed) for layer in cond.layers}
     norms = {layer: bank.resid_norm(layer) for layer in cond.layers} if cond.alpha_unit == "relative" else None
     weights = dict(zip(cond.layers, cond.weights)) if cond.weights else {}
+    extra: dict = {}
+    if cond.mode == "affine":  # ablation to where harmless prompts sit on each layer's vector (ACE)
+        extra["ablate_to"] = {k: bank.harmless_projection(k, v) for k, v in directions.items()}
+    if cond.mode == "rotate":  # angular steering: the plane of the direction and the layer's harmless mean
+        extra["planes"] = {k: bank.harmless_mean(k) for k in directions}
+    if ref.kind == "subspace":  # ablate a k-dimensional subspace (affine: to the harmless mean's coordinates)
+        dims, source = ref.subspace
+        extra["basis"] = dict.fromkeys(cond.layers, bank.basis(source, dims))
+        if cond.mode == "affine":
+            extra.pop("ablate_to", None)
+            extra["basis_targets"] = {k: bank.basis(source, dims) @ bank.harmless_mean(k) for k in cond.layers}
     return Intervention(
         directions=directions,
         alpha=cond.alpha,
-        mode=cond.mode,
+        mode="ablate" if cond.mode == "affine" else cond.mode,
         alpha_unit=cond.alpha_unit,
         layer_norms=norms,
         layer_weights=weights,
+        **extra,
     )

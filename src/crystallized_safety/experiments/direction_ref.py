@@ -1,5 +1,6 @@
 """Which vector a condition steers along, typed: `DirectionRef` parses and prints the stored form
-(`extracted`, `inverted`, `orthogonal:S`, `random:S`, `shared:L`, `transfer:MODEL`, `none`) in one place."""
+(`extracted`, `inverted`, `orthogonal:S`, `random:S`, `shared:L`, `subspace:K@L`, `transfer:MODEL`, `none`) in
+one place. `subspace:K@L` is the K-dimensional refusal subspace of layer L (its vector: the subspace's first)."""
 
 from __future__ import annotations
 
@@ -11,8 +12,8 @@ import torch
 from ..core.directions import DirectionBank, orthogonal_direction, random_direction
 from ..errors import LayerError
 
-Kind = Literal["none", "extracted", "inverted", "orthogonal", "random", "shared", "transfer"]
-KINDS: tuple[str, ...] = ("none", "extracted", "inverted", "orthogonal", "random", "shared", "transfer")
+Kind = Literal["none", "extracted", "inverted", "orthogonal", "random", "shared", "subspace", "transfer"]
+KINDS: tuple[str, ...] = ("none", "extracted", "inverted", "orthogonal", "random", "shared", "subspace", "transfer")
 CONTROLS = ("orthogonal", "random")  # equal-norm control directions, one per seed
 
 
@@ -24,8 +25,10 @@ class DirectionRef:
     @classmethod
     def parse(cls, text: str) -> DirectionRef:
         kind, _, arg = text.partition(":")
-        if kind not in KINDS or bool(arg) != (kind in (*CONTROLS, "shared", "transfer")):
+        if kind not in KINDS or bool(arg) != (kind in (*CONTROLS, "shared", "subspace", "transfer")):
             raise ValueError(f"unknown direction '{text}'")
+        if kind == "subspace" and not all(part.isdigit() for part in arg.partition("@")[::2]):
+            raise ValueError(f"direction '{text}' needs 'subspace:K@LAYER'")
         if kind in (*CONTROLS, "shared") and not arg.lstrip("-").isdigit():
             raise ValueError(f"direction '{text}' needs an integer after ':'")
         return cls(kind, arg)  # type: ignore[arg-type]
@@ -40,6 +43,12 @@ class DirectionRef:
     @property
     def is_transfer(self) -> bool:
         return self.kind == "transfer"
+
+    @property
+    def subspace(self) -> tuple[int, int]:
+        """(K, source layer) of a `subspace:K@L` reference."""
+        k, _, layer = self.arg.partition("@")
+        return int(k), int(layer)
 
     def _seed(self, layer: int, seed: int) -> int:
         return 1000 * int(self.arg) + layer + 1_000_003 * seed
@@ -59,6 +68,9 @@ class DirectionRef:
             return random_direction(bank.hidden_size, seed=self._seed(layer, seed))
         if self.kind == "shared":
             return bank.direction(int(self.arg))
+        if self.kind == "subspace":
+            k, source = self.subspace
+            return bank.basis(source, k)[0]
         if self.kind == "transfer":
             if not transfer or self.arg not in transfer:
                 raise LayerError(f"no transferred directions from '{self.arg}' were prepared")

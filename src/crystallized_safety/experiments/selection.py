@@ -14,6 +14,13 @@ layer. Scores per candidate, on held-out prompts:
 Filters as in the paper: KL < 0.1, induce > 0, and not in the last 20% of layers; the kept candidate with the
 lowest bypass wins. (The paper also ablates at the embedding output; here ablation acts on every block's
 output, which is where this tool's hooks live.)
+
+`criterion="cosmic"` scores as COSMIC does (Siu et al. 2025, wang-research-lab/COSMIC), from activations alone,
+no output tokens: on the layers where harmful and harmless mean activations are least alike (lowest cosine, the
+lowest 10%), the unit mean of the last-token activations of the ablated harmful prompts is compared (cosine) with
+that of the unsteered harmless ones (*bypass*: higher = ablation makes harmful look harmless), and the unit mean
+of the harmless prompts with the vector added with that of the unsteered harmful ones (*induce*); the kept
+candidate (KL < 0.1, not in the last 20% of layers) with the largest bypass + induce wins.
 """
 
 from __future__ import annotations
@@ -23,16 +30,20 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..core.activations import capture
 from ..core.directions import DirectionBank, extract_directions
 from ..core.generation.fast import first_logits
 from ..core.model import Model
-from ..core.steering import Intervention
+from ..core.steering import Intervention, steer
 from ..errors import CrystallizedSafetyError
 from ..judges.divergence import mean_kl
 from ..judges.refusal_score import RefusalScoreJudge, refusal_log_odds
 from ..progress import Progress, silent
 
 POSITIONS = (-1, -2, -3, -4, -5)
+
+
+CRITERIA = ("arditi", "cosmic")
 
 
 @dataclass(frozen=True)
@@ -44,6 +55,7 @@ class Candidate:
     kl: float
     kept: bool
     reason: str  # why it was filtered out ("" when kept)
+    score: float = 0.0  # what the choice maximises: -bypass (arditi), bypass + induce (cosmic)
 
 
 @dataclass
@@ -59,6 +71,33 @@ def first_token_logits(model: Model, prompts: Sequence[str], iv: Intervention | 
     ids = model.tokenizer(model.format(list(prompts)), add_special_tokens=False)["input_ids"]
     out = [first_logits(model, ids[i : i + batch], iv).float().cpu() for i in range(0, len(ids), batch)]
     return torch.cat(out)
+
+
+def unit_mean(acts: torch.Tensor) -> torch.Tensor:
+    """The unit vector of the mean over prompts and layers of activations [N, L, d] (float64)."""
+    mean = acts.double().mean(dim=(0, 1))
+    return mean / mean.norm()
+
+
+def cosmic_layers(model: Model, harmful: Sequence[str], harmless: Sequence[str], share: float = 0.1) -> list[int]:
+    """The layers (at least one; the lowest `share`) where harmful and harmless mean last-token activations have
+    the lowest cosine similarity: where the two sets are most told apart."""
+    h, n = capture(model, list(harmful)).acts.double().mean(0), capture(model, list(harmless)).acts.double().mean(0)
+    cos = torch.nn.functional.cosine_similarity(h, n, dim=-1)
+    count = max(1, round(share * model.n_layers))
+    return sorted(int(i) for i in torch.argsort(cos)[:count])
+
+
+def cosmic_scores(
+    model: Model, harmful: Sequence[str], harmless: Sequence[str], layers: list[int], ablate: Intervention,
+    induce: Intervention, base: tuple[torch.Tensor, torch.Tensor],
+) -> tuple[float, float]:  # fmt: skip
+    """(bypass, induce) cosines of one candidate; `base` = unit means (harmful, harmless), unsteered."""
+    with steer(model, ablate):
+        ablated = unit_mean(capture(model, list(harmful), layers=layers).acts)
+    with steer(model, induce):
+        induced = unit_mean(capture(model, list(harmless), layers=layers).acts)
+    return float(ablated @ base[1]), float(induced @ base[0])
 
 
 def filter_reason(c: dict, n_layers: int, kl_max: float, drop_last: float, induce_min: float = 0.0) -> str:
@@ -83,12 +122,15 @@ def select_direction(
     drop_last: float = 0.2,
     induce_min: float = 0.0,
     ablate_to: str = "zero",
+    criterion: str = "arditi",
     progress: Progress | None = None,
 ) -> Selection:
     """Score every (position, layer) candidate and pick one (see the module docstring); `chosen` is None when no
     candidate passes the filters (the scores are still returned, to see which filter failed)."""
     if ablate_to not in ("zero", "harmless-mean"):
         raise CrystallizedSafetyError(f"unknown ablate_to '{ablate_to}': use zero or harmless-mean")
+    if criterion not in CRITERIA:
+        raise CrystallizedSafetyError(f"unknown criterion '{criterion}': use {' or '.join(CRITERIA)}")
     say = progress or silent
     judge = RefusalScoreJudge(model)
     harmful, harmless = list(evaluate[0]), list(evaluate[1])
@@ -96,6 +138,12 @@ def select_direction(
     layer_list = model.parse_layers(list(layers) if layers is not None else None)
     every = list(range(model.n_layers))  # ablation acts at every block: the harmless means of all of them
     banks = {p: extract_directions(model, extract[0], extract[1], layers=every, position=p) for p in positions}
+    cosmic: tuple[list[int], tuple[torch.Tensor, torch.Tensor]] | None = None
+    if criterion == "cosmic":
+        eval_layers = cosmic_layers(model, harmful, harmless)
+        base = (unit_mean(capture(model, harmful, layers=eval_layers).acts),
+                unit_mean(capture(model, harmless, layers=eval_layers).acts))  # fmt: skip
+        cosmic = (eval_layers, base)
     rows: list[dict] = []
     total = len(positions) * len(layer_list)
     for p, bank in banks.items():
@@ -109,25 +157,39 @@ def select_direction(
             assert bank.raw_norms is not None  # extracted banks carry their norms
             induce = Intervention(directions={layer: v}, alpha=float(bank.raw_norms[bank.layers.index(layer)]))
             ablated_harmless = first_token_logits(model, harmless, ablate)
+            if cosmic is None:
+                bypass = float(refusal_log_odds(first_token_logits(model, harmful, ablate), judge.token_ids).mean())
+                scores = (bypass, float(judge.scores(harmless, induce).mean()), -bypass)
+            else:
+                bypass, induced = cosmic_scores(model, harmful, harmless, cosmic[0], ablate, induce, cosmic[1])
+                scores = (bypass, induced, bypass + induced)
             row = {
                 "position": p,
                 "layer": layer,
-                "bypass": float(refusal_log_odds(first_token_logits(model, harmful, ablate), judge.token_ids).mean()),
-                "induce": float(judge.scores(harmless, induce).mean()),
+                "bypass": scores[0],
+                "induce": scores[1],
+                "score": scores[2],
                 "kl": mean_kl(base_harmless, ablated_harmless),
             }
             rows.append(row)
             say("direction selection", len(rows), total, f"position {p} layer {layer}")
-    reasons = [filter_reason(r, model.n_layers, kl_max, drop_last, induce_min) for r in rows]
+    floor = induce_min if criterion == "arditi" else -float("inf")  # COSMIC filters on KL and depth only
+    reasons = [filter_reason(r, model.n_layers, kl_max, drop_last, floor) for r in rows]
     candidates = [Candidate(**r, kept=not why, reason=why) for r, why in zip(rows, reasons)]
-    settings = {"kl_max": kl_max, "drop_last": drop_last, "induce_min": induce_min, "positions": list(positions),
-                "n_eval": len(harmful), "ablate_to": ablate_to}  # fmt: skip
+    settings = {"kl_max": kl_max, "drop_last": drop_last, "induce_min": floor, "positions": list(positions),
+                "n_eval": len(harmful), "ablate_to": ablate_to, "criterion": criterion,
+                "cosmic_layers": cosmic[0] if cosmic else None}  # fmt: skip
     kept = [c for c in candidates if c.kept]
     if not kept:
         return Selection(candidates, None, None, settings)
-    chosen = min(kept, key=lambda c: c.bypass)
+    chosen = max(kept, key=lambda c: c.score)
     bank = banks[chosen.position]
-    rule = f"Arditi et al. 2024: min bypass s.t. KL < {kl_max:g}, induce > 0"
+    rule = (
+        f"Arditi et al. 2024: min bypass s.t. KL < {kl_max:g}, induce > 0"
+        if criterion == "arditi"
+        else f"COSMIC (Siu et al. 2025): max bypass + induce cosine on layers {settings['cosmic_layers']}, "
+        f"KL < {kl_max:g}"
+    )
     bank.metadata.update(selected_layer=str(chosen.layer), selected_position=str(chosen.position), selection=rule)
     return Selection(candidates, chosen, bank, settings)
 

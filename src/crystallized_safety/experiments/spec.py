@@ -91,10 +91,15 @@ class VerdictSpec(_Strict):
 
 
 class ScreeningSpec(_Strict):
-    """Score every cell with the first-token refusal score (forward passes only), then generate only the
-    cells that matter: those whose screened flip rate lies in `band` (near the threshold) and the `best`."""
+    """Score cells with the first-token refusal score (forward passes only), then generate only the cells that
+    matter. mode `band`: every cell is screened; those whose screened flip rate lies in `band` (near the threshold)
+    and the `best` are generated. mode `adaptive`: per layer (each alpha curve), bisection over the alphas on the
+    screened rate finds the first alpha reaching the verdict's flip threshold, and only that cell is generated,
+    walking to stronger alphas while generation does not confirm it (a curve that never reaches the threshold
+    generates its strongest alpha when its screened rate there is within `band`)."""
 
     enabled: bool = False
+    mode: Literal["band", "adaptive"] = "band"
     band: tuple[float, float] = (0.1, 0.9)
     best: int = Field(3, ge=0)
     kinds: list[Literal["layer_sweep", "threshold", "multilayer"]] = ["layer_sweep", "threshold", "multilayer"]
@@ -109,13 +114,15 @@ class DamageSpec(_Strict):
 
 
 # keys added after stores were written, at their default (left out of the spec hash so those runs resume)
-LATER_KEYS = {"device_map": None, "damage": DamageSpec().model_dump(mode="json")}
+LATER_KEYS = {"device_map": None, "damage": DamageSpec().model_dump(mode="json"), "screening.mode": "band"}
 
 
 class _Study(_Strict):
     name: str | None = None
     alpha_unit: Literal["absolute", "relative"] = "relative"
-    mode: Literal["add", "ablate", "ablate_add"] = "add"
+    mode: Literal["add", "ablate", "ablate_add", "affine"] = Field(
+        "add", description="affine: ablate to where harmless prompts sit (the harmless mean's projection)"
+    )
 
     @property
     def label(self) -> str:
@@ -213,13 +220,91 @@ class Transfer(_Study):
     map_prompts: int = Field(64, ge=8, description="shared prompts for the linear map when hidden sizes differ")
 
 
+class Ablation(_Study):
+    """Directional ablation, zero vs affine (Arditi et al. 2024 vs Marshall et al., ACE): the direction extracted
+    at each source layer is projected out at every layer in `at` (default all), on harmful and harmless prompts.
+    `ablate` sets the projection to zero; `affine` sets it to where harmless prompts sit (the harmless mean's
+    projection at that layer), which avoids the trap where harmless prompts project far below zero and zero-
+    ablation pushes them towards refusal. With `controls`, a random direction is ablated the same way."""
+
+    kind: Literal["ablation"]
+    source_layers: list[NonNegativeInt] = Field(min_length=1)
+    modes: list[Literal["ablate", "affine"]] = Field(["ablate", "affine"], min_length=1)
+    at: list[NonNegativeInt] | Literal["all"] = "all"
+    controls: bool = True
+
+
+class Subspace(_Study):
+    """Beyond one direction: the top-K right-singular vectors of the paired harmful - harmless differences at each
+    source layer span a K-dimensional refusal subspace, ablated (to zero, or affine: to the harmless mean's
+    coordinates) at every layer in `at`, on harmful and harmless prompts; swept over K (K = 1 is the PCA direction)."""
+
+    kind: Literal["subspace"]
+    source_layers: list[NonNegativeInt] = Field(min_length=1)
+    ks: list[int] = Field([1, 2, 4, 8], min_length=1, description="subspace dimensions K, ascending")
+    modes: list[Literal["ablate", "affine"]] = Field(["affine"], min_length=1)
+    at: list[NonNegativeInt] | Literal["all"] = "all"
+
+    @field_validator("ks")
+    @classmethod
+    def _ks(cls, ks: list[int]) -> list[int]:
+        if any(k < 1 for k in ks) or ks != sorted(set(ks)):
+            raise ValueError(f"ks {ks} must be distinct positive dimensions in ascending order")
+        return ks
+
+
+class Angular(_Study):
+    """Angular steering (Vu & Nguyen 2025): in the plane of the refusal direction and the harmless mean (made
+    orthogonal to it), each activation's component is rotated to `angles` degrees from the direction, its norm
+    kept; swept by angle instead of alpha, on harmful and harmless prompts. Each layer alone, or all `layers`
+    together with `together`."""
+
+    kind: Literal["angular"]
+    layers: list[NonNegativeInt] = Field(min_length=1)
+    angles: list[float] = Field(min_length=1, description="degrees from the refusal direction (0 = towards refusal)")
+    together: bool = False
+
+
+class DirectionSelection(_Study):
+    """Direction selection over positions x layers (Arditi et al. 2024, or COSMIC), from forward passes only: the
+    candidate table (bypass, induce, KL, filters) and the chosen direction, stored and reported; nothing is
+    generated. Candidates come from the extraction prompts, scores from the first `prompts` eval prompts."""
+
+    kind: Literal["selection"]
+    positions: list[int] = Field([-1, -2, -3, -4, -5], min_length=1)
+    layers: list[NonNegativeInt] | Literal["all"] = "all"
+    criterion: Literal["arditi", "cosmic"] = "arditi"
+    ablate_to: Literal["zero", "harmless-mean"] = "zero"
+    kl_max: float = Field(0.1, gt=0)
+    prompts: int = Field(32, ge=2, description="held-out prompts per side for the scores")
+
+    @field_validator("positions")
+    @classmethod
+    def _negative(cls, positions: list[int]) -> list[int]:
+        if any(p >= 0 for p in positions):
+            raise ValueError(f"positions {positions} must be negative post-instruction offsets (-1 = last token)")
+        return positions
+
+
 class Readability(_Study):
     kind: Literal["readability"]
     layers: list[NonNegativeInt] | Literal["all"] = "all"
 
 
 Study = Annotated[
-    LayerSweep | Threshold | Controls | Sign | Multilayer | MinLayers | Induction | Transfer | Readability,
+    LayerSweep
+    | Threshold
+    | Controls
+    | Sign
+    | Multilayer
+    | MinLayers
+    | Induction
+    | Transfer
+    | Readability
+    | Ablation
+    | Angular
+    | Subspace
+    | DirectionSelection,
     Field(discriminator="kind"),
 ]
 
@@ -255,12 +340,35 @@ class ExperimentSpec(_Strict):
     def spec_hash(self) -> str:
         data = self.model_dump(mode="json")
         # keys added after stores were written, left out while at their default: those runs still resume
-        data = {k: v for k, v in data.items() if k not in LATER_KEYS or v != LATER_KEYS[k]}
+        for key, default in LATER_KEYS.items():
+            *parents, leaf = key.split(".")
+            node = data
+            for part in parents:
+                node = node.get(part, {})
+            if node.get(leaf, default) == default:
+                node.pop(leaf, None)
         canonical = yaml.safe_dump(data, sort_keys=True)
         return hashlib.sha256(canonical.encode()).hexdigest()[:16]
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json", exclude_defaults=False), sort_keys=False)
+
+
+STUDY_KINDS = (
+    "layer_sweep",
+    "threshold",
+    "controls",
+    "sign",
+    "multilayer",
+    "min_layers",
+    "induction",
+    "transfer",
+    "readability",
+    "ablation",
+    "angular",
+    "subspace",
+    "selection",
+)
 
 
 def _fmt_loc(loc: tuple) -> str:
@@ -275,11 +383,14 @@ def _fmt_loc(loc: tuple) -> str:
             "Sign",
             "Multilayer",
             "Induction",
+            "MinLayers",
             "Transfer",
             "Readability",
-        } or item.startswith(
-            ("layer_sweep", "threshold", "controls", "sign", "multilayer", "induction", "transfer", "readability")
-        ):
+            "Ablation",
+            "Angular",
+            "Subspace",
+            "DirectionSelection",
+        } or item.startswith(STUDY_KINDS):
             continue
         else:
             parts.append(("." if parts else "") + str(item))
@@ -298,10 +409,7 @@ def parse_spec(data: dict, source: str = "spec") -> ExperimentSpec:
         elif first["type"] == "missing":
             msg = "required key is missing: add it"
         elif first["type"] == "union_tag_invalid":
-            msg = (
-                "unknown study kind: use layer_sweep, threshold, controls, sign, multilayer, induction, "
-                "transfer or readability"
-            )
+            msg = f"unknown study kind: use {', '.join(STUDY_KINDS[:-1])} or {STUDY_KINDS[-1]}"
         raise SpecError(f"{source}: {loc}: {msg}") from None
     if spec.prompts.n < MIN_N:
         warnings.warn(

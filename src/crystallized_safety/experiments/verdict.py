@@ -10,6 +10,9 @@ from .conditions import HARMFUL, Condition, StudyPlan
 from .results import Cells, best, rate
 from .spec import MIN_N, ExperimentSpec
 
+# studies whose cells are not evidence for the verdict (other prompt sets, other models, other methods)
+NOT_VERDICT_KINDS = ("induction", "transfer", "readability", "ablation", "angular", "subspace")
+
 
 def _control_bound(cell_cond: Condition, plans: list[StudyPlan], cells: Cells) -> tuple[float | None, str]:
     """Upper Wilson bound of the flip rate of control directions comparable to a cell."""
@@ -68,7 +71,7 @@ def _candidates(plans: list[StudyPlan], cells: Cells, single: bool) -> list[tupl
     """Steered harmful cells along the model's own direction (no control, no transfer), single- or multi-layer."""
     seen, out = set(), []
     for plan in plans:
-        if plan.kind in ("induction", "transfer", "readability"):
+        if plan.kind in NOT_VERDICT_KINDS:
             continue
         for _tags, cond in plan.conditions:
             if cond.prompt_set != HARMFUL or cond.key in seen or cond.is_baseline:
@@ -76,7 +79,9 @@ def _candidates(plans: list[StudyPlan], cells: Cells, single: bool) -> list[tupl
             if cond.ref.is_control or cond.ref.is_transfer or (len(cond.layers) == 1) != single:
                 continue
             seen.add(cond.key)
-            out.append((cond, cells.stats(cond)))
+            st = cells.stats(cond)
+            if st["n"]:  # a cell screening left ungenerated is no evidence either way
+                out.append((cond, st))
     return out
 
 

@@ -215,6 +215,14 @@ def _tables(report: ModelReport, analyses: list[dict]) -> None:
             report.tables.append(T.readability_table(model, study, res))
         elif kind == "min_layers":
             report.tables.append(T.min_layers_table(model, study, res))
+        elif kind == "ablation":
+            report.tables.append(T.ablation_table(model, study, res))
+        elif kind == "angular":
+            report.tables.append(T.angular_table(model, study, res))
+        elif kind == "subspace":
+            report.tables.append(T.subspace_table(model, study, res))
+        elif kind == "selection":
+            report.tables.append(T.candidates_table(model, study, res))
     if report.agreement:
         report.tables.append(T.agreement_table(model, report.agreement))
 

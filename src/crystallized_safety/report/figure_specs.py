@@ -11,6 +11,7 @@ from pathlib import Path
 
 from ..stats import MIN_N
 from . import figures as F
+from .candidates import selection_grid
 from .canvas import save
 from .collect import unit, walk
 from .model_report import ModelReport
@@ -121,6 +122,26 @@ def _readability(res: dict, head: str, inp: Inputs) -> Drawing | str:
     )
 
 
+def _selection(res: dict, head: str, inp: Inputs) -> Drawing | str:
+    if not res.get("candidates"):
+        return "no candidates"
+    chosen = res.get("chosen")
+    pick = (
+        f"chosen: position {chosen['position']}, layer {chosen['layer']}"
+        if chosen
+        else f"nothing passes the filters ({res.get('no_choice') or ''})"
+    )
+    s = res.get("settings") or {}
+    induce = ", induce > 0" if s.get("criterion") == "arditi" else ""
+    return Drawing(
+        selection_grid(res, head),
+        f"Candidate refusal directions (diff-in-means per post-instruction position and layer) scored by "
+        f"{s.get('criterion', 'arditi')} on held-out prompts; dots: kept by the filters (KL < {s.get('kl_max')}, not "
+        f"in the last {100 * s.get('drop_last', 0.2):.0f}% of layers{induce}); "
+        f"star: {pick}.",
+    )
+
+
 @dataclass(frozen=True)
 class FigureSpec:
     kind: str
@@ -138,6 +159,7 @@ SPECS: tuple[FigureSpec, ...] = (
     FigureSpec("kcurve", "min_layers", "Layers needed together (K)", _min_layers),
     FigureSpec("induction", "induction", "Induced refusal on harmless prompts", _induction),
     FigureSpec("readability", "readability", "Readability vs steerability", _readability),
+    FigureSpec("selection", "selection", "Direction selection", _selection),
     FigureSpec("tradeoff", "damage", "Refusals vs KL damage"),
     FigureSpec("norms", "directions", "Direction norms per layer"),
     FigureSpec("agreement", "score", "Judge agreement"),

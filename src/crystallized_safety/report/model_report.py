@@ -6,11 +6,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import CrystallizedSafetyError
+from ..experiments.verdict import NOT_VERDICT_KINDS as VERDICT_SKIPS
 from . import tables as T
 from .canvas import FigureFile
 
 KAPPA_BOUND = 0.6  # judge agreement below this is flagged
-NOT_VERDICT_KINDS = ("induction", "transfer", "readability", "baseline")  # studies the verdict does not read
+NOT_VERDICT_KINDS = (*VERDICT_SKIPS, "baseline")  # studies the verdict does not read
 
 
 class ReportError(CrystallizedSafetyError):

@@ -387,3 +387,113 @@ def timing_table(rows: Sequence[dict]) -> Table:
         "Generation seconds sum the chunks a study ran first (studies share identical conditions, so a shared "
         "condition is counted once, under the study that ran it).",
     )
+
+
+def ablation_table(model: str, study: str, result: dict) -> Table:
+    """Zero vs affine ablation per source layer: harmful refusal (bypass), harmless refusal (the trap), KL."""
+    body = []
+    versus = {v["source_layer"]: v for v in result.get("affine_vs_zero", [])}
+    for r in result.get("rows", []):
+        ctrl = r.get("control") or {}
+        v = versus.get(r["source_layer"])
+        against = v["harmless_refusal"] if v and r["mode"] == "affine" else {}
+        body.append(
+            [
+                str(r["source_layer"]),
+                "affine (harmless mean)" if r["mode"] == "affine" else "zero",
+                rate(r["harmful"].get("refusal")),
+                rate(r["harmful"].get("flip")),
+                rate(r["harmless"].get("refusal")),
+                kl_text(r),
+                rate((ctrl.get("harmful") or {}).get("refusal")) if ctrl else "—",
+                f"{against['diff_pp']:+.1f}" if against.get("diff_pp") is not None else "—",
+                fmt_p(v.get("harmless_p_holm")) if v and r["mode"] == "affine" else "—",
+            ]
+        )
+    return Table(
+        f"{study}-ablation",
+        f"{study}: directional ablation, zero vs affine",
+        ["direction from layer", "ablation", "harmful refusal", "flip", "harmless refusal", KL_HEADER,
+         "random direction: harmful refusal", "harmless refusal Δ vs zero (pp)", "p Fisher (Holm)"],
+        body,
+        result.get("note", "") + ". " + UNDERPOWERED_NOTE,
+        model,
+    )  # fmt: skip
+
+
+def angular_table(model: str, study: str, result: dict) -> Table:
+    """Angular steering: per layer set and angle, harmful refusal and flips, harmless refusal, KL."""
+    body = [
+        [
+            ",".join(map(str, r["layers"])),
+            f"{r['angle']:g}°",
+            rate(r["harmful"].get("refusal")),
+            rate(r["harmful"].get("flip")),
+            rate(r["harmless"].get("refusal")),
+            rate(r["harmful"].get("coherence")),
+            kl_text(r),
+        ]
+        for r in result.get("rows", [])
+    ]
+    best = "; ".join(
+        f"layers {k}: {v['angle']:g}° ({rate(v['flip'])})" for k, v in result.get("best_angle", {}).items()
+    )
+    return Table(
+        f"{study}-angular",
+        f"{study}: angular steering",
+        ["layers", "angle", "harmful refusal", "flip", "harmless refusal", "coherent (harmful)", KL_HEADER],
+        body,
+        f"{result.get('note', '')}. Most flips: {best or 'none'}. " + UNDERPOWERED_NOTE,
+        model,
+    )
+
+
+def subspace_table(model: str, study: str, result: dict) -> Table:
+    """Subspace ablation swept over K: harmful refusal, flips, harmless refusal and KL per (source layer, K, mode)."""
+    body = [
+        [
+            str(r["source_layer"]),
+            str(r["k"]),
+            "affine (harmless mean)" if r["mode"] == "affine" else "zero",
+            rate(r["harmful"].get("refusal")),
+            rate(r["harmful"].get("flip")),
+            rate(r["harmless"].get("refusal")),
+            kl_text(r),
+        ]
+        for r in result.get("rows", [])
+    ]
+    return Table(
+        f"{study}-subspace",
+        f"{study}: refusal subspace ablation by dimension K",
+        ["subspace of layer", "K", "ablation", "harmful refusal", "flip", "harmless refusal", KL_HEADER],
+        body,
+        f"{result.get('note', '')}. " + UNDERPOWERED_NOTE,
+        model,
+    )
+
+
+def candidates_table(model: str, study: str, result: dict) -> Table:
+    """Direction selection: the chosen candidate first, then the best kept ones, with every score."""
+    cands = result.get("candidates", [])
+    ranked = sorted(cands, key=lambda c: (not c.get("chosen"), not c["kept"], -c.get("score", 0.0)))[:10]
+    body = [
+        [
+            str(c["position"]),
+            str(c["layer"]),
+            f"{c['bypass']:.3f}",
+            f"{c['induce']:.3f}",
+            f"{c['kl']:.3f}",
+            "chosen" if c.get("chosen") else ("kept" if c["kept"] else c["reason"]),
+        ]
+        for c in ranked
+    ]
+    s = result.get("settings") or {}
+    kept = sum(c["kept"] for c in cands)
+    return Table(
+        f"{study}-selection",
+        f"{study}: direction selection ({s.get('criterion', 'arditi')}, ablate to {s.get('ablate_to', 'zero')})",
+        ["position", "layer", "bypass", "induce", "KL", "filter"],
+        body,
+        f"{kept} of {len(cands)} candidates pass the filters; {result.get('no_choice') or ''}".rstrip("; "),
+        model,
+    )

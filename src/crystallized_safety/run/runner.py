@@ -15,7 +15,16 @@ from ..errors import first_line
 from ..evaluation import calibrated_gate
 from ..experiments.analysis import analyse_model
 from ..experiments.readability import readability
-from ..experiments.spec import ExperimentSpec, PromptSets, SpecError, Transfer, load_prompt_sets
+from ..experiments.selection import no_choice_message, select_direction
+from ..experiments.spec import (
+    DirectionSelection,
+    ExperimentSpec,
+    PromptSets,
+    SpecError,
+    Subspace,
+    Transfer,
+    load_prompt_sets,
+)
 from ..experiments.transfer import transfer_bank
 from ..progress import Progress, silent
 from ..registry import check_model_name, load_model
@@ -124,7 +133,7 @@ def _run_model(
     # the pack size is fixed (and stored) before any generation, so a resumed run forms the same packs
     rows = _pack_rows(spec, store, run_id, load, chunks, say)
     if spec.screening.enabled:
-        chunks = screen(spec, store, run_id, executor, load, ctx, plans, chunks, say)
+        chunks = screen(spec, store, run_id, executor, load, ctx, plans, chunks, say, rows)
     done = store.done_chunks(run_id)
     packs = make_packs(chunks, rows)
     todo = [p for p in packs if any(c.key not in done for c in p)]
@@ -140,13 +149,20 @@ def _run_model(
     executor.run(load, ctx, todo, sink)
     measure_damage(spec, store, run_id, load, ctx, plans, say)
     for plan in plans:
+        study = next(s for s in spec.studies if s.label == plan.label)
         if plan.kind == "readability":
-            study = next(s for s in spec.studies if s.label == plan.label)
 
             def scores(study=study) -> tuple[dict, None]:
                 return readability(spec, study, load(), sets), None
 
             store.cached(run_id, model_name, f"readability:{plan.label}", scores)
+        elif plan.kind == "selection":
+
+            def choose(study=study) -> tuple[dict, bytes | None]:
+                say(f"{model_name}: direction selection ({study.label})", 0, 1)
+                return selection_table(spec, study, load(), sets)
+
+            store.cached(run_id, model_name, f"selection:{plan.label}", choose)
     analyse_model(spec, store, run_id, model_name, plans)
     return todo_chunks, len(chunks) - todo_chunks
 
@@ -226,12 +242,36 @@ def _model_context(
     return ctx, n_layers
 
 
+def selection_table(spec: ExperimentSpec, study: DirectionSelection, model: Model, sets: PromptSets):
+    """A selection study's candidate table (JSON) and the chosen direction file (bytes; None if none passes)."""
+    n = study.prompts
+    sel = select_direction(
+        model,
+        (list(sets.extract_harmful), list(sets.extract_harmless)),
+        (list(sets.eval_harmful)[:n], list(sets.eval_harmless)[:n]),
+        positions=study.positions,
+        layers=None if study.layers == "all" else study.layers,
+        kl_max=study.kl_max,
+        ablate_to=study.ablate_to,
+        criterion=study.criterion,
+    )
+    chosen = sel.chosen
+    table = {
+        "settings": sel.settings,
+        "candidates": [{**c.__dict__, "chosen": c == chosen} for c in sel.candidates],
+        "chosen": None if chosen is None else chosen.__dict__,
+        "no_choice": no_choice_message(sel) if chosen is None else None,
+    }
+    return table, (bank_to_bytes(sel.bank) if sel.bank is not None else None)
+
+
 def _prepare_bank(spec: ExperimentSpec, model: Model, sets: PromptSets) -> DirectionBank:
     d = spec.directions
     if d.source == "file":
         bank = DirectionBank.load(d.path)  # type: ignore[arg-type]
         bank.check_model(model)
         return bank
+    dims = [k for s in spec.studies if isinstance(s, Subspace) for k in s.ks]
     return extract_directions(
         model,
         sets.extract_harmful,
@@ -239,6 +279,7 @@ def _prepare_bank(spec: ExperimentSpec, model: Model, sets: PromptSets) -> Direc
         method=d.method,
         position=d.position,
         system=spec.generation.system,
+        subspace=max(dims, default=0),
     )
 
 

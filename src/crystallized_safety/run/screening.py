@@ -8,12 +8,14 @@ from collections.abc import Callable
 
 from ..core.model import Model
 from ..experiments.conditions import HARMFUL, HARMLESS, Condition, StudyPlan, baseline
+from ..experiments.results import Cells
 from ..experiments.spec import ExperimentSpec
 from ..judges.refusal_score import RefusalScoreJudge
 from ..progress import Progress
 from ..store import Store
 from .chunks import Chunk, Pack, make_packs, pack_intervention
 from .executors.base import Executor
+from .threshold_search import search_thresholds
 from .worker import ModelContext
 
 
@@ -27,26 +29,38 @@ def screen(
     plans: list[StudyPlan],
     chunks: list[Chunk],
     say: Progress,
+    rows: int = 0,
 ) -> list[Chunk]:
-    """The chunks that survive screening (all baselines are generated first, through `executor`)."""
+    """The chunks that survive screening (all baselines are generated first, through `executor`; the adaptive
+    search also generates the cells it confirms). A cell that a study outside the screened kinds also needs is
+    never dropped."""
     model_name = ctx.model_name
 
+    def sink(pack: Pack, rows_out, seconds: float, worker: str) -> None:
+        entries = [(c.key, c.model, c.study, c.condition.key, r) for c, r in zip(pack, rows_out)]
+        store.write_chunks(run_id, entries, seconds, worker)
+
+    def generate(conds: list[Condition], pack_rows: int = rows) -> None:
+        keys, done = {c.key for c in conds}, store.done_chunks(run_id)
+        todo = [c for c in chunks if c.condition.key in keys and c.key not in done]
+        executor.run(load, ctx, make_packs(todo, pack_rows), sink)
+
+    def flip_rate(cond: Condition) -> float | None:
+        return Cells(store.generations(run_id, model_name)).stats(cond)["flip"]["rate"]
+
     def compute() -> tuple[dict, None]:
-        base_keys = {baseline(HARMFUL).key, baseline(HARMLESS).key}
-        done = store.done_chunks(run_id)
-        pending = [p for p in make_packs([c for c in chunks if c.condition.key in base_keys], 0)]
-        pending = [p for p in pending if any(c.key not in done for c in p)]
-
-        def sink(pack: Pack, rows, seconds: float, worker: str) -> None:
-            entries = [(c.key, c.model, c.study, c.condition.key, r) for c, r in zip(pack, rows)]
-            store.write_chunks(run_id, entries, seconds, worker)
-
-        executor.run(load, ctx, pending, sink)
+        generate([baseline(HARMFUL), baseline(HARMLESS)], 0)
+        screener = Screener(store, run_id, load(), ctx)
+        cells = screened_conditions(spec, plans)
+        if spec.screening.mode == "adaptive":
+            prefix: Progress = lambda phase, *a, **k: say(f"{model_name}: {phase}", *a, **k)  # noqa: E731
+            return search_thresholds(spec, screener, cells, plans, generate, flip_rate, prefix), None
         say(f"{model_name}: screening the grid with the first-token refusal score", 0, 1)
-        return screen_cells(spec, store, run_id, load(), ctx, plans), None
+        return screen_cells(spec, screener, cells), None
 
     found, _ = store.cached(run_id, model_name, "screening", compute)
-    dropped = set(found["dropped"])
+    needed = {c.key for plan in plans if plan.kind not in spec.screening.kinds for _t, c in plan.conditions}
+    dropped = set(found["dropped"]) - needed
     return [c for c in chunks if c.condition.key not in dropped]
 
 
@@ -62,40 +76,57 @@ def screened_conditions(spec: ExperimentSpec, plans: list[StudyPlan]) -> dict[st
     return cells
 
 
-def screen_cells(
-    spec: ExperimentSpec, store: Store, run_id: str, model: Model, ctx: ModelContext, plans: list[StudyPlan]
-) -> dict:
-    """Screened flip rate per cell: baseline-refused prompts whose steered first-token score falls at or
-    below the threshold calibrated against the substring judge on the unsteered outputs."""
-    base = {r["prompt_index"]: r for r in store.generations(run_id, ctx.model_name, baseline(HARMFUL).key, HARMFUL)}
-    harmless = store.generations(run_id, ctx.model_name, baseline(HARMLESS).key, HARMLESS)
-    both = base | {-1 - r["prompt_index"]: r for r in harmless}
-    scorer = RefusalScoreJudge(model, system=ctx.system)
-    cal = scorer.calibrate([r["prompt"] for r in both.values()], [bool(r["refusal"]) for r in both.values()])
-    order = sorted(base)
-    prompts = [base[i]["prompt"] for i in order]
-    refused = [k for k, i in enumerate(order) if base[i]["refusal"] == 1]
-    bank, transfer = ctx.bank(), ctx.transfer()
-    cells = screened_conditions(spec, plans)
-    conds = list(cells.values())
-    per = max(1, 256 // max(len(prompts), 1))
-    rates: dict[str, float | None] = {}
-    for i in range(0, len(conds), per):
-        group = conds[i : i + per]
-        parts = [group] if all(c.mode == "add" for c in group) else [[c] for c in group]
-        for part in parts:
-            iv = pack_intervention(part, len(prompts), bank, transfer, ctx.seed)
-            scores = scorer.scores(prompts * len(part), iv).view(len(part), len(prompts))
-            for j, cond in enumerate(part):
-                flips = sum(1 for k in refused if float(scores[j, k]) <= cal.threshold)
-                rates[cond.key] = flips / len(refused) if refused else None
+class Screener:
+    """Screened flip rates of cells: baseline-refused prompts whose steered first-token score falls at or below the
+    threshold calibrated against the substring judge on the unsteered outputs (forward passes only)."""
+
+    def __init__(self, store: Store, run_id: str, model: Model, ctx: ModelContext) -> None:
+        base = {r["prompt_index"]: r for r in store.generations(run_id, ctx.model_name, baseline(HARMFUL).key, HARMFUL)}
+        harmless = store.generations(run_id, ctx.model_name, baseline(HARMLESS).key, HARMLESS)
+        both = base | {-1 - r["prompt_index"]: r for r in harmless}
+        self.scorer = RefusalScoreJudge(model, system=ctx.system)
+        self.cal = self.scorer.calibrate(
+            [r["prompt"] for r in both.values()], [bool(r["refusal"]) for r in both.values()]
+        )
+        order = sorted(base)
+        self.prompts = [base[i]["prompt"] for i in order]
+        self.refused = [k for k, i in enumerate(order) if base[i]["refusal"] == 1]
+        self.bank, self.transfer, self.seed = ctx.bank(), ctx.transfer(), ctx.seed
+        self.scored = 0  # cells scored so far (each: one forward pass over the prompts)
+
+    def rates(self, conds: list[Condition]) -> dict[str, float | None]:
+        """Screened flip rate per condition key ('add' cells share forward passes, ablations run alone)."""
+        per = max(1, 256 // max(len(self.prompts), 1))
+        rates: dict[str, float | None] = {}
+        for i in range(0, len(conds), per):
+            group = conds[i : i + per]
+            parts = [group] if all(c.mode == "add" for c in group) else [[c] for c in group]
+            for part in parts:
+                iv = pack_intervention(part, len(self.prompts), self.bank, self.transfer, self.seed)
+                scores = self.scorer.scores(self.prompts * len(part), iv).view(len(part), len(self.prompts))
+                for j, cond in enumerate(part):
+                    flips = sum(1 for k in self.refused if float(scores[j, k]) <= self.cal.threshold)
+                    rates[cond.key] = flips / len(self.refused) if self.refused else None
+        self.scored += len(conds)
+        return rates
+
+    def calibration(self) -> dict:
+        return {
+            "threshold": self.cal.threshold,
+            "calibration_accuracy": self.cal.accuracy,
+            "calibration_kappa": self.cal.kappa,
+        }
+
+
+def screen_cells(spec: ExperimentSpec, screener: Screener, cells: dict[str, Condition]) -> dict:
+    """Band mode: every screened cell's rate; those outside the band and not among the best are dropped."""
+    rates = screener.rates(list(cells.values()))
     lo, hi = spec.screening.band
     ranked = sorted((k for k in rates if rates[k] is not None), key=lambda k: -(rates[k] or 0.0))
     keep = {k for k in ranked if lo <= (rates[k] or 0.0) <= hi} | set(ranked[: spec.screening.best])
     return {
-        "threshold": cal.threshold,
-        "calibration_accuracy": cal.accuracy,
-        "calibration_kappa": cal.kappa,
+        **screener.calibration(),
+        "mode": "band",
         "cells": [
             {"condition_key": k, "condition": cells[k].describe(), "screened_flip": rates[k], "kept": k in keep}
             for k in cells
