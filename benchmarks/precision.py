@@ -47,7 +47,17 @@ def spec_for(model: str, dtype: str, layers: list[int], alphas: list[float], n: 
                 "generation": {"max_new_tokens": tokens, "batch_size": n, "pack_rows": rows},
                 "damage": {"enabled": False},
                 "dtype": dtype,
-                "studies": [{"kind": "layer_sweep", "layers": layers, "alphas": alphas}],
+                "studies": [
+                    {"kind": "layer_sweep", "layers": layers, "alphas": alphas},
+                    # a control at the strongest alpha: what lets the verdict call a model liquid
+                    {
+                        "kind": "controls",
+                        "layer": layers[len(layers) // 2],
+                        "alpha": min(alphas, key=lambda a: -abs(a)),
+                        "controls": ["orthogonal", "random"],
+                        "seeds": 1,
+                    },
+                ],
             }
         )
 

@@ -308,10 +308,9 @@ def main() -> None:
         runs[variant] = {"s": time.perf_counter() - t0, "tokens": n_tokens, "texts": texts}
         log(f"engine [{variant}]: {runs[variant]['s']:.1f} s, {n_tokens} tokens")
     if args.bf16 == "on" or (args.bf16 == "auto" and cpu.native_bf16):
-        import copy
-
-        model16 = copy.copy(model)
-        model16.hf = copy.deepcopy(model.hf).to(torch.bfloat16)
+        # a model loaded in bf16 (a shallow copy with a converted `hf` would keep the fp32 model's decoder
+        # layers, so steering hooks would land on the fp32 model and the bf16 run would go unsteered)
+        model16 = load_model(args.model, dtype="bfloat16")
         t0 = time.perf_counter()
         texts, n_tokens = engine_sweep(model16, prompts, cells, bank, mnt, pack_rows)
         runs["bf16"] = {"s": time.perf_counter() - t0, "tokens": n_tokens, "texts": texts}

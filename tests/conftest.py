@@ -74,6 +74,29 @@ def tiny_config(arch: str, vocab: int):
     raise ValueError(arch)
 
 
+def block_outputs(model, **inputs) -> list:
+    """Every decoder block's output as the next block receives it, i.e. after any steering hook: recorded by hooks
+    registered last. (transformers 5's `output_hidden_states` records a block's output before forward hooks run.)"""
+    import torch
+
+    seen: dict = {}
+
+    def record(i):
+        def hook(_m, _a, out):
+            seen[i] = (out[0] if isinstance(out, tuple) else out).detach()
+
+        return hook
+
+    handles = [layer.register_forward_hook(record(i)) for i, layer in enumerate(model.layers)]
+    try:
+        with torch.no_grad():
+            model.hf(**inputs)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return [seen[i] for i in range(len(model.layers))]
+
+
 def make_tiny(arch: str = "llama", chat: bool = True, seed: int = 0):
     from transformers import AutoModelForCausalLM
 
@@ -141,6 +164,7 @@ ORGANISM_SPEC = {
         {"kind": "transfer", "source_model": "smollm2-135m", "layers": [12], "alphas": [-0.3]},
         {"kind": "readability", "layers": [4, 12, 16]},
         {"kind": "min_layers", "ks": [1, 2], "window_range": [12, 13], "alphas": [-0.3]},
+        {"kind": "selection", "positions": [-1], "layers": [4, 8, 12], "prompts": 4, "ablate_to": "harmless-mean"},
     ],
 }
 
@@ -194,6 +218,7 @@ def tiny_spec(paths, n=6, studies=None, **extra):
             {"kind": "transfer", "source_model": paths["tiny2"], "layers": [1, 2], "alphas": [-0.5]},
             {"kind": "readability"},
             {"kind": "min_layers", "ks": [1, 2], "window_range": [1, 2], "alphas": [-0.5]},
+            {"kind": "selection", "positions": [-1, -2], "prompts": 4, "kl_max": 100.0},
         ],
         **extra,
     }

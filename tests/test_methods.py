@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import make_tiny, tiny_spec
+from conftest import block_outputs, make_tiny, tiny_spec
 from crystallized_safety.core.directions import extract_directions
 from crystallized_safety.core.steering import Intervention, rotate, steer
 from crystallized_safety.errors import InterventionError
@@ -51,10 +51,11 @@ def test_rotate_hook_on_a_model_sets_the_angle_and_keeps_each_activations_norm()
     cond = Condition(HARMFUL, (layer,), 120.0, "absolute", "rotate")
     iv = build_intervention(cond, bank)
     ids = model.tokenizer(model.format(HARMFUL_P[:2]), return_tensors="pt", padding=True)
-    with torch.no_grad():
-        plain = model.hf(**ids, output_hidden_states=True).hidden_states[layer + 1]
-        with steer(model, iv):
-            steered = model.hf(**ids, output_hidden_states=True).hidden_states[layer + 1]
+    plain = block_outputs(model, **ids)[layer]
+    with steer(model, iv):
+        steered = block_outputs(model, **ids)[layer]
+    keep = ids["attention_mask"].bool()  # padding positions carry no activation worth checking
+    plain, steered = plain[keep], steered[keep]
     assert torch.allclose(steered.norm(dim=-1), plain.norm(dim=-1), rtol=1e-5)
     b1 = bank.direction(layer)
     m = bank.harmless_mean(layer)
@@ -90,10 +91,10 @@ def test_affine_ablation_sets_every_layers_projection_to_the_harmless_mean():
     for k in at:  # independent: the harmless mean of layer k, projected on the layer-1 direction
         assert iv.ablate_to[k] == pytest.approx(float(bank.mean_harmless[k] @ v), rel=1e-6)
     ids = model.tokenizer(model.format(HARMFUL_P), return_tensors="pt", padding=True)
-    with torch.no_grad(), steer(model, iv):
-        hidden = model.hf(**ids, output_hidden_states=True).hidden_states
+    with steer(model, iv):
+        hidden = block_outputs(model, **ids)
     for k in at:
-        proj = hidden[k + 1] @ v
+        proj = hidden[k] @ v
         assert torch.allclose(proj, torch.full_like(proj, iv.ablate_to[k]), atol=1e-3)
     zero = build_intervention(Condition(HARMFUL, at, 0.0, "absolute", "ablate", "shared:1"), bank)
     assert zero.mode == "ablate" and zero.ablate_to == {}
@@ -164,17 +165,17 @@ def test_subspace_basis_equals_numpy_svd_and_its_ablation_zeroes_k_coordinates()
     at = tuple(range(model.n_layers))
     iv = build_intervention(Condition(HARMFUL, at, 0.0, "absolute", "ablate", "subspace:3@1"), bank)
     ids = model.tokenizer(model.format(HARMFUL_P), return_tensors="pt", padding=True)
-    with torch.no_grad(), steer(model, iv):
-        hidden = model.hf(**ids, output_hidden_states=True).hidden_states
+    with steer(model, iv):
+        hidden = block_outputs(model, **ids)
     b = bank.basis(1, 3)
     for k in at:
-        assert (hidden[k + 1] @ b.T).abs().max() < 1e-3
+        assert (hidden[k] @ b.T).abs().max() < 1e-3
     affine = build_intervention(Condition(HARMFUL, at, 0.0, "absolute", "affine", "subspace:2@1"), bank)
-    with torch.no_grad(), steer(model, affine):
-        hidden = model.hf(**ids, output_hidden_states=True).hidden_states
+    with steer(model, affine):
+        hidden = block_outputs(model, **ids)
     for k in at:
         target = bank.basis(1, 2) @ bank.mean_harmless[k]
-        assert torch.allclose(hidden[k + 1] @ bank.basis(1, 2).T, target.expand(*hidden[k + 1].shape[:2], 2), atol=1e-3)
+        assert torch.allclose(hidden[k] @ bank.basis(1, 2).T, target.expand(*hidden[k].shape[:2], 2), atol=1e-3)
     with pytest.raises(Exception, match="3-dimensional refusal subspace, 4 asked"):
         bank.basis(1, 4)
 
@@ -186,3 +187,40 @@ def test_subspace_bank_round_trips_through_its_file(tmp_path):
     bank = extract_directions(model, HARMFUL_P, HARMLESS_P, subspace=2)
     back = DirectionBank.load(bank.save(tmp_path / "b.safetensors"))
     assert back.subspace is not None and torch.equal(back.subspace, bank.subspace)
+
+
+@pytest.mark.parametrize(
+    "flags, cond",
+    [
+        (["--mode", "rotate", "--alpha", "135"], Condition(HARMFUL, (1,), 135.0, "absolute", "rotate")),
+        (["--mode", "affine"], Condition(HARMFUL, (1,), 0.0, "absolute", "affine")),
+        (["--mode", "affine", "--subspace", "2"], Condition(HARMFUL, (1,), 0.0, "absolute", "affine", "subspace:2@1")),
+    ],
+)
+def test_cli_generate_with_the_new_modes_equals_the_library(tiny_model_dirs, tmp_path, flags, cond):
+    import json
+
+    from conftest import cli_ok
+    from crystallized_safety.core.directions import DirectionBank
+    from crystallized_safety.core.generation import generate
+    from crystallized_safety.registry import load_model
+
+    path = tiny_model_dirs[1]["tiny"]
+    vec = tmp_path / "d.safetensors"
+    cli_ok(["extract", "--model", path, "--harmful", "bundled:harmful:extract", "--harmless",
+            "bundled:harmless:extract", "--out", str(vec), "--subspace", "2"])  # fmt: skip
+    out = cli_ok(["generate", "--model", path, "--directions", str(vec), "--layer", "1", *flags, "--json",
+                  "--max-new-tokens", "6", "--prompt", HARMFUL_P[0], "--prompt", HARMLESS_P[0]])  # fmt: skip
+    got = [json.loads(line)["response"] for line in out.stdout.strip().splitlines()]
+    model = load_model(path)
+    iv = build_intervention(cond, DirectionBank.load(vec))
+    want = [g.response for g in generate(model, [HARMFUL_P[0], HARMLESS_P[0]], iv, max_new_tokens=6)]
+    plain = [g.response for g in generate(model, [HARMFUL_P[0], HARMLESS_P[0]], None, max_new_tokens=6)]
+    assert got == want and want != plain
+
+
+def test_cli_refuses_subspace_with_add():
+    from conftest import cli_err
+
+    cli_err(["generate", "--model", "x", "--directions", "d.safetensors", "--layer", "1", "--subspace", "2",
+             "--prompt", "hi"], "--subspace 2 works with --mode ablate or affine")  # fmt: skip

@@ -66,8 +66,10 @@ def test_all_studies_end_to_end_and_rerun_skips(tiny_dirs, tiny_run, tmp_path):
         "transfer",
         "readability",
         "min_layers",
+        "selection",
         "judges",
     }
+    assert len(kinds["selection"]["result"]["candidates"]) == 2 * 4  # positions -1, -2 x the tiny model's 4 layers
     assert kinds["judges"]["result"]["n"] == 12 and "threshold" in kinds["judges"]["result"]
     assert kinds["sign"]["result"]["equivalent"] is True  # inverted +alpha == -alpha, token for token
     assert len(kinds["readability"]["result"]["layers"]) == 4

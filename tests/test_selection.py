@@ -11,7 +11,7 @@ import pytest
 import torch
 from scipy.stats import entropy
 
-from conftest import HARMFUL, HARMLESS, cli_ok, make_tiny
+from conftest import HARMFUL, HARMLESS, block_outputs, cli_ok, make_tiny
 from crystallized_safety.core.directions import DirectionBank
 from crystallized_safety.experiments.selection import filter_reason, select_direction
 from crystallized_safety.judges.divergence import mean_kl
@@ -121,9 +121,8 @@ def _independent_cosmic(model, harmful, harmless, layers, v, alpha, source):
             rows = []
             for text in model.format(prompts):
                 ids = model.tokenizer(text, return_tensors="pt", add_special_tokens=False)
-                with torch.no_grad():
-                    hs = model.hf(**ids, output_hidden_states=True).hidden_states
-                rows.append(torch.stack([hs[k + 1][0, -1].double() for k in layers]))
+                hs = block_outputs(model, **ids)  # after the hand-written hooks
+                rows.append(torch.stack([hs[k][0, -1].double() for k in layers]))
             mean = torch.stack(rows).mean(dim=(0, 1))
             return mean / mean.norm()
         finally:

@@ -155,7 +155,14 @@ def load_model_quietly(model: str, device: str, dtype: str, layers_path: str | N
 DirectionsOpt = typer.Option(None, help="Direction file (.safetensors, or a plain-tensor .pt): steer the model.")
 LayerOpt = typer.Option(None, "--layer", "-l", help="Layer to steer (repeatable).")
 AlphaOpt = typer.Option(0.0, help="Steering strength; -alpha removes refusal, +alpha induces it.")
-ModeOpt = typer.Option("add", help="add | ablate | ablate_add.")
+ModeOpt = typer.Option(
+    "add",
+    help="add | ablate | ablate_add | affine (ablate to the harmless mean) | rotate (angular steering: --alpha is "
+    "the angle in degrees from the direction, in its plane with the harmless mean; the norm is kept).",
+)
+SubspaceOpt = typer.Option(
+    0, help="With ablate/affine: ablate the K-dim refusal subspace of each layer (file from `extract --subspace K`)."
+)
 PositionsOpt = typer.Option("all", help="all | prompt | generated.")
 AlphaUnitOpt = typer.Option("absolute", help="absolute | relative (x the layer's mean residual norm).")
 AblateToOpt = typer.Option("zero", help="Ablation target projection: zero | harmless-mean.")
@@ -172,6 +179,7 @@ class Steering:
     positions: str = "all"
     alpha_unit: str = "absolute"
     ablate_to: str = "zero"
+    subspace: int = 0
 
     def check(self) -> None:
         if (self.layers or self.alpha != 0.0 or self.mode != "add") and self.directions is None:
@@ -180,6 +188,8 @@ class Steering:
             raise CrystallizedSafetyError("--directions needs at least one --layer L to steer")
         if self.ablate_to not in ("zero", "harmless-mean"):
             raise CrystallizedSafetyError(f"unknown --ablate-to '{self.ablate_to}': use zero or harmless-mean")
+        if self.subspace and self.mode not in ("ablate", "affine", "ablate_add"):
+            raise CrystallizedSafetyError(f"--subspace {self.subspace} works with --mode ablate or affine")
         if self.directions is not None:  # a bad file or alpha fails here, before the model loads
             from ..core.steering import ALPHA_LIMITS, check_numbers
 
@@ -192,8 +202,10 @@ class Steering:
             for layer in self.layers:
                 if self.alpha_unit == "relative":
                     bank.resid_norm(layer)
-                if self.ablate_to == "harmless-mean":
+                if self.ablate_to == "harmless-mean" or self.mode in ("affine", "rotate"):
                     bank.harmless_projection(layer)
+                if self.subspace:
+                    bank.basis(layer, self.subspace)
 
     def intervention(self, m):
         """The Intervention for model `m` (None when unsteered)."""
@@ -206,16 +218,24 @@ class Steering:
         bank.check_model(m)
         layers = [m.check_layer(layer) for layer in self.layers]
         relative = self.alpha_unit == "relative"
+        affine = self.ablate_to == "harmless-mean" or self.mode == "affine"
+        extra: dict = {}
+        if self.subspace:
+            extra["basis"] = {k: bank.basis(k, self.subspace) for k in layers}
+            if affine:
+                extra["basis_targets"] = {k: extra["basis"][k] @ bank.harmless_mean(k) for k in layers}
+        elif affine:
+            extra["ablate_to"] = {k: bank.harmless_projection(k) for k in layers}
+        if self.mode == "rotate":
+            extra["planes"] = {k: bank.harmless_mean(k) for k in layers}
         return Intervention(
-            directions={layer: bank.direction(layer) for layer in layers},
+            directions={k: (extra["basis"][k][0] if self.subspace else bank.direction(k)) for k in layers},
             alpha=self.alpha,
-            mode=self.mode,
+            mode="ablate" if self.mode == "affine" else self.mode,
             positions=self.positions,
             alpha_unit=self.alpha_unit,
             layer_norms={layer: bank.resid_norm(layer) for layer in layers} if relative else None,
-            ablate_to={layer: bank.harmless_projection(layer) for layer in layers}
-            if self.ablate_to == "harmless-mean"
-            else {},
+            **extra,
         )
 
 

@@ -28,6 +28,7 @@ from .app import (
     PositionsOpt,
     RawOpt,
     Steering,
+    SubspaceOpt,
     SystemOpt,
     WhereOpt,
     app,
@@ -81,6 +82,7 @@ def extract_cmd(
     layers: str = typer.Option("all", help="'all' or comma-separated layer indices (0-based block outputs)."),
     position: str = typer.Option("last", help="last | mean | a negative offset into the post-instruction tokens."),
     method: str = typer.Option("mean_diff", help="mean_diff | pca | probe."),
+    subspace: int = typer.Option(0, help="Also store each layer's K-dim refusal subspace (top-K PCA of paired diffs)."),
     column: str | None = typer.Option(None, help="Column holding the prompt in .csv/.json/.jsonl files."),
     where: list[str] | None = WhereOpt,
     dedupe: bool = DedupeOpt,
@@ -111,6 +113,7 @@ def extract_cmd(
             batch_size=batch_size,
             system=system,
             raw=raw,
+            subspace=subspace,
         )
     bank.save(out_path)
     table = Table(title=f"{out_path} ({method}, position {position}; layer i = output of block i)")
@@ -141,6 +144,7 @@ def generate_cmd(
     positions: str = PositionsOpt,
     alpha_unit: str = AlphaUnitOpt,
     ablate_to: str = AblateToOpt,
+    subspace: int = SubspaceOpt,
     max_new_tokens: int = typer.Option(64, help="Tokens to generate at most."),
     batch_size: int = typer.Option(32, help="Prompts per generate call (halves on out-of-memory)."),
     sample: bool = typer.Option(False, "--sample", help="Sample instead of greedy decoding."),
@@ -161,7 +165,7 @@ def generate_cmd(
         texts += list(load_prompt_set(prompts, column, where, dedupe))
     if not texts:
         raise CrystallizedSafetyError("no prompt given: pass --prompt TEXT or --prompts FILE")
-    steering = Steering(directions, layer or [], alpha, mode, positions, alpha_unit, ablate_to)
+    steering = Steering(directions, layer or [], alpha, mode, positions, alpha_unit, ablate_to, subspace)
     steering.check()
     from ..core.generation import generate  # heavy (torch): after the inputs are checked
 

@@ -100,6 +100,39 @@ def cosmic_scores(
     return float(ablated @ base[1]), float(induced @ base[0])
 
 
+class CandidateScorer:
+    """Scores one candidate direction: ablated at every block (to zero, or affine) on harmful prompts (bypass),
+    added at its layer on harmless ones (induce), and the first-token KL of the ablation on harmless prompts."""
+
+    def __init__(self, model: Model, harmful: list[str], harmless: list[str], criterion: str) -> None:
+        self.model, self.harmful, self.harmless = model, harmful, harmless
+        self.judge = RefusalScoreJudge(model)
+        self.base_harmless = first_token_logits(model, harmless, None)
+        self.cosmic: tuple[list[int], tuple[torch.Tensor, torch.Tensor]] | None = None
+        if criterion == "cosmic":
+            layers = cosmic_layers(model, harmful, harmless)
+            base = (unit_mean(capture(model, harmful, layers=layers).acts),
+                    unit_mean(capture(model, harmless, layers=layers).acts))  # fmt: skip
+            self.cosmic = (layers, base)
+
+    def score(self, bank: DirectionBank, layer: int, affine: bool) -> dict:
+        model, every = self.model, list(range(self.model.n_layers))
+        v = bank.direction(layer)
+        targets = {k: bank.harmless_projection(k, v) for k in every} if affine else {}
+        ablate = Intervention(directions=dict.fromkeys(every, v), mode="ablate", ablate_to=targets)
+        assert bank.raw_norms is not None  # extracted banks carry their norms
+        induce = Intervention(directions={layer: v}, alpha=float(bank.raw_norms[bank.layers.index(layer)]))
+        kl = mean_kl(self.base_harmless, first_token_logits(model, self.harmless, ablate))
+        if self.cosmic is None:
+            logits = first_token_logits(model, self.harmful, ablate)
+            bypass = float(refusal_log_odds(logits, self.judge.token_ids).mean())
+            return {"bypass": bypass, "induce": float(self.judge.scores(self.harmless, induce).mean()),
+                    "score": -bypass, "kl": kl}  # fmt: skip
+        layers, base = self.cosmic
+        bypass, induced = cosmic_scores(model, self.harmful, self.harmless, layers, ablate, induce, base)
+        return {"bypass": bypass, "induce": induced, "score": bypass + induced, "kl": kl}
+
+
 def filter_reason(c: dict, n_layers: int, kl_max: float, drop_last: float, induce_min: float = 0.0) -> str:
     """Why the paper's filters drop a candidate ("" = kept)."""
     if c["layer"] >= n_layers * (1 - drop_last):
@@ -132,47 +165,18 @@ def select_direction(
     if criterion not in CRITERIA:
         raise CrystallizedSafetyError(f"unknown criterion '{criterion}': use {' or '.join(CRITERIA)}")
     say = progress or silent
-    judge = RefusalScoreJudge(model)
     harmful, harmless = list(evaluate[0]), list(evaluate[1])
-    base_harmless = first_token_logits(model, harmless, None)
     layer_list = model.parse_layers(list(layers) if layers is not None else None)
     every = list(range(model.n_layers))  # ablation acts at every block: the harmless means of all of them
     banks = {p: extract_directions(model, extract[0], extract[1], layers=every, position=p) for p in positions}
-    cosmic: tuple[list[int], tuple[torch.Tensor, torch.Tensor]] | None = None
-    if criterion == "cosmic":
-        eval_layers = cosmic_layers(model, harmful, harmless)
-        base = (unit_mean(capture(model, harmful, layers=eval_layers).acts),
-                unit_mean(capture(model, harmless, layers=eval_layers).acts))  # fmt: skip
-        cosmic = (eval_layers, base)
+    scorer = CandidateScorer(model, harmful, harmless, criterion)
     rows: list[dict] = []
     total = len(positions) * len(layer_list)
     for p, bank in banks.items():
         for layer in layer_list:
-            v = bank.direction(layer)
-            targets = {}
-            if ablate_to == "harmless-mean":
-                assert bank.mean_harmless is not None
-                targets = {k: float(bank.mean_harmless[k] @ v) for k in every}
-            ablate = Intervention(directions=dict.fromkeys(every, v), mode="ablate", ablate_to=targets)
-            assert bank.raw_norms is not None  # extracted banks carry their norms
-            induce = Intervention(directions={layer: v}, alpha=float(bank.raw_norms[bank.layers.index(layer)]))
-            ablated_harmless = first_token_logits(model, harmless, ablate)
-            if cosmic is None:
-                bypass = float(refusal_log_odds(first_token_logits(model, harmful, ablate), judge.token_ids).mean())
-                scores = (bypass, float(judge.scores(harmless, induce).mean()), -bypass)
-            else:
-                bypass, induced = cosmic_scores(model, harmful, harmless, cosmic[0], ablate, induce, cosmic[1])
-                scores = (bypass, induced, bypass + induced)
-            row = {
-                "position": p,
-                "layer": layer,
-                "bypass": scores[0],
-                "induce": scores[1],
-                "score": scores[2],
-                "kl": mean_kl(base_harmless, ablated_harmless),
-            }
-            rows.append(row)
+            rows.append({"position": p, "layer": layer, **scorer.score(bank, layer, ablate_to == "harmless-mean")})
             say("direction selection", len(rows), total, f"position {p} layer {layer}")
+    cosmic = scorer.cosmic
     floor = induce_min if criterion == "arditi" else -float("inf")  # COSMIC filters on KL and depth only
     reasons = [filter_reason(r, model.n_layers, kl_max, drop_last, floor) for r in rows]
     candidates = [Candidate(**r, kept=not why, reason=why) for r, why in zip(rows, reasons)]

@@ -61,22 +61,12 @@ def controls_of(plans: list[StudyPlan], kinds: set[str]) -> dict[str, list[Condi
     return out
 
 
-def search_thresholds(
-    spec: ExperimentSpec,
-    screener: RateSource,
-    cells: dict[str, Condition],
-    plans: list[StudyPlan],
-    generate: Callable[[list[Condition]], None],
-    flip_rate: Callable[[Condition], float | None],
-    say: Progress,
-) -> dict:
-    """Run the search (see the module docstring); returns what it screened, generated and found per curve, and
-    the screened cells (and their controls) it left ungenerated as `dropped`."""
-    target = spec.verdict.flip_threshold
-    band_lo = spec.screening.band[0]
-    all_curves = curves(cells)
+def bisect(
+    all_curves: list[list[Condition]], screener: RateSource, target: float, say: Progress
+) -> tuple[list[int], dict[str, float | None], int]:
+    """Per curve, the first index whose screened rate reaches `target` (len(curve): none does), all curves in
+    lockstep; returns (first indices, screened rates by key, bisection steps)."""
     screened: dict[str, float | None] = {}
-    # 2. bisection for the first index whose screened rate reaches the target (len(curve) = none does)
     lo = [0] * len(all_curves)
     hi = [len(c) - 1 for c in all_curves]
     first = [len(c) for c in all_curves]
@@ -93,19 +83,23 @@ def search_thresholds(
                 first[i], hi[i] = j, j - 1
             else:
                 lo[i] = j + 1
-    # 3. confirmation by generation, walking to stronger alphas where generation does not confirm
-    pending: dict[int, int] = {}
-    for i, curve in enumerate(all_curves):
-        if first[i] < len(curve):
-            pending[i] = first[i]
-        else:
-            strongest = screened.get(curve[-1].key)
-            if strongest is not None and strongest >= band_lo:
-                pending[i] = len(curve) - 1
-    controls = controls_of(plans, set(spec.screening.kinds))
-    generated: set[str] = set()
+    return first, screened, step
+
+
+def confirm(
+    all_curves: list[list[Condition]],
+    start: dict[int, int],
+    crossing: list[bool],
+    controls: dict[str, list[Condition]],
+    generate: Callable[[list[Condition]], None],
+    flip_rate: Callable[[Condition], float | None],
+    target: float,
+    say: Progress,
+) -> tuple[dict[int, float | None], set[str], int]:
+    """Generate each curve's candidate cell (with its controls); walk to stronger alphas on curves that cross
+    (screened) while generation does not confirm. Returns (threshold alpha per curve, generated keys, rounds)."""
+    pending, generated, rounds = dict(start), set(), 0
     found: dict[int, float | None] = {}
-    rounds = 0
     while pending:
         rounds += 1
         conds = [all_curves[i][j] for i, j in pending.items()]
@@ -118,16 +112,43 @@ def search_thresholds(
             rate = flip_rate(all_curves[i][j])
             if rate is not None and rate >= target:
                 found[i] = all_curves[i][j].alpha
-            elif j + 1 < len(all_curves[i]) and first[i] < len(all_curves[i]):
+            elif crossing[i] and j + 1 < len(all_curves[i]):
                 walk[i] = j + 1
         pending = walk
+    return found, generated, rounds
+
+
+def search_thresholds(
+    spec: ExperimentSpec,
+    screener: RateSource,
+    cells: dict[str, Condition],
+    plans: list[StudyPlan],
+    generate: Callable[[list[Condition]], None],
+    flip_rate: Callable[[Condition], float | None],
+    say: Progress,
+) -> dict:
+    """Run the search (see the module docstring); returns what it screened, generated and found per curve, and
+    the screened cells (and their controls) it left ungenerated as `dropped`."""
+    target = spec.verdict.flip_threshold
+    all_curves = curves(cells)
+    first, screened, steps = bisect(all_curves, screener, target, say)
+    start: dict[int, int] = {}
+    for i, curve in enumerate(all_curves):
+        strongest = screened.get(curve[-1].key)
+        if first[i] < len(curve):
+            start[i] = first[i]
+        elif strongest is not None and strongest >= spec.screening.band[0]:
+            start[i] = len(curve) - 1  # never reaches the threshold, but close enough to check by generation
+    crossing = [first[i] < len(c) for i, c in enumerate(all_curves)]
+    controls = controls_of(plans, set(spec.screening.kinds))
+    found, generated, rounds = confirm(all_curves, start, crossing, controls, generate, flip_rate, target, say)
     dropped = [k for k in cells if k not in generated]
     dropped += [ctrl.key for k in dropped for ctrl in controls.get(k, []) if ctrl.key not in generated]
     return {
         **screener.calibration(),
         "mode": "adaptive",
         "flip_threshold": target,
-        "bisection_steps": step,
+        "bisection_steps": steps,
         "confirmation_rounds": rounds,
         "screened_cells": len(screened),
         "grid_cells": len(cells),
