@@ -24,7 +24,7 @@ from hypothesis import strategies as st
 from conftest import cli_err, make_tiny
 from crystallized_safety.core.directions import DirectionBank
 from crystallized_safety.errors import CrystallizedSafetyError
-from crystallized_safety.experiments.spec import parse_spec
+from crystallized_safety.experiments.spec import STUDY_KINDS, parse_spec
 from crystallized_safety.prompts import load_prompts
 from crystallized_safety.serve.request import BadRequest, decode_body, parse_request
 from crystallized_safety.store import Store
@@ -167,22 +167,7 @@ def test_spec_dicts(data):
 
 
 STUDY = st.fixed_dictionaries(
-    {
-        "kind": st.sampled_from(
-            [
-                "layer_sweep",
-                "threshold",
-                "controls",
-                "sign",
-                "multilayer",
-                "min_layers",
-                "induction",
-                "transfer",
-                "readability",
-                "nope",
-            ]
-        )
-    },  # fmt: skip
+    {"kind": st.sampled_from([*STUDY_KINDS, "nope"])},  # fmt: skip
     optional={
         "layers": st.lists(st.integers(-3, 3000) | st.floats() | HOSTILE_TEXT, max_size=3),
         "layer": st.integers(-3, 3000) | st.floats(),

@@ -197,32 +197,29 @@ def _readable_steerable(analyses: list[dict], verdict: dict | None) -> dict:
     }
 
 
+TABLES = {  # study kind -> its table (model, study, analysis result)
+    "layer_sweep": lambda m, s, r: T.sweep_table(m, s, r, "flip"),
+    "multilayer": lambda m, s, r: T.sweep_table(m, s, r, "flip"),
+    "transfer": lambda m, s, r: T.sweep_table(m, s, r, "flip"),
+    "induction": lambda m, s, r: T.sweep_table(m, s, r, "induced"),
+    "threshold": T.threshold_table,
+    "controls": T.controls_table,
+    "sign": T.sign_table,
+    "readability": T.readability_table,
+    "min_layers": T.min_layers_table,
+    "ablation": T.ablation_table,
+    "angular": T.angular_table,
+    "subspace": T.subspace_table,
+    "selection": T.candidates_table,
+}
+
+
 def _tables(report: ModelReport, analyses: list[dict]) -> None:
     model = report.model
     for a in analyses:
-        kind, study, res = a["kind"], a["study"], a["result"]
-        if kind in ("layer_sweep", "multilayer", "transfer"):
-            report.tables.append(T.sweep_table(model, study, res, "flip"))
-        elif kind == "induction":
-            report.tables.append(T.sweep_table(model, study, res, "induced"))
-        elif kind == "threshold":
-            report.tables.append(T.threshold_table(model, study, res))
-        elif kind == "controls":
-            report.tables.append(T.controls_table(model, study, res))
-        elif kind == "sign":
-            report.tables.append(T.sign_table(model, study, res))
-        elif kind == "readability":
-            report.tables.append(T.readability_table(model, study, res))
-        elif kind == "min_layers":
-            report.tables.append(T.min_layers_table(model, study, res))
-        elif kind == "ablation":
-            report.tables.append(T.ablation_table(model, study, res))
-        elif kind == "angular":
-            report.tables.append(T.angular_table(model, study, res))
-        elif kind == "subspace":
-            report.tables.append(T.subspace_table(model, study, res))
-        elif kind == "selection":
-            report.tables.append(T.candidates_table(model, study, res))
+        table = TABLES.get(a["kind"])
+        if table is not None:
+            report.tables.append(table(model, a["study"], a["result"]))
     if report.agreement:
         report.tables.append(T.agreement_table(model, report.agreement))
 

@@ -389,6 +389,15 @@ def timing_table(rows: Sequence[dict]) -> Table:
     )
 
 
+def effect_cells(row: dict) -> list[str]:
+    """Harmful refusal, coherent flips, harmless refusal and KL of one method-comparison row."""
+    harmful, harmless = row["harmful"], row["harmless"]
+    return [rate(harmful.get("refusal")), rate(harmful.get("flip")), rate(harmless.get("refusal")), kl_text(row)]
+
+
+ABLATION_NAMES = {"affine": "affine (harmless mean)", "ablate": "zero"}
+
+
 def ablation_table(model: str, study: str, result: dict) -> Table:
     """Zero vs affine ablation per source layer: harmful refusal (bypass), harmless refusal (the trap), KL."""
     body = []
@@ -400,11 +409,8 @@ def ablation_table(model: str, study: str, result: dict) -> Table:
         body.append(
             [
                 str(r["source_layer"]),
-                "affine (harmless mean)" if r["mode"] == "affine" else "zero",
-                rate(r["harmful"].get("refusal")),
-                rate(r["harmful"].get("flip")),
-                rate(r["harmless"].get("refusal")),
-                kl_text(r),
+                ABLATION_NAMES[r["mode"]],
+                *effect_cells(r),
                 rate((ctrl.get("harmful") or {}).get("refusal")) if ctrl else "—",
                 f"{against['diff_pp']:+.1f}" if against.get("diff_pp") is not None else "—",
                 fmt_p(v.get("harmless_p_holm")) if v and r["mode"] == "affine" else "—",
@@ -424,15 +430,7 @@ def ablation_table(model: str, study: str, result: dict) -> Table:
 def angular_table(model: str, study: str, result: dict) -> Table:
     """Angular steering: per layer set and angle, harmful refusal and flips, harmless refusal, KL."""
     body = [
-        [
-            ",".join(map(str, r["layers"])),
-            f"{r['angle']:g}°",
-            rate(r["harmful"].get("refusal")),
-            rate(r["harmful"].get("flip")),
-            rate(r["harmless"].get("refusal")),
-            rate(r["harmful"].get("coherence")),
-            kl_text(r),
-        ]
+        [",".join(map(str, r["layers"])), f"{r['angle']:g}°", *effect_cells(r), rate(r["harmful"].get("coherence"))]
         for r in result.get("rows", [])
     ]
     best = "; ".join(
@@ -441,7 +439,7 @@ def angular_table(model: str, study: str, result: dict) -> Table:
     return Table(
         f"{study}-angular",
         f"{study}: angular steering",
-        ["layers", "angle", "harmful refusal", "flip", "harmless refusal", "coherent (harmful)", KL_HEADER],
+        ["layers", "angle", "harmful refusal", "flip", "harmless refusal", KL_HEADER, "coherent (harmful)"],
         body,
         f"{result.get('note', '')}. Most flips: {best or 'none'}. " + UNDERPOWERED_NOTE,
         model,
@@ -451,15 +449,7 @@ def angular_table(model: str, study: str, result: dict) -> Table:
 def subspace_table(model: str, study: str, result: dict) -> Table:
     """Subspace ablation swept over K: harmful refusal, flips, harmless refusal and KL per (source layer, K, mode)."""
     body = [
-        [
-            str(r["source_layer"]),
-            str(r["k"]),
-            "affine (harmless mean)" if r["mode"] == "affine" else "zero",
-            rate(r["harmful"].get("refusal")),
-            rate(r["harmful"].get("flip")),
-            rate(r["harmless"].get("refusal")),
-            kl_text(r),
-        ]
+        [str(r["source_layer"]), str(r["k"]), ABLATION_NAMES[r["mode"]], *effect_cells(r)]
         for r in result.get("rows", [])
     ]
     return Table(

@@ -27,17 +27,17 @@ def _group(cell: dict) -> str:
     ref = DirectionRef.parse(cell.get("direction", "extracted"))
     if ref.is_control:
         return "control (random / orthogonal)"
-    return "extracted direction" if len(cell.get("layers", [])) == 1 else "extracted, several layers"
+    return "extracted direction" if len(cell.get("layers", [])) == 1 else "extracted, several layers / ablation"
 
 
 def refusal_vs_kl(cells: Sequence[dict], baseline: dict | None, title: str, key: str = "kl_answer") -> Figure:
     """Refusal rate (Wilson 95% CI) against KL to the unsteered model on harmless prompts (log axis)."""
     points = tradeoff_points(cells)
-    colors = {"extracted direction": C_MAIN, "extracted, several layers": C_OTHER}
+    colors = {"extracted direction": C_MAIN, "extracted, several layers / ablation": C_OTHER}
     with styled():
         fig = new_figure(4.8, 3.4)
         ax = fig.add_subplot()
-        for name in ("extracted direction", "extracted, several layers", "control (random / orthogonal)"):
+        for name in ("extracted direction", "extracted, several layers / ablation", "control (random / orthogonal)"):
             group = [c for c in points if _group(c) == name]
             if not group:
                 continue
@@ -57,8 +57,8 @@ def refusal_vs_kl(cells: Sequence[dict], baseline: dict | None, title: str, key:
         if baseline and baseline.get("rate") is not None:
             ax.axhline(baseline["rate"], color="#555555", linestyle="--", linewidth=0.8, label="unsteered refusal")
         ax.set_xscale("log")
-        what = "teacher-forced over the unsteered answer" if key == "kl_answer" else "first token"
-        ax.set_xlabel(f"KL(unsteered ‖ steered) on harmless prompts, nats ({what})")
+        what = "teacher-forced" if key == "kl_answer" else "first token"
+        ax.set_xlabel(f"KL to the unsteered model on harmless prompts (nats, {what})")
         ax.set_ylabel(f"refusal on harmful prompts, {RATE_AXIS}")
         ax.set_ylim(-0.02, 1.05)
         ax.set_title(title)
