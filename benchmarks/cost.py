@@ -6,8 +6,8 @@ settings only (it is one prompt at a time) and its cost per prompt-token is repo
     python benchmarks/cost.py                       # the organism; writes benchmarks/cost-<cpu>.png/.json
     python benchmarks/cost.py --model smollm2-135m --quick
 
-Peak memory: the process's resident-set high-water mark (VmHWM), reset before each measurement through
-/proc/self/clear_refs where the kernel allows it (Linux); on a GPU, torch's peak allocated memory. The last line
+Peak memory: the largest resident set size sampled every 5 ms during each measurement (Linux /proc); on a GPU,
+torch's peak allocated memory. The last line
 is machine-readable: engine_s_per_token=... naive_s_per_token=... ratio=...
 """
 
@@ -17,6 +17,7 @@ import argparse
 import json
 import os
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -37,27 +38,39 @@ SWEEPS = {"prompts": [8, 16, 35, 70], "tokens": [8, 16, 32, 64], "cells": [1, 2,
 NAIVE = {"prompts": [4, 8], "tokens": [8, 16], "cells": [1, 2], "layers": [1, 4]}  # small: one prompt at a time
 
 
-def reset_peak() -> bool:
-    if torch.cuda.is_available():
-        torch.cuda.reset_peak_memory_stats()
-        return True
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-        return True
-    except OSError:
-        return False
+class PeakMemory:
+    """Peak memory during a block: torch's peak allocated memory on a GPU; on a CPU the largest resident set
+    size seen by a thread sampling /proc/self/statm every 5 ms (the kernel's own high-water mark cannot be reset
+    inside every container)."""
 
+    def __enter__(self) -> PeakMemory:
+        self.peak_mb: float | None = None
+        self._stop = threading.Event()
+        if torch.cuda.is_available():
+            torch.cuda.reset_peak_memory_stats()
+            return self
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
 
-def peak_mb() -> float | None:
-    if torch.cuda.is_available():
-        return torch.cuda.max_memory_allocated() / 2**20
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return None
+    def _sample(self) -> None:
+        page = os.sysconf("SC_PAGE_SIZE")
+        statm = Path("/proc/self/statm")
+        peak = 0
+        while not self._stop.is_set():
+            try:
+                peak = max(peak, int(statm.read_text().split()[1]) * page)
+            except (OSError, ValueError, IndexError):
+                return
+            time.sleep(0.005)
+        self.peak_mb = peak / 2**20 if peak else None
+
+    def __exit__(self, *exc) -> None:
+        if torch.cuda.is_available():
+            self.peak_mb = torch.cuda.max_memory_allocated() / 2**20
+            return
+        self._stop.set()
+        self._thread.join()
 
 
 def conditions(point: dict, n_layers: int) -> list[Condition]:
@@ -90,11 +103,11 @@ def naive(model, bank, prompts, conds, tokens) -> int:
 def measure(fn, model, bank, prompts_all, point) -> dict:
     prompts = prompts_all[: point["prompts"]]
     conds = conditions(point, model.n_layers)
-    reset_peak()
-    t0 = time.perf_counter()
-    n = fn(model, bank, prompts, conds, point["tokens"])
-    seconds = time.perf_counter() - t0
-    return {**point, "seconds": seconds, "tokens_out": n, "peak_mb": peak_mb()}
+    with PeakMemory() as mem:
+        t0 = time.perf_counter()
+        n = fn(model, bank, prompts, conds, point["tokens"])
+        seconds = time.perf_counter() - t0
+    return {**point, "seconds": seconds, "tokens_out": n, "peak_mb": mem.peak_mb}
 
 
 def plot(results: dict, path: Path, title: str) -> None:

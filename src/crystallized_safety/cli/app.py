@@ -9,6 +9,7 @@ import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import typer
 from rich.console import Console
@@ -207,7 +208,7 @@ class Steering:
                 if self.subspace:
                     bank.basis(layer, self.subspace)
 
-    def intervention(self, m):
+    def intervention(self, m: Any) -> Any:
         """The Intervention for model `m` (None when unsteered)."""
         if self.directions is None:
             return None
