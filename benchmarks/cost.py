@@ -124,7 +124,7 @@ def plot(results: dict, path: Path, title: str) -> None:
             if not rows:
                 continue
             xs = [r[factor] for r in rows]
-            label = name if name == "engine" else "naive loop (base: 4 prompts, 8 tokens, 1 cell)"
+            label = name if name == "engine" else "naive loop"
             axes[0, col].plot(xs, [r["seconds"] for r in rows], "o-", color=color, label=label)
             if rows[0]["peak_mb"] is not None:
                 axes[1, col].plot(xs, [r["peak_mb"] for r in rows], "o-", color=color, label=name)
@@ -135,7 +135,8 @@ def plot(results: dict, path: Path, title: str) -> None:
     axes[0, 0].set_ylabel("seconds (log)")
     axes[1, 0].set_ylabel("peak memory, MB")
     axes[0, 0].legend(frameon=False, fontsize=8)
-    fig.suptitle(title, fontsize=9)
+    fig.suptitle(f"{title}; engine around 35 prompts x 32 tokens x 4 cells x 1 layer, naive around 4 x 8 x 1 x 1",
+                 fontsize=9)  # fmt: skip
     fig.savefig(path, dpi=150, metadata={"Software": None})
 
 

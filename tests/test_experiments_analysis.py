@@ -82,8 +82,10 @@ def test_spec_files(tmp_path):
     sharded = parse_spec({**BASE, "device_map": "auto", "studies": [{"kind": "readability"}]})
     assert sharded.spec_hash() != parse_spec({**BASE, "studies": [{"kind": "readability"}]}).spec_hash()
     # reduced precision: a warning with the measured agreement, none for float32
-    with pytest.warns(UserWarning, match=r"dtype bfloat16: reduced precision can change the conclusions.*27\.5%"):
+    with pytest.warns(UserWarning, match=r"dtype bfloat16: reduced precision can change the conclusions.*25 of 30"):
         parse_spec({**BASE, "dtype": "bfloat16", "studies": [{"kind": "readability"}]})
+    with pytest.warns(UserWarning, match=r"dtype mixed: .*mixed kept the verdict with 29 of 30"):
+        parse_spec({**BASE, "dtype": "mixed", "studies": [{"kind": "readability"}]})
 
     with warnings.catch_warnings():
         warnings.simplefilter("error")
