@@ -12,6 +12,7 @@ from crystallized_safety.core.generation import generate
 from crystallized_safety.core.loading import open_model
 from crystallized_safety.core.mixed_precision import mix_precision
 from crystallized_safety.core.steering import Intervention, steer
+from crystallized_safety.errors import ModelError
 
 
 def hidden_dtypes(model, ids) -> set[torch.dtype]:
@@ -108,5 +109,5 @@ def test_open_model_with_dtype_mixed_generates_like_by_hand(tiny_model_dirs):
 def test_mixed_needs_a_float32_model():
     model = make_tiny("llama", seed=0)
     model.hf.to(torch.bfloat16)
-    with pytest.raises(ValueError, match="starts from a float32 model"):
+    with pytest.raises(ModelError, match="starts from a float32 model"):
         mix_precision(model)

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..errors import ModelError
 from .model import Model
 
 LOW = torch.bfloat16
@@ -44,7 +45,7 @@ def mix_precision(model: Model, head: bool = True) -> int:
     compute in bf16 and hand fp32 back. A head tied to the input embedding is untied first (the embedding stays
     fp32). Returns the number of modules converted."""
     if model.dtype != torch.float32:
-        raise ValueError(f"mixed precision starts from a float32 model, got {model.dtype}: load it with dtype float32")
+        raise ModelError(f"mixed precision starts from a float32 model, got {model.dtype}: load it with dtype float32")
     modules = model.sublayers()
     out = model.hf.get_output_embeddings()
     if head and isinstance(out, nn.Linear):
