@@ -224,3 +224,20 @@ def test_cli_refuses_subspace_with_add():
 
     cli_err(["generate", "--model", "x", "--directions", "d.safetensors", "--layer", "1", "--subspace", "2",
              "--prompt", "hi"], "--subspace 2 works with --mode ablate or affine")  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "args, pattern",
+    [
+        (["generate", "--model", "x", "--directions", "d.safetensors", "--layer", "1", "--mode", "rotate",
+          "--alpha", "90", "--alpha-unit", "relative", "--prompt", "hi"], "use --alpha-unit absolute"),
+        (["generate", "--model", "x", "--directions", "d.safetensors", "--layer", "1", "--mode", "spin",
+          "--prompt", "hi"], "use --mode add | ablate | ablate_add | affine | rotate"),
+        (["select", "--model", "no-such-model", "--criterion", "bogus", "--out", "x.safetensors"],
+         "unknown --criterion 'bogus': use arditi or cosmic"),
+    ],
+)  # fmt: skip
+def test_new_cli_options_fail_in_one_line_before_any_model_loads(args, pattern):
+    from conftest import cli_err
+
+    cli_err(args, pattern, max_lines=1)

@@ -169,6 +169,9 @@ AlphaUnitOpt = typer.Option("absolute", help="absolute | relative (x the layer's
 AblateToOpt = typer.Option("zero", help="Ablation target projection: zero | harmless-mean.")
 
 
+CLI_MODES = ("add", "ablate", "ablate_add", "affine", "rotate")
+
+
 @dataclass(frozen=True)
 class Steering:
     """The steering options of a command: checked before the model loads, built into an Intervention after."""
@@ -189,6 +192,12 @@ class Steering:
             raise CrystallizedSafetyError("--directions needs at least one --layer L to steer")
         if self.ablate_to not in ("zero", "harmless-mean"):
             raise CrystallizedSafetyError(f"unknown --ablate-to '{self.ablate_to}': use zero or harmless-mean")
+        if self.mode not in CLI_MODES:
+            raise CrystallizedSafetyError(f"unknown mode '{self.mode}': use --mode {' | '.join(CLI_MODES)}")
+        if self.mode == "rotate" and self.alpha_unit != "absolute":
+            raise CrystallizedSafetyError(
+                "--mode rotate takes --alpha as an angle in degrees: use --alpha-unit absolute"
+            )
         if self.subspace and self.mode not in ("ablate", "affine", "ablate_add"):
             raise CrystallizedSafetyError(f"--subspace {self.subspace} works with --mode ablate or affine")
         if self.directions is not None:  # a bad file or alpha fails here, before the model loads
@@ -214,23 +223,18 @@ class Steering:
             return None
         from ..core.directions import DirectionBank
         from ..core.steering import Intervention
+        from ..experiments.conditions import mode_fields
 
         bank = DirectionBank.load(self.directions)
         bank.check_model(m)
         layers = [m.check_layer(layer) for layer in self.layers]
         relative = self.alpha_unit == "relative"
+        directions = {k: (bank.basis(k, self.subspace)[0] if self.subspace else bank.direction(k)) for k in layers}
+        basis = {k: bank.basis(k, self.subspace) for k in layers} if self.subspace else None
         affine = self.ablate_to == "harmless-mean" or self.mode == "affine"
-        extra: dict = {}
-        if self.subspace:
-            extra["basis"] = {k: bank.basis(k, self.subspace) for k in layers}
-            if affine:
-                extra["basis_targets"] = {k: extra["basis"][k] @ bank.harmless_mean(k) for k in layers}
-        elif affine:
-            extra["ablate_to"] = {k: bank.harmless_projection(k) for k in layers}
-        if self.mode == "rotate":
-            extra["planes"] = {k: bank.harmless_mean(k) for k in layers}
+        extra = mode_fields(bank, directions, affine=affine, rotate=self.mode == "rotate", basis=basis)
         return Intervention(
-            directions={k: (extra["basis"][k][0] if self.subspace else bank.direction(k)) for k in layers},
+            directions=directions,
             alpha=self.alpha,
             mode="ablate" if self.mode == "affine" else self.mode,
             positions=self.positions,

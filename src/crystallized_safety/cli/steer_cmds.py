@@ -306,9 +306,11 @@ def select_cmd(
     """Choose a refusal direction over positions x layers as Arditi et al. 2024 (bypass, induce, KL) or COSMIC do."""
     import sys
 
-    from ..experiments.selection import select_direction
+    from ..experiments.selection import CRITERIA, select_direction
     from ..progress import Reporter
 
+    if criterion not in CRITERIA:  # before the model loads
+        raise CrystallizedSafetyError(f"unknown --criterion '{criterion}': use {' or '.join(CRITERIA)}")
     try:
         pos = [int(x) for x in positions.split(",")]
     except ValueError:

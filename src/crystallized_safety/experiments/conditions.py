@@ -11,6 +11,8 @@ import json
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
+import torch
+
 from ..core.directions import DirectionBank
 from ..core.steering import Intervention
 from ..errors import LayerError
@@ -260,6 +262,29 @@ def plan_studies(spec: ExperimentSpec, n_layers: int, model: str) -> list[StudyP
     return plans
 
 
+def mode_fields(
+    bank: DirectionBank,
+    directions: dict[int, torch.Tensor],
+    *,
+    affine: bool = False,
+    rotate: bool = False,
+    basis: dict[int, torch.Tensor] | None = None,
+) -> dict:
+    """The Intervention fields a method needs beyond its directions, all read from `bank`: affine ablation's targets
+    (where harmless prompts sit on each layer's vector or subspace, ACE), angular steering's planes (the direction
+    and the layer's harmless mean), a subspace's bases. Shared by specs (`build_intervention`) and the CLI."""
+    extra: dict = {}
+    if basis:
+        extra["basis"] = basis
+        if affine:
+            extra["basis_targets"] = {k: b @ bank.harmless_mean(k) for k, b in basis.items()}
+    elif affine:
+        extra["ablate_to"] = {k: bank.harmless_projection(k, v) for k, v in directions.items()}
+    if rotate:
+        extra["planes"] = {k: bank.harmless_mean(k) for k in directions}
+    return extra
+
+
 def build_intervention(
     cond: Condition, bank: DirectionBank, transfer: dict[str, DirectionBank] | None = None, seed: int = 0
 ) -> Intervention | None:
@@ -271,17 +296,11 @@ def build_intervention(
     directions = {layer: ref.vector(bank, layer, transfer, seed) for layer in cond.layers}
     norms = {layer: bank.resid_norm(layer) for layer in cond.layers} if cond.alpha_unit == "relative" else None
     weights = dict(zip(cond.layers, cond.weights)) if cond.weights else {}
-    extra: dict = {}
-    if cond.mode == "affine":  # ablation to where harmless prompts sit on each layer's vector (ACE)
-        extra["ablate_to"] = {k: bank.harmless_projection(k, v) for k, v in directions.items()}
-    if cond.mode == "rotate":  # angular steering: the plane of the direction and the layer's harmless mean
-        extra["planes"] = {k: bank.harmless_mean(k) for k in directions}
-    if ref.kind == "subspace":  # ablate a k-dimensional subspace (affine: to the harmless mean's coordinates)
+    basis = None
+    if ref.kind == "subspace":  # a k-dimensional subspace of the source layer, ablated at every layer
         dims, source = ref.subspace
-        extra["basis"] = dict.fromkeys(cond.layers, bank.basis(source, dims))
-        if cond.mode == "affine":
-            extra.pop("ablate_to", None)
-            extra["basis_targets"] = {k: bank.basis(source, dims) @ bank.harmless_mean(k) for k in cond.layers}
+        basis = dict.fromkeys(cond.layers, bank.basis(source, dims))
+    extra = mode_fields(bank, directions, affine=cond.mode == "affine", rotate=cond.mode == "rotate", basis=basis)
     return Intervention(
         directions=directions,
         alpha=cond.alpha,
