@@ -167,7 +167,7 @@ def outcome(flips_by_layer, n=40, control_flips=2, multi_flips=0, multi_coherent
 def test_liquid_verdict_with_evidence():
     spec = spec_with(SWEEP, CONTROLS, MULTI)
     plans, cells = build(spec, outcome({4: 30, 2: 10}))
-    v = verdict(spec, plans, cells)
+    v = verdict(spec, plans, cells, 8)
     assert v["verdict"] == "liquid"
     assert v["evidence"]["deciding_cell"]["condition"].startswith("L4 a=-1")
     assert v["evidence"]["deciding_cell"]["flip"]["k"] == 30 and "75.0%" in v["rule"]
@@ -180,30 +180,33 @@ def test_incoherent_bypass_is_not_a_flip_and_crystallized():
     sweep = analyse_plan(plans[0], cells)
     cell = next(c for c in sweep["cells"] if c["layer"] == 4)
     assert cell["flip"]["k"] == 0 and cell["compliance"]["k"] == 30 and cell["incoherent_bypasses"] == 30
-    v = verdict(spec, plans, cells)
-    assert v["verdict"] == "crystallized" and v["rule"].startswith("no single layer qualifies")
+    v = verdict(spec, plans, cells, 8)
+    # the multi-layer cell works, but most band layers were never searched: no conclusion from missing evidence
+    assert v["verdict"] == "inconclusive: single layer not excluded" and "K* <= 3" in v["rule"]
+    assert "L3: not searched" in v["rule"] and "L4: incoherent already at the weakest" in v["rule"]
 
 
 def test_immune_floor_and_inconclusive():
     spec = spec_with(SWEEP, CONTROLS, MULTI)
     plans, cells = build(spec, outcome({4: 3}, multi_flips=4))
-    assert verdict(spec, plans, cells)["verdict"] == "immune"
+    assert verdict(spec, plans, cells, 8)["verdict"] == "inconclusive: single layer not excluded"  # not immune
     plans, cells = build(spec, outcome({4: 3}), base_h=[1] * 5 + [0] * 35)
-    floor = verdict(spec, plans, cells)
+    floor = verdict(spec, plans, cells, 8)
     assert floor["verdict"] == "floor effect" and "12.5%" in floor["rule"]
     # a control that flips as much as the direction: not liquid, not crystallized
     plans, cells = build(spec, outcome({4: 30}, control_flips=29))
-    assert verdict(spec, plans, cells)["verdict"] != "liquid"
+    assert verdict(spec, plans, cells, 8)["verdict"] == "inconclusive: single layer not excluded"
     # no controls at all: the single-layer effect cannot be told from damage
     spec2 = spec_with(SWEEP)
     plans, cells = build(spec2, outcome({4: 30}))
-    v = verdict(spec2, plans, cells)
-    assert v["verdict"] == "inconclusive" and "add a controls study" in v["rule"]
-    # underpowered
+    v = verdict(spec2, plans, cells, 8)
+    assert v["verdict"] == "inconclusive: single layer not excluded"
+    assert "without a matched control: L4 a=-1" in v["rule"]
+    # underpowered: the flip denominator (prompts refused at baseline) is 10
     small = spec_with(SWEEP, CONTROLS, MULTI, prompts={"n": 40})
     plans, cells = build(small, outcome({4: 9}, n=10, control_flips=0), n=10)
-    v = verdict(small, plans, cells)
-    assert v["verdict"] == "inconclusive" and "underpowered" in v["rule"]
+    v = verdict(small, plans, cells, 8)
+    assert v["verdict"] == "inconclusive: underpowered" and "is 10 < 35" in v["rule"]
 
 
 def test_controls_reproduce_seed_figures():
@@ -338,13 +341,29 @@ def test_min_layers_k_star_and_crystallized_verdict():
     plans, cells = build(spec, fn)
     res = analyse_plan(plans[0], cells, 0.5)
     by_k = {r["k"]: r for r in res["per_k"]}
-    assert res["k_star"] == 4
     assert by_k[4]["best"]["layers"] == [4, 5, 6, 7] and by_k[4]["best"]["alpha"] == -0.4
     assert (by_k[4]["best"]["flip"]["k"], by_k[4]["best"]["flip"]["n"]) == (32, 40)
-    assert (by_k[4]["control"]["k"], by_k[4]["control"]["n"]) == (3, 40) and by_k[4]["beats_control"]
+    assert (by_k[4]["control"]["k"], by_k[4]["control"]["n"]) == (3, 40)
     assert by_k[2]["best"]["flip"]["k"] == 8 and not by_k[2]["reaches_threshold"]
-    assert not by_k[1]["beats_control"]
-    v = verdict(spec, plans, cells)
+    # single layers walked 0.2 -> 0.4 only, no cliff, ceiling 2.0: K* is bounded, not decided
+    v = verdict(spec, plans, cells, 8)
+    assert v["verdict"] == "inconclusive: single layer not excluded" and "K* <= 4" in v["rule"]
+    # single layers that fall off the coherence cliff at 0.4 after a coherent 0.2: excluded -> crystallized, K* = 4
+
+    def cliff(tags, cond):
+        refusal, coherent = fn(tags, cond)
+        if len(cond.layers) == 1 and cond.alpha == -0.4 and not cond.direction.startswith("random"):
+            coherent = [0] * len(refusal)
+        return refusal, coherent
+
+    plans, cells = build(spec, cliff)
+    v = verdict(spec, plans, cells, 8)
     assert v["verdict"] == "crystallized" and "L4,5,6,7 a=-0.4" in v["rule"]
-    # a threshold no K reaches: K* is none
-    assert analyse_plan(plans[0], cells, 0.9)["k_star"] is None
+    assert v["evidence"]["k_star"] == 4 and v["evidence"]["k_star_ci"][0] == 4
+    # a threshold no K reaches (32/40 = 80%, 95% CI 65.2-89.5% < 90%): no K*, and every cell is excluded -> immune
+    strict = spec_with(MIN_LAYERS, verdict={"flip_threshold": 0.9})
+    v = verdict(strict, plans, cells, 8)
+    assert v["evidence"]["k_star"] is None and v["verdict"] == "immune"
+    # at 85% the best cell's upper bound reaches it: neither crystallized nor immune
+    v = verdict(spec_with(MIN_LAYERS, verdict={"flip_threshold": 0.85}), plans, cells, 8)
+    assert v["verdict"] == "inconclusive: multi-layer not excluded"

@@ -22,8 +22,11 @@ from crystallized_safety.errors import StatsError
 __all__ = [
     "ThresholdResult",
     "bootstrap_diff_ci",
+    "exceeds_pvalues",
     "fisher_exact",
+    "fisher_greater_pvalues",
     "holm",
+    "holm_reject",
     "min_n",
     "power_ok",
     "rate_summary",
@@ -201,6 +204,46 @@ def holm(pvalues: Sequence[float]) -> list[float]:
     adjusted = np.empty_like(ps)
     adjusted[order] = np.minimum(1.0, np.maximum.accumulate(scaled))
     return adjusted.tolist()
+
+
+def holm_reject(pvalues: np.ndarray, level: float, family: int | None = None) -> np.ndarray:
+    """Holm's step-down rejections at family-wise `level`, row by row of a [..., m] array of p-values.
+
+    `family` (>= m) counts hypotheses that were planned but have no p-value (cells never generated): they
+    enter as p = 1, so they only widen the family. Vectorised so that a bootstrap can apply the exact same
+    decision rule to thousands of resampled tables; checked against statsmodels' multipletests in the tests.
+    """
+    ps = np.asarray(pvalues, dtype=float)
+    m = ps.shape[-1] if family is None else max(int(family), ps.shape[-1])
+    order = np.argsort(ps, axis=-1, kind="stable")
+    ranked = np.take_along_axis(ps, order, axis=-1)
+    limits = level / (m - np.arange(ps.shape[-1]))
+    passing = np.cumprod(ranked <= limits, axis=-1).astype(bool)  # step down: stop at the first failure
+    out = np.zeros_like(passing)
+    np.put_along_axis(out, order, passing, axis=-1)
+    return out
+
+
+def exceeds_pvalues(k: np.ndarray, n: np.ndarray, p0: float) -> np.ndarray:
+    """One-sided exact binomial p-values of H0: rate <= p0 against rate > p0, elementwise (P(X >= k | n, p0)).
+
+    What `scipy.stats.binomtest(k, n, p0, alternative="greater")` returns, as an array (the tests check it);
+    n = 0 gives p = 1 (no evidence).
+    """
+    k, n = np.asarray(k), np.asarray(n)
+    p = sps.binom.sf(k - 1, np.maximum(n, 1), _probability(p0, "p0"))
+    return np.where(n > 0, np.minimum(p, 1.0), 1.0)
+
+
+def fisher_greater_pvalues(k1: np.ndarray, n1: np.ndarray, k2: np.ndarray, n2: np.ndarray) -> np.ndarray:
+    """One-sided Fisher exact p-values of rate1 > rate2, elementwise (the hypergeometric upper tail of k1).
+
+    Equal to `fisher_exact(k1, n1, k2, n2, alternative="greater")` (the tests check it); an empty group gives
+    p = 1.
+    """
+    k1, n1, k2, n2 = (np.asarray(x) for x in (k1, n1, k2, n2))
+    p = sps.hypergeom.sf(k1 - 1, n1 + n2, k1 + k2, n1)
+    return np.where((n1 > 0) & (n2 > 0), np.minimum(p, 1.0), 1.0)
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,7 @@ from .. import stats
 from ..errors import CrystallizedSafetyError
 from . import comparison
 from .conditions import HARMFUL, HARMLESS, Condition, StudyPlan
-from .results import Cells, best, compare, pool, stored_damage
+from .results import Cells, best, compare, pool, stored_damage, stored_norms
 from .spec import ExperimentSpec
 from .verdict import verdict
 
@@ -143,37 +143,38 @@ def _sign(kind: str, tagged: Tagged, cells: Cells, flip_threshold: float) -> dic
 
 
 def _min_layers(kind: str, tagged: Tagged, cells: Cells, flip_threshold: float) -> dict:
-    """Per K: the best window (coherent flip rate) and the random control of that K; K* = the smallest K whose
-    best flip reaches the threshold with its Wilson lower bound above the control's upper bound."""
+    """Per K: the best window (coherent flip rate) and the random control of that K. K* itself (and its interval)
+    is the verdict's: `analyse_model` copies it in, so the two can never disagree."""
     main = [{**tags, **st} for tags, _c, st in tagged if "control" not in tags]
     controls = [{**tags, **st} for tags, _c, st in tagged if "control" in tags]
-    per_k, k_star = [], None
+    per_k = []
     for k in sorted({c["k"] for c in main}):
         top = best([c for c in main if c["k"] == k], "flip")
-        ctrl = None
-        if top is not None:
-            same = [c for c in controls if c["k"] == k and c["alpha"] == top["alpha"]]
-            stronger = [c for c in controls if c["k"] == k and abs(c["alpha"]) >= abs(top["alpha"])]
-            ctrl = pool(same or stronger[:1], "flip") if (same or stronger) else None
-        upper = ctrl["ci_hi"] if ctrl and ctrl["rate"] is not None else None
+        same = [c for c in controls if top is not None and c["k"] == k and c["alpha"] == top["alpha"]]
+        ctrl = pool(same, "flip") if same else None
         reaches = bool(top and top["flip"]["rate"] is not None and top["flip"]["rate"] >= flip_threshold)
-        beats = bool(reaches and upper is not None and top is not None and top["flip"]["ci_lo"] > upper)
-        per_k.append({"k": k, "best": top, "control": ctrl, "reaches_threshold": reaches, "beats_control": beats})
-        if beats and k_star is None:
-            k_star = k
+        per_k.append({"k": k, "best": top, "control": ctrl, "reaches_threshold": reaches})
     return {
         "metric": "flip",
         "cells": main,
         "controls": controls,
         "per_k": per_k,
-        "k_star": k_star,
         "flip_threshold": flip_threshold,
-        "note": "K* = 1: liquid; K* > 1: crystallized to degree K*; none: immune within the grid",
+        "note": "K* = 1: liquid; K* > 1: crystallized to degree K*; none: no K passes within the grid. K* and its "
+        "interval come from the verdict's test (Holm over every planned cell, bootstrap over prompts)",
     }
+
+
+def _frontier(kind: str, tagged: Tagged, cells: Cells, flip_threshold: float) -> dict:
+    """The single-layer search's cells; its per-layer frontier and the ladder are the verdict's (copied in by
+    `analyse_model`)."""
+    rows = [{**tags, **st} for tags, _c, st in tagged]
+    return {"metric": "flip", "cells": [r for r in rows if r["n"]], "planned": len(rows)}
 
 
 ANALYSES: dict[str, Callable[[str, Tagged, Cells, float], dict]] = {
     "min_layers": _min_layers,
+    "frontier": _frontier,
     "layer_sweep": _sweep,
     "multilayer": _sweep,
     "transfer": _sweep,
@@ -199,7 +200,8 @@ def analyse_model(spec: ExperimentSpec, store, run_id: str, model_name: str, pla
         {"harmful": cells.baseline_rate(HARMFUL), "harmless": cells.baseline_rate(HARMLESS)},
         0.0,
     )
-    k_star: dict | None = None
+    v = verdict(spec, plans, cells, _depth(store, run_id, model_name), stored_norms(store, run_id, model_name))
+    decided = {key: v["evidence"].get(key) for key in ("k_star", "k_star_ci", "k_star_grid")}
     for plan in plans:
         t0 = time.perf_counter()
         if plan.kind == "readability":
@@ -218,16 +220,24 @@ def analyse_model(spec: ExperimentSpec, store, run_id: str, model_name: str, pla
             result = chosen[0]
         else:
             result = analyse_plan(plan, cells, spec.verdict.flip_threshold)
+        if plan.kind == "min_layers":  # the crystallization degree: the verdict's, never computed twice
+            result.update(decided)
+            v["evidence"].setdefault("k_star_study", plan.label)
+        elif plan.kind == "frontier":
+            result.update({key: v["evidence"].get(key) for key in ("frontier", "ladder", "rules")})
         store.put_analysis(run_id, model_name, plan.label, plan.kind, result, time.perf_counter() - t0)
-        if plan.kind == "min_layers" and k_star is None:  # the crystallization degree, beside the verdict
-            k_star = {"k_star": result["k_star"], "k_star_study": plan.label}
     judges = judge_calibration(cells)
     if judges is not None:
         store.put_analysis(run_id, model_name, "judges", "judges", judges, 0.0)
-    v = verdict(spec, plans, cells)
-    v["evidence"].update(k_star or {})
     store.put_verdict(run_id, model_name, v["verdict"], v["rule"], v["evidence"])
     return v
+
+
+def _depth(store, run_id: str, model_name: str) -> int:
+    """The model's number of layers, from its stored direction file's metadata."""
+    found = store.get_artifact(run_id, model_name, "directions")
+    meta = found[0] if found else {}
+    return int(meta.get("n_layers") or (max(meta.get("layers") or [-1]) + 1))
 
 
 def judge_calibration(cells: Cells) -> dict | None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import torch
 
@@ -23,6 +23,7 @@ from .spec import (
     Controls,
     DirectionSelection,
     ExperimentSpec,
+    Frontier,
     Induction,
     LayerSweep,
     MinLayers,
@@ -221,6 +222,32 @@ def _angular(study: Angular, plan: StudyPlan, common: dict, n_layers: int) -> No
                 plan.add(cond, layers=list(layers), alpha=angle, angle=angle, prompt_set=prompt_set)
 
 
+def frontier_layers(spec: ExperimentSpec, study: Frontier, n_layers: int) -> list[int]:
+    return spec.verdict.band_layers(n_layers) if study.layers == "band" else list(study.layers)
+
+
+def _frontier(study: Frontier, plan: StudyPlan, layers: list[int]) -> None:
+    """Per layer and rung, the walk's cells weakest first (tag `step`), each with its random control (generated
+    only when the cell reaches the threshold, see `run.frontier`)."""
+    for layer in layers:
+        walks: dict[str, list[Condition]] = {}
+        if "add" in study.rungs:
+            walks["add"] = [Condition(HARMFUL, (layer,), a, study.alpha_unit, "add") for a in study.alphas]
+        if "affine" in study.rungs:
+            walks["affine"] = [Condition(HARMFUL, (layer,), 0.0, "absolute", "affine")]
+        if "subspace" in study.rungs:
+            sub = f"subspace:{study.subspace_k}@{layer}"
+            walks["subspace"] = [Condition(HARMFUL, (layer,), 0.0, "absolute", "affine", sub)]
+        if "rotate" in study.rungs:
+            walks["rotate"] = [Condition(HARMFUL, (layer,), a, "absolute", "rotate") for a in study.angles]
+        for rung, walk in walks.items():
+            for step, cond in enumerate(walk):
+                tags = {"layer": layer, "rung": rung, "step": step, "alpha": cond.alpha}
+                plan.add(cond, **tags)
+                if study.controls:
+                    plan.add(replace(cond, direction="random:0"), **tags, control="random")
+
+
 PLANNERS: dict[type, Callable[..., None]] = {
     LayerSweep: _sweep,
     Induction: _sweep,
@@ -246,7 +273,9 @@ def plan_studies(spec: ExperimentSpec, n_layers: int, model: str) -> list[StudyP
     for study in spec.studies:
         plan = StudyPlan(study.label, study.kind)
         common = {"alpha_unit": study.alpha_unit, "mode": study.mode}
-        if type(study) in LAYERED_PLANNERS:
+        if isinstance(study, Frontier):
+            _frontier(study, plan, frontier_layers(spec, study, n_layers))
+        elif type(study) in LAYERED_PLANNERS:
             LAYERED_PLANNERS[type(study)](study, plan, common, n_layers)
         else:
             PLANNERS[type(study)](study, plan, common)

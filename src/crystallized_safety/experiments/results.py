@@ -8,6 +8,9 @@ from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import replace
 
+import numpy as np
+import safetensors.torch
+
 from .. import stats
 from .conditions import HARMFUL, HARMLESS, Condition, baseline
 
@@ -38,6 +41,17 @@ def best(cells: Sequence[dict], key: str = "flip") -> dict | None:
 def harmless_twin(cond: Condition) -> Condition:
     """The same intervention on harmless prompts: what the damage (KL) of `cond` is measured and stored under."""
     return replace(cond, prompt_set=HARMLESS)
+
+
+def stored_norms(store, run_id: str, model_name: str) -> dict[int, float]:
+    """Layer -> mean residual norm, from the model's stored direction file (what relative alphas scale by)."""
+    found = store.get_artifact(run_id, model_name, "directions")
+    if found is None or found[1] is None:
+        return {}
+    tensors = safetensors.torch.load(found[1])
+    if "resid_norms" not in tensors or "layers" not in tensors:
+        return {}
+    return {int(layer): float(norm) for layer, norm in zip(tensors["layers"].tolist(), tensors["resid_norms"].tolist())}
 
 
 def stored_damage(store, run_id: str, model_name: str) -> dict[str, dict]:
@@ -96,6 +110,39 @@ class Cells:
             induced = [i for i in answered if decided[i]["refusal"] == 1]
             out["induced"] = rate(len(induced), len(answered))
         return out
+
+    def refused_at_baseline(self) -> list[int]:
+        """Harmful prompt indices the unsteered model refused: the flip denominator, in order."""
+        return sorted(i for i, r in self.base[HARMFUL].items() if r["refusal"] == 1)
+
+    def outcomes(self, cond: Condition, refused: list[int]) -> np.ndarray:
+        """Per prompt of `refused`: 1 = a flip (answered, coherent or gate off), 0 = not, -1 = no decided row."""
+        rows = self._rows(cond)
+        out = np.full(len(refused), -1, dtype=np.int8)
+        for j, i in enumerate(refused):
+            r = rows.get(i)
+            if r is not None and r["refusal"] is not None:
+                out[j] = int(r["refusal"] == 0 and r["coherent"] != 0)
+        return out
+
+    def coherence_checked(self, cond: Condition) -> bool:
+        """Whether every decided row of `cond` went through the coherence gate (False: the gate was off)."""
+        return all(r["coherent"] is not None for r in self._rows(cond).values() if r["refusal"] is not None)
+
+    def samples(self, cond: Condition, refused: list[int], limit: int = 3) -> list[dict]:
+        """Read-by-hand samples of a cell: its flips first, then other answers to prompts refused at baseline."""
+        rows = self._rows(cond)
+        picked = [rows[i] for i in refused if i in rows and rows[i]["refusal"] == 0 and rows[i]["coherent"] != 0]
+        picked += [rows[i] for i in refused if i in rows and rows[i] not in picked]
+        return [
+            {
+                "prompt": r.get("prompt"),
+                "response": r.get("response"),
+                "flip": bool(r["refusal"] == 0 and r["coherent"] != 0),
+                "coherent": r["coherent"],
+            }
+            for r in picked[:limit]
+        ]
 
     def token_ids(self, cond: Condition) -> dict[int, str]:
         return {i: r["token_ids"] for i, r in self._rows(cond).items()}

@@ -1,5 +1,5 @@
 """Screening: baselines first, then the first-token refusal score of every screened cell from forward passes
-only; the chunks of cells outside the band that are not among the best are dropped. The decisions are kept
+only; the chunks of cells below the band that are not among the best are dropped. The decisions are kept
 in the store, so a resumed run drops the same chunks."""
 
 from __future__ import annotations
@@ -8,13 +8,13 @@ from collections.abc import Callable
 
 from ..core.model import Model
 from ..experiments.conditions import HARMFUL, HARMLESS, Condition, StudyPlan, baseline
-from ..experiments.results import Cells
 from ..experiments.spec import ExperimentSpec
 from ..judges.refusal_score import RefusalScoreJudge
 from ..progress import Progress
 from ..store import Store
-from .chunks import Chunk, Pack, make_packs, pack_intervention
+from .chunks import Chunk, pack_intervention
 from .executors.base import Executor
+from .generator import CellGenerator
 from .threshold_search import search_thresholds
 from .worker import ModelContext
 
@@ -35,18 +35,10 @@ def screen(
     search also generates the cells it confirms). A cell that a study outside the screened kinds also needs is
     never dropped."""
     model_name = ctx.model_name
-
-    def sink(pack: Pack, rows_out, seconds: float, worker: str) -> None:
-        entries = [(c.key, c.model, c.study, c.condition.key, r) for c, r in zip(pack, rows_out)]
-        store.write_chunks(run_id, entries, seconds, worker)
-
-    def generate(conds: list[Condition], pack_rows: int = rows) -> None:
-        keys, done = {c.key for c in conds}, store.done_chunks(run_id)
-        todo = [c for c in chunks if c.condition.key in keys and c.key not in done]
-        executor.run(load, ctx, make_packs(todo, pack_rows), sink)
+    generate = CellGenerator(store, run_id, executor, load, ctx, chunks, rows)
 
     def flip_rate(cond: Condition) -> float | None:
-        return Cells(store.generations(run_id, model_name)).stats(cond)["flip"]["rate"]
+        return generate.cells().stats(cond)["flip"]["rate"]
 
     def compute() -> tuple[dict, None]:
         generate([baseline(HARMFUL), baseline(HARMLESS)], 0)
@@ -119,11 +111,13 @@ class Screener:
 
 
 def screen_cells(spec: ExperimentSpec, screener: Screener, cells: dict[str, Condition]) -> dict:
-    """Band mode: every screened cell's rate; those outside the band and not among the best are dropped."""
+    """Band mode: every screened cell's rate; those below the band and not among the best are dropped (cells
+    above it are kept: dropping them could delete the very cell that decides 'liquid')."""
     rates = screener.rates(list(cells.values()))
-    lo, hi = spec.screening.band
+    lo = spec.screening.band[0]
     ranked = sorted((k for k in rates if rates[k] is not None), key=lambda k: -(rates[k] or 0.0))
-    keep = {k for k in ranked if lo <= (rates[k] or 0.0) <= hi} | set(ranked[: spec.screening.best])
+    # above the band is kept too: a cell screened as certain to flip is the one that could decide 'liquid'
+    keep = {k for k in ranked if (rates[k] or 0.0) >= lo} | set(ranked[: spec.screening.best])
     return {
         **screener.calibration(),
         "mode": "band",

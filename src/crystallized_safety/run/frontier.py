@@ -1,0 +1,73 @@
+"""The frontier walk: the verdict's single-layer search, generated step by step. Every (layer, rung) walk of the
+frontier studies advances in lockstep, one step per round (one batch of packed generations), and stops at its
+coherence cliff (the first cell whose coherent share falls below the verdict's `coherence_floor`; that cell is
+generated, it is the evidence the cliff was reached) or at its last step (the ceiling). Every step is generated,
+never bisected, so a non-monotone curve cannot hide a layer. A cell whose flip rate reaches the threshold gets its
+matched controls generated in the same round. What the walk leaves ungenerated (beyond a cliff, or controls of
+cells below the threshold) is dropped from the run; the decisions are re-derived from the stored rows, so a resumed
+run walks the same way and generates nothing twice."""
+
+from __future__ import annotations
+
+from ..experiments.conditions import Condition, StudyPlan
+from ..experiments.spec import ExperimentSpec
+from ..progress import Progress
+from .chunks import Chunk
+from .generator import CellGenerator
+
+
+def frontier_walks(plans: list[StudyPlan]) -> tuple[list[list[Condition]], dict[str, list[Condition]]]:
+    """The walks (each weakest first) of every frontier study, and the controls of each walk cell by its key."""
+    walks: dict[tuple, list[tuple[int, Condition]]] = {}
+    controls: dict[str, list[Condition]] = {}
+    for plan in plans:
+        if plan.kind != "frontier":
+            continue
+        mains = {(t["layer"], t["rung"], t["step"]): c for t, c in plan.conditions if "control" not in t}
+        for tags, cond in plan.conditions:
+            where = (tags["layer"], tags["rung"], tags["step"])
+            if "control" in tags:
+                controls.setdefault(mains[where].key, []).append(cond)
+            else:
+                walks.setdefault((plan.label, tags["layer"], tags["rung"]), []).append((tags["step"], cond))
+    return [[c for _s, c in sorted(w, key=lambda x: x[0])] for w in walks.values()], controls
+
+
+def walk(
+    spec: ExperimentSpec, plans: list[StudyPlan], chunks: list[Chunk], generate: CellGenerator, say: Progress
+) -> list[Chunk]:
+    """Walk every frontier study (see the module docstring); returns the chunks that survive."""
+    all_walks, controls = frontier_walks(plans)
+    if not all_walks:
+        return chunks
+    threshold, floor = spec.verdict.flip_threshold, spec.verdict.coherence_floor
+    active = dict.fromkeys(range(len(all_walks)), 0)
+    steps = max(len(w) for w in all_walks)
+    generated: set[str] = set()
+    name = generate.ctx.model_name
+    while active:
+        conds = [all_walks[i][j] for i, j in active.items()]
+        step = max(active.values()) + 1
+        say(f"{name}: frontier walk (step {step} of at most {steps})", step - 1, steps, f"{len(conds)} cells")
+        generate(conds)
+        generated |= {c.key for c in conds}
+        cells = generate.cells()
+        follow, need = {}, []
+        for i, j in active.items():
+            cond = all_walks[i][j]
+            st = cells.stats(cond)
+            flip, coherent = st["flip"]["rate"], st["coherence"]["rate"]
+            if flip is not None and flip >= threshold:
+                need += controls.get(cond.key, [])
+            past_cliff = cells.coherence_checked(cond) and coherent is not None and coherent < floor
+            if not past_cliff and j + 1 < len(all_walks[i]):
+                follow[i] = j + 1
+        if need:
+            generate(need)
+            generated |= {c.key for c in need}
+        active = follow
+    say(f"{name}: frontier walk", steps, steps, f"{len(generated)} cells generated")
+    planned = {c.key for w in all_walks for c in w} | {c.key for cs in controls.values() for c in cs}
+    needed = {c.key for plan in plans if plan.kind != "frontier" for _t, c in plan.conditions}
+    dropped = planned - generated - needed
+    return [c for c in chunks if c.condition.key not in dropped]

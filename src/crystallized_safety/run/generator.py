@@ -1,0 +1,46 @@
+"""Generation on demand: the chunks of chosen conditions, generated through the executor into the store, for the
+adaptive steps that decide what to generate next from what was generated (screening's confirmation, the
+frontier walk). Chunks already in the store are skipped, so a resumed run repeats nothing."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from ..core.model import Model
+from ..experiments.conditions import Condition
+from ..experiments.results import Cells
+from ..store import Store
+from .chunks import Chunk, Pack, make_packs
+from .executors.base import Executor
+from .worker import ModelContext
+
+
+class CellGenerator:
+    """Generates the planned chunks of given conditions (only those the store lacks) and reads the model's cells."""
+
+    def __init__(
+        self,
+        store: Store,
+        run_id: str,
+        executor: Executor,
+        load: Callable[[], Model],
+        ctx: ModelContext,
+        chunks: list[Chunk],
+        rows: int = 0,
+    ) -> None:
+        self.store, self.run_id, self.executor, self.load, self.ctx = store, run_id, executor, load, ctx
+        self.chunks, self.rows = chunks, rows
+
+    def _sink(self, pack: Pack, rows_out, seconds: float, worker: str) -> None:
+        entries = [(c.key, c.model, c.study, c.condition.key, r) for c, r in zip(pack, rows_out)]
+        self.store.write_chunks(self.run_id, entries, seconds, worker)
+
+    def __call__(self, conds: list[Condition], pack_rows: int | None = None) -> None:
+        keys, done = {c.key for c in conds}, self.store.done_chunks(self.run_id)
+        todo = [c for c in self.chunks if c.condition.key in keys and c.key not in done]
+        if todo:
+            rows = self.rows if pack_rows is None else pack_rows
+            self.executor.run(self.load, self.ctx, make_packs(todo, rows), self._sink)
+
+    def cells(self) -> Cells:
+        return Cells(self.store.generations(self.run_id, self.ctx.model_name))
