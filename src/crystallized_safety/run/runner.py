@@ -15,10 +15,12 @@ from ..errors import first_line
 from ..evaluation import calibrated_gate
 from ..experiments.analysis import analyse_model
 from ..experiments.readability import readability
+from ..experiments.scoring_prompts import ScoringPrompts, check_scoring
 from ..experiments.selection import no_choice_message, select_direction
 from ..experiments.spec import (
     DirectionSelection,
     ExperimentSpec,
+    Frontier,
     PromptSets,
     SpecError,
     Subspace,
@@ -29,10 +31,12 @@ from ..experiments.transfer import transfer_bank
 from ..progress import Progress, silent
 from ..registry import check_model_name, load_model
 from ..store import Store
+from . import frontier
 from .chunks import Chunk, Pack, expand, make_packs
 from .damage import measure_damage
 from .executors.base import Executor
 from .executors.local import LocalExecutor
+from .generator import CellGenerator
 from .screening import screen
 from .worker import ModelContext, bank_from_bytes, bank_to_bytes
 
@@ -78,12 +82,14 @@ def run_experiment(
     run_id = spec.spec_hash()
     check_models(spec, models or {})
     sets = load_prompt_sets(spec)
+    scoring = check_scoring(spec)  # a selection study's scoring prompts, out of sample, before any model loads
     with store.lock_run(run_id):  # a second process on the same run stops here instead of redoing the work
         resumed = store.open_run(run_id, spec.name, spec.to_yaml(), spec.spec_hash(), environment())
         ran = skipped = 0
         try:
             for model_name in spec.models:
-                r, k = _run_model(spec, store, run_id, Loader(spec, model_name, models), executor, sets, say)
+                loader = Loader(spec, model_name, models)
+                r, k = _run_model(spec, store, run_id, loader, executor, sets, scoring, say)
                 ran, skipped = ran + r, skipped + k
         except KeyboardInterrupt:
             store.fail_run(run_id, "interrupted")
@@ -124,7 +130,14 @@ def check_layers(spec: ExperimentSpec, model: Model) -> None:
 
 
 def _run_model(
-    spec: ExperimentSpec, store: Store, run_id: str, load: Loader, executor: Executor, sets: PromptSets, say: Progress
+    spec: ExperimentSpec,
+    store: Store,
+    run_id: str,
+    load: Loader,
+    executor: Executor,
+    sets: PromptSets,
+    scoring: dict[str, ScoringPrompts],
+    say: Progress,
 ) -> tuple[int, int]:
     model_name = load.default
     check_layers(spec, load())
@@ -134,6 +147,11 @@ def _run_model(
     rows = _pack_rows(spec, store, run_id, load, chunks, say)
     if spec.screening.enabled:
         chunks = screen(spec, store, run_id, executor, load, ctx, plans, chunks, say, rows)
+    if any(plan.kind == "frontier" for plan in plans):
+        base = [c for c in chunks if c.condition.is_baseline]
+        generate = CellGenerator(store, run_id, executor, load, ctx, chunks, rows)
+        generate([c.condition for c in base], 0)  # the flip denominator comes first
+        chunks = frontier.walk(spec, plans, chunks, generate, say)
     done = store.done_chunks(run_id)
     packs = make_packs(chunks, rows)
     todo = [p for p in packs if any(c.key not in done for c in p)]
@@ -160,9 +178,13 @@ def _run_model(
 
             def choose(study=study) -> tuple[dict, bytes | None]:
                 say(f"{model_name}: direction selection ({study.label})", 0, 1)
-                return selection_table(spec, study, load(), sets)
+                return selection_table(study, load(), sets, scoring[study.label])
 
-            store.cached(run_id, model_name, f"selection:{plan.label}", choose)
+            key = f"selection:{plan.label}"
+            old = store.get_artifact(run_id, model_name, key)
+            if old is not None and "scored_on" not in ((old[0] or {}).get("settings") or {}):
+                store.put_artifact(run_id, model_name, key, *choose())  # a table scored in sample, before issue 22
+            store.cached(run_id, model_name, key, choose)
     analyse_model(spec, store, run_id, model_name, plans)
     return todo_chunks, len(chunks) - todo_chunks
 
@@ -242,18 +264,19 @@ def _model_context(
     return ctx, n_layers
 
 
-def selection_table(spec: ExperimentSpec, study: DirectionSelection, model: Model, sets: PromptSets):
-    """A selection study's candidate table (JSON) and the chosen direction file (bytes; None if none passes)."""
-    n = study.prompts
+def selection_table(study: DirectionSelection, model: Model, sets: PromptSets, scoring: ScoringPrompts):
+    """A selection study's candidate table (JSON) and the chosen direction file (bytes; None if none passes):
+    candidates extracted on the extraction sets, scored on `scoring` (never the eval prompts the verdict reads)."""
     sel = select_direction(
         model,
         (list(sets.extract_harmful), list(sets.extract_harmless)),
-        (list(sets.eval_harmful)[:n], list(sets.eval_harmless)[:n]),
+        (list(scoring.harmful), list(scoring.harmless)),
         positions=study.positions,
         layers=None if study.layers == "all" else study.layers,
         kl_max=study.kl_max,
         ablate_to=study.ablate_to,
         criterion=study.criterion,
+        scored_on=scoring.scored_on,
     )
     chosen = sel.chosen
     table = {
@@ -272,6 +295,7 @@ def _prepare_bank(spec: ExperimentSpec, model: Model, sets: PromptSets) -> Direc
         bank.check_model(model)
         return bank
     dims = [k for s in spec.studies if isinstance(s, Subspace) for k in s.ks]
+    dims += [s.subspace_k for s in spec.studies if isinstance(s, Frontier) and "subspace" in s.rungs]
     return extract_directions(
         model,
         sets.extract_harmful,
