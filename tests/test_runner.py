@@ -292,4 +292,4 @@ def test_blind_reanalysis_renames_every_model_and_reaches_the_same_analyses(tiny
     blind_analyses = {a["study"]: a["result"] for a in blind.analyses(first.run_id)}
     assert blind_analyses == named_analyses
     with pytest.raises(StoreError, match="exists"):
-        store.blind_copy(first.run_id, tmp_path / "blind-0.sqlite", {})
+        store.copy_run(first.run_id, tmp_path / "blind-0.sqlite")

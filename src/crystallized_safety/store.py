@@ -499,13 +499,13 @@ class Store:
         )
         return [{"model": m, "verdict": v, "rule": r, "evidence": json.loads(e)} for m, v, r, e in rows]
 
-    # -- blind re-analysis
-    def blind_copy(self, run_id: str, path: str | Path, names: dict[str, str]) -> Store:
-        """A copy of one run at `path` with every model renamed (`names`: real -> anonymous) and no analyses
-        or verdicts: what a blind re-analysis starts from."""
+    # -- copies and generic cell access (the blind copy, `blind_store`, scrubs every table through these)
+    def copy_run(self, run_id: str, path: str | Path) -> Store:
+        """A copy of one run at `path`, without analyses or verdicts: what a blind re-analysis starts from (it
+        still names the models: `blind_store.blind_copy` scrubs them)."""
         target = Path(path)
         if target.exists():
-            raise StoreError(f"'{target}' exists: pass a new path for the blind copy")
+            raise StoreError(f"'{target}' exists: pass a new path for the copy")
         with sqlite3.connect(str(target)) as dest:
             self.db.backup(dest)
         dest.close()
@@ -515,10 +515,40 @@ class Store:
                 db.execute(f"DELETE FROM {table} WHERE run_id != ?", (run_id,))
             db.execute("DELETE FROM analyses")
             db.execute("DELETE FROM verdicts")
-            for real, anonymous in names.items():
-                for table in ("artifacts", "chunks", "generations"):
-                    db.execute(f"UPDATE {table} SET model=? WHERE model=?", (anonymous, real))
         return copy
+
+    def tables(self) -> dict[str, list[str]]:
+        """Every table of the file and its columns, read from the file itself (not from SCHEMA), so a walk over
+        them also covers tables and columns this version does not know."""
+        names = [r[0] for r in self.db.execute("SELECT name FROM sqlite_master WHERE type='table' ORDER BY name")]
+        return {t: [c[1] for c in self.db.execute(f'PRAGMA table_info("{t}")')] for t in names}
+
+    def _table(self, table: str, columns: Sequence[str] = ()) -> None:
+        known = self.tables()
+        if table not in known or any(c not in known[table] for c in columns):
+            raise StoreError(f"no table '{table}' with columns {list(columns)} in {self.path}: a bug, report it")
+
+    def rows(self, table: str) -> list[tuple[int, dict[str, Any]]]:
+        """(rowid, {column: value}) of every row of `table`."""
+        self._table(table)
+        cur = self.db.execute(f'SELECT rowid, * FROM "{table}" ORDER BY rowid')
+        names = [d[0] for d in cur.description][1:]
+        return [(row[0], dict(zip(names, row[1:]))) for row in cur.fetchall()]
+
+    def rewrite(self, table: str, updates: dict[int, dict[str, Any]], deletions: Sequence[int] = ()) -> None:
+        """Set columns of rows by rowid and delete rows by rowid, in one transaction."""
+        self._table(table, sorted({c for values in updates.values() for c in values}))
+        with self.transaction() as db:
+            for rowid in deletions:
+                db.execute(f'DELETE FROM "{table}" WHERE rowid=?', (rowid,))
+            for rowid, values in updates.items():
+                sets = ", ".join(f'"{c}"=?' for c in values)
+                db.execute(f'UPDATE "{table}" SET {sets} WHERE rowid=?', (*values.values(), rowid))
+
+    def compact(self) -> None:
+        """Rebuild the file (VACUUM) and empty the WAL: deleted or overwritten values leave no bytes behind."""
+        self.db.execute("VACUUM")
+        self.db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
 
     # -- export
     def export(self, run_id: str, fmt: str) -> str:
