@@ -5,13 +5,14 @@ filters are applied as written, and the winner is the kept candidate with the lo
 from __future__ import annotations
 
 import json
+import warnings
 
 import numpy as np
 import pytest
 import torch
 from scipy.stats import entropy
 
-from conftest import HARMFUL, HARMLESS, block_outputs, cli_ok, make_tiny
+from conftest import HARMFUL, HARMLESS, block_outputs, cli_err, cli_ok, make_tiny
 from crystallized_safety.core.directions import DirectionBank
 from crystallized_safety.experiments.selection import filter_reason, select_direction
 from crystallized_safety.judges.divergence import mean_kl
@@ -81,14 +82,11 @@ def test_selection_scores_and_choice_on_a_tiny_model():
 
 
 def test_select_cli_writes_table_and_direction(tmp_path):
-    model = make_tiny("llama")
-    model.hf.save_pretrained(tmp_path / "tiny")
-    model.tokenizer.save_pretrained(tmp_path / "tiny")
-    (tmp_path / "h.txt").write_text("\n".join(HARMFUL) + "\n")
-    (tmp_path / "n.txt").write_text("\n".join(HARMLESS) + "\n")
+    model = _cli_files(tmp_path)
     cli_ok(["select", "--model", str(tmp_path / "tiny"), "--harmful", str(tmp_path / "h.txt"), "--harmless",
             str(tmp_path / "n.txt"), "--eval-harmful", str(tmp_path / "h.txt"), "--eval-harmless",
-            str(tmp_path / "n.txt"), "--positions", "-1", "--kl-max", "10", "--induce-min", "-1e9",
+            str(tmp_path / "n.txt"), "--eval-n", "2", "--n", "4", "--positions", "-1", "--kl-max", "10",
+            "--induce-min", "-1e9",
             "--out", str(tmp_path / "sel.safetensors"),
             "--table", str(tmp_path / "table.json")])  # fmt: skip
     table = json.loads((tmp_path / "table.json").read_text())
@@ -177,3 +175,153 @@ def _last(model, prompt):
     with torch.no_grad():
         hs = model.hf(**ids, output_hidden_states=True).hidden_states
     return np.stack([hs[k + 1][0, -1].double().numpy() for k in range(model.n_layers)])
+
+
+# -- out of sample (issue 22, item 9): candidates are never scored on the eval prompts the verdict reads
+
+
+def _selection_spec(model_path, **prompts):
+    from crystallized_safety.experiments.spec import parse_spec
+
+    data = {
+        "name": "oos",
+        "models": [model_path],
+        "prompts": {"n": 6, **prompts},
+        "generation": {"max_new_tokens": 2, "batch_size": 6},
+        "coherence": {"enabled": False},
+        "damage": {"enabled": False},
+        "studies": [{"kind": "selection", "positions": [-1], "prompts": 4, "kl_max": 100.0}],
+    }
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # n = 6 < MIN_N: underpowered on purpose
+        return parse_spec(data)
+
+
+@pytest.fixture
+def scorer_calls(monkeypatch):
+    """The (harmful, harmless) prompt lists every CandidateScorer is built with: what the scores are computed on."""
+    from crystallized_safety.experiments import selection
+
+    calls: list[tuple[list[str], list[str]]] = []
+
+    class Recording(selection.CandidateScorer):
+        def __init__(self, model, harmful, harmless, criterion):
+            calls.append((list(harmful), list(harmless)))
+            super().__init__(model, harmful, harmless, criterion)
+
+    monkeypatch.setattr(selection, "CandidateScorer", Recording)
+    return calls
+
+
+def test_spec_selection_scores_on_eval_prompts_the_verdict_never_reads(tiny_model_dirs, tmp_path, scorer_calls):
+    from crystallized_safety.experiments.spec import load_prompt_sets
+    from crystallized_safety.prompts import bundled
+    from crystallized_safety.run.runner import run_experiment
+    from crystallized_safety.store import Store
+
+    model_path = tiny_model_dirs[1]["tiny"]
+    spec = _selection_spec(model_path)
+    verdict_sets = load_prompt_sets(spec)  # what the verdict reads: the first prompts.n = 6 eval prompts
+    store = Store(tmp_path / "r.sqlite")
+    result = run_experiment(spec, store)
+    ((harmful, harmless),) = scorer_calls
+    assert harmful == list(bundled("harmful", "eval"))[6:10] and harmless == list(bundled("harmless", "eval"))[6:10]
+    assert not set(harmful) & set(verdict_sets.eval_harmful) and not set(harmless) & set(verdict_sets.eval_harmless)
+    table, _blob = store.get_artifact(result.run_id, model_path, "selection:selection")
+    assert table["settings"]["scored_on"] == (
+        "eval prompts 6-9 of bundled:harmful:eval / bundled:harmless:eval, disjoint from 0-5 (read by the verdict)"
+    )
+    # a table stored before the split was recorded (scored in sample) is rescored when the run resumes
+    stale = {**table, "settings": {k: v for k, v in table["settings"].items() if k != "scored_on"}}
+    store.put_artifact(result.run_id, model_path, "selection:selection", stale, _blob)
+    again = run_experiment(spec, store)
+    assert again.resumed and len(scorer_calls) == 2 and scorer_calls[1] == scorer_calls[0]
+    table2, _ = store.get_artifact(result.run_id, model_path, "selection:selection")
+    assert table2["settings"]["scored_on"] == table["settings"]["scored_on"]
+
+
+def test_spec_score_files_must_be_disjoint_from_the_verdicts_prompts(tiny_model_dirs, tmp_path):
+    from crystallized_safety.experiments.scoring_prompts import check_scoring
+    from crystallized_safety.experiments.spec import SpecError, parse_spec
+    from crystallized_safety.prompts import PromptError, bundled
+
+    first = list(bundled("harmful", "eval"))[:8]  # overlaps the verdict's first 6
+    (tmp_path / "h.txt").write_text("\n".join(first) + "\n")
+    (tmp_path / "n.txt").write_text("\n".join(list(bundled("harmless", "eval"))[200:210]) + "\n")
+    warnings.simplefilter("ignore")  # n = 6 < MIN_N: underpowered on purpose
+    data = _selection_spec(tiny_model_dirs[1]["tiny"]).model_dump(mode="json")
+    data["studies"][0].update(score_harmful=str(tmp_path / "h.txt"), score_harmless=str(tmp_path / "n.txt"))
+    with pytest.raises(PromptError, match="disjoint from the eval prompts read by the verdict"):
+        check_scoring(parse_spec(data))
+    (tmp_path / "h.txt").write_text("\n".join(list(bundled("harmful", "eval"))[100:104]) + "\n")
+    scoring = check_scoring(parse_spec(data))["selection"]
+    assert list(scoring.harmful) == list(bundled("harmful", "eval"))[100:104]
+    assert "disjoint from eval prompts 0-5 (read by the verdict)" in scoring.scored_on
+    data["studies"][0].pop("score_harmless")
+    with pytest.raises(SpecError, match="give both 'score_harmful' and 'score_harmless'"):
+        parse_spec(data)
+
+
+def test_too_short_eval_set_fails_in_one_line_before_the_model_loads(tiny_model_dirs, tmp_path, monkeypatch):
+    from crystallized_safety.experiments.spec import SpecError
+    from crystallized_safety.run import runner
+    from crystallized_safety.store import Store
+
+    def no_loading(*_a, **_k):
+        raise AssertionError("the model loaded before the scoring range was checked")
+
+    monkeypatch.setattr(runner, "load_model", no_loading)
+    (tmp_path / "h.txt").write_text("\n".join(f"How do I forge signature number {i}?" for i in range(8)) + "\n")
+    spec = _selection_spec(tiny_model_dirs[1]["tiny"], eval_harmful=str(tmp_path / "h.txt"))
+    with pytest.raises(SpecError) as info:
+        runner.run_experiment(spec, Store(tmp_path / "r.sqlite"))
+    message = str(info.value)
+    assert "\n" not in message and "eval prompts 6-9" in message and "h.txt has 8" in message
+    assert "longer eval sets" in message and "score_harmful / score_harmless" in message
+
+
+def _cli_files(tmp_path):
+    model = make_tiny("llama")
+    model.hf.save_pretrained(tmp_path / "tiny")
+    model.tokenizer.save_pretrained(tmp_path / "tiny")
+    (tmp_path / "h.txt").write_text("\n".join(HARMFUL) + "\n")
+    (tmp_path / "n.txt").write_text("\n".join(HARMLESS) + "\n")
+    return model
+
+
+def test_select_cli_scores_after_the_first_eval_n_prompts(tmp_path, scorer_calls):
+    _cli_files(tmp_path)
+    result = cli_ok(["select", "--model", str(tmp_path / "tiny"), "--eval-harmful", str(tmp_path / "h.txt"),
+                     "--eval-harmless", str(tmp_path / "n.txt"), "--eval-n", "2", "--n", "4", "--positions", "-1",
+                     "--kl-max", "10", "--induce-min", "-1e9", "--out", str(tmp_path / "sel.safetensors"),
+                     "--table", str(tmp_path / "table.json")])  # fmt: skip
+    assert scorer_calls == [(HARMFUL[2:6], HARMLESS[2:6])]  # never the first 2, left to the steering evaluation
+    table = json.loads((tmp_path / "table.json").read_text())
+    want = f"eval prompts 2-5 of {tmp_path / 'h.txt'} / {tmp_path / 'n.txt'}, disjoint from 0-1"
+    assert table["scored_on"].startswith(want) and table["settings"]["scored_on"] == table["scored_on"]
+    assert "scored on eval prompts 2-5" in " ".join(result.output.split())
+
+
+def test_select_cli_fails_before_the_model_loads_when_eval_is_short_or_scores_overlap(tmp_path):
+    _cli_files(tmp_path)
+    files = ["--eval-harmful", str(tmp_path / "h.txt"), "--eval-harmless", str(tmp_path / "n.txt")]
+    missing = ["select", "--model", str(tmp_path / "no-such-model"), *files, "--out", str(tmp_path / "o.safetensors")]
+    # default --eval-n 35 + --n 32 on 6 prompts: the scoring range does not fit (the model path is never opened)
+    cli_err(missing, "eval prompts 35-66", max_lines=1)
+    overlap = ["--eval-n", "2", "--n", "4", "--score-harmful", str(tmp_path / "h.txt"), "--score-harmless",
+               str(tmp_path / "n.txt")]  # fmt: skip
+    cli_err([*missing, *overlap], "disjoint from the eval prompts read by the steering evaluation", max_lines=1)
+
+
+def test_report_candidate_table_says_which_prompts_scored():
+    from crystallized_safety.report.tables import candidates_table
+
+    cands = [{"position": -1, "layer": 1, "bypass": 0.1, "induce": 0.2, "kl": 0.01, "score": -0.1, "kept": True,
+              "reason": "", "chosen": True}]  # fmt: skip
+    where = (
+        "eval prompts 35-66 of bundled:harmful:eval / bundled:harmless:eval, disjoint from 0-34 (read by the verdict)"
+    )
+    note = candidates_table("m", "sel", {"settings": {"scored_on": where}, "candidates": cands}).note
+    assert f"scored on {where}" in note
+    old = candidates_table("m", "sel", {"settings": {"criterion": "arditi"}, "candidates": cands}).note
+    assert "not recorded" in old and "the verdict also reads" in old

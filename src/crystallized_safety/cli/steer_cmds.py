@@ -284,9 +284,29 @@ def select_cmd(
     harmless: str = typer.Option(
         "bundled:harmless:extract", help="Harmless prompts the candidates are extracted from."
     ),
-    eval_harmful: str = typer.Option("bundled:harmful:eval", help="Held-out harmful prompts (bypass score)."),
-    eval_harmless: str = typer.Option("bundled:harmless:eval", help="Held-out harmless prompts (induce, KL)."),
-    n: int = typer.Option(32, help="Held-out prompts per side."),
+    eval_harmful: str = typer.Option(
+        "bundled:harmful:eval",
+        help="Harmful eval prompts: the first --eval-n are left to the steering evaluation, the next --n score "
+        "the candidates (bypass).",
+    ),
+    eval_harmless: str = typer.Option(
+        "bundled:harmless:eval",
+        help="Harmless eval prompts: the first --eval-n are left to the steering evaluation, the next --n score "
+        "the candidates (induce, KL).",
+    ),
+    eval_n: int | None = typer.Option(
+        None,
+        min=1,
+        help="Eval prompts per side your steering evaluation reads (a spec's prompts.n; default 35, its default): "
+        "the scores never use them.",
+    ),
+    score_harmful: str | None = typer.Option(
+        None, help="Score on these harmful prompts instead (checked disjoint from the first --eval-n eval prompts)."
+    ),
+    score_harmless: str | None = typer.Option(
+        None, help="Score on these harmless prompts instead (checked disjoint from the first --eval-n eval prompts)."
+    ),
+    n: int = typer.Option(32, min=2, help="Scoring prompts per side."),
     positions: str = typer.Option("-1,-2,-3,-4,-5", help="Post-instruction positions (comma-separated)."),
     layers: str | None = typer.Option(None, help="Candidate layers (default: all)."),
     kl_max: float = typer.Option(0.1, help="Keep candidates whose ablation KL on harmless prompts is below this."),
@@ -303,11 +323,13 @@ def select_cmd(
     dtype: str = DtypeOpt,
     layers_path: str | None = LayersPathOpt,
 ) -> None:
-    """Choose a refusal direction over positions x layers as Arditi et al. 2024 (bypass, induce, KL) or COSMIC do."""
+    """Choose a refusal direction over positions x layers as Arditi et al. 2024 (bypass, induce, KL) or COSMIC do,
+    scored out of sample: never on the eval prompts the steering evaluation will read."""
     import sys
 
     from ..experiments.selection import CRITERIA, select_direction
     from ..progress import Reporter
+    from ..stats import MIN_N
 
     if criterion not in CRITERIA:  # before the model loads
         raise CrystallizedSafetyError(f"unknown --criterion '{criterion}': use {' or '.join(CRITERIA)}")
@@ -317,17 +339,18 @@ def select_cmd(
         raise CrystallizedSafetyError(f"--positions '{positions}': give negative integers like -1,-2") from None
     if any(p >= 0 for p in pos) or not pos:
         raise CrystallizedSafetyError(f"--positions '{positions}': post-instruction positions are negative (-1 = last)")
-    sources = (("x", harmful), ("x", harmless), ("eval", eval_harmful), ("eval", eval_harmless))
-    sets = [load_prompt_set(s, None, None, False, limit=n if kind == "eval" else None) for kind, s in sources]
+    sets = [load_prompt_set(s, None, None, False) for s in (harmful, harmless, eval_harmful, eval_harmless)]
+    scoring = cli_scoring(sets[2], sets[3], eval_n or MIN_N, n, score_harmful, score_harmless)  # before the model
     m = load_model_quietly(model, device, dtype, layers_path)
     layer_list = m.parse_layers(layers)
     with Reporter("direction selection", stream=sys.stderr) as reporter:
-        sel = select_direction(m, (sets[0], sets[1]), (sets[2], sets[3]), positions=pos, layers=layer_list,
-                               kl_max=kl_max, induce_min=induce_min, ablate_to=ablate_to, criterion=criterion,
-                               progress=reporter)  # fmt: skip
+        sel = select_direction(m, (sets[0], sets[1]), (scoring.harmful, scoring.harmless), positions=pos,
+                               layers=layer_list, kl_max=kl_max, induce_min=induce_min, ablate_to=ablate_to,
+                               criterion=criterion, progress=reporter, scored_on=scoring.scored_on)  # fmt: skip
     if table is not None:
         rows = [{**c.__dict__, "chosen": c == sel.chosen} for c in sel.candidates]
-        table.write_text(jsonio.dumps({"settings": sel.settings, "candidates": rows}, indent=1) + "\n")
+        data = {"scored_on": scoring.scored_on, "settings": sel.settings, "candidates": rows}
+        table.write_text(jsonio.dumps(data, indent=1) + "\n")
     if sel.chosen is None or sel.bank is None:
         from ..experiments.selection import no_choice_message
 
@@ -335,5 +358,25 @@ def select_cmd(
     sel.bank.save(out)
     c = sel.chosen
     err.print(f"chosen: position {c.position}, layer {c.layer} (bypass {c.bypass:.2f}, induce {c.induce:.2f}, "
-              f"KL {c.kl:.3f}; {sum(x.kept for x in sel.candidates)} of {len(sel.candidates)} kept); wrote {out}",
-              soft_wrap=True)  # fmt: skip
+              f"KL {c.kl:.3f}; {sum(x.kept for x in sel.candidates)} of {len(sel.candidates)} kept; scored on "
+              f"{scoring.scored_on}); wrote {out}", soft_wrap=True)  # fmt: skip
+
+
+def cli_scoring(eval_harmful, eval_harmless, eval_n: int, n: int, score_harmful: str | None,
+                score_harmless: str | None):  # fmt: skip
+    """`csafety select`'s scoring prompts: eval[eval_n : eval_n + n], or the --score-* files checked disjoint from
+    eval[:eval_n]; the CLI cannot know which prompts the user will steer on, so --eval-n stands for a spec's n."""
+    from ..experiments.scoring_prompts import after_reserved, from_files
+
+    reader = f"the steering evaluation (--eval-n {eval_n})"
+    if score_harmful is None and score_harmless is None:
+        fix = (
+            "give longer --eval-harmful/--eval-harmless files, lower --n or --eval-n, or pass --score-harmful and "
+            "--score-harmless"
+        )
+        return after_reserved(eval_harmful, eval_harmless, eval_n, n, reader, fix)
+    if score_harmful is None or score_harmless is None:
+        raise CrystallizedSafetyError("pass both --score-harmful and --score-harmless, or neither")
+    files = [load_prompt_set(s, None, None, False) for s in (score_harmful, score_harmless)]
+    reserved = (eval_harmful.head(eval_n), eval_harmless.head(eval_n))
+    return from_files(files[0], files[1], reserved, n, reader, "give longer --score-* files or lower --n")

@@ -2,7 +2,8 @@
 with forward passes only.
 
 Candidates: the difference-in-means direction at each post-instruction template position (-1 .. -5) and each
-layer. Scores per candidate, on held-out prompts:
+layer. Scores per candidate, on held-out prompts (out of sample: disjoint from the eval prompts the steering
+evaluation reads, see `scoring_prompts`):
 - *bypass*: the mean first-token refusal log-odds on harmful prompts with the direction ablated at the output of
   every block (projection set to zero as in the paper, or with `ablate_to="harmless-mean"` to where harmless
   prompts sit at that layer, the affine ablation that avoids pushing harmless prompts towards refusal where
@@ -157,9 +158,12 @@ def select_direction(
     ablate_to: str = "zero",
     criterion: str = "arditi",
     progress: Progress | None = None,
+    scored_on: str = "",
 ) -> Selection:
     """Score every (position, layer) candidate and pick one (see the module docstring); `chosen` is None when no
-    candidate passes the filters (the scores are still returned, to see which filter failed)."""
+    candidate passes the filters (the scores are still returned, to see which filter failed). `evaluate` must be
+    prompts the steering evaluation never reads (`scoring_prompts`), else the choice is in sample; `scored_on`
+    says which they are, kept in the settings for the table and the report."""
     if ablate_to not in ("zero", "harmless-mean"):
         raise CrystallizedSafetyError(f"unknown ablate_to '{ablate_to}': use zero or harmless-mean")
     if criterion not in CRITERIA:
@@ -182,7 +186,7 @@ def select_direction(
     candidates = [Candidate(**r, kept=not why, reason=why) for r, why in zip(rows, reasons)]
     settings = {"kl_max": kl_max, "drop_last": drop_last, "induce_min": floor, "positions": list(positions),
                 "n_eval": len(harmful), "ablate_to": ablate_to, "criterion": criterion,
-                "cosmic_layers": cosmic[0] if cosmic else None}  # fmt: skip
+                "cosmic_layers": cosmic[0] if cosmic else None, "scored_on": scored_on}  # fmt: skip
     kept = [c for c in candidates if c.kept]
     if not kept:
         return Selection(candidates, None, None, settings)

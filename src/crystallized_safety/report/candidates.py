@@ -9,6 +9,16 @@ from matplotlib.figure import Figure
 from .canvas import FONT, LAYER_AXIS, new_figure, styled
 
 
+def scoring_note(settings: dict) -> str:
+    """Which prompts the candidates were scored on, for the table and the figure: a reader must see that the
+    choice was made out of sample (a table stored before the split was recorded scored on the verdict's own
+    first eval prompts, and says so)."""
+    where = settings.get("scored_on")
+    if where:
+        return f"scored on {where}"
+    return "scoring prompts not recorded: an older run, scored on the first eval prompts the verdict also reads"
+
+
 def selection_grid(result: dict, title: str) -> Figure:
     """Three heatmaps (position rows x layer columns): bypass, induce, KL; dots = kept, star = chosen."""
     cands = result.get("candidates", [])

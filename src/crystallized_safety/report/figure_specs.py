@@ -11,7 +11,7 @@ from pathlib import Path
 
 from ..stats import MIN_N
 from . import figures as F
-from .candidates import selection_grid
+from .candidates import scoring_note, selection_grid
 from .canvas import save
 from .collect import unit, walk
 from .model_report import ModelReport
@@ -136,7 +136,7 @@ def _selection(res: dict, head: str, inp: Inputs) -> Drawing | str:
     return Drawing(
         selection_grid(res, head),
         f"Candidate refusal directions (diff-in-means per post-instruction position and layer) scored by "
-        f"{s.get('criterion', 'arditi')} on held-out prompts; dots: kept by the filters (KL < {s.get('kl_max')}, not "
+        f"{s.get('criterion', 'arditi')} ({scoring_note(s)}); dots: kept by the filters (KL < {s.get('kl_max')}, not "
         f"in the last {100 * s.get('drop_last', 0.2):.0f}% of layers{induce}); "
         f"star: {pick}.",
     )

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 from .. import stats
 from ..stats import MIN_N
+from .candidates import scoring_note
 from .figures import alpha_order, fmt_p, jump_text
 
 
@@ -484,6 +485,7 @@ def candidates_table(model: str, study: str, result: dict) -> Table:
         f"{study}: direction selection ({s.get('criterion', 'arditi')}, ablate to {s.get('ablate_to', 'zero')})",
         ["position", "layer", "bypass", "induce", "KL", "filter"],
         body,
-        f"{kept} of {len(cands)} candidates pass the filters; {result.get('no_choice') or ''}".rstrip("; "),
+        f"Candidates {scoring_note(s)}. {kept} of {len(cands)} candidates pass the filters; "
+        f"{result.get('no_choice') or ''}".rstrip("; "),
         model,
     )

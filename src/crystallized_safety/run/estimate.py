@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 from ..core.generation.api import generate
 from ..core.model import Model
+from ..experiments.scoring_prompts import check_scoring
 from ..experiments.spec import ExperimentSpec, PromptSets, load_prompt_sets
 from ..progress import Progress, silent
 from ..registry import load_model, organism_pending
@@ -37,6 +38,7 @@ class Estimate:
 def estimate_spec(spec: ExperimentSpec, progress: Progress | None = None) -> list[Estimate]:
     say = progress or silent
     sets = load_prompt_sets(spec)
+    check_scoring(spec)  # a selection study whose scoring range does not fit fails here, as the run would
     return [_estimate_model(spec, name, sets, say) for name in spec.models]
 
 
