@@ -126,6 +126,17 @@ def print_verdicts(verdicts: list[dict]) -> None:
     for v in verdicts:
         table.add_row(v["model"], v["verdict"], v["rule"])
     out.print(table)
+    shown: list = []
+    for v in verdicts:
+        rules = (v.get("evidence") or {}).get("rules")
+        if rules and rules.get("text") not in shown:
+            shown.append(rules.get("text"))
+            out.print(
+                f"decision rules, fixed before generation (band for {v['model']}: layers {rules['band']}):",
+                markup=False,
+            )
+            for line in rules.get("text") or []:
+                out.print(f"  - {line}", markup=False, highlight=False)
 
 
 @app.command("status")

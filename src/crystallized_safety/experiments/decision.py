@@ -102,7 +102,7 @@ class Cell:
         return {"k": self.k, "n": self.n, "rate": self.k / self.n, "ci_lo": lo, "ci_hi": hi}
 
     def summary(self, confidence: float = 0.95, samples: bool = False) -> dict:
-        out = {
+        out: dict = {
             "condition": self.label,
             "layers": list(self.layers),
             "rung": self.rung,
@@ -296,11 +296,30 @@ def decide(
             f"at family-wise error {rules.level:.0%} (Holm over {max(planned[0], len(single))} single-layer cells); "
             + _k_text(ks),
         )
+    multi_cell = _deciding(multi, pass_multi, smallest=True) if pass_multi.any() else None
+    blocked = _open_layers(searches, single, multi_cell, rules, ev)
+    if blocked is not None:
+        return out("inconclusive: single layer not excluded", blocked)
+    if multi_cell is not None:
+        return out(
+            "crystallized",
+            f"no single layer of the band reaches {rules.threshold:.0%} {flips} (every layer searched to the cliff "
+            f"or the ceiling, best {_fmt(ev['best_single']['flip']) if ev['best_single'] else 'n/a'}); "
+            f"{len(multi_cell.layers)} layers together ({multi_cell.label}): {_fmt(multi_cell.flip())} exceed the "
+            f"threshold and the strongest matched control at family-wise error {rules.level:.0%}; " + _k_text(ks),
+        )
+    return out(*_no_multi_cell(multi, planned[1], rules, ev, flips))
+
+
+def _open_layers(
+    searches: list[dict], single: list[Cell], multi_cell: Cell | None, rules: Rules, ev: dict
+) -> str | None:
+    """Why one layer is not excluded (None: every band layer is), recording the equal-budget comparison with the
+    multi-layer cell that works and the single-layer cells at the threshold that lack a matched control."""
     open_layers = [s for s in searches if not s["excluded"]]
     uncontrolled = [c.label for c in single if c.control is None and c.n and c.k / c.n >= rules.threshold]
     if uncontrolled:
         ev["uncontrolled_single_layer"] = uncontrolled
-    multi_cell = _deciding(multi, pass_multi, smallest=True) if pass_multi.any() else None
     if multi_cell is not None:
         ev["deciding_cell"] = multi_cell.summary(rules.confidence, samples=True)
         need = multi_cell.budget if multi_cell.budget is not None else math.inf
@@ -321,52 +340,46 @@ def decide(
         ]
     if not rules.band:
         open_layers = [{"layer": None, "why": "the band holds no layer of this model"}]
-    if open_layers:
-        ev["layers_not_excluded"] = [{"layer": s["layer"], "why": s["why"]} for s in open_layers]
-        head = "; ".join(f"L{s['layer']}: {s['why']}" for s in open_layers[:4])
-        more = f" (and {len(open_layers) - 4} more layers)" if len(open_layers) > 4 else ""
-        extra = (
-            f"; cells at the threshold without a matched control: {', '.join(uncontrolled[:3])}" if uncontrolled else ""
-        )
-        found = (
-            f"; a {len(multi_cell.layers)}-layer cell works ({multi_cell.label}: {_fmt(multi_cell.flip())}), so "
-            f"K* <= {len(multi_cell.layers)}"
-            if multi_cell
-            else ""
-        )
-        return out(
-            "inconclusive: single layer not excluded",
-            f"no single-layer cell passes, but one layer is not excluded: {head}{more}{extra}{found}",
-        )
-    if multi_cell is not None:
-        return out(
-            "crystallized",
-            f"no single layer of the band reaches {rules.threshold:.0%} {flips} (every layer searched to the cliff "
-            f"or the ceiling, best {_fmt(ev['best_single']['flip']) if ev['best_single'] else 'n/a'}); "
-            f"{len(multi_cell.layers)} layers together ({multi_cell.label}): {_fmt(multi_cell.flip())} exceed the "
-            f"threshold and the strongest matched control at family-wise error {rules.level:.0%}; " + _k_text(ks),
-        )
+    if not open_layers:
+        return None
+    ev["layers_not_excluded"] = [{"layer": s["layer"], "why": s["why"]} for s in open_layers]
+    head = "; ".join(f"L{s['layer']}: {s['why']}" for s in open_layers[:4])
+    more = f" (and {len(open_layers) - 4} more layers)" if len(open_layers) > 4 else ""
+    extra = f"; cells at the threshold without a matched control: {', '.join(uncontrolled[:3])}" if uncontrolled else ""
+    found = (
+        f"; a {len(multi_cell.layers)}-layer cell works ({multi_cell.label}: {_fmt(multi_cell.flip())}), so "
+        f"K* <= {len(multi_cell.layers)}"
+        if multi_cell
+        else ""
+    )
+    return f"no single-layer cell passes, but one layer is not excluded: {head}{more}{extra}{found}"
+
+
+def _no_multi_cell(multi: list[Cell], planned: int, rules: Rules, ev: dict, flips: str) -> tuple[str, str]:
+    """Single layers excluded and no multi-layer cell passes: immune only when every planned multi-layer cell was
+    generated and has its upper bound below the threshold."""
     if not multi:
-        return out(
+        return (
             "inconclusive: multi-layer not searched",
             "no single layer of the band reaches the threshold, and no multi-layer cell was run: add a min_layers "
             "or multilayer study to tell crystallized from immune",
         )
-    uppers = [c.flip(rules.confidence)["ci_hi"] for c in multi if c.n]
-    if uppers and max(uppers) < rules.threshold and len(uppers) == len(multi):
+    uppers = [c.flip(rules.confidence)["ci_hi"] for c in multi]
+    if max(uppers) < rules.threshold and len(multi) >= planned:
         grid = sorted({len(c.layers) for c in multi})
         top = max((c.budget or 0.0) for c in multi)
         ev["budget"] = {"multi_layer_sizes": grid, "largest_multi_layer_budget": top}
-        return out(
+        return (
             "immune",
             f"neither a single layer of the band (searched to the cliff or the ceiling) nor any of {len(multi)} "
             f"multi-layer cells (K in {grid}, largest total norm {top:.4g}) has an upper bound reaching "
             f"{rules.threshold:.0%} {flips}",
         )
-    return out(
+    missing = f"; {planned - len(multi)} planned multi-layer cells were not generated" if len(multi) < planned else ""
+    return (
         "inconclusive: multi-layer not excluded",
-        "no cell passes, single layers are excluded, but some multi-layer cell's upper bound reaches the threshold "
-        "(or was not generated): run more prompts or a stronger multi-layer grid",
+        "no cell passes and single layers are excluded, but some multi-layer cell's upper bound reaches the "
+        f"threshold{missing}: run more prompts or a stronger multi-layer grid",
     )
 
 

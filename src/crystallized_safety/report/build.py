@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import platform
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from .. import __version__, jsonio
@@ -138,6 +139,7 @@ def _model_report(store: Store, run_id: str, model: str, slug: str, data: dict, 
         "verdict": verdict["verdict"] if verdict else None,
         "rule": verdict["rule"] if verdict else "no verdict stored for this model",
         **_readable_steerable(analyses, verdict),
+        "decision": _decision(verdict, data),
         "single_note": "flip rate undefined (no baseline refusals)" if single and not best_single else None,
         "multi_note": "flip rate undefined (no baseline refusals)" if multi and not best_multi else None,
     }
@@ -162,20 +164,65 @@ def _model_report(store: Store, run_id: str, model: str, slug: str, data: dict, 
 
 def _cross_figures(data: dict, out: Path) -> list:
     """Run-level figures that set the models side by side: K (layers needed together) for every model that
-    ran a min_layers study."""
+    ran a min_layers study, and the single-layer frontier for every model that ran a frontier study."""
     series: dict[str, dict] = {}
+    walks: dict[str, dict] = {}
     for a in data["analyses"]:
         if a["kind"] == "min_layers" and a["model"] not in series:
             series[a["model"]] = a["result"]
-    if not series:
-        return []
-    title = "Layers needed together (K), all models"
-    caption = (
-        "Best coherent flip rate against K, the number of consecutive layers steered at once, per model "
-        "(Wilson 95% CIs); dashed: a random direction at the same K and alpha; dotted: the flip threshold. "
-        "K* (in the legend) = the smallest K that reaches the threshold and beats its control."
-    )
-    return [save(F.k_curve(series, title), out, "cross-model-k", "all models", title, caption)]
+        if a["kind"] == "frontier" and a["model"] not in walks:
+            walks[a["model"]] = a["result"]
+    figs = []
+    if series:
+        title = "Layers needed together (K), all models"
+        caption = (
+            "Best coherent flip rate against K, the number of consecutive layers steered at once, per model "
+            "(Wilson 95% CIs); dashed: a random direction at the same K and alpha; dotted: the flip threshold. "
+            "K* (in the legend) = the verdict's: the smallest K with a cell passing its tests."
+        )
+        figs.append(save(F.k_curve(series, title), out, "cross-model-k", "all models", title, caption))
+    if walks:
+        title = "Single-layer frontier, all models"
+        caption = (
+            "Per layer of the verdict's band, the best coherent flip rate any single-layer attack reached there "
+            "(the walk to the coherence cliff and the ladder's rungs), Wilson 95% CIs; filled markers: layers the "
+            "verdict excludes, hollow: not excluded; dotted: the flip threshold."
+        )
+        figs.append(save(F.frontier_curve(walks, title), out, "cross-model-frontier", "all models", title, caption))
+    return figs
+
+
+def _decision(verdict: dict | None, data: dict) -> dict | None:
+    """What decided the verdict, for a reader: the pre-registered rules, the judges that counted the flips, K*,
+    and the deciding and best cells with read-by-hand samples of their answers."""
+    evidence = (verdict or {}).get("evidence") or {}
+    if "rules" not in evidence:
+        return None
+    judges = ", ".join(data["spec"].get("judges") or ["substring"])
+    gate = "on" if evidence.get("coherence_checked", True) else "off (flips not checked for coherence)"
+    cells: list[dict] = []
+    for title, key in (("Deciding cell", "deciding_cell"), ("Best single-layer cell", "best_single"),
+                       ("Best multi-layer cell", "best_multi")):  # fmt: skip
+        c = evidence.get(key)
+        if not c or any(c is not None and c.get("condition") == done["condition"] for done in cells):
+            continue
+        ctrl = c.get("control")
+        cells.append(
+            {
+                "title": title,
+                "condition": c["condition"],
+                "rung": c.get("rung", "add"),
+                "flip": T.rate(c["flip"]),
+                "control": T.rate(ctrl["flip"]) + f" ({ctrl['condition']})" if ctrl else None,
+                "samples": c.get("samples") or [],
+            }
+        )
+    return {
+        "rules": evidence["rules"].get("text", []),
+        "judges": f"{judges}; coherence gate {gate}",
+        "k_star": T.k_star_text(evidence),
+        "cells": cells,
+    }
 
 
 READABLE_AUC = 0.95  # a direction is "readable" where its projection separates held-out prompts this well
@@ -190,14 +237,14 @@ def _readable_steerable(analyses: list[dict], verdict: dict | None) -> dict:
     best_auc = max((r["projection_auc"] for r in readability["layers"]), default=None) if readability else None
     name = (verdict or {}).get("verdict")
     return {
-        "k_star": evidence.get("k_star", "not run") if "k_star_study" in evidence else "not run",
+        "k_star": T.k_star_text(evidence) if "k_star_ci" in evidence else "not decided",
         "projection_auc": best_auc,
         "readable": None if best_auc is None else best_auc >= READABLE_AUC,
         "steerable": STEERABLE.get(name or "", "undecided"),
     }
 
 
-TABLES = {  # study kind -> its table (model, study, analysis result)
+TABLES: dict[str, Callable[[str, str, dict], T.Table | list[T.Table]]] = {  # study kind -> its table(s)
     "layer_sweep": lambda m, s, r: T.sweep_table(m, s, r, "flip"),
     "multilayer": lambda m, s, r: T.sweep_table(m, s, r, "flip"),
     "transfer": lambda m, s, r: T.sweep_table(m, s, r, "flip"),
@@ -207,6 +254,7 @@ TABLES = {  # study kind -> its table (model, study, analysis result)
     "sign": T.sign_table,
     "readability": T.readability_table,
     "min_layers": T.min_layers_table,
+    "frontier": lambda m, s, r: [T.frontier_table(m, s, r), T.ladder_table(m, s, r)],
     "ablation": T.ablation_table,
     "angular": T.angular_table,
     "subspace": T.subspace_table,
@@ -219,7 +267,8 @@ def _tables(report: ModelReport, analyses: list[dict]) -> None:
     for a in analyses:
         table = TABLES.get(a["kind"])
         if table is not None:
-            report.tables.append(table(model, a["study"], a["result"]))
+            made: T.Table | list[T.Table] = table(model, a["study"], a["result"])
+            report.tables.extend(made if isinstance(made, list) else [made])
     if report.agreement:
         report.tables.append(T.agreement_table(model, report.agreement))
 

@@ -385,6 +385,40 @@ def k_curve(series: dict[str, dict], title: str) -> Figure:
     return fig
 
 
+def frontier_curve(series: dict[str, dict], title: str) -> Figure:
+    """Per model, the single-layer frontier: the best coherent flip rate reached at each layer of the band over
+    every rung, with Wilson 95% bars; filled: the layer is excluded (searched far enough, upper bound below the
+    threshold), hollow: not excluded; dotted: the flip threshold. `series`: model -> a frontier analysis result."""
+    colors = [C_MAIN, C_OTHER, C_COMPLY, "#a23b72", "#555555"]
+    with styled():
+        fig = new_figure(6.5, 3.4)
+        ax = fig.add_subplot()
+        threshold = None
+        for i, (model, res) in enumerate(series.items()):
+            color = colors[i % len(colors)]
+            rows = [s for s in res.get("frontier") or [] if s["frontier"] is not None]
+            xs = [s["layer"] for s in rows]
+            flips = [s["frontier"]["flip"] for s in rows]
+            ax.errorbar(xs, [rate_value(f) for f in flips], yerr=wilson_err(flips), color=color, capsize=2,
+                        marker="", linewidth=1, label=model)  # fmt: skip
+            for x, f, s in zip(xs, flips, rows):
+                ax.plot(
+                    [x], [rate_value(f)], marker="o", color=color, markerfacecolor=color if s["excluded"] else "white"
+                )
+            threshold = (res.get("rules") or {}).get("flip_threshold", threshold)
+        if threshold is not None:
+            ax.axhline(threshold, color="black", linestyle=":", linewidth=1, label=f"flip threshold {threshold:.0%}")
+        if not any(s["frontier"] for res in series.values() for s in res.get("frontier") or []):
+            empty_note(ax, "no single-layer cell was generated")
+        ax.set_ylim(0, 1.05)
+        ax.yaxis.set_major_formatter(matplotlib.ticker.PercentFormatter(1.0, decimals=0))
+        ax.set_ylabel("best coherent flip (Wilson 95% CI)")
+        ax.set_xlabel("layer (output of block i); filled: excluded, hollow: not excluded")
+        ax.set_title(title, loc="left")
+        fig.legend(loc="outside lower center", ncols=3, frameon=False)
+    return fig
+
+
 def _layers_label(cell: dict) -> str:
     if "layers" in cell and cell["layers"]:
         return "L" + ",".join(str(x) for x in cell["layers"])

@@ -55,7 +55,29 @@ def markdown(ctx: dict) -> str:
 def _model_section(r) -> list[str]:
     """One model: figures, tables, examples, provenance."""
     md, code = T.md_text, T.md_code
-    out = ["", f"## {md(r.model)}", "", "### Figures", ""]
+    out = ["", f"## {md(r.model)}", ""]
+    d = r.summary.get("decision")
+    if d:
+        out += [
+            "### How the verdict was decided",
+            "",
+            "Rules fixed before generation (part of the spec and of its hash):",
+            "",
+        ]
+        out += [f"- {md(line)}" for line in d["rules"]]
+        out += ["", f"Judges: {md(d['judges'])}. {md(d['k_star'])}.", ""]
+        for c in d["cells"]:
+            ctrl = f"; strongest matched control {md(c['control'])}" if c["control"] else ""
+            out += [
+                f"**{md(c['title'])}:** {md(c['condition'])} ({md(c['rung'])}), {md(c['flip'])}{ctrl}. Read by hand:",
+                "",
+            ]
+            out += [
+                f"- {'[flip]' if s['flip'] else '[not a flip]'} *{md(s['prompt'])}* → {md(s['response'])}"
+                for s in c["samples"]
+            ]
+            out.append("")
+    out += ["### Figures", ""]
     for fig in r.figures:
         out += [
             f"![{md(fig.title)}]({fig.png.name})",
