@@ -38,9 +38,10 @@ def test_all_studies_and_verdict(run_store):
     assert "12" in {str(k) for k in analyses["readability"]["steerability"]}
     assert analyses["transfer"]["cells"][0]["flip"]["n"] >= 1
     (verdict,) = store.verdicts(run.run_id)
-    # n = 8 < 35: the tool must not call it liquid outright, and must say what it would be and why
-    assert verdict["verdict"] == "inconclusive" and "would be liquid" in verdict["rule"]
-    assert "underpowered" in verdict["rule"] and verdict["evidence"]["deciding_cell"]["flip"]["rate"] >= 0.5
+    # n = 8 < 35: the flip denominator (prompts refused at baseline) decides the power gate, not the prompt count
+    denominator = verdict["evidence"]["flip_denominator"]
+    assert verdict["verdict"] == "inconclusive: underpowered" and 6 <= denominator <= 8
+    assert f"is {denominator} < 35" in verdict["rule"] and verdict["evidence"]["rules"]["min_n"] == 35
     scores = [r["score"] for r in store.generations(run.run_id) if r["score"] is not None]
     assert scores  # the first-token refusal score was recorded beside the substring verdicts
 
