@@ -290,3 +290,21 @@ def test_verdict_band_is_validated(band, err):
 
     with pytest.raises(SpecError, match=err):
         spec_with({"kind": "readability"}, verdict={"band": band})
+
+
+def test_single_layer_cells_screened_out_leave_the_verdict_open():
+    """Screening (or a killed run) that left every single-layer cell ungenerated: no conclusion, and the dropped
+    cells still count in the Holm family."""
+    sweep = {"kind": "layer_sweep", "layers": [2, 3, 4, 5, 6], "alphas": [-0.5, -1.0, -2.0], "controls": True}
+    multi = {"kind": "multilayer", "layer_sets": [[3, 4]], "alphas": [-0.5]}
+    spec = spec_with(sweep, multi)
+    plans, cells = build(spec, lambda c: 2 if c.ref.is_control else 36)
+    single_keys = {c.key for plan in plans for _t, c in plan.conditions if len(c.layers) == 1}
+    screened = Cells([r for r in cells_rows(cells) if r["condition_key"] not in single_keys])
+    v = verdict(spec, plans, screened, N_LAYERS, NORMS)
+    assert v["verdict"] == "inconclusive: single layer not excluded" and "K* <= 2" in v["rule"]
+    assert v["evidence"]["planned_cells"] == {"single": 15, "multi": 1} and v["evidence"]["single_layer_cells"] == 0
+
+
+def cells_rows(cells: Cells) -> list[dict]:
+    return [r for by_prompt in cells.by_cond.values() for r in by_prompt.values()]
