@@ -167,3 +167,23 @@ def test_a_name_that_cannot_be_scrubbed_stops_the_copy(named_run, tmp_path):
         blind_verdicts(store, run_id, spec, tmp_path)
     assert "\n" not in str(err.value)
     assert not (tmp_path / "blind-0.sqlite").exists()  # no leaky copy left behind
+
+
+def test_blind_cli_compares_stored_and_blind_verdicts(named_run, tmp_path):
+    from typer.testing import CliRunner
+
+    from crystallized_safety.cli import app
+
+    spec, path, run_id = private_copy(named_run, tmp_path)
+    work = tmp_path / "work"
+    work.mkdir()
+    got = CliRunner().invoke(app, ["blind", "--store", str(path), "--workdir", str(work), "--seeds", "2"])
+    assert got.exit_code == 0, got.output  # exit 0: every blind verdict and K* equals the stored one
+    (stored,) = Store(path).verdicts(run_id)
+    assert stored["verdict"].split()[0] in got.output and "blind re-derivation" in got.output
+    assert (work / "blind-0.sqlite").exists() and (work / "blind-1.sqlite").exists()
+    tamper(path, run_id)  # a relabelled row: still re-judged from its response
+    again = CliRunner().invoke(app, ["blind", "--store", str(path), "--workdir", str(tmp_path)])
+    assert again.exit_code == 0 and "refusal 1" in again.output
+    missing = CliRunner().invoke(app, ["blind", "--store", str(path), "--workdir", str(tmp_path / "none")])
+    assert missing.exit_code == 2 and "is not a directory" in missing.output
