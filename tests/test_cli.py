@@ -125,7 +125,10 @@ def test_bad_inputs_one_line_exit_2(files, tmp_path):
         ["extract", "--model", chat, "--harmful", str(files / "empty.txt"), "--harmless", n, "--out", str(good)],
         "no prompts found",
     )
-    _err(["extract", "--model", chat, "--harmful", h, "--harmless", h, "--out", str(good)], "identical")
+    _err(
+        ["extract", "--model", chat, "--harmful", h, "--harmless", h, "--out", str(tmp_path / "new.safetensors")],
+        "identical",
+    )
     _err(["generate", "--model", str(files / "tiny-plain"), "--prompt", "hi"], "no chat template; pass --raw")
     _ok(["generate", "--model", str(files / "tiny-plain"), "--prompt", "hi", "--raw", "--max-new-tokens", "2"])
     _err(["generate", "--model", chat, "--prompt", "hi", "--layer", "1", "--alpha", "2"], "need --directions")

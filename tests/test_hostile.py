@@ -161,9 +161,9 @@ def test_json_output_never_holds_nan():
 
 def test_prompt_and_token_budget_are_bounded_by_the_context(files, tmp_path):
     huge = tmp_path / "huge.txt"
-    huge.write_text("word " * 200_000 + "\n")  # 1 MB on one line; the tiny model's context is 256
+    huge.write_text("word " * 20_000 + "\n")  # 100 kB on one line: under the cap on any prompt (issue 23); context 256
     cli_err(["generate", "--model", str(files / "tiny"), "--prompts", str(huge)], "far beyond the model's context")
-    cli_err(_generate(files, "-p", "hi", "--max-new-tokens", "1000000000"), "does not fit the model's context of 256")
+    cli_err(_generate(files, "-p", "hi", "--max-new-tokens", "1000"), "does not fit the model's context of 256")
     cli_err(_generate(files, "-p", "x " * 300), "exceeds the model's context of 256 tokens")
 
 

@@ -225,6 +225,7 @@ class Store:
             raise StoreError(f"cannot create store '{self.path}': {exc.strerror}") from None
         try:
             db = sqlite3.connect(str(self.path), timeout=60, isolation_level=None)
+            self._refuse_foreign(db)  # before WAL mode or a table is added to another tool's database
             db.execute("PRAGMA journal_mode=WAL")
             db.execute("PRAGMA synchronous=NORMAL")
             db.execute("PRAGMA journal_size_limit=0")  # a reset WAL is truncated: no stale frames left behind
@@ -239,6 +240,18 @@ class Store:
                 ) from None
             raise
         return db
+
+    def _refuse_foreign(self, db: sqlite3.Connection) -> None:
+        """A database holding tables but no `meta` is another tool's: adopting it would add tables to it and switch
+        it to WAL. Only an empty database (or a new file) becomes a store, as status/report/check/export read it."""
+        tables = [row[0] for row in db.execute("SELECT name FROM sqlite_master WHERE type='table'")]
+        if tables and "meta" not in tables:
+            db.close()
+            shown = ", ".join(sorted(tables)[:3]) + (", ..." if len(tables) > 3 else "")
+            raise StoreError(
+                f"'{self.path}' is not a crystallized-safety store (another database: tables {shown}); pass a new "
+                "--store"
+            )
 
     def _open_readonly(self) -> sqlite3.Connection:
         uri = self.path.resolve().as_uri()

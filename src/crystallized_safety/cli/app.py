@@ -15,6 +15,7 @@ import typer
 from rich.console import Console
 from rich.text import Text
 
+from .. import validation
 from ..errors import CrystallizedSafetyError
 
 
@@ -198,14 +199,13 @@ class Steering:
             raise CrystallizedSafetyError(
                 "--mode rotate takes --alpha as an angle in degrees: use --alpha-unit absolute"
             )
+        validation.integer(self.subspace, "--subspace", 0)
         if self.subspace and self.mode not in ("ablate", "affine", "ablate_add"):
             raise CrystallizedSafetyError(f"--subspace {self.subspace} works with --mode ablate or affine")
         if self.directions is not None:  # a bad file or alpha fails here, before the model loads
-            from ..core.steering import ALPHA_LIMITS, check_numbers
-
-            if self.alpha_unit not in ALPHA_LIMITS:
+            if self.alpha_unit not in validation.ALPHA_LIMITS:
                 raise CrystallizedSafetyError(f"unknown --alpha-unit '{self.alpha_unit}': use absolute or relative")
-            check_numbers(self.alpha, "--alpha", ALPHA_LIMITS[self.alpha_unit])
+            validation.alpha(self.alpha, self.alpha_unit, "--alpha")  # the same check as a spec's alphas
             from ..core.directions import DirectionBank
 
             bank = DirectionBank.load(self.directions)

@@ -46,6 +46,7 @@ def run_cmd(
     from ..run.runner import check_models, run_experiment  # heavy (torch): after the spec is checked
 
     check_models(spec, {})  # every model name resolvable before the store is touched
+    preflight(spec)
     if dry_run:
         print_estimate(spec)
         return
@@ -59,6 +60,18 @@ def run_cmd(
         f"{result.chunks_skipped} already in {store_path}, {result.seconds:.0f} s"
     )
     print_verdicts(result.verdicts)
+
+
+def preflight(spec) -> None:
+    """What a run checks only when a model loads, checked now (also for --dry-run) by the same functions: the
+    device, dtype and device map exist on this machine, and a `directions: {source: file}` file reads."""
+    from ..core.directions import DirectionBank
+    from ..core.loading import check_device_map, resolve_device_dtype
+
+    resolve_device_dtype(spec.device, spec.dtype)
+    check_device_map(spec.device_map)
+    if spec.directions.source == "file":
+        DirectionBank.load(spec.directions.path)
 
 
 def print_estimate(spec) -> None:

@@ -10,7 +10,7 @@ from rich import box
 from rich.table import Table
 from rich.text import Text
 
-from .. import jsonio
+from .. import jsonio, validation
 from ..errors import CrystallizedSafetyError
 from .app import (
     AblateToOpt,
@@ -78,7 +78,9 @@ def extract_cmd(
         "dataset, or bundled:harmful[:train|extract|eval].",
     ),
     harmless: str = typer.Option(..., help="Harmless prompts, same formats (bundled:harmless[:split])."),
-    out_path: Path = typer.Option(..., "--out", help="Output .safetensors file."),
+    out_path: Path = typer.Option(
+        ..., "--out", help="Output .safetensors file (a new path: outputs are never overwritten)."
+    ),
     layers: str = typer.Option("all", help="'all' or comma-separated layer indices (0-based block outputs)."),
     position: str = typer.Option("last", help="last | mean | a negative offset into the post-instruction tokens."),
     method: str = typer.Option("mean_diff", help="mean_diff | pca | probe."),
@@ -97,8 +99,11 @@ def extract_cmd(
     """Extract one refusal direction per layer (harmful - harmless, unit norm) in one batched pass."""
     harmful_set = load_prompt_set(harmful, column, where, dedupe)
     harmless_set = load_prompt_set(harmless, column, where, dedupe)
+    validation.positive_int(batch_size, "--batch-size")
+    validation.integer(subspace, "--subspace", 0)
     if out_path.suffix != ".safetensors":
         raise CrystallizedSafetyError(f"--out must end in .safetensors, e.g. {out_path.with_suffix('.safetensors')}")
+    validation.new_output(out_path)  # before the model loads: a bad path fails now, not after the extraction
     from ..core.directions import extract_directions  # heavy (torch): after the inputs are checked
 
     m = load_model_quietly(model, device, dtype, layers_path, device_map)
@@ -115,7 +120,8 @@ def extract_cmd(
             raw=raw,
             subspace=subspace,
         )
-    bank.save(out_path)
+    with validation.writing(out_path):
+        bank.save(out_path)
     table = Table(title=f"{out_path} ({method}, position {position}; layer i = output of block i)")
     table.add_column("layer", justify="right")
     table.add_column("|mean diff|", justify="right")
@@ -165,6 +171,10 @@ def generate_cmd(
         texts += list(load_prompt_set(prompts, column, where, dedupe))
     if not texts:
         raise CrystallizedSafetyError("no prompt given: pass --prompt TEXT or --prompts FILE")
+    validation.prompt_lengths(texts)  # what can be checked is checked before the model loads
+    validation.max_new_tokens(max_new_tokens, "--max-new-tokens")
+    validation.positive_int(batch_size, "--batch-size")
+    validation.sampling(temperature, top_p, seed)
     steering = Steering(directions, layer or [], alpha, mode, positions, alpha_unit, ablate_to, subspace)
     steering.check()
     from ..core.generation import generate  # heavy (torch): after the inputs are checked
@@ -231,6 +241,9 @@ def serve_cmd(
 
     steering = Steering(directions, layer or [], alpha, mode, positions, alpha_unit, ablate_to)
     steering.check()
+    validation.positive_int(max_batch, "--max-batch")
+    validation.finite(batch_window_ms, "--batch-window-ms", 0.0, 10_000.0)
+    validation.max_new_tokens(max_tokens_limit, "--max-tokens-limit")
     check_port(host, port)
     m = load_model_quietly(model, device, dtype, layers_path, device_map)
     intervention = steering.intervention(m)
@@ -259,20 +272,22 @@ def export_model_cmd(
     model: str = ModelOpt,
     directions: Path = typer.Option(..., help="Direction file (from `csafety extract`)."),
     layer: int = typer.Option(..., "--layer", "-l", help="Layer whose direction is folded out of every weight."),
-    out_dir: Path = typer.Option(..., "--out", help="New directory for the edited Hugging Face model."),
+    out_dir: Path = typer.Option(
+        ..., "--out", help="New directory for the edited Hugging Face model (never overwritten)."
+    ),
     dtype: str = DtypeOpt,
     layers_path: str | None = LayersPathOpt,
 ) -> None:
     """Fold the ablation of a refusal direction into the weights (orthogonalisation) and save the model."""
     from ..core.directions import DirectionBank
 
-    if out_dir.exists():
-        raise CrystallizedSafetyError(f"'{out_dir}' exists: pass a new directory for the edited model")
+    validation.new_output(out_dir, directory=True)  # exists, unwritable: refused before the model loads
     DirectionBank.load(directions).direction(layer)  # a bad file or layer fails before the model loads
     from ..core.orthogonalization import export_model
 
     m = load_model_quietly(model, "cpu", dtype, layers_path)
-    path = export_model(m, directions, layer, out_dir)
+    with validation.writing(out_dir):
+        path = export_model(m, directions, layer, out_dir)
     err.print(f"wrote {path} (direction of layer {layer} folded out; see csafety-edit.json)", soft_wrap=True)
 
 
@@ -317,8 +332,8 @@ def select_cmd(
     criterion: str = typer.Option(
         "arditi", help="arditi (refusal log-odds: bypass, induce, KL) | cosmic (activation cosines, no output tokens)."
     ),
-    out: Path = typer.Option(..., "--out", help="Direction file of the chosen position (.safetensors)."),
-    table: Path | None = typer.Option(None, help="Write every candidate's scores here (JSON)."),
+    out: Path = typer.Option(..., "--out", help="Direction file of the chosen position (.safetensors; a new path)."),
+    table: Path | None = typer.Option(None, help="Write every candidate's scores here (JSON; a new path)."),
     device: str = DeviceOpt,
     dtype: str = DtypeOpt,
     layers_path: str | None = LayersPathOpt,
@@ -327,20 +342,14 @@ def select_cmd(
     scored out of sample: never on the eval prompts the steering evaluation will read."""
     import sys
 
-    from ..experiments.selection import CRITERIA, select_direction
+    from ..experiments.selection import select_direction
     from ..progress import Reporter
     from ..stats import MIN_N
 
-    if criterion not in CRITERIA:  # before the model loads
-        raise CrystallizedSafetyError(f"unknown --criterion '{criterion}': use {' or '.join(CRITERIA)}")
-    try:
-        pos = [int(x) for x in positions.split(",")]
-    except ValueError:
-        raise CrystallizedSafetyError(f"--positions '{positions}': give negative integers like -1,-2") from None
-    if any(p >= 0 for p in pos) or not pos:
-        raise CrystallizedSafetyError(f"--positions '{positions}': post-instruction positions are negative (-1 = last)")
+    pos = select_checks(criterion, positions, kl_max, induce_min)
     sets = [load_prompt_set(s, None, None, False) for s in (harmful, harmless, eval_harmful, eval_harmless)]
     scoring = cli_scoring(sets[2], sets[3], eval_n or MIN_N, n, score_harmful, score_harmless)  # before the model
+    select_outputs(out, table)  # scoring takes minutes: a bad path fails now
     m = load_model_quietly(model, device, dtype, layers_path)
     layer_list = m.parse_layers(layers)
     with Reporter("direction selection", stream=sys.stderr) as reporter:
@@ -350,16 +359,44 @@ def select_cmd(
     if table is not None:
         rows = [{**c.__dict__, "chosen": c == sel.chosen} for c in sel.candidates]
         data = {"scored_on": scoring.scored_on, "settings": sel.settings, "candidates": rows}
-        table.write_text(jsonio.dumps(data, indent=1) + "\n")
+        with validation.writing(table, "--table"):
+            table.write_text(jsonio.dumps(data, indent=1) + "\n")
     if sel.chosen is None or sel.bank is None:
         from ..experiments.selection import no_choice_message
 
         raise CrystallizedSafetyError(no_choice_message(sel) + (f" (scores in {table})" if table else ""))
-    sel.bank.save(out)
+    with validation.writing(out):
+        sel.bank.save(out)
     c = sel.chosen
     err.print(f"chosen: position {c.position}, layer {c.layer} (bypass {c.bypass:.2f}, induce {c.induce:.2f}, "
               f"KL {c.kl:.3f}; {sum(x.kept for x in sel.candidates)} of {len(sel.candidates)} kept; scored on "
               f"{scoring.scored_on}); wrote {out}", soft_wrap=True)  # fmt: skip
+
+
+def select_checks(criterion: str, positions: str, kl_max: float, induce_min: float) -> list[int]:
+    """`csafety select`'s options checked before any prompt or model loads; the parsed --positions."""
+    from ..experiments.selection import CRITERIA
+
+    if criterion not in CRITERIA:  # before the model loads
+        raise CrystallizedSafetyError(f"unknown --criterion '{criterion}': use {' or '.join(CRITERIA)}")
+    validation.finite(kl_max, "--kl-max", 0.0, low_open=True)
+    validation.finite(induce_min, "--induce-min")
+    try:
+        pos = [int(x) for x in positions.split(",")]
+    except ValueError:
+        raise CrystallizedSafetyError(f"--positions '{positions}': give negative integers like -1,-2") from None
+    if any(p >= 0 for p in pos) or not pos:
+        raise CrystallizedSafetyError(f"--positions '{positions}': post-instruction positions are negative (-1 = last)")
+    return pos
+
+
+def select_outputs(out: Path, table: Path | None) -> None:
+    """--out and --table new and writable (one rule for every artifact: never overwritten), before the scoring."""
+    if out.suffix != ".safetensors":
+        raise CrystallizedSafetyError(f"--out must end in .safetensors, e.g. {out.with_suffix('.safetensors')}")
+    validation.new_output(out)
+    if table is not None:
+        validation.new_output(table, "--table")
 
 
 def cli_scoring(eval_harmful, eval_harmless, eval_n: int, n: int, score_harmful: str | None,

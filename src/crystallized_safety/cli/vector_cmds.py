@@ -7,6 +7,7 @@ from pathlib import Path
 
 import typer
 
+from .. import validation
 from ..errors import CrystallizedSafetyError
 from .app import app, cli_errors, err
 
@@ -23,17 +24,19 @@ def export_cmd(
     alpha: float = typer.Option(..., help="Steering strength folded into the vectors (-alpha removes refusal)."),
     alpha_unit: str = typer.Option("absolute", help="absolute | relative (x the layer's mean residual norm)."),
     model_hint: str = typer.Option("llama", help="The model's architecture, as llama.cpp names it."),
-    out: Path = typer.Option(..., "--out", help="The .gguf file to write."),
+    out: Path = typer.Option(..., "--out", help="The .gguf file to write (a new path: outputs are never overwritten)."),
 ) -> None:
     """Write `alpha x direction` per layer as a llama.cpp control vector (`llama-cli --control-vector FILE`)."""
+    validation.alpha(alpha, alpha_unit, "--alpha")  # the same check as generate's and a spec's alphas
+    if out.suffix != ".gguf":
+        raise CrystallizedSafetyError(f"control vectors are GGUF files: name the output '{out.with_suffix('.gguf')}'")
+    validation.new_output(out)
     from ..core.control_vectors import export_gguf
     from ..core.directions import DirectionBank
-    from ..core.steering import ALPHA_LIMITS, check_numbers
 
-    if out.exists():
-        raise CrystallizedSafetyError(f"'{out}' exists: pass a new file name")
-    check_numbers(alpha, "--alpha", ALPHA_LIMITS.get(alpha_unit, 1e6))
-    path = export_gguf(DirectionBank.load(directions), out, layer, alpha, alpha_unit, model_hint)
+    bank = DirectionBank.load(directions)
+    with validation.writing(out):
+        path = export_gguf(bank, out, layer, alpha, alpha_unit, model_hint)
     err.print(f"wrote {path} ({len(set(layer))} layers)", soft_wrap=True)
 
 
@@ -41,14 +44,16 @@ def export_cmd(
 @cli_errors
 def import_cmd(
     source: Path = typer.Option(..., "--in", help="A llama.cpp / repeng control vector (.gguf)."),
-    out: Path = typer.Option(..., "--out", help="The direction file to write (.safetensors)."),
+    out: Path = typer.Option(..., "--out", help="The direction file to write (.safetensors; a new path)."),
 ) -> None:
     """Read a control vector into a direction file (unit directions; their norms kept in the metadata)."""
+    if out.suffix != ".safetensors":
+        raise CrystallizedSafetyError(f"--out must end in .safetensors, e.g. {out.with_suffix('.safetensors')}")
+    validation.new_output(out)
     from ..core.control_vectors import import_gguf
 
-    if out.exists():
-        raise CrystallizedSafetyError(f"'{out}' exists: pass a new file name")
     bank = import_gguf(source)
-    bank.save(out)
+    with validation.writing(out):
+        bank.save(out)
     err.print(f"wrote {out}: layers {', '.join(map(str, bank.layers))} (no residual norms: use absolute alphas)",
               soft_wrap=True)  # fmt: skip

@@ -73,6 +73,8 @@ def resolve_device_dtype(device: str = "auto", dtype: str = "auto") -> tuple[tor
         raise ModelError(f"unknown device '{device}': use auto, cpu, cuda or cuda:N") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ModelError("device 'cuda' requested but no GPU is visible; use --device cpu")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise ModelError(f"device '{device}' requested but this machine has {torch.cuda.device_count()} GPU(s)")
     if dtype == "auto":
         return dev, (torch.bfloat16 if dev.type == "cuda" else torch.float32)
     if dtype == MIXED:

@@ -15,6 +15,7 @@ from typing import Literal
 
 import torch
 
+from .. import validation
 from ..errors import InterventionError
 from .model import Model
 
@@ -24,9 +25,10 @@ AlphaUnit = Literal["absolute", "relative"]
 HookFn = Callable[[torch.Tensor], torch.Tensor | None]
 
 MODES = ("add", "ablate", "ablate_add", "rotate")
-# The largest |alpha| accepted per unit: beyond these, activations overflow (fp16/bf16 at once, fp32 soon
-# after) and generation returns NaN logits, i.e. empty "responses" a substring judge would count as flips.
-ALPHA_LIMITS = {"absolute": 1e6, "relative": 1e3}
+# The largest |alpha| accepted per unit (validation.ALPHA_LIMITS, shared with the CLI and the spec): beyond
+# these, activations overflow (fp16/bf16 at once, fp32 soon after) and generation returns NaN logits, i.e. empty
+# "responses" a substring judge would count as flips.
+ALPHA_LIMITS = validation.ALPHA_LIMITS
 POSITIONS = ("all", "prompt", "generated")
 
 

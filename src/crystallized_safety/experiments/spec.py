@@ -19,11 +19,13 @@ from pydantic import (
     NonNegativeInt,
     SerializerFunctionWrapHandler,
     ValidationError,
+    ValidationInfo,
     field_validator,
     model_serializer,
     model_validator,
 )
 
+from .. import validation
 from ..errors import CrystallizedSafetyError
 from ..prompts import PromptSet, check_disjoint, load_prompts
 from ..stats import MIN_N  # per cell, for ~80% power on the effect sizes the seed reported
@@ -71,13 +73,19 @@ class DirectionSpec(_Strict):
 
 
 class GenerationSpec(_Strict):
-    max_new_tokens: int = Field(32, ge=1, le=4096)
-    batch_size: int = Field(32, ge=1, description="prompts per chunk (the unit of commit and resume)")
+    max_new_tokens: int = Field(32, description=f"1..{validation.MAX_NEW_TOKENS}, as generate's --max-new-tokens")
+    batch_size: int = Field(32, description="prompts per chunk (the unit of commit and resume)")
     pack_rows: int | Literal["auto"] = Field(
         0,
         description="rows per generate: several cells share a batch; 0 = one cell; auto = measured once per "
         "(run, model): the largest batch that fits and is fastest",
     )
+
+    @field_validator("max_new_tokens", "batch_size")
+    @classmethod
+    def _counts(cls, v: int, info: ValidationInfo) -> int:  # the CLI's checks: both refuse the same values
+        check = validation.max_new_tokens if info.field_name == "max_new_tokens" else validation.positive_int
+        return validation.for_pydantic(check, v, info.field_name)
 
     @field_validator("pack_rows", mode="before")
     @classmethod
@@ -176,6 +184,14 @@ class _Study(_Strict):
     @property
     def label(self) -> str:
         return self.name or self.kind  # type: ignore[attr-defined]
+
+    @field_validator("alphas", "alpha", check_fields=False)
+    @classmethod
+    def _alpha_range(cls, v: float | list[float], info: ValidationInfo) -> float | list[float]:
+        """The CLI's --alpha check, under the study's unit: `1e308` fails here, not after a minute of work."""
+        unit = info.data.get("alpha_unit", "relative")
+        validation.for_pydantic(validation.alphas, v if isinstance(v, list) else [v], unit, str(info.field_name))
+        return v
 
 
 class LayerSweep(_Study):
@@ -426,6 +442,11 @@ class ExperimentSpec(_Strict):
         None, description="shard the models: auto | balanced | sequential | {module: cpu | disk | cuda:N}"
     )
     studies: list[Study] = Field(min_length=1)
+
+    @field_validator("seed")
+    @classmethod
+    def _seed(cls, v: int) -> int:  # control seeds derive from it: a huge one overflows late, after the work
+        return validation.for_pydantic(validation.seed, v, "seed")
 
     @field_validator("studies")
     @classmethod

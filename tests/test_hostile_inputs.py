@@ -1,0 +1,197 @@
+"""Hostile input, second round (issue 23): numbers and output paths are validated before any model loads, by one
+layer (`crystallized_safety.validation`) that the CLI's options and the spec's fields share; `run` never adopts
+another tool's SQLite database. Each case is the issue's own input; `--model no-such-model` proves a check runs
+before the model loads (otherwise the error would be the unknown model)."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from conftest import cli_err, cli_ok, tiny_spec
+from crystallized_safety import validation
+from crystallized_safety.core.directions import DirectionBank
+from crystallized_safety.errors import CrystallizedSafetyError
+from crystallized_safety.experiments.spec import parse_spec
+from crystallized_safety.store import Store, StoreError
+
+CORPUS = Path(__file__).parent / "data" / "hostile"
+NO_MODEL = ["--model", "no-such-model"]
+
+
+@pytest.fixture(scope="module")
+def bank_file(tmp_path_factory) -> Path:
+    """A direction file of a 4-layer, 32-wide model, with means and norms (no model needed to build it)."""
+    path = tmp_path_factory.mktemp("bank") / "d.safetensors"
+    torch.manual_seed(0)
+    DirectionBank(
+        directions=torch.nn.functional.normalize(torch.randn(4, 32), dim=-1),
+        layers=[0, 1, 2, 3],
+        mean_harmful=torch.randn(4, 32),
+        mean_harmless=torch.randn(4, 32),
+        raw_norms=torch.ones(4),
+        resid_norms=torch.full((4,), 10.0),
+    ).save(path)
+    return path
+
+
+# --------------------------------------------------------------------------- 2. sampling options
+
+
+@pytest.mark.parametrize(
+    "args, option",
+    [
+        (["--sample", "--seed", "100000000000000000000000000000"], "--seed"),
+        (["--sample", "--seed", "-1"], "--seed"),
+        (["--sample", "--temperature", "nan"], "--temperature"),
+        (["--sample", "--temperature", "-1"], "--temperature"),
+        (["--sample", "--temperature", "0"], "--temperature"),
+        (["--sample", "--temperature", "inf"], "--temperature"),
+        (["--sample", "--top-p", "nan"], "--top-p"),
+        (["--sample", "--top-p", "2"], "--top-p"),
+        (["--sample", "--top-p", "0"], "--top-p"),
+        (["--batch-size", "0"], "--batch-size"),
+        (["--batch-size", "-3"], "--batch-size"),
+    ],
+)
+def test_sampling_options_are_refused_before_the_model_loads(args, option):
+    cli_err(["generate", *NO_MODEL, "-p", "hi", *args], option, max_lines=1)
+
+
+def test_negative_subspace_is_refused(bank_file):
+    steer = ["--directions", str(bank_file), "-l", "1", "--mode", "ablate"]
+    cli_err(["generate", *NO_MODEL, "-p", "hi", *steer, "--subspace", "-1"], "--subspace", max_lines=1)
+    cli_err(["extract", *NO_MODEL, "--harmful", "bundled:harmful:extract", "--harmless", "bundled:harmless:extract",
+             "--out", "x.safetensors", "--subspace", "-1"], "--subspace", max_lines=1)  # fmt: skip
+
+
+# --------------------------------------------------------------------------- 11, 12. select, budgets, prompt size
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "0", "-1"])
+def test_select_kl_max_is_refused_at_parse_time(value, tmp_path):
+    cli_err(["select", *NO_MODEL, "--kl-max", value, "--out", str(tmp_path / "o.safetensors")], "--kl-max")
+
+
+def test_token_budget_and_prompt_size_before_the_model_loads(tmp_path):
+    cli_err(["generate", *NO_MODEL, "-p", "hi", "--max-new-tokens", "10000000"], "--max-new-tokens", max_lines=1)
+    cli_err(["generate", *NO_MODEL, "-p", "hi", "--max-new-tokens", "0"], "--max-new-tokens", max_lines=1)
+    huge = tmp_path / "huge.txt"
+    huge.write_text("word " * 200_000 + "\n")  # 1 MB on one line
+    cli_err(["generate", *NO_MODEL, "--prompts", str(huge)], "999,999 characters, beyond the 500,000", max_lines=1)
+    cli_err(["generate", *NO_MODEL, "-p", "x" * 1_000_000], "characters", max_lines=1)
+
+
+# --------------------------------------------------------------------------- 3. output paths, before the work
+
+
+def _extract(out: str) -> list[str]:
+    return ["extract", *NO_MODEL, "--harmful", "bundled:harmful:extract", "--harmless", "bundled:harmless:extract",
+            "--out", out]  # fmt: skip
+
+
+def test_extract_output_is_checked_before_the_model_loads(tmp_path):
+    blocker = tmp_path / "harmful.txt"
+    blocker.write_text("x\n")
+    cli_err(_extract(str(blocker / "x.safetensors")), "is a file, not a directory", max_lines=1)
+    cli_err(_extract("/proc/x.safetensors"), "cannot write --out '/proc/x.safetensors'", max_lines=1)
+    (tmp_path / "d.safetensors").mkdir()
+    cli_err(_extract(str(tmp_path / "d.safetensors")), "exists (a directory)", max_lines=1)
+    (tmp_path / "f.safetensors").write_bytes(b"old")
+    cli_err(_extract(str(tmp_path / "f.safetensors")), "never overwritten", max_lines=1)
+    assert (tmp_path / "f.safetensors").read_bytes() == b"old" and blocker.read_text() == "x\n"
+
+
+def test_vectors_and_export_model_outputs_are_checked_first(bank_file, tmp_path):
+    cli_err(["vectors", "export", "--directions", str(bank_file), "-l", "1", "--alpha", "2", "--out", "/proc/x.gguf"],
+            "cannot write --out '/proc/x.gguf'", max_lines=1)  # fmt: skip
+    gguf = tmp_path / "v.gguf"
+    cli_ok(["vectors", "export", "--directions", str(bank_file), "-l", "1", "--alpha", "2", "--out", str(gguf)])
+    cli_err(["vectors", "import", "--in", str(gguf), "--out", "/proc/x.safetensors"], "cannot write", max_lines=1)
+    cli_err(["vectors", "import", "--in", str(gguf), "--out", str(bank_file)], "never overwritten", max_lines=1)
+    cli_err(["export-model", *NO_MODEL, "--directions", str(bank_file), "-l", "1", "--out", "/proc/m"],
+            "cannot write --out '/proc/m'", max_lines=1)  # fmt: skip
+    cli_err(["export-model", *NO_MODEL, "--directions", str(bank_file), "-l", "1", "--out", str(tmp_path)],
+            "never overwritten", max_lines=1)  # fmt: skip
+
+
+def test_select_outputs_are_checked_before_scoring(tmp_path):
+    out = str(tmp_path / "o.safetensors")
+    cli_err(["select", *NO_MODEL, "--out", out, "--table", "/proc/t.json"], "cannot write --table", max_lines=1)
+    (tmp_path / "t.json").write_text("{}")
+    cli_err(["select", *NO_MODEL, "--out", out, "--table", str(tmp_path / "t.json")], "never overwritten")
+    (tmp_path / "o.safetensors").write_bytes(b"old")
+    cli_err(["select", *NO_MODEL, "--out", out], "never overwritten", max_lines=1)  # one rule: select refuses too
+    cli_err(["select", *NO_MODEL, "--out", str(tmp_path / "o.txt")], "must end in .safetensors", max_lines=1)
+
+
+def test_late_write_failures_are_one_line(tmp_path):
+    with pytest.raises(validation.InvalidValue, match="cannot write --out .*: No space left on device"):
+        with validation.writing(tmp_path / "x.safetensors"):
+            raise OSError(28, "No space left on device")
+
+
+# --------------------------------------------------------------------------- 6. a foreign database as the store
+
+
+def test_run_refuses_a_foreign_database(tiny_model_dirs, tmp_path):
+    store = tmp_path / "f.sqlite"
+    shutil.copy(CORPUS / "stores" / "foreign.sqlite", store)
+    before = store.read_bytes()
+    spec = tmp_path / "tiny.yaml"
+    spec.write_text(yaml.safe_dump(tiny_spec(tiny_model_dirs[1], n=35, studies=[{"kind": "readability"}])))
+    cli_err(["run", str(spec), "--store", str(store)], "not a crystallized-safety store", max_lines=1)
+    assert store.read_bytes() == before and not Path(f"{store}-wal").exists()  # no table added, not made WAL
+    with pytest.raises(StoreError, match="tables users"):
+        Store(store)
+    empty = tmp_path / "empty.sqlite"
+    shutil.copy(CORPUS / "stores" / "empty.sqlite", empty)
+    Store(empty).close()  # an empty database becomes a store
+
+
+# --------------------------------------------------------------------------- 7. the spec: the CLI's checks, early
+
+
+def _dry_run(tmp_path, tiny_model_dirs, **extra) -> list[str]:
+    spec = tmp_path / "spec.yaml"
+    studies = extra.pop("studies", [{"kind": "layer_sweep", "layers": [1], "alphas": [-1.0], "controls": True}])
+    spec.write_text(yaml.safe_dump(tiny_spec(tiny_model_dirs[1], n=35, studies=studies, **extra)))
+    return ["run", str(spec), "--store", str(tmp_path / "s.sqlite"), "--dry-run"]
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        ({"seed": 10000000000000000}, "seed: seed must be an integer in [0, 4294967295]"),
+        ({"studies": [{"kind": "layer_sweep", "layers": [1], "alphas": [1e308]}]}, "alphas 1e+308 is out of range"),
+        ({"studies": [{"kind": "sign", "layer": 1, "alpha": 1e308}]}, "alpha 1e+308 is out of range"),
+        ({"generation": {"max_new_tokens": 10000000}}, "max_new_tokens must be an integer in [1, 4096]"),
+        ({"generation": {"batch_size": 0}}, "batch_size must be an integer >= 1"),
+        ({"device_map": "cuda:7"}, "unknown device map 'cuda:7'"),
+        ({"device_map": {"": "cuda:7"}}, "on 'cuda:7' but this machine has"),
+        ({"device": "cuda:7"}, "cuda"),
+    ],
+)
+def test_dry_run_refuses_what_the_run_would_fail_on(tmp_path, tiny_model_dirs, extra, message):
+    cli_err(_dry_run(tmp_path, tiny_model_dirs, **extra), message, max_lines=1)
+    assert not (tmp_path / "s.sqlite").exists()
+
+
+def test_dry_run_refuses_a_random_bytes_direction_file(tmp_path, tiny_model_dirs):
+    (tmp_path / "d.safetensors").write_bytes(bytes(range(256)) * 8)
+    directions = {"source": "file", "path": str(tmp_path / "d.safetensors")}
+    cli_err(_dry_run(tmp_path, tiny_model_dirs, directions=directions), "d.safetensors", max_lines=1)
+
+
+def test_spec_and_cli_give_the_same_alpha_message():
+    """One function: the spec's message for an alpha is the CLI's, with the key in place of the option."""
+    data = {"name": "x", "models": ["m"], "studies": [{"kind": "sign", "layer": 1, "alpha": 1e30}]}
+    with pytest.raises(CrystallizedSafetyError) as spec_error:
+        parse_spec(data)
+    with pytest.raises(validation.InvalidValue) as cli_error:
+        validation.alpha(1e30, "relative", "alpha")
+    assert str(spec_error.value).endswith(str(cli_error.value))
