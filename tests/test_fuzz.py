@@ -22,6 +22,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from conftest import cli_err, make_tiny
+from crystallized_safety import validation
 from crystallized_safety.core.directions import DirectionBank
 from crystallized_safety.errors import CrystallizedSafetyError
 from crystallized_safety.experiments.spec import STUDY_KINDS, parse_spec
@@ -338,3 +339,95 @@ def test_yaml_bombs_are_refused_quickly(tmp_path):
     cli_err(["run", str(tmp_path / "bomb.yaml"), "--store", str(tmp_path / "s.sqlite")], "")
     assert time.monotonic() - t0 < 30
     assert yaml  # the corpus holds a smaller bomb too
+
+
+# --------------------------------------------------------------------------- one validation layer (issue 23)
+
+ISSUE_23_SPECS = {
+    "seed-overflow.yaml": "seed: seed must be an integer in [0, 4294967295]",
+    "huge-alpha.yaml": "alphas 1e+308 is out of range for relative alphas",
+    "huge-max-new-tokens.yaml": "max_new_tokens must be an integer in [1, 4096]",
+    "device-map-cuda7.yaml": "on 'cuda:7' but this machine has",
+    "random-direction-file.yaml": "is not a valid safetensors direction file",
+}
+
+
+@pytest.mark.parametrize("name, message", ISSUE_23_SPECS.items())
+def test_corpus_specs_fail_in_the_dry_run(tiny_dir, tmp_path, name, message):
+    """What a run would die on late is refused by `--dry-run` too, by the same checks (on the tiny model)."""
+    data = yaml.safe_load((CORPUS / "specs" / name).read_text())
+    data["models"] = [str(tiny_dir / "tiny")]
+    if "directions" in data:
+        data["directions"]["path"] = str(Path(__file__).parent.parent / data["directions"]["path"])
+    (tmp_path / name).write_text(yaml.safe_dump(data))
+    cli_err(["run", str(tmp_path / name), "--store", str(tmp_path / "s.sqlite"), "--dry-run"], message)
+    assert not (tmp_path / "s.sqlite").exists()
+
+
+@pytest.mark.parametrize("path", corpus("directions"), ids=lambda p: p.name)
+def test_corpus_direction_files_fail_before_the_model_loads(path):
+    cli_err(["generate", "--model", "no-such-model", "-p", "hi", "--directions", str(path), "-l", "1"], path.name)
+
+
+@pytest.mark.parametrize("path", [p for p in corpus("stores") if p.suffix == ".sqlite" and p.stat().st_size],
+                         ids=lambda p: p.name)  # fmt: skip
+def test_corpus_stores_are_never_adopted_by_run(tiny_dir, tmp_path, path):
+    """`run` refuses every non-empty store of the corpus (another tool's database too) and leaves it unchanged."""
+    store = tmp_path / path.name
+    store.write_bytes(path.read_bytes())
+    spec = tmp_path / "tiny.yaml"
+    spec.write_text(yaml.safe_dump({"name": "t", "models": [str(tiny_dir / "tiny")], "prompts": {"n": 35},
+                                    "studies": [{"kind": "readability"}]}))  # fmt: skip
+    cli_err(["run", str(spec), "--store", str(store)], path.name)
+    assert store.read_bytes() == path.read_bytes()
+
+
+NUMBERS = st.integers(-(2**70), 2**70) | st.floats(allow_nan=True, allow_infinity=True)
+
+
+@given(st.integers(-(2**70), 2**70), NUMBERS)
+def test_spec_and_cli_share_the_number_checks(seed, alpha):
+    """A spec refuses a seed or an alpha exactly when the CLI's check (the same function) does, with its message."""
+    expected = []
+    for check, args in ((validation.seed, (seed, "seed")), (validation.alpha, (alpha, "relative", "alpha"))):
+        try:
+            check(*args)
+        except validation.InvalidValue as exc:
+            expected.append(str(exc))
+    data = {"name": "f", "models": ["m"], "seed": seed, "studies": [{"kind": "sign", "layer": 1, "alpha": alpha}]}
+    try:
+        parse_spec(data)
+    except CrystallizedSafetyError as exc:
+        assert expected, exc
+        assert str(exc).endswith(expected[0]) or not math.isfinite(alpha), (str(exc), expected)
+        return
+    assert not expected
+
+
+CHECKS = {  # what each numeric option of `generate` accepts (here without --directions: --subspace only 0)
+    "--temperature": lambda v: validation.finite(float(v), "t", 0.0, 2.0, low_open=True),
+    "--top-p": lambda v: validation.finite(float(v), "p", 0.0, 1.0, low_open=True),
+    "--seed": lambda v: validation.seed(int(v)),
+    "--batch-size": lambda v: validation.positive_int(int(v), "b"),
+    "--max-new-tokens": lambda v: validation.max_new_tokens(int(v)),
+    "--subspace": lambda v: validation.integer(int(v), "s", 0, 0),
+}
+VALUES = ["nan", "inf", "-inf", "0", "-1", "-3", "1e400", "0.5", "1", "2", "3", "4097", "1" + "0" * 29]
+
+
+@given(st.sampled_from(sorted(CHECKS)), st.sampled_from(VALUES))
+def test_generate_numbers_are_checked_before_the_model_loads(option, value):
+    """Every numeric option of `generate`: a valid value gets as far as the model (unknown here), a bad one is one
+    `error:` line naming the option, before the model loads; never a traceback, never exit 0."""
+    from typer.testing import CliRunner
+
+    from crystallized_safety.cli import app
+
+    try:
+        CHECKS[option](value)
+        valid = True
+    except (ValueError, validation.InvalidValue):
+        valid = False
+    res = CliRunner().invoke(app, ["generate", "--model", "no-such-model", "-p", "hi", "--sample", option, value])
+    assert res.exit_code == 2 and "Traceback" not in res.output and res.output.count("error:") == 1, res.output
+    assert ("unknown model" in res.output) == valid and (valid or option in res.output), res.output

@@ -225,7 +225,7 @@ class Store:
             raise StoreError(f"cannot create store '{self.path}': {exc.strerror}") from None
         try:
             db = sqlite3.connect(str(self.path), timeout=60, isolation_level=None)
-            self._refuse_foreign(db)  # before WAL mode or a table is added to another tool's database
+            self._refuse_unknown(db)  # before WAL mode or a table is added to another tool's database
             db.execute("PRAGMA journal_mode=WAL")
             db.execute("PRAGMA synchronous=NORMAL")
             db.execute("PRAGMA journal_size_limit=0")  # a reset WAL is truncated: no stale frames left behind
@@ -241,16 +241,24 @@ class Store:
             raise
         return db
 
-    def _refuse_foreign(self, db: sqlite3.Connection) -> None:
-        """A database holding tables but no `meta` is another tool's: adopting it would add tables to it and switch
-        it to WAL. Only an empty database (or a new file) becomes a store, as status/report/check/export read it."""
+    def _refuse_unknown(self, db: sqlite3.Connection) -> None:
+        """A database holding tables but no `meta` is another tool's, one of another schema version another tool
+        version's: adopting either would add tables to it and switch it to WAL. Only an empty database (or a new
+        file) becomes a store; status/report/check/export refuse the same files."""
         tables = [row[0] for row in db.execute("SELECT name FROM sqlite_master WHERE type='table'")]
+        found = db.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone() if "meta" in tables else None
+        version = None if found is None else str(found[0])
         if tables and "meta" not in tables:
             db.close()
             shown = ", ".join(sorted(tables)[:3]) + (", ..." if len(tables) > 3 else "")
             raise StoreError(
                 f"'{self.path}' is not a crystallized-safety store (another database: tables {shown}); pass a new "
                 "--store"
+            )
+        if version is not None and version != str(SCHEMA_VERSION):
+            db.close()
+            raise StoreError(
+                f"'{self.path}' has schema v{version}, this tool reads v{SCHEMA_VERSION}: use a new --store"
             )
 
     def _open_readonly(self) -> sqlite3.Connection:
