@@ -53,3 +53,14 @@ def test_unbuilt_organism_is_estimated_without_building(monkeypatch, tmp_path):
     assert pending is not None and pending[0] == "smollm2-135m"
     assert registry.organism_pending("smollm2-135m") is None  # not an organism
     assert not (tmp_path / "cache" / "organisms").exists()
+
+
+def test_dry_run_says_frontier_walks_are_upper_bounds(tiny_model_dirs, tmp_path):
+    _root, paths = tiny_model_dirs
+    studies = [{"kind": "frontier", "alphas": [-0.5, -1.0, -2.0], "rungs": ["add", "affine"]}]
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(yaml.safe_dump(tiny_spec(paths, studies=studies)))
+    res = cli_ok(["run", str(spec), "--store", str(tmp_path / "s.sqlite"), "--dry-run"])
+    # the tiny model has 4 layers: band = layer 2; (3 add steps + 1 affine) x (cell + control) = 8 walk cells
+    assert "upper bounds: 8 of the cells are frontier walks" in " ".join(res.stdout.split())
+    assert "(cells=10 generations=" in res.stdout  # + 2 baselines

@@ -100,6 +100,15 @@ def print_estimate(spec) -> None:
         highlight=False,
         soft_wrap=True,
     )
+    walk = sum(e.walk_cells for e in estimates)
+    if walk:
+        out.print(
+            f"upper bounds: {walk} of the cells are frontier walks and their controls, counted in full; a walk stops "
+            "at each layer's coherence cliff and generates a control only for a cell at the threshold, so the run "
+            "generates fewer",
+            highlight=False,
+            soft_wrap=True,
+        )
 
 
 def open_store(store_path: Path):

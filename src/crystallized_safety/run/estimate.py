@@ -30,6 +30,7 @@ class Estimate:
     calibration_seconds: float
     build_seconds: float  # 0 unless an organism must be built first
     seconds: float  # estimated total for this model, build included
+    walk_cells: int = 0  # of `cells`, those of frontier walks: an upper bound, the walk stops at the cliff
 
     def as_dict(self) -> dict:
         return dict(self.__dict__)
@@ -47,7 +48,8 @@ def _estimate_model(spec: ExperimentSpec, name: str, sets: PromptSets, say: Prog
     say(f"{name}: calibrating", 0, 1)
     model = load_model(pending[0] if pending else name, device=spec.device, dtype=spec.dtype)
     build = _build_seconds(model, pending[1]) if pending else 0.0
-    _plans, chunks = expand(spec, name, model.n_layers, sets)
+    plans, chunks = expand(spec, name, model.n_layers, sets)
+    walk = {c.key for plan in plans if plan.kind == "frontier" for _t, c in plan.conditions}
     rows = sum(len(c.prompts) for c in chunks)
     mnt = spec.generation.max_new_tokens
     per_row = _seconds_per_row(model, list(sets.eval_harmful), spec)
@@ -66,6 +68,7 @@ def _estimate_model(spec: ExperimentSpec, name: str, sets: PromptSets, say: Prog
         round(per_row * batch, 2),
         round(build, 1),
         round(seconds, 1),
+        len(walk),
     )
 
 
