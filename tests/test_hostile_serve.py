@@ -135,3 +135,52 @@ def test_load_with_malformed_requests_mixed_in(server):
         else:
             _error(reply, status)
     assert httpx.get(f"{server.url}/models", timeout=10).status_code == 200
+
+
+# --------------------------------------------------------------------------- issue 23, item 4: nesting, surrogates
+
+DEEP = [
+    b"[" * 25_000 + b"]" * 25_000,
+    b'{"a":' * 25_000 + b"1" + b"}" * 25_000,
+    b"[" * 1_000_000,  # an unclosed 1 MB array
+    json.dumps(_body(messages=[{"role": "user", "content": [[["x"]]]}])).encode(),
+    b'{"model": "tiny", "max_tokens": 3, "messages": [{"role": "user", "content": '
+    + b"[" * 5_000
+    + b"]" * 5_000
+    + b"}]}",
+    b'{"model": "tiny", "max_tokens": 3, "messages": [{"role": "user", "content": "hi", "x": '
+    + b"[" * 900
+    + b"]" * 900
+    + b"}]}",
+]
+
+
+@pytest.mark.parametrize("raw", DEEP, ids=["arrays", "objects", "unclosed", "content", "deep-content", "deep-extra"])
+def test_deeply_nested_json_is_a_400(server, raw):
+    error = _error(_post(server, raw), 400)
+    assert len(error["message"]) < 400
+
+
+def test_lone_surrogate_in_the_model_field_is_a_400(server):
+    content = b'{"model": "\\udfff", "max_tokens": 3, "messages": [{"role": "user", "content": "hi"}]}'
+    error = _error(_post(server, content), 400)
+    assert "surrogate" in error["message"] and error["param"] == "model"
+
+
+def test_client_disconnect_mid_body_logs_no_traceback(server, caplog):
+    """A client that sends half its declared body and hangs up: no ClientDisconnect traceback in the log."""
+    import logging
+    import socket
+
+    host, port = server.url.split("//")[1].split("/")[0].split(":")
+    logging.getLogger("uvicorn.error").addHandler(caplog.handler)  # uvicorn's loggers do not propagate to root
+    with caplog.at_level("DEBUG", logger="uvicorn.error"):
+        with socket.create_connection((host, int(port)), timeout=5) as sock:
+            sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\ncontent-type: application/json\r\n"
+                         b"content-length: 1000\r\n\r\n{\"model\": ")  # fmt: skip
+            time.sleep(0.3)
+        time.sleep(0.5)
+        assert httpx.get(f"{server.url}/models", timeout=30).status_code == 200
+    logging.getLogger("uvicorn.error").removeHandler(caplog.handler)
+    text = caplog.text
+    assert "Traceback" not in text and "ClientDisconnect" not in text, text

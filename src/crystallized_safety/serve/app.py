@@ -31,6 +31,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from .. import __version__
 from ..core.model import Model
@@ -129,6 +130,8 @@ def create_app(
         try:
             raw = await _read_body(request, max_body_bytes)
             chat = await asyncio.to_thread(parse, raw)  # tokenising a long prompt must not block other requests
+        except ClientDisconnect:  # the client hung up mid-body: nobody to answer, nothing worth a traceback
+            return Response(status_code=499)
         except BadRequest as exc:
             return _error(exc.status, exc.message, param=exc.param, code=exc.code)
         done = await _wait_for(request, batcher, chat)
