@@ -8,6 +8,7 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -195,3 +196,53 @@ def test_spec_and_cli_give_the_same_alpha_message():
     with pytest.raises(validation.InvalidValue) as cli_error:
         validation.alpha(1e30, "relative", "alpha")
     assert str(spec_error.value).endswith(str(cli_error.value))
+
+
+# --------------------------------------------------------------------------- 8. GGUF control vectors
+
+
+def _gguf(path: Path, tensors: dict[str, np.ndarray], arch: str | None = "controlvector", count: int | None = None):
+    """A hand-made GGUF: `arch` None writes no general.architecture at all."""
+    import gguf
+
+    writer = gguf.GGUFWriter(str(path), arch or "controlvector")
+    if arch is None:
+        writer.kv_data[0].pop("general.architecture")
+    if count is not None:
+        writer.add_uint32("controlvector.layer_count", count)
+    for name, data in tensors.items():
+        writer.add_tensor(name, np.ascontiguousarray(data, dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+VEC = np.linspace(-1, 1, 32)
+
+
+@pytest.mark.parametrize(
+    "tensors, arch, count, message",
+    [
+        ({"direction.99999999999999999999": VEC}, "controlvector", None, "layer numbers go up to 10,000"),
+        ({"direction.2": VEC}, "llama", None, "architecture 'llama', not 'controlvector'"),
+        ({"direction.2": VEC}, None, None, "no architecture"),
+        ({"direction.2": np.ones((4, 32))}, "controlvector", 1, "shape (4, 32), not one vector"),
+        ({"direction.2": VEC, "direction.3": VEC}, "controlvector", 5, "declares layer_count 5 but holds 2"),
+    ],
+    ids=["huge-layer", "llama", "no-arch", "2d", "layer-count"],
+)
+def test_crafted_gguf_imports_are_one_line(tmp_path, tensors, arch, count, message):
+    source = _gguf(tmp_path / "cv.gguf", tensors, arch, count)
+    cli_err(["vectors", "import", "--in", str(source), "--out", str(tmp_path / "d.safetensors")], message, max_lines=1)
+    assert not (tmp_path / "d.safetensors").exists()
+
+
+def test_export_refuses_alpha_zero(bank_file, tmp_path):
+    """alpha 0 writes all-zero vectors, which import (and llama.cpp's steering) cannot use: refused up front."""
+    out = tmp_path / "z.gguf"
+    for alpha in ("0", "0.0", "-0"):
+        cli_err(["vectors", "export", "--directions", str(bank_file), "-l", "1", "--alpha", alpha, "--out", str(out)],
+                "--alpha 0 writes all-zero vectors", max_lines=1)  # fmt: skip
+    assert not out.exists()

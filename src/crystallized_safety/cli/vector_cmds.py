@@ -28,6 +28,8 @@ def export_cmd(
 ) -> None:
     """Write `alpha x direction` per layer as a llama.cpp control vector (`llama-cli --control-vector FILE`)."""
     validation.alpha(alpha, alpha_unit, "--alpha")  # the same check as generate's and a spec's alphas
+    if alpha == 0:  # the vectors are alpha x direction: import (and any steering) would reject all-zero ones
+        raise CrystallizedSafetyError("--alpha 0 writes all-zero vectors that steer nothing: pass a non-zero --alpha")
     if out.suffix != ".gguf":
         raise CrystallizedSafetyError(f"control vectors are GGUF files: name the output '{out.with_suffix('.gguf')}'")
     validation.new_output(out)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -25,6 +26,7 @@ from ..errors import VectorFileError
 from .directions import DirectionBank
 
 ARCH = "controlvector"
+MAX_LAYER = 10_000  # far above any model's depth (the deepest have ~200 blocks); larger numbers overflow int64
 
 
 def export_gguf(
@@ -50,6 +52,8 @@ def export_gguf(
         raise VectorFileError("llama.cpp cannot steer layer 0 (the first block's output): export layers >= 1")
     if alpha_unit not in ("absolute", "relative"):
         raise VectorFileError(f"unknown alpha unit '{alpha_unit}': use absolute or relative")
+    if alpha == 0:  # all-zero vectors: import_gguf refuses them, and they steer nothing
+        raise VectorFileError("alpha 0 writes all-zero vectors that steer nothing: pass a non-zero alpha")
     writer = gguf.GGUFWriter(str(path), ARCH)
     writer.add_string(f"{ARCH}.model_hint", model_hint)
     writer.add_uint32(f"{ARCH}.layer_count", len(layers))
@@ -87,23 +91,22 @@ def import_gguf(path: str | Path) -> DirectionBank:
         reader = GGUFReader(str(path))
     except Exception as exc:  # noqa: BLE001 - any parse failure is a bad file
         raise VectorFileError(f"'{path}' is not a readable GGUF file ({type(exc).__name__}): export it again") from None
-    rows: dict[int, np.ndarray] = {}
-    for tensor in reader.tensors:
-        name = tensor.name
-        if not name.startswith("direction.") or not name.removeprefix("direction.").isdigit():
-            raise VectorFileError(f"'{path}' holds tensor '{name}': a control vector has only direction.N tensors")
-        rows[int(name.removeprefix("direction."))] = np.asarray(tensor.data, dtype=np.float64).reshape(-1)
+    _check_header(reader, path)
+    rows = _direction_rows(reader, path)
     if not rows:
         raise VectorFileError(f"'{path}' holds no direction.N tensors: not a control vector")
     if 0 in rows or len({v.shape for v in rows.values()}) != 1:
         raise VectorFileError(f"'{path}' is inconsistent: llama.cpp numbers layers from 1 and needs one vector size")
+    count = _field_value(reader, f"{ARCH}.layer_count")
+    if count is not None and count != len(rows):
+        raise VectorFileError(f"'{path}' declares layer_count {count} but holds {len(rows)} direction.N tensors")
     layers = sorted(rows)
     matrix = torch.tensor(np.stack([rows[k] for k in layers]))
     norms = matrix.norm(dim=-1)
     if not torch.isfinite(matrix).all() or (norms == 0).any():
         raise VectorFileError(f"'{path}' holds NaN, inf or all-zero vectors")
-    field = reader.fields.get(f"{ARCH}.model_hint")
-    hint = bytes(field.parts[field.data[0]]).decode("utf-8", "replace") if field is not None else ""
+    hint = _field_value(reader, f"{ARCH}.model_hint")
+    hint = hint if isinstance(hint, str) else ""
     metadata = {
         "source": str(path),
         "source_tool": "llama.cpp/repeng control vector (GGUF)",
@@ -112,3 +115,40 @@ def import_gguf(path: str | Path) -> DirectionBank:
         "convention": "layer N = output of block N (0-based), as llama.cpp; sign as in the file",
     }
     return DirectionBank(directions=(matrix / norms[:, None]).float(), layers=layers, metadata=metadata)
+
+
+def _field_value(reader: Any, key: str) -> Any:
+    """A scalar GGUF field as str or int; None when absent (or not a scalar)."""
+    field = reader.fields.get(key)
+    if field is None or not field.data:
+        return None
+    part = field.parts[field.data[0]]
+    if getattr(part, "dtype", None) == np.uint8:
+        return bytes(part).decode("utf-8", "replace")
+    return int(part[0]) if len(part) == 1 else None
+
+
+def _check_header(reader: Any, path: Path) -> None:
+    """The file says it is a control vector: a model file (`llama`) or a file naming no architecture is refused,
+    since its tensors are weights, not directions."""
+    arch = _field_value(reader, "general.architecture")
+    if arch != ARCH:
+        found = "no architecture" if arch is None else f"architecture '{str(arch)[:40]}'"
+        raise VectorFileError(f"'{path}' has {found}, not '{ARCH}': it is not a llama.cpp control vector")
+
+
+def _direction_rows(reader: Any, path: Path) -> dict[int, np.ndarray]:
+    """Each `direction.N` tensor as a float64 vector; N a layer number up to MAX_LAYER; 1-D tensors only."""
+    rows: dict[int, np.ndarray] = {}
+    for tensor in reader.tensors:
+        name = str(tensor.name)
+        digits = name.removeprefix("direction.")
+        if not name.startswith("direction.") or not digits.isdigit():
+            raise VectorFileError(f"'{path}' holds tensor '{name[:60]}': a control vector has only direction.N tensors")
+        if len(digits) > 5 or int(digits) > MAX_LAYER:
+            raise VectorFileError(f"'{path}' holds tensor '{name[:60]}': layer numbers go up to {MAX_LAYER:,}")
+        data = np.asarray(tensor.data)
+        if data.ndim != 1 and sum(int(n) > 1 for n in data.shape) > 1:
+            raise VectorFileError(f"'{path}': tensor '{name}' has shape {tuple(data.shape)}, not one vector")
+        rows[int(digits)] = data.astype(np.float64).reshape(-1)
+    return rows
