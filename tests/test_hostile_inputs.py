@@ -246,3 +246,21 @@ def test_export_refuses_alpha_zero(bank_file, tmp_path):
         cli_err(["vectors", "export", "--directions", str(bank_file), "-l", "1", "--alpha", alpha, "--out", str(out)],
                 "--alpha 0 writes all-zero vectors", max_lines=1)  # fmt: skip
     assert not out.exists()
+
+
+# --------------------------------------------------------------------------- 9. device maps
+
+
+@pytest.mark.parametrize(
+    "device_map, message",
+    [
+        ('{"": "disk"}', "no module on cpu or a GPU"),
+        ('{"": "meta"}', "no module on cpu or a GPU"),
+        ('{"nonexistent.module": "cpu"}', "names 'nonexistent.module', which is not a module"),
+    ],
+)
+def test_device_maps_that_cannot_run_are_one_line(tiny_model_dirs, device_map, message, monkeypatch, tmp_path):
+    monkeypatch.setenv("CSAFETY_CACHE", str(tmp_path / "cache"))  # any offload folder goes here
+    tiny = tiny_model_dirs[1]["tiny"]
+    cli_err(["generate", "--model", tiny, "-p", "hi", "--max-new-tokens", "2", "--device", "cpu",
+             "--device-map", device_map], message, max_lines=1)  # fmt: skip

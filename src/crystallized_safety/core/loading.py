@@ -104,7 +104,27 @@ def check_device_map(device_map: DeviceMap) -> DeviceMap:
             raise ModelError(f"device map puts '{module}' on {place!r} but this machine has {gpus} GPU(s)")
         if index is None and place not in ("cpu", "disk", "meta"):
             raise ModelError(f"device map puts '{module}' on {place!r}: use cpu, disk, cuda:N or a GPU index")
+    if all(place in ("disk", "meta") for place in device_map.values()):  # weights only stored, never computed
+        raise ModelError(
+            f"device map {json.dumps(device_map)[:80]} puts no module on cpu or a GPU: nothing could compute; "
+            "place at least one module on cpu or cuda:N"
+        )
     return device_map
+
+
+def check_map_modules(hf: Any, device_map: DeviceMap) -> None:
+    """Every module a {module: device} map names exists in the loaded model: accelerate ignores unknown names,
+    so a typo would silently leave the model where the default put it."""
+    if not isinstance(device_map, dict):
+        return
+    names = {name for name, _ in hf.named_modules()}
+    for module in device_map:
+        if module and module not in names:
+            example = next((n for n in sorted(names) if n.count(".") == 1), "model.layers")
+            raise ModelError(
+                f"device map names '{module[:60]}', which is not a module of this model (e.g. '{example}'): "
+                "fix the module name"
+            )
 
 
 def _load_pretrained(
@@ -122,9 +142,10 @@ def _load_pretrained(
             hf = AutoModelForCausalLM.from_pretrained(
                 source, dtype=dt, device_map=device_map, offload_folder=str(offload), **kwargs
             )
-        except (ValueError, KeyError, RuntimeError) as exc:
+        except (ValueError, KeyError, RuntimeError, NotImplementedError) as exc:
             first = first_line(exc)
             raise ModelError(f"cannot place the model with this device map: {first}") from None
+        check_map_modules(hf, device_map)
     hf.eval()
     return hf, tokenizer
 
