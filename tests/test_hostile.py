@@ -10,6 +10,7 @@ import shutil
 import sqlite3
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -20,7 +21,8 @@ from typer.testing import CliRunner
 from conftest import HARMFUL, HARMLESS, cli_err, cli_ok, make_tiny, tiny_spec
 from crystallized_safety.cli import app
 from crystallized_safety.core.directions import DirectionBank, extract_directions
-from crystallized_safety.errors import InterventionError, PromptError
+from crystallized_safety.errors import InterventionError, JudgeError, PromptError
+from crystallized_safety.judges.llm import LLMJudge
 from crystallized_safety.store import Store
 
 
@@ -386,3 +388,58 @@ def test_real_process_prints_one_line_for_usage_errors():
                           capture_output=True, text=True, timeout=120)  # fmt: skip
     assert proc.returncode == 2 and proc.stdout == ""
     assert proc.stderr.strip() == "error: No such option: --bogus (see 'csafety generate --help')"
+
+
+# --------------------------------------------------------------------------- issue 23, item 10: judge retries bounded
+
+
+def _dead_url() -> str:
+    import socket
+
+    with socket.socket() as sock:  # a port nobody listens on
+        sock.bind(("127.0.0.1", 0))
+        return f"http://127.0.0.1:{sock.getsockname()[1]}/v1"
+
+
+def test_llm_judge_retries_are_bounded(tmp_path):
+    records = tmp_path / "r.jsonl"
+    records.write_text(json.dumps({"prompt": "p", "response": "r"}) + "\n")
+    args = ["judge", "--judge", "llm", "--input", str(records), "--base-url", _dead_url(), "--judge-model", "m",
+            "--api-key-env", "", "--judge-timeout", "0.5"]  # fmt: skip
+    start = time.monotonic()
+    cli_err([*args, "--judge-retries", "1000000000"], "--judge-retries must be an integer in [0, 10]", max_lines=1)
+    cli_err([*args, "--judge-retries", "-1"], "--judge-retries", max_lines=1)
+    cli_err([*args, "--judge-timeout", "nan"], "--judge-timeout", max_lines=1)
+    assert time.monotonic() - start < 5
+    with pytest.raises(JudgeError, match=r"max_retries must be an int in \[0, 10\]"):
+        LLMJudge("http://x/v1", "m", max_retries=10**9)
+
+
+def test_llm_judge_gives_up_on_a_dead_endpoint_with_progress(tmp_path):
+    """A dead URL with the most retries: lines of progress, then every item gives up by the deadline, not after
+    (retries x backoff) each; the CLI then says so in one line."""
+    lines: list[str] = []
+    judge = LLMJudge(_dead_url(), "m", api_key_env=None, timeout=0.5, max_retries=10, backoff=0.5,
+                     give_up_after=1.5, on_retry=lines.append, concurrency=2)  # fmt: skip
+    start = time.monotonic()
+    verdicts = judge.judge(["p"] * 6, ["r"] * 6)
+    assert time.monotonic() - start < 6
+    assert all(v.refusal is None and "gave up: no answer from" in v.reason for v in verdicts)
+    assert lines and all(line.startswith("judge: attempt ") and "retrying in" in line for line in lines)
+
+
+def test_llm_judge_cli_gives_up_in_one_line(tmp_path, monkeypatch):
+    from crystallized_safety.judges import llm
+
+    monkeypatch.setattr(llm, "DEFAULT_GIVE_UP_S", 1.0)
+    records = tmp_path / "r.jsonl"
+    records.write_text("".join(json.dumps({"prompt": "p", "response": f"r{i}"}) + "\n" for i in range(20)))
+    start = time.monotonic()
+    result = CliRunner().invoke(app, ["judge", "--judge", "llm", "--input", str(records), "--base-url", _dead_url(),
+                                      "--judge-model", "m", "--api-key-env", "", "--judge-timeout", "0.2",
+                                      "--judge-retries", "10"])  # fmt: skip
+    assert time.monotonic() - start < 10 and result.exit_code == 2
+    lines = result.output.strip().splitlines()
+    assert lines[-1].startswith("error: the LLM judge reached no verdict for any of 20 responses")
+    assert "gave up" in lines[-1] and "judge: attempt 1/11 failed" in lines[0]
+    assert "Traceback" not in result.output

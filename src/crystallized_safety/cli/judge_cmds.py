@@ -21,6 +21,7 @@ from .app import (
     SystemOpt,
     app,
     cli_errors,
+    err,
     load_model_quietly,
     out,
     status,
@@ -65,6 +66,7 @@ def judge_cmd(
             "--base-url": (base_url, "llm"), "--judge-model": (judge_model, "llm"),
             "--judge-timeout": (judge_timeout, "llm"), "--judge-retries": (judge_retries, "llm")}  # fmt: skip
     _check_judge(judge, only)
+    _check_llm_numbers(judge_timeout, judge_retries)
     gate_model = coherence_model or (model if judge == "score" else None)
     records = read_judge_input(input_path, need_response=judge != "score" or coherence_model is not None)
     prompts = [r["prompt"] for r in records]
@@ -123,6 +125,7 @@ def _llm_verdicts(
         api_key_env=api_key_env or None,
         timeout=DEFAULT_TIMEOUT if timeout is None else timeout,
         max_retries=DEFAULT_RETRIES if retries is None else retries,
+        on_retry=_Throttled(),
     )
     with status(f"asking {judge_model} about {len(prompts)} responses..."):
         verdicts = llm.judge(prompts, responses)
@@ -132,6 +135,34 @@ def _llm_verdicts(
             "check --base-url, --judge-model and the API key"
         )
     return verdicts
+
+
+def _check_llm_numbers(timeout: float | None, retries: int | None) -> None:
+    """--judge-timeout and --judge-retries in range before the input is read: a billion retries with doubling
+    backoff would wait forever (the judge refuses them too; this says it with the option's name)."""
+    from .. import validation
+    from ..judges.llm import MAX_RETRIES
+
+    if timeout is not None:
+        validation.finite(timeout, "--judge-timeout", 0.0, 3600.0, low_open=True)
+    if retries is not None:
+        validation.integer(retries, "--judge-retries", 0, MAX_RETRIES)
+
+
+class _Throttled:
+    """The judge's retry lines on stderr, at most one every 2 s: a person watching sees that it is still trying
+    (a dead endpoint used to print nothing for minutes) without a flood from many items failing at once."""
+
+    def __init__(self, every: float = 2.0) -> None:
+        self.every, self.last = every, float("-inf")
+
+    def __call__(self, message: str) -> None:
+        import time
+
+        now = time.monotonic()
+        if now - self.last >= self.every:
+            self.last = now
+            err.print(message, highlight=False, soft_wrap=True)
 
 
 def _check_judge(judge: str, only: Mapping[str, tuple[object, str]]) -> None:

@@ -20,8 +20,9 @@ import hashlib
 import json
 import os
 import re
+import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -60,6 +61,9 @@ _OR_WORDS = frozenset({"or", "vs", "versus"})
 _JSON_LABEL_KEYS = ("label", "verdict", "classification", "class", "category", "answer", "result", "decision")
 DEFAULT_TIMEOUT = 30.0  # seconds per HTTP attempt
 DEFAULT_RETRIES = 3  # retries after the first attempt
+MAX_RETRIES = 10  # with backoff doubling, 10 retries already wait minutes; a billion would wait forever
+MAX_BACKOFF_S = 30.0  # one wait between attempts never exceeds this (2**k grows past any useful wait)
+DEFAULT_GIVE_UP_S = 60.0  # no answer at all from the endpoint for this long: give up on every item left
 _JSON_REASON_KEYS = ("reason", "explanation", "rationale", "justification")
 _THINK = re.compile(r"<think>.*?(?:</think>|$)", re.DOTALL | re.IGNORECASE)
 _FENCE = re.compile(r"^```[a-zA-Z]*\s*|\s*```$")
@@ -202,6 +206,33 @@ def _check_pairs(prompts: Sequence[str], responses: Sequence[str | None]) -> Non
 # --------------------------------------------------------------------------- HTTP judge
 
 
+class _Breaker:
+    """The endpoint's health, shared by the calls in flight: until the first answer arrives, a deadline runs;
+    once it passes, every call still waiting gives up at once. A dead URL then costs `give_up_after` seconds,
+    not (retries x backoff) per item: with 1,000 items and 3 retries that was hours of silence."""
+
+    def __init__(self, give_up_after: float, on_retry: Callable[[str], None] | None) -> None:
+        self.deadline = time.monotonic() + give_up_after
+        self.give_up_after = give_up_after
+        self.answered = False
+        self.on_retry = on_retry
+        self.lock = threading.Lock()
+
+    def dead(self) -> bool:
+        return not self.answered and time.monotonic() >= self.deadline
+
+    def wait(self, seconds: float) -> None:
+        """Sleep before a retry, but not past the deadline (a dead endpoint is given up on at once)."""
+        if not self.answered:
+            seconds = min(seconds, max(0.0, self.deadline - time.monotonic()))
+        time.sleep(seconds)
+
+    def report(self, message: str) -> None:
+        if self.on_retry is not None:
+            with self.lock:
+                self.on_retry(message)
+
+
 class LLMJudge:
     """Judge with a chat model behind an OpenAI-compatible `/chat/completions` endpoint.
 
@@ -212,7 +243,11 @@ class LLMJudge:
             local server that needs no key (a dummy key is sent).
         timeout: seconds per HTTP attempt.
         max_retries: retries after the first attempt on timeouts, connection errors, 429 and 5xx, with
-            exponential backoff (``backoff * 2**k`` seconds before retry k+1).
+            exponential backoff (``backoff * 2**k`` seconds before retry k+1, at most MAX_BACKOFF_S); at most
+            MAX_RETRIES.
+        give_up_after: seconds without a single answer from the endpoint after which every item left gives up
+            (refusal=None, "gave up" in the reason); default max(60 s, 3 x timeout).
+        on_retry: called with one line per failed attempt (progress for a person watching a slow endpoint).
         concurrency: requests in flight at once (a thread pool).
         rubric: system prompt replacing `DEFAULT_RUBRIC` (the verdicts' judge id then carries its hash).
         max_tokens: answer length asked of the judge model (the label comes first, so it can be short).
@@ -236,6 +271,8 @@ class LLMJudge:
         backoff: float = 0.5,
         *,
         max_tokens: int = 64,
+        give_up_after: float | None = None,
+        on_retry: Callable[[str], None] | None = None,
     ) -> None:
         if not isinstance(base_url, str) or not base_url.startswith(("http://", "https://")):
             raise JudgeError(f"LLM judge base_url must start with http:// or https://, got {base_url!r}")
@@ -243,14 +280,16 @@ class LLMJudge:
             raise JudgeError("LLM judge needs a model name: pass the endpoint's model id")
         if api_key_env is not None and (not isinstance(api_key_env, str) or not api_key_env.strip()):
             raise JudgeError("api_key_env must name an environment variable, or be None for a local server")
-        if not timeout > 0:
-            raise JudgeError(f"LLM judge timeout must be > 0 seconds, got {timeout}")
-        if isinstance(max_retries, bool) or not isinstance(max_retries, int) or max_retries < 0:
-            raise JudgeError(f"LLM judge max_retries must be an int >= 0, got {max_retries!r}")
+        if not 0 < timeout <= 3600:  # also refuses NaN
+            raise JudgeError(f"LLM judge timeout must be in (0, 3600] seconds, got {timeout}")
+        if isinstance(max_retries, bool) or not isinstance(max_retries, int) or not 0 <= max_retries <= MAX_RETRIES:
+            raise JudgeError(f"LLM judge max_retries must be an int in [0, {MAX_RETRIES}], got {str(max_retries)[:40]}")
+        if give_up_after is not None and not 0 < give_up_after <= 86400:
+            raise JudgeError(f"LLM judge give_up_after must be in (0, 86400] seconds, got {give_up_after}")
         if isinstance(concurrency, bool) or not isinstance(concurrency, int) or concurrency < 1:
             raise JudgeError(f"LLM judge concurrency must be an int >= 1, got {concurrency!r}")
-        if backoff < 0:
-            raise JudgeError(f"LLM judge backoff must be >= 0 seconds, got {backoff}")
+        if not 0 <= backoff <= MAX_BACKOFF_S:
+            raise JudgeError(f"LLM judge backoff must be in [0, {MAX_BACKOFF_S:g}] seconds, got {backoff}")
         if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1:
             raise JudgeError(f"LLM judge max_tokens must be an int >= 1, got {max_tokens!r}")
         self.base_url = base_url.rstrip("/")
@@ -262,6 +301,8 @@ class LLMJudge:
         self.rubric = rubric
         self.backoff = float(backoff)
         self.max_tokens = max_tokens
+        self.give_up_after = max(DEFAULT_GIVE_UP_S, 3 * self.timeout) if give_up_after is None else give_up_after
+        self.on_retry = on_retry
         self.id = _judge_id(self.name, model, rubric)
 
     def __repr__(self) -> str:
@@ -291,9 +332,12 @@ class LLMJudge:
 
         client = OpenAI(base_url=self.base_url, api_key=key, timeout=self.timeout, max_retries=0)
         secret = key if self.api_key_env is not None else ""  # what to scrub from reasons and errors
+        breaker = _Breaker(self.give_up_after, self.on_retry)
         try:
             with ThreadPoolExecutor(max_workers=min(self.concurrency, len(prompts))) as pool:
-                futures = [pool.submit(self._judge_one, client, secret, p, r) for p, r in zip(prompts, responses)]
+                futures = [
+                    pool.submit(self._judge_one, client, secret, p, r, breaker) for p, r in zip(prompts, responses)
+                ]
                 try:
                     return [f.result() for f in futures]
                 except JudgeError:
@@ -303,7 +347,7 @@ class LLMJudge:
         finally:
             client.close()
 
-    def _judge_one(self, client: Any, key: str, prompt: str, response: str | None) -> Verdict:
+    def _judge_one(self, client: Any, key: str, prompt: str, response: str | None, breaker: _Breaker) -> Verdict:
         if response is None:
             return Verdict(None, None, self.id, "no response to judge")
         import openai
@@ -313,7 +357,12 @@ class LLMJudge:
         last = ""
         for attempt in range(attempts):
             if attempt:
-                time.sleep(self.backoff * 2 ** (attempt - 1))
+                delay = min(MAX_BACKOFF_S, self.backoff * 2 ** min(attempt - 1, 32))
+                breaker.report(f"judge: attempt {attempt}/{attempts} failed ({last}); retrying in {delay:g} s")
+                breaker.wait(delay)
+            if breaker.dead():
+                gave_up = f"gave up: no answer from {self.base_url} in {breaker.give_up_after:g} s"
+                return Verdict(None, None, self.id, f"judge call failed: {gave_up}" + (f" ({last})" if last else ""))
             try:
                 completion = client.chat.completions.create(
                     model=self.model, messages=messages, temperature=0, max_tokens=self.max_tokens
@@ -337,6 +386,7 @@ class LLMJudge:
                 return Verdict(None, None, self.id, f"judge call failed: {last}")
             except openai.OpenAIError as exc:
                 return Verdict(None, None, self.id, f"judge call failed: {_scrub(_first_line(exc), key)}")
+            breaker.answered = True
             choices = getattr(completion, "choices", None) or []
             content = choices[0].message.content if choices and choices[0].message else None
             verdict = answer_to_verdict(content, self.id)
