@@ -83,3 +83,19 @@ def test_real_cpu_without_native_bf16_kernels_says_fp32():
     assert out.returncode == 0, out.stderr
     native, capability, chosen = json.loads(out.stdout.strip().splitlines()[-1])
     assert (native, capability, chosen) == (False, "AVX2", "fp32")
+
+
+def test_a_bf16_spec_on_a_cpu_without_bf16_warns_and_a_loaded_probe_does_not(monkeypatch):
+    from crystallized_safety.experiments.spec import parse_spec
+
+    data = {"name": "t", "models": ["m"], "prompts": {"n": 40}, "dtype": "mixed", "studies": [{"kind": "readability"}]}
+    monkeypatch.setattr(precision, "cpu_flags", lambda: {"avx2", "fma"})
+    with pytest.warns(UserWarning, match="dtype mixed: this CPU emulates bf16"):
+        parse_spec(data)
+    assert precision.emulated_bf16("cuda") is None
+    # flags and AVX-512 kernels: no warning, whatever a probe on a busy machine would read
+    monkeypatch.setattr(precision, "cpu_flags", lambda: {"avx512_bf16"})
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX512")
+    monkeypatch.setattr(precision, "_onednn_bf16", lambda: True)
+    monkeypatch.setattr(precision, "probe", lambda: (10.0, 11.0))
+    assert precision.emulated_bf16("auto") is None

@@ -155,3 +155,15 @@ def warn_if_emulated(dtype: torch.dtype, device: torch.device) -> str | None:
             "use --dtype float32"
         )
     return None
+
+
+def emulated_bf16(device: str = "auto") -> str | None:
+    """For a spec whose dtype computes in bf16 (bfloat16, float16, mixed): a warning when it would run on a CPU
+    without bf16 instructions or kernels (emulated, many times slower than float32 there), else None. Decided
+    from the CPU's flags and PyTorch's kernels only: the timed probe reads 'not faster' on a loaded machine."""
+    on_cpu = device == "cpu" or (device == "auto" and not torch.cuda.is_available())
+    flags = cpu_flags() & set(NATIVE_FLAGS)
+    capability = torch.backends.cpu.get_cpu_capability()
+    if on_cpu and (not flags or not _onednn_bf16() or capability in ("DEFAULT", "AVX2", "NO AVX")):
+        return f"this CPU emulates bf16 ({capability} kernels): expect it many times slower; use dtype: float32"
+    return None

@@ -27,6 +27,7 @@ from pydantic import (
 
 from .. import validation
 from ..errors import CrystallizedSafetyError
+from ..precision import emulated_bf16
 from ..prompts import PromptSet, check_disjoint, load_prompts
 from ..stats import MIN_N  # per cell, for ~80% power on the effect sizes the seed reported
 
@@ -541,6 +542,9 @@ def parse_spec(data: dict, source: str = "spec") -> ExperimentSpec:
         )
     if spec.dtype in REDUCED_DTYPES:
         warnings.warn(f"{source}: dtype {spec.dtype}: {REDUCED_PRECISION_NOTE}", stacklevel=2)
+        slow = emulated_bf16(spec.device)
+        if slow:
+            warnings.warn(f"{source}: dtype {spec.dtype}: {slow}", stacklevel=2)
     return spec
 
 
