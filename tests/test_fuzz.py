@@ -23,7 +23,7 @@ from hypothesis import strategies as st
 
 from conftest import cli_err, make_tiny
 from crystallized_safety import validation
-from crystallized_safety.core.directions import DirectionBank
+from crystallized_safety.core.directions import MAX_MAGNITUDE, DirectionBank
 from crystallized_safety.errors import CrystallizedSafetyError
 from crystallized_safety.experiments.spec import STUDY_KINDS, parse_spec
 from crystallized_safety.prompts import load_prompts
@@ -127,6 +127,10 @@ def test_direction_files(tmp_path_factory, case):
     for name in ("resid_norms", "raw_norms"):
         value = getattr(bank, name)
         assert value is None or (torch.isfinite(value).all() and (value > 0).all())
+        assert value is None or value.double().max() <= MAX_MAGNITUDE  # issue 23: no finite but huge norm
+    for name in ("directions", "mean_harmful", "mean_harmless"):  # rows, means (hence affine targets) bounded
+        value = getattr(bank, name)
+        assert value is None or value.double().norm(dim=-1).max() <= MAX_MAGNITUDE
 
 
 @given(st.binary(max_size=300), st.booleans())

@@ -13,7 +13,7 @@ import pytest
 import torch
 import yaml
 
-from conftest import cli_err, cli_ok, tiny_spec
+from conftest import cli_err, cli_ok, make_tiny, tiny_spec
 from crystallized_safety import validation
 from crystallized_safety.core.directions import DirectionBank
 from crystallized_safety.errors import CrystallizedSafetyError
@@ -264,3 +264,76 @@ def test_device_maps_that_cannot_run_are_one_line(tiny_model_dirs, device_map, m
     tiny = tiny_model_dirs[1]["tiny"]
     cli_err(["generate", "--model", tiny, "-p", "hi", "--max-new-tokens", "2", "--device", "cpu",
              "--device-map", device_map], message, max_lines=1)  # fmt: skip
+
+
+# --------------------------------------------------------------------------- 1. finite huge values, degenerate output
+
+
+@pytest.mark.parametrize(
+    "name, what",
+    [("huge-row", "'directions'"), ("huge-resid-norms", "'resid_norms'"), ("huge-affine-target", "'mean_harmless'")],
+)
+def test_huge_finite_direction_files_are_refused(tiny_model_dirs, name, what):
+    """The issue's files (a row of 1e30, resid_norms of 1e30 with relative alphas, an affine target of 1e30) gave
+    empty answers and exit 0; now one line naming the tensor and the bound, before the model loads."""
+    path = CORPUS / "directions" / f"{name}.safetensors"
+    args = ["generate", "--model", tiny_model_dirs[1]["tiny"], "-p", "hi", "--directions", str(path), "-l", "1",
+            "--max-new-tokens", "3"]  # fmt: skip
+    mode = ["--mode", "affine"] if name == "huge-affine-target" else ["--alpha", "-0.5", "--alpha-unit", "relative"]
+    cli_err([*args, *mode], f"{what} has magnitude 1e+30 (rows", max_lines=1)
+    cli_err([*args, *mode], "beyond the 1e+06 of any real residual stream", max_lines=1)
+
+
+def _huge(model, scale: float):
+    from crystallized_safety.core.steering import Intervention
+
+    v = torch.randn(model.hidden_size, generator=torch.Generator().manual_seed(0))
+    return Intervention(directions={1: v / v.norm() * scale}, alpha=1.0)  # past the file check: built in memory
+
+
+@pytest.mark.parametrize("options", [{"engine": "fast"}, {"engine": "hf"}, {"engine": "hf", "do_sample": True}])
+def test_constant_logits_are_flagged_not_written_as_empty_answers(options):
+    from crystallized_safety.core.generation.api import generate
+
+    model = make_tiny("llama")
+    gens = generate(model, ["hello there", "how are you"], _huge(model, 1e22), max_new_tokens=3, **options)
+    assert all(g.degenerate and "constant logits" in g.degenerate for g in gens)
+    one_token = generate(model, ["hello there"], _huge(model, 1e18), max_new_tokens=20, engine="fast")[0]
+    assert one_token.degenerate == "one token repeated 20 times"
+    plain = generate(model, ["hello there", "how are you"], None, max_new_tokens=3)
+    assert all(g.degenerate is None for g in plain)
+
+
+def test_degenerate_rows_are_flagged_and_incoherent(monkeypatch):
+    """The worker writes a degenerate row with coherent=0 (never a bypass, gate or no gate) and says why."""
+    from crystallized_safety.core.generation.output import Generation
+    from crystallized_safety.experiments.conditions import Condition
+    from crystallized_safety.run import worker as worker_module
+    from crystallized_safety.run.chunks import Chunk
+
+    model = make_tiny("llama")
+    bank = DirectionBank(directions=torch.nn.functional.normalize(torch.randn(4, 64), dim=-1), layers=[0, 1, 2, 3])
+    ctx = worker_module.ModelContext("tiny", worker_module.bank_to_bytes(bank))
+    fake = [Generation("p0", "", (0, 0, 0), False, "constant logits (x)"), Generation("p1", "Sure", (5,), True)]
+    monkeypatch.setattr(worker_module, "generate", lambda *a, **k: fake)
+    condition = Condition("harmful", layers=(1,), alpha=-1.0, alpha_unit="absolute")
+    chunk = Chunk("tiny", "s", condition, 0, ("p0", "p1"), 3)
+    rows = worker_module.ChunkWorker(model, ctx).run_pack((chunk,))[0]
+    assert rows[0].coherent == 0 and rows[0].judge_reason == "degenerate output: constant logits (x)"
+    assert rows[1].coherent is None and rows[1].refusal == 0
+
+
+def test_server_answers_an_error_for_degenerate_steering():
+    import httpx
+
+    from conftest import ThreadServer
+    from crystallized_safety.serve.app import create_app
+
+    model = make_tiny("llama")
+    body = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3}
+    with ThreadServer(create_app(model, model_name="tiny", intervention=_huge(model, 1e22))) as server:
+        reply = httpx.post(f"{server.url}/chat/completions", json=body, timeout=60)
+    assert reply.status_code == 500, reply.text
+    error = reply.json()["error"]
+    assert error["code"] == "degenerate_output" and "constant logits" in error["message"]
+    assert len(error["message"].splitlines()) == 1

@@ -24,6 +24,12 @@ from .activations import capture
 from .model import LAYER_CONVENTION, Model
 
 METHODS = ("mean_diff", "pca", "probe")
+MAX_MAGNITUDE = 1e6
+"""The largest norm a direction row, a mean (hence an affine target, the mean's projection) or a stored norm may
+have. Why 1e6: real residual streams stay below ~1e4 in norm, massive activations included (a few dimensions of
+a few thousand in 70B models), and float16 tops out at 65504; 1e6 leaves two orders of magnitude for any real
+model, while a vector far beyond it (a crafted row of 1e30) leaves finite but meaningless logits (the final norm
+overflows to zero: constant logits, token 0, exit 0). Such files are refused when loaded, before any model."""
 
 
 @dataclass
@@ -196,7 +202,21 @@ def _check_matrix(tensor: torch.Tensor, path: Path) -> torch.Tensor:
     zero = (tensor.norm(dim=-1) == 0).nonzero().flatten().tolist()
     if zero:
         raise VectorFileError(f"'{path}' has all-zero directions (rows {_span(zero)}): steering with them does nothing")
+    _check_magnitude(tensor, "directions", path)
     return tensor
+
+
+def _check_magnitude(tensor: torch.Tensor, name: str, path: Path) -> None:
+    """Each row's norm (each value, for a 1-D tensor of norms) at most MAX_MAGNITUDE (computed in float64: a row
+    of 1e30 would overflow float32's square)."""
+    sizes = tensor.double().abs() if tensor.dim() == 1 else tensor.double().flatten(1).norm(dim=-1)
+    if sizes.numel() and float(sizes.max()) > MAX_MAGNITUDE:
+        rows = (sizes > MAX_MAGNITUDE).nonzero().flatten().tolist()
+        raise VectorFileError(
+            f"'{path}' '{name}' has magnitude {float(sizes.max()):.3g} (rows {_span(rows)}), beyond the "
+            f"{MAX_MAGNITUDE:g} of any real residual stream: the file is corrupt or crafted; re-create it with "
+            "`csafety extract`"
+        )
 
 
 def _check_layers(layers: torch.Tensor | None, rows: int, path: Path) -> list[int]:
@@ -230,6 +250,7 @@ def _check_extra(
     if not torch.isfinite(tensor).all() or (positive and not (tensor > 0).all()):
         need = "finite and > 0" if positive else "finite"
         raise VectorFileError(f"'{path}' '{name}' must be {need}; re-create the file with `csafety extract`")
+    _check_magnitude(tensor, name, path)
     return tensor
 
 

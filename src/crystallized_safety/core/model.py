@@ -364,9 +364,17 @@ class Model:
         return self._forward_kw
 
     def generate_reference(
-        self, batch: dict[str, torch.Tensor], *, max_new_tokens: int, do_sample: bool, temperature: float, top_p: float
+        self,
+        batch: dict[str, torch.Tensor],
+        *,
+        max_new_tokens: int,
+        do_sample: bool,
+        temperature: float,
+        top_p: float,
+        flat: set[int] | None = None,
     ) -> torch.Tensor:
-        """Plain `model.generate` on a left-padded batch: prompt + new token ids (the reference engine)."""
+        """Plain `model.generate` on a left-padded batch: prompt + new token ids (the reference engine). Rows whose
+        logits were constant at any step are added to `flat` (see `flat_rows`)."""
         from transformers import GenerationConfig
 
         config = GenerationConfig(
@@ -386,6 +394,8 @@ class Model:
             def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
                 if torch.isnan(scores).any() or torch.isposinf(scores).any():
                     raise InterventionError(nonfinite_message(dtype))
+                if flat is not None:
+                    flat.update(flat_rows(scores).nonzero().flatten().tolist())
                 return scores
 
         return self.hf.generate(
@@ -409,6 +419,19 @@ class Model:
 
 
 MAX_CHARS_PER_TOKEN = 64  # a text this many times longer than the context cannot fit, whatever the tokenizer
+
+
+def flat_rows(logits: torch.Tensor) -> torch.Tensor:
+    """Rows ([rows, vocab] -> bool [rows]) whose logits are all equal: the hidden state carried nothing (a huge
+    steering vector overflowed the final norm to zero), so greedy decoding picks token 0 (often padding) and
+    sampling picks uniformly random tokens. Finite but meaningless, so `check_logits` cannot catch it. Entries
+    masked to -inf (top-p) are ignored; a row needs two or more candidates left to count as flat."""
+    lo, hi = torch.aminmax(logits, dim=-1)
+    if not bool(torch.isneginf(lo).any()):
+        return hi == lo
+    masked = torch.isneginf(logits)
+    lo = logits.masked_fill(masked, float("inf")).amin(-1)
+    return (hi == lo) & ((~masked).sum(-1) > 1)
 
 
 def nonfinite_message(dtype: torch.dtype) -> str:

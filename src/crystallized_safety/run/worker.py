@@ -110,9 +110,10 @@ class ChunkWorker:
                         finished=int(g.finished),
                         refusal=None if v.refusal is None else int(v.refusal),
                         judge=v.judge,
-                        judge_reason=v.reason,
+                        judge_reason=v.reason if g.degenerate is None else f"degenerate output: {g.degenerate}",
                         score=s,
-                        coherent=None if c is None else int(c.coherent),
+                        # a degenerate output is incoherent whether or not the gate runs: never a bypass
+                        coherent=0 if g.degenerate is not None else None if c is None else int(c.coherent),
                         perplexity=None if c is None else c.perplexity,
                         distinct_n=None if c is None else c.distinct,
                         token_ids=json.dumps(list(g.token_ids)),

@@ -137,6 +137,10 @@ def create_app(
         done = await _wait_for(request, batcher, chat)
         if not isinstance(done, Completion):
             return done
+        if done.degenerate is not None:  # the server's steering is at fault, not the request: a 500, not empty text
+            return _error(500, f"the steered model's output is degenerate ({done.degenerate}): the server's "
+                          "steering is too strong; restart it with a smaller --alpha", kind="server_error",
+                          code="degenerate_output")  # fmt: skip
         headers = {"X-Csafety-Batch-Size": str(done.batch_size), "X-Request-Number": str(next(counter))}
         return JSONResponse(_completion_payload(chat, done, name, fingerprint), headers=headers)
 

@@ -25,6 +25,7 @@ class Completion:
     token_ids: tuple[int, ...]
     finished: bool
     batch_size: int
+    degenerate: str | None = None  # why a steered output is garbage (core.generation.output): answered as an error
 
 
 class Batcher:
@@ -142,5 +143,6 @@ class Batcher:
             content = gen.response
             if len(ids) < len(gen.token_ids):
                 content = self.model.tokenizer.decode(list(ids), skip_special_tokens=True).strip()
-            out.append(Completion(content, tuple(ids), finished, len(group)))
+            degenerate = gen.degenerate if self.intervention is not None else None  # only steering is to blame
+            out.append(Completion(content, tuple(ids), finished, len(group), degenerate))
         return out

@@ -22,7 +22,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from ..model import Model, positions, select_cache_rows
+from ..model import Model, flat_rows, positions, select_cache_rows
 from ..steering import Intervention, steer
 from .oom import is_oom
 from .output import Generation, generations
@@ -127,8 +127,10 @@ def greedy_batch(
     share_prefix: bool = True,
     compact: bool = True,
     on_first_logits=None,
+    flat: set[int] | None = None,
 ) -> tuple[list[list[int]], list[bool]]:
-    """Greedy new tokens per row (cut before the first EOS) and whether the row hit EOS.
+    """Greedy new tokens per row (cut before the first EOS) and whether the row hit EOS; the rows whose logits
+    were constant at some step (`flat_rows`: a degenerate output, flagged by the caller) are added to `flat`.
     `intervention` covers all rows; `on_first_logits(logits [rows, vocab])` receives the prefill's next-token
     logits (what the first-token refusal score reads), so a caller need not run the prefill again."""
     n = len(token_ids)
@@ -151,6 +153,8 @@ def greedy_batch(
         out: list[list[int]] = [[] for _ in range(n)]
         ended = [False] * n
         for step in range(max_new_tokens):
+            if flat is not None:
+                flat.update(active[(flat_rows(logits) & ~stopped).cpu()].tolist())
             tokens = logits.argmax(-1)
             done = torch.isin(tokens, eos_t) | stopped
             for row, tok, fin in zip(active.tolist(), tokens.tolist(), done.tolist()):
@@ -200,6 +204,7 @@ class FastEngine:
         """One batch: formatted `texts` (the batch `rows` of the caller's prompt list) under `intervention`."""
         ids = model.tokenizer(list(texts), add_special_tokens=raw)["input_ids"]
         hook = self.on_first_logits
+        flat: set[int] = set()
         tokens, ended = greedy_batch(
             model,
             ids,
@@ -209,8 +214,9 @@ class FastEngine:
             share_prefix=self.share_prefix,
             compact=self.compact,
             on_first_logits=None if hook is None else (lambda logits: hook(rows, logits)),
+            flat=flat,
         )
-        return generations(model, prompts, tokens, ended)
+        return generations(model, prompts, tokens, ended, flat)
 
 
 # --------------------------------------------------------------------------- batch-size auto-tuning

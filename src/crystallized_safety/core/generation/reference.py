@@ -37,7 +37,8 @@ def reference_batch(
     raw: bool = False,
 ) -> list[Generation]:
     """One batched `generate` over already formatted `texts`; `intervention` covers exactly these rows.
-    Each row's tokens are cut before its first EOS (padding only ever follows an EOS)."""
+    Each row's tokens are cut before its first EOS (padding only ever follows an EOS); rows whose logits were
+    constant at some step come back flagged `degenerate`."""
     batch = model.encode(texts, raw=raw)
     prompt_len = batch["input_ids"].shape[1]
     devices = [model.device] if model.device.type == "cuda" else []
@@ -47,12 +48,14 @@ def reference_batch(
         steer(model, intervention, prompt_len=prompt_len, batch_rows=len(texts)),
     ):
         torch.manual_seed(decoding.seed)
+        flat: set[int] = set()
         out = model.generate_reference(
             batch,
             max_new_tokens=decoding.max_new_tokens,
             do_sample=decoding.do_sample,
             temperature=decoding.temperature,
             top_p=decoding.top_p,
+            flat=flat,
         )
     eos = set(model.eos_ids())
     tokens, ended = [], []
@@ -60,4 +63,4 @@ def reference_batch(
         cut = next((i for i, t in enumerate(ids) if t in eos), None)
         tokens.append(ids[:cut] if cut is not None else ids)
         ended.append(cut is not None)
-    return generations(model, prompts, tokens, ended)
+    return generations(model, prompts, tokens, ended, flat)
