@@ -69,13 +69,19 @@ def test_walk_stops_at_the_cliff_and_controls_only_cells_at_the_threshold():
     # every layer walked -0.25, -0.5, then -1.0 (the cliff, generated as its evidence), nothing stronger
     assert add == sorted((layer, a) for layer in (3, 4, 5) for a in (-0.25, -0.5, -1.0))
     controls = [c for c in gen.generated if c.ref.is_control]
-    # layer 4 flips 30/40 >= 50% while coherent (-0.25, -0.5; -1.0 is incoherent: 0 flips), and its affine cell
-    assert sorted((c.mode, c.alpha) for c in controls) == [("add", -0.5), ("add", -0.25), ("affine", 0.0)]
-    assert all(c.layers == (4,) for c in controls)
+    # layer 4 flips 30/40 while coherent (-0.25, -0.5, and its affine cell): the first control (ties broken by the
+    # smallest |alpha|: the affine cell; 30/40 vs 2/40, p ~ 1e-3 < 0.05 / 18 planned cells) already makes the
+    # model liquid: no other is run
+    assert [(c.layers, c.mode, c.alpha) for c in controls] == [((4,), "affine", 0.0)]
     generated = {c.key for c in gen.generated}
     assert {c.condition.key for c in kept} == generated  # beyond the cliff and unneeded controls are dropped
-    # dropped: 6 add cells beyond the cliff, 13 add controls and 2 affine controls of cells below the threshold
-    assert len(chunks) - len(kept) == 6 + 13 + 2
+    # dropped: 6 add cells beyond the cliff, 15 add controls and 2 affine controls
+    assert len(chunks) - len(kept) == 6 + 15 + 2
+    # with the liquid call out of reach (a threshold of 90%), no control is run at all
+    strict = parse_spec({**spec.model_dump(mode="json"), "verdict": {"band": [3, 5], "flip_threshold": 0.9}})
+    gen = FakeGenerator()
+    walk(strict, plan_studies(strict, 8, "m"), chunks, gen, silent)
+    assert not [c for c in gen.generated if c.ref.is_control]
 
 
 def test_frontier_runs_end_to_end_on_a_tiny_model_and_resumes(tiny_model_dirs, tmp_path):

@@ -2,15 +2,21 @@
 frontier studies advances in lockstep, one step per round (one batch of packed generations), and stops at its
 coherence cliff (the first cell whose coherent share falls below the verdict's `coherence_floor`; that cell is
 generated, it is the evidence the cliff was reached) or at its last step (the ceiling). Every step is generated,
-never bisected, so a non-monotone curve cannot hide a layer. A cell whose flip rate reaches the threshold gets its
-matched controls generated in the same round. What the walk leaves ungenerated (beyond a cliff, or controls of
-cells below the threshold) is dropped from the run; the decisions are re-derived from the stored rows, so a resumed
-run walks the same way and generates nothing twice."""
+never bisected, so a non-monotone curve cannot hide a layer.
+
+A cell whose flip rate reaches the threshold gets its matched controls generated in the same round, until some
+single-layer cell passes the verdict's test with its control: from then on the verdict is liquid whatever other
+controls show, so none are generated. What the walk leaves ungenerated (beyond a cliff, controls of cells below
+the threshold) is dropped from the run; the decisions are re-derived from the stored rows, so a resumed run walks
+the same way and generates nothing twice."""
 
 from __future__ import annotations
 
 from ..experiments.conditions import Condition, StudyPlan
+from ..experiments.decision import passing
+from ..experiments.results import Cells
 from ..experiments.spec import ExperimentSpec
+from ..experiments.verdict import evidence_cells, rules_of
 from ..progress import Progress
 from .chunks import Chunk
 from .generator import CellGenerator
@@ -31,6 +37,13 @@ def frontier_walks(plans: list[StudyPlan]) -> tuple[list[list[Condition]], dict[
             else:
                 walks.setdefault((plan.label, tags["layer"], tags["rung"]), []).append((tags["step"], cond))
     return [[c for _s, c in sorted(w, key=lambda x: x[0])] for w in walks.values()], controls
+
+
+def liquid_already(spec: ExperimentSpec, plans: list[StudyPlan], cells: Cells) -> bool:
+    """Whether a single-layer cell already passes the verdict's test with its control: then more controls cannot
+    change the verdict (liquid), and the walk generates none (the walk itself goes on, for the frontier)."""
+    single, _multi, planned, _checked = evidence_cells(plans, cells, {})
+    return bool(passing(single, rules_of(spec, 0), planned[0]).any())
 
 
 def walk(
@@ -57,14 +70,17 @@ def walk(
             cond = all_walks[i][j]
             st = cells.stats(cond)
             flip, coherent = st["flip"]["rate"], st["coherence"]["rate"]
-            if flip is not None and flip >= threshold:
-                need += controls.get(cond.key, [])
+            if flip is not None and flip >= threshold and controls.get(cond.key):
+                need.append((flip, -abs(cond.alpha), controls[cond.key]))
             past_cliff = cells.coherence_checked(cond) and coherent is not None and coherent < floor
             if not past_cliff and j + 1 < len(all_walks[i]):
                 follow[i] = j + 1
-        if need:
-            generate(need)
-            generated |= {c.key for c in need}
+        for _flip, _weak, ctrl in sorted(need, key=lambda x: (-x[0], -x[1])):  # strongest cell first
+            if liquid_already(spec, plans, cells):
+                break
+            generate(ctrl)
+            generated |= {c.key for c in ctrl}
+            cells = generate.cells()
         active = follow
     say(f"{name}: frontier walk", steps, steps, f"{len(generated)} cells generated")
     planned = {c.key for w in all_walks for c in w} | {c.key for cs in controls.values() for c in cs}
