@@ -337,3 +337,68 @@ def test_server_answers_an_error_for_degenerate_steering():
     error = reply.json()["error"]
     assert error["code"] == "degenerate_output" and "constant logits" in error["message"]
     assert len(error["message"].splitlines()) == 1
+
+
+# --------------------------------------------------------------------------- 5. a damaged WAL header
+
+
+def _store_with_pending_wal(tmp_path: Path) -> tuple[Path, bytes]:
+    """A real store whose WAL holds 4 committed transactions not yet checkpointed, copied beside a new name."""
+    import sqlite3
+
+    live = tmp_path / "live.sqlite"
+    Store(live).close()
+    db = sqlite3.connect(live, isolation_level=None)
+    db.execute("PRAGMA wal_autocheckpoint=0")
+    for i in range(4):
+        db.execute("INSERT INTO meta VALUES (?, ?)", (f"k{i}", "x" * 3000))
+    path = tmp_path / "s.sqlite"
+    shutil.copy(live, path)
+    wal = Path(f"{live}-wal").read_bytes()
+    db.close()
+    return path, wal
+
+
+WAL_DAMAGE = {
+    "magic": (lambda w: b"\x00\x00\x00\x00" + w[4:], "has magic 0x00000000, not a SQLite WAL's"),
+    "page-size": (lambda w: w[:8] + (3000).to_bytes(4, "big") + w[12:], "page size 3000, not a power of two"),
+    "page-size-valid": (lambda w: w[:8] + (8192).to_bytes(4, "big") + w[12:], "header checksum does not match"),
+    "salt": (lambda w: w[:16] + bytes([w[16] ^ 0xFF]) + w[17:], "header checksum does not match"),
+    "random": (lambda w: bytes(np.random.default_rng(0).integers(0, 256, len(w), dtype=np.uint8)), "has magic"),
+    "truncated": (lambda w: w[:20], "is 20 bytes, shorter than its 32-byte header"),
+}
+
+
+@pytest.mark.parametrize("kind", WAL_DAMAGE)
+def test_damaged_wal_header_is_detected_and_kept(tmp_path, kind):
+    damage, message = WAL_DAMAGE[kind]
+    path, wal = _store_with_pending_wal(tmp_path)
+    damaged = damage(wal)
+    Path(f"{path}-wal").write_bytes(damaged)
+    from typer.testing import CliRunner
+
+    from crystallized_safety.cli import app
+
+    result = CliRunner().invoke(app, ["store", "check", "--store", str(path)])
+    assert result.exit_code == 1, result.output
+    problems = [line for line in result.output.splitlines() if line.startswith("problem:")]
+    assert len(problems) == 1 and message in problems[0] and "s.sqlite-wal.damaged" in problems[0], result.output
+    if kind not in ("random", "truncated"):  # counted with the main file's page size and the first frame's salts
+        assert "up to 4 committed transaction(s)" in problems[0]
+    assert Path(f"{path}-wal.damaged").read_bytes() == damaged
+    store = Store(path)  # opening for a run: warned, and the copy stays as it was
+    assert any(message in w for w in store.warnings)
+    store.close()
+    assert Path(f"{path}-wal.damaged").read_bytes() == damaged
+    result = CliRunner().invoke(app, ["store", "check", "--store", str(path)])  # the WAL is reset by now
+    assert result.exit_code == 1 and "holds a damaged WAL found earlier" in result.output
+
+
+def test_intact_pending_wal_is_no_problem(tmp_path):
+    path, wal = _store_with_pending_wal(tmp_path)
+    Path(f"{path}-wal").write_bytes(wal)
+    from crystallized_safety.store_files import header_problem
+
+    assert header_problem(wal) is None
+    store = Store(path, readonly=True)
+    assert store.check() == [] and store.db.execute("SELECT COUNT(*) FROM meta").fetchone()[0] == 5

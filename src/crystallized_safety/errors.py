@@ -42,3 +42,7 @@ class StatsError(CrystallizedSafetyError):
 
 class JudgeError(CrystallizedSafetyError):
     """A judge misconfigured (unknown judge, bad endpoint settings)."""
+
+
+class StoreError(CrystallizedSafetyError):
+    """A store file that cannot be used (not SQLite, another schema, unknown run)."""

@@ -20,7 +20,6 @@ import io
 import json
 import os
 import sqlite3
-import struct
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -28,8 +27,9 @@ from dataclasses import astuple, dataclass, fields
 from pathlib import Path
 from typing import Any
 
-from . import jsonio
-from .errors import CrystallizedSafetyError
+from . import jsonio, store_files
+from .errors import CrystallizedSafetyError, StoreError
+from .store_files import RunLock
 
 SCHEMA_VERSION = 1
 
@@ -94,10 +94,6 @@ class GenerationRow:
 GEN_COLUMNS = tuple(f.name for f in fields(GenerationRow))
 
 
-class StoreError(CrystallizedSafetyError):
-    """A store file that cannot be used (not SQLite, another schema, unknown run)."""
-
-
 @dataclass(frozen=True)
 class RunInfo:
     run_id: str
@@ -109,62 +105,47 @@ class RunInfo:
     error: str | None = None
 
 
-class RunLock:
-    """An exclusive, non-blocking lock on a file (fcntl): held for a run's duration, released by the OS when its
-    process ends however it ends."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self.fd: int | None = None
-
-    def __enter__(self) -> RunLock:
-        try:
-            self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        except OSError as exc:
-            raise StoreError(f"cannot create the run lock '{self.path}': {exc.strerror}") from None
-        try:
-            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(self.fd)
-            self.fd = None
-            raise StoreError(
-                f"this run is already being computed by another process on this store ({self.path.name} is locked): "
-                "wait for it to end, or follow it with `csafety status`"
-            ) from None
-        return self
-
-    def __exit__(self, *exc) -> None:
-        if self.fd is not None:
-            fcntl.flock(self.fd, fcntl.LOCK_UN)
-            os.close(self.fd)
-            self.fd = None
-
-
-def wal_commits_beyond_valid(path: Path) -> int:
-    """Commit frames of the current WAL generation that follow its first damaged frame: transactions SQLite
-    will silently drop on recovery. Reads the documented WAL layout (32-byte header, 24-byte frame headers,
-    big-endian; https://sqlite.org/fileformat2.html#walformat): checksums are left to SQLite, whose valid frame
-    count comes from opening the file; here only salts and commit marks are read."""
+def wal_damage(path: Path) -> str | None:
+    """What is wrong with the store's WAL, in one line, or None. Checked before SQLite opens the store: a damaged
+    header makes SQLite ignore the whole WAL (and reset it on the next write), a damaged frame every commit after
+    it; either way the WAL is first kept as `<store>-wal.damaged`, so nothing is thrown away."""
     wal = Path(f"{path}-wal")
     try:
         data = wal.read_bytes() if wal.is_file() else b""
     except OSError:
+        return None
+    problem = store_files.header_problem(data)
+    if problem is None:
+        lost = wal_commits_beyond_valid(path, data)
+        if not lost:
+            return None
+        problem, missing = "held committed transactions past a damaged frame, which SQLite ignores", str(lost)
+    else:
+        store_files.keep_damaged(wal, data)
+        count = store_files.commits_behind_damaged_header(data, store_files.db_page_size(path))
+        missing = "its" if count is None else f"up to {count}"
+    return (
+        f"{wal.name} {problem}: {missing} committed transaction(s) not yet in {path.name} are missing and a resumed "
+        f"run recomputes them (the WAL is kept as {wal.name}.damaged)"
+    )
+
+
+def wal_commits_beyond_valid(path: Path, data: bytes | None = None) -> int:
+    """Commit frames of the current WAL generation that follow its first damaged frame: transactions SQLite
+    will silently drop on recovery (0 for a WAL whose header is damaged: `wal_damage` handles that first).
+    Frame checksums are left to SQLite, whose valid frame count comes from opening the file."""
+    if data is None:
+        try:
+            data = Path(f"{path}-wal").read_bytes()
+        except OSError:
+            return 0
+    if len(data) < store_files.HEADER or store_files.header_problem(data) is not None:
         return 0
-    if len(data) < 32:
-        return 0
-    magic, _version, page_size, _seq, salt1, salt2 = struct.unpack(">6I", data[:24])
-    if magic not in (0x377F0682, 0x377F0683) or page_size < 512:
-        return 0
-    frames = []
-    for offset in range(32, len(data) - 24 - page_size + 1, page_size + 24):
-        _page, commit, s1, s2 = struct.unpack(">4I", data[offset : offset + 16])
-        if (s1, s2) != (salt1, salt2):
-            break  # a stale frame of an earlier generation: the current one ends here
-        frames.append(commit)
+    frames = store_files.commit_frames(data, int.from_bytes(data[8:12], "big"))
     valid = _valid_wal_frames(path)  # SQLite recovers the valid prefix (and removes the WAL when it closes)
     lost = 0 if valid is None else sum(1 for commit in frames[valid:] if commit)
     if lost:  # keep the damaged WAL beside the store: nothing is thrown away
-        Path(f"{path}-wal.damaged").write_bytes(data)
+        store_files.keep_damaged(Path(f"{path}-wal"), data)
     return lost
 
 
@@ -194,7 +175,7 @@ class Store:
         self.warnings: list[str] = []
         if readonly and not self.path.is_file():
             raise StoreError(f"store '{self.path}' does not exist: run `csafety run CONFIG --store {self.path}`")
-        dropped = wal_commits_beyond_valid(self.path) if self.path.is_file() else 0
+        damage = wal_damage(self.path) if self.path.is_file() else None
         try:
             self.db = self._open_readonly() if readonly else self._open_writable()
             row = self.db.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
@@ -209,12 +190,8 @@ class Store:
                 f"'{self.path}' has schema v{row[0] if row else '?'}, this tool reads v{SCHEMA_VERSION}: "
                 "use a new --store"
             )
-        if dropped:
-            self.warnings.append(
-                f"{self.path.name}-wal held {dropped} committed transaction(s) past a damaged frame, which SQLite "
-                "ignores: chunks committed there are missing and a resumed run recomputes them (the WAL is kept as "
-                f"{self.path.name}-wal.damaged)"
-            )
+        if damage:
+            self.warnings.append(damage)
 
     def _open_writable(self) -> sqlite3.Connection:
         try:
@@ -326,6 +303,10 @@ class Store:
     def check(self) -> list[str]:
         """Problems found: SQLite's integrity check, a damaged WAL, chunks whose rows are missing."""
         problems = list(self.warnings)
+        kept = Path(f"{self.path}-wal.damaged")
+        if kept.is_file() and not any(kept.name in p for p in problems):  # found by an earlier open
+            problems.append(f"{kept.name} holds a damaged WAL found earlier: transactions in it were lost; resume "
+                            "the run to recompute them, then delete the file")  # fmt: skip
         result = [r[0] for r in self.db.execute("PRAGMA integrity_check").fetchall()]
         if result != ["ok"]:
             problems += [f"integrity: {line}" for line in result[:10]]
