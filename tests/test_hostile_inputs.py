@@ -402,3 +402,48 @@ def test_intact_pending_wal_is_no_problem(tmp_path):
     assert header_problem(wal) is None
     store = Store(path, readonly=True)
     assert store.check() == [] and store.db.execute("SELECT COUNT(*) FROM meta").fetchone()[0] == 5
+
+
+def _row(index: int, response: str):
+    from crystallized_safety.store import GenerationRow
+
+    return GenerationRow(model="m", study="s", condition_key="c", condition="{}", prompt_set="harmful",
+                         prompt_index=index, prompt=f"p{index}", response=response, n_tokens=3, finished=1, refusal=0,
+                         judge="substring", judge_reason=None, score=None, coherent=None, perplexity=None,
+                         distinct_n=None, token_ids="[1, 2, 3]")  # fmt: skip
+
+
+def test_flipped_bit_inside_a_response_is_found_by_check(tmp_path):
+    """SQLite keeps no checksum of its own: a bit flipped inside a stored response passes its integrity check,
+    but not the chunk's checksum written with the rows."""
+    from typer.testing import CliRunner
+
+    from crystallized_safety.cli import app
+
+    path = tmp_path / "s.sqlite"
+    store = Store(path)
+    store.open_run("r", "t", "spec", "h", {})
+    rows = [_row(i, f"Sure, here is answer number {i} MARKER-{i}.") for i in range(4)]
+    store.write_chunks("r", [("k1", "m", "s", "c", rows[:2]), ("k2", "m", "s", "c", rows[2:])], 1.0)
+    store.close()
+    assert "0 problems" in CliRunner().invoke(app, ["store", "check", "--store", str(path)]).output
+    data = bytearray(path.read_bytes())
+    at = data.index(b"MARKER-3")
+    data[at] ^= 0x01  # 'M' -> 'L': still valid text, same length
+    path.write_bytes(bytes(data))
+    result = CliRunner().invoke(app, ["store", "check", "--store", str(path)])
+    assert result.exit_code == 1, result.output
+    problems = [line for line in result.output.splitlines() if line.startswith("problem:")]
+    assert len(problems) == 1 and "prompts 2..3" in problems[0] and "checksum mismatch" in problems[0]
+
+
+def test_rewrites_keep_checksums_honest(tmp_path):
+    """A re-judge (labels only) keeps the checksums valid; a content rewrite (a scrubbed copy) drops them."""
+    store = Store(tmp_path / "s.sqlite")
+    store.open_run("r", "t", "spec", "h", {})
+    store.write_chunks("r", [("k1", "m", "s", "c", [_row(0, "a"), _row(1, "b")])], 1.0)
+    (first, _), (second, _) = store.rows("generations")
+    store.rewrite("generations", {first: {"refusal": 1, "judge": "llm"}})
+    assert store.check() == []
+    store.rewrite("generations", {second: {"response": "scrubbed"}})
+    assert store.check() == [] and store.rows("row_sums") == []

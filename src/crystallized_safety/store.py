@@ -14,9 +14,7 @@ permissions) open read-only for status, export and report.
 
 from __future__ import annotations
 
-import csv
 import fcntl
-import io
 import json
 import os
 import sqlite3
@@ -28,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from . import jsonio, store_files
-from .errors import CrystallizedSafetyError, StoreError
+from .errors import StoreError
 from .store_files import RunLock
 
 SCHEMA_VERSION = 1
@@ -55,6 +53,11 @@ CREATE TABLE IF NOT EXISTS generations (
     refusal INTEGER, judge TEXT NOT NULL, judge_reason TEXT, score REAL,
     coherent INTEGER, perplexity REAL, distinct_n REAL, token_ids TEXT NOT NULL,
     PRIMARY KEY (run_id, model, condition_key, prompt_set, prompt_index)
+);
+CREATE TABLE IF NOT EXISTS row_sums (
+    run_id TEXT NOT NULL, chunk_key TEXT NOT NULL, model TEXT NOT NULL, condition_key TEXT NOT NULL,
+    prompt_set TEXT NOT NULL, first INTEGER NOT NULL, last INTEGER NOT NULL, digest TEXT NOT NULL,
+    PRIMARY KEY (run_id, chunk_key)
 );
 CREATE TABLE IF NOT EXISTS analyses (
     run_id TEXT NOT NULL, model TEXT NOT NULL, study TEXT NOT NULL, kind TEXT NOT NULL, result TEXT NOT NULL,
@@ -320,6 +323,28 @@ class Store:
                     f"run {run_id}: {model} condition {condition}: its chunks are marked done with {rows} rows but "
                     f"{found} are stored"
                 )
+        return problems + self._changed_rows()
+
+    def _changed_rows(self) -> list[str]:
+        """Chunks whose stored rows no longer match the checksum written with them (stores written before the
+        checksums existed have none: nothing to compare)."""
+        if "row_sums" not in self.tables():
+            return []
+        problems = []
+        query = (
+            f"SELECT {', '.join(store_files.SUM_COLUMNS)} FROM generations WHERE run_id=? AND model=? AND "
+            "condition_key=? AND prompt_set=? AND prompt_index BETWEEN ? AND ? ORDER BY prompt_index"
+        )
+        for run_id, model, condition, prompt_set, first, last, digest in self.db.execute(
+            "SELECT run_id, model, condition_key, prompt_set, first, last, digest FROM row_sums ORDER BY rowid"
+        ).fetchall():
+            rows = self.db.execute(query, (run_id, model, condition, prompt_set, first, last)).fetchall()
+            if rows and store_files.rows_digest(rows) != digest:
+                problems.append(
+                    f"run {run_id}: {model} condition {condition} prompts {first}..{last}: the stored rows changed "
+                    "since they were written (checksum mismatch: a flipped bit or an edit); restore a backup or "
+                    "rerun the run on a new --store"
+                )
         return problems
 
     @contextmanager
@@ -449,6 +474,12 @@ class Store:
                     f"VALUES (?{', ?' * len(GEN_COLUMNS)})",
                     [(run_id, *astuple(row)) for row in rows],
                 )
+                if rows:  # the chunk's content checksummed: `check` finds a flipped bit SQLite would not
+                    digest = store_files.rows_digest([getattr(r, c) for c in store_files.SUM_COLUMNS] for r in rows)
+                    index = [r.prompt_index for r in rows]
+                    db.execute("INSERT OR REPLACE INTO row_sums VALUES (?,?,?,?,?,?,?,?)",
+                               (run_id, chunk_key, model, condition_key, rows[0].prompt_set, min(index), max(index),
+                                digest))  # fmt: skip
                 db.execute(
                     "INSERT INTO chunks VALUES (?,?,?,?,?,?,?,?,?)",
                     (run_id, chunk_key, model, study, condition_key, len(rows), share, time.time(), worker),
@@ -513,7 +544,7 @@ class Store:
         dest.close()
         copy = Store(target)
         with copy.transaction() as db:
-            for table in ("runs", "artifacts", "chunks", "generations"):
+            for table in ("runs", "artifacts", "chunks", "generations", "row_sums"):
                 db.execute(f"DELETE FROM {table} WHERE run_id != ?", (run_id,))
             db.execute("DELETE FROM analyses")
             db.execute("DELETE FROM verdicts")
@@ -540,7 +571,10 @@ class Store:
     def rewrite(self, table: str, updates: dict[int, dict[str, Any]], deletions: Sequence[int] = ()) -> None:
         """Set columns of rows by rowid and delete rows by rowid, in one transaction."""
         self._table(table, sorted({c for values in updates.values() for c in values}))
+        content = {c for values in updates.values() for c in values} & set(store_files.SUM_COLUMNS)
         with self.transaction() as db:
+            if table == "generations" and (content or deletions) and "row_sums" in self.tables():
+                db.execute("DELETE FROM row_sums")  # rewritten content (a scrubbed copy) has no checksum left
             for rowid in deletions:
                 db.execute(f'DELETE FROM "{table}" WHERE rowid=?', (rowid,))
             for rowid, values in updates.items():
@@ -554,20 +588,7 @@ class Store:
 
     # -- export
     def export(self, run_id: str, fmt: str) -> str:
-        if fmt == "json":
-            row = self.run_row(run_id)
-            payload = {
-                "run": {**row, "environment": json.loads(row["environment"])},
-                "verdicts": self.verdicts(run_id),
-                "analyses": self.analyses(run_id),
-                "generations": self.generations(run_id),
-            }
-            return jsonio.dumps(payload, indent=1, ensure_ascii=False)
-        if fmt == "csv":
-            rows = self.generations(run_id)
-            buf = io.StringIO()
-            writer = csv.DictWriter(buf, fieldnames=list(rows[0].keys()) if rows else ["run_id", *GEN_COLUMNS])
-            writer.writeheader()
-            writer.writerows(rows)
-            return buf.getvalue()
-        raise CrystallizedSafetyError(f"unknown export format '{fmt}': use json or csv")
+        """The run as JSON (run, verdicts, analyses, generations) or its generations as CSV."""
+        from .store_export import export_run
+
+        return export_run(self, run_id, fmt, GEN_COLUMNS)

@@ -1,5 +1,5 @@
 """The files beside the results store, handled without SQL: its WAL read as bytes (header checked, commit frames
-counted) and its run locks.
+counted), its run locks, and the checksum of a chunk's rows.
 
 Why outside SQLite: SQLite treats a WAL whose header is damaged (magic, version, page size, salt or checksum) as
 empty, silently dropping every transaction not yet copied into the main file, and resets it on the next write;
@@ -11,12 +11,17 @@ keep a copy before anything resets the file. No SQL here: frame checksums past t
 from __future__ import annotations
 
 import fcntl
+import hashlib
+import json
 import os
 import struct
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 from .errors import StoreError
 
+SUM_COLUMNS = ("prompt_index", "prompt", "response", "n_tokens", "finished", "token_ids")
+"""What a chunk's checksum covers: what generation wrote. Judge labels are left out (a re-judge rewrites them)."""
 MAGICS = {0x377F0682: "<", 0x377F0683: ">"}  # the magic's last bit: byte order of the checksums' words
 WAL_VERSION = 3007000
 HEADER = 32
@@ -48,6 +53,13 @@ def header_problem(data: bytes) -> str | None:
     if checksum(data[:24], MAGICS[magic]) != (sum1, sum2):
         return "header checksum does not match (its page size, salt or sequence number was changed)"
     return None
+
+
+def rows_digest(rows: Iterable[Sequence[object]]) -> str:
+    """SHA-256 of a chunk's rows (SUM_COLUMNS, in prompt order) as canonical JSON: SQLite keeps no checksum of
+    its own, so a flipped bit inside a stored response would otherwise go unnoticed."""
+    text = json.dumps([list(row) for row in rows], ensure_ascii=False, separators=(",", ":"))
+    return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
 
 
 def keep_damaged(wal: Path, data: bytes) -> None:
