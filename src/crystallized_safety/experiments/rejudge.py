@@ -10,7 +10,8 @@ text, not trusted from the store.
   the result says so. A spec without the gate stored none: nothing to re-derive.
 - `score` (first-token refusal log-odds) is read from the steered generation's prefill logits, which the
   response text does not determine: kept as stored, always. So is what generation itself produced
-  (`n_tokens`, `finished`, `token_ids`).
+  (`n_tokens`, `finished`, `token_ids`), and its degenerate-output flag: a row whose stored reason starts with
+  "degenerate output:" (constant logits, which no text shows) keeps that reason and stays incoherent.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from ..core.generation.output import DEGENERATE
 from ..core.model import Model
 from ..errors import JudgeError
 from ..judges.coherence import CoherenceGate
@@ -73,6 +75,9 @@ def rejudge(
         for label, c in zip(labels, gate.evaluate(prompts, responses)):
             label.update(coherent=int(c.coherent), perplexity=c.perplexity, distinct_n=c.distinct)
         rederived = TEXT_COLUMNS + GATE_COLUMNS
+    for label, (_i, row) in zip(labels, rows):
+        if str(row["judge_reason"] or "").startswith(DEGENERATE):  # generation's own flag, as token_ids are
+            label.update(judge_reason=row["judge_reason"], coherent=0)
     changed: dict[str, int] = {
         col: sum(label[col] != row[col] for label, (_i, row) in zip(labels, rows))
         for col in ("refusal", "coherent")

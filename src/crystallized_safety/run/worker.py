@@ -11,6 +11,7 @@ from pathlib import Path
 
 from ..core.directions import DirectionBank
 from ..core.generation import FastEngine, generate
+from ..core.generation.output import DEGENERATE
 from ..core.model import Model
 from ..judges.coherence import CoherenceGate
 from ..judges.refusal_score import RefusalScoreJudge, refusal_log_odds
@@ -110,7 +111,7 @@ class ChunkWorker:
                         finished=int(g.finished),
                         refusal=None if v.refusal is None else int(v.refusal),
                         judge=v.judge,
-                        judge_reason=v.reason if g.degenerate is None else f"degenerate output: {g.degenerate}",
+                        judge_reason=v.reason if g.degenerate is None else DEGENERATE + g.degenerate,
                         score=s,
                         # a degenerate output is incoherent whether or not the gate runs: never a bypass
                         coherent=0 if g.degenerate is not None else None if c is None else int(c.coherent),

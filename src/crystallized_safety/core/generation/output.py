@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from ..model import Model
 
 MIN_CONSTANT_RUN = 16  # one token repeated this many times, and nothing else: no answer looks like that
+DEGENERATE = "degenerate output: "  # how a stored row's judge_reason flags it (the run's worker writes it)
 
 
 @dataclass(frozen=True)
