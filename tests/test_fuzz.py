@@ -456,3 +456,17 @@ def test_corpus_wal_files_are_checked(tmp_path, path):
     problems = [line for line in result.output.splitlines() if line.startswith("problem:")]
     assert result.exit_code == 1 and len(problems) == 1 and "s.sqlite-wal" in problems[0], result.output
     assert Path(f"{store}-wal.damaged").read_bytes() == path.read_bytes()
+
+
+@pytest.mark.parametrize("path", corpus("http"), ids=lambda p: p.name)
+def test_corpus_http_bodies_are_400s(chat_model, path):
+    """Deep nesting (25,000 arrays, 5,000 objects, an unclosed array, nesting inside `content`) and a lone
+    surrogate in `model`: a 400 whose one-line message can be written out as UTF-8 (no RecursionError, no
+    UnicodeEncodeError while answering)."""
+    from crystallized_safety.serve.request import error_body
+
+    with pytest.raises(BadRequest) as caught:
+        parse_request(decode_body(path.read_bytes()), chat_model, "tiny", 64)
+    error = caught.value
+    assert error.status == 400 and "\n" not in error.message and len(error.message) < 400
+    json.dumps(error_body(error.message, param=error.param), ensure_ascii=False).encode("utf-8")
