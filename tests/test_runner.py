@@ -293,3 +293,20 @@ def test_blind_reanalysis_renames_every_model_and_reaches_the_same_analyses(tiny
     assert blind_analyses == named_analyses
     with pytest.raises(StoreError, match="exists"):
         store.copy_run(first.run_id, tmp_path / "blind-0.sqlite")
+
+
+def test_summary_export_leaves_out_the_generations(tiny_run, tmp_path):
+    from conftest import cli_ok
+
+    path, result = tiny_run
+    out = tmp_path / "summary.json"
+    cli_ok(["export", "--store", str(path), "--format", "json", "--summary", "--out", str(out)])
+    data = json.loads(out.read_text())
+    assert "generations" not in data and data["verdicts"] and data["analyses"]
+    assert data["verdicts"] == Store(path, readonly=True).verdicts(result.run_id)
+    from typer.testing import CliRunner
+
+    from crystallized_safety.cli import app
+
+    bad = CliRunner().invoke(app, ["export", "--store", str(path), "--format", "csv", "--summary"])
+    assert bad.exit_code == 2 and "--summary is a json export" in bad.output

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -200,12 +201,24 @@ def export_cmd(
     fmt: str = typer.Option("json", "--format", help="json | csv."),
     run: str | None = typer.Option(None, "--run", help="Run id (default: the latest)."),
     out_path: Path | None = typer.Option(None, "--out", help="Write here instead of stdout."),
+    summary: bool = typer.Option(
+        False,
+        "--summary",
+        help="json only: the run, verdicts and analyses without the generations (small enough "
+        "to commit beside a results table).",
+    ),
 ) -> None:
     """Export a run's generations (csv) or everything (json)."""
     if fmt not in ("json", "csv"):
         raise CrystallizedSafetyError(f"unknown export format '{fmt}': use json or csv")
+    if summary and fmt != "json":
+        raise CrystallizedSafetyError("--summary is a json export: add --format json")
     store = open_store(store_path)
     text = store.export(store.run(run).run_id, fmt)
+    if summary:
+        data = json.loads(text)
+        data.pop("generations", None)
+        text = jsonio.dumps(data, indent=1, ensure_ascii=False)
     if out_path is not None:
         write_output(out_path, text)
         err.print(f"wrote {out_path}")
