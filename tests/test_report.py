@@ -39,7 +39,7 @@ from crystallized_safety.store import GenerationRow, Store
 
 INJECTED = '<script>document.title="pwned";console.error("injected")</script><img src=x onerror=alert(1)> '
 SYNTH_MODEL = "synthetic/model-a"
-N = 36
+N = 44
 
 
 # --------------------------------------------------------------------------- stores
@@ -135,7 +135,7 @@ def _synthetic_store(path: Path) -> Path:
     for study, cond in wanted.values():
         alpha = -cond.alpha if cond.direction == "inverted" else cond.alpha  # inverted +a IS -a: same rows
         direction = "extracted" if cond.direction == "inverted" else cond.direction
-        strength = -alpha * (1.4 if 2 in cond.layers else 0.8) * (1.3 if len(cond.layers) > 1 else 1.0)
+        strength = -alpha * (2.0 if 2 in cond.layers else 0.8) * (1.3 if len(cond.layers) > 1 else 1.0)
         if direction.startswith(("random", "orthogonal")):
             strength *= 0.1
         if not cond.layers:
