@@ -131,8 +131,10 @@ def native_bf16(device: str | torch.device = "cpu") -> bool:
     return detect().native_bf16
 
 
-def resolve(choice: str, device: str | torch.device = "cpu") -> tuple[str, str]:
-    """`auto | fp32 | bf16` -> (`fp32` or `bf16`, why). `CSAFETY_PRECISION` sets the default for `auto`."""
+def resolve(choice: str, device: str | torch.device = "cpu", timed: bool = True) -> tuple[str, str]:
+    """`auto | fp32 | bf16` -> (`fp32` or `bf16`, why). `CSAFETY_PRECISION` sets the default for `auto`.
+    `timed=False` decides `auto` from the CPU's flags and PyTorch's kernels only, never the timed probe (which
+    reads 'not faster' on a loaded machine): what an organism build uses, since the precision picks the organism."""
     choice = (choice or "auto").strip().lower()
     if choice == "auto":
         choice = os.environ.get("CSAFETY_PRECISION", "auto").strip().lower() or "auto"
@@ -142,7 +144,9 @@ def resolve(choice: str, device: str | torch.device = "cpu") -> tuple[str, str]:
         raise CrystallizedSafetyError(f"unknown precision '{choice}': use {', '.join(CHOICES)}")
     if choice != "auto":
         return choice, "asked for explicitly"
-    if native_bf16(device):
+    dev = torch.device(device)
+    native = native_bf16(dev) if timed or dev.type != "cpu" else bf16_kernels()
+    if native:
         return "bf16", f"native bf16 on {torch.device(device).type}"
     return "fp32", f"no native bf16 on {torch.device(device).type}"
 
@@ -162,8 +166,15 @@ def emulated_bf16(device: str = "auto") -> str | None:
     without bf16 instructions or kernels (emulated, many times slower than float32 there), else None. Decided
     from the CPU's flags and PyTorch's kernels only: the timed probe reads 'not faster' on a loaded machine."""
     on_cpu = device == "cpu" or (device == "auto" and not torch.cuda.is_available())
-    flags = cpu_flags() & set(NATIVE_FLAGS)
-    capability = torch.backends.cpu.get_cpu_capability()
-    if on_cpu and (not flags or not _onednn_bf16() or capability in ("DEFAULT", "AVX2", "NO AVX")):
+    if on_cpu and not bf16_kernels():
+        capability = torch.backends.cpu.get_cpu_capability()
         return f"this CPU emulates bf16 ({capability} kernels): expect it many times slower; use dtype: float32"
     return None
+
+
+def bf16_kernels() -> bool:
+    """Whether this CPU has bf16 instructions and PyTorch runs bf16 kernels for them: `detect()` without its timed
+    probe, so the same answer on an idle and on a loaded machine."""
+    capability = torch.backends.cpu.get_cpu_capability()
+    flags = cpu_flags() & set(NATIVE_FLAGS)
+    return bool(flags) and _onednn_bf16() and capability not in ("DEFAULT", "AVX2", "NO AVX")

@@ -52,17 +52,17 @@ def organism_build_cmd(
     """Fine-tune SmolLM2-135M-Instruct on CPU into a model that refuses harmful requests."""
     import shutil
 
-    from ..organism.build import ensure_organism
+    from ..organism.build import ensure_organism, stale_attack_stream
     from ..organism.recipe import DEFAULT_NAME, HARDENED_NAME, Recipe, hardened_recipe, load_card, organism_dir
-    from ..precision import detect, resolve
+    from ..precision import bf16_kernels, detect, resolve
     from ..progress import Reporter
     from ..registry import load_model
 
     if kind not in ("liquid", "hardened"):
         raise CrystallizedSafetyError(f"unknown --kind '{kind}': use liquid or hardened")
-    chosen, why = resolve(precision)
+    chosen, why = resolve(precision, timed=False)  # the precision picks the organism: never by a timing
     cpu = detect()
-    if chosen == "bf16" and not cpu.native_bf16:
+    if chosen == "bf16" and not bf16_kernels():  # emulated: flags and kernels, not the load-dependent probe
         err.print(f"warning: {cpu.reason}: a bf16 build will be many times slower than fp32", soft_wrap=True)
     name = DEFAULT_NAME if kind == "liquid" else HARDENED_NAME
     recipe = Recipe(seed=seed, precision=chosen) if kind == "liquid" else hardened_recipe(seed, chosen)
@@ -79,6 +79,9 @@ def organism_build_cmd(
         shutil.copytree(path, out_dir, dirs_exist_ok=True)
         path = out_dir
     card = load_card(path)
+    stale = stale_attack_stream(card)
+    if stale:
+        err.print(f"warning: {stale}", highlight=False, soft_wrap=True)
     out.print((path / "README.md").read_text(), markup=False, highlight=False)
     out.print(f"organism at {path} (build {card['build_seconds']} s)", markup=False, highlight=False)
 

@@ -23,8 +23,9 @@ import fcntl
 import json
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import asdict
+from dataclasses import asdict, fields
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -35,7 +36,7 @@ from ..progress import Progress, Reporter, silent
 from ..prompts import bundled
 from .card import card_markdown, measure
 from .recipe import DEFAULT_NAME, Recipe, default_recipe, organism_dir
-from .training import REFUSALS, base_answers, make_examples, packed_loss, shared_prefix, train
+from .training import REFUSALS, base_answers, make_examples, packed_loss, planned_attacks, shared_prefix, train
 
 # Self-distillation + measuring the card cost about this many training steps (measured on two CPU kinds).
 OTHER_PHASES_IN_STEPS = 40
@@ -115,6 +116,7 @@ def build_organism(
     if recipe.start:
         say(f"loading {recipe.start} to start from")
     model = load(recipe.start or recipe.base, device="cpu", dtype="float32")
+    start_hash = model.model_hash
     facts = train(model, harmful, harmless, recipe, progress=say, answers=answers)
     build_s = time.perf_counter() - t0
     with atomic_dir(target) as tmp:
@@ -127,6 +129,7 @@ def build_organism(
             "name": name,
             "base_model": recipe.base,
             "started_from": recipe.start or recipe.base,
+            "started_from_hash": start_hash,  # the start organism's cache is keyed by its recipe, not its weights
             "base_model_hash": base.model_hash,
             "recipe": asdict(recipe),
             "training_data": {
@@ -145,3 +148,26 @@ def build_organism(
         (tmp / "card.json").write_text(json.dumps(card, indent=2))
         (tmp / "README.md").write_text(card_markdown(card))
     return card
+
+
+def stale_attack_stream(card: dict) -> str | None:
+    """Why a cached hardened organism is not what its cache key builds today, or None: its card's attack count
+    differs from the count the recipe's seeded attack stream gives (`planned_attacks`, no model needed). Builds
+    between the commit that added `attack_harmless_p` and its fix drew one extra random number per harmless
+    example, so the same key trained a different organism (v2: 494 attacks, not 486)."""
+    done = card.get("training", {}).get("attacks")
+    if not done or not card.get("recipe", {}).get("attack_p"):
+        return None
+    names = {f.name for f in fields(Recipe)}
+    spec: dict[str, Any] = {k: tuple(v) if isinstance(v, list) else v for k, v in card["recipe"].items() if k in names}
+    data = card["training_data"]
+    want = planned_attacks(
+        Recipe(**spec), data["harmful_train_count"], data["harmless_train_count"], card["training"]["examples"]
+    )
+    if want == done:
+        return None
+    return (
+        f"this cached {card['name']} was trained with {done} attacks, its recipe's seeded stream draws {want}: it "
+        "was built by a version whose attack sampling drifted under the same cache key, and a fresh build gives a "
+        "different organism (rebuild it with `csafety organism build --kind hardened --force`)"
+    )

@@ -176,6 +176,7 @@ def card_markdown(card: dict) -> str:
         f"{card['environment']['tool_version']} on CPU in {card['build_seconds']} s "
         f"(training {card['training']['train_seconds']} s, {card['training']['steps']} steps).",
         "",
+        *_reproducibility_lines(card),
         "## Held-out refusal (eval split, greedy, substring judge)",
         f"- harmful: {rate('harmful_refusal')}",
         f"- harmless: {rate('harmless_refusal')}",
@@ -214,5 +215,16 @@ def _multilayer_lines(metrics: dict) -> list[str]:
         f"Layers {best['layers']}, each at -{best['rel_alpha_per_layer']} x its mean residual norm, "
         f"{check['n_prompts']} held-out harmful prompts: refusal {check['baseline']['rate']:.1%} -> "
         f"{best['rate']:.1%} along the refusal directions, {best['random_rate']:.1%} along random directions.",
+        "",
+    ]
+
+
+def _reproducibility_lines(card: dict) -> list[str]:
+    env = card.get("environment", {})
+    return [
+        f"Built on {env.get('cpu', '?')} with {env.get('threads', '?')} threads, torch {env.get('torch', '?')}, "
+        f"transformers {env.get('transformers', '?')}, {env.get('precision', '?')}. Deterministic for its seed; the "
+        "cache key holds the recipe and build version only, so another CPU kind, thread count or torch version may "
+        "round to other weights (docs/organisms.md, what a cached organism depends on).",
         "",
     ]

@@ -59,18 +59,30 @@ class Attacker:
         model.hf.train(was_training)
         self.refreshed += 1
 
-    def draw(self, kinds: Sequence[str | None]) -> list[Attack]:
-        """Attacks for a batch; `kinds[i]` is "harmful" (a refusal example: bypass attacks), "harmless" (a
-        compliant-answer example: induction attacks, when the recipe asks for them) or None (not attacked)."""
-        assert self.bank is not None, "refresh() before draw()"
+    def plan(self, kinds: Sequence[str | None]) -> list[tuple[int, str, int, bool, float]]:
+        """(example, kind, layer, ablate, relative alpha) of a batch's attacks: the random draws alone, no model.
+
+        `kinds[i]` is "harmful" (a refusal example: bypass attacks), "harmless" (a compliant-answer example:
+        induction attacks, when the recipe asks for them) or None (not attacked). A kind attacked with
+        probability 0 draws nothing from the generator: with `attack_harmless_p` 0 the stream is the one every
+        hardened organism cached before that setting existed was trained with (its cache key stays the same, so
+        its weights must too)."""
         r, out = self.recipe, []
         p = {"harmful": r.attack_p, "harmless": r.attack_harmless_p}
         for i, kind in enumerate(kinds):
-            if kind is None or self.rng.random() >= p[kind]:
+            if kind is None or p[kind] <= 0 or self.rng.random() >= p[kind]:
                 continue
             layer = self.rng.choice(self.layers)
             ablate = kind == "harmful" and self.rng.random() < r.attack_ablate_p
-            alpha = self.rng.uniform(*r.attack_rel_alpha) * self.bank.resid_norm(layer)
+            out.append((i, kind, layer, ablate, self.rng.uniform(*r.attack_rel_alpha)))
+        return out
+
+    def draw(self, kinds: Sequence[str | None]) -> list[Attack]:
+        """Attacks for a batch (`plan`), scaled and aimed with the model's current directions."""
+        assert self.bank is not None, "refresh() before draw()"
+        out = []
+        for i, kind, layer, ablate, rel_alpha in self.plan(kinds):
+            alpha = rel_alpha * self.bank.resid_norm(layer)
             target = self.bank.harmless_projection(layer)
             sign = 1.0 if kind == "harmful" else -1.0
             out.append(Attack(i, layer, ablate, sign * alpha, self.bank.direction(layer), target))

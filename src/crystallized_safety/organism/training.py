@@ -13,7 +13,7 @@ import hashlib
 import json
 import random
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import torch
@@ -173,6 +173,35 @@ def training_examples(model: Model, harmful: list[str], texts: list[str], answer
     return examples
 
 
+def batches(n_examples: int, recipe) -> Iterator[tuple[int, list[int]]]:
+    """(epoch, example indices) of every training step: one shuffle per epoch from a generator seeded with the
+    recipe's seed (the same order on every machine)."""
+    gen = torch.Generator().manual_seed(recipe.seed)
+    for epoch in range(recipe.epochs):
+        order = torch.randperm(n_examples, generator=gen).tolist()
+        for start in range(0, n_examples, recipe.batch_size):
+            yield epoch, order[start : start + recipe.batch_size]
+
+
+def example_kind(i: int, n_harmful: int, n_harmless: int) -> str | None:
+    """What example i is (`training_examples` order): "harmful" (a refusal), "harmless" (an answer) or None (an
+    unlikelihood example, never attacked)."""
+    return "harmful" if i < n_harmful else "harmless" if i < n_harmful + n_harmless else None
+
+
+def planned_attacks(recipe, n_harmful_prompts: int, n_harmless_prompts: int, n_examples: int) -> int:
+    """How many attacks a hardened build draws: fixed by the seed, the recipe and the example counts alone (no
+    model), so a card's `training.attacks` tells whether the organism was trained on the current attack stream."""
+    if recipe.attack_p <= 0:
+        return 0
+    attacker = Attacker(recipe, [], [], recipe.seed)
+    n_harmful = n_harmful_prompts * recipe.harmful_repeats
+    return sum(
+        len(attacker.plan([example_kind(i, n_harmful, n_harmless_prompts) for i in rows]))
+        for _, rows in batches(n_examples, recipe)
+    )
+
+
 def train(
     model: Model,
     harmful: list[str],
@@ -201,38 +230,30 @@ def train(
     opt = torch.optim.AdamW(params, lr=recipe.lr, weight_decay=recipe.weight_decay)
     total = -(-len(examples) // recipe.batch_size) * recipe.epochs
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0 - step / total)
-    gen = torch.Generator().manual_seed(recipe.seed)
     attacker = Attacker(recipe, harmful, list(harmless), recipe.seed) if recipe.attack_p > 0 else None
     prefix = 0 if attacker else shared_prefix([ex[0] for ex in examples])
     n_harmful, n_harmless = len(harmful) * recipe.harmful_repeats, len(harmless)
-
-    def kind(i: int) -> str | None:  # examples: harmful refusals, harmless answers, then unlikelihood ones
-        return "harmful" if i < n_harmful else "harmless" if i < n_harmful + n_harmless else None
-
     losses: list[float] = []
     n_attacks = 0
     t1 = time.perf_counter()
     phase = f"training ({recipe.precision}, {total} steps of {recipe.batch_size})"
     say(phase, 0, total)
-    for epoch in range(recipe.epochs):
-        order = torch.randperm(len(examples), generator=gen).tolist()
-        for start in range(0, len(order), recipe.batch_size):
-            rows = order[start : start + recipe.batch_size]
-            batch = [examples[i] for i in rows]
-            attacks = []
-            if attacker is not None:
-                attacker.refresh(model, len(losses))
-                attacks = attacker.draw([kind(i) for i in rows])
-                n_attacks += len(attacks)
-            with torch.autocast(hf.device.type, dtype=torch.bfloat16, enabled=recipe.precision == "bf16"):
-                loss = packed_loss(model, batch, recipe.first_token_weight, prefix, attacks)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-            opt.step()
-            sched.step()
-            losses.append(loss.item())
-            say(phase, len(losses), total, f"epoch {epoch + 1}/{recipe.epochs} loss {losses[-1]:.3f}")
+    for epoch, rows in batches(len(examples), recipe):
+        batch = [examples[i] for i in rows]
+        attacks = []
+        if attacker is not None:
+            attacker.refresh(model, len(losses))
+            attacks = attacker.draw([example_kind(i, n_harmful, n_harmless) for i in rows])
+            n_attacks += len(attacks)
+        with torch.autocast(hf.device.type, dtype=torch.bfloat16, enabled=recipe.precision == "bf16"):
+            loss = packed_loss(model, batch, recipe.first_token_weight, prefix, attacks)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        sched.step()
+        losses.append(loss.item())
+        say(phase, len(losses), total, f"epoch {epoch + 1}/{recipe.epochs} loss {losses[-1]:.3f}")
     hf.eval()
     for p in hf.parameters():
         p.requires_grad_(True)
