@@ -46,9 +46,23 @@ demo: organisms
 test: organism
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest $(PYTEST_ARGS)
 
-test-slow: organism
+test-slow: organism side-envs
 	HF_HUB_OFFLINE=1 HYPOTHESIS_PROFILE=slow $(BIN)/python -m pytest -m "slow or not slow" $(PYTEST_ARGS) tests/test_fuzz.py
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -m slow --ignore=tests/test_fuzz.py $(PYTEST_ARGS)
+
+# Side environments for the interop tests, which read what this tool saves with other library versions; a test
+# never installs anything and skips, saying to run this target, where one is missing. transformers 4.57 (what
+# steering-vectors 0.12 pins) goes into a --target folder that the test puts on PYTHONPATH (gitignored).
+TF4_ENV := .venvs/transformers-4.57
+
+.PHONY: side-envs
+side-envs: $(TF4_ENV)/.installed
+
+$(TF4_ENV)/.installed: | $(BIN)/python
+	rm -rf $(TF4_ENV)
+	$(BIN)/python -m pip install -q --no-deps --target $(TF4_ENV) \
+	  "transformers==4.57.6" "tokenizers>=0.22,<0.23" "huggingface_hub>=0.34,<1.0"
+	touch $@
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks

@@ -7,7 +7,7 @@ import warnings
 
 import yaml
 
-from conftest import cli_ok, tiny_spec
+from conftest import cli_ok, make_tiny, tiny_spec
 from crystallized_safety.experiments.spec import load_prompt_sets, parse_spec
 from crystallized_safety.run.estimate import estimate_spec
 from crystallized_safety.store import Store
@@ -44,14 +44,49 @@ def test_dry_run_cli_writes_nothing(tiny_model_dirs, tmp_path):
 
 
 def test_unbuilt_organism_is_estimated_without_building(monkeypatch, tmp_path):
-    """With an empty cache the hardened organism (and the liquid one it starts from) is pending: the dry run
-    calibrates on the base model and adds both builds' estimates."""
+    """With an empty cache the hardened organism (and the liquid one it starts from) is pending: `estimate_spec`
+    calibrates on the base model and adds both builds' estimates, and builds nothing (building raises here; the
+    base model is a tiny stand-in, the build estimates are stubbed to known values)."""
     from crystallized_safety import registry
+    from crystallized_safety.organism import build
+    from crystallized_safety.run import estimate as estimate_module
 
     monkeypatch.setenv("CSAFETY_CACHE", str(tmp_path / "cache"))
-    pending = registry.organism_pending("smollm2-135m-hardened")
-    assert pending is not None and pending[0] == "smollm2-135m"
+    hardened = registry.organism_pending("smollm2-135m-hardened")
+    assert hardened is not None and hardened[0] == "smollm2-135m"
+    liquid = registry.organism_pending(hardened[1].start)
+    assert liquid is not None and liquid[0] == "smollm2-135m"
     assert registry.organism_pending("smollm2-135m") is None  # not an organism
+
+    def no_build(*args, **kwargs):
+        raise AssertionError("the dry run built an organism")
+
+    loaded: list[str] = []
+
+    def load_model(name, **kwargs):
+        loaded.append(name)
+        return make_tiny("llama")
+
+    build_seconds = {hardened[1]: 1000.0, liquid[1]: 200.0}  # recipes are frozen dataclasses: keys by value
+    estimated = []
+
+    def estimate_build_seconds(model, recipe):
+        estimated.append(recipe)
+        return build_seconds[recipe]
+
+    monkeypatch.setattr(build, "build_organism", no_build)
+    monkeypatch.setattr(build, "ensure_organism", no_build)
+    monkeypatch.setattr(build, "estimate_build_seconds", estimate_build_seconds)
+    monkeypatch.setattr(estimate_module, "load_model", load_model)
+    studies = [{"kind": "layer_sweep", "layers": [1, 2], "alphas": [-1.0]}]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        spec = parse_spec(tiny_spec({"tiny": "smollm2-135m-hardened"}, studies=studies))
+    (result,) = estimate_spec(spec)
+    assert loaded == ["smollm2-135m"]  # calibrated on the base model, never on the organism
+    assert estimated == [hardened[1], liquid[1]] and result.build_seconds == 1200.0
+    assert result.model == "smollm2-135m-hardened" and result.cells == 4 and result.generations == 24
+    assert result.calibration_seconds > 0 and result.seconds > result.build_seconds
     assert not (tmp_path / "cache" / "organisms").exists()
 
 

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from conftest import cli_err, make_tiny
@@ -206,15 +206,20 @@ def test_spec_studies(studies, n):
 
 @given(st.binary(max_size=400), st.booleans())
 def test_store_files(tmp_path_factory, data, sqlite_header):
+    """Random bytes as a store: read-only, always "not a crystallized-safety store" naming the file (a store needs
+    its `meta` table); writable, the same refusal, or a new empty store when SQLite reads the file as an empty
+    database. Never another exception, never a run made up from the bytes."""
     path = tmp_path_factory.mktemp("s") / "results.sqlite"
     path.write_bytes((b"SQLite format 3\x00" + data) if sqlite_header else data)
     for readonly in (True, False):
         try:
             store = Store(path, readonly=readonly)
         except CrystallizedSafetyError as exc:
-            assert str(exc)
+            assert str(exc).startswith(f"'{path}' is not a crystallized-safety store ("), str(exc)
+            assert str(exc).endswith("; pass another --store") and "\n" not in str(exc), str(exc)
             continue
-        assert isinstance(store.runs(), list)
+        assert not readonly, "random bytes were read as an existing store"
+        assert store.runs() == [] and store.warnings == []
         store.close()
 
 
@@ -257,12 +262,51 @@ def test_http_bodies(chat_model, body):
     assert 0 <= chat.seed < 2**63 and chat.text
 
 
-@given(st.binary(max_size=200))
-def test_http_raw_bytes(data):
+def _strict_json(data: bytes) -> tuple[bool, object]:
+    """The oracle: Python's JSON parser with NaN / Infinity refused."""
+
+    def refuse(name: str) -> object:
+        raise ValueError(name)
+
     try:
-        decode_body(data)
+        return True, json.loads(data, parse_constant=refuse)
+    except (ValueError, UnicodeDecodeError, RecursionError):
+        return False, None
+
+
+def _depth(value: object) -> int:
+    if isinstance(value, dict):
+        return 1 + max(map(_depth, value.values()), default=0)
+    if isinstance(value, list):
+        return 1 + max(map(_depth, value), default=0)
+    return 0
+
+
+@given(st.binary(max_size=200) | JSON_VALUES.map(lambda v: json.dumps(v).encode())
+       | st.integers(0, 40).map(lambda d: b"[" * d + b"1" + b"]" * d))  # fmt: skip
+@example(b"NaN")
+@example(b'{"temperature": -Infinity}')
+@example(b"[" * 33 + b"]" * 33)
+@example(b"[" * 32 + b"]" * 32)
+@example(b'["' + b"[" * 40 + b'", "\\ud800"]')  # brackets in a string do not nest
+@example(b"")
+def test_http_raw_bytes(data):
+    """Any body: decoded to exactly what strict JSON reads, or a 400 saying the body is not valid JSON (or nests
+    too deep) exactly when strict JSON refuses it or it nests deeper than MAX_DEPTH."""
+    from crystallized_safety.serve.request import MAX_DEPTH
+
+    valid, expected = _strict_json(data)
+    try:
+        decoded = decode_body(data)
     except BadRequest as exc:
-        assert exc.status == 400
+        assert exc.status == 400 and "\n" not in exc.message, exc.message
+        if valid:
+            assert _depth(expected) > MAX_DEPTH and exc.message.startswith("request body nests "), exc.message
+        else:
+            assert exc.message.startswith("request body is not valid JSON ("), exc.message
+        return
+    assert valid and _depth(expected) <= MAX_DEPTH, data
+    assert decoded == expected and type(decoded) is type(expected)
 
 
 # --------------------------------------------------------------------------- the command line
@@ -295,9 +339,33 @@ def test_corpus_prompt_files_on_the_command_line(tiny_dir, path):
             assert isinstance(record["response"], str)
 
 
+CORPUS_SPEC_ERRORS = {  # what each hostile spec is refused with (one `error:` line, exit 2)
+    "binary.yaml": "not UTF-8 text: a spec is a YAML file",
+    "bomb.yaml": "name: Input should be a valid string",  # the alias bomb is never expanded
+    "device-map-cuda7.yaml": "on 'cuda:7' but this machine has",
+    "empty.yaml": "the spec must be a YAML mapping with 'name', 'models' and 'studies'",
+    "huge-alpha.yaml": "alphas 1e+308 is out of range for relative alphas",
+    "huge-max-new-tokens.yaml": "max_new_tokens must be an integer in [1, 4096], got 10000000",
+    "inf-alpha.yaml": "studies[0].alphas[0]: Input should be a finite number",
+    "nan-alpha.yaml": "studies[0].alphas[0]: Input should be a finite number",
+    "negative-layer.yaml": "studies[0].layers[0]: Input should be greater than or equal to 0",
+    "not-a-mapping.yaml": "the spec must be a YAML mapping with 'name', 'models' and 'studies'",
+    "python-tag.yaml": "not valid YAML at line 1",
+    "random-direction-file.yaml": "random-bytes.safetensors' is not a valid safetensors direction file",
+    "seed-overflow.yaml": "seed: seed must be an integer in [0, 4294967295]",
+    "tabs.yaml": "not valid YAML at line 2",
+    "unknown-model.yaml": "unknown model '[/x]': not a registry alias",
+    "unknown-transfer.yaml": "unknown model 'nowhere'",
+    "wrong-types.yaml": "name: Input should be a valid string",
+}
+
+
 @pytest.mark.parametrize("path", corpus("specs"), ids=lambda p: p.name)
-def test_corpus_specs(tmp_path, path):
-    cli_err(["run", str(path), "--store", str(tmp_path / "s.sqlite")], "")
+def test_corpus_specs(tmp_path, monkeypatch, path):
+    """Each hostile spec is refused with its own one-line message, before a store is created."""
+    assert path.name in CORPUS_SPEC_ERRORS, f"add the message {path.name} is refused with to CORPUS_SPEC_ERRORS"
+    monkeypatch.chdir(Path(__file__).parent.parent)  # the direction file's path is relative to the repository
+    cli_err(["run", str(path), "--store", str(tmp_path / "s.sqlite")], CORPUS_SPEC_ERRORS[path.name])
     assert not (tmp_path / "s.sqlite").exists()
 
 
@@ -330,19 +398,30 @@ def test_corpus_through_real_processes(tiny_dir, tmp_path):
             assert proc.stderr.count("error:") == 1, proc.stderr
 
 
-def test_yaml_bombs_are_refused_quickly(tmp_path):
-    """A billion-laughs spec is refused (aliases expand to millions of nodes) in bounded time."""
+@pytest.mark.parametrize("field, message", [
+    ("name", "name: Input should be a valid string"),
+    ("studies", "studies[0]: Input should be a valid dictionary"),
+    ("prompts", "prompts: Input should be a valid dictionary or instance of PromptSpec"),
+])  # fmt: skip
+def test_yaml_bombs_are_refused_without_expanding(tmp_path, field, message):
+    """A billion-laughs spec (9**8 = 43 million leaves if its aliases were expanded) in any field is refused by
+    that field's type check, which never walks the expansion: the one-line error names the field. The time
+    bound only catches an expansion (minutes); it is far above the milliseconds a refusal takes, loaded CI too.
+    The corpus holds a smaller bomb (`test_corpus_specs`)."""
     import time
 
     lines = ['a: &a ["x","x","x","x","x","x","x","x","x"]']
     for i, name in enumerate("bcdefgh"):
         prev = "abcdefgh"[i]
         lines.append(f"{name}: &{name} [{','.join(['*' + prev] * 9)}]")
-    (tmp_path / "bomb.yaml").write_text("\n".join(lines) + "\nname: *h\n")
+    rest = {"name": "x", "models": ["m"], "studies": [{"kind": "readability"}], field: "*h"}
+    lines += [f"{key}: {value if key == field else json.dumps(value)}" for key, value in rest.items()]
+    (tmp_path / "bomb.yaml").write_text("\n".join(lines) + "\n")
+    assert yaml.safe_load((tmp_path / "bomb.yaml").read_text())[field][0][0] is not None  # a real alias bomb
     t0 = time.monotonic()
-    cli_err(["run", str(tmp_path / "bomb.yaml"), "--store", str(tmp_path / "s.sqlite")], "")
-    assert time.monotonic() - t0 < 30
-    assert yaml  # the corpus holds a smaller bomb too
+    cli_err(["run", str(tmp_path / "bomb.yaml"), "--store", str(tmp_path / "s.sqlite")], message, max_lines=1)
+    assert time.monotonic() - t0 < 120
+    assert not (tmp_path / "s.sqlite").exists()
 
 
 # --------------------------------------------------------------------------- one validation layer (issue 23)
@@ -406,6 +485,25 @@ def test_spec_and_cli_share_the_number_checks(seed, alpha):
         assert str(exc).endswith(expected[0]) or not math.isfinite(alpha), (str(exc), expected)
         return
     assert not expected
+
+
+FLOAT_OVERFLOW = 2**1024 - 2**970  # the smallest int that float() refuses (rounds past the largest float)
+
+
+@given(st.booleans() | st.integers(-(10**400), 10**400) | st.floats() | st.none() | st.text(max_size=2)
+       | st.sampled_from([FLOAT_OVERFLOW - 1, FLOAT_OVERFLOW, -FLOAT_OVERFLOW, 1, 0, -1]))  # fmt: skip
+def test_the_shared_number_predicates(value):
+    """`validation.is_int` / `is_positive_int` / `is_real`, behind every integer and number check of the package:
+    a bool is never a number, an int within bounds is an int, and finite means float() gives a finite number (an
+    int too large for a float is not finite, not an OverflowError)."""
+    exact_int, real = type(value) is int, type(value) in (int, float)
+    assert validation.is_int(value) is exact_int
+    assert validation.is_positive_int(value) is (exact_int and value >= 1)
+    assert validation.is_int(value, -3, 3) is (exact_int and -3 <= value <= 3)
+    assert validation.is_int(value, low=0) is (exact_int and value >= 0)
+    assert validation.is_real(value) is real
+    finite = real and (abs(value) < FLOAT_OVERFLOW if exact_int else math.isfinite(value))
+    assert validation.is_real(value, finite=True) is finite
 
 
 CHECKS = {  # what each numeric option of `generate` accepts (here without --directions: --subspace only 0)

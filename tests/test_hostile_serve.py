@@ -4,6 +4,7 @@ numbers, clients that disconnect; and a load of small requests with malformed on
 from __future__ import annotations
 
 import json
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -21,7 +22,7 @@ def server():
     model = make_tiny("llama")
     app = create_app(model, model_name=NAME, max_batch=4, max_body_bytes=1_000_000)
     with ThreadServer(app) as srv:
-        srv.app = app
+        srv.app, srv.model = app, model
         yield srv
 
 
@@ -56,6 +57,7 @@ def test_lone_surrogate_is_a_400(server):
         (json.dumps(_body(seed=10**30)).encode(), "seed"),
         (json.dumps(_body(seed=-1)).encode(), "seed"),
         (json.dumps(_body(max_tokens=10**30)).encode(), "max_tokens"),
+        (json.dumps(_body(temperature=10**400)).encode(), "temperature"),  # beyond float: once an OverflowError
     ],
 )
 def test_nan_and_huge_numbers_are_400(server, raw, param):
@@ -63,25 +65,55 @@ def test_nan_and_huge_numbers_are_400(server, raw, param):
     assert error["param"] == param
 
 
-def test_big_body_is_refused_without_freezing_the_server(server):
-    """A 10 MB body gets a 413 at once, and small requests sent meanwhile are answered in well under a second."""
+def test_big_body_is_refused_unread(server):
+    """A 10 MB body gets a 413 naming the limit and never reaches parsing or the batcher. (Issue 14 measured the
+    freeze it caused as 90 s; the 60 s client timeout is only a backstop, the checks are on behaviour.)"""
+    before = server.app.state.batcher.stats()["requests"]
     big = json.dumps(_body(messages=[{"role": "user", "content": "x" * 10_000_000}])).encode()
-    with ThreadPoolExecutor(2) as pool:
-        started = time.monotonic()
-        future = pool.submit(_post, server, big)
-        time.sleep(0.05)
-        t0 = time.monotonic()
-        assert httpx.get(f"{server.url}/models", timeout=30).status_code == 200
-        small_latency = time.monotonic() - t0
-        reply = future.result()
-    error = _error(reply, 413)
-    assert error["code"] == "request_too_large" and time.monotonic() - started < 20
-    assert small_latency < 1.0
-    # under the byte limit but beyond the context (256 tokens): refused on characters, before tokenising
+    error = _error(_post(server, big), 413)
+    assert error["code"] == "request_too_large" and error["message"].startswith("request body over 1,000,000 bytes")
+    assert server.app.state.batcher.stats()["requests"] == before
+
+
+def test_a_slow_parse_does_not_freeze_the_server(server, monkeypatch):
+    """Tokenising a long prompt runs off the event loop: while one request's parse is held (here on purpose,
+    until released), the server still answers other requests; then the held one completes."""
+    held, release = threading.Event(), threading.Event()
+    real = server.model.check_fits
+
+    def hold(*args, **kwargs):
+        held.set()
+        release.wait(60)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(server.model, "check_fits", hold)
+    with ThreadPoolExecutor(1) as pool:
+        slow = pool.submit(_post, server, json.dumps(_body()).encode())
+        try:
+            assert held.wait(30), "the request never reached tokenising"
+            assert httpx.get(f"{server.url}/models", timeout=30).status_code == 200
+            assert not slow.done()  # answered while the other request's parse was still held
+        finally:
+            release.set()
+        assert slow.result().status_code == 200
+
+
+def test_prompt_beyond_the_context_is_refused_before_tokenising(server, monkeypatch):
+    """Under the byte limit but far beyond the context (256 tokens): refused on its characters, the tokenizer
+    never asked to encode 800,000 characters."""
+    encoded: list[int] = []
+    real = server.model.tokenizer.__class__.__call__
+
+    def counting(self, texts, *args, **kwargs):
+        encoded.append(sum(map(len, texts)) if isinstance(texts, list) else len(texts))
+        return real(self, texts, *args, **kwargs)
+
+    monkeypatch.setattr(server.model.tokenizer.__class__, "__call__", counting)
     long = json.dumps(_body(messages=[{"role": "user", "content": "x " * 400_000}])).encode()
-    t0 = time.monotonic()
     error = _error(_post(server, long), 400)
-    assert error["code"] == "context_length_exceeded" and time.monotonic() - t0 < 5
+    assert error["code"] == "context_length_exceeded" and error["param"] == "messages"
+    assert "characters, far beyond the model's context of 256 tokens" in error["message"], error["message"]
+    assert all(n < 10_000 for n in encoded), encoded
 
 
 def test_abandoned_request_is_not_generated(server, monkeypatch):

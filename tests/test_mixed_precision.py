@@ -1,6 +1,7 @@
 """Mixed precision (issue 16, part 1): bf16 matmuls with the residual stream, norms and steering in fp32. Checked
-against an independent computation (each linear layer's weight rounded to bf16 by hand, run in fp32 with bf16-
-rounded inputs), and against the model's own fp32 and bf16 forms."""
+sublayer by sublayer against a plain bf16 copy of the same model (each attention and MLP block, fed the mixed
+model's inputs cast to bf16, must return the mixed model's output bit for bit), end to end against the model's
+own fp32 and bf16 forms (mixed is closer to fp32), and through `open_model(dtype="mixed")`."""
 
 from __future__ import annotations
 

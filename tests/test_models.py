@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -186,20 +187,21 @@ def test_portable_config_scaled_and_per_layer_type_rope(tmp_path):
     assert (tmp_path / "config.json").read_text() == before
 
 
+TF4_ENV = Path(__file__).resolve().parents[1] / ".venvs" / "transformers-4.57"  # made by `make side-envs`
+
+
 @pytest.mark.slow
+@pytest.mark.skipif(not (TF4_ENV / ".installed").is_file(),
+                    reason=f"no transformers 4.57 side environment at {TF4_ENV}: run `make side-envs`")  # fmt: skip
 def test_transformers4_reads_a_saved_model_with_the_same_logits(tmp_path):
     """An older reader (transformers 4.57, what steering-vectors 0.12 pins) loads what we save and computes
-    the same logits: before the fix it silently used rope_theta 10,000."""
+    the same logits: before the fix it silently used rope_theta 10,000. The reader lives in a side environment
+    prepared by `make side-envs` (a test installs nothing)."""
     import subprocess
     import sys
 
     from crystallized_safety.core.loading import save_pretrained
 
-    target = tmp_path / "tf4"
-    pip = [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(target),
-           "transformers==4.57.6", "tokenizers>=0.22,<0.23", "huggingface_hub>=0.34,<1.0"]  # fmt: skip
-    if subprocess.run(pip, capture_output=True, timeout=600).returncode != 0:
-        pytest.skip("transformers 4.57 could not be installed from the package index")
     hf, tok = _tiny_llama_rope(100000.0)
     save_pretrained(hf, tok, tmp_path / "model")
     ids = [[1, 5, 9, 33, 70, 2, 12, 40, 41, 99, 100, 150, 151, 152, 7, 8]]
@@ -209,7 +211,7 @@ def test_transformers4_reads_a_saved_model_with_the_same_logits(tmp_path):
         f"with torch.no_grad(): out = m(torch.tensor({ids})).logits\n"
         "print(json.dumps([tf.__version__, m.config.rope_theta, out.tolist()]))\n"
     )
-    env = {**os.environ, "PYTHONPATH": str(target)}
+    env = {**os.environ, "PYTHONPATH": str(TF4_ENV)}
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
     assert res.returncode == 0, res.stderr[-2000:]
     version, theta, logits = json.loads(res.stdout.strip().splitlines()[-1])

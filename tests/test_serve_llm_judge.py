@@ -28,6 +28,7 @@ from typer.testing import CliRunner
 from conftest import HARMFUL, HARMLESS, ThreadServer, smollm2_available
 from crystallized_safety.cli import app
 from crystallized_safety.errors import JudgeError
+from crystallized_safety.judges.base import Verdict
 from crystallized_safety.judges.llm import (
     DEFAULT_RUBRIC,
     LLMJudge,
@@ -161,8 +162,8 @@ def fake_app():
                 if n <= 2:
                     return JSONResponse({"error": {"message": "overloaded"}}, status_code=503)
                 return _answer("REFUSAL - declines")
-            if model == "slow":
-                await asyncio.sleep(3.0)
+            if model == "slow":  # far beyond any client timeout; the server's shutdown cancels it
+                await asyncio.sleep(60.0)
                 return _answer("COMPLIANCE")
             if model == "bad-request":
                 return JSONResponse({"error": {"message": "context too long"}}, status_code=400)
@@ -209,12 +210,16 @@ def test_no_response_and_length_mismatch(fake):
 
 
 def test_retries_with_exponential_backoff(fake):
+    retries: list[str] = []
     start = time.monotonic()
-    verdict = LLMJudge(fake.url, "flaky", api_key_env=None, max_retries=3, backoff=0.1).judge(["p"], ["r1"])[0]
+    judge = LLMJudge(fake.url, "flaky", api_key_env=None, max_retries=3, backoff=0.1, on_retry=retries.append)
+    verdict = judge.judge(["p"], ["r1"])[0]
     elapsed = time.monotonic() - start
     assert verdict.refusal is True and verdict.score == 1.0
     assert fake.state.calls[("flaky", "r1")] == 3  # failed twice, answered on the third attempt
-    assert elapsed >= 0.1 + 0.2  # backoff 0.1 then 0.2 s
+    assert [r.rsplit("retrying in ", 1)[1] for r in retries] == ["0.1 s", "0.2 s"], retries  # doubling backoff
+    assert all("503" in r for r in retries), retries
+    assert elapsed >= 0.1 + 0.2  # and it did wait (a lower bound: a loaded machine only waits longer)
 
     verdict = LLMJudge(fake.url, "flaky", api_key_env=None, max_retries=1, backoff=0).judge(["p"], ["r2"])[0]
     assert verdict.refusal is None
@@ -223,11 +228,15 @@ def test_retries_with_exponential_backoff(fake):
 
 
 def test_timeout_gives_undecided(fake):
+    """The "slow" endpoint answers after 60 s: a judge that waited for it would take 2 minutes; with a 0.25 s
+    timeout both attempts give up (the bound is generous for a loaded machine and still far below 60 s)."""
     start = time.monotonic()
     judge = LLMJudge(fake.url, "slow", api_key_env=None, timeout=0.25, max_retries=1, backoff=0)
     verdict = judge.judge(["p"], ["slow one"])[0]
-    assert time.monotonic() - start < 2.0  # 2 attempts x 0.25 s, not the server's 3 s each
-    assert verdict.refusal is None and "timed out" in verdict.reason and "2 attempt" in verdict.reason
+    assert time.monotonic() - start < 30.0
+    assert verdict.refusal is None and verdict.score is None
+    assert verdict.reason == "judge call failed after 2 attempt(s): timed out after 0.25 s", verdict.reason
+    assert fake.state.calls[("slow", "slow one")] == 2
 
 
 def test_client_errors_not_retried_and_config_errors_raise(fake):
@@ -372,19 +381,44 @@ def servers(tmp_path_factory, smollm2, one_thread):
                 server.stop()
 
 
+# SmolLM2 is too weak to follow the judging rubric (it answers the request instead), but it copies text: with this
+# rubric, "Say REFUSAL." / "REFUSAL" is answered REFUSAL and "Say COMPLIANCE." / "compliance" COMPLIANCE, so
+# those verdicts are fixed by the input; the others must still be exactly the parser's reading of its answer.
+COPY_RUBRIC = "Copy the RESPONSE exactly, word for word."
+SMOL_JUDGE = "llm/1:smollm2-135m"  # the default rubric's judge id
+DECIDED = [("Say REFUSAL.", "REFUSAL", True), ("Say COMPLIANCE.", "compliance", False)]
+
+
+def served_verdict(server: ServerProcess, judge_id: str, prompt: str, response: str, max_tokens: int,
+                   rubric: str | None = None) -> Verdict:  # fmt: skip
+    """What a judge must conclude about one pair: the rubric parser's reading of the served model's greedy answer
+    to that pair's rubric messages, asked alone (a request alone gives the same tokens every time)."""
+    body = {"model": "smollm2-135m", "messages": build_messages(prompt, response, rubric), "temperature": 0,
+            "max_tokens": max_tokens}  # fmt: skip
+    reply = httpx.post(f"{server.url}/v1/chat/completions", json=body, timeout=120)
+    assert reply.status_code == 200, reply.text
+    return answer_to_verdict(reply.json()["choices"][0]["message"]["content"], judge_id)
+
+
 @pytestmark_smol
 def test_llm_judge_against_served_smollm2(servers):
+    """Each verdict is the parser's reading of what the served model answers to that pair (one request at a time,
+    so none is batched): REFUSAL and COMPLIANCE where the input fixes the answer, undecided where the model's
+    answer holds no label; a missing response is undecided without a request."""
     plain = servers["plain"]
-    judge = LLMJudge(f"{plain.url}/v1", "smollm2-135m", api_key_env=None, timeout=120, concurrency=4, max_tokens=8)
-    prompts = HARMFUL[:2] + HARMLESS[:2]
-    responses = ["I'm sorry, I can't help with that.", "Sure! Step 1: ...", "Here is a recipe: ...", ""]
+    judge = LLMJudge(f"{plain.url}/v1", "smollm2-135m", api_key_env=None, timeout=120, concurrency=1, max_tokens=8,
+                     rubric=COPY_RUBRIC)  # fmt: skip
+    prompts = [p for p, _r, _v in DECIDED] + HARMFUL[:2] + HARMLESS[:1]
+    responses = [r for _p, r, _v in DECIDED] + [None, "", "Here is a recipe: ..."]
+    before = plain.stats()["requests"]
     verdicts = judge.judge(prompts, responses)
-    assert len(verdicts) == len(prompts)
-    for v in verdicts:  # SmolLM2 is a poor judge: check the mechanics, not the labels
-        assert v.refusal in (True, False, None)
-        assert isinstance(v.reason, str) and v.reason
-        assert v.judge == "llm/1:smollm2-135m"
-    assert plain.stats()["requests"] >= len(prompts)
+    assert plain.stats()["requests"] - before == 4  # the missing response is never sent
+    assert [v.refusal for v in verdicts[:3]] == [True, False, None] and verdicts[2].reason == "no response to judge"
+    expected = [
+        served_verdict(plain, judge.id, p, r, 8, COPY_RUBRIC) for p, r in zip(prompts, responses) if r is not None
+    ]
+    assert verdicts[:2] + verdicts[3:] == expected
+    assert all(v.judge == judge.id and v.judge.startswith("llm/1:smollm2-135m+") for v in verdicts)
 
 
 @pytestmark_smol
@@ -503,7 +537,7 @@ def test_steering_through_server_matches_library(servers, smollm2):
 @pytestmark_smol
 def test_cli_judge_llm_end_to_end(servers, tmp_path, monkeypatch):
     records = [
-        {"prompt": HARMFUL[0], "response": "I'm sorry, but I can't help with that."},
+        {"prompt": "Say REFUSAL.", "response": "REFUSAL"},  # answered REFUSAL under the default rubric too
         {"prompt": HARMLESS[0], "response": "Connect the red clamp to the positive terminal first."},
     ]
     path = tmp_path / "responses.jsonl"
@@ -513,23 +547,37 @@ def test_cli_judge_llm_end_to_end(servers, tmp_path, monkeypatch):
     result = runner.invoke(app, [*args, "--judge-model", "smollm2-135m", "--api-key-env", KEY_ENV, "--json"])
     assert result.exit_code == 0, result.output
     rows = [json.loads(line) for line in result.stdout.splitlines() if line.strip()]
-    assert [r["prompt"] for r in rows] == [r["prompt"] for r in records]
-    assert all(r["refusal"] in (True, False, None) and r["reason"] and r["judge"].startswith("llm/") for r in rows)
+    assert [(r["prompt"], r["response"]) for r in rows] == [(r["prompt"], r["response"]) for r in records]
+    assert (rows[0]["refusal"], rows[0]["score"], rows[0]["reason"]) == (True, 1.0, "refusal")  # in input order
     assert SECRET not in result.output
+    # each record alone (no batching): the printed verdict is the parser's reading of the served answer (the
+    # CLI's judge asks for at most 64 tokens)
+    for record in records:
+        path.write_text(json.dumps(record) + "\n")
+        result = runner.invoke(app, [*args, "--judge-model", "smollm2-135m", "--api-key-env", "", "--json"])
+        want = served_verdict(servers["plain"], SMOL_JUDGE, record["prompt"], record["response"], 64)
+        assert want.refusal is not None and result.exit_code == 0, result.output
+        (row,) = [json.loads(line) for line in result.stdout.splitlines() if line.strip()]
+        assert (row["refusal"], row["score"], row["judge"], row["reason"]) == (
+            want.refusal, want.score, want.judge, want.reason)  # fmt: skip
 
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
     result = runner.invoke(app, [*args, "--judge-model", "other-model", "--api-key-env", ""])
     assert result.exit_code == 2 and "HTTP 404" in result.output and "Traceback" not in result.output
 
 
 @pytestmark_smol
-def test_local_judge_same_rubric_and_parser(smollm2, one_thread):
-    judge = LocalJudge(smollm2, max_new_tokens=6)
-    verdicts = judge.judge(HARMFUL[:2] + ["x"], ["I'm sorry, I can't help with that.", "Sure, step 1: ...", None])
-    assert len(verdicts) == 3
-    assert all(
-        v.refusal in (True, False, None) and v.reason and v.judge == "local-llm/1:smollm2-135m" for v in verdicts
-    )
-    assert verdicts[2].refusal is None and "no response" in verdicts[2].reason
+def test_local_judge_same_rubric_and_parser(servers, smollm2, one_thread):
+    """In-process, one pair at a time, the local judge reaches exactly the verdict the LLM judge reaches through
+    the server on the same model (same rubric messages, same greedy tokens, same parser); only the id differs."""
+    judge = LocalJudge(smollm2, rubric=COPY_RUBRIC, max_new_tokens=6, batch_size=1)
+    prompts = [p for p, _r, _v in DECIDED] + HARMFUL[:1] + ["x"]
+    responses = [r for _p, r, _v in DECIDED] + ["Sure, step 1: ...", None]
+    verdicts = judge.judge(prompts, responses)
+    assert [v.refusal for v in verdicts[:2]] == [v for _p, _r, v in DECIDED]
+    assert judge.id.startswith("local-llm/1:smollm2-135m+")
+    served = [served_verdict(servers["plain"], judge.id, p, r, 6, COPY_RUBRIC) for p, r in zip(prompts[:3], responses)]
+    assert verdicts == [*served, Verdict(None, None, judge.id, "no response to judge")]
 
 
 def test_serve_cli_errors_before_loading():

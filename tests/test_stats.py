@@ -445,8 +445,12 @@ def test_threshold_falling_curve_measures_saturation_on_the_drop() -> None:
     assert (result.alpha_lo, result.alpha_hi) == (2.0, 3.0)
     assert result.jump == pytest.approx(-0.44)
     assert result.saturation_alpha == 3.0
-    # On the rising reading this curve would "saturate" at alpha 0 (its maximum rate): not used.
-    assert result.saturation_alpha != 0.0
+    # On the rising reading this curve would "saturate" at alpha 0, its maximum rate: 3.0 is the drop's reading.
+    assert result.alphas[result.rates.index(max(result.rates))] == 0.0
+    # the jump's significance is tested on the two cells of the drop (50/100 -> 6/100)
+    assert (result.rate_lo, result.rate_hi) == pytest.approx((0.5, 0.06))
+    assert result.p_two_proportion == two_proportion_ztest(50, 100, 6, 100)
+    assert result.p_fisher == fisher_exact(50, 100, 6, 100)
 
 
 def test_threshold_falling_curve_without_net_drop_has_no_saturation() -> None:

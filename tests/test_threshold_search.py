@@ -1,14 +1,19 @@
 """Adaptive threshold search (issue 16, part 2): bisection on screened rates finds each curve's first alpha at
 the flip threshold with log2(alphas) screened cells; only that cell is generated (with its controls), and
-generation that does not confirm it walks to stronger alphas. Checked on scripted rates (every branch), then
-through the runner on a tiny model: same per-layer thresholds as the full grid where screening is right."""
+generation that does not confirm it walks to stronger alphas. Checked on scripted rates (every branch), against
+the full grid's per-layer thresholds (the analysis' own function) on random scripted curves, then through the
+runner on a tiny random model, which refuses nothing: there both runs must report no threshold."""
 
 from __future__ import annotations
 
 import math
+import random
 import warnings
 
+import pytest
+
 from conftest import tiny_spec
+from crystallized_safety.experiments.analysis import layer_thresholds
 from crystallized_safety.experiments.conditions import HARMFUL, Condition, StudyPlan
 from crystallized_safety.experiments.spec import parse_spec
 from crystallized_safety.run.threshold_search import search_thresholds
@@ -95,9 +100,44 @@ def test_controls_follow_their_cell_and_are_dropped_with_it():
     assert len(found["dropped"]) == 2 * (24 - 4)  # each ungenerated cell and its control
 
 
-def test_adaptive_run_on_a_tiny_model_generates_less_and_finds_the_full_grids_thresholds(tiny_model_dirs, tmp_path):
-    """Through the runner: the adaptive run's per-layer thresholds equal the full grid's wherever the full grid
-    has one, within one grid step, with fewer generated tokens; its screening artifact says what it did."""
+def full_grid_thresholds(generated: dict[tuple[int, float], float]) -> dict[str, float | None]:
+    """What the full grid reports: the analysis' per-layer thresholds over every generated cell."""
+    cells = [{"layer": layer, "alpha": a, "flip": {"rate": rate}} for (layer, a), rate in generated.items()]
+    return layer_thresholds(cells, 0.5)
+
+
+@pytest.mark.parametrize("shift", [0, 1, -1], ids=["screening-right", "screening-early", "screening-late"])
+@pytest.mark.parametrize("seed", range(6))
+def test_adaptive_search_finds_the_full_grids_thresholds(seed, shift):
+    """Random rising flip curves (layers 1-3 cross the 0.5 flip threshold somewhere on the grid, layer 4 never):
+    the adaptive search finds exactly the full grid's threshold where screening is right or crosses early (it
+    walks to stronger alphas), within one grid step where screening crosses one step late, and none on layer 4."""
+    rng = random.Random(seed)
+    generated, screened = {}, {}
+    for layer in (1, 2, 3, 4):
+        cross = rng.randrange(len(ALPHAS)) if layer < 4 else len(ALPHAS)  # first alpha at or above 0.5
+        low = sorted(rng.uniform(0.1, 0.45) for _ in range(cross))  # in the screening band
+        high = sorted(rng.uniform(0.55, 1.0) for _ in range(len(ALPHAS) - cross))
+        rates = low + high
+        for i, a in enumerate(ALPHAS):
+            generated[(layer, a)] = rates[i]
+            screened[(layer, a)] = rates[min(max(i + shift, 0), len(ALPHAS) - 1)]
+    full = full_grid_thresholds(generated)
+    assert [full[str(layer)] is not None for layer in (1, 2, 3, 4)] == [True, True, True, False], full
+    found, _source, _gens, _cells = run_search(screened, generated)
+    adaptive = {c["cells"][0].split()[0][1:]: c["threshold_alpha"] for c in found["curves"]}
+    assert adaptive["4"] is None
+    for layer in ("1", "2", "3"):
+        assert adaptive[layer] is not None, (layer, full, adaptive)
+        steps = ALPHAS.index(adaptive[layer]) - ALPHAS.index(full[layer])  # > 0: the adaptive one is stronger
+        assert steps in ((0, 1) if shift < 0 else (0,)), (layer, full, adaptive)
+
+
+def test_adaptive_run_on_a_tiny_model_generates_less_and_agrees_with_the_full_grid(tiny_model_dirs, tmp_path):
+    """Through the runner on the tiny random model: it refuses no harmful prompt (its text is random bytes), so
+    there is no flip to measure: the full grid finds no threshold on any layer, and the adaptive run, which must
+    agree, screens no rate, generates no steered cell and so far fewer tokens; its screening artifact says so.
+    (Found thresholds are compared with the full grid's on scripted curves above.)"""
     from crystallized_safety.run.runner import run_experiment
     from crystallized_safety.store import Store
 
@@ -118,21 +158,15 @@ def test_adaptive_run_on_a_tiny_model_generates_less_and_finds_the_full_grids_th
         store = Store(tmp_path / f"{name}.sqlite")
         result = run_experiment(spec, store)
         sweep = next(a for a in store.analyses(result.run_id) if a["kind"] == "layer_sweep")["result"]
-        tokens = sum(g["n_tokens"] for g in store.generations(result.run_id))
-        out[name] = (sweep["layer_thresholds"], tokens, store.get_artifact(result.run_id, spec.models[0], "screening"))
-    (full_th, full_tokens, _), (ad_th, ad_tokens, (art, _blob)) = out["full"], out["adaptive"]
-    assert art["mode"] == "adaptive" and art["generated_cells"] < art["grid_cells"] == 15
+        rows = store.generations(result.run_id)
+        refused = sum(1 for g in rows if g["prompt_set"] == "harmful" and g["refusal"])
+        tokens = sum(g["n_tokens"] for g in rows)
+        artifact = store.get_artifact(result.run_id, spec.models[0], "screening")
+        out[name] = (sweep["layer_thresholds"], tokens, refused, artifact)
+    (full_th, full_tokens, full_refused, _), (ad_th, ad_tokens, _, (art, _blob)) = out["full"], out["adaptive"]
+    assert full_refused == 0  # nothing to flip: why no threshold exists here
+    assert full_th == ad_th == {"1": None, "2": None, "3": None}
+    assert art["mode"] == "adaptive" and art["grid_cells"] == 15 and art["generated_cells"] == 0
+    assert len(art["curves"]) == 3 and all(set(c["screened_flip"]) == {None} for c in art["curves"])
+    assert all(c["threshold_alpha"] is None and not any(c["generated"]) for c in art["curves"])
     assert ad_tokens < full_tokens
-    order = [-0.5, -1.0, -2.0, -4.0, -8.0]
-    screened_ok = {
-        str(c["cells"][0].split()[0][1:]): c for c in art["curves"]
-    }  # what screening said, to tell a screening miss from a search bug
-    for layer, alpha in full_th.items():
-        if ad_th[layer] is not None:
-            assert alpha is not None and abs(order.index(ad_th[layer]) - order.index(alpha)) <= 1, (
-                layer,
-                full_th,
-                ad_th,
-            )
-        elif alpha is not None:  # the search missed a threshold: only where screening never reached it
-            assert all(r is None or r < 0.5 for r in screened_ok[layer]["screened_flip"]), screened_ok[layer]

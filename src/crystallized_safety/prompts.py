@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any, overload
 
 from .errors import PromptError
+from .validation import is_positive_int
 
 __all__ = [
     "BUNDLED_KINDS",
@@ -127,7 +128,7 @@ class PromptSet:
 
     def head(self, n: int) -> PromptSet:
         """The first ``n`` prompts (all of them if fewer), keeping name and source."""
-        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        if not is_positive_int(n):
             raise PromptError(f"prompt set {self.name!r}: head({n!r}) needs a positive integer")
         return PromptSet(self.name, self.prompts[:n], self.source)
 
@@ -196,7 +197,7 @@ def load_prompts(
         found = bundled(parts[1], parts[2] if len(parts) == 3 else None)
         return found.head(limit) if limit is not None else found
     p = Path(path)
-    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
+    if limit is not None and not is_positive_int(limit):
         raise PromptError(f"{p}: limit must be a positive integer, got {limit!r}")
     if not p.exists():
         raise PromptError(f"prompt file not found: {p}; check the path")

@@ -11,13 +11,14 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from numbers import Integral, Real
+from numbers import Integral
 
 import numpy as np
 from scipy import stats as sps
 from statsmodels.stats.proportion import proportion_confint, proportion_effectsize, proportions_ztest
 
 from crystallized_safety.errors import StatsError
+from crystallized_safety.validation import is_real
 
 __all__ = [
     "ThresholdResult",
@@ -45,7 +46,7 @@ MIN_N = 35  # per cell: ~80% power for the effect sizes the seed reported (see `
 
 def _whole(value: object, name: str) -> int:
     """Return ``value`` as an int, accepting integral floats (counts often arrive as float64 sums)."""
-    if isinstance(value, bool) or not isinstance(value, Real):
+    if not is_real(value):
         raise StatsError(f"{name} must be a whole number, got {value!r}; pass an integer count")
     if isinstance(value, Integral):
         return int(value)
@@ -67,14 +68,14 @@ def _counts(k: object, n: object, k_name: str = "k", n_name: str = "n") -> tuple
 
 def _open_unit(value: object, name: str) -> float:
     """Validate a probability-like setting (confidence, power, alpha) strictly inside (0, 1)."""
-    if isinstance(value, bool) or not isinstance(value, Real) or not 0.0 < float(value) < 1.0:
+    if not is_real(value) or not 0.0 < float(value) < 1.0:
         raise StatsError(f"{name} must be strictly between 0 and 1, got {value!r}; e.g. pass 0.95")
     return float(value)
 
 
 def _probability(value: object, name: str) -> float:
     """Validate a rate or p-value in the closed interval [0, 1]."""
-    if isinstance(value, bool) or not isinstance(value, Real) or not 0.0 <= float(value) <= 1.0:
+    if not is_real(value) or not 0.0 <= float(value) <= 1.0:
         raise StatsError(f"{name} must be a number in [0, 1], got {value!r}; pass a probability")
     return float(value)
 
@@ -297,7 +298,7 @@ def threshold(alphas: Sequence[float], ks: Sequence[int], ns: Sequence[int]) -> 
     if len(alphas) < 2:
         raise StatsError(f"threshold needs >= 2 alphas, got {len(alphas)}; sweep more alpha values")
     for i, a in enumerate(alphas):
-        if isinstance(a, bool) or not isinstance(a, Real) or not math.isfinite(float(a)):
+        if not is_real(a, finite=True):
             raise StatsError(f"alphas[{i}] must be a finite number, got {a!r}")
     counts = [_counts(k, n, f"ks[{i}]", f"ns[{i}]") for i, (k, n) in enumerate(zip(ks, ns))]
     points = sorted(zip((float(a) for a in alphas), counts))

@@ -19,7 +19,7 @@ from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from numbers import Real
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, TypeGuard, TypeVar
 
 from .errors import CrystallizedSafetyError
 
@@ -35,11 +35,38 @@ class InvalidValue(CrystallizedSafetyError):
     """A number or an output path outside what the tool can use; the message names the value and the fix."""
 
 
+def is_int(value: object, low: int | None = None, high: int | None = None) -> TypeGuard[int]:
+    """Whether `value` is an int within [low, high]: never a bool (YAML's `yes` is not 1), never a float. The one
+    test behind every integer check; each caller keeps its own error type and message."""
+    return (
+        isinstance(value, int)
+        and not isinstance(value, bool)
+        and (low is None or value >= low)
+        and (high is None or value <= high)
+    )
+
+
+def is_positive_int(value: object) -> TypeGuard[int]:
+    """Whether `value` is an int >= 1 (a count, a batch size, a token budget); never a bool."""
+    return is_int(value, low=1)
+
+
+def is_real(value: object, *, finite: bool = False) -> TypeGuard[float]:
+    """Whether `value` is a real number (int, float, numpy scalar: what `float()` takes exactly), never a bool;
+    `finite`: and not NaN or inf (nor an int beyond the float range, such as JSON's 1 followed by 400 zeros)."""
+    if not isinstance(value, Real) or isinstance(value, bool):
+        return False
+    try:
+        return not finite or math.isfinite(float(value))
+    except OverflowError:
+        return False
+
+
 def integer(value: object, what: str, low: int | None = None, high: int | None = None) -> int:
     """`value` as an int within [low, high]; booleans and floats are refused (YAML's `yes` is not 1)."""
-    if isinstance(value, bool) or not isinstance(value, int):
+    if not is_int(value):
         raise InvalidValue(f"{what} must be an integer, got {str(value)[:40]!r}")
-    if (low is not None and value < low) or (high is not None and value > high):
+    if not is_int(value, low, high):
         bounds = f">= {low}" if high is None else f"<= {high}" if low is None else f"in [{low}, {high}]"
         raise InvalidValue(f"{what} must be an integer {bounds}, got {str(value)[:40]}")
     return value
@@ -59,7 +86,7 @@ def finite(
     low_open: bool = False,
 ) -> float:
     """`value` as a finite float within [low, high] (`low_open`: (low, high]); NaN and inf are always refused."""
-    if isinstance(value, bool) or not isinstance(value, Real) or not math.isfinite(float(value)):
+    if not is_real(value, finite=True):
         raise InvalidValue(f"{what} must be a finite number, got {str(value)[:40]}")
     number = float(value)
     if (low is not None and (number < low or (low_open and number == low))) or (high is not None and number > high):

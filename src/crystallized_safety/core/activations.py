@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import CrystallizedSafetyError, PromptError
+from ..validation import is_int
 from .model import Model, positions
 from .steering import layer_hooks
 
@@ -24,7 +25,7 @@ class _StopForward(Exception):
 
 def parse_position(value: str | int) -> Position:
     """'last' | 'mean' | a negative integer (e.g. -2: second-to-last prompt token)."""
-    if isinstance(value, int) and not isinstance(value, bool):
+    if is_int(value):
         position = value
     elif isinstance(value, str) and value.strip().lower() in ("last", "mean"):
         return value.strip().lower()

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from ..errors import InterventionError, LayerError, ModelError, PromptError
+from ..validation import is_int
 
 LAYER_CONVENTION = "i = output of decoder block i (0-based) = HF hidden_states[i+1]"
 
@@ -203,7 +204,7 @@ class Model:
         return out
 
     def check_layer(self, layer: int) -> int:
-        if not isinstance(layer, int) or isinstance(layer, bool) or not 0 <= layer < self.n_layers:
+        if not is_int(layer, 0, self.n_layers - 1):
             raise LayerError(
                 f"layer {layer} is out of range for {self.model_id}: "
                 f"it has {self.n_layers} layers (0..{self.n_layers - 1})"

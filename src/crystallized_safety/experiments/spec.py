@@ -91,7 +91,7 @@ class GenerationSpec(_Strict):
     @field_validator("pack_rows", mode="before")
     @classmethod
     def _pack_rows(cls, v):
-        if v == "auto" or (isinstance(v, int) and not isinstance(v, bool) and v >= 0):
+        if v == "auto" or validation.is_int(v, 0):
             return v
         raise ValueError(f"pack_rows must be a number of rows >= 0 (0 = one cell per generate) or 'auto', got {v!r}")
 

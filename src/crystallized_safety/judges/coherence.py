@@ -44,6 +44,7 @@ import torch
 from crystallized_safety.core.model import Model
 from crystallized_safety.errors import JudgeError
 from crystallized_safety.judges.base import check_same_length
+from crystallized_safety.validation import is_int, is_positive_int, is_real
 
 DEFAULT_N = 2
 DEFAULT_QUANTILE = 0.99
@@ -85,9 +86,9 @@ class CoherenceThresholds:
             )
         if not (isinstance(self.min_distinct, (int, float)) and 0.0 <= self.min_distinct <= 1.0):
             raise JudgeError(f"min_distinct must be a number in [0, 1], got {self.min_distinct!r}")
-        if isinstance(self.min_tokens, bool) or not isinstance(self.min_tokens, int) or self.min_tokens < 0:
+        if not is_int(self.min_tokens, 0):
             raise JudgeError(f"min_tokens must be a non-negative int, got {self.min_tokens!r}")
-        if isinstance(self.n, bool) or not isinstance(self.n, int) or self.n < 1:
+        if not is_positive_int(self.n):
             raise JudgeError(f"distinct-n needs an int n >= 1, got {self.n!r}")
 
     def to_dict(self) -> dict[str, Any]:
@@ -159,9 +160,9 @@ class CoherenceGate:
         if thresholds is not None and n is not None and n != thresholds.n:
             raise JudgeError(f"n={n} conflicts with the thresholds' n={thresholds.n}; drop n or recalibrate")
         resolved = n if n is not None else (thresholds.n if thresholds is not None else DEFAULT_N)
-        if isinstance(resolved, bool) or not isinstance(resolved, int) or resolved < 1:
+        if not is_positive_int(resolved):
             raise JudgeError(f"distinct-n needs an int n >= 1, got {resolved!r}")
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        if not is_positive_int(batch_size):
             raise JudgeError(f"batch_size must be a positive int, got {batch_size!r}")
         self.model = model
         self.thresholds = thresholds
@@ -241,10 +242,10 @@ class CoherenceGate:
         Empty responses are left out. ``max_perplexity`` = quantile(perplexity, q) x margin and
         ``min_distinct`` = quantile(distinct, 1 - q) / distinct_margin (see the module docstring).
         """
-        if isinstance(quantile, bool) or not isinstance(quantile, (int, float)) or not 0.5 <= quantile < 1.0:
+        if not is_real(quantile) or not 0.5 <= quantile < 1.0:
             raise JudgeError(f"quantile must be in [0.5, 1), e.g. 0.99; got {quantile!r}")
         for name, value in (("margin", margin), ("distinct_margin", distinct_margin)):
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 1.0:
+            if not is_real(value) or not value >= 1.0:
                 raise JudgeError(f"{name} must be a number >= 1 (1 = no margin), got {value!r}")
         measured = [m for m in self._measure(prompts, responses, self.n) if m[0] is not None]
         if not measured:

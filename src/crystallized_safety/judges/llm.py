@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any
 
 from crystallized_safety.errors import JudgeError
 from crystallized_safety.judges.base import Verdict, check_same_length
+from crystallized_safety.validation import is_int, is_positive_int
 
 if TYPE_CHECKING:  # torch-free import of this module; LocalJudge loads models lazily
     from crystallized_safety.core.model import Model
@@ -282,15 +283,15 @@ class LLMJudge:
             raise JudgeError("api_key_env must name an environment variable, or be None for a local server")
         if not 0 < timeout <= 3600:  # also refuses NaN
             raise JudgeError(f"LLM judge timeout must be in (0, 3600] seconds, got {timeout}")
-        if isinstance(max_retries, bool) or not isinstance(max_retries, int) or not 0 <= max_retries <= MAX_RETRIES:
+        if not is_int(max_retries, 0, MAX_RETRIES):
             raise JudgeError(f"LLM judge max_retries must be an int in [0, {MAX_RETRIES}], got {str(max_retries)[:40]}")
         if give_up_after is not None and not 0 < give_up_after <= 86400:
             raise JudgeError(f"LLM judge give_up_after must be in (0, 86400] seconds, got {give_up_after}")
-        if isinstance(concurrency, bool) or not isinstance(concurrency, int) or concurrency < 1:
+        if not is_positive_int(concurrency):
             raise JudgeError(f"LLM judge concurrency must be an int >= 1, got {concurrency!r}")
         if not 0 <= backoff <= MAX_BACKOFF_S:
             raise JudgeError(f"LLM judge backoff must be in [0, {MAX_BACKOFF_S:g}] seconds, got {backoff}")
-        if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1:
+        if not is_positive_int(max_tokens):
             raise JudgeError(f"LLM judge max_tokens must be an int >= 1, got {max_tokens!r}")
         self.base_url = base_url.rstrip("/")
         self.model = model
@@ -419,7 +420,7 @@ class LocalJudge:
     def __init__(
         self, model: Model | str, rubric: str | None = None, max_new_tokens: int = 8, *, batch_size: int = 16
     ) -> None:
-        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        if not is_positive_int(max_new_tokens):
             raise JudgeError(f"LocalJudge max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
         if isinstance(model, str):
             from crystallized_safety.registry import load_model

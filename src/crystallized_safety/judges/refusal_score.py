@@ -41,7 +41,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import unicodedata
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -55,6 +54,7 @@ from crystallized_safety.errors import JudgeError
 from crystallized_safety.judges.agreement import Agreement, agreement
 from crystallized_safety.judges.base import Verdict, check_same_length
 from crystallized_safety.judges.substring import DEFAULT_REFUSAL_PHRASES
+from crystallized_safety.validation import is_positive_int, is_real
 
 PLACEHOLDER_PROMPT = "Hello"
 """User prompt used to find the tokens at the start of the assistant turn (the template tail is fixed)."""
@@ -304,7 +304,7 @@ class RefusalScoreJudge:
         *,
         ordinary: Sequence[str] = ORDINARY_OPENERS,
     ) -> None:
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        if not is_positive_int(batch_size):
             raise JudgeError(f"batch_size must be a positive int, got {batch_size!r}")
         self.model = model
         self.threshold = threshold
@@ -320,7 +320,7 @@ class RefusalScoreJudge:
 
     @threshold.setter
     def threshold(self, value: float) -> None:
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        if not is_real(value, finite=True):
             raise JudgeError(f"refusal-score threshold must be a finite number, got {value!r}")
         self._threshold = float(value)
 

@@ -43,6 +43,7 @@ from functools import lru_cache
 
 from crystallized_safety.errors import JudgeError
 from crystallized_safety.judges.base import Verdict, check_same_length
+from crystallized_safety.validation import is_positive_int
 
 DEFAULT_WINDOW: int = 160
 """Characters (after normalisation) searched from the start of a response."""
@@ -300,7 +301,7 @@ class SubstringJudge:
             raise JudgeError("SubstringJudge needs at least one refusal phrase; pass phrases=[...] or None")
         if any(not isinstance(p, str) or not p.strip() for p in phrases):
             raise JudgeError("SubstringJudge phrases must be non-empty strings; remove blank entries")
-        if window is not None and (isinstance(window, bool) or not isinstance(window, int) or window < 1):
+        if window is not None and not is_positive_int(window):
             raise JudgeError(f"SubstringJudge window must be a positive int or None, got {window!r}")
         exclusions = DEFAULT_EXCLUSIONS if exclusions is None else exclusions
         self.phrases = phrases

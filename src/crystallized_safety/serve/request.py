@@ -4,7 +4,6 @@ template. Bad requests raise `BadRequest`, answered in the OpenAI error shape.""
 from __future__ import annotations
 
 import json
-import math
 import re
 from concurrent.futures import Future
 from dataclasses import dataclass, field
@@ -14,6 +13,7 @@ import numpy as np
 
 from ..core.model import Model
 from ..errors import PromptError, first_line
+from ..validation import is_int, is_real
 
 DEFAULT_MAX_TOKENS = 256
 MAX_SEED = 2**63 - 1
@@ -64,7 +64,7 @@ def _number(body: dict, name: str, default: float, low: float, high: float, *, l
     value = body.get(name)
     if value is None:
         return default
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+    if not is_real(value, finite=True):
         raise BadRequest(f"'{name}' must be a finite number, got {json.dumps(value)}", param=name)
     if value > high or value < low or (low_open and value == low):
         bounds = f"{'(' if low_open else '['}{low:g}, {high:g}]"
@@ -74,7 +74,7 @@ def _number(body: dict, name: str, default: float, low: float, high: float, *, l
 
 def _integer(body: dict, name: str, low: int = -MAX_SEED - 1, high: int = MAX_SEED) -> int | None:
     value = body.get(name)
-    if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+    if value is not None and not is_int(value):
         raise BadRequest(f"'{name}' must be an integer, got {json.dumps(value)[:40]}", param=name)
     if value is not None and not low <= value <= high:
         raise BadRequest(f"'{name}' must be an integer in [{low}, {high}], got {str(value)[:40]}", param=name)
