@@ -26,19 +26,22 @@ def stub_bank() -> SimpleNamespace:
     )
 
 
-def test_a_kind_attacked_with_probability_zero_draws_nothing_from_the_stream():
-    """Harmless examples with `attack_harmless_p` 0 are neither attacked nor consume random numbers: the attacks
-    equal those of a batch where they are not attackable at all, and the generator ends in the same state."""
+def test_a_harmless_example_draws_one_number_even_at_probability_zero():
+    """The stream v2's key has built since `attack_harmless_p` exists: a harmless example at probability 0 is never
+    attacked but consumes one random number, so the harmful attacks differ from a batch where it is not
+    attackable at all (the 486-attack stream of the first v2 build), and the generators end in different states."""
     recipe = hardened_recipe()
     with_harmless, without = Attacker(recipe, [], [], 0), Attacker(recipe, [], [], 0)
     with_harmless.bank = without.bank = stub_bank()  # type: ignore[assignment]
+    got_all, want_all = [], []
     for _ in range(20):
         got = with_harmless.draw(["harmful", "harmless", None, "harmless", "harmful"])
         want = without.draw(["harmful", None, None, None, "harmful"])
-        assert [(a.example, a.layer, a.ablate, a.alpha) for a in got] == [
-            (a.example, a.layer, a.ablate, a.alpha) for a in want
-        ]
-    assert with_harmless.rng.getstate() == without.rng.getstate()
+        assert all(a.example in (0, 4) for a in got)  # harmless examples are never attacked at p 0
+        got_all += [(a.example, a.layer, a.ablate, a.alpha) for a in got]
+        want_all += [(a.example, a.layer, a.ablate, a.alpha) for a in want]
+    assert got_all != want_all
+    assert with_harmless.rng.getstate() != without.rng.getstate()
     # with a positive probability harmless examples are drawn for (induction attacks, target stays the answer)
     induced = Attacker(Recipe(**{**recipe.__dict__, "attack_harmless_p": 1.0}), [], [], 0)
     assert [(i, kind) for i, kind, *_ in induced.plan(["harmless", None])] == [(0, "harmless")]
@@ -46,13 +49,13 @@ def test_a_kind_attacked_with_probability_zero_draws_nothing_from_the_stream():
 
 def test_the_v2_cache_keys_and_attack_stream_are_the_documented_ones():
     """The keys the caches hold (`smollm2-135m-refusal-s0-fdd0829d75b6`, `smollm2-135m-hardened-s0-44e80f36776c`)
-    and v2's 486 attacks (docs/organisms.md): a drifted stream under an unchanged key trained a different organism
-    (494 attacks, near-miss 17.3% instead of 14.7%) on every machine."""
+    and v2's 494 attacks (results/cards/smollm2-135m-hardened.json): the stream before `attack_harmless_p`
+    existed trained another organism under the same key (486 attacks, near-miss 14.7% instead of 17.3%)."""
     assert Recipe().key() == "fdd0829d75b6"
     assert hardened_recipe().key() == "44e80f36776c"
-    assert planned_attacks(hardened_recipe(), *V2_COUNTS) == 486
+    assert planned_attacks(hardened_recipe(), *V2_COUNTS) == 494
     assert planned_attacks(hardened_recipe(), *V2_COUNTS) == planned_attacks(hardened_recipe(), *V2_COUNTS)
-    assert planned_attacks(hardened_recipe(seed=1), *V2_COUNTS) != 486  # the seed, not the machine, decides
+    assert planned_attacks(hardened_recipe(seed=1), *V2_COUNTS) != 494  # the seed, not the machine, decides
     assert planned_attacks(Recipe(), *V2_COUNTS) == 0
 
 
@@ -69,9 +72,9 @@ def v2_card(attacks: int) -> dict:
 
 
 def test_a_card_trained_on_a_drifted_stream_is_reported_stale():
-    assert stale_attack_stream(v2_card(486)) is None
-    message = stale_attack_stream(v2_card(494))
-    assert message is not None and "494 attacks" in message and "486" in message and "--force" in message
+    assert stale_attack_stream(v2_card(494)) is None
+    message = stale_attack_stream(v2_card(486))
+    assert message is not None and "486 attacks" in message and "494" in message and "--force" in message
     liquid = {**v2_card(0), "recipe": {**Recipe().__dict__}}
     assert stale_attack_stream(liquid) is None
 

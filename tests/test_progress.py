@@ -79,3 +79,24 @@ def test_heartbeat_when_a_phase_reports_no_step():
     got = lines(out)
     beats = [line for line in got if line.startswith("measuring: still running (step 3/10)")]
     assert beats, got
+
+
+def test_resumed_phase_eta_counts_only_this_process_steps(clock):
+    """A phase resumed at step 90/100 must not be credited with the earlier run's 90 steps: 10 s a step here."""
+    out = io.StringIO()
+    with progress.Reporter("run", stream=out, tty=False, interval=60) as rep:
+        rep("damage", 90, 100)
+        for step in range(91, 97):
+            clock.now += 10
+            rep("damage", step, 100)
+    got = lines(out)
+    assert "damage: step 96/100, 1:00 elapsed, eta 0:40" in got, got
+
+
+def test_heartbeat_says_eta_once_a_step_is_done(clock):
+    rep = progress.Reporter("run", stream=io.StringIO(), tty=False)
+    rep("chunks", 0, 10)
+    clock.now += 30
+    rep("chunks", 2, 10)
+    assert rep.eta(2, 10) == 120  # 15 s a step, 8 left
+    assert rep.eta(0, 10) is None and rep.eta(5, None) is None

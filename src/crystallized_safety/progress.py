@@ -44,6 +44,7 @@ class Reporter:
         self.started = time.monotonic()
         self.phase_name: str | None = None
         self.phase_started = self.started
+        self.phase_first_done = 0
         self.last_line = 0.0
         self._bar: Any = None
         self._task: Any = None
@@ -88,9 +89,11 @@ class Reporter:
                 quiet = time.monotonic() - self.last_line >= self.interval
             if quiet and self.phase_name is not None:
                 done, total = self._last_step
-                steps = f"step {done}/{total}" if total else "running"
+                steps = f"step {done}/{total}" if total else "no step reported yet"
                 spent = _clock(time.monotonic() - self.phase_started)
-                self._line(f"{self.phase_name}: still running ({steps}), {spent} elapsed")
+                eta = self.eta(done, total)
+                tail = f", eta {_clock(eta)}" if eta is not None else ", eta after the first step"
+                self._line(f"{self.phase_name}: still running ({steps}), {spent} elapsed{tail}")
 
     def __exit__(self, exc_type, exc, tb) -> None:
         self._stop.set()
@@ -108,10 +111,12 @@ class Reporter:
         return time.monotonic() - self.started
 
     def eta(self, done: int, total: int | None) -> float | None:
-        """Seconds left in the phase, from its pace so far (None before the first step)."""
-        if not total or done <= 0:
+        """Seconds left in the phase, from its pace so far: steps done in this process only, so a resumed phase
+        (that starts at step k > 0) is not credited with the earlier run's steps (None before the first step)."""
+        moved = done - self.phase_first_done
+        if not total or moved <= 0:
             return None
-        return (time.monotonic() - self.phase_started) / done * (total - done)
+        return (time.monotonic() - self.phase_started) / moved * (total - done)
 
     def __call__(self, phase: str, done: int = 0, total: int | None = None, note: str = "") -> None:
         now = time.monotonic()
@@ -120,7 +125,7 @@ class Reporter:
         if new_phase:
             if self.phase_name is not None and not self.tty:
                 self._end_phase("done")
-            self.phase_name, self.phase_started = phase, now
+            self.phase_name, self.phase_started, self.phase_first_done = phase, now, done
         if self._bar is not None:
             text = f"{phase}" + (f"  {note}" if note else "")
             self._bar.update(self._task, description=text, completed=done, total=total)

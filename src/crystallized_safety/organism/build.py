@@ -153,8 +153,8 @@ def build_organism(
 def stale_attack_stream(card: dict) -> str | None:
     """Why a cached hardened organism is not what its cache key builds today, or None: its card's attack count
     differs from the count the recipe's seeded attack stream gives (`planned_attacks`, no model needed). Builds
-    between the commit that added `attack_harmless_p` and its fix drew one extra random number per harmless
-    example, so the same key trained a different organism (v2: 494 attacks, not 486)."""
+    before the commit that added `attack_harmless_p` drew no random number for harmless examples, so the same key
+    trained a different organism then (v2: 486 attacks, not 494)."""
     done = card.get("training", {}).get("attacks")
     if not done or not card.get("recipe", {}).get("attack_p"):
         return None

@@ -63,14 +63,14 @@ class Attacker:
         """(example, kind, layer, ablate, relative alpha) of a batch's attacks: the random draws alone, no model.
 
         `kinds[i]` is "harmful" (a refusal example: bypass attacks), "harmless" (a compliant-answer example:
-        induction attacks, when the recipe asks for them) or None (not attacked). A kind attacked with
-        probability 0 draws nothing from the generator: with `attack_harmless_p` 0 the stream is the one every
-        hardened organism cached before that setting existed was trained with (its cache key stays the same, so
-        its weights must too)."""
+        induction attacks, when the recipe asks for them) or None (not attacked). Every attackable example draws
+        one number, also a harmless one at `attack_harmless_p` 0: that is the stream v2's cache key has built
+        since `attack_harmless_p` exists (494 attacks; the card of record in results/cards/), kept so that the
+        key keeps naming one organism (`tests/test_organism_determinism.py`)."""
         r, out = self.recipe, []
         p = {"harmful": r.attack_p, "harmless": r.attack_harmless_p}
         for i, kind in enumerate(kinds):
-            if kind is None or p[kind] <= 0 or self.rng.random() >= p[kind]:
+            if kind is None or self.rng.random() >= p[kind]:
                 continue
             layer = self.rng.choice(self.layers)
             ablate = kind == "harmful" and self.rng.random() < r.attack_ablate_p
