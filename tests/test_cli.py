@@ -184,3 +184,25 @@ def test_eval_refusal_json_per_prompt_records_with_coherence(files):
     no_gate = [json.loads(line) for line in _ok([*args, "--no-coherence"]).stdout.splitlines()]
     assert "coherent" not in no_gate[0] and "coherent_compliance" not in no_gate[-1]
     assert [r["response"] for r in no_gate[:-1]] == [r["response"] for r in records]
+
+
+def test_generate_and_serve_share_one_steering_option_block():
+    """`steering_options` puts the one declared block in both commands, in place: same options, defaults and help
+    (serve has no --subspace), and the command body gets them as one `Steering`."""
+    import typer.main
+
+    from crystallized_safety.cli import app
+
+    group = typer.main.get_command(app)
+    steering = ["--directions", "--layer", "--alpha", "--mode", "--positions", "--alpha-unit", "--ablate-to"]
+
+    def options(name: str) -> dict[str, tuple]:
+        command = group.commands[name]  # type: ignore[attr-defined]
+        return {p.opts[0]: (p.default, p.help) for p in command.params if p.param_type_name == "option"}
+
+    generate, serve = options("generate"), options("serve")
+    assert [o for o in generate if o in steering + ["--subspace"]] == steering + ["--subspace"]
+    assert [o for o in serve if o in steering + ["--subspace"]] == steering
+    assert {o: generate[o] for o in steering} == {o: serve[o] for o in steering}
+    assert list(generate)[list(generate).index("--dedupe") + 1] == "--directions"  # where the block always was
+    assert list(serve)[list(serve).index("--served-name") + 1] == "--directions"

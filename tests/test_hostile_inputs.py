@@ -327,11 +327,12 @@ def test_server_answers_an_error_for_degenerate_steering():
     import httpx
 
     from conftest import ThreadServer
-    from crystallized_safety.serve.app import create_app
+    from crystallized_safety.serve.app import ServeConfig, create_app
 
     model = make_tiny("llama")
     body = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3}
-    with ThreadServer(create_app(model, model_name="tiny", intervention=_huge(model, 1e22))) as server:
+    config = ServeConfig(model_name="tiny", intervention=_huge(model, 1e22))
+    with ThreadServer(create_app(model, config)) as server:
         reply = httpx.post(f"{server.url}/chat/completions", json=body, timeout=60)
     assert reply.status_code == 500, reply.text
     error = reply.json()["error"]

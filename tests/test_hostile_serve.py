@@ -12,7 +12,7 @@ import httpx
 import pytest
 
 from conftest import ThreadServer, make_tiny
-from crystallized_safety.serve.app import create_app
+from crystallized_safety.serve.app import ServeConfig, create_app
 
 NAME = "tiny"
 
@@ -20,7 +20,7 @@ NAME = "tiny"
 @pytest.fixture(scope="module")
 def server():
     model = make_tiny("llama")
-    app = create_app(model, model_name=NAME, max_batch=4, max_body_bytes=1_000_000)
+    app = create_app(model, ServeConfig(model_name=NAME, max_batch=4, max_body_bytes=1_000_000))
     with ThreadServer(app) as srv:
         srv.app, srv.model = app, model
         yield srv

@@ -580,6 +580,17 @@ def test_local_judge_same_rubric_and_parser(servers, smollm2, one_thread):
     assert verdicts == [*served, Verdict(None, None, judge.id, "no response to judge")]
 
 
+def test_local_judge_opens_a_name_only_through_the_loader_it_is_handed():
+    """Judges sit below the registry (docs/design.md): a name needs `load=`, a loaded Model needs nothing."""
+    from conftest import make_tiny
+
+    with pytest.raises(JudgeError, match="got the model name 'smollm2-135m' but no loader: pass a loaded Model"):
+        LocalJudge("smollm2-135m")
+    tiny, opened = make_tiny("llama"), []
+    judge = LocalJudge("tiny-llama", load=lambda name: opened.append(name) or tiny)
+    assert opened == ["tiny-llama"] and judge.model is tiny and judge.id.startswith("local-llm/1:tiny-llama")
+
+
 def test_serve_cli_errors_before_loading():
     result = runner.invoke(app, ["serve", "--model", "smollm2-135m", "--layer", "3"])
     assert result.exit_code == 2 and "--directions" in result.output

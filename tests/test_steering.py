@@ -161,3 +161,46 @@ def test_intervention_validation(tiny_llama):
         generate(tiny_llama, PROMPTS, Intervention.single(1, _unit(1), [1.0, 2.0, 3.0]), max_new_tokens=2)
     with pytest.raises(LayerError, match="out of range"):
         generate(tiny_llama, PROMPTS, Intervention.single(7, _unit(1), 1.0), max_new_tokens=2)
+
+
+def _plain_generate(hf, tok, batch, max_new_tokens: int) -> list[tuple[list[int], bool]]:
+    """Plain greedy `hf.generate` on a left-padded batch: each row's new tokens cut before its first EOS, and
+    whether it hit one (what the package's `Generation` holds)."""
+    with torch.no_grad():
+        out = hf.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tok.pad_token_id)
+    rows = []
+    for row in out[:, batch["input_ids"].shape[1] :].tolist():
+        cut = next((i for i, t in enumerate(row) if t == tok.eos_token_id), None)
+        rows.append((row if cut is None else row[:cut], cut is not None))
+    return rows
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_steer_a_plain_hugging_face_model_equals_the_model_path(arch):
+    """`steer(hf_model, iv)` on a plain `PreTrainedModel` (blocks found structurally: `model.layers` for Llama,
+    `transformer.h` for GPT-2) around plain `hf.generate` gives token for token what the package's `generate`
+    gives on the project's `Model` under the same intervention: alpha x direction added at a layer, directional
+    ablation (to zero and to a target), and nothing at all once the block is left."""
+    model = make_tiny(arch)
+    hf, tok = model.hf, model.tokenizer
+    assert type(hf).__module__.startswith("transformers.")  # a plain Hugging Face model, not the package's
+    batch = model.encode(model.format(PROMPTS))
+    v = _unit(8)
+    unsteered = _plain_generate(hf, tok, batch, 8)
+    interventions = [
+        Intervention.single(1, v, 8.0),
+        Intervention.single(2, v, 0.0, mode="ablate"),
+        Intervention(directions={2: v}, mode="ablate", ablate_to={2: 1.5}),
+    ]
+    for iv in interventions:
+        with steer(hf, iv):
+            plain = _plain_generate(hf, tok, batch, 8)
+        assert plain == [(list(g.token_ids), g.finished) for g in generate(model, PROMPTS, iv, max_new_tokens=8)]
+        assert [len(block._forward_hooks) for block in model.layers] == [0] * model.n_layers
+    with steer(hf, interventions[0]):
+        assert _plain_generate(hf, tok, batch, 8) != unsteered  # the steering does something
+    assert _plain_generate(hf, tok, batch, 8) == unsteered
+    with pytest.raises(LayerError, match="out of range"), steer(hf, Intervention.single(9, v, 1.0)):
+        pass
+    with pytest.raises(InterventionError, match="cannot steer a str"), steer("gpt2", interventions[0]):
+        pass

@@ -31,7 +31,6 @@ from pathlib import Path
 from typing import Any
 
 from .errors import CrystallizedSafetyError
-from .registry import registry
 from .store import Store
 
 MIN_NAME = 4  # shorter strings are too common to replace inside arbitrary text
@@ -52,11 +51,13 @@ class BlindPlan:
 
     `models`: every model of the run -> its anonymous name; `sources`: transfer source models that are not
     models of the run -> an anonymous label; `drop_conditions`: condition keys whose generations and chunks
-    are deleted; `drop_kinds`: (real model, artifact kind) pairs deleted."""
+    are deleted; `drop_kinds`: (real model, artifact kind) pairs deleted; `aliases`: real name -> the further
+    names it resolves to (a registry alias's hub id, packages, GGUF file), scrubbed like the name itself."""
 
     models: dict[str, str]
     sources: dict[str, str]
     spec_yaml: str
+    aliases: dict[str, list[str]]
     drop_conditions: frozenset[str] = frozenset()
     drop_kinds: frozenset[tuple[str, str]] = frozenset()
 
@@ -96,18 +97,12 @@ def variants(name: str) -> list[str]:
     return list(dict.fromkeys(x for x in out if x))
 
 
-def registry_names(name: str) -> list[str]:
-    """What a registry alias resolves to (hub id, packages, GGUF file); nothing for other names."""
-    entry = registry().get(name)
-    return [] if entry is None else entry.names()
-
-
 def real_names(copy: Store, plan: BlindPlan) -> dict[str, str]:
     """Lower-cased real name -> its replacement, for every name of every model and transfer source."""
     full: dict[str, str] = {}
     for owners in (plan.models, plan.sources):
         for real, anon in owners.items():
-            for name in [real, *registry_names(real)]:
+            for name in [real, *plan.aliases.get(real, [])]:
                 if len(name) < MIN_NAME:
                     raise BlindError(
                         f"a model is named '{name}', too short to scrub from text reliably: name it by an alias or "

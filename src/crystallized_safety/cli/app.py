@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import functools
+import inspect
 import os
 import sys
 from collections.abc import Callable
@@ -153,7 +154,7 @@ def load_model_quietly(model: str, device: str, dtype: str, layers_path: str | N
         )
 
 
-# Steering options, declared once and shared by `generate` and `serve`.
+# Steering options, declared once and shared by `generate` and `serve` (through `steering_options`, below).
 DirectionsOpt = typer.Option(None, help="Direction file (.safetensors, or a plain-tensor .pt): steer the model.")
 LayerOpt = typer.Option(None, "--layer", "-l", help="Layer to steer (repeatable).")
 AlphaOpt = typer.Option(0.0, help="Steering strength; -alpha removes refusal, +alpha induces it.")
@@ -242,6 +243,53 @@ class Steering:
             layer_norms={layer: bank.resid_norm(layer) for layer in layers} if relative else None,
             **extra,
         )
+
+
+# (parameter, type, option) of the steering options, in their --help order; `steering_options` puts them in a command
+STEERING_OPTIONS: list[tuple[str, Any, Any]] = [
+    ("directions", Path | None, DirectionsOpt),
+    ("layer", list[int] | None, LayerOpt),
+    ("alpha", float, AlphaOpt),
+    ("mode", str, ModeOpt),
+    ("positions", str, PositionsOpt),
+    ("alpha_unit", str, AlphaUnitOpt),
+    ("ablate_to", str, AblateToOpt),
+    ("subspace", int, SubspaceOpt),
+]
+
+
+SteeringOpts: Any = object()  # `steering: Steering = SteeringOpts`: where `steering_options` puts the options
+
+
+def steering_options(*, subspace: bool) -> Callable[[Callable], Callable]:
+    """The steering options, declared once for `generate` and `serve` (`--subspace` only where `subspace`): the
+    command takes one `steering: Steering = SteeringOpts` parameter; its --help shows the options in that place
+    (same names, defaults and help), and it is called with the `Steering` they make, unchecked: the command calls
+    `steering.check()` where its own checks leave room, so errors come in the order they always did."""
+    options = [(name, kind, opt) for name, kind, opt in STEERING_OPTIONS if subspace or name != "subspace"]
+
+    def decorate(fn: Callable) -> Callable:
+        signature = inspect.signature(fn)
+        if "steering" not in signature.parameters:
+            raise TypeError(f"{fn.__name__} has no `steering: Steering = SteeringOpts` parameter")
+        params: list[inspect.Parameter] = []
+        for param in signature.parameters.values():
+            if param.name != "steering":
+                params.append(param)
+                continue
+            params += [inspect.Parameter(name, param.kind, default=opt, annotation=kind) for name, kind, opt in options]
+
+        @functools.wraps(fn)
+        def command(**kwargs: Any) -> Any:
+            given = {name: kwargs.pop(name) for name, _kind, _opt in options}
+            given["layers"] = given.pop("layer") or []
+            return fn(steering=Steering(**given), **kwargs)
+
+        command.__signature__ = signature.replace(parameters=params)  # type: ignore[attr-defined]
+        command.__annotations__ = {p.name: p.annotation for p in params if p.annotation is not p.empty}
+        return command
+
+    return decorate
 
 
 def main() -> None:

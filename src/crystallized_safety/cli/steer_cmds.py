@@ -13,22 +13,15 @@ from rich.text import Text
 from .. import jsonio, validation
 from ..errors import CrystallizedSafetyError
 from .app import (
-    AblateToOpt,
-    AlphaOpt,
-    AlphaUnitOpt,
     DedupeOpt,
     DeviceMapOpt,
     DeviceOpt,
-    DirectionsOpt,
     DtypeOpt,
-    LayerOpt,
     LayersPathOpt,
     ModelOpt,
-    ModeOpt,
-    PositionsOpt,
     RawOpt,
     Steering,
-    SubspaceOpt,
+    SteeringOpts,
     SystemOpt,
     WhereOpt,
     app,
@@ -38,6 +31,7 @@ from .app import (
     load_prompt_set,
     out,
     status,
+    steering_options,
 )
 
 
@@ -136,6 +130,7 @@ def extract_cmd(
 
 @app.command("generate")
 @cli_errors
+@steering_options(subspace=True)
 def generate_cmd(
     model: str = ModelOpt,
     prompt: list[str] | None = typer.Option(None, "--prompt", "-p", help="A prompt (repeatable)."),
@@ -145,14 +140,7 @@ def generate_cmd(
     column: str | None = typer.Option(None, help="Column holding the prompt in structured files."),
     where: list[str] | None = WhereOpt,
     dedupe: bool = DedupeOpt,
-    directions: Path | None = DirectionsOpt,
-    layer: list[int] | None = LayerOpt,
-    alpha: float = AlphaOpt,
-    mode: str = ModeOpt,
-    positions: str = PositionsOpt,
-    alpha_unit: str = AlphaUnitOpt,
-    ablate_to: str = AblateToOpt,
-    subspace: int = SubspaceOpt,
+    steering: Steering = SteeringOpts,  # --directions, --layer, --alpha, --mode, ... (`steering_options`)
     max_new_tokens: int = typer.Option(64, help="Tokens to generate at most."),
     batch_size: int = typer.Option(32, help="Prompts per generate call (halves on out-of-memory)."),
     sample: bool = typer.Option(False, "--sample", help="Sample instead of greedy decoding."),
@@ -177,7 +165,6 @@ def generate_cmd(
     validation.max_new_tokens(max_new_tokens, "--max-new-tokens")
     validation.positive_int(batch_size, "--batch-size")
     validation.sampling(temperature, top_p, seed)
-    steering = Steering(directions, layer or [], alpha, mode, positions, alpha_unit, ablate_to, subspace)
     steering.check()
     from ..core.generation import generate  # heavy (torch): after the inputs are checked
 
@@ -205,9 +192,9 @@ def generate_cmd(
                 "n_tokens": len(g.token_ids),
                 "finished": g.finished,
                 "model": model,
-                "layers": layer or [],
-                "alpha": alpha,
-                "mode": mode if intervention else None,
+                "layers": steering.layers,
+                "alpha": steering.alpha,
+                "mode": steering.mode if intervention else None,
             }
             sys.stdout.write(jsonio.dumps(record, ensure_ascii=False) + "\n")
         else:
@@ -218,18 +205,13 @@ def generate_cmd(
 
 @app.command("serve")
 @cli_errors
+@steering_options(subspace=False)
 def serve_cmd(
     model: str = ModelOpt,
     host: str = typer.Option("127.0.0.1", help="Address to bind (loopback by default; the API has no auth)."),
     port: int = typer.Option(8000, help="Port to listen on."),
     served_name: str | None = typer.Option(None, "--served-name", help="Model name clients send (default: --model)."),
-    directions: Path | None = DirectionsOpt,
-    layer: list[int] | None = LayerOpt,
-    alpha: float = AlphaOpt,
-    mode: str = ModeOpt,
-    positions: str = PositionsOpt,
-    alpha_unit: str = AlphaUnitOpt,
-    ablate_to: str = AblateToOpt,
+    steering: Steering = SteeringOpts,  # the steering options but --subspace (`steering_options`)
     max_batch: int = typer.Option(8, help="Most concurrent requests run in one batched generate."),
     batch_window_ms: float = typer.Option(15.0, help="How long the batcher waits for more requests (ms)."),
     max_tokens_limit: int = typer.Option(4096, help="Largest max_tokens a request may ask for."),
@@ -239,9 +221,8 @@ def serve_cmd(
     device_map: str | None = DeviceMapOpt,
 ) -> None:
     """Serve a model (optionally steered) as an OpenAI-compatible chat API; runs until Ctrl-C."""
-    from ..serve.app import check_port, describe_intervention, serve
+    from ..serve.app import ServeConfig, check_port, describe_intervention, serve
 
-    steering = Steering(directions, layer or [], alpha, mode, positions, alpha_unit, ablate_to)
     steering.check()
     validation.positive_int(max_batch, "--max-batch")
     validation.finite(batch_window_ms, "--batch-window-ms", 0.0, 10_000.0)
@@ -256,16 +237,9 @@ def serve_cmd(
     if host not in ("127.0.0.1", "localhost", "::1"):
         err.print(f"warning: listening on {host}: the API has no authentication", highlight=False)
     sys.stdout.flush()
-    serve(
-        m,
-        host=host,
-        port=port,
-        model_name=name,
-        intervention=intervention,
-        max_batch=max_batch,
-        batch_window=batch_window_ms / 1000,
-        max_tokens_limit=max_tokens_limit,
-    )
+    config = ServeConfig(name, intervention, max_batch=max_batch, batch_window=batch_window_ms / 1000,
+                         max_tokens_limit=max_tokens_limit)  # fmt: skip
+    serve(m, config, host=host, port=port)
 
 
 @app.command("export-model")

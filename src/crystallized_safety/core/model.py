@@ -132,9 +132,20 @@ class Model:
 
     def __post_init__(self) -> None:
         self.layers = decoder_layers(self.hf, self.layers_path)
+        if self.tokenizer is None:  # a view of a plain module (`of_module`): blocks and shapes only
+            return
         if self.tokenizer.pad_token_id is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
         self.tokenizer.padding_side = "left"
+
+    @classmethod
+    def of_module(cls, hf: nn.Module, layers_path: str | None = None) -> Model:
+        """A view of a plain Hugging Face causal LM (any `PreTrainedModel`, blocks found by `decoder_layers`) with
+        no tokenizer: what steering and activation hooks need (layers, hidden size, a name for errors)."""
+        if isinstance(hf, Model):
+            raise ModelError("Model.of_module takes a plain torch module; this is already a Model")
+        name = getattr(hf, "name_or_path", None) or type(hf).__name__
+        return cls(hf, None, str(name), layers_path=layers_path)
 
     # -- shape facts
     @property

@@ -2,7 +2,11 @@
 
 An `Intervention` says *what* to do (layers, direction(s), alpha, mode, positions); `steer()` applies
 it to a `Model` for the duration of a `with` block and always removes its hooks, also on exceptions.
-`layer_hooks()` is the general mechanism, also used for capturing activations.
+`layer_hooks()` is the general mechanism, also used for capturing activations. Both also take a plain Hugging
+Face model (a `PreTrainedModel`: its decoder blocks are found structurally, `layers_path` overrides):
+
+    with steer(hf_model, Intervention.single(12, direction, -8.0)):
+        out = hf_model.generate(**batch, max_new_tokens=32, do_sample=False)
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ from dataclasses import dataclass, field, replace
 from typing import Literal
 
 import torch
+from torch import nn
 
 from .. import validation
 from ..errors import InterventionError
@@ -32,13 +37,29 @@ ALPHA_LIMITS = validation.ALPHA_LIMITS
 POSITIONS = ("all", "prompt", "generated")
 
 
+def as_model(model: Model | nn.Module, layers_path: str | None = None) -> Model:
+    """The project's `Model` as is; a plain Hugging Face model as a `Model.of_module` view (`layers_path`
+    overrides where its decoder blocks are; a `Model` already knows)."""
+    if isinstance(model, Model):
+        if layers_path is not None:
+            raise InterventionError("layers_path is for a plain Hugging Face model: a Model knows its layers")
+        return model
+    if not isinstance(model, nn.Module):
+        raise InterventionError(f"cannot steer a {type(model).__name__}: pass a Model or a Hugging Face model")
+    return Model.of_module(model, layers_path)
+
+
 @contextmanager
-def layer_hooks(model: Model, fns: Mapping[int, HookFn]) -> Iterator[None]:
+def layer_hooks(
+    model: Model | nn.Module, fns: Mapping[int, HookFn], *, layers_path: str | None = None
+) -> Iterator[None]:
     """Register forward hooks on decoder blocks; `fn(hidden) -> new hidden | None` per layer.
 
     Blocks return either a tensor or a tuple whose first element is the residual stream; the hook
-    hides that difference. Handles are removed on exit, whatever happens inside the block.
+    hides that difference. Handles are removed on exit, whatever happens inside the block. `model` is a
+    `Model` or a plain Hugging Face model (`as_model`).
     """
+    model = as_model(model, layers_path)
     handles = []
 
     def wrap(fn: HookFn):
@@ -327,13 +348,21 @@ def _make_hook(iv: Intervention, layer: int, prompt_len: int | None) -> HookFn:
 
 @contextmanager
 def steer(
-    model: Model, intervention: Intervention | None, *, prompt_len: int | None = None, batch_rows: int | None = None
+    model: Model | nn.Module,
+    intervention: Intervention | None,
+    *,
+    prompt_len: int | None = None,
+    batch_rows: int | None = None,
+    layers_path: str | None = None,
 ) -> Iterator[None]:
     """Apply `intervention` to `model` inside the block (no-op for None).
 
-    `prompt_len` is the padded prompt length; it is what lets `positions=prompt|generated` tell
-    prompt tokens from generated ones during cached generation.
+    `model` is the project's `Model` or a plain Hugging Face model (its blocks found as `decoder_layers`
+    finds them, `layers_path` overrides); either way the same hooks, so the same tokens. `prompt_len` is the
+    padded prompt length; it is what lets `positions=prompt|generated` tell prompt tokens from generated ones
+    during cached generation.
     """
+    model = as_model(model, layers_path)
     if intervention is None:
         yield
         return

@@ -19,6 +19,7 @@ from pathlib import Path
 
 from ..blind_store import BlindPlan, blind_copy
 from ..core.model import Model
+from ..registry import registry
 from ..store import Store
 from .analysis import analyse_model
 from .conditions import plan_studies
@@ -85,9 +86,16 @@ def blind_plan(
         models=names,
         sources={src: f"source-{chr(ord('a') + i)}" for i, src in enumerate(dict.fromkeys(sources))},
         spec_yaml=blind.to_yaml(),
+        aliases={name: registry_names(name) for name in [*names, *sources]},
         drop_conditions=frozenset(drop_conditions),
         drop_kinds=frozenset(drop_kinds),
     )
+
+
+def registry_names(name: str) -> list[str]:
+    """What a registry alias resolves to (hub id, packages, GGUF file); nothing for other names."""
+    entry = registry().get(name)
+    return [] if entry is None else entry.names()
 
 
 def stored_layers(store: Store, run_id: str, model: str) -> int:

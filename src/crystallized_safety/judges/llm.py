@@ -418,14 +418,25 @@ class LocalJudge:
     version = 1
 
     def __init__(
-        self, model: Model | str, rubric: str | None = None, max_new_tokens: int = 8, *, batch_size: int = 16
+        self,
+        model: Model | str,
+        rubric: str | None = None,
+        max_new_tokens: int = 8,
+        *,
+        batch_size: int = 16,
+        load: Callable[[str], Model] | None = None,
     ) -> None:
+        """`model`: a loaded `Model`, or a name that `load` opens (e.g. `crystallized_safety.load_model`); the
+        judge never imports the registry itself (judges sit below it, docs/design.md)."""
         if not is_positive_int(max_new_tokens):
             raise JudgeError(f"LocalJudge max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
         if isinstance(model, str):
-            from crystallized_safety.registry import load_model
-
-            model = load_model(model)
+            if load is None:
+                raise JudgeError(
+                    f"LocalJudge got the model name '{model}' but no loader: pass a loaded Model, or "
+                    "load=crystallized_safety.load_model to open it by name"
+                )
+            model = load(model)
         self.model = model
         self.rubric = rubric
         self.max_new_tokens = max_new_tokens

@@ -25,6 +25,7 @@ import socket
 import time
 import uuid
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -67,21 +68,31 @@ def _fingerprint(intervention: Intervention | None) -> str:
     return f"csafety-{__version__}-steered-{digest.hexdigest()[:12]}"
 
 
-def create_app(
-    model: Model,
-    *,
-    model_name: str | None = None,
-    intervention: Intervention | None = None,
-    max_batch: int = 8,
-    batch_window: float = 0.015,
-    max_tokens_limit: int = 4096,
-    max_body_bytes: int = MAX_BODY_BYTES,
-):
-    """The FastAPI app; the batching worker runs for the app's lifespan. Request bodies over `max_body_bytes` are
-    refused unread (413); decoding and tokenising run off the event loop; a request whose client disconnects
-    before its batch starts is dropped from the queue."""
-    _check_settings(model, intervention, max_batch, batch_window, max_tokens_limit)
-    name = model_name or model.model_id
+@dataclass(frozen=True)
+class ServeConfig:
+    """What a server serves and how it batches, for `create_app` and `serve` (`csafety serve` builds one from its
+    options). `model_name`: the name clients send (default: the model's id); `intervention`: the one steering
+    applied to every request (None: unsteered); `max_batch` requests at most per batched generate, collected for
+    up to `batch_window` seconds; `max_tokens_limit`: the largest `max_tokens` a request may ask for; request
+    bodies over `max_body_bytes` are refused unread (413)."""
+
+    model_name: str | None = None
+    intervention: Intervention | None = None
+    max_batch: int = 8
+    batch_window: float = 0.015
+    max_tokens_limit: int = 4096
+    max_body_bytes: int = MAX_BODY_BYTES
+
+
+def create_app(model: Model, config: ServeConfig | None = None):
+    """The FastAPI app serving `model` as `config` says; the batching worker runs for the app's lifespan.
+    Decoding and tokenising run off the event loop; a request whose client disconnects before its batch starts
+    is dropped from the queue."""
+    config = config or ServeConfig()
+    _check_settings(model, config)
+    intervention, max_batch, batch_window = config.intervention, config.max_batch, config.batch_window
+    max_tokens_limit, max_body_bytes = config.max_tokens_limit, config.max_body_bytes
+    name = config.model_name or model.model_id
     fingerprint = _fingerprint(intervention)
     batcher = Batcher(model, intervention, max_batch=max_batch, window=batch_window)
 
@@ -179,17 +190,16 @@ async def _read_body(request: Request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
-def _check_settings(
-    model: Model, intervention: Intervention | None, max_batch: int, batch_window: float, max_tokens_limit: int
-) -> None:
+def _check_settings(model: Model, config: ServeConfig) -> None:
     if not model.has_chat_template:
         raise ModelError(f"{model.model_id} has no chat template: serve a chat (instruct) model")
-    if max_batch < 1:
-        raise CrystallizedSafetyError(f"--max-batch must be >= 1, got {max_batch}")
-    if not 0 <= batch_window <= 1:
-        raise CrystallizedSafetyError(f"the batch window must be 0..1000 ms, got {batch_window * 1000:g} ms")
-    if max_tokens_limit < 1:
-        raise CrystallizedSafetyError(f"--max-tokens-limit must be >= 1, got {max_tokens_limit}")
+    if config.max_batch < 1:
+        raise CrystallizedSafetyError(f"--max-batch must be >= 1, got {config.max_batch}")
+    if not 0 <= config.batch_window <= 1:
+        raise CrystallizedSafetyError(f"the batch window must be 0..1000 ms, got {config.batch_window * 1000:g} ms")
+    if config.max_tokens_limit < 1:
+        raise CrystallizedSafetyError(f"--max-tokens-limit must be >= 1, got {config.max_tokens_limit}")
+    intervention = config.intervention
     if intervention is not None:
         intervention.check(model)
         if intervention.rows is not None:
@@ -258,35 +268,23 @@ def check_port(host: str, port: int) -> None:
 
 def serve(
     model: Model,
+    config: ServeConfig | None = None,
     *,
     host: str = "127.0.0.1",
     port: int = 8000,
-    model_name: str | None = None,
-    intervention: Intervention | None = None,
-    max_batch: int = 8,
-    batch_window: float = 0.015,
-    max_tokens_limit: int = 4096,
-    max_body_bytes: int = MAX_BODY_BYTES,
     log_level: str = "info",
 ) -> None:
-    """Run the server until interrupted; Ctrl-C or SIGTERM shut it down gracefully (queued requests end).
+    """Run `create_app(model, config)` on host:port until interrupted; Ctrl-C or SIGTERM shut it down gracefully
+    (queued requests end).
 
     After a graceful shutdown Ctrl-C returns normally, while SIGTERM ends the process by that signal
     (uvicorn re-raises it), as process managers expect.
     """
     import uvicorn
 
-    app = create_app(
-        model,
-        model_name=model_name,
-        intervention=intervention,
-        max_batch=max_batch,
-        batch_window=batch_window,
-        max_tokens_limit=max_tokens_limit,
-        max_body_bytes=max_body_bytes,
-    )
-    config = uvicorn.Config(app, host=host, port=port, log_level=log_level, access_log=False, lifespan="on")
+    app = create_app(model, config)
+    server = uvicorn.Config(app, host=host, port=port, log_level=log_level, access_log=False, lifespan="on")
     try:
-        uvicorn.Server(config).run()
+        uvicorn.Server(server).run()
     except KeyboardInterrupt:  # Ctrl-C: uvicorn has shut down gracefully, then re-raised the signal
         pass
