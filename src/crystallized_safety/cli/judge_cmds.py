@@ -1,4 +1,4 @@
-"""`csafety judge`: judges over responses in a JSONL file, with the coherence gate."""
+"""`csafety judge`: judges over responses in a JSONL file, with the coherence gate (and what `judge-eval` shares)."""
 
 from __future__ import annotations
 
@@ -27,6 +27,10 @@ from .app import (
     status,
 )
 
+DelayedOpt = typer.Option(
+    False, "--delayed", help="substring: also read past the window for a delayed refusal (a partial refusal)."
+)
+
 
 @app.command("judge")
 @cli_errors
@@ -43,6 +47,7 @@ def judge_cmd(
     judge_timeout: float | None = typer.Option(None, help="llm: seconds per HTTP attempt (default 30)."),
     judge_retries: int | None = typer.Option(None, help="llm: retries after a failed attempt (default 3)."),
     window: int | None = typer.Option(None, help="substring: characters searched from the start (0 = all, def. 160)."),
+    delayed: bool = DelayedOpt,
     threshold: float | None = typer.Option(None, help="score: refusal = first-token log-odds > X (default 0)."),
     batch_size: int = typer.Option(32, help="score: prompts per forward pass."),
     coherence_model: str | None = typer.Option(
@@ -60,22 +65,19 @@ def judge_cmd(
     layers_path: str | None = LayersPathOpt,
 ) -> None:
     """Judge responses for refusal: substring (keywords), score (first-token log-odds, needs --model) or llm."""
-    from ..judges import DEFAULT_WINDOW, SubstringJudge
-
     only = {"--model": (model, "score"), "--threshold": (threshold, "score"), "--window": (window, "substring"),
-            "--base-url": (base_url, "llm"), "--judge-model": (judge_model, "llm"),
-            "--judge-timeout": (judge_timeout, "llm"), "--judge-retries": (judge_retries, "llm")}  # fmt: skip
-    _check_judge(judge, only)
-    _check_llm_numbers(judge_timeout, judge_retries)
+            "--delayed": (delayed or None, "substring"), "--base-url": (base_url, "llm"),
+            "--judge-model": (judge_model, "llm"), "--judge-timeout": (judge_timeout, "llm"),
+            "--judge-retries": (judge_retries, "llm")}  # fmt: skip
+    check_judge(judge, only)
+    check_llm_numbers(judge_timeout, judge_retries)
     gate_model = coherence_model or (model if judge == "score" else None)
     records = read_judge_input(input_path, need_response=judge != "score" or coherence_model is not None)
     prompts = [r["prompt"] for r in records]
     if gate_model is not None and not all(isinstance(r.get("response"), str) for r in records):
         gate_model = None  # score on prompts only: there is no response to gate
     if judge == "substring":
-        verdicts = SubstringJudge(window=None if window == 0 else (window or DEFAULT_WINDOW)).judge(
-            prompts, [r["response"] for r in records]
-        )
+        verdicts = substring_judge(window, delayed).judge(prompts, [r["response"] for r in records])
     elif judge == "score":
         from ..judges.refusal_score import RefusalScoreJudge
 
@@ -87,7 +89,7 @@ def judge_cmd(
     else:
         assert base_url is not None and judge_model is not None  # checked above
         responses = [r["response"] for r in records]
-        verdicts = _llm_verdicts(base_url, judge_model, api_key_env, judge_timeout, judge_retries, prompts, responses)
+        verdicts = llm_verdicts(base_url, judge_model, api_key_env, judge_timeout, judge_retries, prompts, responses)
     gated = None
     if gate_model is not None:
         opts = (device, dtype, layers_path, system)
@@ -103,7 +105,14 @@ def judge_cmd(
     judge_table(records, verdicts, gated)
 
 
-def _llm_verdicts(
+def substring_judge(window: int | None, delayed: bool):
+    """The substring judge of --window (0 = the whole response, default 160) and --delayed."""
+    from ..judges import DEFAULT_WINDOW, SubstringJudge
+
+    return SubstringJudge(window=None if window == 0 else (window or DEFAULT_WINDOW), delayed=delayed)
+
+
+def llm_verdicts(
     base_url: str,
     judge_model: str,
     api_key_env: str,
@@ -137,7 +146,7 @@ def _llm_verdicts(
     return verdicts
 
 
-def _check_llm_numbers(timeout: float | None, retries: int | None) -> None:
+def check_llm_numbers(timeout: float | None, retries: int | None) -> None:
     """--judge-timeout and --judge-retries in range before the input is read: a billion retries with doubling
     backoff would wait forever (the judge refuses them too; this says it with the option's name)."""
     from .. import validation
@@ -165,7 +174,7 @@ class _Throttled:
             err.print(message, highlight=False, soft_wrap=True)
 
 
-def _check_judge(judge: str, only: Mapping[str, tuple[object, str]]) -> None:
+def check_judge(judge: str, only: Mapping[str, tuple[object, str]]) -> None:
     """A known judge, given what it needs and nothing that belongs to another judge."""
     from ..errors import JudgeError
 
