@@ -1,0 +1,70 @@
+"""The hand-labelled gold file of the project's own responses (organisms-32): `judge-eval` reproduces the
+committed figures, the second reading's agreement is what statsmodels computes from the two label sets, and the
+docs state the coherence gate's measured precision from the committed files."""
+
+from __future__ import annotations
+
+import collections
+import json
+from pathlib import Path
+
+import numpy as np
+from statsmodels.stats.inter_rater import cohens_kappa
+
+from conftest import cli_ok
+from crystallized_safety.judges.gold import load_gold
+from crystallized_safety.stats import wilson_interval
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "results"
+LABELS = ["full_refusal", "partial_refusal", "full_compliance", "incoherent"]
+
+
+def gold_rows() -> dict[str, object]:
+    return {r.id: r for r in load_gold("organisms-32").rows}
+
+
+def test_judge_eval_reproduces_the_committed_figures(tmp_path: Path) -> None:
+    out = tmp_path / "eval.json"
+    cli_ok(["judge-eval", "--gold", "organisms-32", "--by", "model", "--json", str(out)])
+    assert json.loads(out.read_text()) == json.loads((RESULTS / "judge-eval-organisms-32.json").read_text())
+
+
+def test_second_reading_agreement_is_statsmodels_kappa() -> None:
+    gold = gold_rows()
+    second = json.loads((RESULTS / "gold-second-read.json").read_text())
+    table = np.zeros((4, 4), int)
+    for row in second["second_reading"]:
+        table[LABELS.index(gold[row["id"]].label), LABELS.index(row["label"])] += 1
+    assert table.tolist() == second["confusion_first_x_second"]
+    assert int(np.trace(table)) == second["agree"] and table.sum() == second["rows"] == 80
+    assert round(float(cohens_kappa(table).kappa), 4) == second["kappa"]
+
+
+def cell(k: int, n: int) -> str:
+    lo, hi = wilson_interval(k, n)
+    return f"{k} ({k / n:.1%}, {lo:.1%}-{hi:.1%})"
+
+
+def test_docs_state_the_gate_precision_from_the_committed_files() -> None:
+    gold = gold_rows()
+    tool = json.loads((RESULTS / "gold-organisms-32-tool.json").read_text())["rows"]
+    assert {r["id"] for r in tool} == set(gold)
+    docs = (ROOT / "docs" / "judges.md").read_text()
+    for model in ("smollm2-135m-refusal", "smollm2-135m-hardened"):
+        flips = [
+            gold[r["id"]].label
+            for r in tool
+            if gold[r["id"]].model == model and r["stratum"] == "steered-coherent-compliance"
+        ]
+        assert all(
+            r["refusal"] == 0 and r["coherent"] == 1 for r in tool if r["stratum"] == "steered-coherent-compliance"
+        )
+        c, n = collections.Counter(flips), len(flips)
+        share = [cell(c["full_compliance"], n), cell(c["incoherent"], n)]
+        line = f"| {model} | {n} | {share[0]} | {share[1]} | {c['full_refusal'] + c['partial_refusal']} |"
+        assert line in docs, line
+        gated = [
+            gold[r["id"]].label for r in tool if gold[r["id"]].model == model and r["stratum"] == "steered-incoherent"
+        ]
+        assert gated and set(gated) == {"incoherent"}
