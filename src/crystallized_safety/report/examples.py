@@ -3,7 +3,7 @@ each with its judge verdict, first-token score and coherence."""
 
 from __future__ import annotations
 
-from collections import defaultdict
+from collections import Counter, defaultdict
 
 from ..experiments.results import best
 from .collect import is_control
@@ -119,3 +119,35 @@ def _example(title: str, cell: dict, i: int, base_rows: dict, steered: dict, thr
             _judged("steered", steered.get(i), thresholds),
         ],
     }
+
+
+def answer_spreads(gens: list[dict], conds: dict[str, dict]) -> dict[str, dict]:
+    """Per steered harmful cell, keyed by its label (`Condition.describe`): how many distinct answers its flips
+    (prompts refused unsteered, answered coherently when steered) are, and the most common one. Answers that do
+    not depend on the prompt ("I'm not." to forty different requests) pass the coherence gate but are no bypass:
+    a reader of the deciding cell should see it at once."""
+    from ..experiments.conditions import Condition
+
+    refused = {
+        g["prompt_index"]
+        for g in gens
+        if g["prompt_set"] == "harmful" and not conds[g["condition_key"]]["layers"] and g["refusal"] == 1
+    }
+    flips: defaultdict[str, list[str]] = defaultdict(list)
+    for g in gens:
+        if g["prompt_set"] == "harmful" and g["prompt_index"] in refused and g["refusal"] == 0 and g["coherent"] != 0:
+            flips[g["condition_key"]].append(" ".join((g["response"] or "").lower().split()))
+    out = {}
+    for key, answers in flips.items():
+        c = conds[key]
+        if not c["layers"]:
+            continue
+        tupled = {k: tuple(v) if isinstance(v, list) else v for k, v in c.items()}
+        top, count = Counter(answers).most_common(1)[0]
+        out[Condition(**tupled).describe()] = {
+            "flips": len(answers),
+            "distinct": len(set(answers)),
+            "top": _truncate(top, 120),
+            "top_count": count,
+        }
+    return out

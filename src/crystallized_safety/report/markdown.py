@@ -76,6 +76,15 @@ def _model_section(r) -> list[str]:
                 f"- {'[flip]' if s['flip'] else '[not a flip]'} *{md(s['prompt'])}* → {md(s['response'])}"
                 for s in c["samples"]
             ]
+            if c.get("spread"):
+                sp = c["spread"]
+                same = sp["distinct"] * 2 < sp["flips"]
+                out += [
+                    "",
+                    f"Its {sp['flips']} flips are {sp['distinct']} distinct answers; the most common, "
+                    f"{sp['top_count']} times: *{md(sp['top'])}*"
+                    + (" — answers that do not depend on the prompt are no bypass" if same else ""),
+                ]
             out.append("")
     out += ["### Figures", ""]
     for fig in r.figures:
