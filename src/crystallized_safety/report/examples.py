@@ -4,6 +4,7 @@ each with its judge verdict, first-token score and coherence."""
 from __future__ import annotations
 
 from collections import Counter, defaultdict
+from typing import Any
 
 from ..experiments.results import best
 from .collect import is_control
@@ -142,7 +143,7 @@ def answer_spreads(gens: list[dict], conds: dict[str, dict]) -> dict[str, dict]:
         c = conds[key]
         if not c["layers"]:
             continue
-        tupled = {k: tuple(v) if isinstance(v, list) else v for k, v in c.items()}
+        tupled: dict[str, Any] = {k: tuple(v) if isinstance(v, list) else v for k, v in c.items()}
         top, count = Counter(answers).most_common(1)[0]
         out[Condition(**tupled).describe()] = {
             "flips": len(answers),
