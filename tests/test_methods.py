@@ -13,8 +13,10 @@ import pytest
 import torch
 
 from conftest import block_outputs, make_tiny, tiny_spec
+from crystallized_safety.core import modes
 from crystallized_safety.core.directions import extract_directions
-from crystallized_safety.core.steering import Intervention, rotate, steer
+from crystallized_safety.core.modes import rotate
+from crystallized_safety.core.steering import Intervention, steer
 from crystallized_safety.errors import InterventionError
 from crystallized_safety.experiments.conditions import HARMFUL, Condition, build_intervention
 
@@ -89,15 +91,15 @@ def test_affine_ablation_sets_every_layers_projection_to_the_harmless_mean():
     iv = build_intervention(cond, bank)
     v = bank.direction(1)
     for k in at:  # independent: the harmless mean of layer k, projected on the layer-1 direction
-        assert iv.ablate_to[k] == pytest.approx(float(bank.mean_harmless[k] @ v), rel=1e-6)
+        assert iv.params.ablate_to[k] == pytest.approx(float(bank.mean_harmless[k] @ v), rel=1e-6)
     ids = model.tokenizer(model.format(HARMFUL_P), return_tensors="pt", padding=True)
     with steer(model, iv):
         hidden = block_outputs(model, **ids)
     for k in at:
         proj = hidden[k] @ v
-        assert torch.allclose(proj, torch.full_like(proj, iv.ablate_to[k]), atol=1e-3)
+        assert torch.allclose(proj, torch.full_like(proj, iv.params.ablate_to[k]), atol=1e-3)
     zero = build_intervention(Condition(HARMFUL, at, 0.0, "absolute", "ablate", "shared:1"), bank)
-    assert zero.mode == "ablate" and zero.ablate_to == {}
+    assert iv.mode is modes.AFFINE and zero.mode is modes.ABLATE and zero.params.ablate_to == {}
 
 
 def test_ablation_and_angular_studies_run_end_to_end_and_are_reported(tiny_model_dirs, tmp_path):

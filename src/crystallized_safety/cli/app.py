@@ -17,6 +17,7 @@ from rich.console import Console
 from rich.text import Text
 
 from .. import validation
+from ..core import modes
 from ..errors import CrystallizedSafetyError
 
 
@@ -159,9 +160,7 @@ DirectionsOpt = typer.Option(None, help="Direction file (.safetensors, or a plai
 LayerOpt = typer.Option(None, "--layer", "-l", help="Layer to steer (repeatable).")
 AlphaOpt = typer.Option(0.0, help="Steering strength; -alpha removes refusal, +alpha induces it.")
 ModeOpt = typer.Option(
-    "add",
-    help="add | ablate | ablate_add | affine (ablate to the harmless mean) | rotate (angular steering: --alpha is "
-    "the angle in degrees from the direction, in its plane with the harmless mean; the norm is kept).",
+    "add", help=" | ".join(f"{m.name} ({m.help})" if m.help else m.name for m in modes.MODES.values()) + "."
 )
 SubspaceOpt = typer.Option(
     0, help="With ablate/affine: ablate the K-dim refusal subspace of each layer (file from `extract --subspace K`)."
@@ -169,9 +168,6 @@ SubspaceOpt = typer.Option(
 PositionsOpt = typer.Option("all", help="all | prompt | generated.")
 AlphaUnitOpt = typer.Option("absolute", help="absolute | relative (x the layer's mean residual norm).")
 AblateToOpt = typer.Option("zero", help="Ablation target projection: zero | harmless-mean.")
-
-
-CLI_MODES = ("add", "ablate", "ablate_add", "affine", "rotate")
 
 
 @dataclass(frozen=True)
@@ -194,15 +190,16 @@ class Steering:
             raise CrystallizedSafetyError("--directions needs at least one --layer L to steer")
         if self.ablate_to not in ("zero", "harmless-mean"):
             raise CrystallizedSafetyError(f"unknown --ablate-to '{self.ablate_to}': use zero or harmless-mean")
-        if self.mode not in CLI_MODES:
-            raise CrystallizedSafetyError(f"unknown mode '{self.mode}': use --mode {' | '.join(CLI_MODES)}")
-        if self.mode == "rotate" and self.alpha_unit != "absolute":
+        mode = self.steering_mode()
+        if mode.angle and self.alpha_unit != "absolute":
             raise CrystallizedSafetyError(
-                "--mode rotate takes --alpha as an angle in degrees: use --alpha-unit absolute"
+                f"--mode {mode.name} takes --alpha as an angle in degrees: use --alpha-unit absolute"
             )
         validation.integer(self.subspace, "--subspace", 0)
-        if self.subspace and self.mode not in ("ablate", "affine", "ablate_add"):
-            raise CrystallizedSafetyError(f"--subspace {self.subspace} works with --mode ablate or affine")
+        if self.subspace and not mode.ablates:
+            raise CrystallizedSafetyError(
+                f"--subspace {self.subspace} works with --mode {modes.one_of(modes.names(modes.is_ablation))}"
+            )
         if self.directions is not None:  # a bad file or alpha fails here, before the model loads
             if self.alpha_unit not in validation.ALPHA_LIMITS:
                 raise CrystallizedSafetyError(f"unknown --alpha-unit '{self.alpha_unit}': use absolute or relative")
@@ -213,10 +210,16 @@ class Steering:
             for layer in self.layers:
                 if self.alpha_unit == "relative":
                     bank.resid_norm(layer)
-                if self.ablate_to == "harmless-mean" or self.mode in ("affine", "rotate"):
+                if self.ablate_to == "harmless-mean" or mode.harmless:
                     bank.harmless_projection(layer)
                 if self.subspace:
                     bank.basis(layer, self.subspace)
+
+    def steering_mode(self) -> modes.Mode:
+        """The registered mode `--mode` names, or one line listing them."""
+        if self.mode not in modes.MODES:
+            raise CrystallizedSafetyError(f"unknown mode '{self.mode}': use --mode {' | '.join(modes.MODES)}")
+        return modes.mode(self.mode)
 
     def intervention(self, m: Any) -> Any:
         """The Intervention for model `m` (None when unsteered)."""
@@ -224,7 +227,6 @@ class Steering:
             return None
         from ..core.directions import DirectionBank
         from ..core.steering import Intervention
-        from ..experiments.conditions import mode_fields
 
         bank = DirectionBank.load(self.directions)
         bank.check_model(m)
@@ -232,16 +234,15 @@ class Steering:
         relative = self.alpha_unit == "relative"
         directions = {k: (bank.basis(k, self.subspace)[0] if self.subspace else bank.direction(k)) for k in layers}
         basis = {k: bank.basis(k, self.subspace) for k in layers} if self.subspace else None
-        affine = self.ablate_to == "harmless-mean" or self.mode == "affine"
-        extra = mode_fields(bank, directions, affine=affine, rotate=self.mode == "rotate", basis=basis)
+        mode = self.steering_mode()
         return Intervention(
             directions=directions,
             alpha=self.alpha,
-            mode="ablate" if self.mode == "affine" else self.mode,
+            mode=mode,
             positions=self.positions,
             alpha_unit=self.alpha_unit,
             layer_norms={layer: bank.resid_norm(layer) for layer in layers} if relative else None,
-            **extra,
+            params=mode.bind(bank, directions, basis, to_harmless=self.ablate_to == "harmless-mean"),
         )
 
 

@@ -11,25 +11,24 @@ Face model (a `PreTrainedModel`: its decoder blocks are found structurally, `lay
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field, replace
-from typing import Literal
+from dataclasses import dataclass, replace
+from typing import Any, Literal
 
 import torch
 from torch import nn
 
 from .. import validation
 from ..errors import InterventionError
+from . import modes
 from .model import Model
+from .modes import Mode, as_vector, check_numbers
 
-Mode = Literal["add", "ablate", "ablate_add", "rotate"]
 Positions = Literal["all", "prompt", "generated"]
 AlphaUnit = Literal["absolute", "relative"]
 HookFn = Callable[[torch.Tensor], torch.Tensor | None]
 
-MODES = ("add", "ablate", "ablate_add", "rotate")
 # The largest |alpha| accepted per unit (validation.ALPHA_LIMITS, shared with the CLI and the spec): beyond
 # these, activations overflow (fp16/bf16 at once, fp32 soon after) and generation returns NaN logits, i.e. empty
 # "responses" a substring judge would count as flips.
@@ -82,110 +81,73 @@ def layer_hooks(
             handle.remove()
 
 
-def _as_vector(value: torch.Tensor | Sequence[float], what: str) -> torch.Tensor:
-    tensor = torch.as_tensor(value, dtype=torch.float32).detach()
-    if tensor.dim() not in (1, 2):
-        raise InterventionError(f"{what} must be a [d] vector or a [batch, d] matrix, got shape {tuple(tensor.shape)}")
-    if not torch.isfinite(tensor).all():
-        raise InterventionError(f"{what} contains NaN or inf values: re-extract or check the vector file")
-    if tensor.dim() == 1 and tensor.norm() == 0:  # per-row matrices hold zero rows for unsteered cells
-        raise InterventionError(f"{what} is all zeros: steering with it changes nothing")
-    return tensor
-
-
-def check_numbers(values, what: str, limit: float | None = None, positive: bool = False) -> None:
-    """Every value finite (and within +-limit, and > 0 where asked), or one clear error."""
-    tensor = torch.as_tensor(values, dtype=torch.float64).flatten()
-    if not torch.isfinite(tensor).all():
-        raise InterventionError(f"{what} must be finite numbers, got NaN or inf")
-    if limit is not None and (tensor.abs() > limit).any():
-        raise InterventionError(f"{what} {float(tensor.abs().max()):g} is out of range: use |{what}| <= {limit:g}")
-    if positive and not (tensor > 0).all():
-        raise InterventionError(f"{what} must be > 0: re-extract the direction file with `csafety extract`")
-
-
-@dataclass
+@dataclass(init=False)
 class Intervention:
     """What to do to the residual stream at which layers.
 
     - `directions`: layer -> vector [d] (shared by every row) or [rows, d] (one per batch row).
       Vectors are used as given (unit directions from a DirectionBank; raw vectors from the seed API).
     - `alpha`: one number, or one per row (several interventions in one batch).
-    - `mode`: add (h + a*v), ablate (set the projection on v to `ablate_to`), ablate_add (both).
+    - `mode`: a `core.modes.Mode` (or its registered name): add (h + a*v), ablate (set the projection on v to a
+      target), ablate_add (both), affine (ablate to where harmless prompts sit), rotate (angular steering: alpha in
+      degrees); `modes.MODES` lists them.
     - `positions`: all | prompt (prefill only) | generated (tokens produced during generation).
     - `alpha_unit`: absolute, or relative (alpha * `layer_norms[layer]`, the layer's mean residual norm).
     - `layer_weights`: per-layer multipliers (e.g. a total alpha split across K layers: 1/K each).
-    - `ablate_to`: projection value after ablation, per layer (default 0; the harmless mean avoids
-      pushing harmless prompts towards refusal: on the organism they project below zero).
-    - `basis` (modes ablate / ablate_add): per layer an orthonormal [k, d] basis of a refusal subspace: ablation
-      sets the activation's k coordinates in it to `basis_targets[layer]` (default zeros) instead of one
-      projection; `directions[layer]` is then the basis's first vector.
-    - `planes` (mode rotate, angular steering): per layer a second vector; with the direction it spans the plane
-      in which each activation's component is rotated to `alpha` degrees from the direction (towards the second
-      vector's side), keeping its length: the activation's norm never changes.
+    - `params`: the mode's own parameters (`modes.Ablation`: `ablate_to`, a subspace `basis` and its
+      `basis_targets`; `modes.Rotation`: `planes`; None for add), or pass them as keywords
+      (`Intervention({2: v}, mode="ablate", ablate_to={2: 1.25})`); `mode.bind(bank, directions)` reads them from a
+      direction file.
     """
 
     directions: dict[int, torch.Tensor]
-    alpha: float | torch.Tensor = 0.0
-    mode: str = "add"  # a Mode, checked on construction
-    positions: str = "all"  # Positions
-    alpha_unit: str = "absolute"  # AlphaUnit
-    layer_norms: dict[int, float] | None = None
-    layer_weights: dict[int, float] = field(default_factory=dict)
-    ablate_to: dict[int, float] = field(default_factory=dict)
-    planes: dict[int, torch.Tensor] = field(default_factory=dict)
-    basis: dict[int, torch.Tensor] = field(default_factory=dict)
-    basis_targets: dict[int, torch.Tensor] = field(default_factory=dict)
+    alpha: float | torch.Tensor
+    mode: Mode
+    positions: str  # Positions
+    alpha_unit: str  # AlphaUnit
+    layer_norms: dict[int, float] | None
+    layer_weights: dict[int, float]
+    params: Any  # the mode's (its `params_type`)
 
-    def __post_init__(self) -> None:
-        if not self.directions:
+    def __init__(
+        self,
+        directions: Mapping[int, torch.Tensor | Sequence[float]],
+        alpha: float | torch.Tensor = 0.0,
+        mode: Mode | str = "add",
+        positions: str = "all",
+        alpha_unit: str = "absolute",
+        layer_norms: dict[int, float] | None = None,
+        layer_weights: dict[int, float] | None = None,
+        params: Any = None,
+        **mode_params: Any,
+    ) -> None:
+        if not directions:
             raise InterventionError("an intervention needs at least one layer with a direction")
-        if self.mode not in MODES:
-            raise InterventionError(f"unknown mode '{self.mode}': use one of {', '.join(MODES)}")
-        if self.positions not in POSITIONS:
-            raise InterventionError(f"unknown positions '{self.positions}': use one of {', '.join(POSITIONS)}")
-        if self.alpha_unit not in ("absolute", "relative"):
-            raise InterventionError(f"unknown alpha unit '{self.alpha_unit}': use absolute or relative")
-        self.directions = {int(k): _as_vector(v, f"direction for layer {k}") for k, v in self.directions.items()}
-        if not isinstance(self.alpha, (int, float)):
-            alpha = torch.as_tensor(self.alpha, dtype=torch.float32).detach()
+        self.mode = modes.mode(mode)
+        if positions not in POSITIONS:
+            raise InterventionError(f"unknown positions '{positions}': use one of {', '.join(POSITIONS)}")
+        if alpha_unit not in ("absolute", "relative"):
+            raise InterventionError(f"unknown alpha unit '{alpha_unit}': use absolute or relative")
+        self.positions, self.alpha_unit, self.layer_norms = positions, alpha_unit, layer_norms
+        self.layer_weights = dict(layer_weights or {})
+        self.directions = {int(k): as_vector(v, f"direction for layer {k}") for k, v in directions.items()}
+        if not isinstance(alpha, (int, float)):
+            alpha = torch.as_tensor(alpha, dtype=torch.float32).detach()
             if alpha.dim() != 1:
                 raise InterventionError("alpha must be a number or a 1-D sequence with one value per prompt")
-            self.alpha = alpha
+        self.alpha = alpha
         check_numbers(self.alpha, f"{self.alpha_unit} alpha", ALPHA_LIMITS[self.alpha_unit])
         check_numbers(list(self.layer_weights.values()), "layer weight", ALPHA_LIMITS["relative"])
-        check_numbers(list(self.ablate_to.values()), "ablation target")
+        self.params = self.mode.take(params, mode_params)
         if self.layer_norms:
             check_numbers(list(self.layer_norms.values()), "layer residual norm", positive=True)
-        if self.mode == "rotate":
-            self._check_rotation()
-        for k, b in self.basis.items():
-            if b.dim() != 2 or not torch.allclose(b @ b.T, torch.eye(b.shape[0]), atol=1e-4):
-                raise InterventionError(f"layer {k}: a subspace basis must be orthonormal rows [k, d]")
-            target = self.basis_targets.get(k)
-            if target is not None and tuple(target.shape) != (b.shape[0],):
-                raise InterventionError(f"layer {k}: {b.shape[0]} subspace targets needed, got {tuple(target.shape)}")
+        self.mode.check(self)
         if self.alpha_unit == "relative":
             missing = [k for k in self.directions if not self.layer_norms or k not in self.layer_norms]
             if missing:
                 raise InterventionError(
                     f"relative alpha needs the mean residual norm of layers {missing}: use a direction file from "
                     "`csafety extract` or pass layer_norms"
-                )
-
-    def _check_rotation(self) -> None:
-        if self.alpha_unit != "absolute" or isinstance(self.alpha, torch.Tensor):
-            raise InterventionError("rotate takes one angle in degrees as alpha, with alpha_unit absolute")
-        missing = [k for k in self.directions if k not in self.planes]
-        if missing:
-            raise InterventionError(f"rotate needs a plane vector for layers {missing}")
-        self.planes = {int(k): _as_vector(v, f"plane vector for layer {k}") for k, v in self.planes.items()}
-        for k, v in self.directions.items():
-            unit = v / v.norm()
-            rest = self.planes[k] - (self.planes[k] @ unit) * unit
-            if v.dim() != 1 or rest.norm() < 1e-6 * self.planes[k].norm():
-                raise InterventionError(
-                    f"layer {k}: the plane vector is parallel to the direction: no plane to rotate in"
                 )
 
     @classmethod
@@ -242,7 +204,7 @@ def pack_interventions(
 ) -> Intervention | None:
     """One Intervention for len(interventions) blocks of `rows` rows each (several cells in one batch).
 
-    A single intervention is returned as is. Several "add" interventions (None = unsteered) become per-row
+    A single intervention is returned as is. Several of a mode that packs (add; None = unsteered) become per-row
     vectors with each row's effective alpha folded in (alpha x norm x weight, computed exactly as the single
     intervention's hook computes it), zeros where one does not touch a layer, and alpha 1: each row's residual
     stream gets the same arithmetic as when its intervention runs alone.
@@ -250,7 +212,7 @@ def pack_interventions(
     if len(interventions) == 1:
         return interventions[0]
     used = [iv for iv in interventions if iv is not None]
-    if any(iv.mode != "add" for iv in used):
+    if any(not iv.mode.packs for iv in used):
         raise InterventionError("only 'add' conditions can share a batch; ablation runs one condition per batch")
     if len({iv.positions for iv in used}) > 1:
         raise InterventionError("interventions that steer different positions cannot share a batch")
@@ -263,41 +225,12 @@ def pack_interventions(
             continue
         for layer in one.layers:
             blocks[layer][j * rows : (j + 1) * rows] = one.effective_alpha(layer) * one.directions[layer]
-    return Intervention(directions=blocks, alpha=1.0, mode="add", positions=used[0].positions)
-
-
-def _row_broadcast(x: float | torch.Tensor, like: torch.Tensor) -> float | torch.Tensor:
-    """Scalar stays scalar (exact h + a*v arithmetic); [B] -> [B, 1, 1]; [B, d] -> [B, 1, d]."""
-    if isinstance(x, torch.Tensor):
-        x = x.to(device=like.device, dtype=like.dtype)
-        return x.view(x.shape[0], 1, *x.shape[1:]) if x.dim() == 2 else x.view(-1, 1, 1)
-    return x
-
-
-def _rotation(iv: Intervention, layer: int) -> tuple[torch.Tensor, torch.Tensor, float, float]:
-    """Orthonormal (b1, b2) of the rotation plane (b1 = the direction) and the target angle's cos, sin."""
-    b1 = iv.directions[layer] / iv.directions[layer].norm()
-    rest = iv.planes[layer] - (iv.planes[layer] @ b1) * b1
-    theta = math.radians(float(iv.alpha))  # checked: one number
-    return b1, rest / rest.norm(), math.cos(theta), math.sin(theta)
-
-
-def rotate(hidden: torch.Tensor, b1: torch.Tensor, b2: torch.Tensor, cos: float, sin: float) -> torch.Tensor:
-    """Each activation's component in the plane (b1, b2) turned to the angle (cos, sin) from b1, its length kept;
-    the rest of the activation untouched (so the norm is preserved exactly, up to rounding)."""
-    x1 = (hidden * b1).sum(-1, keepdim=True)
-    x2 = (hidden * b2).sum(-1, keepdim=True)
-    r = torch.sqrt(x1 * x1 + x2 * x2)
-    return hidden + (r * cos - x1) * b1 + (r * sin - x2) * b2
+    return Intervention(directions=blocks, alpha=1.0, mode=modes.ADD, positions=used[0].positions)
 
 
 def _make_hook(iv: Intervention, layer: int, prompt_len: int | None) -> HookFn:
     vec = iv.directions[layer]
-    plane = _rotation(iv, layer) if iv.mode == "rotate" else None
-    basis = iv.basis.get(layer)
-    basis_target = iv.basis_targets.get(layer)
-    alpha = iv.effective_alpha(layer)
-    target = float(iv.ablate_to.get(layer, 0.0))
+    operator = iv.mode.operator(iv, layer)
     state = {"end": 0, "calls": 0}
 
     def position_mask(hidden: torch.Tensor) -> torch.Tensor | None:
@@ -323,22 +256,7 @@ def _make_hook(iv: Intervention, layer: int, prompt_len: int | None) -> HookFn:
         mask = position_mask(hidden)
         if mask is not None and not bool(mask.any()):
             return hidden
-        out = hidden
-        if plane is not None:
-            b1, b2, cos, sin = plane
-            out = rotate(out, b1.to(hidden.device, hidden.dtype), b2.to(hidden.device, hidden.dtype), cos, sin)
-        if basis is not None and iv.mode in ("ablate", "ablate_add"):
-            b = basis.to(device=hidden.device, dtype=hidden.dtype)
-            coords = out @ b.T  # [..., k]
-            if basis_target is not None:
-                coords = coords - basis_target.to(device=hidden.device, dtype=hidden.dtype)
-            out = out - coords @ b
-        elif iv.mode in ("ablate", "ablate_add"):
-            unit = v / v.norm(dim=-1, keepdim=True)
-            proj = (out * unit).sum(dim=-1, keepdim=True)
-            out = out - (proj - target) * unit
-        if iv.mode in ("add", "ablate_add"):
-            out = out + _row_broadcast(alpha, hidden) * v
+        out = operator(hidden, v)
         if mask is not None:
             out = torch.where(mask, out, hidden)
         return out

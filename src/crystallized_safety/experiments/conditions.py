@@ -11,8 +11,7 @@ import json
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 
-import torch
-
+from ..core import modes
 from ..core.directions import DirectionBank
 from ..core.steering import Intervention
 from ..errors import LayerError
@@ -44,7 +43,7 @@ class Condition:
     layers: tuple[int, ...] = ()
     alpha: float = 0.0
     alpha_unit: str = "relative"
-    mode: str = "add"  # add | ablate | ablate_add | affine (ablate to the harmless mean) | rotate (alpha in degrees)
+    mode: str = "add"  # a registered mode's name (core/modes.py): add, ablate, ablate_add, affine, rotate
     direction: str = "extracted"  # extracted | inverted | orthogonal:S | random:S | shared:L | transfer:MODEL
     weights: tuple[float, ...] = ()  # per-layer multipliers (total alpha split); empty = all 1
     source_layers: tuple[int, ...] = ()  # transfer only: source-model layer per target layer
@@ -63,7 +62,7 @@ class Condition:
         contiguous = len(self.layers) >= 8 and self.layers == tuple(range(self.layers[0], self.layers[-1] + 1))
         layers = f"{self.layers[0]}-{self.layers[-1]}" if contiguous else ",".join(map(str, self.layers))
         unit = " rel" if self.alpha_unit == "relative" else ""
-        size = f"θ={self.alpha:g}°" if self.mode == "rotate" else f"a={self.alpha:g}{unit}"
+        size = f"θ={self.alpha:g}°" if modes.mode(self.mode).angle else f"a={self.alpha:g}{unit}"
         return f"L{layers} {size} {self.mode} {self.direction} ({self.prompt_set})"
 
     def to_json(self) -> str:
@@ -291,29 +290,6 @@ def plan_studies(spec: ExperimentSpec, n_layers: int, model: str) -> list[StudyP
     return plans
 
 
-def mode_fields(
-    bank: DirectionBank,
-    directions: dict[int, torch.Tensor],
-    *,
-    affine: bool = False,
-    rotate: bool = False,
-    basis: dict[int, torch.Tensor] | None = None,
-) -> dict:
-    """The Intervention fields a method needs beyond its directions, all read from `bank`: affine ablation's targets
-    (where harmless prompts sit on each layer's vector or subspace, ACE), angular steering's planes (the direction
-    and the layer's harmless mean), a subspace's bases. Shared by specs (`build_intervention`) and the CLI."""
-    extra: dict = {}
-    if basis:
-        extra["basis"] = basis
-        if affine:
-            extra["basis_targets"] = {k: b @ bank.harmless_mean(k) for k, b in basis.items()}
-    elif affine:
-        extra["ablate_to"] = {k: bank.harmless_projection(k, v) for k, v in directions.items()}
-    if rotate:
-        extra["planes"] = {k: bank.harmless_mean(k) for k in directions}
-    return extra
-
-
 def build_intervention(
     cond: Condition, bank: DirectionBank, transfer: dict[str, DirectionBank] | None = None, seed: int = 0
 ) -> Intervention | None:
@@ -329,13 +305,13 @@ def build_intervention(
     if ref.kind == "subspace":  # a k-dimensional subspace of the source layer, ablated at every layer
         dims, source = ref.subspace
         basis = dict.fromkeys(cond.layers, bank.basis(source, dims))
-    extra = mode_fields(bank, directions, affine=cond.mode == "affine", rotate=cond.mode == "rotate", basis=basis)
+    mode = modes.mode(cond.mode)
     return Intervention(
         directions=directions,
         alpha=cond.alpha,
-        mode="ablate" if cond.mode == "affine" else cond.mode,
+        mode=mode,
         alpha_unit=cond.alpha_unit,
         layer_norms=norms,
         layer_weights=weights,
-        **extra,
+        params=mode.bind(bank, directions, basis),
     )

@@ -9,7 +9,7 @@ import hashlib
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Literal, get_args
 
 import yaml
 from pydantic import (
@@ -26,6 +26,7 @@ from pydantic import (
 )
 
 from .. import validation
+from ..core import modes
 from ..errors import CrystallizedSafetyError
 from ..precision import emulated_bf16
 from ..prompts import PromptSet, check_disjoint, load_prompts
@@ -175,12 +176,30 @@ LATER_KEYS = {
 }
 
 
+def _registered(name: str, keep) -> str:
+    """A mode of the registry (core/modes.py) that `keep` accepts, or the one-line error listing them."""
+    allowed = modes.names(keep)
+    if name not in allowed:
+        raise ValueError(f"unknown mode '{name}': use {modes.one_of(allowed)}")
+    return name
+
+
 class _Study(_Strict):
     name: str | None = None
     alpha_unit: Literal["absolute", "relative"] = "relative"
-    mode: Literal["add", "ablate", "ablate_add", "affine"] = Field(
-        "add", description="affine: ablate to where harmless prompts sit (the harmless mean's projection)"
+    mode: str = Field(
+        "add", description="a mode of core/modes.py that takes a strength; affine: ablate to the harmless mean"
     )
+
+    @field_validator("mode")
+    @classmethod
+    def _mode(cls, v: str) -> str:
+        return _registered(v, lambda m: m.study)
+
+    @field_validator("modes", check_fields=False)
+    @classmethod
+    def _ablation_modes(cls, v: list[str]) -> list[str]:  # the ablation and subspace studies: ablation alone
+        return [_registered(name, modes.is_ablation) for name in v]
 
     @property
     def label(self) -> str:
@@ -295,7 +314,7 @@ class Ablation(_Study):
 
     kind: Literal["ablation"]
     source_layers: list[NonNegativeInt] = Field(min_length=1)
-    modes: list[Literal["ablate", "affine"]] = Field(["ablate", "affine"], min_length=1)
+    modes: list[str] = Field(["ablate", "affine"], min_length=1)
     at: list[NonNegativeInt] | Literal["all"] = "all"
     controls: bool = True
 
@@ -308,7 +327,7 @@ class Subspace(_Study):
     kind: Literal["subspace"]
     source_layers: list[NonNegativeInt] = Field(min_length=1)
     ks: list[int] = Field([1, 2, 4, 8], min_length=1, description="subspace dimensions K, ascending")
-    modes: list[Literal["ablate", "affine"]] = Field(["affine"], min_length=1)
+    modes: list[str] = Field(["affine"], min_length=1)
     at: list[NonNegativeInt] | Literal["all"] = "all"
 
     @field_validator("ks")
@@ -406,6 +425,9 @@ class Readability(_Study):
     layers: list[NonNegativeInt] | Literal["all"] = "all"
 
 
+STUDIES = (LayerSweep, Threshold, Controls, Sign, Multilayer, MinLayers, Induction, Transfer, Readability, Ablation,
+           Angular, Subspace, DirectionSelection, Frontier)  # fmt: skip
+STUDY_KINDS = tuple(get_args(cls.model_fields["kind"].annotation)[0] for cls in STUDIES)
 Study = Annotated[
     LayerSweep
     | Threshold
@@ -475,45 +497,12 @@ class ExperimentSpec(_Strict):
         return yaml.safe_dump(self.model_dump(mode="json", exclude_defaults=False), sort_keys=False)
 
 
-STUDY_KINDS = (
-    "layer_sweep",
-    "threshold",
-    "controls",
-    "sign",
-    "multilayer",
-    "min_layers",
-    "induction",
-    "transfer",
-    "readability",
-    "ablation",
-    "angular",
-    "subspace",
-    "selection",
-    "frontier",
-)
-
-
 def _fmt_loc(loc: tuple) -> str:
     parts = []
     for item in loc:
         if isinstance(item, int):
             parts.append(f"[{item}]")
-        elif item in {
-            "LayerSweep",
-            "Threshold",
-            "Controls",
-            "Sign",
-            "Multilayer",
-            "Induction",
-            "MinLayers",
-            "Transfer",
-            "Readability",
-            "Ablation",
-            "Angular",
-            "Subspace",
-            "DirectionSelection",
-            "Frontier",
-        } or item.startswith(STUDY_KINDS):
+        elif item in {cls.__name__ for cls in STUDIES} or item.startswith(STUDY_KINDS):
             continue
         else:
             parts.append(("." if parts else "") + str(item))

@@ -96,7 +96,7 @@ class DivergenceMeter:
     def _groups(self, interventions: Sequence[Intervention | None]) -> list[list[int]]:
         per = max(1, self.max_rows // self.batch_size)
         groups: list[list[int]] = []
-        adds = [i for i, iv in enumerate(interventions) if iv is None or (iv.mode == "add" and iv.rows is None)]
+        adds = [i for i, iv in enumerate(interventions) if iv is None or (iv.mode.packs and iv.rows is None)]
         groups += [adds[i : i + per] for i in range(0, len(adds), per)]
         groups += [[i] for i in range(len(interventions)) if i not in set(adds)]
         return groups

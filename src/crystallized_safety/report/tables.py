@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from .. import stats
+from ..core import modes
 from ..stats import MIN_N
 from .candidates import scoring_note
 from .figures import alpha_order, fmt_p, jump_text
@@ -455,9 +456,6 @@ def effect_cells(row: dict) -> list[str]:
     return [rate(harmful.get("refusal")), rate(harmful.get("flip")), rate(harmless.get("refusal")), kl_text(row)]
 
 
-ABLATION_NAMES = {"affine": "affine (harmless mean)", "ablate": "zero"}
-
-
 def ablation_table(model: str, study: str, result: dict) -> Table:
     """Zero vs affine ablation per source layer: harmful refusal (bypass), harmless refusal (the trap), KL."""
     body = []
@@ -469,7 +467,7 @@ def ablation_table(model: str, study: str, result: dict) -> Table:
         body.append(
             [
                 str(r["source_layer"]),
-                ABLATION_NAMES[r["mode"]],
+                modes.mode(r["mode"]).label,
                 *effect_cells(r),
                 rate((ctrl.get("harmful") or {}).get("refusal")) if ctrl else "—",
                 f"{against['diff_pp']:+.1f}" if against.get("diff_pp") is not None else "—",
@@ -509,7 +507,7 @@ def angular_table(model: str, study: str, result: dict) -> Table:
 def subspace_table(model: str, study: str, result: dict) -> Table:
     """Subspace ablation swept over K: harmful refusal, flips, harmless refusal and KL per (source layer, K, mode)."""
     body = [
-        [str(r["source_layer"]), str(r["k"]), ABLATION_NAMES[r["mode"]], *effect_cells(r)]
+        [str(r["source_layer"]), str(r["k"]), modes.mode(r["mode"]).label, *effect_cells(r)]
         for r in result.get("rows", [])
     ]
     return Table(

@@ -8,6 +8,7 @@ import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from ..core import modes
 from ..core.directions import DirectionBank
 from ..core.steering import Intervention, pack_interventions
 from ..experiments.conditions import HARMFUL, HARMLESS, Condition, StudyPlan, baseline, build_intervention, plan_studies
@@ -67,7 +68,7 @@ def make_packs(chunks: Sequence[Chunk], pack_rows: int) -> list[Pack]:
     groups: dict[tuple, list[Chunk]] = {}
     packs: list[Pack] = []
     for chunk in chunks:
-        if chunk.condition.mode != "add" and not chunk.condition.is_baseline:
+        if not modes.mode(chunk.condition.mode).packs and not chunk.condition.is_baseline:
             packs.append((chunk,))
             continue
         groups.setdefault(chunk.pack_group, []).append(chunk)

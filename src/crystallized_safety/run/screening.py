@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+from ..core import modes
 from ..core.model import Model
 from ..experiments.conditions import HARMFUL, HARMLESS, Condition, StudyPlan, baseline
 from ..experiments.spec import ExperimentSpec
@@ -92,7 +93,7 @@ class Screener:
         rates: dict[str, float | None] = {}
         for i in range(0, len(conds), per):
             group = conds[i : i + per]
-            parts = [group] if all(c.mode == "add" for c in group) else [[c] for c in group]
+            parts = [group] if all(modes.mode(c.mode).packs for c in group) else [[c] for c in group]
             for part in parts:
                 iv = pack_intervention(part, len(self.prompts), self.bank, self.transfer, self.seed)
                 scores = self.scorer.scores(self.prompts * len(part), iv).view(len(part), len(self.prompts))

@@ -53,7 +53,7 @@ def describe_intervention(intervention: Intervention | None) -> dict[str, Any] |
     return {
         "layers": intervention.layers,
         "alpha": float(intervention.alpha),
-        "mode": intervention.mode,
+        "mode": intervention.mode.name,
         "positions": intervention.positions,
         "alpha_unit": intervention.alpha_unit,
     }
