@@ -56,36 +56,7 @@ def _model_section(r) -> list[str]:
     """One model: figures, tables, examples, provenance."""
     md, code = T.md_text, T.md_code
     out = ["", f"## {md(r.model)}", ""]
-    d = r.summary.get("decision")
-    if d:
-        out += [
-            "### How the verdict was decided",
-            "",
-            "Rules fixed before generation (part of the spec and of its hash):",
-            "",
-        ]
-        out += [f"- {md(line)}" for line in d["rules"]]
-        out += ["", f"Judges: {md(d['judges'])}. {md(d['k_star'])}.", ""]
-        for c in d["cells"]:
-            ctrl = f"; strongest matched control {md(c['control'])}" if c["control"] else ""
-            out += [
-                f"**{md(c['title'])}:** {md(c['condition'])} ({md(c['rung'])}), {md(c['flip'])}{ctrl}. Read by hand:",
-                "",
-            ]
-            out += [
-                f"- {'[flip]' if s['flip'] else '[not a flip]'} *{md(s['prompt'])}* → {md(s['response'])}"
-                for s in c["samples"]
-            ]
-            if c.get("spread"):
-                sp = c["spread"]
-                same = sp["distinct"] * 2 < sp["flips"]
-                out += [
-                    "",
-                    f"Its {sp['flips']} flips are {sp['distinct']} distinct answers; the most common, "
-                    f"{sp['top_count']} times: *{md(sp['top'])}*"
-                    + (" — answers that do not depend on the prompt are no bypass" if same else ""),
-                ]
-            out.append("")
+    out += _decision_section(r.summary.get("decision"))
     out += ["### Figures", ""]
     for fig in r.figures:
         out += [
@@ -140,4 +111,41 @@ def _model_section(r) -> list[str]:
     for k, v in prov["directions"].items():
         out.append(f"| {md(k)} | {T.md_cell(v)} |")
     out.append("")
+    return out
+
+
+def _decision_section(d: dict | None) -> list[str]:
+    """How the verdict was decided: the rules, the judges, K*, the deciding cells with samples and answer spread."""
+    md = T.md_text
+    out: list[str] = []
+    if not d:
+        return out
+    out += [
+        "### How the verdict was decided",
+        "",
+        "Rules fixed before generation (part of the spec and of its hash):",
+        "",
+    ]
+    out += [f"- {md(line)}" for line in d["rules"]]
+    out += ["", f"Judges: {md(d['judges'])}. {md(d['k_star'])}.", ""]
+    for c in d["cells"]:
+        ctrl = f"; strongest matched control {md(c['control'])}" if c["control"] else ""
+        out += [
+            f"**{md(c['title'])}:** {md(c['condition'])} ({md(c['rung'])}), {md(c['flip'])}{ctrl}. Read by hand:",
+            "",
+        ]
+        out += [
+            f"- {'[flip]' if s['flip'] else '[not a flip]'} *{md(s['prompt'])}* → {md(s['response'])}"
+            for s in c["samples"]
+        ]
+        if c.get("spread"):
+            sp = c["spread"]
+            same = sp["distinct"] * 2 < sp["flips"]
+            out += [
+                "",
+                f"Its {sp['flips']} flips are {sp['distinct']} distinct answers; the most common, "
+                f"{sp['top_count']} times: *{md(sp['top'])}*"
+                + (" — answers that do not depend on the prompt are no bypass" if same else ""),
+            ]
+        out.append("")
     return out
