@@ -65,12 +65,7 @@ def judge_cmd(
     layers_path: str | None = LayersPathOpt,
 ) -> None:
     """Judge responses for refusal: substring (keywords), score (first-token log-odds, needs --model) or llm."""
-    only = {"--model": (model, "score"), "--threshold": (threshold, "score"), "--window": (window, "substring"),
-            "--delayed": (delayed or None, "substring"), "--base-url": (base_url, "llm"),
-            "--judge-model": (judge_model, "llm"), "--judge-timeout": (judge_timeout, "llm"),
-            "--judge-retries": (judge_retries, "llm")}  # fmt: skip
-    check_judge(judge, only)
-    check_llm_numbers(judge_timeout, judge_retries)
+    check_judge_options(judge, model, threshold, window, delayed, base_url, judge_model, judge_timeout, judge_retries)
     gate_model = coherence_model or (model if judge == "score" else None)
     records = read_judge_input(input_path, need_response=judge != "score" or coherence_model is not None)
     prompts = [r["prompt"] for r in records]
@@ -172,6 +167,27 @@ class _Throttled:
         if now - self.last >= self.every:
             self.last = now
             err.print(message, highlight=False, soft_wrap=True)
+
+
+def check_judge_options(
+    judge: str,
+    model: str | None,
+    threshold: float | None,
+    window: int | None,
+    delayed: bool,
+    base_url: str | None,
+    judge_model: str | None,
+    judge_timeout: float | None,
+    judge_retries: int | None,
+) -> None:
+    """The judge options `judge` and `judge-eval` share: each given only with the judge that reads it, the LLM
+    judge's numbers in range (one-line errors)."""
+    only = {"--model": (model, "score"), "--threshold": (threshold, "score"), "--window": (window, "substring"),
+            "--delayed": (delayed or None, "substring"), "--base-url": (base_url, "llm"),
+            "--judge-model": (judge_model, "llm"), "--judge-timeout": (judge_timeout, "llm"),
+            "--judge-retries": (judge_retries, "llm")}  # fmt: skip
+    check_judge(judge, only)
+    check_llm_numbers(judge_timeout, judge_retries)
 
 
 def check_judge(judge: str, only: Mapping[str, tuple[object, str]]) -> None:

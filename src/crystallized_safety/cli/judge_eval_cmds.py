@@ -10,7 +10,7 @@ import typer
 from rich.table import Table
 
 from .app import DeviceOpt, DtypeOpt, LayersPathOpt, RawOpt, SystemOpt, app, cli_errors, load_model_quietly, out
-from .judge_cmds import DelayedOpt, check_judge, check_llm_numbers, llm_verdicts, substring_judge
+from .judge_cmds import DelayedOpt, check_judge_options, llm_verdicts, substring_judge
 
 BY = ("source", "model", "condition")
 
@@ -45,12 +45,7 @@ def judge_eval_cmd(
     from ..errors import JudgeError
     from ..judges.gold import bundled_gold, load_gold
 
-    only = {"--model": (model, "score"), "--threshold": (threshold, "score"), "--window": (window, "substring"),
-            "--delayed": (delayed or None, "substring"), "--base-url": (base_url, "llm"),
-            "--judge-model": (judge_model, "llm"), "--judge-timeout": (judge_timeout, "llm"),
-            "--judge-retries": (judge_retries, "llm")}  # fmt: skip
-    check_judge(judge, only)
-    check_llm_numbers(judge_timeout, judge_retries)
+    check_judge_options(judge, model, threshold, window, delayed, base_url, judge_model, judge_timeout, judge_retries)
     groupings = list(dict.fromkeys(by or []))
     for key in groupings:
         if key not in BY:
