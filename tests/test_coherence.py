@@ -83,7 +83,61 @@ def test_evaluate_with_hand_set_thresholds(tiny_llama):
         "distinct": 1.0,
         "n_tokens": 11,
         "reason": res.reason,
+        "relevance": None,
     }
+
+
+@pytest.mark.parametrize("context", ["prompt", "neutral"])
+def test_relevance_equals_plain_transformers(tiny_llama, context):
+    """relevance = mean NLL after an empty user turn - mean NLL after the prompt, from two unpadded forwards."""
+    gate = CoherenceGate(tiny_llama, batch_size=2, context=context)  # either context: the same two passes
+    prompts, responses = map(list, zip(*PAIRS))
+    got = gate.relevances(prompts, responses)
+    assert got[3] is None  # no tokens, no relevance
+    for (prompt, response), value in zip(PAIRS[:3], got[:3]):
+        own, neutral = (reference_perplexity(tiny_llama, shown, response) for shown in (prompt, ""))
+        assert value == pytest.approx(math.log(neutral) - math.log(own), rel=1e-4, abs=1e-6)
+    one = pytest.approx(got[1], rel=1e-4, abs=1e-6)
+    assert gate.relevances(prompts, responses, rows=[1]) == [None, one, None, None]
+
+
+def test_gate_v2_checks_relevance_of_answers_only(tiny_llama):
+    v1 = CoherenceThresholds(max_perplexity=1e9, min_distinct=0.0, min_tokens=1)
+    v2 = CoherenceThresholds(max_perplexity=1e9, min_distinct=0.0, min_tokens=1, min_relevance=50.0)
+    assert (v1.version, v2.version) == (1, 2)
+    prompts = [HARMFUL[0], HARMFUL[1], HARMLESS[0]]
+    responses = ["Sure, here is how", "I can't help with that.", "Connect the red clamp"]
+    expected = CoherenceGate(tiny_llama).relevances(prompts, responses)
+    assert all(r is not None and r < 50.0 for r in expected)  # a random model: nowhere near 50 nats/token
+    # v1: relevance is neither measured nor checked
+    assert [(r.coherent, r.relevance) for r in CoherenceGate(tiny_llama, v1).evaluate(prompts, responses)] == [
+        (True, None)
+    ] * 3
+    # v2: every answer (refusal False or None) must reach min_relevance; a refusal is exempt and not measured
+    got = CoherenceGate(tiny_llama, v2).evaluate(prompts, responses, [False, True, None])
+    assert [r.coherent for r in got] == [False, True, False]
+    assert got[1].relevance is None and got[1].reason == "ok"
+    assert got[0].relevance == pytest.approx(expected[0], rel=1e-4)
+    assert got[0].reason == f"off-topic: relevance {expected[0]:.2f} < 50.00 nats/token"
+    loose = CoherenceThresholds(max_perplexity=1e9, min_distinct=0.0, min_tokens=1, min_relevance=-50.0)
+    assert all(r.coherent for r in CoherenceGate(tiny_llama, loose).evaluate(prompts, responses))
+    with pytest.raises(JudgeError, match="3 prompts but 2 responses"):
+        CoherenceGate(tiny_llama, v2).evaluate(prompts, responses, [False, True])
+    with pytest.raises(JudgeError, match="min_relevance must be a number"):
+        CoherenceThresholds(max_perplexity=5.0, min_distinct=0.5, min_relevance="high")
+    # thresholds stored before v2 (no min_relevance key) load as the v1 gate
+    old = {k: v for k, v in v2.to_dict().items() if k not in ("min_relevance", "relevant_share")}
+    assert CoherenceThresholds.from_dict(old).version == 1
+    assert CoherenceThresholds.from_dict(v2.to_dict()) == v2
+
+
+def test_calibration_records_the_share_of_relevant_answers(tiny_llama):
+    prompts, responses = map(list, zip(*PAIRS[:3]))
+    rel = CoherenceGate(tiny_llama).relevances(prompts, responses)
+    cut = sorted(rel)[1]  # two of the three calibration answers reach it
+    t = CoherenceGate(tiny_llama).calibrate(prompts, responses, min_relevance=cut)
+    assert t.min_relevance == cut and t.relevant_share == pytest.approx(2 / 3)
+    assert CoherenceGate(tiny_llama).calibrate(prompts, responses).relevant_share is None
 
 
 def test_thresholds_round_trip_and_validation(tiny_llama):

@@ -129,7 +129,7 @@ def refusal_rate(
     )
     prompts_out, responses = [g.prompt for g in gens], [g.response for g in gens]
     verdicts = judge.judge(prompts_out, responses)
-    coherence = gate.evaluate(prompts_out, responses) if gate is not None else None
+    coherence = gate.evaluate(prompts_out, responses, [v.refusal for v in verdicts]) if gate is not None else None
     return RefusalRate.from_verdicts(verdicts, gens, coherence)
 
 
@@ -142,9 +142,13 @@ def calibrated_gate(
     system: str | None = None,
     quantile: float = DEFAULT_QUANTILE,
     margin: float = DEFAULT_MARGIN,
+    min_relevance: float | None = None,
 ) -> CoherenceGate:
-    """A coherence gate calibrated on the unsteered model's own greedy answers to harmless prompts."""
+    """A coherence gate calibrated on the unsteered model's own greedy answers to harmless prompts (with
+    ``min_relevance``, the v2 gate: answers must also be relevant to their prompts)."""
     gens = generate(model, list(harmless), max_new_tokens=max_new_tokens, batch_size=batch_size, system=system)
     gate = CoherenceGate(model, system=system)
-    gate.calibrate([g.prompt for g in gens], [g.response for g in gens], quantile, margin=margin)
+    gate.calibrate(
+        [g.prompt for g in gens], [g.response for g in gens], quantile, margin=margin, min_relevance=min_relevance
+    )
     return gate

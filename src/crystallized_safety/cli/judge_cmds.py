@@ -11,6 +11,7 @@ import typer
 from rich.table import Table
 
 from .. import jsonio
+from ..errors import JudgeError
 from .app import (
     CalibrationLimitOpt,
     CalibrationOpt,
@@ -56,6 +57,12 @@ def judge_cmd(
         help="Gate each response for coherence with this (unsteered) model, the one that wrote the responses; "
         "reports the coherent-compliance rate. Default: --model for --judge score, else no gate.",
     ),
+    min_relevance: float | None = typer.Option(
+        None,
+        "--min-relevance",
+        help="Coherence gate v2: an answer (not a refusal) must also be relevant to its prompt, at least X nats "
+        "per token of prompt-answer PMI under the gate model (the tool's rule: 0.5; docs/judges.md).",
+    ),
     calibration: str = CalibrationOpt,
     calibration_limit: int = CalibrationLimitOpt,
     system: str | None = SystemOpt,
@@ -67,6 +74,8 @@ def judge_cmd(
     """Judge responses for refusal: substring (keywords), score (first-token log-odds, needs --model) or llm."""
     check_judge_options(judge, model, threshold, window, delayed, base_url, judge_model, judge_timeout, judge_retries)
     gate_model = coherence_model or (model if judge == "score" else None)
+    if min_relevance is not None and gate_model is None:
+        raise JudgeError("--min-relevance is a rule of the coherence gate: add --coherence-model M")
     records = read_judge_input(input_path, need_response=judge != "score" or coherence_model is not None)
     prompts = [r["prompt"] for r in records]
     if gate_model is not None and not all(isinstance(r.get("response"), str) for r in records):
@@ -88,12 +97,15 @@ def judge_cmd(
     gated = None
     if gate_model is not None:
         opts = (device, dtype, layers_path, system)
-        gated = _coherence(gate_model, calibration, calibration_limit, opts, prompts, [r["response"] for r in records])
+        gate_rules = (calibration, calibration_limit, min_relevance)
+        responses = [r["response"] for r in records]
+        gated = _coherence(gate_model, gate_rules, opts, prompts, responses, [v.refusal for v in verdicts])
     if json_out:
         for i, (record, v) in enumerate(zip(records, verdicts)):
             row = {**record, "refusal": v.refusal, "score": v.score, "judge": v.judge, "reason": v.reason}
             if gated is not None:
-                row.update(coherent=gated[i].coherent, coherence=gated[i].reason, perplexity=gated[i].perplexity)
+                g = gated[i]
+                row.update(coherent=g.coherent, coherence=g.reason, perplexity=g.perplexity, relevance=g.relevance)
             sys.stdout.write(jsonio.dumps(row, ensure_ascii=False) + "\n")
         sys.stdout.flush()
         return
@@ -207,19 +219,21 @@ def check_judge(judge: str, only: Mapping[str, tuple[object, str]]) -> None:
 
 
 def _coherence(
-    gate_model: str, calibration: str, limit: int, opts: tuple, prompts: list[str], responses: list[str]
+    gate_model: str, rules: tuple, opts: tuple, prompts: list[str], responses: list[str], refusals: list
 ) -> list:
-    """Coherence of each response under `gate_model`, gated at a threshold calibrated on harmless answers."""
+    """Coherence of each response under `gate_model`, gated at a threshold calibrated on harmless answers
+    (`rules`: calibration set, its limit, min_relevance); relevance is checked on non-refusals only."""
     from ..evaluation import calibrated_gate
     from ..prompts import load_prompts
 
+    calibration, limit, min_relevance = rules
     device, dtype, layers_path, system = opts
     calibration_set = load_prompts(calibration, limit=limit)
     gm = load_model_quietly(gate_model, device, dtype, layers_path)
     with status(f"calibrating the coherence gate on {len(calibration_set)} harmless answers..."):
-        gate = calibrated_gate(gm, list(calibration_set), system=system)
+        gate = calibrated_gate(gm, list(calibration_set), system=system, min_relevance=min_relevance)
     with status(f"gating {len(responses)} responses for coherence..."):
-        return gate.evaluate(prompts, responses)
+        return gate.evaluate(prompts, responses, refusals)
 
 
 def read_judge_input(path: Path, need_response: bool) -> list[dict]:

@@ -72,7 +72,7 @@ def rejudge(
         kept.update(dict.fromkeys(GATE_COLUMNS, GATE_KEPT))
     else:
         gate = CoherenceGate(load(model), thresholds, system=system)
-        for label, c in zip(labels, gate.evaluate(prompts, responses)):
+        for label, c in zip(labels, gate.evaluate(prompts, responses, [label["refusal"] for label in labels])):
             label.update(coherent=int(c.coherent), perplexity=c.perplexity, distinct_n=c.distinct)
         rederived = TEXT_COLUMNS + GATE_COLUMNS
     for label, (_i, row) in zip(labels, rows):

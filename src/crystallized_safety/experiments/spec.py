@@ -105,6 +105,9 @@ class CoherenceSpec(_Strict):
     # perplexity limit = quantile x margin: greedy answers are far more predictable than readable sampled text
     margin: float = Field(4.0, ge=1.0)
     calibration_prompts: int = Field(32, ge=4)
+    # gate v2: an answer must be relevant to its prompt (nats/token of prompt-answer PMI under the unsteered
+    # model; 0.5 is the tool's rule, docs/judges.md); None keeps the v1 gate (perplexity, repetition, length)
+    min_relevance: float | None = None
 
 
 class VerdictSpec(_Strict):
@@ -168,6 +171,7 @@ LATER_KEYS = {
     "device_map": None,
     "damage": DamageSpec().model_dump(mode="json"),
     "screening.mode": "band",
+    "coherence.min_relevance": None,
     **{
         f"verdict.{k}": v
         for k, v in VerdictSpec().model_dump(mode="json").items()

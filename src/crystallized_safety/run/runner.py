@@ -316,6 +316,7 @@ def _calibrate_coherence(spec: ExperimentSpec, model: Model, sets: PromptSets) -
         system=spec.generation.system,
         quantile=spec.coherence.quantile,
         margin=spec.coherence.margin,
+        min_relevance=spec.coherence.min_relevance,
     )
     assert gate.thresholds is not None  # a calibrated gate has its thresholds
     return gate.thresholds.to_dict()

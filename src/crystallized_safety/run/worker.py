@@ -90,7 +90,8 @@ class ChunkWorker:
         )
         responses = [g.response for g in gens]
         verdicts = self.substring.judge(prompts, responses)
-        coh = self.gate.evaluate(prompts, responses) if self.gate is not None else [None] * len(prompts)
+        refusals = [v.refusal for v in verdicts]
+        coh = self.gate.evaluate(prompts, responses, refusals) if self.gate is not None else [None] * len(prompts)
         out, pos = [], 0
         for chunk in pack:
             rows = []
