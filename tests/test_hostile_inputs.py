@@ -398,7 +398,7 @@ def test_damaged_wal_header_is_detected_and_kept(tmp_path, kind):
 def test_intact_pending_wal_is_no_problem(tmp_path):
     path, wal = _store_with_pending_wal(tmp_path)
     Path(f"{path}-wal").write_bytes(wal)
-    from crystallized_safety.store_files import header_problem
+    from crystallized_safety.store.files import header_problem
 
     assert header_problem(wal) is None
     store = Store(path, readonly=True)

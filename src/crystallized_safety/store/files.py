@@ -18,7 +18,7 @@ import struct
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
-from .errors import StoreError
+from ..errors import StoreError
 
 SUM_COLUMNS = ("prompt_index", "prompt", "response", "n_tokens", "finished", "token_ids")
 """What a chunk's checksum covers: what generation wrote. Judge labels are left out (a re-judge rewrites them)."""

@@ -1,6 +1,6 @@
 """A run exported from the store: JSON (run, verdicts, analyses, generations) or its generations as CSV.
 
-Apart from the store module so that it stays small; it reads only through the store's methods (no SQL here)."""
+A module of the store package; it reads only through the store's methods (no SQL here)."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ import json
 from collections.abc import Sequence
 from typing import Any, Protocol
 
-from . import jsonio
-from .errors import CrystallizedSafetyError
+from .. import jsonio
+from ..errors import CrystallizedSafetyError
 
 
 class RunSource(Protocol):
