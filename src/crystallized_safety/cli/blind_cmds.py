@@ -3,6 +3,7 @@ stored responses re-judged, the verdict and K* recomputed under shuffled anonymo
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import typer
@@ -59,3 +60,36 @@ def blind_cmd(
     out.print(table)
     if differ:
         raise typer.Exit(1)
+
+
+@app.command("rejudge")
+@cli_errors
+def rejudge_cmd(
+    store_path: Path = typer.Option(..., "--store", help="SQLite results store of the run to re-judge (read only)."),
+    config: Path = typer.Option(
+        ..., "--spec", help="The run's spec with a new judging rule (coherence.min_relevance) and nothing else changed."
+    ),
+    out_path: Path = typer.Option(..., "--out", help="A new store file: the re-judged copy is written there."),
+    run: str | None = typer.Option(None, "--run", help="Run id or prefix (default: the latest)."),
+) -> None:
+    """Re-judge a stored run under a new coherence rule (gate v1 -> v2, relevance) into a copy, without generating;
+    then `csafety run SPEC --store OUT` generates any cell the new labels call for and decides."""
+    from ..experiments.rejudge import rejudge_run
+    from ..experiments.spec import load_spec
+    from ..progress import Reporter
+    from ..registry import load_model
+
+    spec = load_spec(config)
+    store = open_store(store_path)
+    info = store.run(run)
+    with Reporter(f"rejudge {info.run_id}", stream=sys.stderr) as reporter:
+        copy, report = rejudge_run(store, info.run_id, spec, out_path, load_model, reporter)
+    copy.close()
+    table = Table(title=f"run {info.run_id} re-judged as run {spec.spec_hash()} in {out_path}")
+    for column in ("model", "answers measured", "now off-topic (incoherent)"):
+        table.add_column(column)
+    for model, r in report.items():
+        table.add_row(model, str(r.rows), str(r.changed.get("coherent", 0)))
+    out.print(table)
+    out.print(f"next: csafety run {config} --store {out_path}", soft_wrap=True)
+    out.print("(generates any cell the new labels call for, then decides)")

@@ -16,19 +16,24 @@ text, not trusted from the store.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
+
+import yaml
 
 from ..core.generation.output import DEGENERATE
 from ..core.model import Model
 from ..errors import JudgeError
 from ..judges.coherence import CoherenceGate
 from ..judges.substring import SubstringJudge
+from ..progress import Progress, silent
 from ..store import Store
+from .spec import ExperimentSpec, SpecError, parse_spec
 
 TEXT_COLUMNS = ("refusal", "judge", "judge_reason")
-GATE_COLUMNS = ("coherent", "perplexity", "distinct_n")
+GATE_COLUMNS = ("coherent", "perplexity", "distinct_n", "relevance")
 SCORE_KEPT = "first-token refusal log-odds come from the steered prefill logits, not from the response text"
 GATE_KEPT = "the coherence gate needs the unsteered model and its tokenizer: pass load= to re-derive"
 NO_GATE = "the spec runs no coherence gate: nothing was stored to re-derive"
@@ -73,7 +78,9 @@ def rejudge(
     else:
         gate = CoherenceGate(load(model), thresholds, system=system)
         for label, c in zip(labels, gate.evaluate(prompts, responses, [label["refusal"] for label in labels])):
-            label.update(coherent=int(c.coherent), perplexity=c.perplexity, distinct_n=c.distinct)
+            label.update(
+                coherent=int(c.coherent), perplexity=c.perplexity, distinct_n=c.distinct, relevance=c.relevance
+            )
         rederived = TEXT_COLUMNS + GATE_COLUMNS
     for label, (_i, row) in zip(labels, rows):
         if str(row["judge_reason"] or "").startswith(DEGENERATE):  # generation's own flag, as token_ids are
@@ -101,3 +108,81 @@ def substring_labels(prompts: Sequence[str], responses: Sequence[str], stored_ju
         {"refusal": None if v.refusal is None else int(v.refusal), "judge": v.judge, "judge_reason": v.reason}
         for v in judge.judge(list(prompts), list(responses))
     ]
+
+
+BLOCK = 256  # answers per progress step
+
+JUDGING_KEYS = ("coherence.min_relevance",)
+"""Spec keys a stored run can be re-judged under without generating again (they only change labels)."""
+
+
+def flat(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """A nested mapping as {dotted key: value}."""
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        name = f"{prefix}{key}"
+        out.update(flat(value, name + ".") if isinstance(value, Mapping) else {name: value})
+    return out
+
+
+def rejudge_run(
+    store: Store, run_id: str, spec: ExperimentSpec, out: Path, load: Callable[[str], Model], say: Progress = silent
+) -> tuple[Store, dict[str, Rejudged]]:
+    """Copy a run to `out` under `spec`, which may differ from the stored spec only in `JUDGING_KEYS` (the
+    coherence gate v1 -> v2), and re-judge it: the copy is the run `spec` would have stored, minus any cell the
+    new labels make the adaptive searches want (resuming it with `csafety run` generates those, then decides).
+    v1 -> v2 adds relevance: it is measured on the answers the v1 gate passed (refusal 0, coherent 1), and
+    each one below ``min_relevance`` becomes incoherent; every other label stands (v2 never passes what v1
+    failed, and refusals are exempt), so no other row needs the model."""
+    old = parse_spec(yaml.safe_load(store.run_row(run_id)["spec_yaml"]), "the stored spec")
+    before, after = flat(old.model_dump(mode="json")), flat(spec.model_dump(mode="json"))
+    changed = sorted(k for k in before.keys() | after.keys() if before.get(k) != after.get(k))
+    if any(k not in JUDGING_KEYS for k in changed):
+        other = [k for k in changed if k not in JUDGING_KEYS]
+        raise SpecError(
+            f"the new spec also changes {', '.join(other[:4])}: only {', '.join(JUDGING_KEYS)} can change without "
+            "generating again; run the new spec into a new --store"
+        )
+    if not old.coherence.enabled or old.coherence.min_relevance is not None or spec.coherence.min_relevance is None:
+        raise SpecError(
+            "re-judging adds the coherence gate's relevance rule to a run gated without it: the stored spec needs "
+            "coherence enabled and no min_relevance, the new one a min_relevance"
+        )
+    copy = store.copy_run(run_id, out)
+    new_id = spec.spec_hash()
+    copy.rename_run(run_id, new_id, spec.to_yaml())
+    report = {}
+    for model in spec.models:
+        stored = copy.get_artifact(new_id, model, "coherence")
+        if stored is None:
+            raise SpecError(f"run {run_id} stored no coherence thresholds for {model}: nothing to re-judge")
+        thresholds = {**stored[0], "min_relevance": spec.coherence.min_relevance, "relevant_share": None}
+        gate = CoherenceGate(load(model), thresholds, system=spec.generation.system)
+        copy.put_artifact(new_id, model, "coherence", thresholds)
+        report[model] = add_relevance(copy, new_id, model, gate, say)
+    return copy, report
+
+
+def add_relevance(store: Store, run_id: str, model: str, gate: CoherenceGate, say: Progress = silent) -> Rejudged:
+    """Measure relevance on the (run, model) answers the v1 gate passed and apply the gate's min_relevance."""
+    assert gate.thresholds is not None and gate.thresholds.min_relevance is not None  # set by rejudge_run
+    rows = [
+        (rowid, r)
+        for rowid, r in store.rows("generations")
+        if r["run_id"] == run_id and r["model"] == model and r["refusal"] == 0 and r["coherent"] == 1
+    ]
+    values: list[float | None] = []
+    for start in range(0, len(rows), BLOCK):
+        say(f"{model}: relevance of the answers", start, len(rows))
+        block = rows[start : start + BLOCK]
+        stored = [r["perplexity"] for _i, r in block]  # the same gate's, in its own context: reused
+        values += gate.relevances([r["prompt"] for _i, r in block], [r["response"] for _i, r in block], None, stored)
+    say(f"{model}: relevance of the answers", len(rows), len(rows))
+    floor = gate.thresholds.min_relevance
+    updates = {
+        rowid: {"relevance": v, "coherent": int(v is not None and v >= floor)} for (rowid, _r), v in zip(rows, values)
+    }
+    store.rewrite("generations", updates)
+    off_topic = sum(u["coherent"] == 0 for u in updates.values())
+    kept = {"refusal": "same judge, same text", "perplexity": "unchanged rule", "distinct_n": "unchanged rule"}
+    return Rejudged(len(rows), ("relevance", "coherent"), kept, {"coherent": off_topic})

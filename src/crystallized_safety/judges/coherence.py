@@ -218,13 +218,21 @@ class CoherenceGate:
         return self._context_ids(prompts, self.context), response_ids
 
     def relevances(
-        self, prompts: Sequence[str], responses: Sequence[str], rows: Sequence[int] | None = None
+        self,
+        prompts: Sequence[str],
+        responses: Sequence[str],
+        rows: Sequence[int] | None = None,
+        perplexities: Sequence[float | None] | None = None,
     ) -> list[float | None]:
         """Relevance of each response to its prompt (nats per response token; None: no tokens, or a row not in
-        `rows`): mean NLL after a neutral user turn minus mean NLL after the prompt, under the unsteered model."""
+        `rows`): mean NLL after a neutral user turn minus mean NLL after the prompt, under the unsteered model.
+        `perplexities`: this gate's own, already measured (e.g. stored by a run), reused instead of recomputed."""
         self._check_inputs(prompts, responses)
         _, response_ids = self._token_ids(prompts, responses)
-        return self._relevance(prompts, response_ids, None, rows)
+        if perplexities is not None:
+            check_same_length(responses, perplexities)
+        known = None if perplexities is None else [None if p is None else math.log(p) for p in perplexities]
+        return self._relevance(prompts, response_ids, known, rows)
 
     def _relevance(
         self,

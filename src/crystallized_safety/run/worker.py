@@ -119,6 +119,7 @@ class ChunkWorker:
                         perplexity=None if c is None else c.perplexity,
                         distinct_n=None if c is None else c.distinct,
                         token_ids=json.dumps(list(g.token_ids)),
+                        relevance=None if c is None else c.relevance,
                     )
                 )
             out.append(rows)

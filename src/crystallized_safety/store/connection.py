@@ -57,6 +57,8 @@ class Connection:
             db.executescript(SCHEMA)
             if "error" not in {row[1] for row in db.execute("PRAGMA table_info(runs)")}:
                 db.execute("ALTER TABLE runs ADD COLUMN error TEXT")  # stores written before runs kept a reason
+            if "relevance" not in {row[1] for row in db.execute("PRAGMA table_info(generations)")}:
+                db.execute("ALTER TABLE generations ADD COLUMN relevance REAL")  # before coherence gate v2
         except sqlite3.OperationalError as exc:
             if "readonly" in str(exc) or "unable to open" in str(exc):
                 raise StoreError(

@@ -50,6 +50,21 @@ class Runs(Connection):
             )
             return False
 
+    def rename_run(self, run_id: str, new_id: str, spec_yaml: str) -> None:
+        """Give a run (in a copy) the id and spec of a new spec that re-judges it: every table's rows follow, the
+        run is left `interrupted` (a resume generates what the new spec adds, then decides)."""
+        tables = [r[0] for r in self.db.execute("SELECT name FROM sqlite_master WHERE type='table'")]
+        with self.transaction() as db:
+            if db.execute("SELECT 1 FROM runs WHERE run_id=?", (new_id,)).fetchone() is not None:
+                raise StoreError(f"run {new_id} is already in {self.path}: use a new copy")
+            for table in tables:
+                if "run_id" in {row[1] for row in db.execute(f'PRAGMA table_info("{table}")')}:
+                    db.execute(f'UPDATE "{table}" SET run_id=? WHERE run_id=?', (new_id, run_id))
+            db.execute(
+                "UPDATE runs SET spec_yaml=?, spec_hash=?, status='interrupted', finished=NULL, error=? WHERE run_id=?",
+                (spec_yaml, new_id, f"re-judged from run {run_id}: resume it to decide", new_id),
+            )
+
     def finish_run(self, run_id: str) -> None:
         self.db.execute("UPDATE runs SET status='finished', finished=? WHERE run_id=?", (time.time(), run_id))
         self.checkpoint()

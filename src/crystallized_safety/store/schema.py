@@ -27,7 +27,7 @@ CREATE TABLE IF NOT EXISTS generations (
     condition TEXT NOT NULL, prompt_set TEXT NOT NULL, prompt_index INTEGER NOT NULL, prompt TEXT NOT NULL,
     response TEXT NOT NULL, n_tokens INTEGER NOT NULL, finished INTEGER NOT NULL,
     refusal INTEGER, judge TEXT NOT NULL, judge_reason TEXT, score REAL,
-    coherent INTEGER, perplexity REAL, distinct_n REAL, token_ids TEXT NOT NULL,
+    coherent INTEGER, perplexity REAL, distinct_n REAL, token_ids TEXT NOT NULL, relevance REAL,
     PRIMARY KEY (run_id, model, condition_key, prompt_set, prompt_index)
 );
 CREATE TABLE IF NOT EXISTS row_sums (
@@ -68,6 +68,7 @@ class GenerationRow:
     perplexity: float | None
     distinct_n: float | None
     token_ids: str  # JSON list
+    relevance: float | None = None  # coherence gate v2: prompt-answer PMI, nats/token (None: not measured)
 
 
 GEN_COLUMNS = tuple(f.name for f in fields(GenerationRow))
