@@ -18,6 +18,7 @@ from crystallized_safety.experiments.rejudge import rejudge_run
 from crystallized_safety.experiments.spec import SpecError, parse_spec
 from crystallized_safety.judges.coherence import CoherenceGate
 from crystallized_safety.registry import load_model
+from crystallized_safety.report.build import build_report
 from crystallized_safety.run.runner import run_experiment
 from crystallized_safety.store import Store
 
@@ -81,8 +82,19 @@ def test_rejudged_copy_measures_v1_answers_and_resumes(v1_run, tmp_path, floor):
     result = run_experiment(spec, copy)  # the resume: nothing to generate, then the verdict
     assert (result.run_id, result.resumed, result.chunks_run) == (new_id, True, 0)
     assert [v["model"] for v in copy.verdicts(new_id)] == spec.models
+    record = copy.get_artifact(new_id, spec.models[0], "rejudged")[0]
+    assert record == {
+        "from_run": run_id,
+        "changed": {"coherence.min_relevance": [None, floor]},
+        "measured": len(answers),
+        "off_topic": off,
+    }
     copy.close()
     old.close()
+    md = (build_report(tmp_path / "v2.sqlite", tmp_path / "report").markdown).read_text()
+    assert f"coherence gate on (v2, answers relevant >= {floor:g} nats/token)" in md
+    assert f"Re-judged after generation: run {run_id} was generated and labelled under the coherence gate v1" in md
+    assert f"{len(answers)} answers measured, {off} now off-topic" in md
 
 
 def test_rejudge_refuses_what_it_cannot_do(v1_run, tmp_path):

@@ -3,6 +3,7 @@ stored responses re-judged, the verdict and K* recomputed under shuffled anonymo
 
 from __future__ import annotations
 
+import functools
 import sys
 from pathlib import Path
 
@@ -83,7 +84,9 @@ def rejudge_cmd(
     store = open_store(store_path)
     info = store.run(run)
     with Reporter(f"rejudge {info.run_id}", stream=sys.stderr) as reporter:
-        copy, report = rejudge_run(store, info.run_id, spec, out_path, load_model, reporter)
+        # the spec's device and dtype: the gate scores as it did in the run (its stored perplexities are reused)
+        load = functools.partial(load_model, device=spec.device, dtype=spec.dtype)
+        copy, report = rejudge_run(store, info.run_id, spec, out_path, load, reporter)
     copy.close()
     table = Table(title=f"run {info.run_id} re-judged as run {spec.spec_hash()} in {out_path}")
     for column in ("model", "answers measured", "now off-topic (incoherent)"):

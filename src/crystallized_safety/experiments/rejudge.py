@@ -160,6 +160,9 @@ def rejudge_run(
         gate = CoherenceGate(load(model), thresholds, system=spec.generation.system)
         copy.put_artifact(new_id, model, "coherence", thresholds)
         report[model] = add_relevance(copy, new_id, model, gate, say)
+        record: dict[str, Any] = {"from_run": run_id, "changed": {k: [before.get(k), after.get(k)] for k in changed}}
+        record.update(measured=report[model].rows, off_topic=report[model].changed["coherent"])
+        copy.put_artifact(new_id, model, "rejudged", record)
     return copy, report
 
 

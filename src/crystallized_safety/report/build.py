@@ -139,7 +139,7 @@ def _model_report(store: Store, run_id: str, model: str, slug: str, data: dict, 
         "verdict": verdict["verdict"] if verdict else None,
         "rule": verdict["rule"] if verdict else "no verdict stored for this model",
         **_readable_steerable(analyses, verdict),
-        "decision": _decision(verdict, data, answer_spreads(gens, conds)),
+        "decision": _decision(verdict, data, answer_spreads(gens, conds), _gate_of(store, run_id, model)),
         "single_note": "flip rate undefined (no baseline refusals)" if single and not best_single else None,
         "multi_note": "flip rate undefined (no baseline refusals)" if multi and not best_multi else None,
     }
@@ -205,7 +205,18 @@ def _cross_figures(data: dict, out: Path) -> list:
     return figs
 
 
-def _decision(verdict: dict | None, data: dict, spreads: dict[str, dict] | None = None) -> dict | None:
+def _gate_of(store, run_id: str, model: str) -> dict:
+    """The coherence gate the run's labels come from (its version and relevance rule), and the re-judging that
+    set them, if `csafety rejudge` did (then that rule was not fixed before generation)."""
+    coherence = (store.get_artifact(run_id, model, "coherence") or [None])[0] or {}
+    rejudged = (store.get_artifact(run_id, model, "rejudged") or [None])[0]
+    floor = coherence.get("min_relevance")
+    return {"text": "v1" if floor is None else f"v2, answers relevant >= {floor:g} nats/token", "rejudged": rejudged}
+
+
+def _decision(
+    verdict: dict | None, data: dict, spreads: dict[str, dict] | None = None, gate_of: dict | None = None
+) -> dict | None:
     """What decided the verdict, for a reader: the pre-registered rules, the judges that counted the flips, K*,
     and the deciding and best cells with read-by-hand samples of their answers and how many distinct answers
     their flips are (`answer_spreads`)."""
@@ -213,7 +224,9 @@ def _decision(verdict: dict | None, data: dict, spreads: dict[str, dict] | None 
     if "rules" not in evidence:
         return None
     judges = ", ".join(data["spec"].get("judges") or ["substring"])
-    gate = "on" if evidence.get("coherence_checked", True) else "off (flips not checked for coherence)"
+    version = f" ({gate_of['text']})" if gate_of else ""
+    gate = f"on{version}" if evidence.get("coherence_checked", True) else "off (flips not checked for coherence)"
+    rejudged = (gate_of or {}).get("rejudged")
     cells: list[dict] = []
     for title, key in (("Deciding cell", "deciding_cell"), ("Best single-layer cell", "best_single"),
                        ("Best multi-layer cell", "best_multi")):  # fmt: skip
@@ -237,6 +250,14 @@ def _decision(verdict: dict | None, data: dict, spreads: dict[str, dict] | None 
         "judges": f"{judges}; coherence gate {gate}",
         "k_star": T.k_star_text(evidence),
         "cells": cells,
+        "rejudged": (
+            f"Re-judged after generation: run {rejudged['from_run']} was generated and labelled under the coherence "
+            f"gate v1, then re-labelled by `csafety rejudge` under this spec ({', '.join(rejudged['changed'])} "
+            f"set after its answers were read); {rejudged['measured']} answers measured, {rejudged['off_topic']} "
+            "now off-topic. Every other rule was fixed before generation."
+            if rejudged
+            else None
+        ),
     }
 
 

@@ -127,6 +127,8 @@ def _decision_section(d: dict | None) -> list[str]:
         "",
     ]
     out += [f"- {md(line)}" for line in d["rules"]]
+    if d.get("rejudged"):
+        out += ["", f"**{md(d['rejudged'])}**"]
     out += ["", f"Judges: {md(d['judges'])}. {md(d['k_star'])}.", ""]
     for c in d["cells"]:
         ctrl = f"; strongest matched control {md(c['control'])}" if c["control"] else ""
