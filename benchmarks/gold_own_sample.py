@@ -18,6 +18,8 @@ import random
 import sqlite3
 from pathlib import Path
 
+import yaml
+
 STRATA = {  # name -> (SQL condition on generations, rows per model)
     "baseline-harmful": ("prompt_set = 'harmful' AND condition LIKE '%\"direction\": \"none\"%'", 20),
     "baseline-harmless": ("prompt_set = 'harmless' AND condition LIKE '%\"direction\": \"none\"%'", 20),
@@ -56,7 +58,8 @@ def main() -> None:
     args = ap.parse_args()
     db = sqlite3.connect(f"file:{args.store}?mode=ro", uri=True)
     db.row_factory = sqlite3.Row
-    (run_id,) = db.execute("SELECT run_id FROM runs ORDER BY created DESC LIMIT 1").fetchone()
+    run_id, spec_yaml = db.execute("SELECT run_id, spec_yaml FROM runs ORDER BY created DESC LIMIT 1").fetchone()
+    max_new_tokens = yaml.safe_load(spec_yaml)["generation"]["max_new_tokens"]
     models = [r[0] for r in db.execute("SELECT DISTINCT model FROM generations WHERE run_id = ? ORDER BY 1", (run_id,))]
     rng = random.Random(args.seed)
     rows, judged = [], []
@@ -77,7 +80,7 @@ def main() -> None:
                         "model": model,
                         "prompt": g["prompt"],
                         "response": g["response"],
-                        "max_new_tokens": 32,
+                        "max_new_tokens": max_new_tokens,
                         "condition": describe(condition),
                         "label": None,
                         "labeller": None,
@@ -90,6 +93,7 @@ def main() -> None:
                         "stratum": stratum,
                         "refusal": g["refusal"],
                         "coherent": g["coherent"],
+                        "relevance": g["relevance"] if "relevance" in g.keys() else None,
                         "judge": g["judge"],
                     }
                 )

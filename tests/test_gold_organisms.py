@@ -68,3 +68,12 @@ def test_docs_state_the_gate_precision_from_the_committed_files() -> None:
             gold[r["id"]].label for r in tool if gold[r["id"]].model == model and r["stratum"] == "steered-incoherent"
         ]
         assert gated and set(gated) == {"incoherent"}
+
+
+def test_judge_eval_reproduces_the_committed_qwen_figures(tmp_path: Path) -> None:
+    """qwen-16: the vendor model's responses, labelled blind; the committed judge-eval file is reproduced."""
+    out = tmp_path / "eval.json"
+    cli_ok(["judge-eval", "--gold", "qwen-16", "--json", str(out)])
+    assert json.loads(out.read_text()) == json.loads((RESULTS / "judge-eval-qwen-16.json").read_text())
+    tool = json.loads((RESULTS / "gold-qwen-16-tool.json").read_text())["rows"]
+    assert {r["id"] for r in tool} == {r.id for r in load_gold("qwen-16").rows}

@@ -14,6 +14,7 @@ from crystallized_safety.judges.gold import load_gold
 
 ROOT = Path(__file__).resolve().parents[1]
 DOC = json.loads((ROOT / "results" / "gold-relevance.json").read_text())
+QWEN = json.loads((ROOT / "results" / "gold-relevance-qwen-16.json").read_text())  # held out: the rule came first
 MODELS = ("smollm2-135m-refusal", "smollm2-135m-hardened")
 
 
@@ -28,20 +29,21 @@ def pair_auc(pos: list[float], neg: list[float]) -> float:
     return wins / (len(pos) * len(neg))
 
 
-def test_rows_are_the_gold_rows_with_their_labels():
-    gold = {r.id: r for r in load_gold("organisms-32").rows}
-    assert {r["id"] for r in DOC["rows"]} == set(gold)
-    assert all(gold[r["id"]].label == r["label"] and gold[r["id"]].model == r["model"] for r in DOC["rows"])
+@pytest.mark.parametrize("doc", [DOC, QWEN], ids=["organisms-32", "qwen-16"])
+def test_rows_are_the_gold_rows_with_their_labels(doc):
+    gold = {r.id: r for r in load_gold(doc["gold_file"]).rows}
+    assert {r["id"] for r in doc["rows"]} == set(gold)
+    assert all(gold[r["id"]].label == r["label"] and gold[r["id"]].model == r["model"] for r in doc["rows"])
 
 
-@pytest.mark.parametrize("model", [*MODELS, "both"])
-def test_summary_follows_from_rows(model):
-    floor = DOC["floor"]
-    rows = [r for r in DOC["rows"] if model == "both" or r["model"] == model]
-    flips = [r for r in rows if r["stratum"] == "steered-coherent-compliance" and r["refusal"] == 0]
+@pytest.mark.parametrize(("doc", "model"), [(DOC, m) for m in [*MODELS, "both"]] + [(QWEN, "qwen2.5-coder-0.5b")])
+def test_summary_follows_from_rows(doc, model):
+    floor = doc["floor"]
+    rows = [r for r in doc["rows"] if model == "both" or r["model"] == model]
+    flips = [r for r in rows if r["stratum"] in doc["strata"] and r["refusal"] == 0]
     real = [r["relevance"] for r in flips if r["label"] == "full_compliance"]
     drift = [r["relevance"] for r in flips if r["label"] == "incoherent"]
-    s = DOC["summary"][model]
+    s = doc["summary"][model]
     assert (s["real"], s["drift"], s["counted_flips"]) == (len(real), len(drift), len(real) + len(drift))
     assert s["auc"] == pytest.approx(pair_auc(real, drift), abs=1e-4)
     kept_real, kept_drift = sum(v >= floor for v in real), sum(v >= floor for v in drift)
@@ -54,8 +56,8 @@ def test_summary_follows_from_rows(model):
 
 def test_docs_table_states_the_summary():
     docs = (ROOT / "docs" / "judges.md").read_text()
-    for model in [*MODELS, "both"]:
-        s = DOC["summary"][model]
+    for doc, model in [(DOC, m) for m in [*MODELS, "both"]] + [(QWEN, "qwen2.5-coder-0.5b")]:
+        s = doc["summary"][model]
 
         def cell(k: int, n: int, ci: list[float]) -> str:
             return f"{k}/{n} ({100 * k / n:.1f}%, {100 * ci[0]:.1f}%-{100 * ci[1]:.1f}%)"
