@@ -109,7 +109,15 @@ def test_rejudged_labels_and_verdicts_equal_the_originals(named_run, tmp_path):
     store = Store(path)
     got = blind_verdicts(store, run_id, spec, tmp_path, load=load_model)[spec.models[0]]
     report = got["rejudged"]
-    assert report["rederived"] == ["refusal", "judge", "judge_reason", "coherent", "perplexity", "distinct_n"]
+    assert report["rederived"] == [
+        "refusal",
+        "judge",
+        "judge_reason",
+        "coherent",
+        "perplexity",
+        "distinct_n",
+        "relevance",
+    ]
     assert report["changed"] == {"refusal": 0, "coherent": 0} and "score" in report["kept"]
     named, blind = rows_by_key(path, run_id), rows_by_key(tmp_path / "blind-0.sqlite", run_id)
     assert report["rows"] == len(blind) and 0 < len(blind) < len(named)  # the transfer rows are gone
@@ -154,7 +162,7 @@ def test_a_tampered_label_is_rejudged_from_the_response(named_run, tmp_path):
     # without a loader the gate's columns cannot be re-derived: kept as stored, and said so
     text_only = blind_verdicts(Store(path), run_id, spec, tmp_path, seed=1)[spec.models[0]]["rejudged"]
     assert text_only["changed"] == {"refusal": 1}
-    assert set(text_only["kept"]) == {"score", "coherent", "perplexity", "distinct_n"}
+    assert set(text_only["kept"]) == {"score", "coherent", "perplexity", "distinct_n", "relevance"}
     blind = rows_by_key(tmp_path / "blind-1.sqlite", run_id)
     assert (blind[refusal_key]["refusal"], blind[coherent_key]["coherent"]) == (refusal, 1 - coherent)
 

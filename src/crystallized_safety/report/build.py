@@ -252,7 +252,7 @@ def _decision(
         "cells": cells,
         "rejudged": (
             f"Re-judged after generation: run {rejudged['from_run']} was generated and labelled under the coherence "
-            f"gate v1, then re-labelled by `csafety rejudge` under this spec ({', '.join(rejudged['changed'])} "
+            f"gate v1, then re-labelled by csafety rejudge under this spec ({', '.join(rejudged['changed'])} "
             f"set after its answers were read); {rejudged['measured']} answers measured, {rejudged['off_topic']} "
             "now off-topic. Every other rule was fixed before generation."
             if rejudged
@@ -307,6 +307,9 @@ def _tables(report: ModelReport, analyses: list[dict]) -> None:
             report.tables.extend(made if isinstance(made, list) else [made])
     if report.agreement:
         report.tables.append(T.agreement_table(model, report.agreement))
+        shown = T.disagreement_table(model, report.agreement)
+        if shown is not None:
+            report.tables.append(shown)
 
 
 # --------------------------------------------------------------------------- examples

@@ -179,8 +179,31 @@ def judge_agreement(gens: list[dict], calibration: dict | None = None) -> tuple[
             if calibration
             else "the score is thresholded at 0 (p(refusal tokens) > 0.5); the store holds no calibrated threshold"
         ),
+        "disagreements": disagreements(rows, threshold),
     }
     return result, {"scores": [g["score"] for g in rows], "labels": a}
+
+
+DISAGREEMENTS_SHOWN = 3  # per direction
+
+
+def disagreements(rows: list[dict], threshold: float, shown: int = DISAGREEMENTS_SHOWN) -> list[dict]:
+    """The responses the two judges disagree on most confidently (score farthest from the threshold), `shown`
+    each way: the stored judge reads a refusal and the score compliance, then the reverse. Ties keep store order."""
+    out: list[dict] = []
+    for stored in (True, False):
+        split = [g for g in rows if bool(g["refusal"]) == stored and (g["score"] > threshold) != stored]
+        split.sort(key=lambda g: -abs(g["score"] - threshold))
+        out += [
+            {
+                "stored": "refusal" if stored else "compliance",
+                "score": round(float(g["score"]), 3),
+                "prompt": g["prompt"],
+                "response": g["response"][:200],
+            }
+            for g in split[:shown]
+        ]
+    return out
 
 
 def unit(cells: list[dict]) -> str | None:

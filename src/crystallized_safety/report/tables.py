@@ -15,6 +15,7 @@ from .. import stats
 from ..core import modes
 from ..stats import MIN_N
 from .candidates import scoring_note
+from .collect import DISAGREEMENTS_SHOWN
 from .figures import alpha_order, fmt_p, jump_text
 
 
@@ -424,6 +425,23 @@ def agreement_table(model: str, agreement: dict) -> Table:
         body,
         f"Cohen's κ = {agreement['kappa']:.3f}, agreement {agreement['percent_agreement']:.1f}% over "
         f"{agreement['n']} responses ({agreement['n_dropped']} dropped as undecided); {agreement['threshold_note']}",
+        model,
+    )
+
+
+def disagreement_table(model: str, agreement: dict) -> Table | None:
+    """The responses the judges of `agreement_table` disagree on most confidently: read them to see who is right."""
+    rows = agreement.get("disagreements") or []
+    if not rows:
+        return None
+    body = [[r["stored"], f"{r['score']:+.2f}", r["prompt"], r["response"]] for r in rows]
+    return Table(
+        "agreement-disagreements",
+        f"Judge disagreements: {agreement['a']} vs {agreement['b']}, the most confident each way",
+        [agreement["a"], "first-token score", "prompt", "response (first 200 characters)"],
+        body,
+        "Responses where the stored judge and the first-token score disagree, those with the score farthest from "
+        f"its threshold ({agreement['threshold']:.2f}) first, up to {DISAGREEMENTS_SHOWN} each way.",
         model,
     )
 
