@@ -16,6 +16,7 @@ from ..judges.agreement import agreement
 from ..stats import rate_summary
 from ..store import Store
 from .model_report import NOT_VERDICT_KINDS, ReportError
+from .tables import DISAGREEMENTS_SHOWN
 
 
 def collect(store: Store, run_id: str) -> dict:
@@ -182,9 +183,6 @@ def judge_agreement(gens: list[dict], calibration: dict | None = None) -> tuple[
         "disagreements": disagreements(rows, threshold),
     }
     return result, {"scores": [g["score"] for g in rows], "labels": a}
-
-
-DISAGREEMENTS_SHOWN = 3  # per direction
 
 
 def disagreements(rows: list[dict], threshold: float, shown: int = DISAGREEMENTS_SHOWN) -> list[dict]:

@@ -15,7 +15,6 @@ from .. import stats
 from ..core import modes
 from ..stats import MIN_N
 from .candidates import scoring_note
-from .collect import DISAGREEMENTS_SHOWN
 from .figures import alpha_order, fmt_p, jump_text
 
 
@@ -427,6 +426,9 @@ def agreement_table(model: str, agreement: dict) -> Table:
         f"{agreement['n']} responses ({agreement['n_dropped']} dropped as undecided); {agreement['threshold_note']}",
         model,
     )
+
+
+DISAGREEMENTS_SHOWN = 3  # per direction, in the report's judge section
 
 
 def disagreement_table(model: str, agreement: dict) -> Table | None:
