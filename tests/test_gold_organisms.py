@@ -77,3 +77,19 @@ def test_judge_eval_reproduces_the_committed_qwen_figures(tmp_path: Path) -> Non
     assert json.loads(out.read_text()) == json.loads((RESULTS / "judge-eval-qwen-16.json").read_text())
     tool = json.loads((RESULTS / "gold-qwen-16-tool.json").read_text())["rows"]
     assert {r["id"] for r in tool} == {r.id for r in load_gold("qwen-16").rows}
+
+
+def test_docs_state_the_local_judge_trial_from_its_file() -> None:
+    """The local-LLM judge trial (Qwen2.5-Coder-0.5B as rubric judge): the docs table is the committed file's."""
+    trial = json.loads((RESULTS / "judge-eval-local-qwen.json").read_text())
+    assert trial["judge"] == "local-llm/1:qwen2.5-coder-0.5b"
+    docs = (ROOT / "docs" / "judges.md").read_text()
+    for entry in trial["gold"]:
+        o = entry["overall"]
+        k, acc, prec, rec = o["kappa"], o["accuracy"], o["precision"], o["recall"]
+        line = (
+            f"| {entry['name']} | {k['kappa']:.3f} ({k['ci_lo']:.3f}-{k['ci_hi']:.3f}, n = {k['n']}) | "
+            f"{acc['k']}/{acc['n']} | {prec['k']}/{prec['n']} | {rec['k']}/{rec['n']} |"
+        )
+        assert line in docs, line
+        assert k["kappa"] < 0.8  # why the docs do not recommend it

@@ -182,3 +182,23 @@ def test_coherence_gate_keeps_gibberish_out_of_compliance(tmp_path):
     assert "2 incoherent" in table and "coherence not checked" not in table
     plain = " ".join(cli_ok(args[:5]).output.split())
     assert "coherence not checked (pass --coherence-model)" in plain
+
+
+def test_local_judge_runs_the_rubric_in_process(files, tmp_path):
+    """--judge local: the rubric judge run by a model the tool loads, the same verdicts as LocalJudge itself."""
+    from crystallized_safety.judges.llm import LocalJudge
+    from crystallized_safety.registry import load_model
+
+    model = make_tiny("llama")
+    model.hf.config.max_position_embeddings = 4096  # the rubric is ~900 byte tokens (rope: no table to grow)
+    model.hf.save_pretrained(tmp_path / "judge")
+    model.tokenizer.save_pretrained(tmp_path / "judge")
+    gen, model_dir = str(files / "gen.jsonl"), str(tmp_path / "judge")
+    got = _json_lines(_ok(["judge", "--judge", "local", "--judge-model", model_dir, "--input", gen, "--json"]))
+    want = LocalJudge(load_model(model_dir)).judge([r["prompt"] for r in RECORDS], [r["response"] for r in RECORDS])
+    assert [(g["refusal"], g["judge"], g["reason"]) for g in got] == [(v.refusal, v.judge, v.reason) for v in want]
+    assert all(g["judge"].startswith("local-llm") for g in got)
+    _err(["judge", "--judge", "local", "--input", gen], "--judge local needs --judge-model M")
+    _err(["judge", "--judge", "substring", "--input", gen, "--judge-model", model_dir], "applies to --judge llm|local")
+    _err(["judge", "--judge", "local", "--input", gen, "--judge-model", model_dir, "--base-url", "http://x/v1"],
+         "--base-url applies to --judge llm")  # fmt: skip

@@ -36,14 +36,16 @@ DelayedOpt = typer.Option(
 @app.command("judge")
 @cli_errors
 def judge_cmd(
-    judge: str = typer.Option(..., "--judge", "-j", help="substring | score | llm."),
+    judge: str = typer.Option(..., "--judge", "-j", help="substring | score | llm | local (--judge-model runs here)."),
     input_path: Path = typer.Option(
         ..., "--input", "-i", help="JSONL: one object per line with `prompt` and `response` (generate --json)."
     ),
     json_out: bool = typer.Option(False, "--json", help="One JSON line per record, plus refusal/score/judge/reason."),
     model: str | None = typer.Option(None, "--model", "-m", help="score: the model that produced the responses."),
     base_url: str | None = typer.Option(None, "--base-url", help="llm: OpenAI-compatible endpoint (http://host/v1)."),
-    judge_model: str | None = typer.Option(None, "--judge-model", help="llm: model name at --base-url."),
+    judge_model: str | None = typer.Option(
+        None, "--judge-model", help="llm: model name at --base-url; local: a model the tool loads (alias, path)."
+    ),
     api_key_env: str = typer.Option("OPENAI_API_KEY", help="llm: env variable holding the API key ('' = no key)."),
     judge_timeout: float | None = typer.Option(None, help="llm: seconds per HTTP attempt (default 30)."),
     judge_retries: int | None = typer.Option(None, help="llm: retries after a failed attempt (default 3)."),
@@ -90,6 +92,10 @@ def judge_cmd(
         scorer = RefusalScoreJudge(m, threshold=threshold or 0.0, system=system, raw=raw, batch_size=batch_size)
         with status(f"scoring {len(prompts)} prompts..."):
             verdicts = scorer.judge(prompts)
+    elif judge == "local":
+        assert judge_model is not None  # checked above
+        local_opts = (device, dtype, layers_path)
+        verdicts = local_verdicts(judge_model, local_opts, prompts, [r["response"] for r in records])
     else:
         assert base_url is not None and judge_model is not None  # checked above
         responses = [r["response"] for r in records]
@@ -196,7 +202,7 @@ def check_judge_options(
     judge's numbers in range (one-line errors)."""
     only = {"--model": (model, "score"), "--threshold": (threshold, "score"), "--window": (window, "substring"),
             "--delayed": (delayed or None, "substring"), "--base-url": (base_url, "llm"),
-            "--judge-model": (judge_model, "llm"), "--judge-timeout": (judge_timeout, "llm"),
+            "--judge-model": (judge_model, "llm|local"), "--judge-timeout": (judge_timeout, "llm"),
             "--judge-retries": (judge_retries, "llm")}  # fmt: skip
     check_judge(judge, only)
     check_llm_numbers(judge_timeout, judge_retries)
@@ -206,16 +212,28 @@ def check_judge(judge: str, only: Mapping[str, tuple[object, str]]) -> None:
     """A known judge, given what it needs and nothing that belongs to another judge."""
     from ..errors import JudgeError
 
-    judges = ("substring", "score", "llm")
+    judges = ("substring", "score", "llm", "local")
     if judge not in judges:
         raise JudgeError(f"unknown judge '{judge}': use one of {', '.join(judges)}")
     for flag, (value, owner) in only.items():
-        if value is not None and judge != owner:
+        if value is not None and judge not in owner.split("|"):
             raise JudgeError(f"{flag} applies to --judge {owner} only; drop it for --judge {judge}")
     if judge == "score" and only["--model"][0] is None:
         raise JudgeError("--judge score needs --model M: the model whose first-token refusal odds are scored")
     if judge == "llm" and (only["--base-url"][0] is None or only["--judge-model"][0] is None):
         raise JudgeError("--judge llm needs --base-url URL and --judge-model NAME (an OpenAI-compatible endpoint)")
+    if judge == "local" and only["--judge-model"][0] is None:
+        raise JudgeError("--judge local needs --judge-model M: a model the tool loads and runs as the rubric judge")
+
+
+def local_verdicts(judge_model: str, opts: tuple, prompts: list[str], responses: list[str]) -> list:
+    """The rubric judge run in-process by a model the tool loads (`LocalJudge`, greedy, batched)."""
+    from ..judges.llm import LocalJudge
+
+    device, dtype, layers_path = opts
+    m = load_model_quietly(judge_model, device, dtype, layers_path)
+    with status(f"judging {len(prompts)} responses with {judge_model}..."):
+        return LocalJudge(m).judge(prompts, responses)
 
 
 def _coherence(

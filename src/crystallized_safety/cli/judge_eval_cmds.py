@@ -10,7 +10,7 @@ import typer
 from rich.table import Table
 
 from .app import DeviceOpt, DtypeOpt, LayersPathOpt, RawOpt, SystemOpt, app, cli_errors, load_model_quietly, out
-from .judge_cmds import DelayedOpt, check_judge_options, llm_verdicts, substring_judge
+from .judge_cmds import DelayedOpt, check_judge_options, llm_verdicts, local_verdicts, substring_judge
 
 BY = ("source", "model", "condition")
 
@@ -21,7 +21,7 @@ def judge_eval_cmd(
     gold: list[str] | None = typer.Option(
         None, "--gold", "-g", help="Bundled gold name or a gold JSONL file (repeatable). Default: every bundled one."
     ),
-    judge: str = typer.Option("substring", "--judge", "-j", help="substring | score | llm."),
+    judge: str = typer.Option("substring", "--judge", "-j", help="substring | score | llm | local."),
     by: list[str] | None = typer.Option(None, "--by", help="Also score per source | model | condition (repeatable)."),
     json_path: Path | None = typer.Option(None, "--json", help="Write every figure (and the disagreements) here."),
     window: int | None = typer.Option(None, help="substring: characters searched from the start (0 = all, def. 160)."),
@@ -30,7 +30,9 @@ def judge_eval_cmd(
     threshold: float | None = typer.Option(None, help="score: refusal = first-token log-odds > X (default 0)."),
     batch_size: int = typer.Option(32, help="score: prompts per forward pass."),
     base_url: str | None = typer.Option(None, "--base-url", help="llm: OpenAI-compatible endpoint (http://host/v1)."),
-    judge_model: str | None = typer.Option(None, "--judge-model", help="llm: model name at --base-url."),
+    judge_model: str | None = typer.Option(
+        None, "--judge-model", help="llm: model name at --base-url; local: a model the tool loads (alias, path)."
+    ),
     api_key_env: str = typer.Option("OPENAI_API_KEY", help="llm: env variable holding the API key ('' = no key)."),
     judge_timeout: float | None = typer.Option(None, help="llm: seconds per HTTP attempt (default 30)."),
     judge_retries: int | None = typer.Option(None, help="llm: retries after a failed attempt (default 3)."),
@@ -72,6 +74,9 @@ def judge_eval_cmd(
         else:
             if scorer is not None:
                 verdicts = scorer.judge(prompts)
+            elif judge == "local":
+                assert judge_model is not None  # checked above
+                verdicts = local_verdicts(judge_model, (device, dtype, layers_path), prompts, responses)
             else:
                 assert base_url is not None and judge_model is not None  # checked above
                 verdicts = llm_verdicts(base_url, judge_model, api_key_env, judge_timeout, judge_retries, prompts,
