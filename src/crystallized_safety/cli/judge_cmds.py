@@ -107,15 +107,20 @@ def judge_cmd(
         responses = [r["response"] for r in records]
         gated = _coherence(gate_model, gate_rules, opts, prompts, responses, [v.refusal for v in verdicts])
     if json_out:
-        for i, (record, v) in enumerate(zip(records, verdicts)):
-            row = {**record, "refusal": v.refusal, "score": v.score, "judge": v.judge, "reason": v.reason}
-            if gated is not None:
-                g = gated[i]
-                row.update(coherent=g.coherent, coherence=g.reason, perplexity=g.perplexity, relevance=g.relevance)
-            sys.stdout.write(jsonio.dumps(row, ensure_ascii=False) + "\n")
-        sys.stdout.flush()
+        write_json_lines(records, verdicts, gated)
         return
     judge_table(records, verdicts, gated)
+
+
+def write_json_lines(records: list[dict], verdicts: list, gated: list | None) -> None:
+    """`csafety judge --json`: each input record plus its verdict (and the gate's reading), one line each."""
+    for i, (record, v) in enumerate(zip(records, verdicts)):
+        row = {**record, "refusal": v.refusal, "score": v.score, "judge": v.judge, "reason": v.reason}
+        if gated is not None:
+            g = gated[i]
+            row.update(coherent=g.coherent, coherence=g.reason, perplexity=g.perplexity, relevance=g.relevance)
+        sys.stdout.write(jsonio.dumps(row, ensure_ascii=False) + "\n")
+    sys.stdout.flush()
 
 
 def substring_judge(window: int | None, delayed: bool):
