@@ -18,6 +18,7 @@ Importing this module does not import torch (the CLI builds `--mode`'s help from
 from __future__ import annotations
 
 import math
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from typing import TYPE_CHECKING, Any, Protocol
@@ -134,7 +135,7 @@ class Rotation:
 
 
 @dataclass(frozen=True)
-class Mode:
+class Mode(ABC):
     """A steering mode. `help`: what `--mode`'s help adds after the name; `study`: a study's `mode:` may name it
     (its alpha is a strength in the study's unit); `adds` / `ablates`: it adds alpha x the direction / sets the
     projection on it (or a subspace's coordinates) to a target; `angle`: alpha is an angle in degrees (one number,
@@ -181,8 +182,8 @@ class Mode:
         params.check()
         return params
 
-    def check(self, iv: Steered) -> None:
-        """What this mode needs of the whole intervention (alpha, unit, a parameter per layer)."""
+    def check(self, iv: Steered) -> None:  # noqa: B027 - a hook: most modes need nothing more
+        """What this mode needs of the whole intervention (alpha, unit, a parameter per layer); by default nothing."""
 
     def bind(
         self,
@@ -195,10 +196,10 @@ class Mode:
         ablated; `to_harmless`: ablate to the harmless mean, the CLI's `--ablate-to harmless-mean`)."""
         return None
 
+    @abstractmethod
     def operator(self, iv: Steered, layer: int) -> Operator:
         """The function that changes a hidden state at `layer`: (hidden, the direction on its device and dtype, one
-        per row as [rows, 1, d] where per-row) -> the new hidden state."""
-        raise NotImplementedError(f"mode {self.name} has no operator")
+        per row as [rows, 1, d] where per-row) -> the new hidden state. Every mode defines it."""
 
 
 @dataclass(frozen=True)

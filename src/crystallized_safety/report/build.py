@@ -126,6 +126,7 @@ def _model_report(store: Store, run_id: str, model: str, slug: str, data: dict, 
     baseline: dict = next((a["result"] for a in analyses if a["kind"] == "baseline"), {})
     base = baseline.get("harmful") or (verdict or {}).get("evidence", {}).get("baseline_refusal")
     control = control_for(best_single, cells) if best_single else None
+    coherence = store.get_artifact(run_id, model, "coherence")
     summary = {
         "model": model,
         "baseline_refusal": base,
@@ -139,13 +140,12 @@ def _model_report(store: Store, run_id: str, model: str, slug: str, data: dict, 
         "verdict": verdict["verdict"] if verdict else None,
         "rule": verdict["rule"] if verdict else "no verdict stored for this model",
         **_readable_steerable(analyses, verdict),
-        "decision": _decision(verdict, data, answer_spreads(gens, conds), _gate_of(store, run_id, model)),
+        "decision": _decision(verdict, data, answer_spreads(gens, conds), _gate_of(store, run_id, model, coherence)),
         "single_note": "flip rate undefined (no baseline refusals)" if single and not best_single else None,
         "multi_note": "flip rate undefined (no baseline refusals)" if multi and not best_multi else None,
     }
     report = ModelReport(model, slug, summary)
     directions = store.get_artifact(run_id, model, "directions")
-    coherence = store.get_artifact(run_id, model, "coherence")
     calibration = next((a["result"] for a in analyses if a.get("kind") == "judges"), None)
     report.agreement, scores = judge_agreement(gens, calibration)
     figures(report, analyses, cells, best_single, directions, scores, out)
@@ -205,10 +205,11 @@ def _cross_figures(data: dict, out: Path) -> list:
     return figs
 
 
-def _gate_of(store, run_id: str, model: str) -> dict:
-    """The coherence gate the run's labels come from (its version and relevance rule), and the re-judging that
-    set them, if `csafety rejudge` did (then that rule was not fixed before generation)."""
-    coherence = (store.get_artifact(run_id, model, "coherence") or [None])[0] or {}
+def _gate_of(store, run_id: str, model: str, stored: tuple | None) -> dict:
+    """The coherence gate the run's labels come from (its version and relevance rule, from the `stored`
+    thresholds artifact), and the re-judging that set them, if `csafety rejudge` did (then that rule was not fixed
+    before generation)."""
+    coherence = (stored or [None])[0] or {}
     rejudged = (store.get_artifact(run_id, model, "rejudged") or [None])[0]
     floor = coherence.get("min_relevance")
     return {"text": "v1" if floor is None else f"v2, answers relevant >= {floor:g} nats/token", "rejudged": rejudged}
