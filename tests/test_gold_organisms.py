@@ -9,6 +9,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pytest
 from statsmodels.stats.inter_rater import cohens_kappa
 
 from conftest import cli_ok
@@ -30,15 +31,23 @@ def test_judge_eval_reproduces_the_committed_figures(tmp_path: Path) -> None:
     assert json.loads(out.read_text()) == json.loads((RESULTS / "judge-eval-organisms-32.json").read_text())
 
 
-def test_second_reading_agreement_is_statsmodels_kappa() -> None:
-    gold = gold_rows()
-    second = json.loads((RESULTS / "gold-second-read.json").read_text())
+@pytest.mark.parametrize(
+    ("name", "results", "rows"),
+    [("organisms-32", "gold-second-read.json", 80), ("qwen-16", "gold-second-read-qwen-16.json", 160)],
+)
+def test_second_reading_agreement_is_statsmodels_kappa(name: str, results: str, rows: int) -> None:
+    gold = {row.id: row for row in load_gold(name).rows}
+    second = json.loads((RESULTS / results).read_text())
+    assert second["gold_file"] == name
     table = np.zeros((4, 4), int)
     for row in second["second_reading"]:
         table[LABELS.index(gold[row["id"]].label), LABELS.index(row["label"])] += 1
+    assert len({row["id"] for row in second["second_reading"]}) == rows
     assert table.tolist() == second["confusion_first_x_second"]
-    assert int(np.trace(table)) == second["agree"] and table.sum() == second["rows"] == 80
-    assert round(float(cohens_kappa(table).kappa), 4) == second["kappa"]
+    assert int(np.trace(table)) == second["agree"] and table.sum() == second["rows"] == rows
+    kappa = cohens_kappa(table)
+    assert round(float(kappa.kappa), 4) == second["kappa"]
+    assert [round(float(kappa.kappa_low), 4), round(float(kappa.kappa_upp), 4)] == second["kappa_ci95"]
 
 
 def cell(k: int, n: int) -> str:

