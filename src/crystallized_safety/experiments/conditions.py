@@ -47,14 +47,25 @@ class Condition:
     direction: str = "extracted"  # extracted | inverted | orthogonal:S | random:S | shared:L | transfer:MODEL
     weights: tuple[float, ...] = ()  # per-layer multipliers (total alpha split); empty = all 1
     source_layers: tuple[int, ...] = ()  # transfer only: source-model layer per target layer
+    max_new_tokens: int = 0  # 0: the spec's; else a confirmation at that length (`confirmed`)
 
     @property
     def is_baseline(self) -> bool:
         return not self.layers
 
+    def _fields(self) -> dict:
+        out = asdict(self)
+        if not self.max_new_tokens:  # added later: left out at its default, so older keys stay what they were
+            del out["max_new_tokens"]
+        return out
+
     @property
     def key(self) -> str:
-        return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:16]
+        return hashlib.sha256(json.dumps(self._fields(), sort_keys=True).encode()).hexdigest()[:16]
+
+    def confirmed(self, tokens: int) -> Condition:
+        """The same intervention generated to `tokens` new tokens: the confirmation of this cell's flips."""
+        return replace(self, max_new_tokens=tokens)
 
     def describe(self) -> str:
         if self.is_baseline:
@@ -63,10 +74,11 @@ class Condition:
         layers = f"{self.layers[0]}-{self.layers[-1]}" if contiguous else ",".join(map(str, self.layers))
         unit = " rel" if self.alpha_unit == "relative" else ""
         size = f"θ={self.alpha:g}°" if modes.mode(self.mode).angle else f"a={self.alpha:g}{unit}"
-        return f"L{layers} {size} {self.mode} {self.direction} ({self.prompt_set})"
+        length = f" @{self.max_new_tokens} tokens" if self.max_new_tokens else ""
+        return f"L{layers} {size} {self.mode} {self.direction}{length} ({self.prompt_set})"
 
     def to_json(self) -> str:
-        return json.dumps(asdict(self), sort_keys=True)
+        return json.dumps(self._fields(), sort_keys=True)
 
     @property
     def ref(self) -> DirectionRef:

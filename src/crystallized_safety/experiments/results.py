@@ -78,6 +78,10 @@ class Cells:
     def _rows(self, cond: Condition) -> dict[int, dict]:
         return {i: r for (ps, i), r in self.by_cond.get(cond.key, {}).items() if ps == cond.prompt_set}
 
+    def has(self, cond: Condition) -> bool:
+        """Whether any row of `cond` was generated."""
+        return bool(self._rows(cond))
+
     def baseline_rate(self, prompt_set: str) -> dict:
         decided = [r for r in self.base[prompt_set].values() if r["refusal"] is not None]
         return rate(sum(r["refusal"] for r in decided), len(decided))

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 from dataclasses import replace
 
+import numpy as np
+
 from .conditions import HARMFUL, Condition, StudyPlan
 from .decision import Cell, Rules, decide
 from .results import Cells
@@ -28,7 +30,15 @@ def rules_of(spec: ExperimentSpec, n_layers: int) -> Rules:
         alpha_ceiling=v.alpha_ceiling,
         bootstrap=v.bootstrap,
         seed=spec.seed,
+        confirm_tokens=confirm_tokens(spec),
+        walk=v.walk,
     )
+
+
+def confirm_tokens(spec: ExperimentSpec) -> int | None:
+    """The length the deciding cell's flips are confirmed at; None when off or no longer than the answers."""
+    tokens = spec.verdict.confirm_tokens
+    return tokens if tokens and tokens > spec.generation.max_new_tokens else None
 
 
 def rung(cond: Condition) -> str:
@@ -85,24 +95,38 @@ def _budget(cond: Condition, norms: dict[int, float]) -> float | None:
     return sum(abs(cond.alpha) * w * norms[layer] for layer, w in zip(cond.layers, weights))
 
 
-def measure(cond: Condition, cells: Cells, refused: list[int], norms: dict[int, float]) -> Cell:
+def measure(
+    cond: Condition, cells: Cells, refused: list[int], norms: dict[int, float], confirm: int | None = None
+) -> Cell:
+    """A cell's per-prompt outcomes; where its confirmation at `confirm` tokens was generated, a flip counts only
+    when the longer answer is a coherent compliance too."""
     st = cells.stats(cond)
+    outcomes = cells.outcomes(cond, refused)
+    confirmed = None
+    if confirm and cells.has(cond.confirmed(confirm)):
+        longer = cells.outcomes(cond.confirmed(confirm), refused)
+        flips = int((outcomes == 1).sum())
+        outcomes = np.where(outcomes == 1, (longer == 1).astype(np.int8), outcomes).astype(np.int8)
+        confirmed = {"tokens": confirm, "flips": flips, "survived": int((outcomes == 1).sum())}
     return Cell(
         label=cond.describe(),
         layers=cond.layers,
         rung=rung(cond),
-        outcomes=cells.outcomes(cond, refused),
+        outcomes=outcomes,
         strength=_strength(cond, norms),
         budget=_budget(cond, norms),
         coherent=st["coherence"]["rate"] if cells.coherence_checked(cond) else None,
+        confirmed=confirmed,
+        source=cond,
     )
 
 
 def evidence_cells(
-    plans: list[StudyPlan], cells: Cells, norms: dict[int, float]
+    plans: list[StudyPlan], cells: Cells, norms: dict[int, float], confirm: int | None = None
 ) -> tuple[list[Cell], list[Cell], tuple[int, int], bool]:
     """(single-layer cells, multi-layer cells) that were generated, each with its strongest matched control, the
-    planned family sizes, and whether the coherence gate checked every row."""
+    planned family sizes, and whether the coherence gate checked every row. Cells confirmed at `confirm` tokens
+    count their surviving flips; controls keep their short-answer counts (the comparison can only get harder)."""
     conds, controls = evidence_conditions(plans)
     refused = cells.refused_at_baseline()
     single: list[Cell] = []
@@ -111,7 +135,7 @@ def evidence_cells(
     planned = [0, 0]
     for cond in conds:
         planned[len(cond.layers) > 1] += 1
-        cell = measure(cond, cells, refused, norms)
+        cell = measure(cond, cells, refused, norms, confirm)
         if not cell.n:
             continue  # planned, never generated: it widens the family, it is no evidence
         checked = checked and cell.coherent is not None
@@ -129,6 +153,6 @@ def verdict(
 ) -> dict:
     """Floor effect, liquid, crystallized, immune or inconclusive, with the rules, the rule that decided and the
     evidence (frontier per layer, ladder, K* with its interval, deciding cells with read-by-hand samples)."""
-    single, multi, planned, checked = evidence_cells(plans, cells, norms or {})
     rules = rules_of(spec, n_layers)
+    single, multi, planned, checked = evidence_cells(plans, cells, norms or {}, rules.confirm_tokens)
     return decide(rules, cells.baseline_rate(HARMFUL), single, multi, planned, checked)

@@ -83,7 +83,6 @@ def expand(
 ) -> tuple[list[StudyPlan], list[Chunk]]:
     """All chunks for one model, deduplicated across studies, baselines first."""
     plans = plan_studies(spec, n_layers, model_name)
-    evals = {HARMFUL: list(sets.eval_harmful), HARMLESS: list(sets.eval_harmless)}
     wanted: dict[str, tuple[str, Condition]] = {}
     for prompt_set in (HARMFUL, HARMLESS):
         cond = baseline(prompt_set)
@@ -91,10 +90,14 @@ def expand(
     for plan in plans:
         for _tags, cond in plan.conditions:
             wanted.setdefault(cond.key, (plan.label, cond))
-    bs, mnt = spec.generation.batch_size, spec.generation.max_new_tokens
-    chunks = []
-    for study, cond in wanted.values():
-        prompts = evals[cond.prompt_set]
-        for start in range(0, len(prompts), bs):
-            chunks.append(Chunk(model_name, study, cond, start, tuple(prompts[start : start + bs]), mnt))
-    return plans, chunks
+    return plans, [c for study, cond in wanted.values() for c in chunks_of(spec, model_name, study, cond, sets)]
+
+
+def chunks_of(spec: ExperimentSpec, model_name: str, study: str, cond: Condition, sets: PromptSets) -> list[Chunk]:
+    """The chunks of one condition: its prompt set in batches, to its own length or the spec's."""
+    prompts = list(sets.eval_harmful if cond.prompt_set == HARMFUL else sets.eval_harmless)
+    bs, mnt = spec.generation.batch_size, cond.max_new_tokens or spec.generation.max_new_tokens
+    return [
+        Chunk(model_name, study, cond, start, tuple(prompts[start : start + bs]), mnt)
+        for start in range(0, len(prompts), bs)
+    ]

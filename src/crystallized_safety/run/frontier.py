@@ -6,17 +6,21 @@ never bisected, so a non-monotone curve cannot hide a layer.
 
 A cell whose flip rate reaches the threshold gets its matched controls generated in the same round, until some
 single-layer cell passes the verdict's test with its control: from then on the verdict is liquid whatever other
-controls show, so none are generated. What the walk leaves ungenerated (beyond a cliff, controls of cells below
-the threshold) is dropped from the run; the decisions are re-derived from the stored rows, so a resumed run walks
-the same way and generates nothing twice."""
+controls show, so none are generated. With `verdict.walk: until_liquid` the walk itself stops there too (after
+confirming that cell at length, when confirmation is on): the verdict is decided, cells left unwalked still count
+in Holm's family, and the frontier map is partial. What the walk leaves ungenerated (beyond a cliff, controls of
+cells below the threshold) is dropped from the run; the decisions are re-derived from the stored rows, so a
+resumed run walks the same way and generates nothing twice."""
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 from ..experiments.conditions import Condition, StudyPlan
 from ..experiments.decision import passing
 from ..experiments.results import Cells
 from ..experiments.spec import ExperimentSpec
-from ..experiments.verdict import evidence_cells, rules_of
+from ..experiments.verdict import confirm_tokens, evidence_cells, rules_of
 from ..progress import Progress
 from .chunks import Chunk
 from .generator import CellGenerator
@@ -40,14 +44,20 @@ def frontier_walks(plans: list[StudyPlan]) -> tuple[list[list[Condition]], dict[
 
 
 def liquid_already(spec: ExperimentSpec, plans: list[StudyPlan], cells: Cells) -> bool:
-    """Whether a single-layer cell already passes the verdict's test with its control: then more controls cannot
-    change the verdict (liquid), and the walk generates none (the walk itself goes on, for the frontier)."""
-    single, _multi, planned, _checked = evidence_cells(plans, cells, {})
+    """Whether a single-layer cell already passes the verdict's test with its control (its confirmed flips, where
+    it was confirmed at length): then more controls cannot change the verdict (liquid), and the walk generates
+    none (the walk itself goes on, for the frontier, unless `verdict.walk` is `until_liquid`)."""
+    single, _multi, planned, _checked = evidence_cells(plans, cells, {}, confirm_tokens(spec))
     return bool(passing(single, rules_of(spec, 0), planned[0]).any())
 
 
 def walk(
-    spec: ExperimentSpec, plans: list[StudyPlan], chunks: list[Chunk], generate: CellGenerator, say: Progress
+    spec: ExperimentSpec,
+    plans: list[StudyPlan],
+    chunks: list[Chunk],
+    generate: CellGenerator,
+    say: Progress,
+    confirm: Callable[[], None] | None = None,
 ) -> list[Chunk]:
     """Walk every frontier study (see the module docstring); returns the chunks that survive."""
     all_walks, controls = frontier_walks(plans)
@@ -58,6 +68,16 @@ def walk(
     steps = max(len(w) for w in all_walks)
     generated: set[str] = set()
     name = generate.ctx.model_name
+
+    def decided() -> bool:
+        """Liquid already, on confirmed flips: the deciding cell is confirmed at length first (when confirmation is
+        on), and if its flips do not survive, more controls and steps are generated."""
+        if not liquid_already(spec, plans, generate.cells()):
+            return False
+        if confirm is not None:
+            confirm()
+        return liquid_already(spec, plans, generate.cells())
+
     while active:
         conds = [all_walks[i][j] for i, j in active.items()]
         step = max(active.values()) + 1
@@ -76,11 +96,13 @@ def walk(
             if not past_cliff and j + 1 < len(all_walks[i]):
                 follow[i] = j + 1
         for _flip, _weak, ctrl in sorted(need, key=lambda x: (-x[0], -x[1])):  # strongest cell first
-            if liquid_already(spec, plans, cells):
+            if decided():
                 break
             generate(ctrl)
             generated |= {c.key for c in ctrl}
-            cells = generate.cells()
+        if spec.verdict.walk == "until_liquid" and decided():
+            say(f"{name}: frontier walk stopped: a single-layer cell passes (verdict.walk until_liquid)", 1, 1)
+            break
         active = follow
     say(f"{name}: frontier walk", steps, steps, f"{len(generated)} cells generated")
     planned = {c.key for w in all_walks for c in w} | {c.key for cs in controls.values() for c in cs}

@@ -42,5 +42,10 @@ class CellGenerator:
             rows = self.rows if pack_rows is None else pack_rows
             self.executor.run(self.load, self.ctx, make_packs(todo, rows), self._sink)
 
+    def add(self, chunks: list[Chunk]) -> None:
+        """Make more chunks (e.g. a confirmation's) available to generate."""
+        known = {c.key for c in self.chunks}
+        self.chunks = self.chunks + [c for c in chunks if c.key not in known]
+
     def cells(self) -> Cells:
         return Cells(self.store.generations(self.run_id, self.ctx.model_name))

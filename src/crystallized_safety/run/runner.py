@@ -31,7 +31,7 @@ from ..experiments.transfer import transfer_bank
 from ..progress import Progress, silent
 from ..registry import check_model_name, load_model
 from ..store import Store
-from . import frontier
+from . import confirmation, frontier
 from .chunks import Chunk, Pack, expand, make_packs
 from .damage import measure_damage
 from .executors.base import Executor
@@ -147,11 +147,15 @@ def _run_model(
     rows = _pack_rows(spec, store, run_id, load, chunks, say)
     if spec.screening.enabled:
         chunks = screen(spec, store, run_id, executor, load, ctx, plans, chunks, say, rows)
+    generate = CellGenerator(store, run_id, executor, load, ctx, chunks, rows)
+
+    def confirm() -> None:
+        confirmation.confirm(spec, plans, generate, sets, n_layers, say)
+
     if any(plan.kind == "frontier" for plan in plans):
         base = [c for c in chunks if c.condition.is_baseline]
-        generate = CellGenerator(store, run_id, executor, load, ctx, chunks, rows)
         generate([c.condition for c in base], 0)  # the flip denominator comes first
-        chunks = frontier.walk(spec, plans, chunks, generate, say)
+        chunks = frontier.walk(spec, plans, chunks, generate, say, confirm)
     done = store.done_chunks(run_id)
     packs = make_packs(chunks, rows)
     todo = [p for p in packs if any(c.key not in done for c in p)]
@@ -166,6 +170,7 @@ def _run_model(
     say(f"{model_name}: chunks", state["done"], len(chunks), f"{todo_chunks} of {len(chunks)} to run")
     executor.run(load, ctx, todo, sink)
     measure_damage(spec, store, run_id, load, ctx, plans, say)
+    confirm()  # the cell the verdict rests on, re-generated at length (verdict.confirm_tokens)
     for plan in plans:
         study = next(s for s in spec.studies if s.label == plan.label)
         if plan.kind == "readability":

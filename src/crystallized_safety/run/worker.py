@@ -61,6 +61,7 @@ class ChunkWorker:
         self.model, self.ctx = model, ctx
         self.bank, self.transfer = ctx.bank(), ctx.transfer()
         self.substring = SubstringJudge()
+        self.delayed = SubstringJudge(delayed=True)  # confirmations at length: a refusal after the opening counts
         self.gate = CoherenceGate(model, ctx.coherence, system=ctx.system) if ctx.coherence else None
         self.scorer = RefusalScoreJudge(model, system=ctx.system) if "score" in ctx.judges else None
 
@@ -89,7 +90,8 @@ class ChunkWorker:
             engine=FastEngine(on_first_logits=first_token_scores if scorer is not None else None),
         )
         responses = [g.response for g in gens]
-        verdicts = self.substring.judge(prompts, responses)
+        judge = self.delayed if pack[0].condition.max_new_tokens else self.substring
+        verdicts = judge.judge(prompts, responses)
         refusals = [v.refusal for v in verdicts]
         coh = self.gate.evaluate(prompts, responses, refusals) if self.gate is not None else [None] * len(prompts)
         out, pos = [], 0
