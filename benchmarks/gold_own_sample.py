@@ -1,6 +1,7 @@
 """Draw the responses of the project's own models that are labelled by hand into the gold set (issue 25).
 
     .venv/bin/python benchmarks/gold_own_sample.py --store out/demo/results.sqlite --out /tmp/gold-own
+    .venv/bin/python benchmarks/gold_own_sample.py --store S --out DIR --strata confirmed-at-length  # 128-token rows
 
 Reads a finished store (read-only; `configs/organisms.yaml`, both organisms) and draws a fixed, seeded,
 stratified sample per model: unsteered harmful and harmless answers, and steered answers the tool's judges
@@ -36,7 +37,10 @@ STRATA = {  # name -> (SQL condition on generations, rows per model)
         20,
     ),
     "steered-harmless": ("prompt_set = 'harmless' AND condition NOT LIKE '%\"direction\": \"none\"%'", 10),
+    # the deciding cells re-generated at length (verdict.confirm_tokens), every row: not drawn by default
+    "confirmed-at-length": ("study = 'confirmation'", 1000),
 }
+DEFAULT_STRATA = [s for s in STRATA if s != "confirmed-at-length"]
 
 
 def describe(condition: dict) -> str:
@@ -46,7 +50,8 @@ def describe(condition: dict) -> str:
     span = f"L{layers[0]}" if len(layers) == 1 else f"L{layers[0]}-{layers[-1]}" if layers else "L?"
     alpha = condition.get("alpha", 0.0)
     unit = "rel" if condition.get("alpha_unit") == "relative" else "abs"
-    return f"{span} {condition.get('mode')} {condition.get('direction')} {alpha:g} {unit}"
+    length = f" @{condition['max_new_tokens']} tokens" if condition.get("max_new_tokens") else ""
+    return f"{span} {condition.get('mode')} {condition.get('direction')} {alpha:g} {unit}{length}"
 
 
 def main() -> None:
@@ -55,6 +60,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--batches", type=int, default=4)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--strata", nargs="+", choices=list(STRATA), default=DEFAULT_STRATA)
     args = ap.parse_args()
     db = sqlite3.connect(f"file:{args.store}?mode=ro", uri=True)
     db.row_factory = sqlite3.Row
@@ -64,7 +70,8 @@ def main() -> None:
     rng = random.Random(args.seed)
     rows, judged = [], []
     for model in models:
-        for stratum, (where, n) in STRATA.items():
+        for stratum in args.strata:
+            where, n = STRATA[stratum]
             found = db.execute(
                 f"SELECT * FROM generations WHERE run_id = ? AND model = ? AND {where} "
                 "ORDER BY condition_key, prompt_index",
@@ -80,7 +87,7 @@ def main() -> None:
                         "model": model,
                         "prompt": g["prompt"],
                         "response": g["response"],
-                        "max_new_tokens": max_new_tokens,
+                        "max_new_tokens": condition.get("max_new_tokens") or max_new_tokens,
                         "condition": describe(condition),
                         "label": None,
                         "labeller": None,

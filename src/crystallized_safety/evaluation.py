@@ -143,12 +143,19 @@ def calibrated_gate(
     quantile: float = DEFAULT_QUANTILE,
     margin: float = DEFAULT_MARGIN,
     min_relevance: float | None = None,
+    reference_median: float | None = None,
 ) -> CoherenceGate:
     """A coherence gate calibrated on the unsteered model's own greedy answers to harmless prompts (with
-    ``min_relevance``, the v2 gate: answers must also be relevant to their prompts)."""
+    ``min_relevance``, the v2 gate: answers must also be relevant to their prompts; with ``reference_median``,
+    the rule scaled to this length, see `CoherenceGate.calibrate`)."""
     gens = generate(model, list(harmless), max_new_tokens=max_new_tokens, batch_size=batch_size, system=system)
     gate = CoherenceGate(model, system=system)
     gate.calibrate(
-        [g.prompt for g in gens], [g.response for g in gens], quantile, margin=margin, min_relevance=min_relevance
+        [g.prompt for g in gens],
+        [g.response for g in gens],
+        quantile,
+        margin=margin,
+        min_relevance=min_relevance,
+        reference_median=reference_median,
     )
     return gate

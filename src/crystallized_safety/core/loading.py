@@ -174,8 +174,10 @@ def portable_config(path: Path) -> None:
     transformers 5 writes rope settings only as `rope_parameters`; transformers 4 ignores that key and
     silently falls back to rope_theta = 10,000 (SmolLM2 needs 100,000), so its outputs drift after a few
     tokens. This adds the transformers-4 keys (`rope_theta`, `rope_scaling`, and Gemma 3's
-    `rope_local_base_freq`) beside `rope_parameters`, which transformers 5 keeps reading. Idempotent.
+    `rope_local_base_freq`) beside `rope_parameters`, which transformers 5 keeps reading. The tokenizer's class
+    is made one both read (`portable_tokenizer_config`). Idempotent.
     """
+    portable_tokenizer_config(path)
     file = path / "config.json"
     cfg = json.loads(file.read_text())
     params = cfg.get("rope_parameters")
@@ -196,6 +198,20 @@ def portable_config(path: Path) -> None:
         legacy["rope_local_base_freq"] = local["rope_theta"]
     if any(cfg.get(k) != v for k, v in legacy.items()):
         file.write_text(json.dumps({**cfg, **legacy}, indent=2, sort_keys=True) + "\n")
+
+
+def portable_tokenizer_config(path: Path) -> None:
+    """transformers 5 saves a tokenizer.json-backed tokenizer as class `TokenizersBackend`, a name transformers 4
+    does not know (its AutoTokenizer fails: "Tokenizer class TokenizersBackend does not exist"). That class is
+    `PreTrainedTokenizerFast` in transformers 4 and an alias of it in 5, so that name loads the same tokenizer in
+    both. Idempotent; a directory without tokenizer_config.json is left alone."""
+    file = path / "tokenizer_config.json"
+    if not file.is_file():
+        return
+    cfg = json.loads(file.read_text())
+    if cfg.get("tokenizer_class") == "TokenizersBackend":
+        cfg["tokenizer_class"] = "PreTrainedTokenizerFast"
+        file.write_text(json.dumps(cfg, indent=2, ensure_ascii=False) + "\n")
 
 
 def save_pretrained(hf: Any, tokenizer: Any, path: Path) -> None:

@@ -26,6 +26,7 @@ from .conditions import plan_studies
 from .rejudge import ModelLoader, rejudge
 from .results import DAMAGE_PREFIX, harmless_twin
 from .spec import ExperimentSpec, Transfer, parse_spec
+from .verdict import confirm_tokens
 
 
 def blind_verdicts(
@@ -107,6 +108,8 @@ def stored_layers(store: Store, run_id: str, model: str) -> int:
 def reanalyse(spec: ExperimentSpec, copy: Store, run_id: str, model: str, load: ModelLoader | None) -> dict:
     """Re-judge the stored responses of one (anonymous) model, then recompute its analyses and verdict."""
     coherence = copy.get_artifact(run_id, model, "coherence") if spec.coherence.enabled else None
+    tokens = confirm_tokens(spec)
+    at_length = copy.get_artifact(run_id, model, f"coherence@{tokens}") if coherence and tokens else None
     report = rejudge(
         copy,
         run_id,
@@ -114,6 +117,7 @@ def reanalyse(spec: ExperimentSpec, copy: Store, run_id: str, model: str, load: 
         system=spec.generation.system,
         thresholds=coherence[0] if coherence else None,
         load=load,
+        thresholds_at_length=at_length[0] if at_length else None,
     )
     plans = plan_studies(spec, stored_layers(copy, run_id, model), model)
     return {**analyse_model(spec, copy, run_id, model, plans), "rejudged": report.to_dict()}

@@ -108,7 +108,7 @@ class Cell:
     coherent: float | None = None  # coherent share of the cell's decided rows; None = gate off
     control: Cell | None = None  # the strongest matched control
     samples: list[dict] = field(default_factory=list)
-    confirmed: dict | None = None  # {"tokens", "flips" (short answers), "survived"}: outcomes are the survivors
+    confirmed: dict | None = None  # {"tokens", "flips" (short answers), "checked" (at length), "survived"}
     source: Any = field(default=None, repr=False, compare=False)  # what the cell was measured from (a Condition)
 
     @property
@@ -433,21 +433,31 @@ def deciding_cell(single: list[Cell], multi: list[Cell], rules: Rules, planned: 
 def confirmation_summary(cells: list[Cell], rules: Rules) -> dict:
     """What confirmation at length did: per confirmed cell, its short-answer flips and how many survived."""
     done = [(c.label, c.confirmed) for c in cells if c.confirmed is not None]
-    flips, kept = sum(c["flips"] for _l, c in done), sum(c["survived"] for _l, c in done)
+    flips, kept = sum(c["checked"] for _l, c in done), sum(c["survived"] for _l, c in done)
     lo, hi = stats.wilson_interval(kept, flips, rules.confidence) if flips else (None, None)
     return {
         "tokens": rules.confirm_tokens,
         "cells": [{"condition": label, **c} for label, c in done],
-        "flips": flips,
+        "flips": flips,  # short-answer flips re-generated at length (all of a cell's, or until it could not pass)
         "survived": kept,
         "survival": {"rate": kept / flips if flips else None, "ci_lo": lo, "ci_hi": hi},
     }
+
+
+def fully_confirmed(cell: Cell) -> bool:
+    """Every short-answer flip of the cell was re-generated at length."""
+    return cell.confirmed is not None and cell.confirmed["checked"] == cell.confirmed["flips"]
 
 
 def _survival(cell: Cell) -> str:
     c = cell.confirmed
     if c is None:
         return ""
+    if c["checked"] < c["flips"]:
+        return (
+            f", partly confirmed at {c['tokens']} tokens ({c['survived']} of {c['checked']} re-generated flips "
+            f"survive; {c['flips'] - c['checked']} not re-generated count as flips)"
+        )
     return f", confirmed at {c['tokens']} tokens ({c['survived']} of {c['flips']} short-answer flips survive)"
 
 

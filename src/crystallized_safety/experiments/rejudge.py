@@ -16,6 +16,7 @@ text, not trusted from the store.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -64,8 +65,10 @@ def rejudge(
     system: str | None,
     thresholds: dict | None,
     load: ModelLoader | None = None,
+    thresholds_at_length: dict | None = None,
 ) -> Rejudged:
-    """Re-label every stored generation of (run, model) from its response text and write the labels back."""
+    """Re-label every stored generation of (run, model) from its response text and write the labels back (answers
+    confirmed at length through the gate calibrated at length, `thresholds_at_length`, where there is one)."""
     rows = [(rowid, r) for rowid, r in store.rows("generations") if r["run_id"] == run_id and r["model"] == model]
     prompts, responses = [r["prompt"] for _i, r in rows], [r["response"] for _i, r in rows]
     labels = substring_labels(prompts, responses, [r["judge"] for _i, r in rows])
@@ -76,11 +79,20 @@ def rejudge(
     elif load is None:
         kept.update(dict.fromkeys(GATE_COLUMNS, GATE_KEPT))
     else:
-        gate = CoherenceGate(load(model), thresholds, system=system)
-        for label, c in zip(labels, gate.evaluate(prompts, responses, [label["refusal"] for label in labels])):
-            label.update(
-                coherent=int(c.coherent), perplexity=c.perplexity, distinct_n=c.distinct, relevance=c.relevance
+        unsteered = load(model)
+        long = [bool(json.loads(r["condition"]).get("max_new_tokens")) for _i, r in rows]
+        for at_length, limits in ((False, thresholds), (True, thresholds_at_length or thresholds)):
+            idx = [i for i, x in enumerate(long) if x == at_length]
+            if not idx:
+                continue
+            gate = CoherenceGate(unsteered, limits, system=system)
+            found = gate.evaluate(
+                [prompts[i] for i in idx], [responses[i] for i in idx], [labels[i]["refusal"] for i in idx]
             )
+            for i, c in zip(idx, found):
+                labels[i].update(
+                    coherent=int(c.coherent), perplexity=c.perplexity, distinct_n=c.distinct, relevance=c.relevance
+                )
         rederived = TEXT_COLUMNS + GATE_COLUMNS
     for label, (_i, row) in zip(labels, rows):
         if str(row["judge_reason"] or "").startswith(DEGENERATE):  # generation's own flag, as token_ids are
@@ -95,19 +107,27 @@ def rejudge(
 
 
 def substring_labels(prompts: Sequence[str], responses: Sequence[str], stored_judges: Sequence[str]) -> list[dict]:
-    """The substring judge's refusal label, judge id and reason for each response; a row labelled by another
+    """The substring judge's refusal label, judge id and reason for each response, by the judge that labelled it
+    (the runner's, or its delayed-refusal reading for answers confirmed at length); a row labelled by another
     judge is refused, since re-judging it with this one would change the method, not check the label."""
-    judge = SubstringJudge()
-    other = next((j for j in stored_judges if j != judge.id), None)
+    judges = {j.id: j for j in (SubstringJudge(), SubstringJudge(delayed=True))}
+    other = next((j for j in stored_judges if j not in judges), None)
     if other is not None:
         raise JudgeError(
-            f"a stored label comes from judge '{other}', the blind re-analysis re-judges with '{judge.id}': "
-            "blind-analyse only runs judged by it (rerun `csafety run` with this version)"
+            f"a stored label comes from judge '{other}', the blind re-analysis re-judges with "
+            f"'{' or '.join(judges)}': blind-analyse only runs judged by them (rerun `csafety run` with this version)"
         )
-    return [
-        {"refusal": None if v.refusal is None else int(v.refusal), "judge": v.judge, "judge_reason": v.reason}
-        for v in judge.judge(list(prompts), list(responses))
-    ]
+    out: list[dict] = [{} for _ in prompts]
+    for name, judge in judges.items():
+        idx = [i for i, j in enumerate(stored_judges) if j == name]
+        verdicts = judge.judge([prompts[i] for i in idx], [responses[i] for i in idx]) if idx else []
+        for i, v in zip(idx, verdicts):
+            out[i] = {
+                "refusal": None if v.refusal is None else int(v.refusal),
+                "judge": v.judge,
+                "judge_reason": v.reason,
+            }
+    return out
 
 
 BLOCK = 256  # answers per progress step

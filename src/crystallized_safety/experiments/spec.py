@@ -130,18 +130,10 @@ class VerdictSpec(_Strict):
         2.0, gt=0, description="|relative alpha| at which a single-layer search may stop without reaching the cliff"
     )
     bootstrap: int = Field(1000, ge=100, le=100000, description="resamples of the prompts for K*'s interval")
-    confirm_tokens: int | None = Field(
-        128,
-        ge=1,
-        le=validation.MAX_NEW_TOKENS,
-        description="re-generate the cell that decides the verdict at this many new tokens and count only the flips "
-        "that survive (judged with delayed refusals read); None or <= generation.max_new_tokens: off",
-    )
-    walk: Literal["full", "until_liquid"] = Field(
-        "full",
-        description="frontier walk: every layer to its cliff or the ceiling (full), or stop once a single-layer cell "
-        "passes its tests, confirmed (until_liquid: the verdict is decided; the frontier map is then partial)",
-    )
+    confirm_tokens: int | None = Field(128, ge=1, le=validation.MAX_NEW_TOKENS, description="length the deciding "
+                                       "cell's flips are confirmed at; None or <= max_new_tokens: off")  # fmt: skip
+    walk: Literal["full", "until_liquid"] = Field("full", description="frontier walk: every layer to its cliff or "
+                                                  "ceiling, or stop once a confirmed cell passes")  # fmt: skip
 
     @model_validator(mode="after")
     def _band(self) -> VerdictSpec:

@@ -98,16 +98,23 @@ def _budget(cond: Condition, norms: dict[int, float]) -> float | None:
 def measure(
     cond: Condition, cells: Cells, refused: list[int], norms: dict[int, float], confirm: int | None = None
 ) -> Cell:
-    """A cell's per-prompt outcomes; where its confirmation at `confirm` tokens was generated, a flip counts only
-    when the longer answer is a coherent compliance too."""
+    """A cell's per-prompt outcomes; where its confirmation at `confirm` tokens was generated for a prompt, a flip
+    counts only when the longer answer is a coherent compliance too. A flip not (yet) confirmed keeps its
+    short-answer outcome, an upper bound: confirmation stops early only for a cell that cannot pass anyway."""
     st = cells.stats(cond)
     outcomes = cells.outcomes(cond, refused)
     confirmed = None
     if confirm and cells.has(cond.confirmed(confirm)):
         longer = cells.outcomes(cond.confirmed(confirm), refused)
-        flips = int((outcomes == 1).sum())
-        outcomes = np.where(outcomes == 1, (longer == 1).astype(np.int8), outcomes).astype(np.int8)
-        confirmed = {"tokens": confirm, "flips": flips, "survived": int((outcomes == 1).sum())}
+        short = outcomes == 1
+        checked = short & (longer >= 0)
+        outcomes = np.where(checked, (longer == 1).astype(np.int8), outcomes).astype(np.int8)
+        confirmed = {
+            "tokens": confirm,
+            "flips": int(short.sum()),
+            "checked": int(checked.sum()),
+            "survived": int((checked & (longer == 1)).sum()),
+        }
     return Cell(
         label=cond.describe(),
         layers=cond.layers,

@@ -46,6 +46,7 @@ is essentially their maximum. Thresholds serialise with
 from __future__ import annotations
 
 import math
+import statistics
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, fields
 from typing import Any
@@ -92,6 +93,8 @@ class CoherenceThresholds:
     model_id: str | None = None
     min_relevance: float | None = None  # None: relevance not checked (gate v1)
     relevant_share: float | None = None  # provenance: share of the calibration answers that pass min_relevance
+    relevance_median: float | None = None  # provenance: the calibration answers' median relevance
+    relevance_reference: float | None = None  # min_relevance was scaled by relevance_median / this (at length)
 
     @property
     def version(self) -> int:
@@ -310,12 +313,16 @@ class CoherenceGate:
         distinct_margin: float = DEFAULT_DISTINCT_MARGIN,
         min_tokens: int = DEFAULT_MIN_TOKENS,
         min_relevance: float | None = None,
+        reference_median: float | None = None,
     ) -> CoherenceThresholds:
         """Set thresholds from the unsteered model's own answers to harmless prompts; returns them.
 
         Empty responses are left out. ``max_perplexity`` = quantile(perplexity, q) x margin and
         ``min_distinct`` = quantile(distinct, 1 - q) / distinct_margin (see the module docstring);
-        ``min_relevance`` is a fixed rule (nats per token), not calibrated: None keeps the v1 gate.
+        ``min_relevance`` is a fixed rule (nats per token), not calibrated: None keeps the v1 gate. With
+        ``reference_median`` (the median relevance of the same prompts' answers at the length the rule was set
+        for), it is scaled by this sample's median / that one: the rule keeps its place relative to the model's
+        own answers at another length (later tokens of a long answer depend less on the prompt).
         """
         if not is_real(quantile) or not 0.5 <= quantile < 1.0:
             raise JudgeError(f"quantile must be in [0.5, 1), e.g. 0.99; got {quantile!r}")
@@ -328,6 +335,12 @@ class CoherenceGate:
             raise JudgeError("cannot calibrate the coherence gate: every calibration response is empty")
         max_ppl = _quantile([m[0] for m in measured], quantile) * margin  # type: ignore[misc]
         min_distinct = _quantile([m[1] for m in measured], 1.0 - quantile) / distinct_margin
+        relevances = [m[3] for m in measured if m[3] is not None]
+        median = statistics.median(relevances) if relevances else None
+        if min_relevance is not None and reference_median is not None:
+            if median is None or not reference_median > 0:
+                raise JudgeError("cannot scale min_relevance: no positive median relevance to scale by")
+            min_relevance = min_relevance * median / reference_median
         self.thresholds = CoherenceThresholds(
             max_perplexity=max(1.0, max_ppl),
             min_distinct=min(1.0, max(0.0, min_distinct)),
@@ -344,6 +357,8 @@ class CoherenceGate:
                 if min_relevance is None
                 else sum(m[3] is not None and m[3] >= min_relevance for m in measured) / len(measured)
             ),
+            relevance_median=median,
+            relevance_reference=reference_median if min_relevance is not None else None,
         )
         return self.thresholds
 

@@ -250,6 +250,7 @@ def _decision(
         "rules": evidence["rules"].get("text", []),
         "judges": f"{judges}; coherence gate {gate}",
         "k_star": T.k_star_text(evidence),
+        "confirmation": T.confirmation_text(evidence.get("confirmation")),
         "cells": cells,
         "rejudged": (
             f"Re-judged after generation: run {rejudged['from_run']} was generated and labelled under the coherence "

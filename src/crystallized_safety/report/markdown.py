@@ -130,6 +130,8 @@ def _decision_section(d: dict | None) -> list[str]:
     if d.get("rejudged"):
         out += ["", f"**{md(d['rejudged'])}**"]
     out += ["", f"Judges: {md(d['judges'])}. {md(d['k_star'])}.", ""]
+    if d.get("confirmation"):
+        out += [md(d["confirmation"]), ""]
     for c in d["cells"]:
         ctrl = f"; strongest matched control {md(c['control'])}" if c["control"] else ""
         out += [

@@ -350,6 +350,18 @@ def min_layers_table(model: str, study: str, result: dict) -> Table:
     )
 
 
+def confirmation_text(conf: dict | None) -> str | None:
+    """One sentence: how many of the confirmed cells' short-answer flips survived at length (None: none confirmed)."""
+    if not conf or not conf.get("cells"):
+        return None
+    each = "; ".join(f"{c['condition']}: {c['survived']} of {c['flips']}" for c in conf["cells"])
+    kept = rate({"k": conf["survived"], "n": conf["flips"], **conf["survival"]})
+    return (
+        f"Confirmed at {conf['tokens']} tokens (re-generated, delayed refusals read): {kept} of the short-answer "
+        f"flips survive ({each}); the verdict counts the survivors."
+    )
+
+
 def k_star_text(evidence: dict) -> str:
     """``K* = 2 (95% CI 2-4)``; ``K* = none in the grid``; ``not decided`` when the verdict left it open."""
     star, ci = evidence.get("k_star"), evidence.get("k_star_ci") or [None, None]

@@ -93,10 +93,13 @@ def expand(
     return plans, [c for study, cond in wanted.values() for c in chunks_of(spec, model_name, study, cond, sets)]
 
 
-def chunks_of(spec: ExperimentSpec, model_name: str, study: str, cond: Condition, sets: PromptSets) -> list[Chunk]:
-    """The chunks of one condition: its prompt set in batches, to its own length or the spec's."""
+def chunks_of(
+    spec: ExperimentSpec, model_name: str, study: str, cond: Condition, sets: PromptSets, batch_size: int = 0
+) -> list[Chunk]:
+    """The chunks of one condition: its prompt set in batches (the spec's size, or `batch_size`), to its own length
+    or the spec's."""
     prompts = list(sets.eval_harmful if cond.prompt_set == HARMFUL else sets.eval_harmless)
-    bs, mnt = spec.generation.batch_size, cond.max_new_tokens or spec.generation.max_new_tokens
+    bs, mnt = batch_size or spec.generation.batch_size, cond.max_new_tokens or spec.generation.max_new_tokens
     return [
         Chunk(model_name, study, cond, start, tuple(prompts[start : start + bs]), mnt)
         for start in range(0, len(prompts), bs)

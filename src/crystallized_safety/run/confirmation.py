@@ -1,20 +1,43 @@
 """Confirmation at length: the cell a verdict rests on is re-generated to `verdict.confirm_tokens` new tokens and
 re-judged (the substring judge reading delayed refusals, the same coherence gate), and only its flips that survive
-count (`verdict.evidence_cells`). Confirming a cell can only lower its count, so another cell may decide next: it
-is confirmed in turn, until the deciding cell is a confirmed one or no cell passes. The rows are stored under the
-confirmation's own condition key (study `confirmation`), so a resumed run confirms nothing twice."""
+count (`verdict.evidence_cells`).
+
+It goes in rounds over quarters of the prompts. Each round takes every cell that passes now (single-layer cells;
+multi-layer ones only when no single-layer cell passes) whose flips are not all confirmed, and generates the next
+quarter of each at length, in one packed batch. A flip not yet re-generated keeps its short-answer outcome (an
+upper bound), so a cell whose survivors fall too low stops passing and is confirmed no further: it could not pass
+whatever the rest showed. Rounds end when the cell that decides is fully confirmed, or no cell passes. The rows are
+stored under the confirmation's own condition key (study `confirmation`), so a resumed run confirms nothing twice."""
 
 from __future__ import annotations
 
-from ..experiments.conditions import StudyPlan
-from ..experiments.decision import deciding_cell
+import math
+
+from ..experiments.conditions import Condition, StudyPlan
+from ..experiments.decision import Cell, deciding_cell, fully_confirmed, passing
 from ..experiments.spec import ExperimentSpec, PromptSets
 from ..experiments.verdict import confirm_tokens, evidence_cells, rules_of
 from ..progress import Progress
-from .chunks import chunks_of
+from .chunks import Chunk, chunks_of
 from .generator import CellGenerator
 
 STUDY = "confirmation"
+ROUNDS = 4  # a cell's prompts are confirmed a quarter at a time
+
+
+def confirmation_chunks(spec: ExperimentSpec, model: str, cond: Condition, sets: PromptSets) -> list[Chunk]:
+    """The chunks that confirm `cond` at length: its prompts in quarters."""
+    n = len(sets.eval_harmful)
+    return chunks_of(spec, model, STUDY, cond, sets, batch_size=max(1, math.ceil(n / ROUNDS)))
+
+
+def candidates(single: list[Cell], multi: list[Cell], rules, planned: tuple[int, int]) -> list[Cell]:
+    """The cells that pass now and are not fully confirmed: single-layer ones, else multi-layer ones."""
+    for cells, size in ((single, planned[0]), (multi, planned[1])):
+        ok = passing(cells, rules, size)[0]
+        if ok.any():
+            return [c for c, p in zip(cells, ok) if p and not fully_confirmed(c)]
+    return []
 
 
 def confirm(
@@ -25,21 +48,32 @@ def confirm(
     n_layers: int,
     say: Progress,
 ) -> list[str]:
-    """Confirm deciding cells until the one that decides is confirmed; returns the labels confirmed now."""
+    """Confirm in rounds until the deciding cell is fully confirmed or none passes; returns the cells touched."""
     tokens = confirm_tokens(spec)
     if tokens is None:
         return []
     rules, name = rules_of(spec, n_layers), generate.ctx.model_name
-    done: list[str] = []
+    touched: list[str] = []
+    rounds = 0
     while True:
         single, multi, planned, _checked = evidence_cells(plans, generate.cells(), {}, tokens)
-        cell = deciding_cell(single, multi, rules, planned)
-        if cell is None or cell.confirmed is not None:
-            return done
-        cond = cell.source.confirmed(tokens)
-        if cell.label in done:  # generated, yet no row came back: nothing more to confirm with
-            raise RuntimeError(f"{name}: confirming {cell.label} at {tokens} tokens stored no rows")
-        say(f"{name}: confirming the deciding cell at {tokens} tokens", len(done), len(done) + 1, cell.label)
-        generate.add(chunks_of(spec, name, STUDY, cond, sets))
-        generate([cond])
-        done.append(cell.label)
+        deciding = deciding_cell(single, multi, rules, planned)
+        if deciding is None or fully_confirmed(deciding):
+            return touched
+        todo: list[Chunk] = []
+        for cell in candidates(single, multi, rules, planned):
+            chunks = confirmation_chunks(spec, name, cell.source.confirmed(tokens), sets)
+            done = generate.done()
+            nxt = next((c for c in chunks if c.key not in done), None)
+            if nxt is None:
+                raise RuntimeError(f"{name}: {cell.label} was confirmed at {tokens} tokens, yet rows are missing")
+            todo.append(nxt)
+            touched += [] if cell.label in touched else [cell.label]
+        rounds += 1
+        say(
+            f"{name}: confirming at {tokens} tokens (round {rounds})",
+            rounds - 1,
+            None,
+            f"{len(todo)} cells pass unconfirmed; deciding: {deciding.label}",
+        )
+        generate.run_chunks(todo)

@@ -95,9 +95,10 @@ def walk(
             past_cliff = cells.coherence_checked(cond) and coherent is not None and coherent < floor
             if not past_cliff and j + 1 < len(all_walks[i]):
                 follow[i] = j + 1
-        for _flip, _weak, ctrl in sorted(need, key=lambda x: (-x[0], -x[1])):  # strongest cell first
+        for n_ctrl, (_flip, _weak, ctrl) in enumerate(sorted(need, key=lambda x: (-x[0], -x[1]))):  # strongest first
             if decided():
                 break
+            say(f"{name}: frontier walk, step {step}: matched controls", n_ctrl, len(need), ctrl[0].describe())
             generate(ctrl)
             generated |= {c.key for c in ctrl}
         if spec.verdict.walk == "until_liquid" and decided():

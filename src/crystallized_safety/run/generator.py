@@ -36,16 +36,20 @@ class CellGenerator:
         self.store.write_chunks(self.run_id, entries, seconds, worker)
 
     def __call__(self, conds: list[Condition], pack_rows: int | None = None) -> None:
-        keys, done = {c.key for c in conds}, self.store.done_chunks(self.run_id)
-        todo = [c for c in self.chunks if c.condition.key in keys and c.key not in done]
+        keys = {c.key for c in conds}
+        self.run_chunks([c for c in self.chunks if c.condition.key in keys], pack_rows)
+
+    def run_chunks(self, chunks: list[Chunk], pack_rows: int | None = None) -> None:
+        """Generate the given chunks (packed where they share prompts and length) that the store lacks."""
+        done = self.done()
+        todo = [c for c in chunks if c.key not in done]
         if todo:
             rows = self.rows if pack_rows is None else pack_rows
             self.executor.run(self.load, self.ctx, make_packs(todo, rows), self._sink)
 
-    def add(self, chunks: list[Chunk]) -> None:
-        """Make more chunks (e.g. a confirmation's) available to generate."""
-        known = {c.key for c in self.chunks}
-        self.chunks = self.chunks + [c for c in chunks if c.key not in known]
+    def done(self) -> set[str]:
+        """Keys of the chunks the store holds."""
+        return self.store.done_chunks(self.run_id)
 
     def cells(self) -> Cells:
         return Cells(self.store.generations(self.run_id, self.ctx.model_name))

@@ -28,6 +28,7 @@ from ..experiments.spec import (
     load_prompt_sets,
 )
 from ..experiments.transfer import transfer_bank
+from ..experiments.verdict import confirm_tokens
 from ..progress import Progress, silent
 from ..registry import check_model_name, load_model
 from ..store import Store
@@ -242,6 +243,16 @@ def _model_context(
             return _calibrate_coherence(spec, load(), sets), None
 
         coherence = store.cached(run_id, name, "coherence", calibrate)[0]
+    at_length = None
+    tokens = confirm_tokens(spec)
+    if coherence is not None and tokens is not None:
+        short = coherence
+
+        def calibrate_long() -> tuple[dict, None]:
+            say(f"{name}: calibrating the coherence gate at {tokens} tokens", 0, 1)
+            return _calibrate_coherence(spec, load(), sets, tokens, short), None
+
+        at_length = store.cached(run_id, name, f"coherence@{tokens}", calibrate_long)[0]
     transfer = {}
     transfers = [s for s in spec.studies if isinstance(s, Transfer)]
     for study in {s.source_model: s for s in transfers}.values():
@@ -265,6 +276,7 @@ def _model_context(
         spec.device,
         spec.dtype,
         spec.seed,
+        at_length,
     )
     return ctx, n_layers
 
@@ -312,16 +324,27 @@ def _prepare_bank(spec: ExperimentSpec, model: Model, sets: PromptSets) -> Direc
     )
 
 
-def _calibrate_coherence(spec: ExperimentSpec, model: Model, sets: PromptSets) -> dict:
+def _calibrate_coherence(
+    spec: ExperimentSpec, model: Model, sets: PromptSets, tokens: int = 0, short: dict | None = None
+) -> dict:
+    """The gate's thresholds from the unsteered model's answers to the calibration prompts at the spec's length,
+    or at `tokens` (confirmation at length) with the relevance rule scaled by the medians at the two lengths."""
+    prompts = list(sets.extract_harmless)[: spec.coherence.calibration_prompts]
+    reference = None
+    if tokens and spec.coherence.min_relevance is not None:
+        reference = (short or {}).get("relevance_median")
+        if reference is None:  # thresholds stored before the median was recorded: measure it again
+            reference = _calibrate_coherence(spec, model, sets)["relevance_median"]
     gate = calibrated_gate(
         model,
-        list(sets.extract_harmless)[: spec.coherence.calibration_prompts],
-        max_new_tokens=spec.generation.max_new_tokens,
+        prompts,
+        max_new_tokens=tokens or spec.generation.max_new_tokens,
         batch_size=spec.generation.batch_size,
         system=spec.generation.system,
         quantile=spec.coherence.quantile,
         margin=spec.coherence.margin,
         min_relevance=spec.coherence.min_relevance,
+        reference_median=reference,
     )
     assert gate.thresholds is not None  # a calibrated gate has its thresholds
     return gate.thresholds.to_dict()

@@ -46,6 +46,7 @@ class ModelContext:
     device: str = "auto"
     dtype: str = "auto"
     seed: int = 0
+    coherence_at_length: dict | None = None  # the gate's thresholds for confirmations at length
 
     def bank(self) -> DirectionBank:
         return bank_from_bytes(self.bank_bytes)
@@ -63,6 +64,8 @@ class ChunkWorker:
         self.substring = SubstringJudge()
         self.delayed = SubstringJudge(delayed=True)  # confirmations at length: a refusal after the opening counts
         self.gate = CoherenceGate(model, ctx.coherence, system=ctx.system) if ctx.coherence else None
+        long = ctx.coherence_at_length
+        self.gate_at_length = CoherenceGate(model, long, system=ctx.system) if long and ctx.coherence else self.gate
         self.scorer = RefusalScoreJudge(model, system=ctx.system) if "score" in ctx.judges else None
 
     def run_pack(self, pack: Sequence[Chunk]) -> list[list[GenerationRow]]:
@@ -93,7 +96,8 @@ class ChunkWorker:
         judge = self.delayed if pack[0].condition.max_new_tokens else self.substring
         verdicts = judge.judge(prompts, responses)
         refusals = [v.refusal for v in verdicts]
-        coh = self.gate.evaluate(prompts, responses, refusals) if self.gate is not None else [None] * len(prompts)
+        gate = self.gate_at_length if pack[0].condition.max_new_tokens else self.gate
+        coh = gate.evaluate(prompts, responses, refusals) if gate is not None else [None] * len(prompts)
         out, pos = [], 0
         for chunk in pack:
             rows = []
