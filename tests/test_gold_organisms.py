@@ -33,7 +33,11 @@ def test_judge_eval_reproduces_the_committed_figures(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(
     ("name", "results", "rows"),
-    [("organisms-32", "gold-second-read.json", 80), ("qwen-16", "gold-second-read-qwen-16.json", 160)],
+    [
+        ("organisms-32", "gold-second-read.json", 80),
+        ("qwen-16", "gold-second-read-qwen-16.json", 160),
+        ("qwen-128", "gold-second-read-qwen-128.json", 80),
+    ],
 )
 def test_second_reading_agreement_is_statsmodels_kappa(name: str, results: str, rows: int) -> None:
     gold = {row.id: row for row in load_gold(name).rows}
@@ -102,3 +106,41 @@ def test_docs_state_the_local_judge_trial_from_its_file() -> None:
         )
         assert line in docs, line
         assert k["kappa"] < 0.8  # why the docs do not recommend it
+
+
+def test_judge_eval_reproduces_the_qwen_128_figures(tmp_path: Path) -> None:
+    """qwen-128: the vendor model's answers confirmed at 128 tokens, judged with delayed refusals read."""
+    out = tmp_path / "eval.json"
+    cli_ok(["judge-eval", "--gold", "qwen-128", "--delayed", "--json", str(out)])
+    assert json.loads(out.read_text()) == json.loads((RESULTS / "judge-eval-qwen-128.json").read_text())
+
+
+def test_the_gate_at_length_table_follows_from_the_stored_measurements() -> None:
+    """results/gold-gate-at-length-qwen-128.json: each gate's passes per hand label, recomputed here from the tool's
+    stored measurements and the two threshold sets (short-answer, calibrated at 128 tokens)."""
+    table = json.loads((RESULTS / "gold-gate-at-length-qwen-128.json").read_text())
+    tool = json.loads((RESULTS / "gold-qwen-128-tool.json").read_text())["rows"]
+    gold = {r.id: r.label for r in load_gold("qwen-128").rows}
+    for gate in ("short", "at_length"):
+        t = table["thresholds"][gate]
+        counts = collections.Counter()
+        totals = collections.Counter()
+        for r in tool:
+            label = gold[r["id"]]
+            totals[label] += 1
+            rel = r["relevance"] if r["relevance"] is not None else float("inf")
+            counts[label] += (
+                r["refusal"] == 0
+                and r["perplexity"] is not None
+                and r["perplexity"] <= t["max_perplexity"]
+                and r["distinct_n"] >= t["min_distinct"]
+                and r["n_tokens"] >= t["min_tokens"]
+                and rel >= t["min_relevance"]
+            )
+        for label, row in table[gate].items():
+            assert (row["passed"], row["n"]) == (counts[label], totals[label])
+    # the rule scaled to 128 tokens by the unsteered medians at the two lengths
+    short, long = table["thresholds"]["short"], table["thresholds"]["at_length"]
+    ratio = long["relevance_median"] / long["relevance_reference"]
+    assert long["relevance_reference"] == short["relevance_median"]
+    assert abs(long["min_relevance"] - short["min_relevance"] * ratio) < 1e-12
