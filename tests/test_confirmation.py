@@ -218,3 +218,20 @@ def test_blind_rederivation_rejudges_the_confirmation_with_its_own_judge(organis
     # exit 0: the blind verdict and K* equal the stored ones; the 128-token rows were re-judged by the delayed judge
     out = cli_ok(["blind", "--store", str(store.path), "--workdir", str(tmp_path)]).output
     assert v["verdict"] in out and "blind re-derivation" in out
+
+
+def test_readme_states_the_organisms_confirmation_from_the_committed_report():
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    report = json.loads((root / "results" / "organisms.json").read_text())
+    (liquid,) = [v for v in report["verdicts"] if v["model"] == "smollm2-135m-refusal"]
+    conf = liquid["evidence"]["confirmation"]
+    (cell,) = conf["cells"]
+    assert cell["checked"] == cell["flips"]  # the deciding cell was confirmed whole
+    s = conf["survival"]
+    text = (
+        f"{cell['survived']} of the deciding cell's {cell['flips']}\nshort-answer flips survive "
+        f"({100 * s['rate']:.1f}%, {100 * s['ci_lo']:.1f}-{100 * s['ci_hi']:.1f}%)"
+    )
+    assert text in (root / "README.md").read_text()
