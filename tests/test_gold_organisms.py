@@ -144,3 +144,11 @@ def test_the_gate_at_length_table_follows_from_the_stored_measurements() -> None
     ratio = long["relevance_median"] / long["relevance_reference"]
     assert long["relevance_reference"] == short["relevance_median"]
     assert abs(long["min_relevance"] - short["min_relevance"] * ratio) < 1e-12
+    docs = (ROOT / "docs" / "judges.md").read_text()
+    names = {"full_compliance": "full compliance (a real answer)", "incoherent": "incoherent (drift)",
+             "partial_refusal": "partial refusal (a safe substitute)", "full_refusal": "full refusal"}  # fmt: skip
+    for label, name in names.items():
+        a, b = table["short"][label], table["at_length"][label]
+        assert f"| {name} | {a['n']} | {a['passed']} | {b['passed']} |" in docs
+    assert f"{short['relevance_median']:.2f}\nnats/token at 16 tokens to {long['relevance_median']:.3f}" in docs
+    assert f"0.5 -> {long['min_relevance']:.3f} on Qwen" in docs
