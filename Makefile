@@ -55,7 +55,7 @@ qwen: organisms
 test: organism
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest $(PYTEST_ARGS)
 
-test-slow: organism side-envs
+test-slow: organism side-envs interop-envs
 	HF_HUB_OFFLINE=1 HYPOTHESIS_PROFILE=slow $(BIN)/python -m pytest -m "slow or not slow" $(PYTEST_ARGS) tests/test_fuzz.py
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -m slow --ignore=tests/test_fuzz.py $(PYTEST_ARGS)
 
@@ -71,6 +71,71 @@ $(TF4_ENV)/.installed: | $(BIN)/python
 	rm -rf $(TF4_ENV)
 	$(BIN)/python -m pip install -q --no-deps --target $(TF4_ENV) \
 	  "transformers==4.57.6" "tokenizers>=0.22,<0.23" "huggingface_hub>=0.34,<1.0"
+	touch $@
+
+# Interop with the real clients (issue 28): llama.cpp (llama-cpp-python built from its sdist, CPU only), repeng and
+# steering-vectors, each in its own side environment under .venvs/ (gitignored), built here once and cached (a test
+# never installs anything; each skips naming this target where its environment is missing). The pinned packages go
+# into --target folders that a test puts first on PYTHONPATH of a subprocess running this venv's Python: only what
+# differs from .venv is installed (numpy < 2 for repeng, transformers 4.57 for steering-vectors) and torch is reused
+# (a venv with --system-site-packages would see the system Python's packages, not .venv's torch).
+# `make interop` runs tests/interop; `make test-slow` runs them with the other slow tests; `make test` skips them.
+LLAMA_CPP_VERSION := 0.3.36
+LLAMA_ENV := .venvs/llama-cpp
+LLAMA_SRC := .venvs/llama-cpp-src
+REPENG_ENV := .venvs/repeng
+SV_ENV := .venvs/steering-vectors
+INTEROP_JOBS ?= 2
+# The smallest CPU build: this machine's instruction set, no OpenMP/BLAS/GPU backends, no multimodal library; the
+# tests, examples, tools and server of llama.cpp are off (its common library is forced on by the Python package).
+LLAMA_CMAKE_ARGS := -DGGML_NATIVE=ON -DGGML_OPENMP=OFF -DGGML_BLAS=OFF -DGGML_CUDA=OFF -DGGML_VULKAN=OFF \
+  -DGGML_METAL=OFF -DGGML_HIP=OFF -DGGML_CCACHE=OFF -DLLAVA_BUILD=OFF -DLLAMA_BUILD_TESTS=OFF \
+  -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_SERVER=OFF
+
+.PHONY: interop interop-envs
+interop-envs: side-envs $(LLAMA_ENV)/.installed $(REPENG_ENV)/.installed $(SV_ENV)/.installed
+
+interop: organism interop-envs
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -m slow tests/interop $(PYTEST_ARGS)
+
+# llama-cpp-python from its sdist (no binary wheel for this platform); the unpacked sdist is kept for
+# vendor/llama.cpp/convert_hf_to_gguf.py and its gguf-py, which the tests use to convert models, with what that
+# converter pins: transformers 4.57.6 (the side-envs folder) and sentencepiece (imported for every llama model).
+$(LLAMA_ENV)/.installed: $(TF4_ENV)/.installed | $(BIN)/python
+	rm -rf $(LLAMA_ENV) $(LLAMA_SRC) .venvs/llama-cpp-dl
+	$(BIN)/python -m pip download -q --no-deps --no-binary :all: -d .venvs/llama-cpp-dl \
+	  "llama-cpp-python==$(LLAMA_CPP_VERSION)"
+	mkdir -p $(LLAMA_SRC)
+	tar -xzf .venvs/llama-cpp-dl/llama_cpp_python-$(LLAMA_CPP_VERSION).tar.gz -C $(LLAMA_SRC) --strip-components=1
+	@echo "building llama.cpp $(LLAMA_CPP_VERSION) (CPU only, $(INTEROP_JOBS) jobs; minutes, once)"
+	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" CMAKE_BUILD_PARALLEL_LEVEL=$(INTEROP_JOBS) nice -n 10 \
+	  $(BIN)/python -m pip install -q --no-deps --target $(LLAMA_ENV) \
+	  .venvs/llama-cpp-dl/llama_cpp_python-$(LLAMA_CPP_VERSION).tar.gz
+	$(BIN)/python -m pip install -q --no-deps --target $(LLAMA_ENV) "diskcache==5.6.3" "sentencepiece==0.2.3"
+	PYTHONPATH=$(LLAMA_ENV) $(BIN)/python -c "import llama_cpp; print('llama_cpp', llama_cpp.__version__)"
+	rm -rf .venvs/llama-cpp-dl
+	touch $@
+
+# repeng 0.4.0 pins numpy < 2 (its code uses np.float_, gone in numpy 2); transformers and torch come from .venv.
+# .venv's pyarrow (pulled in by datasets) is built for numpy 2 only: the folder hides it, so scikit-learn, which
+# imports it where present, sees it absent, as in an environment without it.
+$(REPENG_ENV)/.installed: | $(BIN)/python
+	rm -rf $(REPENG_ENV)
+	$(BIN)/python -m pip install -q --no-deps --target $(REPENG_ENV) "repeng==0.4.0" "numpy==1.26.4" \
+	  "scikit-learn==1.7.2" "joblib==1.5.2" "threadpoolctl==3.8.0"
+	mkdir -p $(REPENG_ENV)/pyarrow
+	echo 'raise ModuleNotFoundError("pyarrow is hidden here: the one in .venv needs numpy 2", name="pyarrow")' \
+	  > $(REPENG_ENV)/pyarrow/__init__.py
+	PYTHONPATH=$(REPENG_ENV) $(BIN)/python -c "import numpy, repeng; assert numpy.__version__ == '1.26.4'"
+	touch $@
+
+# steering-vectors 0.12 pins transformers < 5: it runs with the transformers 4.57 folder of `side-envs` behind it.
+$(SV_ENV)/.installed: $(TF4_ENV)/.installed | $(BIN)/python
+	rm -rf $(SV_ENV)
+	$(BIN)/python -m pip install -q --no-deps --target $(SV_ENV) "steering-vectors==0.12.2" \
+	  "scikit-learn==1.7.2" "joblib==1.5.2" "threadpoolctl==3.8.0"
+	PYTHONPATH=$(SV_ENV):$(TF4_ENV) $(BIN)/python -c \
+	  "import steering_vectors, transformers; assert transformers.__version__.startswith('4.57')"
 	touch $@
 
 lint: $(STAMP)

@@ -207,7 +207,8 @@ def test_the_report_states_the_confirmation(organism_confirmed, tmp_path):
     conf = v["evidence"]["confirmation"]
     cli_ok(["report", "--store", str(store.path), "--out", str(tmp_path / "r")])
     md, html = (tmp_path / "r" / "report.md").read_text(), (tmp_path / "r" / "report.html").read_text()
-    line = f"Confirmed at 128 tokens (re-generated, delayed refusals read): {100 * conf['survived'] / conf['flips']:.1f}%"
+    rate = 100 * conf["survived"] / conf["flips"]
+    line = f"Confirmed at 128 tokens (re-generated, delayed refusals read): {rate:.1f}%"
     assert line in md and line in html
     assert f"L16 a=-0.25 rel add extracted (harmful): {conf['survived']} of {conf['flips']}" in md
 

@@ -187,6 +187,33 @@ def test_portable_config_scaled_and_per_layer_type_rope(tmp_path):
     assert (tmp_path / "config.json").read_text() == before
 
 
+def test_portable_tokenizer_config_names_a_class_both_transformers_read(tiny_llama, tmp_path):
+    """transformers 5 saves `TokenizersBackend`, which transformers 4 cannot load: the saved directory names
+    `PreTrainedTokenizerFast` instead, and transformers 5 loads it back to the same tokens and chat text."""
+    import json
+
+    from transformers import AutoTokenizer
+
+    from crystallized_safety.core.loading import portable_tokenizer_config
+
+    tiny_llama.tokenizer.save_pretrained(tmp_path)
+    cfg = json.loads((tmp_path / "tokenizer_config.json").read_text())
+    cfg["tokenizer_class"] = "TokenizersBackend"
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(cfg))
+    portable_tokenizer_config(tmp_path)
+    assert json.loads((tmp_path / "tokenizer_config.json").read_text())["tokenizer_class"] == "PreTrainedTokenizerFast"
+    before = (tmp_path / "tokenizer_config.json").read_text()
+    portable_tokenizer_config(tmp_path)  # idempotent
+    assert (tmp_path / "tokenizer_config.json").read_text() == before
+    back = AutoTokenizer.from_pretrained(tmp_path)
+    text = "How do I pick a lock?"
+    assert back(text)["input_ids"] == tiny_llama.tokenizer(text)["input_ids"]
+    chat = [{"role": "user", "content": text}]
+    kw = {"tokenize": False, "add_generation_prompt": True}
+    assert back.apply_chat_template(chat, **kw) == tiny_llama.tokenizer.apply_chat_template(chat, **kw)
+    portable_tokenizer_config(tmp_path / "missing")  # no tokenizer_config.json: left alone
+
+
 TF4_ENV = Path(__file__).resolve().parents[1] / ".venvs" / "transformers-4.57"  # made by `make side-envs`
 
 

@@ -33,7 +33,8 @@ def main() -> None:
     tokenizer = AutoTokenizer.from_pretrained(request["model"])
     model = AutoModelForCausalLM.from_pretrained(request["model"], torch_dtype=torch.float32).eval()
     eos = request["eos"]
-    encoded = [tokenizer(text, return_tensors="pt") for text in request["texts"]]
+    keep = ("input_ids", "attention_mask")  # transformers 4's tokenizer adds token_type_ids, which generate refuses
+    encoded = [{k: v for k, v in tokenizer(t, return_tensors="pt").items() if k in keep} for t in request["texts"]]
 
     def first_logits(m) -> np.ndarray:
         return np.stack([m(**ids).logits[0, -1].float().numpy() for ids in encoded])

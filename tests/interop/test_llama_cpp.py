@@ -32,9 +32,10 @@ from .sides import (
 
 pytestmark = [pytest.mark.slow, needs("llama-cpp")]
 
-# Measured (docs/interop.md): identical token lists on 24/24 prompts plain and steered, logits within 2e-3 of ours.
+# Measured (docs/interop.md): identical tokens on 24/24 prompts plain, steered and weight-edited, first-token logits
+# within 7.2e-5 of ours. The margins leave room for near-ties on another CPU (GGML_NATIVE changes summation order).
 MIN_SAME = 0.9  # share of prompts whose greedy tokens are identical to ours
-LOGIT_ATOL = 0.02  # first-token logits, absolute (their spread is ~30)
+LOGIT_ATOL = 1e-3  # first-token logits, absolute (they spread over ~30)
 
 
 @pytest.fixture(scope="module")
@@ -121,7 +122,6 @@ def test_weight_edited_model_in_llama_cpp_gives_the_hook_ablation_tokens(
     assert figures["same_tokens"] >= MIN_SAME, figures
     np.testing.assert_allclose(side["first_edited"], ablated.first, atol=LOGIT_ATOL, rtol=0)
     assert figures["differs_from_plain"] > 0  # the edit changed what the model says (not a vacuous comparison)
-    edited_refusals = refusals(_decode(organism, theirs)[:N_HARMFUL])
-    assert edited_refusals < refusals(plain_run.responses[:N_HARMFUL])
-    figures["refusals_of_harmful"] = {"edited": edited_refusals, "of": N_HARMFUL}
+    # (the layer-12 direction folded out alone does not remove this organism's refusals: reported, not asserted)
+    figures["refusals_of_harmful"] = {"edited": refusals(_decode(organism, theirs)[:N_HARMFUL]), "of": N_HARMFUL}
     print("llama.cpp weight edit:", json.dumps(figures))

@@ -43,9 +43,9 @@ def test_repeng_vectors_cross_both_ways_and_steer_the_same(
     assert imported.layers == side["repeng_layers"] == REPENG_LAYERS
     vectors = np.stack([imported.direction(k).numpy() * norms[str(k)] for k in REPENG_LAYERS])
     np.testing.assert_allclose(vectors, side["repeng"], atol=1e-6)
-    # repeng's sign convention matches ours (positive = harmful side): its direction leans towards ours
-    cosines = {k: float(imported.direction(k) @ bank.direction(k)) for k in REPENG_LAYERS}
-    assert min(cosines.values()) > 0.5, cosines
+    # reported, not asserted: repeng's PCA centres the paired differences, so its vector is the direction they
+    # vary along, not their mean (ours); the two need not be close
+    cosines = {k: round(float(imported.direction(k) @ bank.direction(k)), 4) for k in REPENG_LAYERS}
     steer = Intervention({k: imported.direction(k) * norms[str(k)] for k in REPENG_LAYERS}, alpha=coeff)
     ours = our_run(organism, eval_prompts, steer)
     figures = {
