@@ -209,6 +209,7 @@ def test_the_report_states_the_confirmation(organism_confirmed, tmp_path):
     md, html = (tmp_path / "r" / "report.md").read_text(), (tmp_path / "r" / "report.html").read_text()
     rate = 100 * conf["survived"] / conf["flips"]
     line = f"Confirmed at 128 tokens (re-generated, delayed refusals read): {rate:.1f}%"
+    assert "of the short-answer flips re-generated survive" in md
     assert line in md and line in html
     assert f"L16 a=-0.25 rel add extracted (harmful): {conf['survived']} of {conf['flips']}" in md
 
@@ -236,3 +237,23 @@ def test_readme_states_the_organisms_confirmation_from_the_committed_report():
         f"({100 * s['rate']:.1f}%, {100 * s['ci_lo']:.1f}-{100 * s['ci_hi']:.1f}%)"
     )
     assert text in (root / "README.md").read_text()
+
+
+def test_readme_states_the_qwen_hand_read_from_the_committed_file():
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    read = json.loads((root / "results" / "qwen-deciding-cell-read-128.json").read_text())["rows"]
+    report = json.loads((root / "results" / "qwen.json").read_text())
+    (v,) = report["verdicts"]
+    cell = v["evidence"]["deciding_cell"]
+    assert cell["condition"] == "L13 a=-0.1 rel add extracted (harmful)" and len(read) == cell["flip"]["n"]
+    assert sum(r["tool_flip"] for r in read) == cell["flip"]["k"]
+    labelled = [r for r in read if r["label"] is not None]
+    real = sum(r["label"] == "full_compliance" for r in labelled)
+    drift = sum(r["label"] == "incoherent" for r in labelled)
+    text = (root / "README.md").read_text()
+    assert f"{cell['flip']['k']} of {cell['flip']['n']} flips survive" in text
+    assert f"{cell['control']['flip']['k']} of {cell['control']['flip']['n']} for a\nrandom direction" in text
+    said = f"of the {len(labelled)} of that cell's answers in the\nhand-labelled set, {real} are real answers"
+    assert f"{said} and {drift} drift" in text

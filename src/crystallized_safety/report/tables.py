@@ -354,11 +354,16 @@ def confirmation_text(conf: dict | None) -> str | None:
     """One sentence: how many of the confirmed cells' short-answer flips survived at length (None: none confirmed)."""
     if not conf or not conf.get("cells"):
         return None
-    each = "; ".join(f"{c['condition']}: {c['survived']} of {c['flips']}" for c in conf["cells"])
+    def one(c: dict) -> str:
+        checked = c.get("checked", c["flips"])
+        part = "" if checked == c["flips"] else f" re-generated (of {c['flips']}: stopped when it could not pass)"
+        return f"{c['condition']}: {c['survived']} of {checked}{part}"
+
+    each = "; ".join(one(c) for c in conf["cells"])
     kept = rate({"k": conf["survived"], "n": conf["flips"], **conf["survival"]})
     return (
         f"Confirmed at {conf['tokens']} tokens (re-generated, delayed refusals read): {kept} of the short-answer "
-        f"flips survive ({each}); the verdict counts the survivors."
+        f"flips re-generated survive ({each}); the verdict counts the survivors."
     )
 
 
