@@ -24,10 +24,11 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from crystallized_safety.core.generation.api import generate  # noqa: E402
 from crystallized_safety.environment import environment  # noqa: E402
-from crystallized_safety.evaluation import calibrated_gate  # noqa: E402
 from crystallized_safety.experiments.spec import load_prompt_sets, load_spec  # noqa: E402
+from crystallized_safety.judges.coherence import CoherenceGate  # noqa: E402
 from crystallized_safety.judges.substring import SubstringJudge  # noqa: E402
 from crystallized_safety.registry import load_model  # noqa: E402
+from crystallized_safety.run.runner import calibrate_coherence  # noqa: E402
 from crystallized_safety.stats import wilson_interval  # noqa: E402
 
 
@@ -49,39 +50,20 @@ def main() -> None:
     model = load_model(name, dtype=spec.dtype)
     short, long = spec.generation.max_new_tokens, spec.verdict.confirm_tokens or 128
     t0 = time.perf_counter()
-    gate = calibrated_gate(
-        model,
-        list(sets.extract_harmless)[: spec.coherence.calibration_prompts],
-        max_new_tokens=short,
-        batch_size=spec.generation.batch_size,
-        system=spec.generation.system,
-        quantile=spec.coherence.quantile,
-        margin=spec.coherence.margin,
-        min_relevance=spec.coherence.min_relevance,
-    )
-    assert gate.thresholds is not None
-    # what the runner uses for confirmations: the gate calibrated at length, its relevance rule scaled by the
-    # medians of the calibration answers at the two lengths
-    at_length = calibrated_gate(
-        model,
-        list(sets.extract_harmless)[: spec.coherence.calibration_prompts],
-        max_new_tokens=long,
-        batch_size=spec.generation.batch_size,
-        system=spec.generation.system,
-        quantile=spec.coherence.quantile,
-        margin=spec.coherence.margin,
-        min_relevance=spec.coherence.min_relevance,
-        reference_median=gate.thresholds.relevance_median,
-    )
-    assert at_length.thresholds is not None
+    # the thresholds a run calibrates: at the spec's length, and at the confirmation length (relevance rule scaled by
+    # the medians of the calibration answers at the two lengths), as the runner does
+    short_limits = calibrate_coherence(spec, model, sets)
+    long_limits = calibrate_coherence(spec, model, sets, long, short_limits)
+    gate = CoherenceGate(model, short_limits, system=spec.generation.system)
+    at_length = CoherenceGate(model, long_limits, system=spec.generation.system)
     prompts = list(sets.eval_harmless)[: args.prompts]
     judge = SubstringJudge(delayed=True)
     out: dict = {
         "model": name,
         "spec": str(args.spec),
         "prompts": len(prompts),
-        "thresholds": gate.thresholds.to_dict(),
-        "thresholds_at_length": at_length.thresholds.to_dict(),
+        "thresholds": short_limits,
+        "thresholds_at_length": long_limits,
         "lengths": {},
     }
     answers_at: dict[int, list] = {}

@@ -257,3 +257,15 @@ def test_readme_states_the_qwen_hand_read_from_the_committed_file():
     assert f"{cell['control']['flip']['k']} of {cell['control']['flip']['n']} for a\nrandom direction" in text
     said = f"of the {len(labelled)} of that cell's answers in the\nhand-labelled set, {real} are real answers"
     assert f"{said} and {drift} drift" in text
+
+
+def test_the_procedure_states_the_gate_at_length_from_the_benchmark_file():
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    got = json.loads((root / "benchmarks" / "gate-at-length-organism.json").read_text())["lengths"]
+    short, long, calibrated = (got[k]["passing"] for k in ("32", "128", "128-calibrated"))
+    text = " ".join((root / "docs" / "verdict-procedure.md").read_text().split())
+    assert f"passes {short['k']} of {short['n']} of the unsteered model's" in text
+    assert f"at 32 tokens, but only {long['k']} of {long['n']} at 128; calibrated at 128 it passes" in text
+    assert f"passes {calibrated['k']} of {calibrated['n']} (`benchmarks/gate_at_length.py`" in text

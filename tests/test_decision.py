@@ -278,9 +278,14 @@ def test_verdict_rules_are_printed_and_part_of_the_spec_hash():
     spec = spec_with(sweep)
     plans, cells = build(spec, lambda c: 2 if c.ref.is_control else 32)
     v = verdict(spec, plans, cells, N_LAYERS, NORMS)
-    assert v["evidence"]["rules"]["band"] == [2, 3, 4, 5, 6] and len(v["evidence"]["rules"]["text"]) == 5
+    # five rules, and the confirmation at length (on by default: 128 tokens > the spec's 32)
+    assert v["evidence"]["rules"]["band"] == [2, 3, 4, 5, 6] and len(v["evidence"]["rules"]["text"]) == 6
+    assert v["evidence"]["rules"]["confirm_tokens"] == 128 and v["evidence"]["rules"]["walk"] == "full"
     stricter = spec_with(sweep, verdict={"confidence": 0.99})
     assert stricter.spec_hash() != spec.spec_hash()
+    for changed in ({"confirm_tokens": 64}, {"confirm_tokens": None}, {"walk": "until_liquid"}):
+        assert spec_with(sweep, verdict=changed).spec_hash() != spec.spec_hash()
+    assert spec_with(sweep, verdict={"confirm_tokens": 128, "walk": "full"}).spec_hash() == spec.spec_hash()
     assert spec_with(sweep, verdict={"confidence": 0.95}).spec_hash() == spec.spec_hash()
 
 

@@ -22,7 +22,7 @@ from crystallized_safety.core.model import Model
 from crystallized_safety.core.orthogonalization import export_model, orthogonalize
 from crystallized_safety.core.steering import Intervention, pack_interventions
 from crystallized_safety.errors import ModelError
-from crystallized_safety.registry import add_stop_tokens, registry
+from crystallized_safety.registry import registry
 
 QWEN = "qwen2.5-coder-0.5b"
 DEFAULT_SYSTEM = "You are Qwen, created by Alibaba Cloud. You are a helpful assistant."
@@ -176,15 +176,15 @@ def test_registry_stop_tokens_end_responses_in_the_engine_and_in_plain_generate(
     first = plain_generate(model, prompts, 10)[0]
     # make a token a row emits mid-answer a stop token by its name, as a registry entry's `stop_tokens` does
     stop = model.tokenizer.convert_ids_to_tokens(first[1][3])
-    add_stop_tokens(model, (stop,))
+    model.add_stop_tokens((stop,))
     assert model.eos_ids() == [model.tokenizer.eos_token_id, first[1][3]]
     want = plain_generate(model, prompts, 10)
     assert want[0][1] == first[1][:3] and want[1][1]  # the row now ends before that token
     assert tokens_of(generate(model, prompts, None, max_new_tokens=10, engine="fast")) == want
-    add_stop_tokens(model, (stop,))  # idempotent
+    model.add_stop_tokens((stop,))  # idempotent
     assert len(model.eos_ids()) == 2
     with pytest.raises(ModelError, match="stop token '<|not a token|>' is not in its vocabulary"):
-        add_stop_tokens(model, ("<|not a token|>",))
+        model.add_stop_tokens(("<|not a token|>",))
 
 
 def test_qwen_registry_entry_names_endoftext_as_a_stop_token():

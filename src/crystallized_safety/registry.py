@@ -156,20 +156,5 @@ def load_model(
     )
     entry = registry().get(name)
     if entry is not None and entry.stop_tokens:
-        add_stop_tokens(model, entry.stop_tokens)
+        model.add_stop_tokens(entry.stop_tokens)
     return model
-
-
-def add_stop_tokens(model: Model, tokens: tuple[str, ...]) -> None:
-    """Make `tokens` end a response too (in the generation config, so the engine and plain `generate` agree): a
-    GGUF carries one EOS id, where e.g. Qwen's own generation config names two (`<|im_end|>`, `<|endoftext|>`)."""
-    config = model.hf.generation_config
-    ids = config.eos_token_id
-    ids = [ids] if isinstance(ids, int) else list(ids or [])
-    for token in tokens:
-        tid = model.tokenizer.convert_tokens_to_ids(token)
-        if not isinstance(tid, int) or tid == model.tokenizer.unk_token_id:
-            raise ModelError(f"registry entry '{model.model_id}': stop token {token!r} is not in its vocabulary")
-        if tid not in ids:
-            ids.append(tid)
-    config.eos_token_id = ids

@@ -328,6 +328,20 @@ class Model:
         pad = self.tokenizer.pad_token_id
         return 0 if pad is None else pad
 
+    def add_stop_tokens(self, tokens: Sequence[str]) -> None:
+        """Make `tokens` end a response too (in the generation config, so the engine and plain `generate` agree): a
+        GGUF carries one EOS id, where e.g. Qwen's own generation config names two (`<|im_end|>`, `<|endoftext|>`)."""
+        config = self.hf.generation_config
+        ids = config.eos_token_id
+        ids = [ids] if isinstance(ids, int) else list(ids or [])
+        for token in tokens:
+            tid = self.tokenizer.convert_tokens_to_ids(token)
+            if not isinstance(tid, int) or tid == self.tokenizer.unk_token_id:
+                raise ModelError(f"model '{self.model_id}': stop token {token!r} is not in its vocabulary")
+            if tid not in ids:
+                ids.append(tid)
+        config.eos_token_id = ids
+
     def eos_ids(self) -> list[int]:
         """Every token id that ends a response: the generation config's EOS ids plus the tokenizer's."""
         ids = self.hf.generation_config.eos_token_id

@@ -240,7 +240,7 @@ def _model_context(
 
         def calibrate() -> tuple[dict, None]:
             say(f"{name}: calibrating the coherence gate", 0, 1)
-            return _calibrate_coherence(spec, load(), sets), None
+            return calibrate_coherence(spec, load(), sets), None
 
         coherence = store.cached(run_id, name, "coherence", calibrate)[0]
     at_length = None
@@ -250,7 +250,7 @@ def _model_context(
 
         def calibrate_long() -> tuple[dict, None]:
             say(f"{name}: calibrating the coherence gate at {tokens} tokens", 0, 1)
-            return _calibrate_coherence(spec, load(), sets, tokens, short), None
+            return calibrate_coherence(spec, load(), sets, tokens, short), None
 
         at_length = store.cached(run_id, name, f"coherence@{tokens}", calibrate_long)[0]
     transfer = {}
@@ -324,7 +324,7 @@ def _prepare_bank(spec: ExperimentSpec, model: Model, sets: PromptSets) -> Direc
     )
 
 
-def _calibrate_coherence(
+def calibrate_coherence(
     spec: ExperimentSpec, model: Model, sets: PromptSets, tokens: int = 0, short: dict | None = None
 ) -> dict:
     """The gate's thresholds from the unsteered model's answers to the calibration prompts at the spec's length,
@@ -334,7 +334,7 @@ def _calibrate_coherence(
     if tokens and spec.coherence.min_relevance is not None:
         reference = (short or {}).get("relevance_median")
         if reference is None:  # thresholds stored before the median was recorded: measure it again
-            reference = _calibrate_coherence(spec, model, sets)["relevance_median"]
+            reference = calibrate_coherence(spec, model, sets)["relevance_median"]
     gate = calibrated_gate(
         model,
         prompts,
