@@ -97,7 +97,9 @@ def test_cli_export_import_and_relative_alpha_error(bank_and_model, tmp_path):
 
 def test_repeng_reads_our_file(bank_and_model, tmp_path):
     """Where repeng is installed, its own importer reads our export with the same layers and vectors."""
-    repeng = pytest.importorskip("repeng", reason="repeng is not installed (it pins numpy < 2)")
+    repeng = pytest.importorskip(
+        "repeng", reason="repeng is not in .venv (it pins numpy < 2): `make interop` checks it in its own environment"
+    )
     bank, _ = bank_and_model
     path = export_gguf(bank, tmp_path / "cv.gguf", [1, 2], 1.0)
     vector = repeng.ControlVector.import_gguf(str(path))
