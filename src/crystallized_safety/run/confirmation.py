@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 
+from ..errors import StoreError
 from ..experiments.conditions import Condition, StudyPlan
 from ..experiments.decision import Cell, deciding_cell, fully_confirmed, passing
 from ..experiments.spec import ExperimentSpec, PromptSets
@@ -66,7 +67,10 @@ def confirm(
             done = generate.done()
             nxt = next((c for c in chunks if c.key not in done), None)
             if nxt is None:
-                raise RuntimeError(f"{name}: {cell.label} was confirmed at {tokens} tokens, yet rows are missing")
+                raise StoreError(
+                    f"{name}: the store marks {cell.label} confirmed at {tokens} tokens but holds no rows for some of "
+                    "its prompts: run `csafety store check` on it, or rerun into a fresh store"
+                )
             todo.append(nxt)
             touched += [] if cell.label in touched else [cell.label]
         rounds += 1
