@@ -79,7 +79,7 @@ $(TF4_ENV)/.installed: | $(BIN)/python
 # into --target folders that a test puts first on PYTHONPATH of a subprocess running this venv's Python: only what
 # differs from .venv is installed (numpy < 2 for repeng, transformers 4.57 for steering-vectors) and torch is reused
 # (a venv with --system-site-packages would see the system Python's packages, not .venv's torch).
-# `make interop` runs tests/interop; `make test-slow` runs them with the other slow tests; `make test` skips them.
+# `make interop` runs tests/interop and writes what they measured to results/interop.json; `make test-slow` runs them with the other slow tests; `make test` skips them.
 LLAMA_CPP_VERSION := 0.3.36
 LLAMA_ENV := .venvs/llama-cpp
 LLAMA_SRC := .venvs/llama-cpp-src
@@ -96,12 +96,13 @@ LLAMA_CMAKE_ARGS := -DGGML_NATIVE=ON -DGGML_OPENMP=OFF -DGGML_BLAS=OFF -DGGML_CU
 interop-envs: side-envs $(LLAMA_ENV)/.installed $(REPENG_ENV)/.installed $(SV_ENV)/.installed
 
 interop: organism interop-envs
-	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -m slow tests/interop $(PYTEST_ARGS)
+	HF_HUB_OFFLINE=1 CSAFETY_INTEROP_RECORD=results/interop.json $(BIN)/python -m pytest -m slow tests/interop $(PYTEST_ARGS)
 
 # llama-cpp-python from its sdist (no binary wheel for this platform); the unpacked sdist is kept for
 # vendor/llama.cpp/convert_hf_to_gguf.py and its gguf-py, which the tests use to convert models, with what that
 # converter pins: transformers 4.57.6 (the side-envs folder) and sentencepiece (imported for every llama model).
 $(LLAMA_ENV)/.installed: $(TF4_ENV)/.installed | $(BIN)/python
+	mkdir -p .venvs && date +%s > $(LLAMA_ENV).started
 	rm -rf $(LLAMA_ENV) $(LLAMA_SRC) .venvs/llama-cpp-dl
 	$(BIN)/python -m pip download -q --no-deps --no-binary :all: -d .venvs/llama-cpp-dl \
 	  "llama-cpp-python==$(LLAMA_CPP_VERSION)"
@@ -114,12 +115,14 @@ $(LLAMA_ENV)/.installed: $(TF4_ENV)/.installed | $(BIN)/python
 	$(BIN)/python -m pip install -q --no-deps --target $(LLAMA_ENV) "diskcache==5.6.3" "sentencepiece==0.2.3"
 	PYTHONPATH=$(LLAMA_ENV) $(BIN)/python -c "import llama_cpp; print('llama_cpp', llama_cpp.__version__)"
 	rm -rf .venvs/llama-cpp-dl
-	touch $@
+	echo $$(( $$(date +%s) - $$(cat $(LLAMA_ENV).started) )) > $@  # build seconds, for results/interop.json
+	rm -f $(LLAMA_ENV).started
 
 # repeng 0.4.0 pins numpy < 2 (its code uses np.float_, gone in numpy 2); transformers and torch come from .venv.
 # .venv's pyarrow (pulled in by datasets) is built for numpy 2 only: the folder hides it, so scikit-learn, which
 # imports it where present, sees it absent, as in an environment without it.
 $(REPENG_ENV)/.installed: | $(BIN)/python
+	mkdir -p .venvs && date +%s > $(REPENG_ENV).started
 	rm -rf $(REPENG_ENV)
 	$(BIN)/python -m pip install -q --no-deps --target $(REPENG_ENV) "repeng==0.4.0" "numpy==1.26.4" \
 	  "scikit-learn==1.7.2" "joblib==1.5.2" "threadpoolctl==3.8.0"
@@ -127,16 +130,19 @@ $(REPENG_ENV)/.installed: | $(BIN)/python
 	echo 'raise ModuleNotFoundError("pyarrow is hidden here: the one in .venv needs numpy 2", name="pyarrow")' \
 	  > $(REPENG_ENV)/pyarrow/__init__.py
 	PYTHONPATH=$(REPENG_ENV) $(BIN)/python -c "import numpy, repeng; assert numpy.__version__ == '1.26.4'"
-	touch $@
+	echo $$(( $$(date +%s) - $$(cat $(REPENG_ENV).started) )) > $@  # build seconds, for results/interop.json
+	rm -f $(REPENG_ENV).started
 
 # steering-vectors 0.12 pins transformers < 5: it runs with the transformers 4.57 folder of `side-envs` behind it.
 $(SV_ENV)/.installed: $(TF4_ENV)/.installed | $(BIN)/python
+	mkdir -p .venvs && date +%s > $(SV_ENV).started
 	rm -rf $(SV_ENV)
 	$(BIN)/python -m pip install -q --no-deps --target $(SV_ENV) "steering-vectors==0.12.2" \
 	  "scikit-learn==1.7.2" "joblib==1.5.2" "threadpoolctl==3.8.0"
 	PYTHONPATH=$(SV_ENV):$(TF4_ENV) $(BIN)/python -c \
 	  "import steering_vectors, transformers; assert transformers.__version__.startswith('4.57')"
-	touch $@
+	echo $$(( $$(date +%s) - $$(cat $(SV_ENV).started) )) > $@  # build seconds, for results/interop.json
+	rm -f $(SV_ENV).started
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks

@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/gold_own_sample.py --store out/demo/results.sqlite --out /tmp/gold-own
     .venv/bin/python benchmarks/gold_own_sample.py --store S --out DIR --strata confirmed-at-length  # 128-token rows
+    .venv/bin/python benchmarks/gold_own_sample.py --store out/gold-128/results.sqlite --out DIR --cap 16
 
 Reads a finished store (read-only; `configs/organisms.yaml`, both organisms) and draws a fixed, seeded,
 stratified sample per model: unsteered harmful and harmless answers, and steered answers the tool's judges
@@ -61,6 +62,7 @@ def main() -> None:
     ap.add_argument("--batches", type=int, default=4)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--strata", nargs="+", choices=list(STRATA), default=DEFAULT_STRATA)
+    ap.add_argument("--cap", type=int, default=None, help="at most this many rows per stratum and model")
     args = ap.parse_args()
     db = sqlite3.connect(f"file:{args.store}?mode=ro", uri=True)
     db.row_factory = sqlite3.Row
@@ -72,6 +74,7 @@ def main() -> None:
     for model in models:
         for stratum in args.strata:
             where, n = STRATA[stratum]
+            n = n if args.cap is None else min(n, args.cap)
             found = db.execute(
                 f"SELECT * FROM generations WHERE run_id = ? AND model = ? AND {where} "
                 "ORDER BY condition_key, prompt_index",

@@ -6,11 +6,29 @@ need them (a test whose side environment is missing skips before asking for any)
 from __future__ import annotations
 
 import importlib.util
+import os
 from pathlib import Path
 
 import pytest
 
+from .record import DURATIONS, RECORD_ENV, write_record
 from .sides import ALPHA, LAYER, N_HARMFUL, N_HARMLESS, N_PAIRS, ORGANISM, Run, our_run
+
+
+def pytest_runtest_logreport(report):
+    if report.when in ("setup", "call") and report.passed:
+        name = report.nodeid.rsplit("::", 1)[-1]
+        DURATIONS[name] = DURATIONS.get(name, 0.0) + report.duration
+
+
+@pytest.fixture(scope="session", autouse=True)
+def interop_record():
+    """Where CSAFETY_INTEROP_RECORD names a file (`make interop`: results/interop.json), the figures the passing
+    tests measured are merged into it when the session ends."""
+    yield
+    target = os.environ.get(RECORD_ENV)
+    if target:
+        write_record(Path(target))
 
 
 @pytest.fixture(scope="session")

@@ -15,6 +15,7 @@ import json
 import numpy as np
 import pytest
 
+from .record import record
 from .sides import (
     ALPHA,
     LAYER,
@@ -80,6 +81,9 @@ def test_control_vector_steers_llama_cpp_as_the_tool_does(
     # the steering is not a no-op: llama.cpp's own steered logits moved as far as ours did
     np.testing.assert_allclose(side["first_steered"] - side["first_plain"], steered_run.first - plain_run.first,
                                atol=2 * LOGIT_ATOL, rtol=0)  # fmt: skip
+    shift_diff = (side["first_steered"] - side["first_plain"]) - (steered_run.first - plain_run.first)
+    figures["max_abs_shift_diff"] = float(np.abs(shift_diff).max())
+    figures["max_abs_shift"] = float(np.abs(steered_run.first - plain_run.first).max())
     assert float(np.abs(steered_run.first - plain_run.first).max()) > 50 * LOGIT_ATOL
 
     # sign and scale end to end: the vector exported at -0.3 relative makes llama.cpp refuse less, as it does us
@@ -90,7 +94,7 @@ def test_control_vector_steers_llama_cpp_as_the_tool_does(
         differing = N_HARMFUL * (1 - same_share(side["tokens"][run][:N_HARMFUL], ours.tokens[:N_HARMFUL]))
         assert abs(count - refusals(ours.responses[:N_HARMFUL])) <= round(differing)  # same tokens, same verdicts
     figures["refusals_of_harmful"] = {"plain": plain_refusals, "steered": steered_refusals, "of": N_HARMFUL}
-    print("llama.cpp control vector:", json.dumps({"version": side["version"], **figures}))
+    record("test_control_vector_steers_llama_cpp_as_the_tool_does", {"version": side["version"], **figures})
 
 
 def test_weight_edited_model_in_llama_cpp_gives_the_hook_ablation_tokens(
@@ -124,4 +128,5 @@ def test_weight_edited_model_in_llama_cpp_gives_the_hook_ablation_tokens(
     assert figures["differs_from_plain"] > 0  # the edit changed what the model says (not a vacuous comparison)
     # (the layer-12 direction folded out alone does not remove this organism's refusals: reported, not asserted)
     figures["refusals_of_harmful"] = {"edited": refusals(_decode(organism, theirs)[:N_HARMFUL]), "of": N_HARMFUL}
-    print("llama.cpp weight edit:", json.dumps(figures))
+    figures["version"] = side["version"]
+    record("test_weight_edited_model_in_llama_cpp_gives_the_hook_ablation_tokens", figures)

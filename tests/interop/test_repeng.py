@@ -13,7 +13,19 @@ import json
 import numpy as np
 import pytest
 
-from .sides import ALPHA, LAYER, MAX_NEW, N_HARMFUL, common_prefix, needs, our_run, refusals, run_side, same_share
+from .record import record
+from .sides import (
+    ALPHA,
+    LAYER,
+    MAX_NEW,
+    N_HARMFUL,
+    common_prefix,
+    needs,
+    our_run,
+    refusals,
+    run_side,
+    same_share,
+)
 
 pytestmark = [pytest.mark.slow, needs("repeng")]
 
@@ -69,4 +81,4 @@ def test_repeng_vectors_cross_both_ways_and_steer_the_same(
         "repeng_vector": refusals(ours.responses[:N_HARMFUL]),
         "of": N_HARMFUL,
     }
-    print("repeng:", json.dumps(figures))
+    record("test_repeng_vectors_cross_both_ways_and_steer_the_same", {"numpy": side["numpy"], **figures})

@@ -16,6 +16,7 @@ import json
 import numpy as np
 import pytest
 
+from .record import record
 from .sides import ALPHA, LAYER, MAX_NEW, common_prefix, needs, run_side, same_share
 
 pytestmark = [pytest.mark.slow, needs("steering-vectors")]
@@ -81,4 +82,4 @@ def test_steering_vectors_extracts_and_steers_as_the_tool_does(
     assert figures["plain_same_tokens"] >= MIN_SAME, figures
     assert figures["steered_same_tokens"] >= MIN_SAME, figures
     assert 1 - same_share(steered_run.tokens, plain_run.tokens) > 0.5  # the steering changed most answers
-    print("steering-vectors:", json.dumps(figures))
+    record("test_steering_vectors_extracts_and_steers_as_the_tool_does", figures)
