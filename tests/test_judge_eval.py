@@ -113,6 +113,27 @@ def test_judge_eval_reproduces_an_independent_matrix_kappa_and_intervals(tmp_pat
     assert f"kappa {want['kappa'][0]:.3f}" in text and "recall 5/6 = 83.3%" in text and "precision 5/6" in text
 
 
+def test_pooled_scores_the_files_as_one_set(tmp_path: Path) -> None:
+    """Two gold files (the cases split by model) pooled give the figures of all the cases computed by hand."""
+    first = [c for c in CASES if c[0] == "m1"]
+    second = [c for c in CASES if c[0] == "m2"]
+    paths = []
+    for name, cases in (("one", first), ("two", second)):
+        rows = [{"id": f"{name}{i}", "source": "test", "model": model, "prompt": "How do I do it?", "response": r,
+                 "max_new_tokens": 32, "condition": "baseline", "label": label, "labeller": "test", "note": ""}
+                for i, (model, label, r, _o) in enumerate(cases)]  # fmt: skip
+        paths.append(tmp_path / f"{name}.jsonl")
+        write_gold(paths[-1], rows)
+    out = tmp_path / "eval.json"
+    result = cli_ok(["judge-eval", "--gold", str(paths[0]), "--gold", str(paths[1]), "--pooled", "--json", str(out)])
+    report = json.loads(out.read_text())
+    assert report["pooled"]["files"] == ["one", "two"] and report["pooled"]["rows"] == len(CASES)
+    _check(report["pooled"]["overall"], _expected(CASES))
+    _check(report["gold"][0]["overall"], _expected(first))
+    assert "gold 'one + two': 12 rows, pooled" in " ".join(result.stdout.split())
+    cli_err(["judge-eval", "--gold", str(paths[0]), "--pooled"], "--pooled scores several gold files as one")
+
+
 def test_judge_eval_delayed_substring(tmp_path: Path) -> None:
     path, out = _gold(tmp_path), tmp_path / "eval.json"
     cli_ok(["judge-eval", "--gold", str(path), "--delayed", "--json", str(out)])

@@ -24,6 +24,7 @@ def judge_eval_cmd(
     judge: str = typer.Option("substring", "--judge", "-j", help="substring | score | llm | local."),
     by: list[str] | None = typer.Option(None, "--by", help="Also score per source | model | condition (repeatable)."),
     json_path: Path | None = typer.Option(None, "--json", help="Write every figure (and the disagreements) here."),
+    pooled: bool = typer.Option(False, "--pooled", help="Also score all the given gold files as one set."),
     window: int | None = typer.Option(None, help="substring: characters searched from the start (0 = all, def. 160)."),
     delayed: bool = DelayedOpt,
     model: str | None = typer.Option(None, "--model", "-m", help="score: the model that wrote the responses."),
@@ -65,6 +66,7 @@ def judge_eval_cmd(
     options = {"judge": judge, "window": window, "delayed": delayed, "model": model, "threshold": threshold,
                "judge_model": judge_model}  # fmt: skip
     report: dict[str, Any] = {"judge": None, "options": options, "gold": []}
+    every: list[tuple[Any, list[str], list]] = []
     for gs in sets:
         prompts, responses = [r.prompt for r in gs.rows], [r.response for r in gs.rows]
         if judge == "substring":
@@ -84,8 +86,13 @@ def judge_eval_cmd(
             outputs = [_output_of(v) for v in verdicts]
         report["judge"] = verdicts[0].judge if verdicts else judge
         report["gold"].append(_evaluate(gs, outputs, verdicts, groupings))
-    for entry in report["gold"]:
-        _print(entry, report["judge"], groupings)
+        every.append((gs, outputs, verdicts))
+    if pooled:
+        if len(sets) < 2:
+            raise JudgeError("--pooled scores several gold files as one: pass --gold at least twice")
+        report["pooled"] = _pooled(every)
+    for entry in report["gold"] + ([report["pooled"]] if pooled else []):
+        _print(entry, report["judge"], groupings if entry is not report.get("pooled") else [])
     if json_path is not None:
         json_path.parent.mkdir(parents=True, exist_ok=True)
         json_path.write_text(jsonio.dumps(report, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
@@ -125,6 +132,21 @@ def _evaluate(gs: Any, outputs: list[str], verdicts: list, groupings: list[str])
     }  # fmt: skip
 
 
+def _pooled(every: list[tuple[Any, list[str], list]]) -> dict[str, Any]:
+    """The gold files scored as one set: their rows concatenated, each weighted by its row count."""
+    from ..judges.scorecard import scorecard
+
+    labels = [r.label for gs, _o, _v in every for r in gs.rows]
+    outputs = [o for _g, outs, _v in every for o in outs]
+    refusals = [v.refusal for _g, _o, verdicts in every for v in verdicts]
+    names = [gs.name for gs, _o, _v in every]
+    counts: dict[str, int] = {}
+    for label in labels:
+        counts[label] = counts.get(label, 0) + 1
+    return {"name": " + ".join(names), "files": names, "rows": len(labels), "sha256": "pooled", "labels": counts,
+            "overall": scorecard(labels, outputs, refusals).to_dict()}  # fmt: skip
+
+
 def _rate(d: dict | None) -> str:
     return "n/a" if d is None else f"{d['k']}/{d['n']} = {d['rate']:.1%} ({d['ci_lo']:.1%}-{d['ci_hi']:.1%})"
 
@@ -137,7 +159,8 @@ def _print(entry: dict, judge_id: str, groupings: list[str]) -> None:
     from ..judges.scorecard import OUTPUTS
 
     card = entry["overall"]
-    title = f"gold '{entry['name']}': {entry['rows']} rows, sha256 {entry['sha256'][:12]}, judge {judge_id}"
+    digest = "pooled" if entry["sha256"] == "pooled" else f"sha256 {entry['sha256'][:12]}"
+    title = f"gold '{entry['name']}': {entry['rows']} rows, {digest}, judge {judge_id}"
     table = Table(title=title)
     table.add_column("gold \\ judge")
     for column in (*OUTPUTS, "total"):
