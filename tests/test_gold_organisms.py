@@ -5,6 +5,7 @@ docs state the coherence gate's measured precision from the committed files."""
 from __future__ import annotations
 
 import collections
+import hashlib
 import json
 from pathlib import Path
 
@@ -37,6 +38,7 @@ def test_judge_eval_reproduces_the_committed_figures(tmp_path: Path) -> None:
         ("organisms-32", "gold-second-read.json", 80),
         ("qwen-16", "gold-second-read-qwen-16.json", 160),
         ("qwen-128", "gold-second-read-qwen-128.json", 80),
+        ("organisms-128", "gold-second-read-organisms-128.json", 80),
     ],
 )
 def test_second_reading_agreement_is_statsmodels_kappa(name: str, results: str, rows: int) -> None:
@@ -152,3 +154,51 @@ def test_the_gate_at_length_table_follows_from_the_stored_measurements() -> None
         assert f"| {name} | {a['n']} | {a['passed']} | {b['passed']} |" in docs
     assert f"{short['relevance_median']:.2f}\nnats/token at 16 tokens to {long['relevance_median']:.3f}" in docs
     assert f"0.5 -> {long['min_relevance']:.3f} on Qwen" in docs
+
+
+def test_the_organisms_deciding_cell_read_by_hand_is_stated_from_the_committed_files() -> None:
+    """results/organisms-deciding-cell-read-128.json: its labels are the gold file's, its tool flips the report's
+    confirmation counts, and the README and docs/judges.md state the hand count with its Wilson interval."""
+    read = json.loads((RESULTS / "organisms-deciding-cell-read-128.json").read_text())["rows"]
+    gold = {r.id: r for r in load_gold("organisms-128").rows}
+    report = json.loads((RESULTS / "organisms.json").read_text())
+    (liquid,) = [v for v in report["verdicts"] if v["model"] == "smollm2-135m-refusal"]
+    (cell,) = liquid["evidence"]["confirmation"]["cells"]
+    assert cell["condition"] == "L23 a=0 affine extracted (harmful)"
+    assert sum(r["short_flip"] for r in read) == cell["flips"] and sum(r["tool_flip"] for r in read) == cell["survived"]
+    for r in read:
+        assert gold[r["gold_id"]].label == r["label"]
+        assert gold[r["gold_id"]].condition.endswith("@128 tokens")
+        assert hashlib.sha256(gold[r["gold_id"]].response.encode()).hexdigest() == r["response_sha256"]
+    refused = [r for r in read if r["refused_at_baseline"]]
+    assert len(refused) == liquid["evidence"]["flip_denominator"]
+    real = sum(r["label"] == "full_compliance" for r in refused)
+    lo, hi = wilson_interval(real, len(refused))
+    share = f"({real / len(refused):.1%}, {100 * lo:.1f}-{100 * hi:.1f}%)"
+    readme = " ".join((ROOT / "README.md").read_text().split())
+    assert f"{real} of the {len(refused)} answers to prompts it refused unsteered are real answers {share}" in readme
+    substitutes = sum(r["label"] == "partial_refusal" for r in refused)
+    docs = " ".join((ROOT / "docs" / "judges.md").read_text().split())
+    assert (f"of the {len(refused)} prompts it refused unsteered, {real} answers are real ({real / len(refused):.1%}, "
+            f"{lo:.1%}-{hi:.1%}), {substitutes} are safe substitutes") in docs  # fmt: skip
+    assert f"judges count {cell['survived']} of {cell['flips']} short-answer flips surviving" in docs
+
+
+def test_judge_eval_reproduces_the_organisms_128_and_pooled_figures(tmp_path: Path) -> None:
+    out = tmp_path / "eval.json"
+    cli_ok(["judge-eval", "--gold", "organisms-128", "--delayed", "--by", "model", "--json", str(out)])
+    assert json.loads(out.read_text()) == json.loads((RESULTS / "judge-eval-organisms-128.json").read_text())
+    pooled = tmp_path / "pooled.json"
+    files = ["organisms-32", "organisms-128", "qwen-16", "qwen-128"]
+    cli_ok(["judge-eval", *(a for f in files for a in ("--gold", f)), "--delayed", "--pooled", "--json", str(pooled)])
+    got = json.loads(pooled.read_text())
+    assert got == json.loads((RESULTS / "judge-eval-own-pooled.json").read_text())
+    docs = " ".join((ROOT / "docs" / "judges.md").read_text().split())
+    card, k = got["pooled"]["overall"], got["pooled"]["overall"]["kappa"]
+    assert f"kappa {k['kappa']:.3f} ({k['ci_lo']:.3f}-{k['ci_hi']:.3f})" in docs
+    assert f"{got['pooled']['rows']} rows, {card['kappa']['n']} of them not incoherent" in docs
+    per_file = ", ".join(f"{e['name']} {e['overall']['kappa']['kappa']:.3f}" for e in got["gold"][:3])
+    assert f"Per file: {per_file}, and qwen-128 {got['gold'][3]['overall']['kappa']['kappa']:.3f}" in docs
+    one = json.loads((RESULTS / "judge-eval-organisms-128.json").read_text())["gold"][0]["overall"]
+    k1 = one["kappa"]
+    assert f"kappa {k1['kappa']:.3f} ({k1['ci_lo']:.3f}-{k1['ci_hi']:.3f}, n = {k1['n']})" in docs

@@ -584,7 +584,7 @@ def test_bundled_is_deterministic():
 def test_bundled_errors():
     with pytest.raises(PromptError) as e:
         bundled("evil")
-    assert one_line(e) == "unknown bundled set 'evil'; use one of harmful, harmless, near_miss"
+    assert one_line(e) == "unknown bundled set 'evil'; use one of harmful, harmless, near_miss, over_refusal"
     with pytest.raises(PromptError) as e:
         bundled("harmful", "test")
     assert one_line(e) == "unknown split 'test'; use one of train, extract, eval (or none for all)"

@@ -39,12 +39,16 @@ __all__ = [
     "check_disjoint",
     "load_prompts",
     "near_miss_pairs",
+    "over_refusal_rows",
     "normalise",
     "split_of",
 ]
 
-#: Kinds of bundled sets. "near_miss" is the harmless twins of harmful prompts.
-BUNDLED_KINDS: tuple[str, ...] = ("harmful", "harmless", "near_miss")
+#: Kinds of bundled sets. "near_miss" is the harmless twins of harmful prompts; "over_refusal" is safe requests
+#: that only sound unsafe (evaluation only: no splits).
+BUNDLED_KINDS: tuple[str, ...] = ("harmful", "harmless", "near_miss", "over_refusal")
+#: Categories of the over-refusal set, in file order.
+OVER_REFUSAL_CATEGORIES: tuple[str, ...] = ("homonym", "figurative", "safe_context")
 #: Split names, in the order of their hash intervals.
 SPLITS: tuple[str, ...] = ("train", "extract", "eval")
 #: Fraction of prompts in each split (train 40%, extract 20%, eval 40%).
@@ -484,11 +488,38 @@ def near_miss_pairs(split: str | None = None) -> tuple[tuple[str, str], ...]:
     return tuple(pairs)
 
 
+def over_refusal_rows() -> tuple[tuple[str, str], ...]:
+    """The bundled over-refusal set as (category, prompt) rows, in file order."""
+    source = "bundled:over_refusal.tsv"
+    lines = _bundled_text("over_refusal.tsv").splitlines()
+    if not lines or lines[0] != "category\tprompt":
+        raise PromptError(f"{source}: the first line must be the header 'category<TAB>prompt'")
+    rows = []
+    for lineno, line in enumerate(lines[1:], start=2):
+        category, _, prompt = line.partition("\t")
+        if category not in OVER_REFUSAL_CATEGORIES or not prompt.strip():
+            raise PromptError(f"{source} line {lineno}: want one of {', '.join(OVER_REFUSAL_CATEGORIES)}<TAB>prompt")
+        rows.append((category, prompt))
+    _validate(source, [(f"line {i}", p) for i, (_c, p) in enumerate(rows, start=2)])
+    return tuple(rows)
+
+
 def bundled(kind: str, split: str | None = None) -> PromptSet:
-    """A bundled prompt set: ``kind`` in {harmful, harmless, near_miss}, ``split`` in {None, train,
-    extract, eval}. "near_miss" is the harmless twins; a twin's split is its harmful partner's."""
+    """A bundled prompt set: ``kind`` in {harmful, harmless, near_miss, over_refusal}, ``split`` in {None, train,
+    extract, eval}. "near_miss" is the harmless twins; a twin's split is its harmful partner's. "over_refusal"
+    is for evaluation only and has no splits; its split argument may name a category instead (homonym,
+    figurative, safe_context)."""
     if kind not in BUNDLED_KINDS:
         raise PromptError(f"unknown bundled set {kind!r}; use one of {', '.join(BUNDLED_KINDS)}")
+    if kind == "over_refusal":
+        if split is not None and split not in OVER_REFUSAL_CATEGORIES:
+            raise PromptError(
+                f"bundled over_refusal has no split {split!r}: it is for evaluation only; give none or a category "
+                f"({', '.join(OVER_REFUSAL_CATEGORIES)})"
+            )
+        prompts = tuple(p for c, p in over_refusal_rows() if split in (None, c))
+        label = kind if split is None else f"{kind}:{split}"
+        return PromptSet(name=label, prompts=prompts, source=f"bundled:{label}")
     _check_split(split)
     pairs = near_miss_pairs()
     if kind == "near_miss":

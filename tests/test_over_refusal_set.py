@@ -1,0 +1,58 @@
+"""The bundled over-refusal set (data/over_refusal.tsv): 150 safe requests that only sound unsafe, 50 per
+category, loaded by `bundled("over_refusal")` (and per category), and disjoint from every other bundled prompt:
+no exact match and word-set Jaccard below 0.5, so over-refusal is never measured on a prompt the training or
+near-miss sets already hold."""
+
+from __future__ import annotations
+
+import itertools
+import re
+
+import pytest
+
+from conftest import cli_err
+from crystallized_safety.errors import PromptError
+from crystallized_safety.prompts import (
+    OVER_REFUSAL_CATEGORIES,
+    bundled,
+    load_prompts,
+    near_miss_pairs,
+    over_refusal_rows,
+)
+
+
+def words(text: str) -> frozenset[str]:
+    return frozenset(re.sub(r"[^a-z0-9 ]", " ", text.lower()).split())
+
+
+def jaccard(a: frozenset[str], b: frozenset[str]) -> float:
+    return len(a & b) / len(a | b)
+
+
+def test_the_set_has_fifty_prompts_per_category_in_file_order():
+    rows = over_refusal_rows()
+    assert len(rows) == 150
+    assert [c for c, _ in rows] == [c for c in OVER_REFUSAL_CATEGORIES for _ in range(50)]
+    assert all(5 <= len(p.split()) <= 20 and "\t" not in p for _, p in rows)
+    assert bundled("over_refusal").prompts == tuple(p for _, p in rows)
+    for category in OVER_REFUSAL_CATEGORIES:
+        got = load_prompts(f"bundled:over_refusal:{category}")
+        assert got.prompts == tuple(p for c, p in rows if c == category) and got.name == f"over_refusal:{category}"
+
+
+def test_the_set_is_disjoint_from_every_other_bundled_prompt():
+    others = [*bundled("harmful").prompts, *bundled("harmless").prompts]
+    others += [p for pair in near_miss_pairs() for p in pair]
+    other_words = [words(o) for o in others]
+    exact = {" ".join(sorted(w)) for w in other_words}
+    mine = [words(p) for _, p in over_refusal_rows()]
+    assert not [p for p in mine if " ".join(sorted(p)) in exact]
+    worst = max(jaccard(m, o) for m in mine for o in other_words)
+    assert worst < 0.5, worst
+    assert max(jaccard(a, b) for a, b in itertools.combinations(mine, 2)) < 0.5
+
+
+def test_it_has_no_splits_only_categories():
+    with pytest.raises(PromptError, match="bundled over_refusal has no split 'eval': it is for evaluation only"):
+        bundled("over_refusal", "eval")
+    cli_err(["generate", "--model", "tiny", "--prompts", "bundled:over_refusal:train"], "has no split 'train'")
