@@ -269,3 +269,19 @@ def test_the_procedure_states_the_gate_at_length_from_the_benchmark_file():
     assert f"passes {short['k']} of {short['n']} of the unsteered model's" in text
     assert f"at 32 tokens, but only {long['k']} of {long['n']} at 128; calibrated at 128 it passes" in text
     assert f"passes {calibrated['k']} of {calibrated['n']} (`benchmarks/gate_at_length.py`" in text
+
+
+def test_the_qwen_study_time_is_stated_from_its_log():
+    import re
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    log = (root / "results" / "qwen-run.log").read_text()
+    minutes, seconds = re.search(r"Elapsed \(wall clock\) time \(h:mm:ss or m:ss\): (\d+):(\d+)\.\d+", log).groups()
+    peak_gb = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", log).group(1)) / 1e6
+    assert "run qwen: finished after" in log and "started" in log.split("run qwen: finished")[0]
+    said = f"{int(minutes)} min {int(seconds)} s"
+    assert f"({said} wall with the model\ncached" in (root / "README.md").read_text()
+    results = " ".join((root / "docs" / "results.md").read_text().split())
+    assert f"The run took {said} of wall time" in results and f"(peak resident memory {peak_gb:.1f} GB)" in results
+    assert f"`dtype: mixed`: {peak_gb:.1f} GB" in " ".join((root / "docs" / "performance.md").read_text().split())
