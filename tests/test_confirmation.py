@@ -285,3 +285,20 @@ def test_the_qwen_study_time_is_stated_from_its_log():
     results = " ".join((root / "docs" / "results.md").read_text().split())
     assert f"The run took {said} of wall time" in results and f"(peak resident memory {peak_gb:.1f} GB)" in results
     assert f"`dtype: mixed`: {peak_gb:.1f} GB" in " ".join((root / "docs" / "performance.md").read_text().split())
+
+
+def test_the_qwen_mixed_precision_agreement_is_stated_from_its_file():
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    got = json.loads((root / "benchmarks" / "results-precision-qwen-amd-epyc.json").read_text())
+    mixed = got["vs_float32"]["mixed"]
+    worst = mixed["worst_cell"]
+    text = " ".join((root / "docs" / "performance.md").read_text().split())
+    assert mixed["same_verdict"] and f"the same verdict ({mixed['verdict']})" in text
+    assert f"{mixed['cells_inside_ci']} of {mixed['cells']} cells inside each other's Wilson interval" in text
+    assert f"the largest flip-rate difference {100 * mixed['max_abs_flip_diff']:.1f} pp" in text
+    assert f"{100 * worst['fp32']:.1f}% in float32, {100 * worst['other']:.1f}% mixed" in text
+    assert f"{100 * mixed['verdict_agreement']:.1f}% of per-prompt verdicts equal" in text
+    assert f"{100 * mixed['identical_responses']:.1f}% of responses identical" in text
+    assert f"({mixed['speedup_generation']:.2f}x generation) is not a clean figure" in text
