@@ -47,11 +47,17 @@ def test_a_session_merges_into_the_record_keeping_tests_that_did_not_run(tmp_pat
     path.write_text(json.dumps({**old, "tests": kept}))
     new = json.loads(json.dumps(old["tests"][record.SV]["figures"]))
     new["steered_same_tokens"] = 23 / 24
-    monkeypatch.setattr(record, "FIGURES", {record.SV: new})
+    repeng = json.loads(json.dumps(old["tests"][record.REPENG]["figures"]))
+    repeng["cosine_with_ours"] = {int(k): v for k, v in repeng["cosine_with_ours"].items()}  # as the test hands them
+    monkeypatch.setattr(record, "FIGURES", {record.SV: new, record.REPENG: repeng})
     monkeypatch.setattr(record, "DURATIONS", {record.SV: 12.34})
     record.write_record(path)
     data = json.loads(path.read_text())
-    assert set(data["tests"]) == set(old["tests"])  # the three tests that did not run kept their entries
+    assert set(data["tests"]) == set(old["tests"])  # the tests that did not run kept their entries
+    assert (
+        data["tests"][record.REPENG]["figures"]["cosine_with_ours"]
+        == old["tests"][record.REPENG]["figures"]["cosine_with_ours"]
+    )
     assert data["tests"][record.LLAMA_CV] == old["tests"][record.LLAMA_CV]
     assert data["tests"][record.SV]["seconds"] == 12.3
     assert data["tests"][record.SV]["figures"]["steered_same_tokens"] == pytest.approx(23 / 24)

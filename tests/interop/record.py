@@ -207,6 +207,7 @@ def write_record(path: Path) -> None:
     machine = {"cpu": cpu_name(), "native_bf16": native_bf16(), "cores": os.cpu_count(), "torch": torch.__version__}
     tests = dict(old.get("tests", {}))
     for name, figures in FIGURES.items():
+        figures = json.loads(json.dumps(figures))  # as the file will hold them (integer keys become strings)
         tests[name] = {"figures": figures, "seconds": round(DURATIONS.get(name, float("nan")), 1), "machine": machine}
     tests = dict(sorted(tests.items()))
     setup = {"organism": ORGANISM, "layer": LAYER, "alpha_relative": ALPHA, "contrast_pairs": N_PAIRS,
