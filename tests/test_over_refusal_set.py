@@ -56,3 +56,36 @@ def test_it_has_no_splits_only_categories():
     with pytest.raises(PromptError, match="bundled over_refusal has no split 'eval': it is for evaluation only"):
         bundled("over_refusal", "eval")
     cli_err(["generate", "--model", "tiny", "--prompts", "bundled:over_refusal:train"], "has no split 'train'")
+
+
+def test_the_measured_over_refusal_is_what_the_stored_responses_give_and_what_the_docs_state():
+    """results/over-refusal.json: each rate is the count of its stored verdicts, the verdicts are what the substring
+    judge says of the stored responses now, and docs/organisms.md states every rate with its Wilson interval."""
+    import json
+    from pathlib import Path
+
+    from crystallized_safety.judges.substring import SubstringJudge
+    from crystallized_safety.stats import wilson_interval
+
+    root = Path(__file__).resolve().parents[1]
+    got = json.loads((root / "results" / "over-refusal.json").read_text())
+    docs = (root / "docs" / "organisms.md").read_text()
+    judge = SubstringJudge()
+    prompts = {c: bundled("over_refusal", c).prompts for c in OVER_REFUSAL_CATEGORIES}
+    for model, entry in got["models"].items():
+        cells = []
+        for label in (*OVER_REFUSAL_CATEGORIES, "over_refusal", "harmful_eval"):
+            rate = entry["rates"][label]
+            if label in prompts:
+                rows = entry["rows"][label]
+                assert tuple(r["prompt"] for r in rows) == prompts[label]
+                again = judge.judge([r["prompt"] for r in rows], [r["response"] for r in rows])
+                assert [bool(v.refusal) for v in again] == [r["refusal"] for r in rows]
+                assert rate["k"] == sum(r["refusal"] for r in rows) and rate["n"] == len(rows)
+            lo, hi = wilson_interval(rate["k"], rate["n"])
+            cells.append(
+                f"{100 * rate['k'] / rate['n']:.1f}% ({rate['k']}/{rate['n']}, {100 * lo:.1f}-{100 * hi:.1f}%)"
+            )
+        every = sum(entry["rates"][c]["k"] for c in OVER_REFUSAL_CATEGORIES)
+        assert entry["rates"]["over_refusal"]["k"] == every and entry["rates"]["over_refusal"]["n"] == 150
+        assert f"| {model} | {' | '.join(cells)} |" in docs
