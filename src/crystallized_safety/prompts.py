@@ -517,9 +517,9 @@ def bundled(kind: str, split: str | None = None) -> PromptSet:
                 f"bundled over_refusal has no split {split!r}: it is for evaluation only; give none or a category "
                 f"({', '.join(OVER_REFUSAL_CATEGORIES)})"
             )
-        prompts = tuple(p for c, p in over_refusal_rows() if split in (None, c))
+        chosen = tuple(p for c, p in over_refusal_rows() if split in (None, c))
         label = kind if split is None else f"{kind}:{split}"
-        return PromptSet(name=label, prompts=prompts, source=f"bundled:{label}")
+        return PromptSet(name=label, prompts=chosen, source=f"bundled:{label}")
     _check_split(split)
     pairs = near_miss_pairs()
     if kind == "near_miss":
