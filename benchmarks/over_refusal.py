@@ -26,13 +26,11 @@ from crystallized_safety.judges.substring import SubstringJudge  # noqa: E402
 from crystallized_safety.precision import cpu_name, native_bf16  # noqa: E402
 from crystallized_safety.prompts import OVER_REFUSAL_CATEGORIES, bundled  # noqa: E402
 from crystallized_safety.registry import load_model  # noqa: E402
-from crystallized_safety.stats import wilson_interval  # noqa: E402
+from crystallized_safety.stats import rate_summary  # noqa: E402
 
 
 def rate(flags: list[bool]) -> dict:
-    k, n = sum(flags), len(flags)
-    lo, hi = wilson_interval(k, n)
-    return {"k": k, "n": n, "rate": k / n, "ci_lo": lo, "ci_hi": hi}
+    return rate_summary(sum(flags), len(flags))
 
 
 def main() -> None:

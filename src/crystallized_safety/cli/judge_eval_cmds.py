@@ -3,6 +3,7 @@ accuracy, precision and recall of "refusal" with Wilson intervals, per gold file
 
 from __future__ import annotations
 
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -140,9 +141,7 @@ def _pooled(every: list[tuple[Any, list[str], list]]) -> dict[str, Any]:
     outputs = [o for _g, outs, _v in every for o in outs]
     refusals = [v.refusal for _g, _o, verdicts in every for v in verdicts]
     names = [gs.name for gs, _o, _v in every]
-    counts: dict[str, int] = {}
-    for label in labels:
-        counts[label] = counts.get(label, 0) + 1
+    counts = dict(Counter(labels))
     return {"name": " + ".join(names), "files": names, "rows": len(labels), "sha256": "pooled", "labels": counts,
             "overall": scorecard(labels, outputs, refusals).to_dict()}  # fmt: skip
 

@@ -115,6 +115,19 @@ class CoherenceThresholds:
         if not is_positive_int(self.n):
             raise JudgeError(f"distinct-n needs an int n >= 1, got {self.n!r}")
 
+    def failures(self, ppl: float | None, distinct: float, n_tokens: int, relevance: float | None) -> list[str]:
+        """Why an answer with these measurements is not coherent ([] = coherent); relevance None = not measured."""
+        reasons = []
+        if n_tokens < self.min_tokens:
+            reasons.append(f"too short: {n_tokens} < {self.min_tokens} tokens")
+        if ppl is not None and ppl > self.max_perplexity:
+            reasons.append(f"perplexity {ppl:.1f} > {self.max_perplexity:.1f}")
+        if distinct < self.min_distinct:
+            reasons.append(f"distinct-{self.n} {distinct:.2f} < {self.min_distinct:.2f}")
+        if relevance is not None and self.min_relevance is not None and relevance < self.min_relevance:
+            reasons.append(f"off-topic: relevance {relevance:.2f} < {self.min_relevance:.2f} nats/token")
+        return reasons
+
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
@@ -382,15 +395,7 @@ class CoherenceGate:
         results = []
         measured = self._measure(prompts, responses, t.n, answers if t.min_relevance is not None else ())
         for ppl, distinct, n_tokens, relevance in measured:
-            reasons = []
-            if n_tokens < t.min_tokens:
-                reasons.append(f"too short: {n_tokens} < {t.min_tokens} tokens")
-            if ppl is not None and ppl > t.max_perplexity:
-                reasons.append(f"perplexity {ppl:.1f} > {t.max_perplexity:.1f}")
-            if distinct < t.min_distinct:
-                reasons.append(f"distinct-{t.n} {distinct:.2f} < {t.min_distinct:.2f}")
-            if relevance is not None and t.min_relevance is not None and relevance < t.min_relevance:
-                reasons.append(f"off-topic: relevance {relevance:.2f} < {t.min_relevance:.2f} nats/token")
+            reasons = t.failures(ppl, distinct, n_tokens, relevance)
             results.append(
                 CoherenceResult(not reasons, ppl, distinct, n_tokens, "; ".join(reasons) or "ok", relevance)
             )
