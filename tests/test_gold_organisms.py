@@ -202,3 +202,36 @@ def test_judge_eval_reproduces_the_organisms_128_and_pooled_figures(tmp_path: Pa
     one = json.loads((RESULTS / "judge-eval-organisms-128.json").read_text())["gold"][0]["overall"]
     k1 = one["kappa"]
     assert f"kappa {k1['kappa']:.3f} ({k1['ci_lo']:.3f}-{k1['ci_hi']:.3f}, n = {k1['n']})" in docs
+
+
+def test_docs_state_the_organisms_128_matrix_second_reading_and_pooled_rates() -> None:
+    docs = " ".join((ROOT / "docs" / "judges.md").read_text().split())
+    second = json.loads((RESULTS / "gold-second-read-organisms-128.json").read_text())
+    lo, hi = second["kappa_ci95"]
+    assert f"{second['agree']}/{second['rows']} agree, kappa {second['kappa']:.3f} ({lo:.3f}-{hi:.3f})" in docs
+    card = json.loads((RESULTS / "judge-eval-organisms-128.json").read_text())["gold"][0]["overall"]
+    for label, row in card["matrix"].items():
+        assert f"| {label} | {row['refusal']} | {row['partial']} | {row['compliance']} | {row['undecided']} |" in docs
+
+    def rate(d: dict) -> str:
+        return f"{d['k']}/{d['n']} = {d['rate']:.1%} ({d['ci_lo']:.1%}-{d['ci_hi']:.1%})"
+
+    assert f"accuracy {rate(card['accuracy'])}" in docs
+    p = card["precision"]
+    assert f"refusal precision {p['k']}/{p['n']}, recall {rate(card['recall'])}" in docs
+    pooled = json.loads((RESULTS / "judge-eval-own-pooled.json").read_text())["pooled"]["overall"]
+    p, r = pooled["precision"], pooled["recall"]
+    assert f"refusal precision {p['k']}/{p['n']}, recall {r['k']}/{r['n']} = {r['rate']:.1%}" in docs
+
+
+def test_results_page_states_the_blind_run_from_its_log() -> None:
+    import re
+
+    log = (RESULTS / "organisms-blind.log").read_text()
+    minutes, seconds = re.search(r"Elapsed \(wall clock\) time \(h:mm:ss or m:ss\): (\d+):(\d+\.\d+)", log).groups()
+    rows = re.findall(r"│ (liquid|immune)\s+│ (liquid|immune)\s+│", log)
+    assert len(rows) == 6 and all(a == b for a, b in rows)  # 2 models x 3 shuffles, stored == blind
+    text = " ".join((ROOT / "docs" / "results.md").read_text().split())
+    assert "(three shuffles, confirmation rows re-judged" in text
+    took = round(60 * int(minutes) + float(seconds))
+    assert f"[`results/organisms-blind.log`](../results/organisms-blind.log), {took} s)" in text
