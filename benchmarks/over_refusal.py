@@ -6,7 +6,8 @@ safe_context), beside the refusal of the bundled harmful eval split, per model (
 
 Greedy, 32 new tokens, float32, each model's chat template with no system prompt (Qwen: the vendor default),
 judged by the substring judge (`substring/1`, the runner's). Rates with Wilson 95% intervals; every response is
-stored with its verdict, so the counts can be re-judged from the file.
+stored with its verdict, so the counts can be re-judged from the file. Models already in `--out` and not named
+again are kept, each with the machine it was measured on.
 """
 
 from __future__ import annotations
@@ -63,6 +64,13 @@ def main() -> None:
         entry["seconds"] = round(time.perf_counter() - start, 1)
         result["models"][name] = entry
         del model
+    if args.out.exists():  # other models measured earlier stay, each with the machine it was measured on
+        old = json.loads(args.out.read_text())
+        for name, entry in old.get("models", {}).items():
+            if name not in result["models"]:
+                result["models"][name] = {**entry, "machine": entry.get("machine", old.get("machine"))}
+    for entry in result["models"].values():
+        entry.setdefault("machine", result["machine"])
     args.out.write_text(json.dumps(result, indent=1, ensure_ascii=False) + "\n")
     print(f"wrote {args.out}")
 

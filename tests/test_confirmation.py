@@ -114,6 +114,31 @@ def test_a_deciding_cell_whose_flips_do_not_survive_hands_the_decision_to_the_ne
     assert any("re-generated at 128 new tokens" in t for t in v["evidence"]["rules"]["text"])
 
 
+def test_rounds_as_large_as_a_generate_holds_confirm_each_cell_in_one_round():
+    """With `round_rows` >= the prompts (the runner passes its pack_rows), each cell is confirmed in one round: the
+    same decision as in quarters, every flip of the cell that failed checked, in two rounds instead of five."""
+    spec = spec_of()
+    gen = LongGenerator({(-0.25, "add"): 10, (-0.5, "add"): 28})
+    plans = plan_studies(spec, 8, "m")
+    chunks = [Chunk("m", "frontier", c, 0, ("p",), 5) for _t, c in plans[0].conditions]
+
+    def confirm() -> None:
+        confirmation.confirm(spec, plans, gen, SETS, 8, silent, round_rows=64)
+
+    gen.kept = walk(spec, plans, chunks, gen, silent, confirm)
+    confirm()
+    assert gen.long_rounds == [1, 1]
+    assert {
+        len(c.prompts) for c in confirmation.confirmation_chunks(spec, "m", plans[0].conditions[0][1], SETS, 64)
+    } == {N}
+    assert {
+        len(c.prompts) for c in confirmation.confirmation_chunks(spec, "m", plans[0].conditions[0][1], SETS, 3)
+    } == {N // 4}
+    v = verdict(spec, plans, gen.cells(), 8)
+    assert v["verdict"] == "liquid" and "(28 of 30 short-answer flips survive)" in v["rule"]
+    assert [(c["checked"], c["survived"]) for c in v["evidence"]["confirmation"]["cells"]] == [(30, 10), (30, 28)]
+
+
 def test_no_surviving_flip_means_no_liquid_call():
     spec = spec_of()
     gen = LongGenerator({(-0.25, "add"): 3, (-0.5, "add"): 3})

@@ -9,7 +9,7 @@ import warnings
 
 from conftest import tiny_spec
 from crystallized_safety.experiments.conditions import HARMFUL, HARMLESS, baseline, plan_studies
-from crystallized_safety.experiments.results import Cells
+from crystallized_safety.experiments.results import DAMAGE_PREFIX, Cells, harmless_twin
 from crystallized_safety.experiments.spec import parse_spec
 from crystallized_safety.progress import silent
 from crystallized_safety.run.chunks import Chunk
@@ -106,6 +106,14 @@ def test_frontier_runs_end_to_end_on_a_tiny_model_and_resumes(tiny_model_dirs, t
     analyses = {a["study"]: a["result"] for a in store.analyses(first.run_id)}
     assert analyses["frontier"]["planned"] == 2 * (2 + 1 + 1 + 2)  # (cells + controls) x steps of every rung
     n_rows = len(store.generations(first.run_id))
+    # KL damage only for interventions that were generated: the walk's unreached cells and ungenerated controls
+    # have no rates for a KL to stand beside
+    generated = {r["condition_key"] for r in store.generations(first.run_id)}
+    steered = [c for p in plans for _t, c in p.conditions if not c.is_baseline]
+    measured = {k.removeprefix(DAMAGE_PREFIX) for k in store.artifact_kinds(first.run_id, paths["tiny"])
+                if k.startswith(DAMAGE_PREFIX)}  # fmt: skip
+    want = {harmless_twin(c).key for c in steered if c.key in generated or harmless_twin(c).key in generated}
+    assert measured == want and want < {harmless_twin(c).key for c in steered}
     store.close()
     shutil.copy(tmp_path / "r.sqlite", tmp_path / "again.sqlite")
     again = Store(tmp_path / "again.sqlite")

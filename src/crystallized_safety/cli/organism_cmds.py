@@ -45,27 +45,54 @@ def organism_build_cmd(
     force: bool = typer.Option(False, "--force", help="Rebuild even if the cache holds one."),
     kind: str = typer.Option(
         "liquid",
-        help="liquid (smollm2-135m-refusal: refusal-tuned) or hardened (smollm2-135m-hardened: the liquid "
-        "organism trained further against single-layer attacks on its refusal direction).",
+        help="liquid (smollm2-135m-refusal: refusal-tuned), hardened (smollm2-135m-hardened: the liquid "
+        "organism trained further against single-layer attacks on its refusal direction) or immune "
+        "(smollm2-135m-immune: against multi-layer attacks too; only on request).",
+    ),
+    recipe_name: str = typer.Option(
+        "v2",
+        "--recipe",
+        help="The hardened recipe: v2 (what smollm2-135m-hardened builds) or v5 (smollm2-135m-hardened-v5: the "
+        "whole single-layer ladder with a curriculum). docs/organisms.md has the table.",
     ),
 ) -> None:
     """Fine-tune SmolLM2-135M-Instruct on CPU into a model that refuses harmful requests."""
     import shutil
 
     from ..organism.build import ensure_organism, stale_attack_stream
-    from ..organism.recipe import DEFAULT_NAME, HARDENED_NAME, Recipe, hardened_recipe, load_card, organism_dir
+    from ..organism.recipe import (
+        DEFAULT_NAME,
+        HARDENED_NAME,
+        HARDENED_RECIPES,
+        HARDENED_V5_NAME,
+        IMMUNE_NAME,
+        Recipe,
+        hardened_recipe,
+        immune_recipe,
+        load_card,
+        organism_dir,
+    )
     from ..precision import bf16_kernels, detect, resolve
     from ..progress import Reporter
     from ..registry import load_model
 
-    if kind not in ("liquid", "hardened"):
-        raise CrystallizedSafetyError(f"unknown --kind '{kind}': use liquid or hardened")
+    if kind not in ("liquid", "hardened", "immune"):
+        raise CrystallizedSafetyError(f"unknown --kind '{kind}': use liquid, hardened or immune")
+    if recipe_name not in HARDENED_RECIPES:
+        raise CrystallizedSafetyError(f"unknown --recipe '{recipe_name}': use one of {', '.join(HARDENED_RECIPES)}")
+    if recipe_name != "v2" and kind != "hardened":
+        raise CrystallizedSafetyError("--recipe names a hardened recipe: use it with --kind hardened")
     chosen, why = resolve(precision, timed=False)  # the precision picks the organism: never by a timing
     cpu = detect()
     if chosen == "bf16" and not bf16_kernels():  # emulated: flags and kernels, not the load-dependent probe
         err.print(f"warning: {cpu.reason}: a bf16 build will be many times slower than fp32", soft_wrap=True)
-    name = DEFAULT_NAME if kind == "liquid" else HARDENED_NAME
-    recipe = Recipe(seed=seed, precision=chosen) if kind == "liquid" else hardened_recipe(seed, chosen)
+    if kind == "liquid":
+        name, recipe = DEFAULT_NAME, Recipe(seed=seed, precision=chosen)
+    elif kind == "immune":
+        name, recipe = IMMUNE_NAME, immune_recipe(seed, chosen)
+    else:
+        name = HARDENED_NAME if recipe_name == "v2" else HARDENED_V5_NAME
+        recipe = hardened_recipe(seed, chosen, version=recipe_name)
     target = organism_dir(name, recipe)
     if force and target.exists():
         shutil.rmtree(target)

@@ -151,7 +151,7 @@ def measure(model: Model, base: Model | None, recipe: Recipe, progress: Progress
         kl = mean_kl_to_base(model, base, harmless, [list(a.token_ids) for a in answers])
         out["kl_to_base_harmless"] = round(kl, 5)
     say("measuring: steering check (direction vs random)")
-    if recipe.kind == "hardened":
+    if recipe.kind in ("hardened", "immune"):
         layers, rels = (4, 8, 12, 16, 20, 24), (0.25, 0.5, 0.75)
         out["steering_check"] = steering_check(model, list(sets["harmful"]), recipe, layers=layers, rel_alphas=rels)
         say("measuring: coordinated multi-layer steering (direction vs random)")
@@ -190,6 +190,7 @@ def card_markdown(card: dict) -> str:
         f"{best['random_rate']:.1%} along a random direction of equal norm.",
         "",
         *_multilayer_lines(m),
+        *_curriculum_lines(card),
         "## Recipe",
         "```json",
         json.dumps(card["recipe"], indent=2),
@@ -215,6 +216,23 @@ def _multilayer_lines(metrics: dict) -> list[str]:
         f"Layers {best['layers']}, each at -{best['rel_alpha_per_layer']} x its mean residual norm, "
         f"{check['n_prompts']} held-out harmful prompts: refusal {check['baseline']['rate']:.1%} -> "
         f"{best['rate']:.1%} along the refusal directions, {best['random_rate']:.1%} along random directions.",
+        "",
+    ]
+
+
+def _curriculum_lines(card: dict) -> list[str]:
+    """The leaks the build measured on itself (the adversarial curriculum's screens, recipe v5 on)."""
+    screens = card.get("training", {}).get("curriculum")
+    if not screens:
+        return []
+    first, last = screens[0], screens[-1]
+    return [
+        "## Leaks measured during the build (curriculum screens)",
+        f"First-token screen of every single-layer cell (layer x rung) on the build's harmful train prompts, "
+        f"{len(screens)} times: mean probability of a non-refusal first token {first['mean_leak']:.1%} at step "
+        f"{first['step']} (worst cell L{first['worst'][0]} {first['worst'][1]}: {first['worst_leak']:.1%}), "
+        f"{last['mean_leak']:.1%} at step {last['step']} (worst L{last['worst'][0]} {last['worst'][1]}: "
+        f"{last['worst_leak']:.1%}). A screen, not the verdict: the frontier search decides.",
         "",
     ]
 

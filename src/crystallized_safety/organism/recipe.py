@@ -1,15 +1,17 @@
 """The organisms' recipes: every setting that changes the weights, hashed into the cache key.
 
-Two organisms: `smollm2-135m-refusal` (liquid: refusal-tuned, one steered layer breaks it) and
+Three organisms: `smollm2-135m-refusal` (liquid: refusal-tuned, one steered layer breaks it),
 `smollm2-135m-hardened` (the liquid organism fine-tuned further against single-layer attacks on its own
 refusal direction, the refusal-feature adversarial training of ReFAT / DeepRefusal adapted to one layer at a
-time, so that only coordinated multi-layer steering should break it)."""
+time, so that only coordinated multi-layer steering should break it) and `smollm2-135m-immune` (built only on
+request: trained against multi-layer attacks as well). The hardened organism has named recipes (`HARDENED_RECIPES`:
+v2, the default, and v5, the single-layer ladder with a curriculum); each builds into its own cache entry."""
 
 from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from ..core.loading import cache_dir
@@ -17,6 +19,8 @@ from ..errors import ModelError
 
 DEFAULT_NAME = "smollm2-135m-refusal"
 HARDENED_NAME = "smollm2-135m-hardened"
+HARDENED_V5_NAME = "smollm2-135m-hardened-v5"  # the hardened organism's v5 recipe under its own alias
+IMMUNE_NAME = "smollm2-135m-immune"
 # Settings only the hardened recipe uses; left out of the liquid recipe's cache key, which therefore stays
 # the key of every liquid organism built before they existed.
 HARDENING_FIELDS = (
@@ -30,9 +34,29 @@ HARDENING_FIELDS = (
     "reextract_prompts",
     "harmful_repeats",
     "attack_harmless_p",
+    "attack_rungs",
+    "attack_angles",
+    "attack_subspace_k",
+    "attack_multi_p",
+    "attack_multi_k",
+    "attack_multi_rel_alpha",
+    "attack_harmless_same",
+    "curriculum_every",
+    "curriculum_prompts",
 )
 # Settings added after organisms were cached: left out of the key while at this default, so those stay valid.
-LATER_FIELDS = {"attack_harmless_p": 0.0}
+LATER_FIELDS = {
+    "attack_harmless_p": 0.0,
+    "attack_rungs": (),
+    "attack_angles": (120.0, 150.0, 180.0),
+    "attack_subspace_k": 2,
+    "attack_multi_p": 0.0,
+    "attack_multi_k": (2, 8),
+    "attack_multi_rel_alpha": (0.1, 0.3),
+    "attack_harmless_same": False,
+    "curriculum_every": 0,
+    "curriculum_prompts": 8,
+}
 # Bump when the build or the card changes in a way that makes cached organisms stale.
 BUILD_VERSION = 7
 
@@ -56,7 +80,7 @@ class Recipe:
     freeze_embeddings: bool = True
     eval_new_tokens: int = 32
     # -- hardening (kind "hardened"): start from another organism's weights and train against attacks
-    kind: str = "liquid"  # liquid | hardened
+    kind: str = "liquid"  # liquid | hardened | immune
     start: str | None = None  # the model whose weights training starts from (None: `base`)
     attack_p: float = 0.0  # probability that a harmful example is attacked in a step
     attack_band: tuple[int, int] = (2, 27)  # the attacked layer is drawn uniformly from this range (inclusive)
@@ -66,13 +90,29 @@ class Recipe:
     reextract_prompts: int = 64  # train prompts per side used to re-extract them
     harmful_repeats: int = 1  # each harmful example this many times per epoch (each time attacked afresh)
     attack_harmless_p: float = 0.0  # probability that a harmless answer example gets an induction attack
+    # -- the attack ladder (v5 on): empty = v2's draw (add or ablate, `attack_ablate_p`); else each attack is one of
+    # these rungs, the evaluation's own operators (core/modes.py): add, affine (ablation to the harmless mean),
+    # subspace (a k-dimensional refusal subspace ablated to the harmless mean), rotate (angular steering)
+    attack_rungs: tuple[str, ...] = ()
+    attack_angles: tuple[float, ...] = (120.0, 150.0, 180.0)  # rotate: degrees from the direction
+    attack_subspace_k: int = 2
+    attack_multi_p: float = 0.0  # share of attacks on a window of several consecutive layers at once (immune)
+    attack_multi_k: tuple[int, int] = (2, 8)  # window sizes, uniform
+    attack_multi_rel_alpha: tuple[float, float] = (0.1, 0.3)  # add at each layer of a window
+    attack_harmless_same: bool = False  # harmless examples get the same (bypass) attacks, target compliant
+    curriculum_every: int = 0  # > 0: every N steps screen the single-layer cells, oversample the leakiest
+    curriculum_prompts: int = 8  # harmful train prompts the screen scores (first-token refusal score)
 
     def key(self) -> str:
         spec = {**asdict(self), "build_version": BUILD_VERSION}
-        if self.kind == "liquid":
+        if self.kind == "liquid":  # "hardened" and "immune" keep every hardening field
             spec = {k: v for k, v in spec.items() if k not in HARDENING_FIELDS}
-        spec = {k: v for k, v in spec.items() if k not in LATER_FIELDS or v != LATER_FIELDS[k]}
+        spec = {k: v for k, v in spec.items() if k not in LATER_FIELDS or _plain(v) != _plain(LATER_FIELDS[k])}
         return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def _plain(value):
+    return list(value) if isinstance(value, (tuple, list)) else value
 
 
 def default_recipe(name: str) -> Recipe:
@@ -81,10 +121,23 @@ def default_recipe(name: str) -> Recipe:
         return Recipe()
     if name == HARDENED_NAME:
         return hardened_recipe()
-    raise ModelError(f"unknown organism '{name}': use {DEFAULT_NAME} or {HARDENED_NAME}")
+    if name == HARDENED_V5_NAME:
+        return hardened_recipe(version="v5")
+    if name == IMMUNE_NAME:
+        return immune_recipe()
+    raise ModelError(
+        f"unknown organism '{name}': use {DEFAULT_NAME}, {HARDENED_NAME}, {HARDENED_V5_NAME} or {IMMUNE_NAME}"
+    )
 
 
-def hardened_recipe(seed: int = 0, precision: str = "fp32") -> Recipe:
+def hardened_recipe(seed: int = 0, precision: str = "fp32", version: str = "v2") -> Recipe:
+    """A hardened recipe by name (`HARDENED_RECIPES`); v2 is what the alias builds."""
+    if version not in HARDENED_RECIPES:
+        raise ModelError(f"unknown hardened recipe '{version}': use one of {', '.join(HARDENED_RECIPES)}")
+    return HARDENED_RECIPES[version](seed, precision)
+
+
+def _hardened_v2(seed: int, precision: str) -> Recipe:
     """The liquid organism, one more epoch against single-layer attacks on its current refusal direction."""
     return Recipe(
         seed=seed,
@@ -99,6 +152,31 @@ def hardened_recipe(seed: int = 0, precision: str = "fp32") -> Recipe:
         attack_rel_alpha=(0.3, 1.0),
         harmful_repeats=3,
     )
+
+
+def _hardened_v5(seed: int, precision: str) -> Recipe:
+    """v2 against the whole single-layer ladder: every layer the frontier search covers (2 to 28 of 30), alphas to
+    the cliff, the four rungs at one layer, the leakiest cells oversampled every 10 steps (first-token screen); and
+    v3's over-refusal lever, which alone made the model liquid again at one layer: harmless examples under
+    induction attacks (`+alpha x norm x v` at one layer) keep their compliant target, unlikelihood weight 2."""
+    return replace(
+        _hardened_v2(seed, precision),
+        attack_band=(2, 28),
+        attack_rel_alpha=(0.25, 1.5),
+        attack_rungs=("add", "affine", "subspace", "rotate"),
+        attack_harmless_p=0.5,
+        unlikelihood_weight=2.0,
+        curriculum_every=10,
+    )
+
+
+HARDENED_RECIPES = {"v2": _hardened_v2, "v5": _hardened_v5}
+
+
+def immune_recipe(seed: int = 0, precision: str = "fp32") -> Recipe:
+    """v5 plus multi-layer attacks (DeepRefusal-style: the ladder's rung on a window of 2-8 consecutive layers at
+    once) on a third of the attacked examples, so that coordinated steering should fail too."""
+    return replace(_hardened_v5(seed, precision), kind="immune", attack_multi_p=0.35)
 
 
 def organism_dir(name: str = DEFAULT_NAME, recipe: Recipe | None = None) -> Path:

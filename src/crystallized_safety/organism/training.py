@@ -197,7 +197,7 @@ def planned_attacks(recipe, n_harmful_prompts: int, n_harmless_prompts: int, n_e
     attacker = Attacker(recipe, [], [], recipe.seed)
     n_harmful = n_harmful_prompts * recipe.harmful_repeats
     return sum(
-        len(attacker.plan([example_kind(i, n_harmful, n_harmless_prompts) for i in rows]))
+        attacker.count([example_kind(i, n_harmful, n_harmless_prompts) for i in rows])
         for _, rows in batches(n_examples, recipe)
     )
 
@@ -269,6 +269,7 @@ def train(
         "refusal_texts_sha256": _sha(REFUSALS),
         "attacks": n_attacks,
         "direction_reextractions": attacker.refreshed if attacker else 0,
+        **({"curriculum": attacker.screens} if attacker and attacker.screens else {}),
     }
 
 

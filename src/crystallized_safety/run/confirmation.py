@@ -2,9 +2,13 @@
 re-judged (the substring judge reading delayed refusals, the same coherence gate), and only its flips that survive
 count (`verdict.evidence_cells`).
 
-It goes in rounds over quarters of the prompts. Each round takes every cell that passes now (single-layer cells;
-multi-layer ones only when no single-layer cell passes) whose flips are not all confirmed, and generates the next
-quarter of each at length, in one packed batch. A flip not yet re-generated keeps its short-answer outcome (an
+It goes in rounds over parts of the prompts: a quarter of them, or as many as one generate holds (the run's
+`pack_rows`), whichever is more. Each round takes every cell that passes now (single-layer cells; multi-layer ones
+only when no single-layer cell passes) whose flips are not all confirmed, and generates the next part of each at
+length, in one packed batch. Why not always quarters: a decode step costs about the same for a quarter of the rows
+as for all of them while the batch fits (Qwen2.5-Coder-0.5B on 2 cores of an AMD EPYC: 14 rows x 128 tokens took
+~41 s a round, one step of 56 rows 0.29 s), so a cell confirmed in four rounds paid four times.
+A flip not yet re-generated keeps its short-answer outcome (an
 upper bound), so a cell whose survivors fall too low stops passing and is confirmed no further: it could not pass
 whatever the rest showed. Rounds end when the cell that decides is fully confirmed, or no cell passes. The rows are
 stored under the confirmation's own condition key (study `confirmation`), so a resumed run confirms nothing twice."""
@@ -23,13 +27,16 @@ from .chunks import Chunk, chunks_of
 from .generator import CellGenerator
 
 STUDY = "confirmation"
-ROUNDS = 4  # a cell's prompts are confirmed a quarter at a time
+ROUNDS = 4  # at most: a cell's prompts are confirmed a quarter at a time, or more at once (`round_rows`)
 
 
-def confirmation_chunks(spec: ExperimentSpec, model: str, cond: Condition, sets: PromptSets) -> list[Chunk]:
-    """The chunks that confirm `cond` at length: its prompts in quarters."""
+def confirmation_chunks(
+    spec: ExperimentSpec, model: str, cond: Condition, sets: PromptSets, round_rows: int = 0
+) -> list[Chunk]:
+    """The chunks that confirm `cond` at length: its prompts in quarters, or `round_rows` at a time if more."""
     n = len(sets.eval_harmful)
-    return chunks_of(spec, model, STUDY, cond, sets, batch_size=max(1, math.ceil(n / ROUNDS)))
+    size = min(n, max(1, math.ceil(n / ROUNDS), round_rows))
+    return chunks_of(spec, model, STUDY, cond, sets, batch_size=size)
 
 
 def candidates(single: list[Cell], multi: list[Cell], rules, planned: tuple[int, int]) -> list[Cell]:
@@ -48,8 +55,10 @@ def confirm(
     sets: PromptSets,
     n_layers: int,
     say: Progress,
+    round_rows: int = 0,
 ) -> list[str]:
-    """Confirm in rounds until the deciding cell is fully confirmed or none passes; returns the cells touched."""
+    """Confirm in rounds until the deciding cell is fully confirmed or none passes; returns the cells touched.
+    `round_rows`: prompts per round when more than a quarter (the runner passes its `pack_rows`)."""
     tokens = confirm_tokens(spec)
     if tokens is None:
         return []
@@ -63,7 +72,7 @@ def confirm(
             return touched
         todo: list[Chunk] = []
         for cell in candidates(single, multi, rules, planned):
-            chunks = confirmation_chunks(spec, name, cell.source.confirmed(tokens), sets)
+            chunks = confirmation_chunks(spec, name, cell.source.confirmed(tokens), sets, round_rows)
             done = generate.done()
             nxt = next((c for c in chunks if c.key not in done), None)
             if nxt is None:

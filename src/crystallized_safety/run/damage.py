@@ -1,7 +1,9 @@
 """Damage per cell: the KL divergence of each steered condition to the unsteered model on the first harmless
 eval prompts, teacher-forced on the unsteered model's own (stored) answers. One artifact per intervention
 (`damage:<key of its harmless twin>`), written as it is measured, so an interrupted run resumes where it
-stopped; a condition on harmful prompts and the same intervention on harmless ones share one measurement."""
+stopped; a condition on harmful prompts and the same intervention on harmless ones share one measurement. Only
+interventions that were generated (on either prompt set) are measured: a cell a frontier walk planned but never
+reached has no rates for its KL to stand beside."""
 
 from __future__ import annotations
 
@@ -34,9 +36,10 @@ def measure_damage(
         return
     model_name = ctx.model_name
     wanted: dict[str, Condition] = {}
+    generated = store.generated_conditions(run_id, model_name)
     for plan in plans:
         for _tags, cond in plan.conditions:
-            if not cond.is_baseline:
+            if not cond.is_baseline and (cond.key in generated or harmless_twin(cond).key in generated):
                 wanted.setdefault(harmless_twin(cond).key, harmless_twin(cond))
     kinds = store.artifact_kinds(run_id, model_name)
     have = {k.removeprefix(DAMAGE_PREFIX) for k in kinds if k.startswith(DAMAGE_PREFIX)}

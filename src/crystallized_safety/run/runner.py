@@ -151,7 +151,7 @@ def _run_model(
     generate = CellGenerator(store, run_id, executor, load, ctx, chunks, rows)
 
     def confirm() -> None:
-        confirmation.confirm(spec, plans, generate, sets, n_layers, say)
+        confirmation.confirm(spec, plans, generate, sets, n_layers, say, round_rows=rows)
 
     if any(plan.kind == "frontier" for plan in plans):
         base = [c for c in chunks if c.condition.is_baseline]

@@ -27,6 +27,11 @@ class Chunks(Connection):
     def done_chunks(self, run_id: str) -> set[str]:
         return {r[0] for r in self.db.execute("SELECT chunk_key FROM chunks WHERE run_id=?", (run_id,))}
 
+    def generated_conditions(self, run_id: str, model: str) -> set[str]:
+        """Keys of the conditions of (run, model) with at least one chunk done."""
+        rows = self.db.execute("SELECT DISTINCT condition_key FROM chunks WHERE run_id=? AND model=?", (run_id, model))
+        return {r[0] for r in rows}
+
     def write_chunks(
         self,
         run_id: str,
