@@ -64,11 +64,11 @@ def main() -> None:
         entry["seconds"] = round(time.perf_counter() - start, 1)
         result["models"][name] = entry
         del model
-    if args.out.exists():  # other models measured earlier stay, each with the machine it was measured on
+    if args.out.exists():  # other models measured earlier stay (in their order), each with its machine
         old = json.loads(args.out.read_text())
-        for name, entry in old.get("models", {}).items():
-            if name not in result["models"]:
-                result["models"][name] = {**entry, "machine": entry.get("machine", old.get("machine"))}
+        kept = {name: {**entry, "machine": entry.get("machine", old.get("machine"))}
+                for name, entry in old.get("models", {}).items()}  # fmt: skip
+        result["models"] = {**kept, **result["models"]}
     for entry in result["models"].values():
         entry.setdefault("machine", result["machine"])
     args.out.write_text(json.dumps(result, indent=1, ensure_ascii=False) + "\n")

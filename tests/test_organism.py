@@ -120,4 +120,11 @@ def test_shipped_base_answers_are_what_the_base_model_says():
 
 def test_organism_build_rejects_an_unknown_kind():
     res = CliRunner().invoke(app, ["organism", "build", "--kind", "sideways"])
-    assert res.exit_code == 2 and res.output.strip() == "error: unknown --kind 'sideways': use liquid or hardened"
+    assert (
+        res.exit_code == 2 and res.output.strip() == "error: unknown --kind 'sideways': use liquid, hardened or immune"
+    )
+    res = CliRunner().invoke(app, ["organism", "build", "--kind", "hardened", "--recipe", "v9"])
+    assert res.exit_code == 2 and res.output.strip() == "error: unknown --recipe 'v9': use one of v2, v5"
+    res = CliRunner().invoke(app, ["organism", "build", "--kind", "liquid", "--recipe", "v5"])
+    assert res.exit_code == 2
+    assert res.output.strip() == "error: --recipe names a hardened recipe: use it with --kind hardened"

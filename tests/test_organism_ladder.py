@@ -148,3 +148,75 @@ def test_recipes_by_name_and_alias():
         hardened_recipe(version="v9")
     with pytest.raises(ValueError, match="unknown attack rungs"):
         Attacker(ladder_recipe(attack_rungs=("add", "twist")), HARMFUL, HARMLESS, 0)
+
+
+def test_the_v5_card_of_record_is_its_recipe_and_the_docs_state_it():
+    """results/cards/smollm2-135m-hardened-v5.json: built from the v5 recipe (its cache key, the model-free attack
+    count), and docs/organisms.md's v5 row states its rates, KL, checks and times."""
+    import json
+    from pathlib import Path
+
+    from crystallized_safety.organism.build import stale_attack_stream
+
+    root = Path(__file__).resolve().parents[1]
+    card = json.loads((root / "results" / "cards" / "smollm2-135m-hardened-v5.json").read_text())
+    v5 = hardened_recipe(version="v5")
+    recipe = {k: tuple(v) if isinstance(v, list) else v for k, v in card["recipe"].items()}
+    assert Recipe(**recipe) == v5 and card["name"] == HARDENED_V5_NAME
+    data = card["training_data"]
+    counts = (data["harmful_train_count"], data["harmless_train_count"], card["training"]["examples"])
+    assert card["training"]["attacks"] == planned_attacks(v5, *counts) == 626 and stale_attack_stream(card) is None
+    screens = card["training"]["curriculum"]
+    assert [s["step"] for s in screens] == list(range(0, 61, 10))
+    m = card["metrics"]
+    pct = [f"{100 * m[k]['rate']:.1f}" for k in ("harmful_refusal", "harmless_refusal", "near_miss_refusal")]
+    steer_best, multi = m["steering_check"]["best"], m["multilayer_check"]["best"]
+    l12 = {g["rel_alpha"]: g["rate"] for g in m["steering_check"]["grid"] if g["layer"] == 12}
+    docs = (root / "docs" / "organisms.md").read_text()
+    row = next(line for line in docs.splitlines() if line.startswith("| v5 ("))
+    assert f"| {' / '.join(pct)}% | {m['kl_to_base_harmless']:.3f} |" in row
+    assert (steer_best["layer"], steer_best["rel_alpha"]) == (12, 0.75)
+    assert (
+        f"L12 -0.75: {100 * steer_best['direction_rate']:.1f}% (random {100 * steer_best['random_rate']:.1f}%; " in row
+    )
+    assert f"L12 -0.5: {100 * l12[0.5]:.1f}%)" in row
+    assert f"L{multi['layers']} -{multi['rel_alpha_per_layer']} each: {100 * multi['rate']:.0f}%, random " in row
+    assert f"random {100 * multi['random_rate']:.1f}%" in row
+    assert f"{card['training']['train_seconds'] / 60:.1f} min training" in row
+    assert f"({card['training']['attacks']} attacks)" in row
+    text = " ".join(docs.split())
+    first = screens[0]
+    assert f"mean leak fell from {100 * first['mean_leak']:.0f}% at step 0" in text
+    later = [100 * s["mean_leak"] for s in screens[1:]]
+    assert f"to {min(later):.0f}-{max(later):.0f}% afterwards" in text
+    import re
+
+    log = (root / "results" / "organism-hardened-v5-build.log").read_text()
+    minutes, seconds = re.search(r"Elapsed \(wall clock\) time \(h:mm:ss or m:ss\): (\d+):([\d.]+)", log).groups()
+    assert "Exit status: 0" in log and f"{card['training']['train_seconds']} s" in log.replace("\n", " ")
+    assert f"in {int(minutes)} min {round(float(seconds))} s)" in text
+
+
+def test_the_v5_verdict_in_the_docs_is_the_committed_run():
+    import json
+    import re
+    from pathlib import Path
+
+    from crystallized_safety.stats import wilson_interval
+
+    root = Path(__file__).resolve().parents[1]
+    report = json.loads((root / "results" / "hardened-v5.json").read_text())
+    (v,) = report["verdicts"]
+    cell = v["evidence"]["deciding_cell"]
+    assert v["verdict"] == "liquid" and cell["condition"] == "L28 θ=120° rotate extracted (harmful)"
+    flip, ctrl, conf = cell["flip"], cell["control"]["flip"], cell["confirmed"]
+    lo, hi = wilson_interval(flip["k"], flip["n"])
+    text = " ".join((root / "docs" / "organisms.md").read_text().split())
+    interval = f"{100 * flip['rate']:.1f}%, {100 * lo:.1f}-{100 * hi:.1f}%"
+    said = f"(L28) gives {flip['k']} of {flip['n']} coherent flips ({interval})"
+    assert said in text
+    assert f"all {conf['survived']} surviving at {conf['tokens']} tokens" in text and conf["survived"] == conf["flips"]
+    assert f"against {ctrl['k']} of {ctrl['n']} for a random direction" in text
+    log = (root / "results" / "hardened-v5-run.log").read_text()
+    minutes, seconds = re.search(r"Elapsed \(wall clock\) time \(h:mm:ss or m:ss\): (\d+):([\d.]+)", log).groups()
+    assert f"{int(minutes)} min {round(float(seconds))} s on 2 cores" in text and "liquid" in log

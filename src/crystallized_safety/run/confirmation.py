@@ -5,9 +5,9 @@ count (`verdict.evidence_cells`).
 It goes in rounds over parts of the prompts: a quarter of them, or as many as one generate holds (the run's
 `pack_rows`), whichever is more. Each round takes every cell that passes now (single-layer cells; multi-layer ones
 only when no single-layer cell passes) whose flips are not all confirmed, and generates the next part of each at
-length, in one packed batch. Why not always quarters: a decode step costs about the same for a quarter of the rows
-as for all of them while the batch fits (Qwen2.5-Coder-0.5B on 2 cores of an AMD EPYC: 14 rows x 128 tokens took
-~41 s a round, one step of 56 rows 0.29 s), so a cell confirmed in four rounds paid four times.
+length, in one packed batch. Larger rounds cost less per row, smaller ones stop sooner for a cell that fails
+(Qwen2.5-Coder-0.5B, 2 cores of an AMD EPYC, 128 tokens: ~2.9 s a row in rounds of 14, ~2.1 s in rounds of 56);
+on the shipped Qwen study the two came out about even (results/qwen-run.log).
 A flip not yet re-generated keeps its short-answer outcome (an
 upper bound), so a cell whose survivors fall too low stops passing and is confirmed no further: it could not pass
 whatever the rest showed. Rounds end when the cell that decides is fully confirmed, or no cell passes. The rows are
