@@ -52,7 +52,7 @@ def models_cmd(json_out: bool = typer.Option(False, "--json", help="Print JSON i
     table = Table(title="crystallized-safety model registry", box=box.SIMPLE_HEAD, pad_edge=False)
     table.add_column("alias", no_wrap=True)
     table.add_column("params", justify="right", no_wrap=True)
-    table.add_column("system", no_wrap=True)
+    table.add_column("sys", no_wrap=True)  # takes a system message
     table.add_column("source (family: --json)", overflow="fold")
     for e in entries.values():
         wheels = f" ({len(e.parts)} wheels)" if len(e.parts) > 1 else ""

@@ -213,17 +213,16 @@ def attack_hooks(
     """Hook functions per layer (for `steering.layer_hooks`) that attack each example's packed span
     [a, b) of a [1, T, d] hidden state. Differentiable: ablation depends on the hidden state itself."""
     by_layer: dict[int, list[Attack]] = {}
-    ladder: dict[int, list[Attack]] = {}
+    ladder: dict[int, list[tuple[int, Intervention]]] = {}
     for attack in attacks:
         if attack.intervention is None:
             by_layer.setdefault(attack.layer, []).append(attack)
         else:
             for layer in attack.intervention.directions:
-                ladder.setdefault(layer, []).append(attack)
+                ladder.setdefault(layer, []).append((attack.example, attack.intervention))
 
-    def make_ladder(group: list[Attack], layer: int) -> Callable[[torch.Tensor], torch.Tensor]:
-        ops = [(spans[a.example], a.intervention.mode.operator(a.intervention, layer),  # type: ignore[union-attr]
-                a.intervention.directions[layer]) for a in group]  # type: ignore[union-attr]  # fmt: skip
+    def make_ladder(group: list[tuple[int, Intervention]], layer: int) -> Callable[[torch.Tensor], torch.Tensor]:
+        ops = [(spans[i], iv.mode.operator(iv, layer), iv.directions[layer]) for i, iv in group]
 
         def hook(hidden: torch.Tensor) -> torch.Tensor:
             out = hidden.clone()
