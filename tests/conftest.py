@@ -109,6 +109,30 @@ def make_tiny(arch: str = "llama", chat: bool = True, seed: int = 0):
     return Model(hf, tok, f"tiny-{arch}", model_hash="random-init")
 
 
+def assert_packed_equals_steered_alone(model, examples, packed_loss_value, interventions: dict) -> None:
+    """The packed training loss (weighted NLL, first response token 5x) and its gradient equal each example run
+    alone under the tool's own `steer()` with its intervention (`interventions[i]`, None: unsteered)."""
+    from crystallized_safety.core.steering import steer
+
+    def grads(loss):
+        model.hf.zero_grad()
+        loss.backward()
+        return {n: p.grad.clone() for n, p in model.hf.named_parameters() if p.grad is not None}
+
+    got = float(packed_loss_value.detach())
+    packed = grads(packed_loss_value)
+    total, norm = 0.0, 0.0
+    for i, (p, r, w, _span) in enumerate(examples):
+        with steer(model, interventions.get(i)):
+            logp = torch.log_softmax(model.hf(input_ids=torch.tensor([list(p) + list(r)])).logits[0], -1)
+        for j, token in enumerate(r):
+            weight = w * (5.0 if j == 0 else 1.0)
+            total, norm = total - logp[len(p) + j - 1, token] * weight, norm + weight
+    assert abs(got - float((total / norm).detach())) < 1e-4
+    for name, g in grads(total / norm).items():
+        torch.testing.assert_close(packed[name], g, atol=1e-5, rtol=1e-4)
+
+
 @pytest.fixture(scope="session")
 def tiny_llama():
     return make_tiny("llama")

@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import make_tiny
+from conftest import assert_packed_equals_steered_alone, make_tiny
 from crystallized_safety.core.steering import steer
 from crystallized_safety.errors import ModelError
 from crystallized_safety.organism.hardening import CURRICULUM_FLOOR, Attack, Attacker
@@ -53,23 +53,8 @@ def test_ladder_attacks_in_the_packed_batch_equal_examples_steered_alone(arch):
     )
     attacks = [Attack(i, iv.layers[0], False, 0.0, iv.directions[iv.layers[0]], 0.0, iv) for i, iv in ivs.items()]
 
-    def grads(loss):
-        model.hf.zero_grad()
-        loss.backward()
-        return {n: p.grad.clone() for n, p in model.hf.named_parameters() if p.grad is not None}
-
     got_loss = packed_loss(model, ex, 5.0, 0, attacks)
-    packed = grads(got_loss)
-    total, norm = 0.0, 0.0
-    for i, (p, r, w, _span) in enumerate(ex):
-        with steer(model, ivs.get(i)):
-            logp = torch.log_softmax(model.hf(input_ids=torch.tensor([list(p) + list(r)])).logits[0], -1)
-        for j, token in enumerate(r):
-            weight = w * (5.0 if j == 0 else 1.0)
-            total, norm = total - logp[len(p) + j - 1, token] * weight, norm + weight
-    assert abs(float(got_loss.detach()) - float((total / norm).detach())) < 1e-4
-    for name, g in grads(total / norm).items():
-        torch.testing.assert_close(packed[name], g, atol=1e-5, rtol=1e-4)
+    assert_packed_equals_steered_alone(model, ex, got_loss, ivs)
     # each rung really acts: dropping any one attack changes the loss
     for k in range(len(attacks)):
         rest = attacks[:k] + attacks[k + 1 :]
@@ -220,4 +205,3 @@ def test_the_v5_verdict_in_the_docs_is_the_committed_run():
     log = (root / "results" / "hardened-v5-run.log").read_text()
     minutes, seconds = re.search(r"Elapsed \(wall clock\) time \(h:mm:ss or m:ss\): (\d+):([\d.]+)", log).groups()
     assert f"{int(minutes)} min {round(float(seconds))} s on 2 cores" in text and "liquid" in log
-

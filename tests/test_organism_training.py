@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import ARCHS, make_tiny
+from conftest import ARCHS, assert_packed_equals_steered_alone, make_tiny
 from crystallized_safety.organism.recipe import Recipe
 from crystallized_safety.organism.training import make_examples as _examples
 from crystallized_safety.organism.training import make_unlikely_examples as _unlikely_examples
@@ -202,7 +202,7 @@ def test_attacked_packed_loss_equals_examples_steered_alone(arch):
     """Hardening attacks inside the packed batch act on exactly their example: the packed loss and gradient
     equal each example run alone, the attacked ones under the tool's own `steer()` (add -alpha*v at one layer;
     ablation to a target projection at another)."""
-    from crystallized_safety.core.steering import Intervention, steer
+    from crystallized_safety.core.steering import Intervention
     from crystallized_safety.organism.hardening import Attack
 
     model = make_tiny(arch)
@@ -215,24 +215,8 @@ def test_attacked_packed_loss_equals_examples_steered_alone(arch):
         1: Intervention({2: v2}, mode="ablate", ablate_to={2: 0.7}),
     }
 
-    def grads(loss):
-        model.hf.zero_grad()
-        loss.backward()
-        return {n: p.grad.clone() for n, p in model.hf.named_parameters() if p.grad is not None}
-
-    packed = grads(_loss(model, ex, 5.0, 0, attacks))
+    assert_packed_equals_steered_alone(model, ex, _loss(model, ex, 5.0, 0, attacks), ivs)
     got = float(_loss(model, ex, 5.0, 0, attacks).detach())
-    total, norm = 0.0, 0.0
-    for i, (p, r, w, _span) in enumerate(ex):
-        with steer(model, ivs.get(i)):
-            logp = torch.log_softmax(model.hf(input_ids=torch.tensor([list(p) + list(r)])).logits[0], -1)
-        for j, token in enumerate(r):
-            weight = w * (5.0 if j == 0 else 1.0)
-            total, norm = total - logp[len(p) + j - 1, token] * weight, norm + weight
-    assert abs(got - float(total / norm)) < 1e-4
-    ref = grads(total / norm)
-    for name, g in ref.items():
-        torch.testing.assert_close(packed[name], g, atol=1e-5, rtol=1e-4)
     # without the attacks the loss differs (they really act), and a shared prefix is refused
     assert abs(float(_loss(model, ex, 5.0, 0)) - got) > 1e-3
     with pytest.raises(ValueError, match="prefix"):
