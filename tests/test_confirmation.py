@@ -43,7 +43,8 @@ class LongGenerator(FakeGenerator):
             self.chunks_done.add(chunk.key)
             self.generated.append(c)
             keep = self.survive[(c.alpha, c.mode)]
-            for i in range(chunk.start, chunk.start + len(chunk.prompts)):
+            assert chunk.prompts == tuple(SETS.eval_harmful[i] for i in chunk.indices)  # the rows' own prompts
+            for i in chunk.indices:
                 self.rows.append({"condition_key": c.key, "prompt_set": c.prompt_set, "prompt_index": i,
                                   "refusal": 0 if i < keep else 1, "coherent": 1, "token_ids": "[]"})  # fmt: skip
 
@@ -96,20 +97,22 @@ def test_a_deciding_cell_whose_flips_do_not_survive_hands_the_decision_to_the_ne
     gen = LongGenerator({(-0.25, "add"): 10, (-0.5, "add"): 28})
     plans, done = walk_confirming(spec, gen)
     assert done == ["L4 a=-0.25 rel add extracted (harmful)", "L4 a=-0.5 rel add extracted (harmful)"]
-    # a quarter of the prompts (10) per round: L4 -0.25 keeps 10 of its first 10 flips, then 0 of the next 10,
-    # and with 20 of its 40 prompts still counted as flips it no longer passes, so its last quarters are skipped;
-    # L4 -0.5 is confirmed over the three quarters that hold its flips
-    assert gen.long_rounds == [1, 1, 1, 1, 1]
+    # only the 30 short-answer flips (prompts 0..29) are re-generated, a quarter (8) per round: L4 -0.25 keeps 8 of
+    # its first 8, then 2 of the next 8, and with 24 of its 40 prompts still counted as flips (p = 0.13 against
+    # 50%) it no longer passes, so its last quarters are skipped; L4 -0.5 is confirmed over all four quarters
+    assert gen.long_rounds == [1, 1, 1, 1, 1, 1]
     long = [c for c in gen.generated if c.max_new_tokens]
-    assert {c.max_new_tokens for c in long} == {128} and len(long) == 5
+    assert {c.max_new_tokens for c in long} == {128} and len(long) == 6
+    rows = [r for r in gen.rows if r["condition_key"] in {c.key for c in long}]
+    assert max(r["prompt_index"] for r in rows) == 29 and len(rows) == 16 + 30  # no prompt it did not flip
     assert confirmation.confirm(spec, plans, gen, SETS, 8, silent) == []  # nothing twice
     v = verdict(spec, plans, gen.cells(), 8)
     assert v["verdict"] == "liquid"
     assert "L4 a=-0.5 rel add extracted (harmful): coherent flips 70.0% (28/40" in v["rule"]
     assert "confirmed at 128 tokens (28 of 30 short-answer flips survive)" in v["rule"]
     conf = v["evidence"]["confirmation"]
-    assert (conf["tokens"], conf["flips"], conf["survived"]) == (128, 20 + 30, 10 + 28)
-    assert [(c["checked"], c["survived"]) for c in conf["cells"]] == [(20, 10), (30, 28)]
+    assert (conf["tokens"], conf["flips"], conf["survived"]) == (128, 16 + 30, 10 + 28)
+    assert [(c["checked"], c["survived"]) for c in conf["cells"]] == [(16, 10), (30, 28)]
     assert v["evidence"]["deciding_cell"]["confirmed"] == {"tokens": 128, "flips": 30, "checked": 30, "survived": 28}
     assert any("re-generated at 128 new tokens" in t for t in v["evidence"]["rules"]["text"])
 
@@ -128,12 +131,19 @@ def test_rounds_as_large_as_a_generate_holds_confirm_each_cell_in_one_round():
     gen.kept = walk(spec, plans, chunks, gen, silent, confirm)
     confirm()
     assert gen.long_rounds == [1, 1]
-    assert {
-        len(c.prompts) for c in confirmation.confirmation_chunks(spec, "m", plans[0].conditions[0][1], SETS, 64)
-    } == {N}
-    assert {
-        len(c.prompts) for c in confirmation.confirmation_chunks(spec, "m", plans[0].conditions[0][1], SETS, 3)
-    } == {N // 4}
+    cond, flips = plans[0].conditions[0][1].confirmed(128), [2, 3, 5, 7, 11, 13, 17, 19, 23]
+    whole = confirmation.next_round("m", cond, SETS, flips, set(), 64)
+    assert whole.indices == tuple(flips) and whole.prompts == tuple(f"h{i}" for i in flips)
+    first = confirmation.next_round("m", cond, SETS, flips, set(), 2)  # a quarter of 9 flips: 3 a round
+    assert first.indices == (2, 3, 5) and first.start == 2 and first.max_new_tokens == 128
+    nxt = confirmation.next_round("m", cond, SETS, flips, {2, 3, 5, 8}, 2)  # 8: a row, but not a flip
+    assert nxt.indices == (7, 11, 13) and nxt.prompts == ("h7", "h11", "h13")
+    assert confirmation.next_round("m", cond, SETS, flips, set(flips), 2) is None
+    # a subset's key is its own; a contiguous chunk keeps the key it had before subsets existed
+    assert nxt.key != Chunk("m", "confirmation", cond, 7, nxt.prompts, 128).key
+    plain = Chunk("m", "confirmation", cond, 7, ("h7", "h8"), 128)
+    raw = json.dumps(["m", cond.key, cond.prompt_set, 7, 2, 128])
+    assert plain.key == hashlib.sha256(raw.encode()).hexdigest()[:20] and plain.indices == (7, 8)
     v = verdict(spec, plans, gen.cells(), 8)
     assert v["verdict"] == "liquid" and "(28 of 30 short-answer flips survive)" in v["rule"]
     assert [(c["checked"], c["survived"]) for c in v["evidence"]["confirmation"]["cells"]] == [(30, 10), (30, 28)]
@@ -327,3 +337,22 @@ def test_the_qwen_mixed_precision_agreement_is_stated_from_its_file():
     assert f"{100 * mixed['verdict_agreement']:.1f}% of per-prompt verdicts equal" in text
     assert f"{100 * mixed['identical_responses']:.1f}% of responses identical" in text
     assert f"({mixed['speedup_generation']:.2f}x generation) is not a clean figure" in text
+
+
+def test_a_confirmed_passing_cell_decides_before_a_stronger_unconfirmed_one():
+    """A cell generated after the walk (another study's) that flips more but is not confirmed does not take the
+    decision from the confirmed one: nothing is re-generated for it, and the verdict rests on the confirmed cell."""
+    spec = spec_of(walk="until_liquid")
+    gen = LongGenerator({(-0.25, "add"): 28, (-0.5, "add"): 30})
+    plans, done = walk_confirming(spec, gen)
+    assert done == ["L4 a=-0.25 rel add extracted (harmful)"] and gen.long_rounds == [1, 1, 1, 1]  # in quarters
+    stronger = Condition(HARMFUL, (4,), -0.5)
+    assert stronger.key in {c.key for _t, c in plans[0].conditions}
+    gen([stronger])  # 30/40 short flips: more than the confirmed cell's 28 survivors
+    assert confirmation.confirm(spec, plans, gen, SETS, 8, silent) == [] and len(gen.long_rounds) == 4
+    v = verdict(spec, plans, gen.cells(), 8)
+    assert v["verdict"] == "liquid" and v["evidence"]["deciding_cell"]["condition"].startswith("L4 a=-0.25 ")
+    # without the confirmed cell, the stronger one decides and is confirmed itself
+    fresh = LongGenerator({(-0.5, "add"): 30})
+    fresh([c for _t, c in plans[0].conditions if c.alpha == -0.5 and c.layers == (4,)])  # with its controls
+    assert confirmation.confirm(spec, plans, fresh, SETS, 8, silent) == ["L4 a=-0.5 rel add extracted (harmful)"]

@@ -462,9 +462,11 @@ def _survival(cell: Cell) -> str:
 
 
 def _deciding(cells: list[Cell], passed: np.ndarray, smallest: bool = False) -> Cell:
-    """The passing cell that decides: the highest flip rate (multi-layer: among the fewest layers), weakest first."""
+    """The passing cell that decides: the highest flip rate (multi-layer: among the fewest layers), weakest first;
+    a fully confirmed cell before one not (yet) confirmed at length, which then needs no confirmation of its own."""
     chosen = [c for c, ok in zip(cells, passed) if ok]
     if smallest:
         fewest = min(len(c.layers) for c in chosen)
         chosen = [c for c in chosen if len(c.layers) == fewest]
+    chosen = [c for c in chosen if fully_confirmed(c)] or chosen
     return max(chosen, key=lambda c: (c.k / max(c.n, 1), -(c.strength or 0.0)))

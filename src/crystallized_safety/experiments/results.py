@@ -82,6 +82,10 @@ class Cells:
         """Whether any row of `cond` was generated."""
         return bool(self._rows(cond))
 
+    def prompt_indices(self, cond: Condition) -> set[int]:
+        """The prompts (eval-set indices) that `cond` has a row for, judged or not."""
+        return set(self._rows(cond))
+
     def baseline_rate(self, prompt_set: str) -> dict:
         decided = [r for r in self.base[prompt_set].values() if r["refusal"] is not None]
         return rate(sum(r["refusal"] for r in decided), len(decided))

@@ -25,25 +25,30 @@ class Chunk:
     start: int  # index of the first prompt in the eval set
     prompts: tuple[str, ...]
     max_new_tokens: int
+    picked: tuple[int, ...] = ()  # the prompts' indices in the eval set when not start, start + 1, ... (a subset)
+
+    @property
+    def indices(self) -> tuple[int, ...]:
+        """Each prompt's index in the eval set (what its row is stored under)."""
+        return self.picked or tuple(range(self.start, self.start + len(self.prompts)))
 
     @property
     def key(self) -> str:
-        raw = json.dumps(
-            [
-                self.model,
-                self.condition.key,
-                self.condition.prompt_set,
-                self.start,
-                len(self.prompts),
-                self.max_new_tokens,
-            ]
-        )
+        fields: list = [
+            self.model,
+            self.condition.key,
+            self.condition.prompt_set,
+            self.start,
+            len(self.prompts),
+            self.max_new_tokens,
+        ]
+        raw = json.dumps(fields + [list(self.picked)] if self.picked else fields)  # contiguous: the keys as before
         return hashlib.sha256(raw.encode()).hexdigest()[:20]
 
     @property
     def pack_group(self) -> tuple:
         """Chunks with equal groups can share one generate (same prompts, same token budget)."""
-        return (self.condition.prompt_set, self.start, self.prompts, self.max_new_tokens)
+        return (self.condition.prompt_set, self.start, self.picked, self.prompts, self.max_new_tokens)
 
 
 Pack = tuple[Chunk, ...]

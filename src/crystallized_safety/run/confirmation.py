@@ -2,41 +2,54 @@
 re-judged (the substring judge reading delayed refusals, the same coherence gate), and only its flips that survive
 count (`verdict.evidence_cells`).
 
-It goes in rounds over parts of the prompts: a quarter of them, or as many as one generate holds (the run's
-`pack_rows`), whichever is more. Each round takes every cell that passes now (single-layer cells; multi-layer ones
-only when no single-layer cell passes) whose flips are not all confirmed, and generates the next part of each at
-length, in one packed batch. Larger rounds cost less per row, smaller ones stop sooner for a cell that fails
-(Qwen2.5-Coder-0.5B, 2 cores of an AMD EPYC, 128 tokens: ~2.9 s a row in rounds of 14, ~2.1 s in rounds of 56);
-on the shipped Qwen study the two came out about even (results/qwen-run.log).
-A flip not yet re-generated keeps its short-answer outcome (an
-upper bound), so a cell whose survivors fall too low stops passing and is confirmed no further: it could not pass
-whatever the rest showed. Rounds end when the cell that decides is fully confirmed, or no cell passes. The rows are
-stored under the confirmation's own condition key (study `confirmation`), so a resumed run confirms nothing twice."""
+Only the cell's short-answer flips are re-generated (a refusal or an incoherent answer cannot become a counted
+flip at length), in rounds: a quarter of them, or as many as one generate holds (the run's `pack_rows`), whichever
+is more. Each round takes every cell that passes now (single-layer cells; multi-layer ones only when no
+single-layer cell passes) whose flips are not all confirmed, and generates the next part of each at length.
+Larger rounds cost less per row, smaller ones stop sooner for a cell that fails (Qwen2.5-Coder-0.5B, 2 cores of an
+AMD EPYC, 128 tokens: ~2.9 s a row in rounds of 14, ~2.1 s in rounds of 56); on the shipped Qwen study the two
+came out about even (results/qwen-run.log). A flip not yet re-generated keeps its short-answer outcome (an upper
+bound), so a cell whose survivors fall too low stops passing and is confirmed no further: it could not pass
+whatever the rest showed. Rounds end when the cell that decides is fully confirmed (a fully confirmed passing cell
+decides before an unconfirmed one: `decision.deciding_cell`), or no cell passes. The rows are stored under the
+confirmation's own condition key (study `confirmation`), so a resumed run confirms nothing twice."""
 
 from __future__ import annotations
 
 import math
 
-from ..errors import StoreError
-from ..experiments.conditions import Condition, StudyPlan
+from ..experiments.conditions import HARMFUL, Condition, StudyPlan
 from ..experiments.decision import Cell, deciding_cell, fully_confirmed, passing
+from ..experiments.results import Cells
 from ..experiments.spec import ExperimentSpec, PromptSets
 from ..experiments.verdict import confirm_tokens, evidence_cells, rules_of
 from ..progress import Progress
-from .chunks import Chunk, chunks_of
+from .chunks import Chunk
 from .generator import CellGenerator
 
 STUDY = "confirmation"
 ROUNDS = 4  # at most: a cell's prompts are confirmed a quarter at a time, or more at once (`round_rows`)
 
 
-def confirmation_chunks(
-    spec: ExperimentSpec, model: str, cond: Condition, sets: PromptSets, round_rows: int = 0
-) -> list[Chunk]:
-    """The chunks that confirm `cond` at length: its prompts in quarters, or `round_rows` at a time if more."""
-    n = len(sets.eval_harmful)
-    size = min(n, max(1, math.ceil(n / ROUNDS), round_rows))
-    return chunks_of(spec, model, STUDY, cond, sets, batch_size=size)
+def next_round(
+    model: str, cond: Condition, sets: PromptSets, flips: list[int], have: set[int], round_rows: int = 0
+) -> Chunk | None:
+    """The next round that confirms `cond` (already at length: `Condition.confirmed`): the first of its flips
+    (eval-set indices, in order) that have no row at length yet, a quarter of them or `round_rows` if more; None
+    when every flip has its row."""
+    size = min(len(flips), max(1, math.ceil(len(flips) / ROUNDS), round_rows))
+    part = tuple(i for i in flips if i not in have)[:size]
+    if not part:
+        return None
+    prompts = sets.eval_harmful if cond.prompt_set == HARMFUL else sets.eval_harmless
+    assert cond.max_new_tokens is not None  # a confirmation condition carries its own length
+    return Chunk(model, STUDY, cond, part[0], tuple(prompts[i] for i in part), cond.max_new_tokens, part)
+
+
+def short_flips(cell: Cell, cells: Cells, refused: list[int]) -> list[int]:
+    """The eval-set indices of `cell`'s short-answer flips (prompts refused at baseline that it flipped)."""
+    outcomes = cells.outcomes(cell.source, refused)
+    return [i for i, o in zip(refused, outcomes) if o == 1]
 
 
 def candidates(single: list[Cell], multi: list[Cell], rules, planned: tuple[int, int]) -> list[Cell]:
@@ -66,22 +79,21 @@ def confirm(
     touched: list[str] = []
     rounds = 0
     while True:
-        single, multi, planned, _checked = evidence_cells(plans, generate.cells(), {}, tokens)
+        cells = generate.cells()
+        single, multi, planned, _checked = evidence_cells(plans, cells, {}, tokens)
         deciding = deciding_cell(single, multi, rules, planned)
         if deciding is None or fully_confirmed(deciding):
             return touched
         todo: list[Chunk] = []
+        refused = cells.refused_at_baseline()
         for cell in candidates(single, multi, rules, planned):
-            chunks = confirmation_chunks(spec, name, cell.source.confirmed(tokens), sets, round_rows)
-            done = generate.done()
-            nxt = next((c for c in chunks if c.key not in done), None)
-            if nxt is None:
-                raise StoreError(
-                    f"{name}: the store marks {cell.label} confirmed at {tokens} tokens but holds no rows for some of "
-                    "its prompts: run `csafety store check` on it, or rerun into a fresh store"
-                )
-            todo.append(nxt)
-            touched += [] if cell.label in touched else [cell.label]
+            cond = cell.source.confirmed(tokens)
+            nxt = next_round(name, cond, sets, short_flips(cell, cells, refused), cells.prompt_indices(cond), round_rows)
+            if nxt is not None:
+                todo.append(nxt)
+                touched += [] if cell.label in touched else [cell.label]
+        if not todo:  # every flip has its row at length; an undecided one (no judge reading) stays unconfirmed
+            return touched
         rounds += 1
         say(
             f"{name}: confirming at {tokens} tokens (round {rounds})",

@@ -111,7 +111,7 @@ class ChunkWorker:
                         condition_key=chunk.condition.key,
                         condition=chunk.condition.to_json(),
                         prompt_set=chunk.condition.prompt_set,
-                        prompt_index=chunk.start + i,
+                        prompt_index=chunk.indices[i],
                         prompt=g.prompt,
                         response=g.response,
                         n_tokens=len(g.token_ids),
