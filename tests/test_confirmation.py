@@ -356,3 +356,38 @@ def test_a_confirmed_passing_cell_decides_before_a_stronger_unconfirmed_one():
     fresh = LongGenerator({(-0.5, "add"): 30})
     fresh([c for _t, c in plans[0].conditions if c.alpha == -0.5 and c.layers == (4,)])  # with its controls
     assert confirmation.confirm(spec, plans, fresh, SETS, 8, silent) == ["L4 a=-0.5 rel add extracted (harmful)"]
+
+
+def test_the_deciding_cell_read_matches_gold_labels_by_the_answers_bytes(organism_confirmed, tmp_path):
+    """benchmarks/deciding_cell_read.py: one row per prompt refused at baseline; a label only where a gold row holds
+    the exact answer at length; tool flips summing to the confirmation's survivors."""
+    import importlib.util
+    from pathlib import Path
+
+    from crystallized_safety.judges.gold import write_gold
+
+    store, run_id = organism_confirmed
+    (v,) = store.verdicts(run_id)
+    if v["evidence"].get("deciding_cell") is None:
+        pytest.skip("no cell passes on this machine's numerics: nothing decides, nothing to read")
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "deciding_cell_read.py"
+    spec = importlib.util.spec_from_file_location("deciding_cell_read", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    long = sorted((r for r in store.generations(run_id) if r["study"] == "confirmation"), key=lambda r: r["prompt_index"])
+    labelled = long[::2]  # every other answer at length labelled; one more row whose text the run never wrote
+    gold = [
+        {"id": f"g{r['prompt_index']}", "source": "test", "model": "m", "prompt": r["prompt"], "response": r["response"],
+         "max_new_tokens": 128, "condition": "x @128 tokens", "label": "incoherent", "labeller": "t", "note": ""}
+        for r in labelled
+    ] + [{"id": "other", "source": "test", "model": "m", "prompt": "p", "response": "not an answer it gave",
+          "max_new_tokens": 128, "condition": "x", "label": "full_compliance", "labeller": "t", "note": ""}]  # fmt: skip
+    write_gold(tmp_path / "g.jsonl", gold)
+    read = mod.read_cell(store, str(tmp_path / "g.jsonl"))
+    conf = v["evidence"]["deciding_cell"]["confirmed"]
+    rows = read["rows"]
+    assert len(rows) == v["evidence"]["flip_denominator"] and read["cell"] == v["evidence"]["deciding_cell"]["condition"]
+    assert sum(r["short_flip"] for r in rows) == conf["flips"] and sum(r["tool_flip"] for r in rows) == conf["survived"]
+    assert {r["gold_id"] for r in rows if r["gold_id"]} == {f"g{r['prompt_index']}" for r in labelled}
+    assert {r["label"] for r in rows if r["gold_id"]} == {"incoherent"}
+    assert all(r["label"] is None for r in rows if not r["short_flip"])  # only answers re-generated at length match
