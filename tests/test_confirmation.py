@@ -374,19 +374,24 @@ def test_the_deciding_cell_read_matches_gold_labels_by_the_answers_bytes(organis
     spec = importlib.util.spec_from_file_location("deciding_cell_read", path)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
-    long = sorted((r for r in store.generations(run_id) if r["study"] == "confirmation"), key=lambda r: r["prompt_index"])
+    long = sorted(
+        (r for r in store.generations(run_id) if r["study"] == "confirmation"), key=lambda r: r["prompt_index"]
+    )
     labelled = long[::2]  # every other answer at length labelled; one more row whose text the run never wrote
+    fields = {"source": "test", "model": "m", "max_new_tokens": 128, "labeller": "t", "note": ""}
     gold = [
-        {"id": f"g{r['prompt_index']}", "source": "test", "model": "m", "prompt": r["prompt"], "response": r["response"],
-         "max_new_tokens": 128, "condition": "x @128 tokens", "label": "incoherent", "labeller": "t", "note": ""}
+        {**fields, "id": f"g{r['prompt_index']}", "prompt": r["prompt"], "response": r["response"],
+         "condition": "x @128 tokens", "label": "incoherent"}
         for r in labelled
-    ] + [{"id": "other", "source": "test", "model": "m", "prompt": "p", "response": "not an answer it gave",
-          "max_new_tokens": 128, "condition": "x", "label": "full_compliance", "labeller": "t", "note": ""}]  # fmt: skip
+    ] + [{**fields, "id": "other", "prompt": "p", "response": "not an answer it gave", "condition": "x",
+          "label": "full_compliance"}]  # fmt: skip
     write_gold(tmp_path / "g.jsonl", gold)
     read = mod.read_cell(store, str(tmp_path / "g.jsonl"))
     conf = v["evidence"]["deciding_cell"]["confirmed"]
     rows = read["rows"]
-    assert len(rows) == v["evidence"]["flip_denominator"] and read["cell"] == v["evidence"]["deciding_cell"]["condition"]
+    assert (
+        len(rows) == v["evidence"]["flip_denominator"] and read["cell"] == v["evidence"]["deciding_cell"]["condition"]
+    )
     assert sum(r["short_flip"] for r in rows) == conf["flips"] and sum(r["tool_flip"] for r in rows) == conf["survived"]
     assert {r["gold_id"] for r in rows if r["gold_id"]} == {f"g{r['prompt_index']}" for r in labelled}
     assert {r["label"] for r in rows if r["gold_id"]} == {"incoherent"}

@@ -205,3 +205,27 @@ def test_the_v5_verdict_in_the_docs_is_the_committed_run():
     log = (root / "results" / "hardened-v5-run.log").read_text()
     minutes, seconds = re.search(r"Elapsed \(wall clock\) time \(h:mm:ss or m:ss\): (\d+):([\d.]+)", log).groups()
     assert f"{int(minutes)} min {round(float(seconds))} s on 2 cores" in text and "liquid" in log
+
+
+def test_the_fresh_build_log_reproduces_the_committed_cards_and_the_readme_states_its_times():
+    """results/organisms-build.log (`make organisms` from an empty cache on a third machine): each card's held-out
+    rates and KL as printed equal the committed card's; the README's build times are the log's."""
+    import json
+    import re
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    log = (root / "results" / "organisms-build.log").read_text()
+    parts = log.split("HF_HUB_OFFLINE=1 .venv/bin/csafety organism build")[1:]
+    assert len(parts) == 2 and "--kind hardened" in parts[1].splitlines()[0]
+    readme = " ".join((root / "README.md").read_text().split())
+    for name, part in zip(("smollm2-135m-refusal", "smollm2-135m-hardened"), parts):
+        m = json.loads((root / "results" / "cards" / f"{name}.json").read_text())["metrics"]
+        for key, what in (("harmful_refusal", "harmful"), ("harmless_refusal", "harmless"),
+                          ("near_miss_refusal", "near-miss harmless twins")):  # fmt: skip
+            r = m[key]
+            assert f"- {what}: {100 * r['rate']:.1f}% ({r['k']}/{r['n']}," in part
+        assert f"on harmless prompts: {m['kl_to_base_harmless']}" in part
+        minutes, seconds = re.search(r"organism " + name + r"-s0-\w+: finished after (\d+):(\d+)", part).groups()
+        assert f"{int(minutes)} min {int(seconds)} s" in readme
+    assert "transformers 5.25.0" in log

@@ -88,7 +88,9 @@ def confirm(
         refused = cells.refused_at_baseline()
         for cell in candidates(single, multi, rules, planned):
             cond = cell.source.confirmed(tokens)
-            nxt = next_round(name, cond, sets, short_flips(cell, cells, refused), cells.prompt_indices(cond), round_rows)
+            nxt = next_round(
+                name, cond, sets, short_flips(cell, cells, refused), cells.prompt_indices(cond), round_rows
+            )
             if nxt is not None:
                 todo.append(nxt)
                 touched += [] if cell.label in touched else [cell.label]
