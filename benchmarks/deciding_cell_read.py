@@ -15,6 +15,7 @@ import json
 import sys
 from pathlib import Path
 
+from crystallized_safety.errors import JudgeError
 from crystallized_safety.experiments.conditions import Condition
 from crystallized_safety.judges.gold import load_gold
 from crystallized_safety.store import Store
@@ -29,7 +30,10 @@ def read_cell(store: Store, gold_name: str) -> dict:
     if not finished:
         sys.exit(f"error: {store.path} holds no finished run: finish (or resume) the run first")
     run = finished[-1]
-    (v,) = store.verdicts(run.run_id)
+    verdicts = store.verdicts(run.run_id)
+    if len(verdicts) != 1:
+        sys.exit(f"error: run {run.run_id[:8]} holds {len(verdicts)} verdicts; read a store of a one-model run")
+    (v,) = verdicts
     cell = v["evidence"]["deciding_cell"]
     confirmed = cell.get("confirmed")
     if not confirmed:
@@ -41,7 +45,11 @@ def read_cell(store: Store, gold_name: str) -> dict:
     short = {r["prompt_index"]: r for r in rows if json_label(r) == cell["condition"]}
     long = {r["prompt_index"]: r for r in rows if r["study"] == "confirmation" and json_label(r) == at_length}
     gold = {}
-    for g in load_gold(gold_name).rows:
+    try:
+        rows_gold = load_gold(gold_name).rows
+    except JudgeError as exc:
+        sys.exit(f"error: {exc}")
+    for g in rows_gold:
         gold.setdefault(sha(g.response), g)
     out = []
     for i in sorted(i for i, r in base.items() if r["refusal"] == 1):

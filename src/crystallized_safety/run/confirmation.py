@@ -6,12 +6,11 @@ Only the cell's short-answer flips are re-generated (a refusal or an incoherent 
 flip at length), in rounds: a quarter of them, or as many as one generate holds (the run's `pack_rows`), whichever
 is more. Each round takes every cell that passes now (single-layer cells; multi-layer ones only when no
 single-layer cell passes) whose flips are not all confirmed, and generates the next part of each at length.
-Larger rounds cost less per row, smaller ones stop sooner for a cell that fails (Qwen2.5-Coder-0.5B, 2 cores of an
-AMD EPYC, 128 tokens: ~2.9 s a row in rounds of 14, ~2.1 s in rounds of 56); on the shipped Qwen study the two
-came out about even (results/qwen-run.log). A flip not yet re-generated keeps its short-answer outcome (an upper
-bound), so a cell whose survivors fall too low stops passing and is confirmed no further: it could not pass
-whatever the rest showed. Rounds end when the cell that decides is fully confirmed (a fully confirmed passing cell
-decides before an unconfirmed one: `decision.deciding_cell`), or no cell passes. The rows are stored under the
+Larger rounds cost less per row, smaller ones stop sooner for a cell that fails. A flip not yet re-generated
+keeps its short-answer outcome (an upper bound), so a cell whose survivors fall too low stops passing and is
+confirmed no further: it could not pass whatever the rest showed. Rounds end when the cell that decides is fully
+confirmed (a fully confirmed passing cell decides before an unconfirmed one: `decision.deciding_cell`), or no cell
+passes. The rows are stored under the
 confirmation's own condition key (study `confirmation`), so a resumed run confirms nothing twice."""
 
 from __future__ import annotations

@@ -100,7 +100,7 @@ class ChunkWorker:
         coh = gate.evaluate(prompts, responses, refusals) if gate is not None else [None] * len(prompts)
         out, pos = [], 0
         for chunk in pack:
-            rows = []
+            rows, indices = [], chunk.indices  # a subset's eval-set indices, else start, start + 1, ...
             for i in range(len(chunk.prompts)):
                 g, v, s, c = gens[pos], verdicts[pos], scores[pos], coh[pos]
                 pos += 1
@@ -111,7 +111,7 @@ class ChunkWorker:
                         condition_key=chunk.condition.key,
                         condition=chunk.condition.to_json(),
                         prompt_set=chunk.condition.prompt_set,
-                        prompt_index=chunk.indices[i],
+                        prompt_index=indices[i],
                         prompt=g.prompt,
                         response=g.response,
                         n_tokens=len(g.token_ids),
