@@ -99,3 +99,32 @@ def test_dry_run_says_frontier_walks_are_upper_bounds(tiny_model_dirs, tmp_path)
     # the tiny model has 4 layers: band = layer 2; (3 add steps + 1 affine) x (cell + control) = 8 walk cells
     assert "upper bounds: 8 of the cells are frontier walks" in " ".join(res.stdout.split())
     assert "(cells=10 generations=" in res.stdout  # + 2 baselines
+
+
+def test_a_build_estimate_for_an_attacking_recipe_adds_its_reextractions_and_screens(monkeypatch):
+    """Every timed interval takes 1 s on a fake clock: a liquid recipe is one step x (steps + the other phases);
+    a ladder recipe adds one re-extraction per `reextract_every` steps and one screen per `curriculum_every`
+    steps, the screen timed on a sample of its cells and scaled to all of them."""
+    import itertools
+    import types
+
+    from conftest import make_tiny
+    from crystallized_safety.organism import build
+    from crystallized_safety.organism.recipe import Recipe, hardened_recipe
+    from crystallized_safety.prompts import bundled
+
+    clock = itertools.count()
+    monkeypatch.setattr(build, "time", types.SimpleNamespace(perf_counter=lambda: float(next(clock))))
+    model = make_tiny("llama")
+    n_harmful, n_harmless = len(bundled("harmful", "train")), len(bundled("harmless", "train"))
+    liquid = Recipe()
+    steps = -(-(n_harmful + 2 * n_harmless) // liquid.batch_size) * liquid.epochs
+    assert build.estimate_build_seconds(model, liquid) == steps + build.OTHER_PHASES_IN_STEPS
+
+    ladder = Recipe(**{**hardened_recipe(version="v5").__dict__, "attack_band": (1, 2)})  # 2 layers x 4 rungs
+    steps = -(-(3 * n_harmful + 2 * n_harmless) // ladder.batch_size)
+    refreshes, screens = -(-steps // 10), -(-steps // 10)
+    want = steps + build.HARDENED_OTHER_PHASES_IN_STEPS + refreshes + screens  # 8 cells: each one screened
+    assert build.estimate_build_seconds(model, ladder) == want
+    wide = Recipe(**{**ladder.__dict__, "attack_band": (0, 3)})  # 16 cells: every second one screened, x 2
+    assert build.estimate_build_seconds(model, wide) == want + screens

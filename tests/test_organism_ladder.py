@@ -229,3 +229,38 @@ def test_the_fresh_build_log_reproduces_the_committed_cards_and_the_readme_state
         minutes, seconds = re.search(r"organism " + name + r"-s0-\w+: finished after (\d+):(\d+)", part).groups()
         assert f"{int(minutes)} min {int(seconds)} s" in readme
     assert "transformers 5.25.0" in log
+
+
+def test_the_immune_card_of_record_is_its_recipe_and_the_docs_state_it():
+    import json
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    card = json.loads((root / "results" / "cards" / "smollm2-135m-immune.json").read_text())
+    recipe = {k: tuple(v) if isinstance(v, list) else v for k, v in card["recipe"].items()}
+    assert Recipe(**recipe) == immune_recipe() and card["name"] == IMMUNE_NAME
+    data = card["training_data"]
+    counts = (data["harmful_train_count"], data["harmless_train_count"], card["training"]["examples"])
+    assert card["training"]["attacks"] == planned_attacks(immune_recipe(), *counts)
+    m = card["metrics"]
+    pct = [f"{100 * m[k]['rate']:.1f}" for k in ("harmful_refusal", "harmless_refusal", "near_miss_refusal")]
+    steer_best, multi = m["steering_check"]["best"], m["multilayer_check"]["best"]
+    row = next(
+        line for line in (root / "docs" / "organisms.md").read_text().splitlines() if line.startswith("| immune (")
+    )
+    assert f"| {' / '.join(pct)}% | {m['kl_to_base_harmless']:.3f} |" in row
+    best = f"L{steer_best['layer']} -{steer_best['rel_alpha']}: {100 * steer_best['direction_rate']:.1f}% "
+    assert f"{best}(random {100 * steer_best['random_rate']:.1f}%)" in row
+    assert f"L{multi['layers']} -{multi['rel_alpha_per_layer']} each: {100 * multi['rate']:.1f}%, random " in row
+    assert f"random {100 * multi['random_rate']:.1f}%" in row
+    assert f"{card['training']['train_seconds'] / 60:.1f} min training" in row
+    assert f"({card['training']['attacks']} attacks)" in row
+    import re
+
+    text = " ".join((root / "docs" / "organisms.md").read_text().split())
+    log = (root / "results" / "organism-immune-build.log").read_text()
+    minutes, seconds = re.search(r"Elapsed \(wall clock\) time \(h:mm:ss or m:ss\): (\d+):([\d.]+)", log).groups()
+    assert "Exit status: 0" in log and f"(build {card['build_seconds']} s)" in log
+    assert f"in {int(minutes)} min {round(float(seconds))} s) is the immune row above" in text
+    assert f"harmful refusal ({pct[0]}%) misses the 90%" in text and m["harmful_refusal"]["rate"] < 0.9
+    assert f"against {100 * multi['random_rate']:.1f}% for random directions" in text

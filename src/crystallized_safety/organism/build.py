@@ -35,11 +35,15 @@ from ..environment import environment
 from ..progress import Progress, Reporter, silent
 from ..prompts import bundled
 from .card import card_markdown, measure
+from .hardening import Attacker
 from .recipe import DEFAULT_NAME, Recipe, default_recipe, organism_dir
 from .training import REFUSALS, base_answers, make_examples, packed_loss, planned_attacks, shared_prefix, train
 
 # Self-distillation + measuring the card cost about this many training steps (measured on two CPU kinds).
 OTHER_PHASES_IN_STEPS = 40
+# ... and for a recipe that attacks, whose card measures more steering checks (multi-layer, the ladder): the v5
+# card's measuring (391.1 s) over the liquid card's training step (4.6 s), AMD EPYC.
+HARDENED_OTHER_PHASES_IN_STEPS = 85
 
 Loader = Callable[..., Model]  # registry.load_model: opens a model by alias or path
 
@@ -78,7 +82,10 @@ def ensure_organism(
 def estimate_build_seconds(model: Model, recipe: Recipe) -> float:
     """Seconds a build will take on this machine: one timed training step on a batch shaped like the
     recipe's (prompts + refusals, + 32-token answers, + unlikelihood spans), times the steps, plus
-    self-distillation and measuring in units of that step (ratios measured on two CPU kinds)."""
+    self-distillation and measuring in units of that step (ratios measured on two CPU kinds). A recipe that
+    attacks (hardened, immune) times its step under the attacks it draws, and adds one timed re-extraction of
+    its directions per `reextract_every` steps and one curriculum screen (timed on about 8 of its cells, scaled)
+    per `curriculum_every` steps."""
     harmful = list(bundled("harmful", "train"))[: recipe.batch_size]
     n = len(harmful)
     answer = " ".join(["word"] * recipe.target_tokens)
@@ -87,19 +94,46 @@ def estimate_build_seconds(model: Model, recipe: Recipe) -> float:
     answers = make_examples(model, harmful, [answer] * n, [False] * n)
     examples = refusals[:third] + answers[third : 2 * third]
     examples += [(p, r[:4], 1.0, (0, 4)) for p, r, _w, _s in refusals[2 * third :]]  # unlikelihood-shaped
-    prefix = 0 if recipe.attack_p > 0 else shared_prefix([ex[0] for ex in examples])  # attacked: unshared
-    with torch.autocast(model.device.type, dtype=torch.bfloat16, enabled=recipe.precision == "bf16"):
-        # warm-up (kernel selection, allocation), then the timed step
-        packed_loss(model, examples, recipe.first_token_weight, prefix).backward()
-        t0 = time.perf_counter()
-        packed_loss(model, examples, recipe.first_token_weight, prefix).backward()
-        step = time.perf_counter() - t0
-    model.hf.zero_grad(set_to_none=True)
     n_examples = len(bundled("harmful", "train")) * recipe.harmful_repeats + len(bundled("harmless", "train")) * (
         2 if recipe.unlikelihood_weight > 0 else 1
     )
     steps = -(-n_examples // recipe.batch_size) * recipe.epochs
-    return step * (steps + OTHER_PHASES_IN_STEPS)
+    attacks, overhead, other = [], 0.0, OTHER_PHASES_IN_STEPS
+    if recipe.attack_p > 0:
+        attacks, overhead = _attack_overhead(model, recipe, steps, [True] * third + [False] * (n - third))
+        other = HARDENED_OTHER_PHASES_IN_STEPS
+    prefix = 0 if recipe.attack_p > 0 else shared_prefix([ex[0] for ex in examples])  # attacked: unshared
+    with torch.autocast(model.device.type, dtype=torch.bfloat16, enabled=recipe.precision == "bf16"):
+        # warm-up (kernel selection, allocation), then the timed step
+        packed_loss(model, examples, recipe.first_token_weight, prefix, attacks).backward()
+        t0 = time.perf_counter()
+        packed_loss(model, examples, recipe.first_token_weight, prefix, attacks).backward()
+        step = time.perf_counter() - t0
+    model.hf.zero_grad(set_to_none=True)
+    return step * (steps + other) + overhead
+
+
+def _attack_overhead(model: Model, recipe: Recipe, steps: int, harmful_rows: list[bool]) -> tuple[list, float]:
+    """(a batch's attacks, seconds of re-extraction and curriculum screens over the build), timed on `model`."""
+    attacker = Attacker(recipe, bundled("harmful", "train"), bundled("harmless", "train"), recipe.seed)
+    cells = attacker.cells
+    attacker.cells = []  # the first refresh re-extracts only; the screen is timed apart below
+    t0 = time.perf_counter()
+    attacker.refresh(model, 0)
+    extract_s = time.perf_counter() - t0
+    attacker.cells = cells
+    attacks = attacker.draw(["harmful" if h else "harmless" for h in harmful_rows])
+    screen_s = 0.0
+    if recipe.curriculum_every > 0 and cells:
+        attacker.cells = cells[:: max(1, len(cells) // 8)]
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            attacker.screen(model, 0)
+        screen_s = (time.perf_counter() - t0) * len(cells) / len(attacker.cells)
+        attacker.cells = cells
+    refreshes = -(-steps // recipe.reextract_every)
+    screens = -(-steps // recipe.curriculum_every) if recipe.curriculum_every > 0 else 0
+    return attacks, refreshes * extract_s + screens * screen_s
 
 
 def build_organism(
