@@ -264,3 +264,38 @@ def test_the_immune_card_of_record_is_its_recipe_and_the_docs_state_it():
     assert f"in {int(minutes)} min {round(float(seconds))} s) is the immune row above" in text
     assert f"harmful refusal ({pct[0]}%) misses the 90%" in text and m["harmful_refusal"]["rate"] < 0.9
     assert f"against {100 * multi['random_rate']:.1f}% for random directions" in text
+
+
+def test_the_immune_verdict_in_the_docs_is_the_committed_run():
+    """results/immune.json (configs/immune.yaml): the verdict, its deciding cell, the multi-layer study's best window
+    and the run's time, as docs/organisms.md states them, with Wilson intervals recomputed."""
+    import json
+    import re
+    from pathlib import Path
+
+    from crystallized_safety.stats import wilson_interval
+
+    root = Path(__file__).resolve().parents[1]
+    (v,) = json.loads((root / "results" / "immune.json").read_text())["verdicts"]
+    ev = v["evidence"]
+    cell, multi = ev["deciding_cell"], ev["best_multi"]
+    assert v["model"] == IMMUNE_NAME and v["verdict"] == "liquid" and ev["k_star"] == 1 and ev["k_star_ci"] == [1, 1]
+    assert cell["condition"] == "L27 θ=120° rotate extracted (harmful)"
+    text = " ".join((root / "docs" / "organisms.md").read_text().split())
+
+    def said(flip):
+        lo, hi = wilson_interval(flip["k"], flip["n"])
+        return f"{flip['k']} of {flip['n']} coherent flips ({100 * flip['rate']:.1f}%, {100 * lo:.1f}-{100 * hi:.1f}%"
+
+    conf, ctrl = cell["confirmed"], cell["control"]["flip"]
+    assert f"120 degrees towards the harmless mean gives {said(cell['flip'])})" in text
+    assert f"all {conf['survived']} surviving at {conf['tokens']} tokens" in text and conf["survived"] == conf["flips"]
+    assert f"against {ctrl['k']} of {ctrl['n']} for a random direction" in text
+    assert f"Holm over {ev['planned_cells']['single']} single-layer cells" in text
+    assert multi["condition"] == "L12,13 a=-0.2 rel add extracted (harmful)"
+    mctrl = multi["control"]["flip"]
+    assert f"L12-13 at -0.2 each, has {said(multi['flip'])};" in text
+    assert f"against {mctrl['k']} of {mctrl['n']} for random directions" in text
+    log = (root / "results" / "immune-run.log").read_text()
+    minutes, seconds = re.search(r"Elapsed \(wall clock\) time \(h:mm:ss or m:ss\): (\d+):([\d.]+)", log).groups()
+    assert f"{int(minutes)} min {round(float(seconds))} s on 2 cores" in text and "Exit status: 0" in log
