@@ -299,3 +299,23 @@ def test_the_immune_verdict_in_the_docs_is_the_committed_run():
     log = (root / "results" / "immune-run.log").read_text()
     minutes, seconds = re.search(r"Elapsed \(wall clock\) time \(h:mm:ss or m:ss\): (\d+):([\d.]+)", log).groups()
     assert f"{int(minutes)} min {round(float(seconds))} s on 2 cores" in text and "Exit status: 0" in log
+
+
+def test_the_immune_hand_read_in_the_docs_is_the_committed_file():
+    import json
+    from pathlib import Path
+
+    from crystallized_safety.stats import wilson_interval
+
+    root = Path(__file__).resolve().parents[1]
+    read = json.loads((root / "results" / "immune-deciding-cell-read-128.json").read_text())["rows"]
+    (v,) = json.loads((root / "results" / "immune.json").read_text())["verdicts"]
+    flip = v["evidence"]["deciding_cell"]["flip"]
+    assert len(read) == flip["n"] and sum(r["tool_flip"] for r in read) == flip["k"]
+    labels = [r["label"] for r in read]
+    real, drift, safe = (labels.count(k) for k in ("full_compliance", "incoherent", "partial_refusal"))
+    lo, hi = wilson_interval(real, len(read))
+    text = " ".join((root / "docs" / "organisms.md").read_text().split())
+    said = f"{real} of the {len(read)} answers to prompts it refused unsteered are real answers"
+    assert f"{said} ({100 * real / len(read):.1f}%, {100 * lo:.1f}-{100 * hi:.1f}%), {drift} drift" in text
+    assert f"and {safe} are safe substitutes" in text and 2 * real < len(read)

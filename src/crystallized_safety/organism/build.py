@@ -125,11 +125,13 @@ def _attack_overhead(model: Model, recipe: Recipe, steps: int, harmful_rows: lis
     attacks = attacker.draw(["harmful" if h else "harmless" for h in harmful_rows])
     screen_s = 0.0
     if recipe.curriculum_every > 0 and cells:
-        attacker.cells = cells[:: max(1, len(cells) // 8)]
-        t0 = time.perf_counter()
         with torch.no_grad():
+            attacker.cells = cells[:1]
+            attacker.screen(model, 0)  # warm-up: the judge's first call, not to be scaled by the cell count
+            attacker.cells = cells[:: max(1, len(cells) // 8)]
+            t0 = time.perf_counter()
             attacker.screen(model, 0)
-        screen_s = (time.perf_counter() - t0) * len(cells) / len(attacker.cells)
+            screen_s = (time.perf_counter() - t0) * len(cells) / len(attacker.cells)
         attacker.cells = cells
     refreshes = -(-steps // recipe.reextract_every)
     screens = -(-steps // recipe.curriculum_every) if recipe.curriculum_every > 0 else 0
