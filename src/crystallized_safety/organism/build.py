@@ -98,19 +98,26 @@ def estimate_build_seconds(model: Model, recipe: Recipe) -> float:
         2 if recipe.unlikelihood_weight > 0 else 1
     )
     steps = -(-n_examples // recipe.batch_size) * recipe.epochs
-    attacks, overhead, other = [], 0.0, OTHER_PHASES_IN_STEPS
-    if recipe.attack_p > 0:
-        attacks, overhead = _attack_overhead(model, recipe, steps, [True] * third + [False] * (n - third))
-        other = HARDENED_OTHER_PHASES_IN_STEPS
-    prefix = 0 if recipe.attack_p > 0 else shared_prefix([ex[0] for ex in examples])  # attacked: unshared
-    with torch.autocast(model.device.type, dtype=torch.bfloat16, enabled=recipe.precision == "bf16"):
-        # warm-up (kernel selection, allocation), then the timed step
-        packed_loss(model, examples, recipe.first_token_weight, prefix, attacks).backward()
-        t0 = time.perf_counter()
-        packed_loss(model, examples, recipe.first_token_weight, prefix, attacks).backward()
-        step = time.perf_counter() - t0
-    model.hf.zero_grad(set_to_none=True)
-    return step * (steps + other) + overhead
+    prefix = shared_prefix([ex[0] for ex in examples])
+
+    def timed_step(attacks: list, prefix: int) -> float:
+        with torch.autocast(model.device.type, dtype=torch.bfloat16, enabled=recipe.precision == "bf16"):
+            # warm-up (kernel selection, allocation), then the mean of two timed steps (one step's time varies)
+            packed_loss(model, examples, recipe.first_token_weight, prefix, attacks).backward()
+            seconds = []
+            for _ in range(2):
+                t0 = time.perf_counter()
+                packed_loss(model, examples, recipe.first_token_weight, prefix, attacks).backward()
+                seconds.append(time.perf_counter() - t0)
+        model.hf.zero_grad(set_to_none=True)
+        return sum(seconds) / len(seconds)
+
+    step = timed_step([], prefix)  # the unit of the other phases (measured in unattacked steps)
+    if recipe.attack_p <= 0:
+        return step * (steps + OTHER_PHASES_IN_STEPS)
+    attacks, overhead = _attack_overhead(model, recipe, steps, [True] * third + [False] * (n - third))
+    attacked = timed_step(attacks, 0)  # attacked batches are packed without a shared prefix
+    return attacked * steps + step * HARDENED_OTHER_PHASES_IN_STEPS + overhead
 
 
 def _attack_overhead(model: Model, recipe: Recipe, steps: int, harmful_rows: list[bool]) -> tuple[list, float]:
