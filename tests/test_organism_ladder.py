@@ -319,3 +319,33 @@ def test_the_immune_hand_read_in_the_docs_is_the_committed_file():
     said = f"{real} of the {len(read)} answers to prompts it refused unsteered are real answers"
     assert f"{said} ({100 * real / len(read):.1f}%, {100 * lo:.1f}-{100 * hi:.1f}%), {drift} drift" in text
     assert f"and {safe} are safe substitutes" in text and 2 * real < len(read)
+
+
+def test_a_second_v5_build_gives_the_committed_card_but_for_times_and_environment():
+    """results/rebuilds/smollm2-135m-hardened-v5.json (another machine, transformers 5.25.0) against the committed v5
+    card: every field equal except wall times, the environment and the start directory's fingerprint."""
+    import json
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+
+    def flat(value, path=""):
+        if isinstance(value, dict):
+            return {k: v for key, item in value.items() for k, v in flat(item, f"{path}.{key}").items()}
+        if isinstance(value, list):
+            return {k: v for i, item in enumerate(value) for k, v in flat(item, f"{path}[{i}]").items()}
+        return {path: value}
+
+    first = flat(json.loads((root / "results" / "cards" / "smollm2-135m-hardened-v5.json").read_text()))
+    second = flat(json.loads((root / "results" / "rebuilds" / "smollm2-135m-hardened-v5.json").read_text()))
+    assert set(first) == set(second) and len(first) > 400
+    differ = {k for k in first if first[k] != second[k]}
+    allowed = {".build_seconds", ".measure_seconds", ".training.train_seconds", ".started_from_hash"}
+    assert differ - allowed <= {k for k in differ if k.startswith(".environment.")}
+    assert ".environment.transformers" in differ  # really another environment
+    assert first[".metrics.harmful_refusal.rate"] == second[".metrics.harmful_refusal.rate"]
+    text = " ".join((root / "docs" / "organisms.md").read_text().split())
+    assert f"another such machine with transformers {second['.environment.transformers']}" in text
+    assert f"built with {first['.environment.transformers']};" in text
+    log = (root / "results" / "rebuilds" / "organism-hardened-v5-build.log").read_text()
+    assert "Exit status: 0" in log and f"(build {second['.build_seconds']} s)" in log
