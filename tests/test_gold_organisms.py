@@ -235,3 +235,16 @@ def test_results_page_states_the_blind_run_from_its_log() -> None:
     assert "(three shuffles, confirmation rows re-judged" in text
     took = round(60 * int(minutes) + float(seconds))
     assert f"[`results/organisms-blind.log`](../results/organisms-blind.log), {took} s)" in text
+
+
+def test_results_page_states_the_immune_blind_run_from_its_log() -> None:
+    import re
+
+    log = (RESULTS / "immune-blind.log").read_text()
+    rows = re.findall(r"│ (\d)\s+│ (liquid|immune|crystallized|inconclusive)\s+│ (\w+)\s+│ (\d+) / (\d+)\s+│", log)
+    assert [r[0] for r in rows] == ["0", "1", "2"]  # three shuffles
+    assert all(r[1] == r[2] and r[3] == r[4] for r in rows)  # stored == blind, verdict and K*
+    stored = json.loads((RESULTS / "immune.json").read_text())["verdicts"][0]
+    assert {r[1] for r in rows} == {stored["verdict"]}
+    text = " ".join((ROOT / "docs" / "results.md").read_text().split())
+    assert "`csafety blind --seeds 3`: anonymous names, three shuffles) gives the same verdict and K*" in text

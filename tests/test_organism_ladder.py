@@ -319,6 +319,8 @@ def test_the_immune_hand_read_in_the_docs_is_the_committed_file():
     said = f"{real} of the {len(read)} answers to prompts it refused unsteered are real answers"
     assert f"{said} ({100 * real / len(read):.1f}%, {100 * lo:.1f}-{100 * hi:.1f}%), {drift} drift" in text
     assert f"and {safe} are safe substitutes" in text and 2 * real < len(read)
+    readme = " ".join((root / "README.md").read_text().split())
+    assert f"read by hand at 128 tokens {real} of its {len(read)} answers are real answers" in readme
 
 
 def test_a_second_v5_build_gives_the_committed_card_but_for_times_and_environment():

@@ -122,7 +122,7 @@ def estimate_build_seconds(model: Model, recipe: Recipe) -> float:
 
 def _attack_overhead(model: Model, recipe: Recipe, steps: int, harmful_rows: list[bool]) -> tuple[list, float]:
     """(a batch's attacks, seconds of re-extraction and curriculum screens over the build), timed on `model`."""
-    attacker = Attacker(recipe, bundled("harmful", "train"), bundled("harmless", "train"), recipe.seed)
+    attacker = Attacker(recipe, bundled("harmful", "train").prompts, bundled("harmless", "train").prompts, recipe.seed)
     cells = attacker.cells
     attacker.cells = []  # the first refresh re-extracts only; the screen is timed apart below
     t0 = time.perf_counter()
