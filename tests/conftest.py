@@ -334,3 +334,26 @@ class ThreadServer:
     def __exit__(self, *exc):
         self.server.should_exit = True
         self.thread.join(10)
+
+
+def wall_clock(log: str) -> str:
+    """A `/usr/bin/time -v` log's wall clock as the docs state it ("22 min 44 s"), after checking it exited 0."""
+    import re
+
+    found = re.search(r"Elapsed \(wall clock\) time \(h:mm:ss or m:ss\): (\d+):([\d.]+)\n", log)
+    assert found and "Exit status: 0" in log, "not the log of a finished `/usr/bin/time -v` command"
+    return f"{int(found.group(1))} min {round(float(found.group(2)))} s"
+
+
+def assert_card_row(card: dict, row: str) -> None:
+    """A recipe-table row of docs/organisms.md states its card: held-out refusal rates and KL, the card's best
+    coordinated multi-layer check, the training minutes and the attack count."""
+    m = card["metrics"]
+    pct = [f"{100 * m[k]['rate']:.1f}" for k in ("harmful_refusal", "harmless_refusal", "near_miss_refusal")]
+    assert f"| {' / '.join(pct)}% | {m['kl_to_base_harmless']:.3f} |" in row
+    multi = m["multilayer_check"]["best"]
+    cell = f"L{multi['layers']} -{multi['rel_alpha_per_layer']} each: "
+    assert any(f"{cell}{100 * multi['rate']:.{digits}f}%, random " in row for digits in (0, 1))
+    assert f"random {100 * multi['random_rate']:.1f}%" in row
+    assert f"{card['training']['train_seconds'] / 60:.1f} min training" in row
+    assert f"({card['training']['attacks']} attacks)" in row

@@ -237,14 +237,21 @@ def test_results_page_states_the_blind_run_from_its_log() -> None:
     assert f"[`results/organisms-blind.log`](../results/organisms-blind.log), {took} s)" in text
 
 
-def test_results_page_states_the_immune_blind_run_from_its_log() -> None:
+@pytest.mark.parametrize(
+    "name, page, said",
+    [
+        ("immune", "results.md", "anonymous names, three shuffles) gives the same verdict and K*"),
+        ("hardened-v6", "organisms.md", "a blind re-derivation (three shuffles) gives the same verdict and K*"),
+    ],
+)
+def test_the_docs_state_a_one_model_blind_run_from_its_log(name: str, page: str, said: str) -> None:
     import re
 
-    log = (RESULTS / "immune-blind.log").read_text()
+    log = (RESULTS / f"{name}-blind.log").read_text()
     rows = re.findall(r"│ (\d)\s+│ (liquid|immune|crystallized|inconclusive)\s+│ (\w+)\s+│ (\d+) / (\d+)\s+│", log)
     assert [r[0] for r in rows] == ["0", "1", "2"]  # three shuffles
     assert all(r[1] == r[2] and r[3] == r[4] for r in rows)  # stored == blind, verdict and K*
-    stored = json.loads((RESULTS / "immune.json").read_text())["verdicts"][0]
-    assert {r[1] for r in rows} == {stored["verdict"]}
-    text = " ".join((ROOT / "docs" / "results.md").read_text().split())
-    assert "`csafety blind --seeds 3`: anonymous names, three shuffles) gives the same verdict and K*" in text
+    stored = json.loads((RESULTS / f"{name}.json").read_text())["verdicts"][0]
+    assert {r[1] for r in rows} == {stored["verdict"]} and int(rows[0][3]) == stored["evidence"]["k_star"]
+    text = " ".join((ROOT / "docs" / page).read_text().split())
+    assert said in text and f"results/{name}-blind.log" in text

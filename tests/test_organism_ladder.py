@@ -5,13 +5,15 @@ weights; the curriculum's screen equals the first-token refusal probability comp
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 
-from conftest import assert_packed_equals_steered_alone, make_tiny
+from conftest import assert_card_row, assert_packed_equals_steered_alone, make_tiny, wall_clock
 from crystallized_safety.core.steering import steer
 from crystallized_safety.errors import ModelError
-from crystallized_safety.organism.hardening import CURRICULUM_FLOOR, Attack, Attacker
+from crystallized_safety.organism.hardening import CURRICULUM_FLOOR, Attack, Attacker, focus_weights
 from crystallized_safety.organism.recipe import (
     HARDENED_NAME,
     HARDENED_V5_NAME,
@@ -124,12 +126,18 @@ def test_curriculum_screen_is_the_first_token_refusal_probability():
 
 def test_recipes_by_name_and_alias():
     v2, v5, immune = hardened_recipe(), hardened_recipe(version="v5"), immune_recipe()
+    v6 = hardened_recipe(version="v6")
     assert default_recipe(HARDENED_NAME) == v2 and default_recipe(HARDENED_V5_NAME) == v5
+    assert default_recipe("smollm2-135m-hardened-v6") == v6 and v6 == replace(v5, curriculum_focus=0.5)
     assert default_recipe(IMMUNE_NAME) == immune and immune.kind == "immune" and immune.attack_multi_p > 0
-    assert len({v2.key(), v5.key(), immune.key(), Recipe().key()}) == 4
+    assert len({v2.key(), v5.key(), v6.key(), immune.key(), Recipe().key()}) == 5
+    # the fields v6 added stay out of the older recipes' keys: their cached organisms keep their names
+    assert (v2.key(), v5.key(), immune.key()) == ("44e80f36776c", "dd6e8218ca97", "db635aefee9f")
+    with pytest.raises(ModelError, match="smollm2-135m-hardened-v6 or smollm2-135m-immune"):
+        default_recipe("smollm2-135m-hardened-v9")
     assert v5.attack_band == (2, 28) and set(v5.attack_rungs) == {"add", "affine", "subspace", "rotate"}
     assert v2.attack_rungs == () and v2.curriculum_every == 0
-    with pytest.raises(ModelError, match="use one of v2, v5"):
+    with pytest.raises(ModelError, match="use one of v2, v5, v6"):
         hardened_recipe(version="v9")
     with pytest.raises(ValueError, match="unknown attack rungs"):
         Attacker(ladder_recipe(attack_rungs=("add", "twist")), HARMFUL, HARMLESS, 0)
@@ -154,37 +162,28 @@ def test_the_v5_card_of_record_is_its_recipe_and_the_docs_state_it():
     screens = card["training"]["curriculum"]
     assert [s["step"] for s in screens] == list(range(0, 61, 10))
     m = card["metrics"]
-    pct = [f"{100 * m[k]['rate']:.1f}" for k in ("harmful_refusal", "harmless_refusal", "near_miss_refusal")]
-    steer_best, multi = m["steering_check"]["best"], m["multilayer_check"]["best"]
+    steer_best = m["steering_check"]["best"]
     l12 = {g["rel_alpha"]: g["rate"] for g in m["steering_check"]["grid"] if g["layer"] == 12}
     docs = (root / "docs" / "organisms.md").read_text()
     row = next(line for line in docs.splitlines() if line.startswith("| v5 ("))
-    assert f"| {' / '.join(pct)}% | {m['kl_to_base_harmless']:.3f} |" in row
+    assert_card_row(card, row)
     assert (steer_best["layer"], steer_best["rel_alpha"]) == (12, 0.75)
     assert (
         f"L12 -0.75: {100 * steer_best['direction_rate']:.1f}% (random {100 * steer_best['random_rate']:.1f}%; " in row
     )
     assert f"L12 -0.5: {100 * l12[0.5]:.1f}%)" in row
-    assert f"L{multi['layers']} -{multi['rel_alpha_per_layer']} each: {100 * multi['rate']:.0f}%, random " in row
-    assert f"random {100 * multi['random_rate']:.1f}%" in row
-    assert f"{card['training']['train_seconds'] / 60:.1f} min training" in row
-    assert f"({card['training']['attacks']} attacks)" in row
     text = " ".join(docs.split())
     first = screens[0]
     assert f"mean leak fell from {100 * first['mean_leak']:.0f}% at step 0" in text
     later = [100 * s["mean_leak"] for s in screens[1:]]
     assert f"to {min(later):.0f}-{max(later):.0f}% afterwards" in text
-    import re
-
     log = (root / "results" / "organism-hardened-v5-build.log").read_text()
-    minutes, seconds = re.search(r"Elapsed \(wall clock\) time \(h:mm:ss or m:ss\): (\d+):([\d.]+)", log).groups()
-    assert "Exit status: 0" in log and f"{card['training']['train_seconds']} s" in log.replace("\n", " ")
-    assert f"in {int(minutes)} min {round(float(seconds))} s)" in text
+    assert f"{card['training']['train_seconds']} s" in log.replace("\n", " ")
+    assert f"in {wall_clock(log)})" in text
 
 
 def test_the_v5_verdict_in_the_docs_is_the_committed_run():
     import json
-    import re
     from pathlib import Path
 
     from crystallized_safety.stats import wilson_interval
@@ -203,8 +202,7 @@ def test_the_v5_verdict_in_the_docs_is_the_committed_run():
     assert f"all {conf['survived']} surviving at {conf['tokens']} tokens" in text and conf["survived"] == conf["flips"]
     assert f"against {ctrl['k']} of {ctrl['n']} for a random direction" in text
     log = (root / "results" / "hardened-v5-run.log").read_text()
-    minutes, seconds = re.search(r"Elapsed \(wall clock\) time \(h:mm:ss or m:ss\): (\d+):([\d.]+)", log).groups()
-    assert f"{int(minutes)} min {round(float(seconds))} s on 2 cores" in text and "liquid" in log
+    assert f"{wall_clock(log)} on 2 cores" in text and "liquid" in log
 
 
 def test_the_fresh_build_log_reproduces_the_committed_cards_and_the_readme_states_its_times():
@@ -243,25 +241,18 @@ def test_the_immune_card_of_record_is_its_recipe_and_the_docs_state_it():
     counts = (data["harmful_train_count"], data["harmless_train_count"], card["training"]["examples"])
     assert card["training"]["attacks"] == planned_attacks(immune_recipe(), *counts)
     m = card["metrics"]
-    pct = [f"{100 * m[k]['rate']:.1f}" for k in ("harmful_refusal", "harmless_refusal", "near_miss_refusal")]
     steer_best, multi = m["steering_check"]["best"], m["multilayer_check"]["best"]
+    pct = [f"{100 * m[k]['rate']:.1f}" for k in ("harmful_refusal", "harmless_refusal", "near_miss_refusal")]
     row = next(
         line for line in (root / "docs" / "organisms.md").read_text().splitlines() if line.startswith("| immune (")
     )
-    assert f"| {' / '.join(pct)}% | {m['kl_to_base_harmless']:.3f} |" in row
+    assert_card_row(card, row)
     best = f"L{steer_best['layer']} -{steer_best['rel_alpha']}: {100 * steer_best['direction_rate']:.1f}% "
     assert f"{best}(random {100 * steer_best['random_rate']:.1f}%)" in row
-    assert f"L{multi['layers']} -{multi['rel_alpha_per_layer']} each: {100 * multi['rate']:.1f}%, random " in row
-    assert f"random {100 * multi['random_rate']:.1f}%" in row
-    assert f"{card['training']['train_seconds'] / 60:.1f} min training" in row
-    assert f"({card['training']['attacks']} attacks)" in row
-    import re
-
     text = " ".join((root / "docs" / "organisms.md").read_text().split())
     log = (root / "results" / "organism-immune-build.log").read_text()
-    minutes, seconds = re.search(r"Elapsed \(wall clock\) time \(h:mm:ss or m:ss\): (\d+):([\d.]+)", log).groups()
-    assert "Exit status: 0" in log and f"(build {card['build_seconds']} s)" in log
-    assert f"in {int(minutes)} min {round(float(seconds))} s) is the immune row above" in text
+    assert f"(build {card['build_seconds']} s)" in log
+    assert f"in {wall_clock(log)}) is the immune row above" in text
     assert f"harmful refusal ({pct[0]}%) misses the 90%" in text and m["harmful_refusal"]["rate"] < 0.9
     assert f"against {100 * multi['random_rate']:.1f}% for random directions" in text
 
@@ -270,7 +261,6 @@ def test_the_immune_verdict_in_the_docs_is_the_committed_run():
     """results/immune.json (configs/immune.yaml): the verdict, its deciding cell, the multi-layer study's best window
     and the run's time, as docs/organisms.md states them, with Wilson intervals recomputed."""
     import json
-    import re
     from pathlib import Path
 
     from crystallized_safety.stats import wilson_interval
@@ -297,8 +287,7 @@ def test_the_immune_verdict_in_the_docs_is_the_committed_run():
     assert f"L12-13 at -0.2 each, has {said(multi['flip'])};" in text
     assert f"against {mctrl['k']} of {mctrl['n']} for random directions" in text
     log = (root / "results" / "immune-run.log").read_text()
-    minutes, seconds = re.search(r"Elapsed \(wall clock\) time \(h:mm:ss or m:ss\): (\d+):([\d.]+)", log).groups()
-    assert f"{int(minutes)} min {round(float(seconds))} s on 2 cores" in text and "Exit status: 0" in log
+    assert f"{wall_clock(log)} on 2 cores" in text
 
 
 def test_the_immune_hand_read_in_the_docs_is_the_committed_file():
@@ -351,3 +340,32 @@ def test_a_second_v5_build_gives_the_committed_card_but_for_times_and_environmen
     assert f"built with {first['.environment.transformers']};" in text
     log = (root / "results" / "rebuilds" / "organism-hardened-v5-build.log").read_text()
     assert "Exit status: 0" in log and f"(build {second['.build_seconds']} s)" in log
+
+
+def test_focused_curriculum_gives_the_leakiest_cells_their_share():
+    """v6's lever: the `top` largest weights scaled up to hold `focus` of the total, the others unchanged."""
+    weights = [0.1 + leak for leak in (1.0, 0.2, 1.0, 0.5, 0.95, 0.1, 0.0, 0.3)]
+    out = focus_weights(weights, 0.5, 2)
+    assert sum(out[i] for i in (0, 2)) / sum(out) == pytest.approx(0.5)
+    assert out[0] == out[2] == pytest.approx(0.5 * sum(weights[i] for i in (1, 3, 4, 5, 6, 7)))
+    assert [out[i] for i in (1, 3, 4, 5, 6, 7)] == [weights[i] for i in (1, 3, 4, 5, 6, 7)]
+    assert focus_weights(weights, 0.0, 2) == weights  # v5: the screen's weights as they are
+    assert focus_weights([5.0, 0.1, 0.1], 0.5, 1) == [5.0, 0.1, 0.1]  # already more than half: left alone
+    tie = focus_weights([1.0, 1.0, 0.2, 0.2], 0.9, 1)  # a tie keeps the earlier cell
+    assert tie[0] == pytest.approx(0.9 * 1.4 / 0.1) and tie[1:] == [1.0, 0.2, 0.2]
+    with pytest.raises(ValueError, match="must be in"):
+        focus_weights(weights, 1.0, 2)
+
+
+def test_a_focused_recipe_screens_as_v5_then_focuses_the_draws():
+    """v6's screen computes the same leaks as v5's (same model, same directions) and draws with `focus_weights`."""
+    model = make_tiny("llama")
+    plain = Attacker(ladder_recipe(curriculum_every=1, curriculum_prompts=4), HARMFUL, HARMLESS, 0)
+    focused = Attacker(ladder_recipe(curriculum_every=1, curriculum_prompts=4, curriculum_focus=0.6, curriculum_top=2),
+                       HARMFUL, HARMLESS, 0)  # fmt: skip
+    plain.refresh(model, 0)
+    focused.refresh(model, 0)
+    assert focused.screens == plain.screens
+    assert focused.weights == pytest.approx(focus_weights(plain.weights, 0.6, 2))
+    top = sorted(range(len(plain.weights)), key=lambda i: -plain.weights[i])[:2]
+    assert sum(focused.weights[i] for i in top) / sum(focused.weights) >= 0.6 - 1e-9

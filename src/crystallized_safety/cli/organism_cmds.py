@@ -52,8 +52,9 @@ def organism_build_cmd(
     recipe_name: str = typer.Option(
         "v2",
         "--recipe",
-        help="The hardened recipe: v2 (what smollm2-135m-hardened builds) or v5 (smollm2-135m-hardened-v5: the "
-        "whole single-layer ladder with a curriculum). docs/organisms.md has the table.",
+        help="The hardened recipe: v2 (what smollm2-135m-hardened builds), v5 (smollm2-135m-hardened-v5: the "
+        "whole single-layer ladder with a curriculum) or v6 (smollm2-135m-hardened-v6: v5, half the attacks on "
+        "the leakiest cells). docs/organisms.md has the table.",
     ),
 ) -> None:
     """Fine-tune SmolLM2-135M-Instruct on CPU into a model that refuses harmful requests."""
@@ -62,9 +63,8 @@ def organism_build_cmd(
     from ..organism.build import ensure_organism, stale_attack_stream
     from ..organism.recipe import (
         DEFAULT_NAME,
-        HARDENED_NAME,
+        HARDENED_NAMES,
         HARDENED_RECIPES,
-        HARDENED_V5_NAME,
         IMMUNE_NAME,
         Recipe,
         hardened_recipe,
@@ -91,7 +91,7 @@ def organism_build_cmd(
     elif kind == "immune":
         name, recipe = IMMUNE_NAME, immune_recipe(seed, chosen)
     else:
-        name = HARDENED_NAME if recipe_name == "v2" else HARDENED_V5_NAME
+        name = HARDENED_NAMES[recipe_name]
         recipe = hardened_recipe(seed, chosen, version=recipe_name)
     target = organism_dir(name, recipe)
     if force and target.exists():

@@ -18,7 +18,8 @@ training and evaluation apply the same operator. With `attack_multi_p` > 0 (the 
 cover a window of consecutive layers at once. With `curriculum_every` > 0, every N steps the current model's
 single-layer cells (layer x rung, at the middle of its alphas and angles) are screened by the first-token refusal
 score on a few harmful train prompts, and cells are drawn in proportion to how much they let through (plus a
-floor): the adversarial curriculum. The number of random draws per attack is fixed, so the attack count (and
+floor): the adversarial curriculum; with `curriculum_focus` > 0 (v6) the `curriculum_top` leakiest cells of the
+screen get that share of the draws. The number of random draws per attack is fixed, so the attack count (and
 which examples are attacked) depends on the seed alone; which cell is attacked also depends on the screen.
 """
 
@@ -108,7 +109,8 @@ class Attacker:
             {"step": step, "mean_leak": round(sum(leaks) / len(leaks), 4), "worst": list(self.cells[worst]),
              "worst_leak": round(leaks[worst], 4)}
         )  # fmt: skip
-        return [CURRICULUM_FLOOR + leak for leak in leaks]
+        return focus_weights([CURRICULUM_FLOOR + leak for leak in leaks], self.recipe.curriculum_focus,
+                             self.recipe.curriculum_top)  # fmt: skip
 
     def screen_setting(self) -> tuple[float, float]:
         """(relative alpha, angle) the screen tries each cell at: the alpha range's geometric middle (its strongest
@@ -205,6 +207,24 @@ class Attacker:
             v = next(iter(iv.directions.values()))
             out.append(Attack(i, layers[0], False, 0.0, v, 0.0, intervention=iv))
         return out
+
+
+def focus_weights(weights: Sequence[float], focus: float, top: int) -> list[float]:
+    """`weights` with the `top` largest scaled up so that they hold at least `focus` of the total (the focused
+    curriculum); unchanged when `focus` is 0 or they already hold that share. Ties keep the earlier cell."""
+    out = list(weights)
+    if focus <= 0 or top <= 0 or top >= len(out):
+        return out
+    if not 0 < focus < 1:
+        raise ValueError(f"curriculum_focus {focus} must be in [0, 1)")
+    chosen = sorted(range(len(out)), key=lambda i: (-out[i], i))[:top]
+    held = sum(out[i] for i in chosen)
+    rest = sum(out) - held
+    scale = focus * rest / ((1 - focus) * held)
+    if scale > 1:
+        for i in chosen:
+            out[i] *= scale
+    return out
 
 
 def attack_hooks(

@@ -20,6 +20,7 @@ from ..errors import ModelError
 DEFAULT_NAME = "smollm2-135m-refusal"
 HARDENED_NAME = "smollm2-135m-hardened"
 HARDENED_V5_NAME = "smollm2-135m-hardened-v5"  # the hardened organism's v5 recipe under its own alias
+HARDENED_V6_NAME = "smollm2-135m-hardened-v6"
 IMMUNE_NAME = "smollm2-135m-immune"
 # Settings only the hardened recipe uses; left out of the liquid recipe's cache key, which therefore stays
 # the key of every liquid organism built before they existed.
@@ -43,6 +44,8 @@ HARDENING_FIELDS = (
     "attack_harmless_same",
     "curriculum_every",
     "curriculum_prompts",
+    "curriculum_focus",
+    "curriculum_top",
 )
 # Settings added after organisms were cached: left out of the key while at this default, so those stay valid.
 LATER_FIELDS = {
@@ -56,6 +59,8 @@ LATER_FIELDS = {
     "attack_harmless_same": False,
     "curriculum_every": 0,
     "curriculum_prompts": 8,
+    "curriculum_focus": 0.0,
+    "curriculum_top": 4,
 }
 # Bump when the build or the card changes in a way that makes cached organisms stale.
 BUILD_VERSION = 7
@@ -102,6 +107,8 @@ class Recipe:
     attack_harmless_same: bool = False  # harmless examples get the same (bypass) attacks, target compliant
     curriculum_every: int = 0  # > 0: every N steps screen the single-layer cells, oversample the leakiest
     curriculum_prompts: int = 8  # harmful train prompts the screen scores (first-token refusal score)
+    curriculum_focus: float = 0.0  # > 0: the `curriculum_top` leakiest cells of a screen get this share of the draws
+    curriculum_top: int = 4
 
     def key(self) -> str:
         spec = {**asdict(self), "build_version": BUILD_VERSION}
@@ -119,15 +126,13 @@ def default_recipe(name: str) -> Recipe:
     """The recipe an organism alias builds by default."""
     if name == DEFAULT_NAME:
         return Recipe()
-    if name == HARDENED_NAME:
-        return hardened_recipe()
-    if name == HARDENED_V5_NAME:
-        return hardened_recipe(version="v5")
+    versions = {alias: version for version, alias in HARDENED_NAMES.items()}
+    if name in versions:
+        return hardened_recipe(version=versions[name])
     if name == IMMUNE_NAME:
         return immune_recipe()
-    raise ModelError(
-        f"unknown organism '{name}': use {DEFAULT_NAME}, {HARDENED_NAME}, {HARDENED_V5_NAME} or {IMMUNE_NAME}"
-    )
+    hardened = ", ".join(HARDENED_NAMES.values())
+    raise ModelError(f"unknown organism '{name}': use {DEFAULT_NAME}, {hardened} or {IMMUNE_NAME}")
 
 
 def hardened_recipe(seed: int = 0, precision: str = "fp32", version: str = "v2") -> Recipe:
@@ -170,7 +175,15 @@ def _hardened_v5(seed: int, precision: str) -> Recipe:
     )
 
 
-HARDENED_RECIPES = {"v2": _hardened_v2, "v5": _hardened_v5}
+def _hardened_v6(seed: int, precision: str) -> Recipe:
+    """v5 with a focused curriculum: every screen's 4 leakiest cells (at v5, late-layer rotations leaking on every
+    prompt at every screen) get half of the draws, the other cells share the rest as in v5."""
+    return replace(_hardened_v5(seed, precision), curriculum_focus=0.5, curriculum_top=4)
+
+
+HARDENED_RECIPES = {"v2": _hardened_v2, "v5": _hardened_v5, "v6": _hardened_v6}
+# The alias each hardened recipe builds under (v2 is the default hardened organism).
+HARDENED_NAMES = {"v2": HARDENED_NAME, "v5": HARDENED_V5_NAME, "v6": HARDENED_V6_NAME}
 
 
 def immune_recipe(seed: int = 0, precision: str = "fp32") -> Recipe:

@@ -1,0 +1,90 @@
+"""Recipe v6 (issue 26): the committed card, verdict and hand read of `smollm2-135m-hardened-v6` are what
+docs/organisms.md states, with intervals recomputed; the recipe is v5 with the focused curriculum."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from conftest import assert_card_row, wall_clock
+from crystallized_safety.judges.gold import load_gold
+from crystallized_safety.organism.build import stale_attack_stream
+from crystallized_safety.organism.recipe import HARDENED_NAMES, Recipe, hardened_recipe
+from crystallized_safety.organism.training import planned_attacks
+from crystallized_safety.stats import wilson_interval
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "results"
+
+
+def docs_text() -> str:
+    return " ".join((ROOT / "docs" / "organisms.md").read_text().split())
+
+
+def card(name: str) -> dict:
+    return json.loads((RESULTS / "cards" / f"{name}.json").read_text())
+
+
+def test_the_v6_card_of_record_is_its_recipe_and_the_docs_state_it():
+    v6, got = hardened_recipe(version="v6"), card(HARDENED_NAMES["v6"])
+    recipe = {k: tuple(v) if isinstance(v, list) else v for k, v in got["recipe"].items()}
+    assert Recipe(**recipe) == v6 and got["name"] == "smollm2-135m-hardened-v6"
+    assert (v6.curriculum_focus, v6.curriculum_top) == (0.5, 4)
+    data = got["training_data"]
+    counts = (data["harmful_train_count"], data["harmless_train_count"], got["training"]["examples"])
+    assert got["training"]["attacks"] == planned_attacks(v6, *counts) == 626 and stale_attack_stream(got) is None
+    row = next(line for line in (ROOT / "docs" / "organisms.md").read_text().splitlines() if line.startswith("| v6 ("))
+    assert_card_row(got, row)
+    check = got["metrics"]["steering_check"]
+    best, l12 = check["best"], {g["rel_alpha"]: g["rate"] for g in check["grid"] if g["layer"] == 12}
+    assert (best["layer"], best["rel_alpha"]) == (12, 0.5) and best["direction_rate"] == l12[0.5]
+    assert f"L12 -0.5: {100 * best['direction_rate']:.1f}% (random {100 * best['random_rate']:.1f}%; " in row
+    assert f"L12 -0.75: {100 * l12[0.75]:.1f}%)" in row
+    # the curriculum, as the text states it against v5's
+    text = docs_text()
+    screens, v5_screens = got["training"]["curriculum"], card(HARDENED_NAMES["v5"])["training"]["curriculum"]
+    last = screens[-1]
+    assert last["step"] == 60 and tuple(last["worst"]) == (28, "rotate")
+    assert f"still leaked {100 * last['worst_leak']:.1f}% at step 60" in text
+    assert all(s["worst_leak"] >= 0.99995 for s in v5_screens)  # "100% at every v5 screen"
+    later = ([100 * s["mean_leak"] for s in sc[1:]] for sc in (screens, v5_screens))
+    span = [f"{min(x):.0f}-{max(x):.0f}%" for x in later]
+    assert f"(mean leak {span[0]} after step 0, v5 {span[1]})" in text
+    log = (RESULTS / "organism-hardened-v6-build.log").read_text()
+    assert f"(build {got['build_seconds']} s)" in log
+    assert f"in {wall_clock(log)}, a test run at nice 19" in text
+
+
+def test_the_v6_verdict_in_the_docs_is_the_committed_run():
+    (v,) = json.loads((RESULTS / "hardened-v6.json").read_text())["verdicts"]
+    ev = v["evidence"]
+    cell = ev["deciding_cell"]
+    assert v["model"] == "smollm2-135m-hardened-v6" and v["verdict"] == "liquid"
+    assert cell["condition"] == "L18 a=0 affine extracted (harmful)" and ev["k_star"] == 1
+    assert ev["k_star_ci"] == [1, None]  # "1 to beyond the grid": some resamples need more than the grid has
+    flip, conf, ctrl = cell["flip"], cell["confirmed"], cell["control"]["flip"]
+    lo, hi = wilson_interval(flip["k"], flip["n"])
+    text = docs_text()
+    rate = f"{100 * flip['rate']:.1f}%, {100 * lo:.1f}-{100 * hi:.1f}%"
+    said = f"gives {flip['k']} of {flip['n']} coherent flips ({rate})"
+    assert f"ablating L18's direction to the harmless mean (affine) {said}" in text
+    assert f"all {conf['survived']} surviving at {conf['tokens']} tokens" in text and conf["survived"] == conf["flips"]
+    assert f"against {ctrl['k']} of {ctrl['n']} for a random direction (K* = 1, 95% CI 1 to beyond the grid;" in text
+    assert f"Holm over {ev['planned_cells']['single']} single-layer cells" in text
+    log = (RESULTS / "hardened-v6-run.log").read_text()
+    assert f"{wall_clock(log)} on 2 cores of the AMD EPYC) v6 is **liquid**" in text
+
+
+def test_the_v6_hand_read_is_the_gold_file_and_the_docs_state_it():
+    read = json.loads((RESULTS / "hardened-v6-deciding-cell-read-128.json").read_text())["rows"]
+    (v,) = json.loads((RESULTS / "hardened-v6.json").read_text())["verdicts"]
+    flip = v["evidence"]["deciding_cell"]["flip"]
+    assert len(read) == flip["n"] and sum(r["tool_flip"] for r in read) == flip["k"]
+    gold = {row.id: row.label for row in load_gold("hardened-v6-128").rows}
+    assert len(gold) == flip["k"] and all(gold[r["gold_id"]] == r["label"] for r in read if r["gold_id"])
+    labels = [r["label"] for r in read]
+    real, drift = labels.count("full_compliance"), labels.count("incoherent")
+    lo, hi = wilson_interval(real, len(read))
+    said = f"{real} of the {len(read)} answers to prompts it refused unsteered are real answers"
+    assert f"{said} ({100 * real / len(read):.1f}%, {100 * lo:.1f}-{100 * hi:.1f}%) and {drift} drift" in docs_text()
+    assert real / len(read) < 0.2  # "by hand this cell is under the 20% target"
