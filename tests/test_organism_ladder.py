@@ -126,18 +126,20 @@ def test_curriculum_screen_is_the_first_token_refusal_probability():
 
 def test_recipes_by_name_and_alias():
     v2, v5, immune = hardened_recipe(), hardened_recipe(version="v5"), immune_recipe()
-    v6 = hardened_recipe(version="v6")
+    v6, v7 = hardened_recipe(version="v6"), hardened_recipe(version="v7")
     assert default_recipe(HARDENED_NAME) == v2 and default_recipe(HARDENED_V5_NAME) == v5
     assert default_recipe("smollm2-135m-hardened-v6") == v6 and v6 == replace(v5, curriculum_focus=0.5)
+    assert default_recipe("smollm2-135m-hardened-v7") == v7
+    assert v7 == replace(v5, attack_harmless_p=0.0, unlikelihood_weight=1.0)  # v5 without v3's lever
     assert default_recipe(IMMUNE_NAME) == immune and immune.kind == "immune" and immune.attack_multi_p > 0
-    assert len({v2.key(), v5.key(), v6.key(), immune.key(), Recipe().key()}) == 5
+    assert len({v2.key(), v5.key(), v6.key(), v7.key(), immune.key(), Recipe().key()}) == 6
     # the fields v6 added stay out of the older recipes' keys: their cached organisms keep their names
     assert (v2.key(), v5.key(), immune.key()) == ("44e80f36776c", "dd6e8218ca97", "db635aefee9f")
-    with pytest.raises(ModelError, match="smollm2-135m-hardened-v6 or smollm2-135m-immune"):
+    with pytest.raises(ModelError, match="smollm2-135m-hardened-v7 or smollm2-135m-immune"):
         default_recipe("smollm2-135m-hardened-v9")
     assert v5.attack_band == (2, 28) and set(v5.attack_rungs) == {"add", "affine", "subspace", "rotate"}
     assert v2.attack_rungs == () and v2.curriculum_every == 0
-    with pytest.raises(ModelError, match="use one of v2, v5, v6"):
+    with pytest.raises(ModelError, match="use one of v2, v5, v6, v7"):
         hardened_recipe(version="v9")
     with pytest.raises(ValueError, match="unknown attack rungs"):
         Attacker(ladder_recipe(attack_rungs=("add", "twist")), HARMFUL, HARMLESS, 0)

@@ -53,8 +53,9 @@ def organism_build_cmd(
         "v2",
         "--recipe",
         help="The hardened recipe: v2 (what smollm2-135m-hardened builds), v5 (smollm2-135m-hardened-v5: the "
-        "whole single-layer ladder with a curriculum) or v6 (smollm2-135m-hardened-v6: v5, half the attacks on "
-        "the leakiest cells). docs/organisms.md has the table.",
+        "whole single-layer ladder with a curriculum), v6 (smollm2-135m-hardened-v6: v5, half the attacks on "
+        "the leakiest cells) or v7 (smollm2-135m-hardened-v7: v5 without induction attacks on harmless examples). "
+        "docs/organisms.md has the table.",
     ),
 ) -> None:
     """Fine-tune SmolLM2-135M-Instruct on CPU into a model that refuses harmful requests."""

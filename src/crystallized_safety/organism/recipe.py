@@ -21,6 +21,7 @@ DEFAULT_NAME = "smollm2-135m-refusal"
 HARDENED_NAME = "smollm2-135m-hardened"
 HARDENED_V5_NAME = "smollm2-135m-hardened-v5"  # the hardened organism's v5 recipe under its own alias
 HARDENED_V6_NAME = "smollm2-135m-hardened-v6"
+HARDENED_V7_NAME = "smollm2-135m-hardened-v7"
 IMMUNE_NAME = "smollm2-135m-immune"
 # Settings only the hardened recipe uses; left out of the liquid recipe's cache key, which therefore stays
 # the key of every liquid organism built before they existed.
@@ -181,9 +182,15 @@ def _hardened_v6(seed: int, precision: str) -> Recipe:
     return replace(_hardened_v5(seed, precision), curriculum_focus=0.5, curriculum_top=4)
 
 
-HARDENED_RECIPES = {"v2": _hardened_v2, "v5": _hardened_v5, "v6": _hardened_v6}
+def _hardened_v7(seed: int, precision: str) -> Recipe:
+    """v5 without v3's over-refusal lever (no induction attacks on harmless examples, unlikelihood weight 1 as in v2):
+    the ablation that asks whether that lever, which made v3 liquid again, is what leaves v5 a single-layer leak."""
+    return replace(_hardened_v5(seed, precision), attack_harmless_p=0.0, unlikelihood_weight=1.0)
+
+
+HARDENED_RECIPES = {"v2": _hardened_v2, "v5": _hardened_v5, "v6": _hardened_v6, "v7": _hardened_v7}
 # The alias each hardened recipe builds under (v2 is the default hardened organism).
-HARDENED_NAMES = {"v2": HARDENED_NAME, "v5": HARDENED_V5_NAME, "v6": HARDENED_V6_NAME}
+HARDENED_NAMES = {"v2": HARDENED_NAME, "v5": HARDENED_V5_NAME, "v6": HARDENED_V6_NAME, "v7": HARDENED_V7_NAME}
 
 
 def immune_recipe(seed: int = 0, precision: str = "fp32") -> Recipe:
