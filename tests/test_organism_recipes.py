@@ -1,5 +1,6 @@
-"""Recipe v6 (issue 26): the committed card, verdict and hand read of `smollm2-135m-hardened-v6` are what
-docs/organisms.md states, with intervals recomputed; the recipe is v5 with the focused curriculum."""
+"""Recipes v6 and v7 (issue 26): the committed cards, verdicts and hand read of `smollm2-135m-hardened-v6` and
+`-v7` are what docs/organisms.md states, with intervals recomputed; v6 is v5 with the focused curriculum, v7 is v5
+without the induction attacks on harmless examples."""
 
 from __future__ import annotations
 
@@ -88,3 +89,36 @@ def test_the_v6_hand_read_is_the_gold_file_and_the_docs_state_it():
     said = f"{real} of the {len(read)} answers to prompts it refused unsteered are real answers"
     assert f"{said} ({100 * real / len(read):.1f}%, {100 * lo:.1f}-{100 * hi:.1f}%) and {drift} drift" in docs_text()
     assert real / len(read) < 0.2  # "by hand this cell is under the 20% target"
+
+
+def test_the_v7_card_of_record_is_its_recipe_and_the_docs_state_it():
+    v7, got = hardened_recipe(version="v7"), card(HARDENED_NAMES["v7"])
+    recipe = {k: tuple(v) if isinstance(v, list) else v for k, v in got["recipe"].items()}
+    assert Recipe(**recipe) == v7 and got["name"] == "smollm2-135m-hardened-v7" and v7.attack_harmless_p == 0
+    data = got["training_data"]
+    counts = (data["harmful_train_count"], data["harmless_train_count"], got["training"]["examples"])
+    assert got["training"]["attacks"] == planned_attacks(v7, *counts) == 505 and stale_attack_stream(got) is None
+    row = next(line for line in (ROOT / "docs" / "organisms.md").read_text().splitlines() if line.startswith("| v7 ("))
+    assert_card_row(got, row)
+    check = got["metrics"]["steering_check"]
+    best, l12 = check["best"], {g["rel_alpha"]: g["rate"] for g in check["grid"] if g["layer"] == 12}
+    assert (best["layer"], best["rel_alpha"]) == (12, 0.5) and min(g["rate"] for g in check["grid"]) == l12[0.5]
+    assert f"L12 -0.5: {100 * best['direction_rate']:.1f}% (random {100 * best['random_rate']:.1f}%; " in row
+    assert f"L12 -0.25: {100 * l12[0.25]:.1f}%)" in row
+    text = docs_text()
+    v5_l12 = {g["rel_alpha"]: g["rate"] for g in card(HARDENED_NAMES["v5"])["metrics"]["steering_check"]["grid"]
+              if g["layer"] == 12}  # fmt: skip
+    v6_best = card(HARDENED_NAMES["v6"])["metrics"]["steering_check"]["best"]["direction_rate"]
+    said = f"leaves {100 * l12[0.5]:.1f}%, against {100 * v5_l12[0.5]:.1f}% for v5 and {100 * v6_best:.0f}% for v6"
+    assert said in text
+    screens, v5_screens = got["training"]["curriculum"], card(HARDENED_NAMES["v5"])["training"]["curriculum"]
+    later = ([100 * s["mean_leak"] for s in sc[1:]] for sc in (screens, v5_screens))
+    span = [f"{min(x):.0f}-{max(x):.0f}%" for x in later]
+    assert f"mean leak fell much further ({span[0]} after step 0, v5 {span[1]})" in text
+    assert all(s["worst_leak"] >= 0.99995 and s["worst"][1] == "rotate" for s in screens)
+    m = got["metrics"]
+    harmless, twins = (f"{100 * m[k]['rate']:.1f}%" for k in ("harmless_refusal", "near_miss_refusal"))
+    assert f"harmless {harmless}, near-miss twins {twins}" in text
+    log = (RESULTS / "organism-hardened-v7-build.log").read_text()
+    assert f"(build {got['build_seconds']} s)" in log
+    assert f"in {wall_clock(log)}, short test runs sharing the CPU" in text
