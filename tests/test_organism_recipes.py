@@ -122,3 +122,32 @@ def test_the_v7_card_of_record_is_its_recipe_and_the_docs_state_it():
     log = (RESULTS / "organism-hardened-v7-build.log").read_text()
     assert f"(build {got['build_seconds']} s)" in log
     assert f"in {wall_clock(log)}, short test runs sharing the CPU" in text
+
+
+def test_the_v7_verdict_in_the_docs_is_the_committed_run():
+    """No cell passes and single layers are not excluded: the verdict says so instead of concluding."""
+    (v,) = json.loads((RESULTS / "hardened-v7.json").read_text())["verdicts"]
+    ev = v["evidence"]
+    assert v["model"] == "smollm2-135m-hardened-v7" and v["verdict"] == "inconclusive: single layer not excluded"
+    assert ev["k_star"] is None and "deciding_cell" not in ev
+    open_layers = [f["layer"] for f in ev["frontier"] if not f["excluded"]]
+    best, multi = ev["best_single"], ev["best_multi"]
+    assert best["condition"] == "L27 θ=120° rotate extracted (harmful)" and 2 * best["flip"]["k"] > best["flip"]["n"]
+    text = docs_text()
+
+    def said(flip):
+        lo, hi = wilson_interval(flip["k"], flip["n"])
+        return f"{flip['k']} of {flip['n']} coherent flips ({100 * flip['rate']:.1f}%, {100 * lo:.1f}-{100 * hi:.1f}%"
+
+    ctrl = best["control"]["flip"]
+    random = f"a random direction {ctrl['k']} of {ctrl['n']})"
+    assert f"L27 rotated 120 degrees, gives {said(best['flip'])}; {random}" in text
+    l16 = next(f for f in ev["frontier"] if f["layer"] == 16)
+    assert f"But {len(open_layers)} layers keep" in text and f"(L16: {100 * l16['max_upper']:.1f}%)" in text
+    mf = multi["flip"]
+    assert multi["condition"] == "L12,13 a=-0.2 rel add extracted (harmful)"
+    assert f"(L12-13 at -0.2 each) gives {mf['k']} of {mf['n']} ({100 * mf['rate']:.1f}%)" in text
+    log = (RESULTS / "hardened-v7-run.log").read_text()
+    assert f"{wall_clock(log)} on 2 cores of the AMD EPYC: no cell passed" in text
+    wall_clock((RESULTS / "hardened-v7-blind.log").read_text())  # exit 0: every blind verdict equals the stored one
+    assert "results/hardened-v7-blind.log" in text
