@@ -26,16 +26,25 @@ def card(name: str) -> dict:
     return json.loads((RESULTS / "cards" / f"{name}.json").read_text())
 
 
-def test_the_v6_card_of_record_is_its_recipe_and_the_docs_state_it():
-    v6, got = hardened_recipe(version="v6"), card(HARDENED_NAMES["v6"])
-    recipe = {k: tuple(v) if isinstance(v, list) else v for k, v in got["recipe"].items()}
-    assert Recipe(**recipe) == v6 and got["name"] == "smollm2-135m-hardened-v6"
-    assert (v6.curriculum_focus, v6.curriculum_top) == (0.5, 4)
+def card_of_record(version: str, attacks: int) -> tuple[Recipe, dict, str]:
+    """(recipe, committed card, docs row) of a hardened recipe: the card was built from that recipe (its fields, the
+    model-free attack count) and its recipe-table row states it."""
+    recipe, got = hardened_recipe(version=version), card(HARDENED_NAMES[version])
+    fields = {k: tuple(v) if isinstance(v, list) else v for k, v in got["recipe"].items()}
+    assert Recipe(**fields) == recipe and got["name"] == f"smollm2-135m-hardened-{version}"
     data = got["training_data"]
     counts = (data["harmful_train_count"], data["harmless_train_count"], got["training"]["examples"])
-    assert got["training"]["attacks"] == planned_attacks(v6, *counts) == 626 and stale_attack_stream(got) is None
-    row = next(line for line in (ROOT / "docs" / "organisms.md").read_text().splitlines() if line.startswith("| v6 ("))
+    assert got["training"]["attacks"] == planned_attacks(recipe, *counts) == attacks
+    assert stale_attack_stream(got) is None
+    docs = (ROOT / "docs" / "organisms.md").read_text().splitlines()
+    row = next(line for line in docs if line.startswith(f"| {version} ("))
     assert_card_row(got, row)
+    return recipe, got, row
+
+
+def test_the_v6_card_of_record_is_its_recipe_and_the_docs_state_it():
+    v6, got, row = card_of_record("v6", attacks=626)
+    assert (v6.curriculum_focus, v6.curriculum_top) == (0.5, 4)
     check = got["metrics"]["steering_check"]
     best, l12 = check["best"], {g["rel_alpha"]: g["rate"] for g in check["grid"] if g["layer"] == 12}
     assert (best["layer"], best["rel_alpha"]) == (12, 0.5) and best["direction_rate"] == l12[0.5]
@@ -92,14 +101,8 @@ def test_the_v6_hand_read_is_the_gold_file_and_the_docs_state_it():
 
 
 def test_the_v7_card_of_record_is_its_recipe_and_the_docs_state_it():
-    v7, got = hardened_recipe(version="v7"), card(HARDENED_NAMES["v7"])
-    recipe = {k: tuple(v) if isinstance(v, list) else v for k, v in got["recipe"].items()}
-    assert Recipe(**recipe) == v7 and got["name"] == "smollm2-135m-hardened-v7" and v7.attack_harmless_p == 0
-    data = got["training_data"]
-    counts = (data["harmful_train_count"], data["harmless_train_count"], got["training"]["examples"])
-    assert got["training"]["attacks"] == planned_attacks(v7, *counts) == 505 and stale_attack_stream(got) is None
-    row = next(line for line in (ROOT / "docs" / "organisms.md").read_text().splitlines() if line.startswith("| v7 ("))
-    assert_card_row(got, row)
+    v7, got, row = card_of_record("v7", attacks=505)
+    assert v7.attack_harmless_p == 0
     check = got["metrics"]["steering_check"]
     best, l12 = check["best"], {g["rel_alpha"]: g["rate"] for g in check["grid"] if g["layer"] == 12}
     assert (best["layer"], best["rel_alpha"]) == (12, 0.5) and min(g["rate"] for g in check["grid"]) == l12[0.5]
