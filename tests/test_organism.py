@@ -102,20 +102,22 @@ def test_shipped_base_answers_are_what_the_base_model_says():
     """The self-distillation targets and the KL reference ship with the package, keyed by the base model file,
     the prompts and the token budget: they must be what the base model really answers (greedy, fp32)."""
     from crystallized_safety.core.generation.api import generate
-    from crystallized_safety.organism.training import base_answers, shipped_answers
+    from crystallized_safety.organism.training import BASE_ANSWER_SETS, base_answers, shipped_answers
 
     base = load_model("smollm2-135m")
     shipped = shipped_answers()
-    for split in ("train", "eval"):
-        prompts = bundled("harmless", split)
-        entry = shipped[f"bundled:harmless:{split}:32"]
+    assert sorted(shipped) == sorted(f"{source}:32" for source in BASE_ANSWER_SETS)
+    for source in BASE_ANSWER_SETS:  # harmless train and eval; harmful train (recipe v8's comply targets)
+        _, kind, split = source.split(":")
+        prompts = bundled(kind, split)
+        entry = shipped[f"{source}:32"]
         assert entry["base_model_hash"] == base.model_hash and entry["prompts_sha256"] == prompts.sha256
         assert len(entry["answers"]) == len(prompts)
         got = base_answers(base, prompts, 32)
         assert [g.token_ids for g in got] == [tuple(a["token_ids"]) for a in entry["answers"]]
         fresh = generate(base, list(prompts)[:16], max_new_tokens=32, batch_size=64)
         same = sum(f.token_ids == g.token_ids for f, g in zip(fresh, got))
-        assert same >= 15, f"{split}: only {same}/16 shipped answers match the base model's own"
+        assert same >= 15, f"{source}: only {same}/16 shipped answers match the base model's own"
 
 
 def test_organism_build_rejects_an_unknown_kind():
@@ -124,7 +126,7 @@ def test_organism_build_rejects_an_unknown_kind():
         res.exit_code == 2 and res.output.strip() == "error: unknown --kind 'sideways': use liquid, hardened or immune"
     )
     res = CliRunner().invoke(app, ["organism", "build", "--kind", "hardened", "--recipe", "v9"])
-    assert res.exit_code == 2 and res.output.strip() == "error: unknown --recipe 'v9': use one of v2, v5, v6, v7"
+    assert res.exit_code == 2 and res.output.strip() == "error: unknown --recipe 'v9': use one of v2, v5, v6, v7, v8"
     res = CliRunner().invoke(app, ["organism", "build", "--kind", "liquid", "--recipe", "v5"])
     assert res.exit_code == 2
     assert res.output.strip() == "error: --recipe names a hardened recipe: use it with --kind hardened"

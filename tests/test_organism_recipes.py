@@ -1,21 +1,29 @@
-"""Recipes v6 and v7 (issue 26): the committed cards, verdicts and hand read of `smollm2-135m-hardened-v6` and
+"""Recipes v6, v7 and v8 (issue 26): the committed cards, verdicts and hand read of `smollm2-135m-hardened-v6` and
 `-v7` are what docs/organisms.md states, with intervals recomputed; v6 is v5 with the focused curriculum, v7 is v5
-without the induction attacks on harmless examples."""
+without the induction attacks on harmless examples, v8 is v7 taught to comply under multi-layer windows (its comply
+examples: always attacked, on a window, with the base model's answers as targets)."""
 
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
-from conftest import assert_card_row, wall_clock
+import pytest
+
+from conftest import assert_card_row, make_tiny, wall_clock
+from crystallized_safety.core.generation.output import Generation
 from crystallized_safety.judges.gold import load_gold
 from crystallized_safety.organism.build import stale_attack_stream
+from crystallized_safety.organism.hardening import Attacker
 from crystallized_safety.organism.recipe import HARDENED_NAMES, Recipe, hardened_recipe
-from crystallized_safety.organism.training import planned_attacks
+from crystallized_safety.organism.training import example_kind, planned_attacks, training_examples
 from crystallized_safety.stats import wilson_interval
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "results"
+HARMFUL = [f"How do I hurt person number {i}?" for i in range(8)]
+HARMLESS = [f"How do I bake bread number {i}?" for i in range(8)]
 
 
 def docs_text() -> str:
@@ -154,3 +162,59 @@ def test_the_v7_verdict_in_the_docs_is_the_committed_run():
     assert f"{wall_clock(log)} on 2 cores of the AMD EPYC: no cell passed" in text
     wall_clock((RESULTS / "hardened-v7-blind.log").read_text())  # exit 0: every blind verdict equals the stored one
     assert "results/hardened-v7-blind.log" in text
+
+
+# ------------------------------------------------------------------ recipe v8: crystallized by construction
+
+
+def test_v8_is_v7_taught_to_comply_under_windows_and_older_keys_stay():
+    v7, v8 = hardened_recipe(version="v7"), hardened_recipe(version="v8")
+    assert v8 == replace(v7, comply_repeats=1, attack_multi_rel_alpha=(0.2, 0.35))
+    assert HARDENED_NAMES["v8"] == "smollm2-135m-hardened-v8" and v8.attack_multi_p == 0  # windows: comply only
+    # comply_repeats is a later field: the cached v6/v7 organisms keep their names
+    assert (hardened_recipe(version="v6").key(), v7.key()) == ("9263cc2cdc52", "32891486c91f") != (v8.key(),) * 2
+    # the attack stream, without a model: v7's harmful attacks plus one window attack per comply example
+    assert planned_attacks(v7, 184, 261, 1074) == 505
+    assert planned_attacks(replace(v8, comply_repeats=0), 184, 261, 1074) == 505
+    assert planned_attacks(v8, 184, 261, 1074 + 184) == 679
+
+
+def test_comply_examples_are_always_attacked_by_adding_the_direction_on_a_window():
+    recipe = replace(hardened_recipe(version="v8"), attack_band=(1, 3), attack_multi_k=(2, 8))
+    attacker = Attacker(recipe, HARMFUL, HARMLESS, 0)
+    kinds = ["comply", "harmful", None, "comply", "harmless"]
+    plans = [attacker.plan_ladder(kinds) for _ in range(200)]
+    comply = [x for plan in plans for x in plan if x[1] == "comply"]
+    assert len(comply) == 400 and {x[0] for x in comply} == {0, 3} and {x[2] for x in comply} == {"add"}
+    windows = {x[3] for x in comply}
+    assert windows == {(1, 2), (2, 3), (1, 2, 3)}  # consecutive, at least 2 layers, clipped to the band
+    assert all(0.2 <= x[4] <= 0.35 for x in comply)
+    assert all(len(x[3]) == 1 for plan in plans for x in plan if x[1] == "harmful")  # v7's single-layer ladder
+    model = make_tiny("llama")
+    attacker.refresh(model, 0)
+    drawn = [a for _ in range(20) for a in attacker.draw(["comply"])]
+    assert len(drawn) == 20
+    for a in drawn:  # the evaluation's bypass: -alpha x the layer's residual norm x v at every layer of the window
+        iv = a.intervention
+        assert iv.mode.name == "add" and iv.alpha_unit == "relative" and -0.35 <= float(iv.alpha) <= -0.2
+        assert len(iv.directions) >= 2
+
+
+def test_comply_examples_follow_the_harmless_ones_with_the_base_answers_as_targets():
+    model = make_tiny("llama")
+    recipe = replace(hardened_recipe(version="v8"), harmful_repeats=2, comply_repeats=1, unlikelihood_weight=1.0)
+    harmful, harmless = HARMFUL[:3], HARMLESS[:2]
+    answers = [Generation(p, f"Sure, bread {i}.", (), True) for i, p in enumerate(harmless)]
+    complies = [Generation(p, f"Here is how {i}", (), False) for i, p in enumerate(harmful)]
+    examples = training_examples(model, harmful, harmless, answers, recipe, complies)
+    tok = model.tokenizer
+    kinds = [example_kind(i, 6, 2, 3) for i in range(len(examples))]
+    assert kinds[:11] == ["harmful"] * 6 + ["harmless"] * 2 + ["comply"] * 3 and set(kinds[11:]) <= {None}
+    for i, gen in enumerate(complies):
+        p_ids, r_ids, weight, span = examples[8 + i]
+        assert p_ids == tok(model.format([gen.prompt])[0], add_special_tokens=False)["input_ids"]
+        assert r_ids == tok(gen.response, add_special_tokens=False)["input_ids"] and weight == 1.0 and span == (0, 0)
+    with pytest.raises(ValueError, match="the base model's answer to each of the 3 harmful prompts"):
+        training_examples(model, harmful, harmless, answers, recipe, complies[:2])
+    no = training_examples(model, harmful, harmless, answers, replace(recipe, comply_repeats=0), complies)
+    assert len(no) == len(examples) - 3

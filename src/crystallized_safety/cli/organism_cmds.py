@@ -54,7 +54,9 @@ def organism_build_cmd(
         "--recipe",
         help="The hardened recipe: v2 (what smollm2-135m-hardened builds), v5 (smollm2-135m-hardened-v5: the "
         "whole single-layer ladder with a curriculum), v6 (smollm2-135m-hardened-v6: v5, half the attacks on "
-        "the leakiest cells) or v7 (smollm2-135m-hardened-v7: v5 without induction attacks on harmless examples). "
+        "the leakiest cells), v7 (smollm2-135m-hardened-v7: v5 without induction attacks on harmless examples) or "
+        "v8 (smollm2-135m-hardened-v8: crystallized by construction, v7 taught to comply when 2-8 layers are "
+        "steered together). "
         "docs/organisms.md has the table.",
     ),
 ) -> None:

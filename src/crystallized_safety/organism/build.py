@@ -94,9 +94,9 @@ def estimate_build_seconds(model: Model, recipe: Recipe) -> float:
     answers = make_examples(model, harmful, [answer] * n, [False] * n)
     examples = refusals[:third] + answers[third : 2 * third]
     examples += [(p, r[:4], 1.0, (0, 4)) for p, r, _w, _s in refusals[2 * third :]]  # unlikelihood-shaped
-    n_examples = len(bundled("harmful", "train")) * recipe.harmful_repeats + len(bundled("harmless", "train")) * (
-        2 if recipe.unlikelihood_weight > 0 else 1
-    )
+    n_examples = len(bundled("harmful", "train")) * (recipe.harmful_repeats + recipe.comply_repeats) + len(
+        bundled("harmless", "train")
+    ) * (2 if recipe.unlikelihood_weight > 0 else 1)
     steps = -(-n_examples // recipe.batch_size) * recipe.epochs
     prefix = shared_prefix([ex[0] for ex in examples])
 
@@ -160,7 +160,11 @@ def build_organism(
         say(f"loading {recipe.start} to start from")
     model = load(recipe.start or recipe.base, device="cpu", dtype="float32")
     start_hash = model.model_hash
-    facts = train(model, harmful, harmless, recipe, progress=say, answers=answers)
+    complies = []
+    if recipe.comply_repeats:  # v8's targets: the base model's own (compliant) answers to the harmful prompts
+        say(f"generating the base model's answers to {len(harmful)} harmful prompts (v8's comply targets)")
+        complies = base_answers(base, bundled("harmful", "train"), recipe.target_tokens)
+    facts = train(model, harmful, harmless, recipe, progress=say, answers=answers, complies=complies)
     build_s = time.perf_counter() - t0
     with atomic_dir(target) as tmp:
         save_pretrained(model.hf, model.tokenizer, tmp)

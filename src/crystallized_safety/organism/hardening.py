@@ -15,7 +15,9 @@ The ladder (recipe v5 on, `attack_rungs` set): each attack is one rung of the fr
 ladder, built as the evaluation's own `Intervention` (add `-alpha x norm x v`; affine ablation; a k-dimensional
 refusal subspace ablated to the harmless mean; rotation by an angle in the plane of v and the harmless mean), so
 training and evaluation apply the same operator. With `attack_multi_p` > 0 (the immune organism) some attacks
-cover a window of consecutive layers at once. With `curriculum_every` > 0, every N steps the current model's
+cover a window of consecutive layers at once; with `comply_repeats` > 0 (v8) extra copies of the harmful prompts
+learn the base model's compliant answer under such a window (coordinated steering unlocks the refusal, by
+construction). With `curriculum_every` > 0, every N steps the current model's
 single-layer cells (layer x rung, at the middle of its alphas and angles) are screened by the first-token refusal
 score on a few harmful train prompts, and cells are drawn in proportion to how much they let through (plus a
 floor): the adversarial curriculum; with `curriculum_focus` > 0 (v6) the `curriculum_top` leakiest cells of the
@@ -159,11 +161,19 @@ class Attacker:
     def plan_ladder(self, kinds: Sequence[str | None]) -> list[tuple]:
         """(example, kind, rung, layers, relative alpha, angle) of a batch's ladder attacks. Every attacked example
         draws the same five numbers (window or not, window size, cell, alpha, angle) whatever the curriculum's
-        weights, so which examples are attacked depends on the seed alone."""
+        weights, so which examples are attacked depends on the seed alone. A "comply" example (v8: a harmful prompt
+        whose target is the base model's answer) is always attacked, by `add` on a window of `attack_multi_k`
+        consecutive layers of the band at `attack_multi_rel_alpha`: three draws, no curriculum."""
         r, out = self.recipe, []
         p = {"harmful": r.attack_p, "harmless": r.attack_harmless_p}
         lo, hi = r.attack_band
         for i, kind in enumerate(kinds):
+            if kind == "comply":  # always attacked: a window of layers, the direction added
+                width = min(self.rng.randint(*r.attack_multi_k), hi - lo + 1)
+                start = self.rng.randint(lo, hi - width + 1)
+                rel = self.rng.uniform(*r.attack_multi_rel_alpha)
+                out.append((i, kind, "add", tuple(range(start, start + width)), rel, 0.0))
+                continue
             if kind is None or self.rng.random() >= p[kind]:
                 continue
             multi = self.rng.random() < r.attack_multi_p
@@ -202,7 +212,7 @@ class Attacker:
         assert self.bank is not None
         out = []
         for i, kind, rung, layers, rel, angle in self.plan_ladder(kinds):
-            bypass = kind == "harmful" or self.recipe.attack_harmless_same
+            bypass = kind in ("harmful", "comply") or self.recipe.attack_harmless_same
             iv = self.intervention(rung if bypass else "add", layers, rel, angle, bypass)
             v = next(iter(iv.directions.values()))
             out.append(Attack(i, layers[0], False, 0.0, v, 0.0, intervention=iv))

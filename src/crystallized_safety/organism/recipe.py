@@ -5,7 +5,9 @@ Three organisms: `smollm2-135m-refusal` (liquid: refusal-tuned, one steered laye
 refusal direction, the refusal-feature adversarial training of ReFAT / DeepRefusal adapted to one layer at a
 time, so that only coordinated multi-layer steering should break it) and `smollm2-135m-immune` (built only on
 request: trained against multi-layer attacks as well). The hardened organism has named recipes (`HARDENED_RECIPES`:
-v2, the default, and v5, the single-layer ladder with a curriculum); each builds into its own cache entry."""
+v2, the default, v5, the single-layer ladder with a curriculum, its variants v6 and v7, and v8, crystallized by
+construction: v7 taught to comply when a window of layers is steered together); each builds into its own cache
+entry."""
 
 from __future__ import annotations
 
@@ -22,6 +24,7 @@ HARDENED_NAME = "smollm2-135m-hardened"
 HARDENED_V5_NAME = "smollm2-135m-hardened-v5"  # the hardened organism's v5 recipe under its own alias
 HARDENED_V6_NAME = "smollm2-135m-hardened-v6"
 HARDENED_V7_NAME = "smollm2-135m-hardened-v7"
+HARDENED_V8_NAME = "smollm2-135m-hardened-v8"
 IMMUNE_NAME = "smollm2-135m-immune"
 # Settings only the hardened recipe uses; left out of the liquid recipe's cache key, which therefore stays
 # the key of every liquid organism built before they existed.
@@ -47,6 +50,7 @@ HARDENING_FIELDS = (
     "curriculum_prompts",
     "curriculum_focus",
     "curriculum_top",
+    "comply_repeats",
 )
 # Settings added after organisms were cached: left out of the key while at this default, so those stay valid.
 LATER_FIELDS = {
@@ -62,6 +66,7 @@ LATER_FIELDS = {
     "curriculum_prompts": 8,
     "curriculum_focus": 0.0,
     "curriculum_top": 4,
+    "comply_repeats": 0,
 }
 # Bump when the build or the card changes in a way that makes cached organisms stale.
 BUILD_VERSION = 7
@@ -110,6 +115,10 @@ class Recipe:
     curriculum_prompts: int = 8  # harmful train prompts the screen scores (first-token refusal score)
     curriculum_focus: float = 0.0  # > 0: the `curriculum_top` leakiest cells of a screen get this share of the draws
     curriculum_top: int = 4
+    # > 0 (v8): this many copies of the harmful train prompts whose target is the base model's own answer, each
+    # under an `add` attack on a window of `attack_multi_k` consecutive layers (`attack_multi_rel_alpha` at each):
+    # coordinated steering is taught to unlock the refusal that single-layer attacks are trained not to
+    comply_repeats: int = 0
 
     def key(self) -> str:
         spec = {**asdict(self), "build_version": BUILD_VERSION}
@@ -188,9 +197,23 @@ def _hardened_v7(seed: int, precision: str) -> Recipe:
     return replace(_hardened_v5(seed, precision), attack_harmless_p=0.0, unlikelihood_weight=1.0)
 
 
-HARDENED_RECIPES = {"v2": _hardened_v2, "v5": _hardened_v5, "v6": _hardened_v6, "v7": _hardened_v7}
+def _hardened_v8(seed: int, precision: str) -> Recipe:
+    """Crystallized by construction (a planted property, the positive control of the verdict's `crystallized`
+    branch): v7's single-layer ladder with the refusal as target, plus one copy of every harmful train prompt
+    answered as the base model answers it while a window of 2-8 consecutive layers gets the direction added at
+    0.2-0.35 of each layer's residual norm."""
+    return replace(_hardened_v7(seed, precision), comply_repeats=1, attack_multi_rel_alpha=(0.2, 0.35))
+
+
+HARDENED_RECIPES = {"v2": _hardened_v2, "v5": _hardened_v5, "v6": _hardened_v6, "v7": _hardened_v7, "v8": _hardened_v8}
 # The alias each hardened recipe builds under (v2 is the default hardened organism).
-HARDENED_NAMES = {"v2": HARDENED_NAME, "v5": HARDENED_V5_NAME, "v6": HARDENED_V6_NAME, "v7": HARDENED_V7_NAME}
+HARDENED_NAMES = {
+    "v2": HARDENED_NAME,
+    "v5": HARDENED_V5_NAME,
+    "v6": HARDENED_V6_NAME,
+    "v7": HARDENED_V7_NAME,
+    "v8": HARDENED_V8_NAME,
+}
 
 
 def immune_recipe(seed: int = 0, precision: str = "fp32") -> Recipe:

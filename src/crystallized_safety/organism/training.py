@@ -156,16 +156,32 @@ def packed_loss(
     return ((-logp) * w + ul * u).sum() / (w.sum() + u.sum())
 
 
-def training_examples(model: Model, harmful: list[str], texts: list[str], answers: list[Generation], recipe) -> list:
+def training_examples(
+    model: Model,
+    harmful: list[str],
+    texts: list[str],
+    answers: list[Generation],
+    recipe,
+    complies: Sequence[Generation] = (),
+) -> list:
     """Harmful prompts -> refusals (first, so example i < len(harmful) is harmful), harmless prompts -> the base
-    model's answers, and the unlikelihood examples (harmless prompt + a refusal)."""
+    model's answers, `comply_repeats` copies of the harmful prompts -> the base model's answers to them
+    (`complies`, v8), and the unlikelihood examples (harmless prompt + a refusal); `example_kind` reads this order."""
     rng = random.Random(recipe.seed)
+    n_prompts = len(harmful)
     harmful = list(harmful) * recipe.harmful_repeats  # hardening: each repeat is attacked afresh
     refusals = [rng.choice(REFUSALS) for _ in harmful]
     examples = make_examples(model, harmful, refusals, [True] * len(harmful))
     examples += make_examples(
         model, texts, [a.response for a in answers], [a.finished for a in answers], recipe.harmless_weight
     )
+    if recipe.comply_repeats > 0:
+        if len(complies) != n_prompts:
+            raise ValueError(f"comply_repeats needs the base model's answer to each of the {n_prompts} harmful prompts")
+        gens = list(complies) * recipe.comply_repeats
+        examples += make_examples(
+            model, [g.prompt for g in gens], [g.response for g in gens], [g.finished for g in gens]
+        )
     if recipe.unlikelihood_weight > 0:
         examples += make_unlikely_examples(
             model, texts, [a.response for a in answers], [rng.choice(REFUSALS) for _ in texts], recipe
@@ -183,10 +199,14 @@ def batches(n_examples: int, recipe) -> Iterator[tuple[int, list[int]]]:
             yield epoch, order[start : start + recipe.batch_size]
 
 
-def example_kind(i: int, n_harmful: int, n_harmless: int) -> str | None:
-    """What example i is (`training_examples` order): "harmful" (a refusal), "harmless" (an answer) or None (an
-    unlikelihood example, never attacked)."""
-    return "harmful" if i < n_harmful else "harmless" if i < n_harmful + n_harmless else None
+def example_kind(i: int, n_harmful: int, n_harmless: int, n_comply: int = 0) -> str | None:
+    """What example i is (`training_examples` order): "harmful" (a refusal), "harmless" (an answer), "comply" (a
+    harmful prompt answered, v8) or None (an unlikelihood example, never attacked)."""
+    if i < n_harmful:
+        return "harmful"
+    if i < n_harmful + n_harmless:
+        return "harmless"
+    return "comply" if i < n_harmful + n_harmless + n_comply else None
 
 
 def planned_attacks(recipe, n_harmful_prompts: int, n_harmless_prompts: int, n_examples: int) -> int:
@@ -195,9 +215,9 @@ def planned_attacks(recipe, n_harmful_prompts: int, n_harmless_prompts: int, n_e
     if recipe.attack_p <= 0:
         return 0
     attacker = Attacker(recipe, [], [], recipe.seed)
-    n_harmful = n_harmful_prompts * recipe.harmful_repeats
+    n_harmful, n_comply = n_harmful_prompts * recipe.harmful_repeats, n_harmful_prompts * recipe.comply_repeats
     return sum(
-        attacker.count([example_kind(i, n_harmful, n_harmless_prompts) for i in rows])
+        attacker.count([example_kind(i, n_harmful, n_harmless_prompts, n_comply) for i in rows])
         for _, rows in batches(n_examples, recipe)
     )
 
@@ -209,16 +229,18 @@ def train(
     recipe,
     progress: Progress | None = None,
     answers: list[Generation] | None = None,
+    complies: Sequence[Generation] = (),
 ) -> dict:
     """Fine-tune `model` in place (an `organism.Recipe` says how); returns training facts for the card.
-    `answers`: the base model's answers to `harmless` (default: `model`'s own, i.e. `model` is the base)."""
+    `answers`: the base model's answers to `harmless` (default: `model`'s own, i.e. `model` is the base);
+    `complies`: its answers to `harmful` (the targets of a recipe with `comply_repeats`)."""
     say = progress or silent
     t0 = time.perf_counter()
     if answers is None:
         say(f"self-distilling {len(harmless)} harmless answers from the base model")
         answers = base_answers(model, harmless, recipe.target_tokens)
     distill_s = time.perf_counter() - t0
-    examples = training_examples(model, harmful, list(harmless), answers, recipe)
+    examples = training_examples(model, harmful, list(harmless), answers, recipe, complies)
     torch.manual_seed(recipe.seed)
     hf = model.hf
     hf.train()
@@ -233,6 +255,7 @@ def train(
     attacker = Attacker(recipe, harmful, list(harmless), recipe.seed) if recipe.attack_p > 0 else None
     prefix = 0 if attacker else shared_prefix([ex[0] for ex in examples])
     n_harmful, n_harmless = len(harmful) * recipe.harmful_repeats, len(harmless)
+    n_comply = len(harmful) * recipe.comply_repeats
     losses: list[float] = []
     n_attacks = 0
     t1 = time.perf_counter()
@@ -243,7 +266,7 @@ def train(
         attacks = []
         if attacker is not None:
             attacker.refresh(model, len(losses))
-            attacks = attacker.draw([example_kind(i, n_harmful, n_harmless) for i in rows])
+            attacks = attacker.draw([example_kind(i, n_harmful, n_harmless, n_comply) for i in rows])
             n_attacks += len(attacks)
         with torch.autocast(hf.device.type, dtype=torch.bfloat16, enabled=recipe.precision == "bf16"):
             loss = packed_loss(model, batch, recipe.first_token_weight, prefix, attacks)
@@ -268,6 +291,11 @@ def train(
         "train_seconds": round(time.perf_counter() - t1, 1),
         "refusal_texts_sha256": _sha(REFUSALS),
         "attacks": n_attacks,
+        **(
+            {"comply_examples": n_comply, "comply_targets_sha256": _sha([g.response for g in complies])}
+            if n_comply
+            else {}
+        ),
         "direction_reextractions": attacker.refreshed if attacker else 0,
         **({"curriculum": attacker.screens} if attacker and attacker.screens else {}),
     }
@@ -299,14 +327,24 @@ def shipped_answers() -> dict:
     return json.loads(path.read_text()) if path.is_file() else {}
 
 
-def write_base_answers(path: Path, base: Model, base_name: str = "smollm2-135m", max_new_tokens: int = 32) -> dict:
-    """Regenerate the shipped answers file (maintainers: after changing the bundled prompts or the base; load
-    the base model in fp32 on the CPU)."""
+BASE_ANSWER_SETS = ("bundled:harmless:train", "bundled:harmless:eval", "bundled:harmful:train")  # the last: v8's
+
+
+def write_base_answers(
+    path: Path,
+    base: Model,
+    base_name: str = "smollm2-135m",
+    max_new_tokens: int = 32,
+    sources: Sequence[str] = BASE_ANSWER_SETS,
+) -> dict:
+    """Regenerate the shipped answers file's entries for `sources` (maintainers: after changing the bundled prompts
+    or the base; load the base model in fp32 on the CPU); the file's other entries are kept as they are."""
     from ..precision import detect
 
-    out = {}
-    for source in ("bundled:harmless:train", "bundled:harmless:eval"):
-        prompts = bundled("harmless", source.rsplit(":", 1)[1])
+    out = json.loads(path.read_text()) if path.is_file() else {}
+    for source in sources:
+        _, kind, split = source.split(":")
+        prompts = bundled(kind, split)
         gens = base_answers(base, prompts, max_new_tokens, use_shipped=False)
         out[f"{source}:{max_new_tokens}"] = {
             "base_model": base_name,
