@@ -41,11 +41,15 @@ class FakeGenerator:
             for i in range(N)
         ]  # fmt: skip
 
-    def __call__(self, conds, pack_rows=None) -> None:
+    def __call__(self, conds, pack_rows=None, progress=None) -> None:
+        if progress is not None:  # one "pack" per condition, as the real generator reports stored packs
+            progress(0, len(conds))
         for c in conds:
             self.generated.append(c)
             flips = 2 if c.ref.is_control or c.layers != (4,) else 30
             self.rows += self._rows(c, flips, 0 if abs(c.alpha) >= 1.0 and c.mode == "add" else 1)
+            if progress is not None:
+                progress(len(self.generated), len(conds))
 
     def cells(self) -> Cells:
         return Cells(self.rows)
@@ -64,7 +68,12 @@ def test_walk_stops_at_the_cliff_and_controls_only_cells_at_the_threshold():
     plans = plan_studies(spec, 8, "m")
     chunks = [Chunk("m", "frontier", c, 0, ("p",), 5) for _t, c in plans[0].conditions]
     gen = FakeGenerator()
-    kept = walk(spec, plans, chunks, gen, silent)
+    said: list[tuple] = []
+    kept = walk(spec, plans, chunks, gen, lambda *a: said.append(a))
+    # each step of the walk is a phase of its own whose steps are the packs stored: a log line with an ETA
+    # while a step of many cells runs, not only between steps
+    first = [a for a in said if a[0] == "m: frontier walk, step 1 of at most 5 (6 cells), packs"]
+    assert [a[1:] for a in first] == [(0, 6)] + [(k, 6) for k in range(1, 7)]
     add = sorted((c.layers[0], c.alpha) for c in gen.generated if c.mode == "add" and not c.ref.is_control)
     # every layer walked -0.25, -0.5, then -1.0 (the cliff, generated as its evidence), nothing stronger
     assert add == sorted((layer, a) for layer in (3, 4, 5) for a in (-0.25, -0.5, -1.0))

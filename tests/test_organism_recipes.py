@@ -5,6 +5,7 @@ examples: always attacked, on a window, with the base model's answers as targets
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import replace
 from pathlib import Path
@@ -17,7 +18,7 @@ from crystallized_safety.judges.gold import load_gold
 from crystallized_safety.organism.build import stale_attack_stream
 from crystallized_safety.organism.hardening import Attacker
 from crystallized_safety.organism.recipe import HARDENED_NAMES, Recipe, hardened_recipe
-from crystallized_safety.organism.training import example_kind, planned_attacks, training_examples
+from crystallized_safety.organism.training import example_kind, planned_attacks, shipped_answers, training_examples
 from crystallized_safety.stats import wilson_interval
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -218,3 +219,21 @@ def test_comply_examples_follow_the_harmless_ones_with_the_base_answers_as_targe
         training_examples(model, harmful, harmless, answers, recipe, complies[:2])
     no = training_examples(model, harmful, harmless, answers, replace(recipe, comply_repeats=0), complies)
     assert len(no) == len(examples) - 3
+
+
+def test_the_v8_card_of_record_is_its_recipe_and_the_docs_state_it():
+    v8, got, row = card_of_record("v8", attacks=679)
+    training = got["training"]
+    assert training["comply_examples"] == 184 and training["steps"] == 79
+    # its comply targets are the shipped base-model answers to the harmful train prompts, in order
+    shipped = shipped_answers()["bundled:harmful:train:32"]["answers"]
+    targets = "\n".join(a["response"] for a in shipped).encode()
+    assert training["comply_targets_sha256"] == hashlib.sha256(targets).hexdigest()
+    check = got["metrics"]["steering_check"]
+    best, l12 = check["best"], {g["rel_alpha"]: g["rate"] for g in check["grid"] if g["layer"] == 12}
+    assert (best["layer"], best["rel_alpha"]) == (8, 0.75) and best["direction_rate"] == 0.0
+    assert f"L8 -0.75: {100 * best['direction_rate']:.1f}% (random {100 * best['random_rate']:.1f}%; " in row
+    assert f"L12 -0.5: {100 * l12[0.5]:.1f}%)" in row
+    log = (RESULTS / "organism-hardened-v8-build.log").read_text()
+    assert f"(build {got['build_seconds']} s)" in log
+    assert f"{got['measure_seconds'] / 60:.1f} min measuring" in row

@@ -81,8 +81,8 @@ def walk(
     while active:
         conds = [all_walks[i][j] for i, j in active.items()]
         step = max(active.values()) + 1
-        say(f"{name}: frontier walk (step {step} of at most {steps})", step - 1, steps, f"{len(conds)} cells")
-        generate(conds)
+        phase = f"{name}: frontier walk, step {step} of at most {steps} ({len(conds)} cells), packs"
+        generate(conds, progress=lambda k, n, phase=phase: say(phase, k, n))  # a phase per step, ETA from its packs
         generated |= {c.key for c in conds}
         cells = generate.cells()
         follow, need = {}, []

@@ -35,17 +35,33 @@ class CellGenerator:
         entries = [(c.key, c.model, c.study, c.condition.key, r) for c, r in zip(pack, rows_out)]
         self.store.write_chunks(self.run_id, entries, seconds, worker)
 
-    def __call__(self, conds: list[Condition], pack_rows: int | None = None) -> None:
+    def __call__(
+        self, conds: list[Condition], pack_rows: int | None = None, progress: Callable[[int, int], None] | None = None
+    ) -> None:
         keys = {c.key for c in conds}
-        self.run_chunks([c for c in self.chunks if c.condition.key in keys], pack_rows)
+        self.run_chunks([c for c in self.chunks if c.condition.key in keys], pack_rows, progress)
 
-    def run_chunks(self, chunks: list[Chunk], pack_rows: int | None = None) -> None:
-        """Generate the given chunks (packed where they share prompts and length) that the store lacks."""
+    def run_chunks(
+        self, chunks: list[Chunk], pack_rows: int | None = None, progress: Callable[[int, int], None] | None = None
+    ) -> None:
+        """Generate the given chunks (packed where they share prompts and length) that the store lacks;
+        `progress(packs done, packs)` is called as each pack is stored."""
         done = self.done()
         todo = [c for c in chunks if c.key not in done]
-        if todo:
-            rows = self.rows if pack_rows is None else pack_rows
-            self.executor.run(self.load, self.ctx, make_packs(todo, rows), self._sink)
+        if not todo:
+            return
+        rows = self.rows if pack_rows is None else pack_rows
+        packs = make_packs(todo, rows)
+        sink, stored = self._sink, [0]
+        if progress is not None:
+            progress(0, len(packs))
+
+            def sink(pack: Pack, rows_out, seconds: float, worker: str) -> None:
+                self._sink(pack, rows_out, seconds, worker)
+                stored[0] += 1
+                progress(stored[0], len(packs))
+
+        self.executor.run(self.load, self.ctx, packs, sink)
 
     def done(self) -> set[str]:
         """Keys of the chunks the store holds."""
