@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from dataclasses import replace
 from pathlib import Path
 
@@ -237,3 +238,37 @@ def test_the_v8_card_of_record_is_its_recipe_and_the_docs_state_it():
     log = (RESULTS / "organism-hardened-v8-build.log").read_text()
     assert f"(build {got['build_seconds']} s)" in log
     assert f"{got['measure_seconds'] / 60:.1f} min measuring" in row
+
+
+@pytest.mark.parametrize("probe", ["affine", "add"])
+def test_the_hardened_multilayer_probes_are_their_configs_and_the_docs_state_them(probe):
+    """v2 beyond the demo's multi-layer budget (docs/results.md): each committed results file was generated from
+    its committed config, and the page's numbers are recomputed from it."""
+    import yaml
+
+    from crystallized_safety.experiments.spec import load_spec
+
+    got = json.loads((RESULTS / f"hardened-windows-{probe}.json").read_text())
+    spec = load_spec(ROOT / "configs" / f"hardened-windows-{probe}.yaml")
+    assert spec.model_dump(mode="json") == yaml.safe_load(got["spec_yaml"])
+    (ml,) = [a["result"] for a in got["analyses"] if a["kind"] == "min_layers"]
+    cells, controls = ml["cells"], ml["controls"]
+    assert len(cells) == 17 * len(spec.studies[0].alphas) and ml["k_star"] is None
+    assert all(c["flip"]["k"] == 0 for c in controls)
+    text = " ".join((ROOT / "docs" / "results.md").read_text().split())
+    log = (RESULTS / f"hardened-windows-{probe}-run.log").read_text()  # the shell's `time` after the run's output
+    minutes, seconds = re.search(r"\nreal\t(\d+)m([\d.]+)s\n", log).groups()
+    link = f"[`results/hardened-windows-{probe}.json`](../results/hardened-windows-{probe}.json)"
+    assert f"{link}, {int(minutes)} min {round(float(seconds))} s" in text
+    if probe == "affine":
+        best = max(cells, key=lambda c: c["flip"]["k"])
+        flip = best["flip"]
+        lo, hi = wilson_interval(flip["k"], flip["n"])
+        assert best["layers"] == list(range(20, 28))
+        rate = f"{100 * flip['rate']:.1f}%, {100 * lo:.1f}-{100 * hi:.1f}%"
+        assert f"L20-27, gives {flip['k']} of {flip['n']} coherent flips ({rate})" in text
+    else:
+        below = sum(c["coherence"]["rate"] < 0.5 for c in cells)
+        most = max(c["flip"]["k"] for c in cells)
+        assert f"{below} of the {len(cells)} cells fall below the coherence floor" in text and most == 1
+        assert "no cell has more than 1 coherent flip in 40" in text
