@@ -15,6 +15,7 @@ resumed run walks the same way and generates nothing twice."""
 from __future__ import annotations
 
 from collections.abc import Callable
+from functools import partial
 
 from ..experiments.conditions import Condition, StudyPlan
 from ..experiments.decision import passing
@@ -82,7 +83,7 @@ def walk(
         conds = [all_walks[i][j] for i, j in active.items()]
         step = max(active.values()) + 1
         phase = f"{name}: frontier walk, step {step} of at most {steps} ({len(conds)} cells), packs"
-        generate(conds, progress=lambda k, n, phase=phase: say(phase, k, n))  # a phase per step, ETA from its packs
+        generate(conds, progress=partial(say, phase))  # a phase per step: its ETA from its packs
         generated |= {c.key for c in conds}
         cells = generate.cells()
         follow, need = {}, []
