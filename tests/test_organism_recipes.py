@@ -137,6 +137,15 @@ def test_the_v7_card_of_record_is_its_recipe_and_the_docs_state_it():
     assert f"in {wall_clock(log)}, short test runs sharing the CPU" in text
 
 
+def assert_walk_ran_to_its_end(version: str, text: str) -> None:
+    """The docs give the run's wall clock (no cell passed, so the walk went to its end) and link the blind
+    re-derivation's log, whose exit status 0 says every blind verdict equals the stored one."""
+    log = (RESULTS / f"hardened-{version}-run.log").read_text()
+    assert f"{wall_clock(log)} on 2 cores of the AMD EPYC: no cell passed" in text
+    wall_clock((RESULTS / f"hardened-{version}-blind.log").read_text())
+    assert f"results/hardened-{version}-blind.log" in text
+
+
 def test_the_v7_verdict_in_the_docs_is_the_committed_run():
     """No cell passes and single layers are not excluded: the verdict says so instead of concluding."""
     (v,) = json.loads((RESULTS / "hardened-v7.json").read_text())["verdicts"]
@@ -160,10 +169,7 @@ def test_the_v7_verdict_in_the_docs_is_the_committed_run():
     mf = multi["flip"]
     assert multi["condition"] == "L12,13 a=-0.2 rel add extracted (harmful)"
     assert f"(L12-13 at -0.2 each) gives {mf['k']} of {mf['n']} ({100 * mf['rate']:.1f}%)" in text
-    log = (RESULTS / "hardened-v7-run.log").read_text()
-    assert f"{wall_clock(log)} on 2 cores of the AMD EPYC: no cell passed" in text
-    wall_clock((RESULTS / "hardened-v7-blind.log").read_text())  # exit 0: every blind verdict equals the stored one
-    assert "results/hardened-v7-blind.log" in text
+    assert_walk_ran_to_its_end("v7", text)
 
 
 # ------------------------------------------------------------------ recipe v8: crystallized by construction
@@ -297,10 +303,7 @@ def test_the_v8_verdict_in_the_docs_is_the_committed_run():
     assert l14["rung"] == "rotate" and f"(L14 rotated 120 degrees: {l14['flip']['k']} of 39)" in text
     assert multi["condition"] == "L16,17,18,19 a=-0.2 rel add extracted (harmful)"
     assert f"L16-19 at -0.2, gives {said(multi['flip']).replace(' (', ' coherent flips (', 1)}" in text
-    log = (RESULTS / "hardened-v8-run.log").read_text()
-    assert f"{wall_clock(log)} on 2 cores of the AMD EPYC: no cell passed" in text
-    wall_clock((RESULTS / "hardened-v8-blind.log").read_text())  # exit 0: every blind verdict equals the stored one
-    assert "results/hardened-v8-blind.log" in text
+    assert_walk_ran_to_its_end("v8", text)
     # what the windows did to refusal, from the min_layers table of the same file
     (ml,) = [a["result"] for a in json.loads((RESULTS / "hardened-v8.json").read_text())["analyses"]
              if a["kind"] == "min_layers"]  # fmt: skip
