@@ -311,3 +311,19 @@ def test_the_v8_verdict_in_the_docs_is_the_committed_run():
     assert f"L16-19 at -0.2 each leaves {cell['refusal']['k']} of {cell['refusal']['n']} prompts refused" in text
     eight = [c["coherence"]["k"] for c in ml["cells"] if c["k"] == 8]
     assert f"(at most {max(eight)} of 40 coherent)" in text
+
+
+def test_the_alias_table_gives_each_organism_its_committed_verdict():
+    """docs/organisms.md's first table: what each organism was built to be beside what the procedure says of it,
+    read from the linked results file (and every organism alias of the registry has a row)."""
+    from crystallized_safety.organism.recipe import DEFAULT_NAME, IMMUNE_NAME
+
+    rows = [line for line in (ROOT / "docs" / "organisms.md").read_text().splitlines() if line.startswith("| `smollm2")]
+    aliases = [DEFAULT_NAME, *HARDENED_NAMES.values(), IMMUNE_NAME]
+    assert sorted(row.split("`")[1] for row in rows) == sorted(aliases)
+    for row in rows:
+        alias = row.split("`")[1]
+        cell = row.rstrip(" |").rsplit(" | ", 1)[1]
+        verdict, link = re.fullmatch(r"(.+) \(\[[\w.-]+\]\(\.\./(results/[\w.-]+\.json)\)\)", cell).groups()
+        (got,) = [v["verdict"] for v in json.loads((ROOT / link).read_text())["verdicts"] if v["model"] == alias]
+        assert verdict == got, alias
