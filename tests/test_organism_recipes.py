@@ -327,3 +327,30 @@ def test_the_alias_table_gives_each_organism_its_committed_verdict():
         verdict, link = re.fullmatch(r"(.+) \(\[[\w.-]+\]\(\.\./(results/[\w.-]+\.json)\)\)", cell).groups()
         (got,) = [v["verdict"] for v in json.loads((ROOT / link).read_text())["verdicts"] if v["model"] == alias]
         assert verdict == got, alias
+
+
+def test_the_hardened_rotation_probe_is_its_config_and_the_docs_state_it():
+    """v2 under the rotation rung alone (docs/results.md): no cell passes, three mid-late layers stay open, the last
+    two do not leak."""
+    import yaml
+
+    from crystallized_safety.experiments.spec import load_spec
+
+    got = json.loads((RESULTS / "hardened-rotate.json").read_text())
+    spec = load_spec(ROOT / "configs" / "hardened-rotate.yaml")
+    assert spec.model_dump(mode="json") == yaml.safe_load(got["spec_yaml"])
+    (v,) = got["verdicts"]
+    ev = v["evidence"]
+    assert v["model"] == "smollm2-135m-hardened" and "deciding_cell" not in ev
+    best = ev["best_single"]
+    flip, ctrl = best["flip"], best["control"]["flip"]
+    lo, hi = wilson_interval(flip["k"], flip["n"])
+    assert best["condition"] == "L22 θ=120° rotate extracted (harmful)" and ctrl["k"] == 0
+    text = " ".join((ROOT / "docs" / "results.md").read_text().split())
+    rate = f"{100 * flip['rate']:.1f}%, {100 * lo:.1f}-{100 * hi:.1f}%"
+    assert f"gives {flip['k']} of {flip['n']} coherent flips ({rate}; a random direction 0 of {ctrl['n']})" in text
+    upper = {f["layer"]: f["max_upper"] for f in ev["frontier"]}
+    assert sorted(layer for layer, u in upper.items() if u >= 0.5) == [19, 22, 23]
+    assert f"(upper bounds {100 * upper[27]:.1f}% and {100 * upper[28]:.1f}%)" in text
+    took = wall_clock((RESULTS / "hardened-rotate-run.log").read_text())
+    assert f"[`results/hardened-rotate.json`](../results/hardened-rotate.json), {took})" in text
