@@ -162,7 +162,7 @@ def build_organism(
     start_hash = model.model_hash
     complies = []
     if recipe.comply_repeats:  # v8's targets: the base model's own (compliant) answers to the harmful prompts
-        say(f"generating the base model's answers to {len(harmful)} harmful prompts (v8's comply targets)")
+        say(f"the base model's answers to {len(harmful)} harmful prompts (v8's targets: shipped, else generated)")
         complies = base_answers(base, bundled("harmful", "train"), recipe.target_tokens)
     facts = train(model, harmful, harmless, recipe, progress=say, answers=answers, complies=complies)
     build_s = time.perf_counter() - t0
