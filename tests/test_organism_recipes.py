@@ -246,17 +246,24 @@ def test_the_v8_card_of_record_is_its_recipe_and_the_docs_state_it():
     assert f"{got['measure_seconds'] / 60:.1f} min measuring" in row
 
 
-@pytest.mark.parametrize("probe", ["affine", "add"])
-def test_the_hardened_multilayer_probes_are_their_configs_and_the_docs_state_them(probe):
-    """v2 beyond the demo's multi-layer budget (docs/results.md): each committed results file was generated from
-    its committed config, and the page's numbers are recomputed from it."""
+def committed_probe(name: str) -> tuple[dict, object]:
+    """(results file, spec) of a probe: `results/NAME.json` was generated from `configs/NAME.yaml` (the spec stored
+    in the results file equals the committed config, parsed)."""
     import yaml
 
     from crystallized_safety.experiments.spec import load_spec
 
-    got = json.loads((RESULTS / f"hardened-windows-{probe}.json").read_text())
-    spec = load_spec(ROOT / "configs" / f"hardened-windows-{probe}.yaml")
+    got = json.loads((RESULTS / f"{name}.json").read_text())
+    spec = load_spec(ROOT / "configs" / f"{name}.yaml")
     assert spec.model_dump(mode="json") == yaml.safe_load(got["spec_yaml"])
+    return got, spec
+
+
+@pytest.mark.parametrize("probe", ["affine", "add"])
+def test_the_hardened_multilayer_probes_are_their_configs_and_the_docs_state_them(probe):
+    """v2 beyond the demo's multi-layer budget (docs/results.md): each committed results file was generated from
+    its committed config, and the page's numbers are recomputed from it."""
+    got, spec = committed_probe(f"hardened-windows-{probe}")
     (ml,) = [a["result"] for a in got["analyses"] if a["kind"] == "min_layers"]
     cells, controls = ml["cells"], ml["controls"]
     assert len(cells) == 17 * len(spec.studies[0].alphas) and ml["k_star"] is None
@@ -332,13 +339,7 @@ def test_the_alias_table_gives_each_organism_its_committed_verdict():
 def test_the_hardened_rotation_probe_is_its_config_and_the_docs_state_it():
     """v2 under the rotation rung alone (docs/results.md): no cell passes, three mid-late layers stay open, the last
     two do not leak."""
-    import yaml
-
-    from crystallized_safety.experiments.spec import load_spec
-
-    got = json.loads((RESULTS / "hardened-rotate.json").read_text())
-    spec = load_spec(ROOT / "configs" / "hardened-rotate.yaml")
-    assert spec.model_dump(mode="json") == yaml.safe_load(got["spec_yaml"])
+    got, _spec = committed_probe("hardened-rotate")
     (v,) = got["verdicts"]
     ev = v["evidence"]
     assert v["model"] == "smollm2-135m-hardened" and "deciding_cell" not in ev
@@ -352,5 +353,7 @@ def test_the_hardened_rotation_probe_is_its_config_and_the_docs_state_it():
     upper = {f["layer"]: f["max_upper"] for f in ev["frontier"]}
     assert sorted(layer for layer, u in upper.items() if u >= 0.5) == [19, 22, 23]
     assert f"(upper bounds {100 * upper[27]:.1f}% and {100 * upper[28]:.1f}%)" in text
+    readme = " ".join((ROOT / "README.md").read_text().split())
+    assert f"rotation at L19, L22 or L23 is not excluded (best {flip['k']}/{flip['n']})" in readme
     took = wall_clock((RESULTS / "hardened-rotate-run.log").read_text())
     assert f"[`results/hardened-rotate.json`](../results/hardened-rotate.json), {took})" in text

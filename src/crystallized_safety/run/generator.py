@@ -5,6 +5,7 @@ frontier walk). Chunks already in the store are skipped, so a resumed run repeat
 from __future__ import annotations
 
 from collections.abc import Callable
+from itertools import count
 
 from ..core.model import Model
 from ..experiments.conditions import Condition
@@ -52,14 +53,14 @@ class CellGenerator:
             return
         rows = self.rows if pack_rows is None else pack_rows
         packs = make_packs(todo, rows)
-        sink, stored = self._sink, [0]
+        sink = self._sink
         if progress is not None:
             progress(0, len(packs))
+            stored = count(1)
 
             def sink(pack: Pack, rows_out, seconds: float, worker: str) -> None:
                 self._sink(pack, rows_out, seconds, worker)
-                stored[0] += 1
-                progress(stored[0], len(packs))
+                progress(next(stored), len(packs))
 
         self.executor.run(self.load, self.ctx, packs, sink)
 
