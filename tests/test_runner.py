@@ -97,6 +97,37 @@ def test_all_studies_end_to_end_and_rerun_skips(tiny_dirs, tiny_run, tmp_path):
     assert store.export(first.run_id, "csv").count("\n") >= n_rows + 1
 
 
+def test_readability_reads_the_extraction_pass(tiny_dirs, tiny_run, monkeypatch):
+    """The readability probes reuse the direction extraction's activations of the extraction split: the stored
+    table equals one computed from a pass of its own (an independent capture), and the run's directions phase
+    captures each prompt set once (extraction split twice, evaluation split twice), not six times."""
+    from crystallized_safety.core import directions as directions_module
+    from crystallized_safety.experiments import readability as readability_module
+    from crystallized_safety.experiments.spec import Readability, load_prompt_sets
+    from crystallized_safety.registry import load_model
+    from crystallized_safety.run.runner import prepare_bank
+
+    _root, paths = tiny_dirs
+    spec = parse_spec(tiny_spec(paths))
+    path, first = tiny_run
+    store = Store(path)
+    (study,) = [s for s in spec.studies if isinstance(s, Readability)]
+    stored = store.get_artifact(first.run_id, paths["tiny"], f"readability:{study.label}")[0]
+    model, sets = load_model(paths["tiny"]), load_prompt_sets(spec)
+    assert stored == json.loads(json.dumps(readability_module.readability(spec, study, model, sets)))
+    calls = []
+    for module in (directions_module, readability_module):
+        real = module.capture
+        monkeypatch.setattr(module, "capture", lambda *a, real=real, **k: calls.append(len(a[1])) or real(*a, **k))
+    tables = []
+    prepare_bank(
+        spec, model, sets, lambda h, n: tables.append(readability_module.readability(spec, study, model, sets, (h, n)))
+    )
+    assert calls == [len(sets.extract_harmful), len(sets.extract_harmless), len(sets.eval_harmful),
+                     len(sets.eval_harmless)]  # fmt: skip
+    assert json.loads(json.dumps(tables[0])) == stored
+
+
 def test_store_rejects_non_sqlite(tmp_path):
     bad = tmp_path / "x.sqlite"
     bad.write_text("not a database, just text " * 100)

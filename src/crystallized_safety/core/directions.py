@@ -11,7 +11,7 @@ tool version.
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -20,7 +20,7 @@ import torch
 from .. import __version__
 from ..errors import LayerError, VectorFileError
 from ..prompts import PromptSet, as_prompt_set, check_contrast
-from .activations import capture
+from .activations import Captured, capture
 from .model import LAYER_CONVENTION, Model
 
 METHODS = ("mean_diff", "pca", "probe")
@@ -331,9 +331,12 @@ def extract_directions(
     system: str | None = None,
     raw: bool = False,
     subspace: int = 0,
+    on_capture: Callable[[Captured, Captured], None] | None = None,
 ) -> DirectionBank:
     """Directions for every chosen layer from ONE batched pass over each prompt set (and, with `subspace` = K,
-    the K-dimensional refusal subspace per layer from the same activations)."""
+    the K-dimensional refusal subspace per layer from the same activations). `on_capture(harmful, harmless)` gets
+    the captured activations, for a caller that reads them too (the runner's readability probes), so that no
+    second pass over the same prompts is needed."""
     harmful_set, harmless_set = as_prompt_set(harmful, "harmful"), as_prompt_set(harmless, "harmless")
     check_contrast(harmful_set, harmless_set)
     if method not in METHODS:
@@ -346,6 +349,8 @@ def extract_directions(
         )
 
     cap_h, cap_n = cap(list(harmful_set)), cap(list(harmless_set))
+    if on_capture is not None:
+        on_capture(cap_h, cap_n)
     mean_h, mean_n = cap_h.acts.mean(0), cap_n.acts.mean(0)
     diff = mean_h - mean_n
     if method == "mean_diff":

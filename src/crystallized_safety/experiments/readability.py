@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 from scipy.stats import rankdata
 
-from ..core.activations import capture
+from ..core.activations import Captured, capture
 from ..core.directions import fit_probe
 
 
@@ -17,15 +17,21 @@ def auc(pos: np.ndarray, neg: np.ndarray) -> float:
     return float((ranks[:n1].sum() - n1 * (n1 + 1) / 2) / (n1 * n0))
 
 
-def readability(spec, study, model, sets) -> dict:
+def readability(spec, study, model, sets, train: tuple[Captured, Captured] | None = None) -> dict:
     """Per layer: AUC of the projection onto the extracted direction, and a logistic probe's accuracy/AUC;
-    directions and probes come from the extraction split, scores from the held-out evaluation split."""
+    directions and probes come from the extraction split, scores from the held-out evaluation split.
+    `train`: the extraction split's activations (harmful, harmless) when already captured at the spec's position
+    and system prompt for every layer the study reads (the direction extraction's pass); else captured here."""
     layers = model.parse_layers(None if study.layers == "all" else study.layers)
     kw = dict(layers=layers, position=spec.directions.position, system=spec.generation.system)
-    xh, xn = (
-        capture(model, list(sets.extract_harmful), **kw).acts,
-        capture(model, list(sets.extract_harmless), **kw).acts,
-    )
+    if train is not None and set(layers) <= set(train[0].layers):
+        slots = [train[0].layers.index(layer) for layer in layers]
+        xh, xn = train[0].acts[:, slots], train[1].acts[:, slots]
+    else:
+        xh, xn = (
+            capture(model, list(sets.extract_harmful), **kw).acts,
+            capture(model, list(sets.extract_harmless), **kw).acts,
+        )
     eh, en = capture(model, list(sets.eval_harmful), **kw).acts, capture(model, list(sets.eval_harmless), **kw).acts
     direction = xh.mean(0) - xn.mean(0)
     direction = direction / direction.norm(dim=-1, keepdim=True)

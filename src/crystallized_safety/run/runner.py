@@ -5,8 +5,10 @@ packs the store lacks (through an executor), then analyses from the store."""
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
+from ..core.activations import Captured
 from ..core.directions import DirectionBank, extract_directions
 from ..core.generation.fast import autotune_rows
 from ..core.model import Model
@@ -22,6 +24,7 @@ from ..experiments.spec import (
     ExperimentSpec,
     Frontier,
     PromptSets,
+    Readability,
     SpecError,
     Subspace,
     Transfer,
@@ -229,7 +232,15 @@ def _model_context(
 
     def directions() -> tuple[dict, bytes]:
         say(f"{name}: extracting directions", 0, 1)
-        bank = _prepare_bank(spec, load(), sets)
+        probes = [s for s in spec.studies if isinstance(s, Readability)]
+        probes = [s for s in probes if store.get_artifact(run_id, name, f"readability:{s.label}") is None]
+
+        def read(harmful: Captured, harmless: Captured) -> None:  # the probes from the extraction's own pass
+            for study in probes:
+                table = readability(spec, study, load(), sets, train=(harmful, harmless))
+                store.put_artifact(run_id, name, f"readability:{study.label}", table)
+
+        bank = prepare_bank(spec, load(), sets, read if probes else None)
         return bank.metadata, bank_to_bytes(bank)
 
     _meta, bank_bytes = store.cached(run_id, name, "directions", directions)
@@ -305,7 +316,10 @@ def selection_table(study: DirectionSelection, model: Model, sets: PromptSets, s
     return table, (bank_to_bytes(sel.bank) if sel.bank is not None else None)
 
 
-def _prepare_bank(spec: ExperimentSpec, model: Model, sets: PromptSets) -> DirectionBank:
+def prepare_bank(
+    spec: ExperimentSpec, model: Model, sets: PromptSets, on_capture: Callable[[Captured, Captured], None] | None = None
+) -> DirectionBank:
+    """The run's direction bank: from a file, or extracted in one pass (whose activations `on_capture` also gets)."""
     d = spec.directions
     if d.source == "file":
         bank = DirectionBank.load(d.path)  # type: ignore[arg-type]
@@ -321,6 +335,7 @@ def _prepare_bank(spec: ExperimentSpec, model: Model, sets: PromptSets) -> Direc
         position=d.position,
         system=spec.generation.system,
         subspace=max(dims, default=0),
+        on_capture=on_capture,
     )
 
 
