@@ -1,7 +1,8 @@
-"""Recipes v6, v7 and v8 (issue 26): the committed cards, verdicts and hand read of `smollm2-135m-hardened-v6` and
+"""Recipes v6, v7, v8 and v9 (issue 26): the committed cards, verdicts and hand read of `smollm2-135m-hardened-v6` and
 `-v7` are what docs/organisms.md states, with intervals recomputed; v6 is v5 with the focused curriculum, v7 is v5
 without the induction attacks on harmless examples, v8 is v7 taught to comply under multi-layer windows (its comply
-examples: always attacked, on a window, with the base model's answers as targets)."""
+examples: always attacked, on a window, with the base model's answers as targets), v9 is v2's attacks plus rotation at
+layers 12-24, taught to comply when the direction is ablated at every layer of a window of 4-8 layers."""
 
 from __future__ import annotations
 
@@ -226,6 +227,53 @@ def test_comply_examples_follow_the_harmless_ones_with_the_base_answers_as_targe
         training_examples(model, harmful, harmless, answers, recipe, complies[:2])
     no = training_examples(model, harmful, harmless, answers, replace(recipe, comply_repeats=0), complies)
     assert len(no) == len(examples) - 3
+
+
+# ------------------------------------------------------------------ recipe v9: crystallized by construction on v2
+
+
+def test_v9_is_v2s_attacks_plus_mid_rotation_and_affine_comply_windows_and_older_keys_stay():
+    v2, v9 = hardened_recipe(version="v2"), hardened_recipe(version="v9")
+    assert v9 == replace(
+        v2,
+        attack_rungs=("add", "affine", "rotate"),
+        attack_rung_bands=(("rotate", 12, 24),),
+        comply_repeats=1,
+        comply_rung="affine",
+        attack_multi_k=(4, 8),
+    )
+    assert HARDENED_NAMES["v9"] == "smollm2-135m-hardened-v9" and v9.attack_multi_p == 0  # windows: comply only
+    # attack_rung_bands and comply_rung are later fields: every cached organism keeps its name
+    keys = [hardened_recipe(version=v).key() for v in ("v2", "v5", "v6", "v7", "v8")]
+    assert keys == ["44e80f36776c", "dd6e8218ca97", "9263cc2cdc52", "32891486c91f", "6e2859ae859c"]
+    assert v9.key() not in keys
+    cells = Attacker(v9, HARMFUL, HARMLESS, 0).cells
+    assert {layer for layer, rung in cells if rung == "rotate"} == set(range(12, 25))
+    assert {layer for layer, rung in cells if rung == "add"} == {layer for layer, rung in cells if rung == "affine"}
+    assert {layer for layer, rung in cells if rung == "add"} == set(range(6, 27)) and len(cells) == 2 * 21 + 13
+    assert planned_attacks(v9, 184, 261, 1074 + 184) == 679  # 184 comply windows, the rest single-layer
+
+
+def test_v9_comply_examples_ablate_the_direction_at_every_layer_of_a_window():
+    recipe = replace(hardened_recipe(version="v9"), attack_band=(0, 3), attack_rung_bands=(("rotate", 1, 2),))
+    attacker = Attacker(recipe, HARMFUL, HARMLESS, 0)
+    plans = [attacker.plan_ladder(["comply", "harmful", None]) for _ in range(200)]
+    comply = [x for plan in plans for x in plan if x[1] == "comply"]
+    assert len(comply) == 200 and {x[2] for x in comply} == {"affine"}
+    assert {x[3] for x in comply} == {(0, 1, 2, 3)}  # 4-8 layers clipped to the 4 of the band
+    single = [x for plan in plans for x in plan if x[1] == "harmful"]
+    assert all(len(x[3]) == 1 for x in single) and {x[2] for x in single} == {"add", "affine", "rotate"}
+    assert {x[3][0] for x in single if x[2] == "rotate"} == {1, 2}  # the rotation rung only in its own band
+    model = make_tiny("llama")
+    attacker.refresh(model, 0)
+    (a,) = attacker.draw(["comply"])
+    assert a.intervention.mode.name == "affine" and sorted(a.intervention.directions) == [0, 1, 2, 3]
+    bad = replace(recipe, attack_rung_bands=(("rotate", 9, 12),))
+    with pytest.raises(ValueError, match="unknown attack rungs"):
+        Attacker(replace(recipe, comply_rung="tilt"), HARMFUL, HARMLESS, 0)
+    assert not [c for c in Attacker(bad, HARMFUL, HARMLESS, 0).cells if c[1] == "rotate"]
+    with pytest.raises(ValueError, match="leave no layer of the band 0-3"):
+        Attacker(replace(bad, attack_rungs=("rotate",)), HARMFUL, HARMLESS, 0)
 
 
 def test_the_v8_card_of_record_is_its_recipe_and_the_docs_state_it():

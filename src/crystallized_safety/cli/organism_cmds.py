@@ -56,7 +56,8 @@ def organism_build_cmd(
         "whole single-layer ladder with a curriculum), v6 (smollm2-135m-hardened-v6: v5, half the attacks on "
         "the leakiest cells), v7 (smollm2-135m-hardened-v7: v5 without induction attacks on harmless examples) or "
         "v8 (smollm2-135m-hardened-v8: crystallized by construction, v7 taught to comply when 2-8 layers are "
-        "steered together). "
+        "steered together) or v9 (smollm2-135m-hardened-v9: v2's attacks plus rotation at layers 12-24, taught to "
+        "comply when the direction is ablated at 4-8 consecutive layers). "
         "docs/organisms.md has the table.",
     ),
 ) -> None:

@@ -16,8 +16,9 @@ ladder, built as the evaluation's own `Intervention` (add `-alpha x norm x v`; a
 refusal subspace ablated to the harmless mean; rotation by an angle in the plane of v and the harmless mean), so
 training and evaluation apply the same operator. With `attack_multi_p` > 0 (the immune organism) some attacks
 cover a window of consecutive layers at once; with `comply_repeats` > 0 (v8) extra copies of the harmful prompts
-learn the base model's compliant answer under such a window (coordinated steering unlocks the refusal, by
-construction). With `curriculum_every` > 0, every N steps the current model's
+learn the base model's compliant answer under such a window, the direction added (v8) or ablated at every layer
+of it (v9) (coordinated steering unlocks the refusal, by construction); `attack_rung_bands` (v9) limits a rung
+to some layers of the band. With `curriculum_every` > 0, every N steps the current model's
 single-layer cells (layer x rung, at the middle of its alphas and angles) are screened by the first-token refusal
 score on a few harmful train prompts, and cells are drawn in proportion to how much they let through (plus a
 floor): the adversarial curriculum; with `curriculum_focus` > 0 (v6) the `curriculum_top` leakiest cells of the
@@ -68,10 +69,18 @@ class Attacker:
         self.rng = random.Random(seed)
         self.bank: DirectionBank | None = None
         self.refreshed = 0
-        unknown = [r for r in recipe.attack_rungs if r not in RUNGS]
+        bands = {rung: (first, last) for rung, first, last in recipe.attack_rung_bands}
+        unknown = [r for r in (*recipe.attack_rungs, *bands, recipe.comply_rung) if r not in RUNGS]
         if unknown:
             raise ValueError(f"unknown attack rungs {unknown}: use {', '.join(RUNGS)}")
-        self.cells = [(layer, rung) for layer in self.layers for rung in recipe.attack_rungs]
+
+        def drawn(layer: int, rung: str) -> bool:  # a rung with a band of its own is drawn only there
+            first, last = bands.get(rung, (lo, hi))
+            return first <= layer <= last
+
+        self.cells = [(layer, rung) for layer in self.layers for rung in recipe.attack_rungs if drawn(layer, rung)]
+        if recipe.attack_rungs and not self.cells:
+            raise ValueError(f"attack_rung_bands {recipe.attack_rung_bands} leave no layer of the band {lo}-{hi}")
         self.weights = [1.0] * len(self.cells)
         self.screens: list[dict] = []  # the curriculum's screens, for the card
 
@@ -162,8 +171,9 @@ class Attacker:
         """(example, kind, rung, layers, relative alpha, angle) of a batch's ladder attacks. Every attacked example
         draws the same five numbers (window or not, window size, cell, alpha, angle) whatever the curriculum's
         weights, so which examples are attacked depends on the seed alone. A "comply" example (v8: a harmful prompt
-        whose target is the base model's answer) is always attacked, by `add` on a window of `attack_multi_k`
-        consecutive layers of the band at `attack_multi_rel_alpha`: three draws, no curriculum."""
+        whose target is the base model's answer) is always attacked, by `comply_rung` (add at `attack_multi_rel_alpha`:
+        v8; affine ablation: v9) on a window of `attack_multi_k` consecutive layers of the band: three draws, no
+        curriculum."""
         r, out = self.recipe, []
         p = {"harmful": r.attack_p, "harmless": r.attack_harmless_p}
         lo, hi = r.attack_band
@@ -172,7 +182,7 @@ class Attacker:
                 width = min(self.rng.randint(*r.attack_multi_k), hi - lo + 1)
                 start = self.rng.randint(lo, hi - width + 1)
                 rel = self.rng.uniform(*r.attack_multi_rel_alpha)
-                out.append((i, kind, "add", tuple(range(start, start + width)), rel, 0.0))
+                out.append((i, kind, r.comply_rung, tuple(range(start, start + width)), rel, 0.0))
                 continue
             if kind is None or self.rng.random() >= p[kind]:
                 continue

@@ -5,9 +5,9 @@ Three organisms: `smollm2-135m-refusal` (liquid: refusal-tuned, one steered laye
 refusal direction, the refusal-feature adversarial training of ReFAT / DeepRefusal adapted to one layer at a
 time, so that only coordinated multi-layer steering should break it) and `smollm2-135m-immune` (built only on
 request: trained against multi-layer attacks as well). The hardened organism has named recipes (`HARDENED_RECIPES`:
-v2, the default, v5, the single-layer ladder with a curriculum, its variants v6 and v7, and v8, crystallized by
-construction: v7 taught to comply when a window of layers is steered together); each builds into its own cache
-entry."""
+v2, the default, v5, the single-layer ladder with a curriculum, its variants v6 and v7, and v8 and v9, crystallized
+by construction: v7 (v8) or v2 (v9) taught to comply when a window of layers is steered together); each builds into
+its own cache entry."""
 
 from __future__ import annotations
 
@@ -25,6 +25,7 @@ HARDENED_V5_NAME = "smollm2-135m-hardened-v5"  # the hardened organism's v5 reci
 HARDENED_V6_NAME = "smollm2-135m-hardened-v6"
 HARDENED_V7_NAME = "smollm2-135m-hardened-v7"
 HARDENED_V8_NAME = "smollm2-135m-hardened-v8"
+HARDENED_V9_NAME = "smollm2-135m-hardened-v9"
 IMMUNE_NAME = "smollm2-135m-immune"
 # Settings only the hardened recipe uses; left out of the liquid recipe's cache key, which therefore stays
 # the key of every liquid organism built before they existed.
@@ -51,6 +52,8 @@ HARDENING_FIELDS = (
     "curriculum_focus",
     "curriculum_top",
     "comply_repeats",
+    "attack_rung_bands",
+    "comply_rung",
 )
 # Settings added after organisms were cached: left out of the key while at this default, so those stay valid.
 LATER_FIELDS = {
@@ -67,6 +70,8 @@ LATER_FIELDS = {
     "curriculum_focus": 0.0,
     "curriculum_top": 4,
     "comply_repeats": 0,
+    "attack_rung_bands": (),
+    "comply_rung": "add",
 }
 # Bump when the build or the card changes in a way that makes cached organisms stale.
 BUILD_VERSION = 7
@@ -119,6 +124,9 @@ class Recipe:
     # under an `add` attack on a window of `attack_multi_k` consecutive layers (`attack_multi_rel_alpha` at each):
     # coordinated steering is taught to unlock the refusal that single-layer attacks are trained not to
     comply_repeats: int = 0
+    # (rung, first layer, last layer), inclusive (v9): a rung listed here is drawn only at those layers of the band
+    attack_rung_bands: tuple[tuple[str, int, int], ...] = ()
+    comply_rung: str = "add"  # the operator of the comply windows: add (v8) or affine (v9: ablated at every layer)
 
     def key(self) -> str:
         spec = {**asdict(self), "build_version": BUILD_VERSION}
@@ -205,7 +213,32 @@ def _hardened_v8(seed: int, precision: str) -> Recipe:
     return replace(_hardened_v7(seed, precision), comply_repeats=1, attack_multi_rel_alpha=(0.2, 0.35))
 
 
-HARDENED_RECIPES = {"v2": _hardened_v2, "v5": _hardened_v5, "v6": _hardened_v6, "v7": _hardened_v7, "v8": _hardened_v8}
+def _hardened_v9(seed: int, precision: str) -> Recipe:
+    """Crystallized by construction, on v2's ground: v2's single-layer attacks (the direction added at 0.3-1.0 x
+    the norm or ablated to the harmless mean, layers 6-26; v2 is immune to them under the procedure) drawn as ladder
+    rungs, plus the rotation rung (120-180 degrees) at layers 12-24 only, where v2 leaks under rotation (L19, L22,
+    L23), never at the late layers whose rotation leak came with the ladder's training (v5-v8); and one copy of
+    every harmful train prompt answered as the base model answers it while the direction is ablated to the harmless
+    mean at every layer of a window of 4-8 consecutive layers (redundancy across layers: one ablated layer is
+    rewritten downstream, a window is not), where v8 added the direction (which one strong layer imitates)."""
+    return replace(
+        _hardened_v2(seed, precision),
+        attack_rungs=("add", "affine", "rotate"),
+        attack_rung_bands=(("rotate", 12, 24),),
+        comply_repeats=1,
+        comply_rung="affine",
+        attack_multi_k=(4, 8),
+    )
+
+
+HARDENED_RECIPES = {
+    "v2": _hardened_v2,
+    "v5": _hardened_v5,
+    "v6": _hardened_v6,
+    "v7": _hardened_v7,
+    "v8": _hardened_v8,
+    "v9": _hardened_v9,
+}
 # The alias each hardened recipe builds under (v2 is the default hardened organism).
 HARDENED_NAMES = {
     "v2": HARDENED_NAME,
@@ -213,6 +246,7 @@ HARDENED_NAMES = {
     "v6": HARDENED_V6_NAME,
     "v7": HARDENED_V7_NAME,
     "v8": HARDENED_V8_NAME,
+    "v9": HARDENED_V9_NAME,
 }
 
 
