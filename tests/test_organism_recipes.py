@@ -254,6 +254,22 @@ def test_v9_is_v2s_attacks_plus_mid_rotation_and_affine_comply_windows_and_older
     assert planned_attacks(v9, 184, 261, 1074 + 184) == 679  # 184 comply windows, the rest single-layer
 
 
+def test_v10_is_v9_with_its_comply_windows_short_of_the_last_layers():
+    v9, v10 = hardened_recipe(version="v9"), hardened_recipe(version="v10")
+    assert v10 == replace(v9, comply_band=(6, 19)) and HARDENED_NAMES["v10"] == "smollm2-135m-hardened-v10"
+    assert v9.key() == "73b828732038" != v10.key()  # comply_band is a later field: the v9 build keeps its name
+    attacker = Attacker(v10, HARMFUL, HARMLESS, 0)
+    windows = [x[3] for _ in range(300) for x in attacker.plan_ladder(["comply"])]
+    assert min(w[0] for w in windows) == 6 and max(w[-1] for w in windows) == 19
+    assert {len(w) for w in windows} == {4, 5, 6, 7, 8}
+    assert all(list(w) == list(range(w[0], w[-1] + 1)) for w in windows)
+    assert Attacker(v10, HARMFUL, HARMLESS, 0).cells == Attacker(v9, HARMFUL, HARMLESS, 0).cells  # one lever
+    # the same draws per attack, but a narrower window start consumes the seeded stream differently
+    assert planned_attacks(v10, 184, 261, 1074 + 184) == 691
+    spec9, spec10 = ((ROOT / "configs" / f"hardened-{v}.yaml").read_text() for v in ("v9", "v10"))
+    assert spec10.split("name: hardened-v10")[1] == spec9.split("name: hardened-v9")[1].replace("-v9]", "-v10]")
+
+
 def test_v9_comply_examples_ablate_the_direction_at_every_layer_of_a_window():
     recipe = replace(hardened_recipe(version="v9"), attack_band=(0, 3), attack_rung_bands=(("rotate", 1, 2),))
     attacker = Attacker(recipe, HARMFUL, HARMLESS, 0)
@@ -292,6 +308,24 @@ def test_the_v8_card_of_record_is_its_recipe_and_the_docs_state_it():
     log = (RESULTS / "organism-hardened-v8-build.log").read_text()
     assert f"(build {got['build_seconds']} s)" in log
     assert f"{got['measure_seconds'] / 60:.1f} min measuring" in row
+
+
+def test_the_v9_card_of_record_is_its_recipe_and_the_docs_state_it():
+    v9, got, row = card_of_record("v9", attacks=679)
+    training = got["training"]
+    assert training["comply_examples"] == 184 and training["steps"] == 79
+    shipped = shipped_answers()["bundled:harmful:train:32"]["answers"]  # v8's comply targets, the same file
+    targets = "\n".join(a["response"] for a in shipped).encode()
+    assert training["comply_targets_sha256"] == hashlib.sha256(targets).hexdigest()
+    check = got["metrics"]["steering_check"]
+    best, l12 = check["best"], {g["rel_alpha"]: g["rate"] for g in check["grid"] if g["layer"] == 12}
+    assert (best["layer"], best["rel_alpha"]) == (12, 0.75)
+    assert f"L12 -0.75: {100 * best['direction_rate']:.1f}% (random {100 * best['random_rate']:.1f}%; " in row
+    assert f"L12 -0.5: {100 * l12[0.5]:.1f}%)" in row
+    log = (RESULTS / "organism-hardened-v9-build.log").read_text()
+    assert f"(build {got['build_seconds']} s)" in log and "measuring (alone)" in row
+    assert f"{got['measure_seconds'] / 60:.1f} min measuring" in row
+    assert f"{wall_clock(log)} on 2 cores of the AMD EPYC" in docs_text()
 
 
 def committed_probe(name: str) -> tuple[dict, object]:

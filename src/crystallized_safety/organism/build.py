@@ -161,8 +161,8 @@ def build_organism(
     model = load(recipe.start or recipe.base, device="cpu", dtype="float32")
     start_hash = model.model_hash
     complies = []
-    if recipe.comply_repeats:  # v8's targets: the base model's own (compliant) answers to the harmful prompts
-        say(f"the base model's answers to {len(harmful)} harmful prompts (v8's targets: shipped, else generated)")
+    if recipe.comply_repeats:  # the comply examples' targets (v8, v9): the base model's own answers to them
+        say(f"the base model's answers to {len(harmful)} harmful prompts (the comply targets: shipped, else generated)")
         complies = base_answers(base, bundled("harmful", "train"), recipe.target_tokens)
     facts = train(model, harmful, harmless, recipe, progress=say, answers=answers, complies=complies)
     build_s = time.perf_counter() - t0

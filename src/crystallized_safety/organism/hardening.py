@@ -172,15 +172,16 @@ class Attacker:
         draws the same five numbers (window or not, window size, cell, alpha, angle) whatever the curriculum's
         weights, so which examples are attacked depends on the seed alone. A "comply" example (v8: a harmful prompt
         whose target is the base model's answer) is always attacked, by `comply_rung` (add at `attack_multi_rel_alpha`:
-        v8; affine ablation: v9) on a window of `attack_multi_k` consecutive layers of the band: three draws, no
-        curriculum."""
+        v8; affine ablation: v9) on a window of `attack_multi_k` consecutive layers of `comply_band` (default: the
+        band): three draws, no curriculum."""
         r, out = self.recipe, []
         p = {"harmful": r.attack_p, "harmless": r.attack_harmless_p}
         lo, hi = r.attack_band
         for i, kind in enumerate(kinds):
-            if kind == "comply":  # always attacked: a window of layers, the direction added
-                width = min(self.rng.randint(*r.attack_multi_k), hi - lo + 1)
-                start = self.rng.randint(lo, hi - width + 1)
+            if kind == "comply":  # always attacked: a window of layers (of `comply_band`), the direction steered
+                first, last = r.comply_band or (lo, hi)
+                width = min(self.rng.randint(*r.attack_multi_k), last - first + 1)
+                start = self.rng.randint(first, last - width + 1)
                 rel = self.rng.uniform(*r.attack_multi_rel_alpha)
                 out.append((i, kind, r.comply_rung, tuple(range(start, start + width)), rel, 0.0))
                 continue

@@ -5,9 +5,9 @@ Three organisms: `smollm2-135m-refusal` (liquid: refusal-tuned, one steered laye
 refusal direction, the refusal-feature adversarial training of ReFAT / DeepRefusal adapted to one layer at a
 time, so that only coordinated multi-layer steering should break it) and `smollm2-135m-immune` (built only on
 request: trained against multi-layer attacks as well). The hardened organism has named recipes (`HARDENED_RECIPES`:
-v2, the default, v5, the single-layer ladder with a curriculum, its variants v6 and v7, and v8 and v9, crystallized
-by construction: v7 (v8) or v2 (v9) taught to comply when a window of layers is steered together); each builds into
-its own cache entry."""
+v2, the default, v5, the single-layer ladder with a curriculum, its variants v6 and v7, and v8-v10, crystallized
+by construction: v7 (v8) or v2 (v9, v10) taught to comply when a window of layers is steered together); each builds
+into its own cache entry."""
 
 from __future__ import annotations
 
@@ -26,6 +26,7 @@ HARDENED_V6_NAME = "smollm2-135m-hardened-v6"
 HARDENED_V7_NAME = "smollm2-135m-hardened-v7"
 HARDENED_V8_NAME = "smollm2-135m-hardened-v8"
 HARDENED_V9_NAME = "smollm2-135m-hardened-v9"
+HARDENED_V10_NAME = "smollm2-135m-hardened-v10"
 IMMUNE_NAME = "smollm2-135m-immune"
 # Settings only the hardened recipe uses; left out of the liquid recipe's cache key, which therefore stays
 # the key of every liquid organism built before they existed.
@@ -54,6 +55,7 @@ HARDENING_FIELDS = (
     "comply_repeats",
     "attack_rung_bands",
     "comply_rung",
+    "comply_band",
 )
 # Settings added after organisms were cached: left out of the key while at this default, so those stay valid.
 LATER_FIELDS = {
@@ -72,6 +74,7 @@ LATER_FIELDS = {
     "comply_repeats": 0,
     "attack_rung_bands": (),
     "comply_rung": "add",
+    "comply_band": None,
 }
 # Bump when the build or the card changes in a way that makes cached organisms stale.
 BUILD_VERSION = 7
@@ -127,6 +130,7 @@ class Recipe:
     # (rung, first layer, last layer), inclusive (v9): a rung listed here is drawn only at those layers of the band
     attack_rung_bands: tuple[tuple[str, int, int], ...] = ()
     comply_rung: str = "add"  # the operator of the comply windows: add (v8) or affine (v9: ablated at every layer)
+    comply_band: tuple[int, int] | None = None  # the layers the comply windows lie in (None: `attack_band`)
 
     def key(self) -> str:
         spec = {**asdict(self), "build_version": BUILD_VERSION}
@@ -231,6 +235,13 @@ def _hardened_v9(seed: int, precision: str) -> Recipe:
     )
 
 
+def _hardened_v10(seed: int, precision: str) -> Recipe:
+    """v9 with its comply windows inside layers 6-19, so that none reaches the last layers: v9 is liquid by a
+    120-degree rotation of L28, a layer it never attacked, which a window ablating the direction up to L26 resembles
+    (nothing downstream writes the direction back); the one-lever ablation of that hypothesis."""
+    return replace(_hardened_v9(seed, precision), comply_band=(6, 19))
+
+
 HARDENED_RECIPES = {
     "v2": _hardened_v2,
     "v5": _hardened_v5,
@@ -238,6 +249,7 @@ HARDENED_RECIPES = {
     "v7": _hardened_v7,
     "v8": _hardened_v8,
     "v9": _hardened_v9,
+    "v10": _hardened_v10,
 }
 # The alias each hardened recipe builds under (v2 is the default hardened organism).
 HARDENED_NAMES = {
@@ -247,6 +259,7 @@ HARDENED_NAMES = {
     "v7": HARDENED_V7_NAME,
     "v8": HARDENED_V8_NAME,
     "v9": HARDENED_V9_NAME,
+    "v10": HARDENED_V10_NAME,
 }
 
 
