@@ -22,6 +22,7 @@ from crystallized_safety.organism.recipe import (
     default_recipe,
     hardened_recipe,
     immune_recipe,
+    recipe_from_json,
 )
 from crystallized_safety.organism.training import make_examples, packed_loss, planned_attacks
 
@@ -135,12 +136,12 @@ def test_recipes_by_name_and_alias():
     assert len({v2.key(), v5.key(), v6.key(), v7.key(), immune.key(), Recipe().key()}) == 6
     # the fields v6 added stay out of the older recipes' keys: their cached organisms keep their names
     assert (v2.key(), v5.key(), immune.key()) == ("44e80f36776c", "dd6e8218ca97", "db635aefee9f")
-    with pytest.raises(ModelError, match="smollm2-135m-hardened-v8 or smollm2-135m-immune"):
-        default_recipe("smollm2-135m-hardened-v9")
+    with pytest.raises(ModelError, match="smollm2-135m-hardened-v10 or smollm2-135m-immune"):
+        default_recipe("smollm2-135m-hardened-v11")
     assert v5.attack_band == (2, 28) and set(v5.attack_rungs) == {"add", "affine", "subspace", "rotate"}
     assert v2.attack_rungs == () and v2.curriculum_every == 0
-    with pytest.raises(ModelError, match="use one of v2, v5, v6, v7, v8"):
-        hardened_recipe(version="v9")
+    with pytest.raises(ModelError, match="use one of v2, v5, v6, v7, v8, v9, v10"):
+        hardened_recipe(version="v11")
     with pytest.raises(ValueError, match="unknown attack rungs"):
         Attacker(ladder_recipe(attack_rungs=("add", "twist")), HARMFUL, HARMLESS, 0)
 
@@ -156,8 +157,7 @@ def test_the_v5_card_of_record_is_its_recipe_and_the_docs_state_it():
     root = Path(__file__).resolve().parents[1]
     card = json.loads((root / "results" / "cards" / "smollm2-135m-hardened-v5.json").read_text())
     v5 = hardened_recipe(version="v5")
-    recipe = {k: tuple(v) if isinstance(v, list) else v for k, v in card["recipe"].items()}
-    assert Recipe(**recipe) == v5 and card["name"] == HARDENED_V5_NAME
+    assert recipe_from_json(card["recipe"]) == v5 and card["name"] == HARDENED_V5_NAME
     data = card["training_data"]
     counts = (data["harmful_train_count"], data["harmless_train_count"], card["training"]["examples"])
     assert card["training"]["attacks"] == planned_attacks(v5, *counts) == 626 and stale_attack_stream(card) is None
@@ -237,8 +237,7 @@ def test_the_immune_card_of_record_is_its_recipe_and_the_docs_state_it():
 
     root = Path(__file__).resolve().parents[1]
     card = json.loads((root / "results" / "cards" / "smollm2-135m-immune.json").read_text())
-    recipe = {k: tuple(v) if isinstance(v, list) else v for k, v in card["recipe"].items()}
-    assert Recipe(**recipe) == immune_recipe() and card["name"] == IMMUNE_NAME
+    assert recipe_from_json(card["recipe"]) == immune_recipe() and card["name"] == IMMUNE_NAME
     data = card["training_data"]
     counts = (data["harmful_train_count"], data["harmless_train_count"], card["training"]["examples"])
     assert card["training"]["attacks"] == planned_attacks(immune_recipe(), *counts)

@@ -19,7 +19,7 @@ from crystallized_safety.core.generation.output import Generation
 from crystallized_safety.judges.gold import load_gold
 from crystallized_safety.organism.build import stale_attack_stream
 from crystallized_safety.organism.hardening import Attacker
-from crystallized_safety.organism.recipe import HARDENED_NAMES, Recipe, hardened_recipe
+from crystallized_safety.organism.recipe import HARDENED_NAMES, Recipe, hardened_recipe, recipe_from_json
 from crystallized_safety.organism.training import example_kind, planned_attacks, shipped_answers, training_examples
 from crystallized_safety.stats import wilson_interval
 
@@ -41,8 +41,7 @@ def card_of_record(version: str, attacks: int) -> tuple[Recipe, dict, str]:
     """(recipe, committed card, docs row) of a hardened recipe: the card was built from that recipe (its fields, the
     model-free attack count) and its recipe-table row states it."""
     recipe, got = hardened_recipe(version=version), card(HARDENED_NAMES[version])
-    fields = {k: tuple(v) if isinstance(v, list) else v for k, v in got["recipe"].items()}
-    assert Recipe(**fields) == recipe and got["name"] == f"smollm2-135m-hardened-{version}"
+    assert recipe_from_json(got["recipe"]) == recipe and got["name"] == f"smollm2-135m-hardened-{version}"
     data = got["training_data"]
     counts = (data["harmful_train_count"], data["harmless_train_count"], got["training"]["examples"])
     assert got["training"]["attacks"] == planned_attacks(recipe, *counts) == attacks
@@ -328,6 +327,19 @@ def test_the_v9_card_of_record_is_its_recipe_and_the_docs_state_it():
     assert f"{wall_clock(log)} on 2 cores of the AMD EPYC" in docs_text()
 
 
+def test_the_v10_card_of_record_is_its_recipe_and_the_docs_state_it():
+    v10, got, row = card_of_record("v10", attacks=691)
+    assert got["training"]["comply_examples"] == 184 and got["recipe"]["comply_band"] == [6, 19]
+    check = got["metrics"]["steering_check"]
+    best, l12 = check["best"], {g["rel_alpha"]: g["rate"] for g in check["grid"] if g["layer"] == 12}
+    assert (best["layer"], best["rel_alpha"]) == (12, 0.75)
+    assert f"L12 -0.75: {100 * best['direction_rate']:.1f}% (random {100 * best['random_rate']:.1f}%; " in row
+    assert f"L12 -0.5: {100 * l12[0.5]:.1f}%)" in row and f"{got['measure_seconds'] / 60:.1f} min measuring" in row
+    log = (RESULTS / "organism-hardened-v10-build.log").read_text()
+    assert f"(build {got['build_seconds']} s)" in log
+    assert f"{wall_clock(log)} on 2 cores of the AMD EPYC" in docs_text()
+
+
 def committed_probe(name: str) -> tuple[dict, object]:
     """(results file, spec) of a probe: `results/NAME.json` was generated from `configs/NAME.yaml` (the spec stored
     in the results file equals the committed config, parsed)."""
@@ -432,6 +444,32 @@ def test_the_v9_verdict_in_the_docs_is_the_committed_run():
     assert "L12-15 and L8-15 leave 1 of 40 prompts refused" in text
     assert f"{wall_clock((RESULTS / 'hardened-v9-run.log').read_text())} on 2 cores of the AMD EPYC) v9 is" in text
     assert "Exit status: 0" in (RESULTS / "hardened-v9-blind.log").read_text() and "hardened-v9-blind.log" in text
+
+
+def test_the_v10_verdict_in_the_docs_is_the_committed_run():
+    """Windows short of the last layers leave the late rotation leak where it was: inconclusive."""
+    got = json.loads((RESULTS / "hardened-v10.json").read_text())
+    (v,) = got["verdicts"]
+    ev = v["evidence"]
+    assert v["model"] == "smollm2-135m-hardened-v10" and v["verdict"] == "inconclusive: single layer not excluded"
+    assert ev["k_star"] is None and "deciding_cell" not in ev and ev["planned_cells"]["single"] == 243
+    text = docs_text()
+
+    def said(flip):
+        lo, hi = wilson_interval(flip["k"], flip["n"])
+        return f"{flip['k']} of {flip['n']} coherent flips ({100 * flip['rate']:.1f}%, {100 * lo:.1f}-{100 * hi:.1f}%"
+
+    best, multi = ev["best_single"], ev["best_multi"]
+    assert best["condition"] == "L28 θ=120° rotate extracted (harmful)"
+    ctrl = best["control"]["flip"]
+    assert f"L28 rotated 120 degrees gives {said(best['flip'])}; a random direction {ctrl['k']} of {ctrl['n']})" in text
+    open_layers = [f["layer"] for f in ev["frontier"] if not f["excluded"]]
+    assert f"and {len(open_layers)} layers keep a cell" in text and set(range(22, 29)) <= set(open_layers)
+    rot = [c["flip"]["k"] for c in ev["ladder"] if "θ=120°" in c["condition"] and 22 <= c["layers"][0] <= 28]
+    assert f"(L22-28 at 120 degrees: {min(rot)}-{max(rot)} of 38)" in text
+    assert multi["condition"] == "L8-15 a=0 rel affine extracted (harmful)"
+    assert f"L8-15 ablated, gives {said(multi['flip'])})" in text
+    assert_walk_ran_to_its_end("v10", text)
 
 
 def test_the_alias_table_gives_each_organism_its_committed_verdict():

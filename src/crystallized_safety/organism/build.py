@@ -23,9 +23,8 @@ import fcntl
 import json
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, fields
+from dataclasses import asdict
 from pathlib import Path
-from typing import Any
 
 import torch
 
@@ -36,7 +35,7 @@ from ..progress import Progress, Reporter, silent
 from ..prompts import bundled
 from .card import card_markdown, measure
 from .hardening import Attacker
-from .recipe import DEFAULT_NAME, Recipe, default_recipe, organism_dir
+from .recipe import DEFAULT_NAME, Recipe, default_recipe, organism_dir, recipe_from_json
 from .training import REFUSALS, base_answers, make_examples, packed_loss, planned_attacks, shared_prefix, train
 
 # Self-distillation + measuring the card cost about this many training steps (measured on two CPU kinds).
@@ -205,11 +204,12 @@ def stale_attack_stream(card: dict) -> str | None:
     done = card.get("training", {}).get("attacks")
     if not done or not card.get("recipe", {}).get("attack_p"):
         return None
-    names = {f.name for f in fields(Recipe)}
-    spec: dict[str, Any] = {k: tuple(v) if isinstance(v, list) else v for k, v in card["recipe"].items() if k in names}
     data = card["training_data"]
     want = planned_attacks(
-        Recipe(**spec), data["harmful_train_count"], data["harmless_train_count"], card["training"]["examples"]
+        recipe_from_json(card["recipe"]),
+        data["harmful_train_count"],
+        data["harmless_train_count"],
+        card["training"]["examples"],
     )
     if want == done:
         return None

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
 from ..core.loading import cache_dir
@@ -138,6 +138,16 @@ class Recipe:
             spec = {k: v for k, v in spec.items() if k not in HARDENING_FIELDS}
         spec = {k: v for k, v in spec.items() if k not in LATER_FIELDS or _plain(v) != _plain(LATER_FIELDS[k])}
         return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def recipe_from_json(data: dict) -> Recipe:
+    """The recipe a card's JSON `recipe` records (lists back to tuples, nested ones too; unknown keys ignored)."""
+
+    def tupled(value):
+        return tuple(tupled(v) for v in value) if isinstance(value, list) else value
+
+    names = {f.name for f in fields(Recipe)}
+    return Recipe(**{k: tupled(v) for k, v in data.items() if k in names})
 
 
 def _plain(value):
