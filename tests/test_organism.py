@@ -125,8 +125,9 @@ def test_organism_build_rejects_an_unknown_kind():
     assert (
         res.exit_code == 2 and res.output.strip() == "error: unknown --kind 'sideways': use liquid, hardened or immune"
     )
-    res = CliRunner().invoke(app, ["organism", "build", "--kind", "hardened", "--recipe", "v9"])
-    assert res.exit_code == 2 and res.output.strip() == "error: unknown --recipe 'v9': use one of v2, v5, v6, v7, v8"
+    res = CliRunner().invoke(app, ["organism", "build", "--kind", "hardened", "--recipe", "v11"])
+    want = "error: unknown --recipe 'v11': use one of v2, v5, v6, v7, v8, v9, v10"
+    assert res.exit_code == 2 and res.output.strip() == want
     res = CliRunner().invoke(app, ["organism", "build", "--kind", "liquid", "--recipe", "v5"])
     assert res.exit_code == 2
     assert res.output.strip() == "error: --recipe names a hardened recipe: use it with --kind hardened"

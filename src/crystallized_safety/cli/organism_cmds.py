@@ -52,13 +52,8 @@ def organism_build_cmd(
     recipe_name: str = typer.Option(
         "v2",
         "--recipe",
-        help="The hardened recipe: v2 (what smollm2-135m-hardened builds), v5 (smollm2-135m-hardened-v5: the "
-        "whole single-layer ladder with a curriculum), v6 (smollm2-135m-hardened-v6: v5, half the attacks on "
-        "the leakiest cells), v7 (smollm2-135m-hardened-v7: v5 without induction attacks on harmless examples), "
-        "v8 (smollm2-135m-hardened-v8: crystallized by construction, v7 taught to comply when 2-8 layers are "
-        "steered together), v9 (smollm2-135m-hardened-v9: v2's attacks plus rotation at layers 12-24, taught to "
-        "comply when the direction is ablated at 4-8 consecutive layers) or v10 (smollm2-135m-hardened-v10: v9, its "
-        "windows inside layers 6-19). "
+        help="The hardened recipe: v2 (what smollm2-135m-hardened builds) or v5-v10, each under its own alias "
+        "smollm2-135m-hardened-vN (v5-v7: the single-layer ladder; v8-v10: crystallized by construction); "
         "docs/organisms.md has the table.",
     ),
 ) -> None:
