@@ -5,8 +5,8 @@ Three organisms: `smollm2-135m-refusal` (liquid: refusal-tuned, one steered laye
 refusal direction, the refusal-feature adversarial training of ReFAT / DeepRefusal adapted to one layer at a
 time, so that only coordinated multi-layer steering should break it) and `smollm2-135m-immune` (built only on
 request: trained against multi-layer attacks as well). The hardened organism has named recipes (`HARDENED_RECIPES`:
-v2, the default, v5, the single-layer ladder with a curriculum, its variants v6 and v7, and v8-v10, crystallized
-by construction: v7 (v8) or v2 (v9, v10) taught to comply when a window of layers is steered together); each builds
+v2, the default, v5, the single-layer ladder with a curriculum, its variants v6 and v7, and v8-v11, crystallized
+by construction: v7 (v8) or v2 (v9-v11) taught to comply when a window of layers is steered together); each builds
 into its own cache entry."""
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ HARDENED_V7_NAME = "smollm2-135m-hardened-v7"
 HARDENED_V8_NAME = "smollm2-135m-hardened-v8"
 HARDENED_V9_NAME = "smollm2-135m-hardened-v9"
 HARDENED_V10_NAME = "smollm2-135m-hardened-v10"
+HARDENED_V11_NAME = "smollm2-135m-hardened-v11"
 IMMUNE_NAME = "smollm2-135m-immune"
 # Settings only the hardened recipe uses; left out of the liquid recipe's cache key, which therefore stays
 # the key of every liquid organism built before they existed.
@@ -252,6 +253,13 @@ def _hardened_v10(seed: int, precision: str) -> Recipe:
     return replace(_hardened_v9(seed, precision), comply_band=(6, 19))
 
 
+def _hardened_v11(seed: int, precision: str) -> Recipe:
+    """v9 without the rotation rung: v2's add and affine attacks at one layer of 6-26 (drawn as ladder rungs) and
+    v9's affine comply windows. v9 and v10 leak under a late rotation (L28, 120 degrees) that v2 does not; v10 showed
+    the windows' reach is not the cause, so this is the one-lever test of v9's rotation training at 12-24."""
+    return replace(_hardened_v9(seed, precision), attack_rungs=("add", "affine"), attack_rung_bands=())
+
+
 HARDENED_RECIPES = {
     "v2": _hardened_v2,
     "v5": _hardened_v5,
@@ -260,6 +268,7 @@ HARDENED_RECIPES = {
     "v8": _hardened_v8,
     "v9": _hardened_v9,
     "v10": _hardened_v10,
+    "v11": _hardened_v11,
 }
 # The alias each hardened recipe builds under (v2 is the default hardened organism).
 HARDENED_NAMES = {
@@ -270,6 +279,7 @@ HARDENED_NAMES = {
     "v8": HARDENED_V8_NAME,
     "v9": HARDENED_V9_NAME,
     "v10": HARDENED_V10_NAME,
+    "v11": HARDENED_V11_NAME,
 }
 
 
