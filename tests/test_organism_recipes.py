@@ -1,8 +1,9 @@
-"""Recipes v6, v7, v8 and v9 (issue 26): the committed cards, verdicts and hand read of `smollm2-135m-hardened-v6` and
+"""Recipes v6-v11 (issue 26): the committed cards, verdicts and hand read of `smollm2-135m-hardened-v6` and
 `-v7` are what docs/organisms.md states, with intervals recomputed; v6 is v5 with the focused curriculum, v7 is v5
 without the induction attacks on harmless examples, v8 is v7 taught to comply under multi-layer windows (its comply
 examples: always attacked, on a window, with the base model's answers as targets), v9 is v2's attacks plus rotation at
-layers 12-24, taught to comply when the direction is ablated at every layer of a window of 4-8 layers."""
+layers 12-24, taught to comply when the direction is ablated at every layer of a window of 4-8 layers; v10 keeps those
+windows short of the last layers and v11 drops the rotation rung."""
 
 from __future__ import annotations
 
@@ -279,6 +280,23 @@ def test_v10_is_v9_with_its_comply_windows_short_of_the_last_layers():
     assert planned_attacks(v10, 184, 261, 1074 + 184) == 691
     spec9, spec10 = ((ROOT / "configs" / f"hardened-{v}.yaml").read_text() for v in ("v9", "v10"))
     assert spec10.split("name: hardened-v10")[1] == spec9.split("name: hardened-v9")[1].replace("-v9]", "-v10]")
+
+
+def test_v11_is_v9_without_the_rotation_rung():
+    v9, v11 = hardened_recipe(version="v9"), hardened_recipe(version="v11")
+    assert v11 == replace(v9, attack_rungs=("add", "affine"), attack_rung_bands=())
+    assert HARDENED_NAMES["v11"] == "smollm2-135m-hardened-v11" and v11.key() not in {v9.key(), "44e80f36776c"}
+    cells9, cells11 = Attacker(v9, HARMFUL, HARMLESS, 0).cells, Attacker(v11, HARMFUL, HARMLESS, 0).cells
+    assert cells11 == [c for c in cells9 if c[1] != "rotate"] and {c[1] for c in cells11} == {"add", "affine"}
+    assert {layer for layer, _ in cells11} == set(range(6, 27))  # v2's band
+    attacker = Attacker(v11, HARMFUL, HARMLESS, 0)
+    plans = [x for _ in range(300) for x in attacker.plan_ladder(["harmful", "comply"])]
+    assert {x[2] for x in plans if x[1] == "harmful"} == {"add", "affine"}
+    assert {x[2] for x in plans if x[1] == "comply"} == {"affine"}  # v9's comply windows, kept
+    # the same five draws per attack as v9: the same number of attacks from the seeded stream
+    assert planned_attacks(v11, 184, 261, 1074 + 184) == planned_attacks(v9, 184, 261, 1074 + 184) == 679
+    spec9, spec11 = ((ROOT / "configs" / f"hardened-{v}.yaml").read_text() for v in ("v9", "v11"))
+    assert spec11.split("name: hardened-v11")[1] == spec9.split("name: hardened-v9")[1].replace("-v9]", "-v11]")
 
 
 def test_v9_comply_examples_ablate_the_direction_at_every_layer_of_a_window():
