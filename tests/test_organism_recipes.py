@@ -3,7 +3,7 @@
 without the induction attacks on harmless examples, v8 is v7 taught to comply under multi-layer windows (its comply
 examples: always attacked, on a window, with the base model's answers as targets), v9 is v2's attacks plus rotation at
 layers 12-24, taught to comply when the direction is ablated at every layer of a window of 4-8 layers; v10 keeps those
-windows short of the last layers and v11 drops the rotation rung."""
+windows short of the last layers, v11 drops the rotation rung and v12 the windows."""
 
 from __future__ import annotations
 
@@ -297,6 +297,22 @@ def test_v11_is_v9_without_the_rotation_rung():
     assert planned_attacks(v11, 184, 261, 1074 + 184) == planned_attacks(v9, 184, 261, 1074 + 184) == 679
     spec9, spec11 = ((ROOT / "configs" / f"hardened-{v}.yaml").read_text() for v in ("v9", "v11"))
     assert spec11.split("name: hardened-v11")[1] == spec9.split("name: hardened-v9")[1].replace("-v9]", "-v11]")
+
+
+def test_v12_is_v9_without_its_comply_windows():
+    v9, v12 = hardened_recipe(version="v9"), hardened_recipe(version="v12")
+    assert v12.comply_repeats == 0 and replace(v12, comply_repeats=1, comply_rung="affine", attack_multi_k=(4, 8)) == v9
+    assert HARDENED_NAMES["v12"] == "smollm2-135m-hardened-v12" and v12.key() not in {v9.key(), "44e80f36776c"}
+    assert Attacker(v12, HARMFUL, HARMLESS, 0).cells == Attacker(v9, HARMFUL, HARMLESS, 0).cells  # one lever
+    # no comply example: v2's 1074 examples (184 harmful prompts x 3, 261 harmless x 2), every attack at one layer
+    assert example_kind(1073, 184 * 3, 261 * 2, 184 * v12.comply_repeats) == "harmless"
+    assert example_kind(1074, 184 * 3, 261 * 2, 184 * v12.comply_repeats) is None
+    assert planned_attacks(v12, 184, 261, 1074) == 505  # v9: 679 with its 184 comply windows
+    attacker = Attacker(v12, HARMFUL, HARMLESS, 0)
+    plans = [x for _ in range(300) for x in attacker.plan_ladder(["harmful", "harmless", None])]
+    assert {x[1] for x in plans} == {"harmful"} and all(len(x[3]) == 1 for x in plans)
+    spec9, spec12 = ((ROOT / "configs" / f"hardened-{v}.yaml").read_text() for v in ("v9", "v12"))
+    assert spec12.split("name: hardened-v12")[1] == spec9.split("name: hardened-v9")[1].replace("-v9]", "-v12]")
 
 
 def test_v9_comply_examples_ablate_the_direction_at_every_layer_of_a_window():

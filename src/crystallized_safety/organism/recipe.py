@@ -5,9 +5,9 @@ Three organisms: `smollm2-135m-refusal` (liquid: refusal-tuned, one steered laye
 refusal direction, the refusal-feature adversarial training of ReFAT / DeepRefusal adapted to one layer at a
 time, so that only coordinated multi-layer steering should break it) and `smollm2-135m-immune` (built only on
 request: trained against multi-layer attacks as well). The hardened organism has named recipes (`HARDENED_RECIPES`:
-v2, the default, v5, the single-layer ladder with a curriculum, its variants v6 and v7, and v8-v11, crystallized
-by construction: v7 (v8) or v2 (v9-v11) taught to comply when a window of layers is steered together); each builds
-into its own cache entry."""
+v2, the default, v5, the single-layer ladder with a curriculum, its variants v6 and v7, v8-v11, crystallized by
+construction: v7 (v8) or v2 (v9-v11) taught to comply when a window of layers is steered together, and v12, v9
+without those windows); each builds into its own cache entry."""
 
 from __future__ import annotations
 
@@ -28,6 +28,7 @@ HARDENED_V8_NAME = "smollm2-135m-hardened-v8"
 HARDENED_V9_NAME = "smollm2-135m-hardened-v9"
 HARDENED_V10_NAME = "smollm2-135m-hardened-v10"
 HARDENED_V11_NAME = "smollm2-135m-hardened-v11"
+HARDENED_V12_NAME = "smollm2-135m-hardened-v12"
 IMMUNE_NAME = "smollm2-135m-immune"
 # Settings only the hardened recipe uses; left out of the liquid recipe's cache key, which therefore stays
 # the key of every liquid organism built before they existed.
@@ -260,6 +261,18 @@ def _hardened_v11(seed: int, precision: str) -> Recipe:
     return replace(_hardened_v9(seed, precision), attack_rungs=("add", "affine"), attack_rung_bands=())
 
 
+def _hardened_v12(seed: int, precision: str) -> Recipe:
+    """v9 without its comply windows: v2's add and affine attacks plus the rotation rung at layers 12-24, nothing
+    else; with v11 (v9 without the rotation), the other one-lever test of v9's late-rotation leak. The window
+    settings v9 sets (`comply_rung`, `attack_multi_k`) are left at their defaults: with no comply example they draw
+    nothing, and the recipe's key then names only what trains."""
+    return replace(
+        _hardened_v2(seed, precision),
+        attack_rungs=("add", "affine", "rotate"),
+        attack_rung_bands=(("rotate", 12, 24),),
+    )
+
+
 HARDENED_RECIPES = {
     "v2": _hardened_v2,
     "v5": _hardened_v5,
@@ -269,6 +282,7 @@ HARDENED_RECIPES = {
     "v9": _hardened_v9,
     "v10": _hardened_v10,
     "v11": _hardened_v11,
+    "v12": _hardened_v12,
 }
 # The alias each hardened recipe builds under (v2 is the default hardened organism).
 HARDENED_NAMES = {
@@ -280,6 +294,7 @@ HARDENED_NAMES = {
     "v9": HARDENED_V9_NAME,
     "v10": HARDENED_V10_NAME,
     "v11": HARDENED_V11_NAME,
+    "v12": HARDENED_V12_NAME,
 }
 
 
