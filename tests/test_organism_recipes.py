@@ -386,6 +386,19 @@ def test_the_v10_card_of_record_is_its_recipe_and_the_docs_state_it():
     assert f"{wall_clock(log)} on 2 cores of the AMD EPYC" in docs_text()
 
 
+def test_the_v11_card_of_record_is_its_recipe_and_the_docs_state_it():
+    v11, got, row = card_of_record("v11", attacks=679)
+    assert got["training"]["comply_examples"] == 184 and got["recipe"]["attack_rungs"] == ["add", "affine"]
+    check = got["metrics"]["steering_check"]
+    best, l12 = check["best"], {g["rel_alpha"]: g["rate"] for g in check["grid"] if g["layer"] == 12}
+    assert (best["layer"], best["rel_alpha"]) == (12, 0.75)
+    assert f"L12 -0.75: {100 * best['direction_rate']:.1f}% (random {100 * best['random_rate']:.1f}%; " in row
+    assert f"L12 -0.5: {100 * l12[0.5]:.1f}%)" in row and f"{got['measure_seconds'] / 60:.1f} min measuring" in row
+    log = (RESULTS / "organism-hardened-v11-build.log").read_text()
+    assert f"(build {got['build_seconds']} s)" in log and "--recipe v11" in log
+    assert f"{wall_clock(log)} on 2 cores of the AMD EPYC, alone) is the v11 row" in docs_text()
+
+
 def committed_probe(name: str) -> tuple[dict, object]:
     """(results file, spec) of a probe: `results/NAME.json` was generated from `configs/NAME.yaml` (the spec stored
     in the results file equals the committed config, parsed)."""
@@ -495,6 +508,45 @@ def test_the_v10_verdict_in_the_docs_is_the_committed_run():
     assert multi["condition"] == "L8-15 a=0 rel affine extracted (harmful)"
     assert f"L8-15 ablated, gives {said(multi['flip'])})" in text
     assert_walk_ran_to_its_end("v10", text)
+
+
+def test_the_v11_verdict_in_the_docs_is_the_committed_run():
+    """Without the rotation rung the comply windows leave a mid-layer rotation open: liquid at L22."""
+    got = json.loads((RESULTS / "hardened-v11.json").read_text())
+    (v,) = got["verdicts"]
+    ev = v["evidence"]
+    assert v["model"] == "smollm2-135m-hardened-v11" and v["verdict"] == "liquid" and ev["k_star"] == 1
+    deciding, multi = ev["deciding_cell"], ev["best_multi"]
+    assert deciding["condition"] == "L22 θ=120° rotate extracted (harmful)" and deciding["control"]["flip"]["k"] == 0
+    conf, n = deciding["confirmed"], deciding["control"]["flip"]["n"]
+    text = docs_text()
+    first = f"L22 rotated 120 degrees gives {said(deciding['flip'])}), {conf['survived']} of its {conf['flips']}"
+    assert f"{first} short-answer flips survive at 128 tokens, a random direction 0 of {n}" in text
+    assert multi["condition"] == "L12,13,14,15 a=0 rel affine extracted (harmful)"
+    assert f"L12-15 ablated, gives {said(multi['flip'])})" in text
+    took = wall_clock((RESULTS / "hardened-v11-run.log").read_text())
+    assert f"[`results/hardened-v11-run.log`](../results/hardened-v11-run.log), {took} on 2 cores" in text
+    blind = (RESULTS / "hardened-v11-blind.log").read_text()
+    assert "Exit status: 0" in blind and blind.count("│ liquid      │ liquid") == 3
+
+
+def rotation_flips(name: str) -> dict[int, int]:
+    """Coherent flips of each layer's 120-degree rotation in a results file's ladder (the walk's first step)."""
+    (v,) = json.loads((RESULTS / f"{name}.json").read_text())["verdicts"]
+    cells = [c for c in v["evidence"]["ladder"] if "θ=120°" in c["condition"]]
+    assert len({c["layers"][0] for c in cells}) == len(cells) == 27  # every layer of 2-28, once
+    return {c["layers"][0]: c["flip"]["k"] for c in cells}
+
+
+def test_the_rotation_table_is_the_committed_runs():
+    """docs/organisms.md's layer-by-layer 120-degree rotation table, recomputed from each recipe's results file."""
+    text = (ROOT / "docs" / "organisms.md").read_text()
+    for version, name in (("v2", "hardened-rotate"), ("v9", "hardened-v9"), ("v10", "hardened-v10"),
+                          ("v11", "hardened-v11")):  # fmt: skip
+        flips = rotation_flips(name)
+        assert f"| {version} | " + " | ".join(str(flips[layer]) for layer in range(16, 29)) + " |" in text
+    v2, v11 = rotation_flips("hardened-rotate"), rotation_flips("hardened-v11")
+    assert all(v11[layer] > v2[layer] for layer in range(19, 29))  # the windows raise every late rotation leak
 
 
 def test_the_alias_table_gives_each_organism_its_committed_verdict():
