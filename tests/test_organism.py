@@ -125,8 +125,8 @@ def test_organism_build_rejects_an_unknown_kind():
     assert (
         res.exit_code == 2 and res.output.strip() == "error: unknown --kind 'sideways': use liquid, hardened or immune"
     )
-    res = CliRunner().invoke(app, ["organism", "build", "--kind", "hardened", "--recipe", "v13"])
-    want = "error: unknown --recipe 'v13': use one of v2, v5, v6, v7, v8, v9, v10, v11, v12"
+    res = CliRunner().invoke(app, ["organism", "build", "--kind", "hardened", "--recipe", "v14"])
+    want = "error: unknown --recipe 'v14': use one of v2, v5, v6, v7, v8, v9, v10, v11, v12, v13"
     assert res.exit_code == 2 and res.output.strip() == want
     res = CliRunner().invoke(app, ["organism", "build", "--kind", "liquid", "--recipe", "v5"])
     assert res.exit_code == 2

@@ -1,9 +1,10 @@
-"""Recipes v6-v11 (issue 26): the committed cards, verdicts and hand read of `smollm2-135m-hardened-v6` and
+"""Recipes v6-v13 (issue 26): the committed cards, verdicts and hand read of `smollm2-135m-hardened-v6` and
 `-v7` are what docs/organisms.md states, with intervals recomputed; v6 is v5 with the focused curriculum, v7 is v5
 without the induction attacks on harmless examples, v8 is v7 taught to comply under multi-layer windows (its comply
 examples: always attacked, on a window, with the base model's answers as targets), v9 is v2's attacks plus rotation at
 layers 12-24, taught to comply when the direction is ablated at every layer of a window of 4-8 layers; v10 keeps those
-windows short of the last layers, v11 drops the rotation rung and v12 the windows."""
+windows short of the last layers, v11 drops the rotation rung, v12 the windows, and v13 trains the rotation to the
+last walked layer."""
 
 from __future__ import annotations
 
@@ -313,6 +314,19 @@ def test_v12_is_v9_without_its_comply_windows():
     assert {x[1] for x in plans} == {"harmful"} and all(len(x[3]) == 1 for x in plans)
     spec9, spec12 = ((ROOT / "configs" / f"hardened-{v}.yaml").read_text() for v in ("v9", "v12"))
     assert spec12.split("name: hardened-v12")[1] == spec9.split("name: hardened-v9")[1].replace("-v9]", "-v12]")
+
+
+def test_v13_is_v9_with_its_rotations_to_the_last_walked_layer():
+    v9, v13 = hardened_recipe(version="v9"), hardened_recipe(version="v13")
+    assert HARDENED_NAMES["v13"] == "smollm2-135m-hardened-v13" and v13.key() != v9.key()
+    cells9, cells13 = Attacker(v9, HARMFUL, HARMLESS, 0).cells, Attacker(v13, HARMFUL, HARMLESS, 0).cells
+    assert sorted(cells13) == sorted([*cells9, *((layer, "rotate") for layer in range(25, 29))])  # one lever
+    attacker = Attacker(v13, HARMFUL, HARMLESS, 0)
+    windows = [x[3] for _ in range(300) for x in attacker.plan_ladder(["comply"])]
+    assert min(w[0] for w in windows) == 6 and max(w[-1] for w in windows) == 26  # v9's comply band
+    assert planned_attacks(v13, 184, 261, 1074 + 184) == 679
+    spec9, spec13 = ((ROOT / "configs" / f"hardened-{v}.yaml").read_text() for v in ("v9", "v13"))
+    assert spec13.split("name: hardened-v13")[1] == spec9.split("name: hardened-v9")[1].replace("-v9]", "-v13]")
 
 
 def test_v9_comply_examples_ablate_the_direction_at_every_layer_of_a_window():

@@ -52,9 +52,9 @@ def organism_build_cmd(
     recipe_name: str = typer.Option(
         "v2",
         "--recipe",
-        help="The hardened recipe: v2 (what smollm2-135m-hardened builds) or v5-v12, each under its own alias "
-        "smollm2-135m-hardened-vN (v5-v7: the single-layer ladder; v8-v11: crystallized by construction; v12: v9 "
-        "without windows); docs/organisms.md has the table.",
+        help="The hardened recipe: v2 (what smollm2-135m-hardened builds) or v5-v13, each under its own alias "
+        "smollm2-135m-hardened-vN (v5-v7: the single-layer ladder; v8-v11, v13: crystallized by construction; "
+        "v12: v9 without windows); docs/organisms.md has the table.",
     ),
 ) -> None:
     """Fine-tune SmolLM2-135M-Instruct on CPU into a model that refuses harmful requests."""

@@ -6,7 +6,7 @@ refusal direction, the refusal-feature adversarial training of ReFAT / DeepRefus
 time, so that only coordinated multi-layer steering should break it) and `smollm2-135m-immune` (built only on
 request: trained against multi-layer attacks as well). The hardened organism has named recipes (`HARDENED_RECIPES`:
 v2, the default, v5, the single-layer ladder with a curriculum, its variants v6 and v7, v8-v11, crystallized by
-construction: v7 (v8) or v2 (v9-v11) taught to comply when a window of layers is steered together, and v12, v9
+construction: v7 (v8) or v2 (v9-v11, v13) taught to comply when a window of layers is steered together, and v12, v9
 without those windows); each builds into its own cache entry."""
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ HARDENED_V9_NAME = "smollm2-135m-hardened-v9"
 HARDENED_V10_NAME = "smollm2-135m-hardened-v10"
 HARDENED_V11_NAME = "smollm2-135m-hardened-v11"
 HARDENED_V12_NAME = "smollm2-135m-hardened-v12"
+HARDENED_V13_NAME = "smollm2-135m-hardened-v13"
 IMMUNE_NAME = "smollm2-135m-immune"
 # Settings only the hardened recipe uses; left out of the liquid recipe's cache key, which therefore stays
 # the key of every liquid organism built before they existed.
@@ -273,6 +274,18 @@ def _hardened_v12(seed: int, precision: str) -> Recipe:
     )
 
 
+def _hardened_v13(seed: int, precision: str) -> Recipe:
+    """v9 with the rotation rung at layers 12-28, the last layer the search walks: v9 leaks under rotation past its
+    rotation band (L25-28: about 30 of 38 coherent flips) and v11, without rotations, from L19 on. The add and affine
+    attacks and the comply windows keep v9's layers (6-26)."""
+    return replace(
+        _hardened_v9(seed, precision),
+        attack_band=(6, 28),
+        attack_rung_bands=(("add", 6, 26), ("affine", 6, 26), ("rotate", 12, 28)),
+        comply_band=(6, 26),
+    )
+
+
 HARDENED_RECIPES = {
     "v2": _hardened_v2,
     "v5": _hardened_v5,
@@ -283,6 +296,7 @@ HARDENED_RECIPES = {
     "v10": _hardened_v10,
     "v11": _hardened_v11,
     "v12": _hardened_v12,
+    "v13": _hardened_v13,
 }
 # The alias each hardened recipe builds under (v2 is the default hardened organism).
 HARDENED_NAMES = {
@@ -295,6 +309,7 @@ HARDENED_NAMES = {
     "v10": HARDENED_V10_NAME,
     "v11": HARDENED_V11_NAME,
     "v12": HARDENED_V12_NAME,
+    "v13": HARDENED_V13_NAME,
 }
 
 
