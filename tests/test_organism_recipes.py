@@ -387,29 +387,31 @@ def test_the_v9_card_of_record_is_its_recipe_and_the_docs_state_it():
     assert f"{wall_clock(log)} on 2 cores of the AMD EPYC" in docs_text()
 
 
+def assert_check_and_build(version: str, got: dict, row: str, best_at: tuple[int, float], l12_alpha: float) -> str:
+    """A recipe row states its card's steering check (the best cell against a random direction, and L12 at another
+    alpha) and measuring minutes; the build log is that card's build. Returns the log."""
+    check = got["metrics"]["steering_check"]
+    best, l12 = check["best"], {g["rel_alpha"]: g["rate"] for g in check["grid"] if g["layer"] == 12}
+    assert (best["layer"], best["rel_alpha"]) == best_at
+    rates = f"{100 * best['direction_rate']:.1f}% (random {100 * best['random_rate']:.1f}%; "
+    assert f"L{best_at[0]} -{best_at[1]}: {rates}" in row and f"L12 -{l12_alpha}: {100 * l12[l12_alpha]:.1f}%)" in row
+    assert f"{got['measure_seconds'] / 60:.1f} min measuring" in row
+    log = (RESULTS / f"organism-hardened-{version}-build.log").read_text()
+    assert f"(build {got['build_seconds']} s)" in log and f"--recipe {version}" in log
+    return log
+
+
 def test_the_v10_card_of_record_is_its_recipe_and_the_docs_state_it():
     v10, got, row = card_of_record("v10", attacks=691)
     assert got["training"]["comply_examples"] == 184 and got["recipe"]["comply_band"] == [6, 19]
-    check = got["metrics"]["steering_check"]
-    best, l12 = check["best"], {g["rel_alpha"]: g["rate"] for g in check["grid"] if g["layer"] == 12}
-    assert (best["layer"], best["rel_alpha"]) == (12, 0.75)
-    assert f"L12 -0.75: {100 * best['direction_rate']:.1f}% (random {100 * best['random_rate']:.1f}%; " in row
-    assert f"L12 -0.5: {100 * l12[0.5]:.1f}%)" in row and f"{got['measure_seconds'] / 60:.1f} min measuring" in row
-    log = (RESULTS / "organism-hardened-v10-build.log").read_text()
-    assert f"(build {got['build_seconds']} s)" in log
+    log = assert_check_and_build("v10", got, row, (12, 0.75), 0.5)
     assert f"{wall_clock(log)} on 2 cores of the AMD EPYC" in docs_text()
 
 
 def test_the_v11_card_of_record_is_its_recipe_and_the_docs_state_it():
     v11, got, row = card_of_record("v11", attacks=679)
     assert got["training"]["comply_examples"] == 184 and got["recipe"]["attack_rungs"] == ["add", "affine"]
-    check = got["metrics"]["steering_check"]
-    best, l12 = check["best"], {g["rel_alpha"]: g["rate"] for g in check["grid"] if g["layer"] == 12}
-    assert (best["layer"], best["rel_alpha"]) == (12, 0.75)
-    assert f"L12 -0.75: {100 * best['direction_rate']:.1f}% (random {100 * best['random_rate']:.1f}%; " in row
-    assert f"L12 -0.5: {100 * l12[0.5]:.1f}%)" in row and f"{got['measure_seconds'] / 60:.1f} min measuring" in row
-    log = (RESULTS / "organism-hardened-v11-build.log").read_text()
-    assert f"(build {got['build_seconds']} s)" in log and "--recipe v11" in log
+    log = assert_check_and_build("v11", got, row, (12, 0.75), 0.5)
     assert f"{wall_clock(log)} on 2 cores of the AMD EPYC, alone) is the v11 row" in docs_text()
 
 
@@ -592,13 +594,7 @@ def test_the_rotation_table_is_the_committed_runs():
 def test_the_v12_card_of_record_is_its_recipe_and_the_docs_state_it():
     v12, got, row = card_of_record("v12", attacks=505)
     assert "comply_examples" not in got["training"] and got["recipe"]["comply_repeats"] == 0
-    check = got["metrics"]["steering_check"]
-    best, l12 = check["best"], {g["rel_alpha"]: g["rate"] for g in check["grid"] if g["layer"] == 12}
-    assert (best["layer"], best["rel_alpha"]) == (12, 0.5)
-    assert f"L12 -0.5: {100 * best['direction_rate']:.1f}% (random {100 * best['random_rate']:.1f}%; " in row
-    assert f"L12 -0.25: {100 * l12[0.25]:.1f}%)" in row and f"{got['measure_seconds'] / 60:.1f} min measuring" in row
-    log = (RESULTS / "organism-hardened-v12-build.log").read_text()
-    assert f"(build {got['build_seconds']} s)" in log and "--recipe v12" in log
+    log = assert_check_and_build("v12", got, row, (12, 0.5), 0.25)
     assert f"{wall_clock(log)} on 2 cores of the AMD EPYC, briefly shared" in docs_text()
 
 
