@@ -5,9 +5,9 @@ Three organisms: `smollm2-135m-refusal` (liquid: refusal-tuned, one steered laye
 refusal direction, the refusal-feature adversarial training of ReFAT / DeepRefusal adapted to one layer at a
 time, so that only coordinated multi-layer steering should break it) and `smollm2-135m-immune` (built only on
 request: trained against multi-layer attacks as well). The hardened organism has named recipes (`HARDENED_RECIPES`:
-v2, the default, v5, the single-layer ladder with a curriculum, its variants v6 and v7, v8-v11, crystallized by
-construction: v7 (v8) or v2 (v9-v11, v13) taught to comply when a window of layers is steered together, and v12, v9
-without those windows); each builds into its own cache entry."""
+v2, the default, v5, the single-layer ladder with a curriculum, its variants v6 and v7, v8-v11 and v13, crystallized
+by construction: v7 (v8) or v2 (v9-v11, v13) taught to comply when a window of layers is steered together, and v12,
+v9 without those windows); each builds into its own cache entry."""
 
 from __future__ import annotations
 
