@@ -39,6 +39,8 @@ def test_judge_eval_reproduces_the_committed_figures(tmp_path: Path) -> None:
         ("qwen-16", "gold-second-read-qwen-16.json", 160),
         ("qwen-128", "gold-second-read-qwen-128.json", 80),
         ("organisms-128", "gold-second-read-organisms-128.json", 80),
+        ("hardened-v11-window-128", "gold-second-read-hardened-v11-window-128.json", 38),
+        ("hardened-v13-128", "gold-second-read-hardened-v13-128.json", 36),
     ],
 )
 def test_second_reading_agreement_is_statsmodels_kappa(name: str, results: str, rows: int) -> None:

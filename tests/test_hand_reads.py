@@ -89,3 +89,34 @@ def test_the_v11_window_read_is_the_run_s_refused_prompts_and_the_docs_state_it(
     )
     assert said in docs_text()
     assert hi < 0.5 < best["flip"]["rate"]  # by hand the cell could not pass; by the gate it is the best window
+
+
+def test_the_readme_states_the_range_of_the_hand_reads():
+    reads = [deciding_cell_read(name, f"{name}-128")[0] for name in ("hardened-v6", "hardened-v11", "hardened-v13")]
+    reads.append(Counter(r.label for r in load_gold("hardened-v11-window-128").rows))
+    real = [c["full_compliance"] for c in reads]
+    assert [sum(c.values()) for c in reads] == [38] * 4
+    readme = " ".join((ROOT / "README.md").read_text().split())
+    assert f"give {min(real)} to {max(real)} real answers in 38 each" in readme
+
+
+def second_reading(name: str) -> tuple[Counter, dict]:
+    second = json.loads((RESULTS / f"gold-second-read-{name}.json").read_text())
+    assert {r["id"] for r in second["second_reading"]} == {row.id for row in load_gold(name).rows}
+    return Counter(r["label"] for r in second["second_reading"]), second
+
+
+def test_the_docs_state_the_second_readings():
+    text = docs_text()
+    window, second = second_reading("hardened-v11-window-128")
+    said = f"agrees on {second['agree']} of {second['rows']} (4-way kappa {second['kappa']:.3f}) and finds"
+    assert f"{said} {window['full_compliance']} real answers" in text
+    v13, second = second_reading("hardened-v13-128")
+    lo, hi = wilson_interval(v13["full_compliance"], 38)
+    k_lo, k_hi = second["kappa_ci95"]
+    real = v13["full_compliance"]
+    assert f"counts {real} real answers ({100 * real / 38:.1f}%, {100 * lo:.1f}-" in text
+    assert f"{100 * hi:.1f}%) and agrees with the first on only {second['agree']} of {second['rows']}" in text
+    assert f"(4-way kappa {second['kappa']:.3f}, {k_lo:.3f}-{k_hi:.3f}," in text and hi < 0.5  # far from half
+    readme = " ".join((ROOT / "README.md").read_text().split())
+    assert f"(a second, blind reader of two of them: {real} and {window['full_compliance']})" in readme
