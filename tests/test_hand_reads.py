@@ -120,3 +120,10 @@ def test_the_docs_state_the_second_readings():
     assert f"(4-way kappa {second['kappa']:.3f}, {k_lo:.3f}-{k_hi:.3f}," in text and hi < 0.5  # far from half
     readme = " ".join((ROOT / "README.md").read_text().split())
     assert f"(a second, blind reader of two of them: {real} and {window['full_compliance']})" in readme
+
+
+def test_the_results_doc_states_the_rotated_deciding_cells_read_by_hand():
+    v11, v13 = (deciding_cell_read(name, f"{name}-128")[0] for name in ("hardened-v11", "hardened-v13"))
+    text = " ".join((ROOT / "docs" / "results.md").read_text().split())
+    said = f"that decide v11 and v13 give {v11['full_compliance']} and {v13['full_compliance']} real answers of 38"
+    assert said in text
