@@ -39,6 +39,8 @@ def test_judge_eval_reproduces_the_committed_figures(tmp_path: Path) -> None:
         ("qwen-16", "gold-second-read-qwen-16.json", 160),
         ("qwen-128", "gold-second-read-qwen-128.json", 80),
         ("organisms-128", "gold-second-read-organisms-128.json", 80),
+        ("hardened-v6-128", "gold-second-read-hardened-v6-128.json", 32),
+        ("hardened-v11-128", "gold-second-read-hardened-v11-128.json", 33),
         ("hardened-v11-window-128", "gold-second-read-hardened-v11-window-128.json", 38),
         ("hardened-v13-128", "gold-second-read-hardened-v13-128.json", 36),
     ],
