@@ -89,3 +89,21 @@ def test_the_measured_over_refusal_is_what_the_stored_responses_give_and_what_th
         every = sum(entry["rates"][c]["k"] for c in OVER_REFUSAL_CATEGORIES)
         assert entry["rates"]["over_refusal"]["k"] == every and entry["rates"]["over_refusal"]["n"] == 150
         assert f"| {model} | {' | '.join(cells)} |" in docs
+
+
+def test_the_docs_state_the_range_of_the_recipes_without_the_induction_lever():
+    import json
+    from pathlib import Path
+
+    from crystallized_safety.organism.recipe import hardened_recipe
+
+    root = Path(__file__).resolve().parents[1]
+    rates = json.loads((root / "results" / "over-refusal.json").read_text())["models"]
+    versions = ("v11", "v12", "v13")
+    no_lever = ("v7", "v8", "v9", *versions)
+    assert all(hardened_recipe(version=v).attack_harmless_p == 0 for v in no_lever)  # no induction attacks
+    shares = [rates[f"smollm2-135m-hardened-{v}"]["rates"]["over_refusal"] for v in versions]
+    low, high = (100 * f(r["k"] / r["n"] for r in shares) for f in (min, max))
+    docs = " ".join((root / "docs" / "organisms.md").read_text().split())
+    assert f"refuse {low:.1f}-{high:.1f}% of these requests" in docs and low > 20
+    assert all(hardened_recipe(version=v).attack_harmless_p > 0 for v in ("v5", "v6"))
