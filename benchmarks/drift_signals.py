@@ -107,7 +107,10 @@ def fit_logistic(x: np.ndarray, y: np.ndarray, c: float) -> np.ndarray:
         grad = -(xb.T @ (sign * p)) + np.append(w[:-1], 0) / c
         return float(np.logaddexp(0, -z).sum() + (w[:-1] ** 2).sum() / (2 * c)), grad
 
-    return minimize(loss, np.zeros(xb.shape[1]), jac=True, method="L-BFGS-B", options={"maxiter": 5000}).x
+    fit = minimize(loss, np.zeros(xb.shape[1]), jac=True, method="L-BFGS-B", options={"maxiter": 5000})
+    if not fit.success:
+        raise RuntimeError(f"the probe's logistic fit did not converge: {fit.message}")
+    return fit.x
 
 
 def probe_scores(files: dict[str, dict]) -> None:
@@ -169,7 +172,7 @@ def main() -> None:
         for name, f in files.items()
     }
     doc = {
-        "about": " ".join(__doc__.split("\n\n")[1].split()),
+        "about": " ".join(__doc__.split("\n\n")[2].split()),
         "models": {"reference": BASE, "judge": JUDGE, "dtype": "float32", "answer_tokens": TOKENS},
         "judge_prompt": {"system": JUDGE_SYSTEM, "user": JUDGE_USER},
         "probe": {

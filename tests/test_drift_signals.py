@@ -65,6 +65,11 @@ def test_the_docs_state_the_table_and_the_wall_clock():
         probe = list(t["probe_held_out"].values())
         values = " | ".join(f"{t[s]:.3f}" for s in SIGNALS)
         assert f"| `{name}` | {t['real']} / {t['drift']} | {values} | {min(probe):.3f}-{max(probe):.3f} |" in text
+    late = [t["base_loglik"] for n, t in DOC["auc"].items() if n.startswith(("hardened-", "immune-"))]
+    flat = " ".join(text.split())
+    assert f"more likely than the real answers (AUC {min(late):.3f}-{max(late):.3f})" in flat and max(late) < 0.5
+    assert min(DOC["auc"][n]["base_loglik"] for n in ("qwen-128", "organisms-128")) > 0.5  # "the reverse"
+    assert DOC["about"].startswith("The coherence gate passes fluent, on-topic drift as compliance")
     log = (ROOT / "results" / "drift-signals.log").read_text()
     assert f"(`results/drift-signals.json`, {wall_clock(log)} on 2 cores of an AMD EPYC)" in text
     assert DOC["machine"]["cpu"] == "AMD EPYC" and DOC["machine"]["cores"] == 2

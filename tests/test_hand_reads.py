@@ -3,6 +3,7 @@ judged), its counts are those the docs state, with their Wilson intervals, and t
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections import Counter
 from pathlib import Path
@@ -40,9 +41,12 @@ def deciding_cell_read(name: str, gold_name: str) -> tuple[Counter, int, dict]:
     cell = v["evidence"]["deciding_cell"]
     assert len(read) == cell["flip"]["n"] == v["evidence"]["flip_denominator"]
     assert sum(r["tool_flip"] for r in read) == cell["flip"]["k"]
-    gold = {row.id: row.label for row in load_gold(gold_name).rows}
+    rows = {row.id: row for row in load_gold(gold_name).rows}
     ids = [r["gold_id"] for r in read if r["gold_id"]]
-    assert sorted(ids) == sorted(gold) and all(gold[r["gold_id"]] == r["label"] for r in read if r["gold_id"])
+    assert sorted(ids) == sorted(rows) and all(rows[r["gold_id"]].label == r["label"] for r in read if r["gold_id"])
+    for r in read:  # a label belongs to the very text the tool judged
+        if r["gold_id"]:
+            assert hashlib.sha256(rows[r["gold_id"]].response.encode()).hexdigest() == r["response_sha256"]
     return Counter(r["label"] for r in read), len(read), cell
 
 
@@ -77,6 +81,8 @@ def test_the_v11_window_read_is_the_run_s_refused_prompts_and_the_docs_state_it(
     n = v["evidence"]["flip_denominator"]
     eval_prompts = list(load_prompts("bundled:harmful:eval"))
     assert len(rows) == n == len({r.prompt for r in rows}) and all(r.prompt in eval_prompts for r in rows)
+    # the run's refused prompts: they include every prompt of its deciding cell's flips (hardened-v11-128)
+    assert {r.prompt for r in load_gold("hardened-v11-128").rows} <= {r.prompt for r in rows}
     assert {r.condition for r in rows} == {"L12,13,14,15 affine extracted @128 tokens"}
     assert {r.max_new_tokens for r in rows} == {128} and {r.model for r in rows} == {"smollm2-135m-hardened-v11"}
     counts = Counter(r.label for r in rows)
@@ -117,16 +123,28 @@ def test_the_docs_state_the_second_readings():
     real = v13["full_compliance"]
     assert f"counts {real} real answers ({100 * real / 38:.1f}%, {100 * lo:.1f}-" in text
     assert f"{100 * hi:.1f}%) and agrees with the first on only {second['agree']} of {second['rows']}" in text
-    assert f"(4-way kappa {second['kappa']:.3f}, {k_lo:.3f}-{k_hi:.3f}," in text and hi < 0.5  # far from half
-    for name, n_rows in (("hardened-v6-128", 32), ("hardened-v11-128", 33)):
-        counts, second = second_reading(name)
-        agree = f"agrees with the first on {second['agree']} of {n_rows} (4-way kappa {second['kappa']:.3f},"
-        assert f"finds {counts['full_compliance']} real answers" in text and agree in text
+    assert f"(4-way kappa {second['kappa']:.3f}, {k_lo:.3f}-{k_hi:.3f}," in text and hi < 0.5  # below half
+    assert f"(the second reading's upper bound: {100 * hi:.1f}%)" in text
+    v6, second = second_reading("hardened-v6-128")
+    said = f"finds {v6['full_compliance']} real answers and agrees with the first on {second['agree']} of 32"
+    assert f"{said} (4-way kappa {second['kappa']:.3f}," in text
+    v11, second = second_reading("hardened-v11-128")
+    lo, hi = wilson_interval(v11["full_compliance"], 38)
+    said = f"finds {v11['full_compliance']} real answers ({100 * v11['full_compliance'] / 38:.1f}%, {100 * lo:.1f}-"
+    agree = f"{100 * hi:.1f}%) and agrees with the first on {second['agree']} of 33 (4-way kappa {second['kappa']:.3f},"
+    assert said in text and agree in text
     names = ("hardened-v6-128", "hardened-v11-128", "hardened-v13-128")
     seconds = [second_reading(name)[0]["full_compliance"] for name in names]
     seconds.append(window["full_compliance"])
     readme = " ".join((ROOT / "README.md").read_text().split())
     assert f"({min(seconds)} to {max(seconds)} by a second, blind reader)" in readme
+    firsts = [
+        deciding_cell_read(f"hardened-{v}", f"hardened-{v}-128")[0]["full_compliance"] for v in ("v6", "v11", "v13")
+    ]
+    firsts.append(Counter(r.label for r in load_gold("hardened-v11-window-128").rows)["full_compliance"])
+    highest = max(wilson_interval(k, 38)[1] for k in firsts + seconds)
+    assert f"none reaches half, the rate a liquid call needs (highest upper bound {100 * highest:.1f}%)" in readme
+    assert highest < 0.5
 
 
 def test_the_results_doc_states_the_rotated_deciding_cells_read_by_hand():
@@ -134,3 +152,6 @@ def test_the_results_doc_states_the_rotated_deciding_cells_read_by_hand():
     text = " ".join((ROOT / "docs" / "results.md").read_text().split())
     said = f"that decide v11 and v13 give {v11['full_compliance']} and {v13['full_compliance']} real answers of 38"
     assert said in text
+    immune = json.loads((RESULTS / "immune-deciding-cell-read-128.json").read_text())["rows"]
+    real = sum(r["label"] == "full_compliance" for r in immune)
+    assert f"organism's gives {real} real answers of {len(immune)}." in text

@@ -95,7 +95,7 @@ def test_the_docs_state_the_range_of_the_recipes_without_the_induction_lever():
     import json
     from pathlib import Path
 
-    from crystallized_safety.organism.recipe import hardened_recipe
+    from crystallized_safety.organism.recipe import hardened_recipe, immune_recipe
 
     root = Path(__file__).resolve().parents[1]
     rates = json.loads((root / "results" / "over-refusal.json").read_text())["models"]
@@ -107,3 +107,4 @@ def test_the_docs_state_the_range_of_the_recipes_without_the_induction_lever():
     docs = " ".join((root / "docs" / "organisms.md").read_text().split())
     assert f"refuse {low:.1f}-{high:.1f}% of these requests" in docs and low > 20
     assert all(hardened_recipe(version=v).attack_harmless_p > 0 for v in ("v5", "v6"))
+    assert immune_recipe().attack_harmless_p > 0 and hardened_recipe(version="v2").attack_harmless_p == 0
