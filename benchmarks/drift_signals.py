@@ -2,18 +2,17 @@
 
     HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/drift_signals.py --out results/drift-signals.json
 
-The coherence gate passes fluent, on-topic drift as compliance (docs/judges.md): the hand-read deciding cells of
-the hardened organisms are mostly drift where the gate counts flips. This script scores, on every bundled gold file
-read at 128 tokens, the rows labelled full compliance (a real answer) against those labelled incoherent (drift),
-with candidate signals that need no model hub: the text alone (zlib compression ratio, distinct word bigrams); the
-base SmolLM2-135M-Instruct, which answers harmful requests (mean log-likelihood of the answer after its prompt, and
-its prompt-answer PMI: the gate's relevance under a model that complies); a local instruct model as a yes/no judge
-of whether the answer really does what was asked (Qwen2.5-Coder-0.5B-Instruct, the log-odds of YES over NO); and a
-linear probe (L2 logistic regression, standardised features) on the base model's hidden states averaged over the
-answer at three depths, trained on the other files and scored on each file held out. Each signal's AUC (scipy's
-Mann-Whitney U; 1 = separates perfectly, 0.5 = chance), per file, and every row's values. About 22 min on 2 cores
-of an AMD EPYC.
-"""
+The coherence gate passes fluent, on-topic drift as compliance (docs/judges.md): the hand-read deciding cells of the
+hardened organisms are mostly drift where the gate counts flips. This script scores, on every bundled gold file read
+at 128 tokens, the rows labelled full compliance (a real answer) against those labelled incoherent (drift), with
+candidate signals that need no model hub: the text alone (zlib compression ratio, distinct word bigrams); the base
+SmolLM2-135M-Instruct, which answers harmful requests (mean log-likelihood of the answer after its prompt, and the
+coherence gate's relevance rule, `CoherenceGate.relevances`, under this model that complies); a local instruct model
+as a yes/no judge of whether the answer really does what was asked (Qwen2.5-Coder-0.5B-Instruct, the log-odds of YES
+over NO); and a linear probe (L2 logistic regression, standardised features) on the base model's hidden states
+averaged over the answer at three depths, trained on the other files and scored on each file held out. Each signal's
+AUC (scipy's Mann-Whitney U; 1 = separates perfectly, 0.5 = chance), per file, and every row's values. About 22 min
+on 2 cores of an AMD EPYC."""
 
 from __future__ import annotations
 
@@ -21,6 +20,7 @@ import argparse
 import json
 import os
 import re
+import sys
 import time
 import zlib
 from pathlib import Path
@@ -30,6 +30,7 @@ import torch
 from scipy.optimize import minimize
 from scipy.stats import mannwhitneyu
 
+from crystallized_safety.judges.coherence import CoherenceGate
 from crystallized_safety.judges.gold import bundled_gold, load_gold
 from crystallized_safety.precision import cpu_name
 from crystallized_safety.registry import load_model
@@ -61,25 +62,17 @@ def text_signals(response: str) -> tuple[float, float]:
 
 
 @torch.no_grad()
-def answer_pass(model, prompt: str, response: str) -> tuple[float, float, np.ndarray]:
-    """Mean log-likelihood of the answer after its prompt, its PMI with the prompt (the same after an empty user
-    turn subtracted) and the answer's hidden states averaged at three depths."""
-    tok, hf = model.tokenizer, model.hf
+def answer_pass(model, prompt: str, response: str) -> tuple[float, np.ndarray]:
+    """Mean log-likelihood of the answer after its prompt (the model's own chat format) and the answer's hidden
+    states averaged at three depths."""
+    tok = model.tokenizer
+    head = tok(model.format([prompt])[0], add_special_tokens=False)["input_ids"]
     answer = tok(response, add_special_tokens=False)["input_ids"][:TOKENS]
-    logliks, feats = [], None
-    for user in (prompt, ""):
-        head = tok.apply_chat_template([{"role": "user", "content": user}], add_generation_prompt=True,
-                                       tokenize=False)  # fmt: skip
-        ids = tok(head, add_special_tokens=False)["input_ids"]
-        x = torch.tensor([ids + answer])
-        out = hf(x, output_hidden_states=user != "")
-        logp = out.logits[0, len(ids) - 1 : -1].float().log_softmax(-1)
-        logliks.append(logp.gather(1, torch.tensor(answer)[:, None])[:, 0])
-        if user:
-            hs = out.hidden_states
-            feats = torch.cat([hs[k][0, len(ids) :].float().mean(0) for k in (len(hs) // 2, 3 * len(hs) // 4, -1)])
-    cond, empty = logliks
-    return float(cond.mean()), float((cond - empty).mean()), feats.numpy()
+    out = model.hf(torch.tensor([head + answer]), output_hidden_states=True)
+    logp = out.logits[0, len(head) - 1 : -1].float().log_softmax(-1)
+    hs = out.hidden_states
+    feats = torch.cat([hs[k][0, len(head) :].float().mean(0) for k in (len(hs) // 2, 3 * len(hs) // 4, -1)])
+    return float(logp.gather(1, torch.tensor(answer)[:, None]).mean()), feats.numpy()
 
 
 @torch.no_grad()
@@ -109,7 +102,7 @@ def fit_logistic(x: np.ndarray, y: np.ndarray, c: float) -> np.ndarray:
 
     fit = minimize(loss, np.zeros(xb.shape[1]), jac=True, method="L-BFGS-B", options={"maxiter": 5000})
     if not fit.success:
-        raise RuntimeError(f"the probe's logistic fit did not converge: {fit.message}")
+        sys.exit(f"error: the probe's logistic fit did not converge ({fit.message}): raise maxiter or the penalty")
     return fit.x
 
 
@@ -130,6 +123,7 @@ def main() -> None:
     args = parser.parse_args()
     names = [n for n in bundled_gold() if n.endswith("-128")]
     base = load_model(BASE, dtype="float32")
+    gate = CoherenceGate(base, batch_size=16)  # its relevance rule, under a model that complies
     judge = load_model(JUDGE, dtype="float32")
     files: dict[str, dict] = {}
     for name in names:
@@ -137,14 +131,15 @@ def main() -> None:
         rows = [r for r in load_gold(name).rows if r.label in (REAL, DRIFT)]
         text = np.array([text_signals(r.response) for r in rows])
         passes = [answer_pass(base, r.prompt, r.response) for r in rows]
+        relevance = gate.relevances([r.prompt for r in rows], [r.response for r in rows])
         files[name] = {
             "ids": [r.id for r in rows],
             "real": np.array([r.label == REAL for r in rows]),
             "zlib_ratio": text[:, 0],
             "distinct2": text[:, 1],
             "base_loglik": np.array([p[0] for p in passes]),
-            "base_pmi": np.array([p[1] for p in passes]),
-            "features": np.vstack([p[2] for p in passes]),
+            "base_pmi": np.array([np.nan if v is None else v for v in relevance]),
+            "features": np.vstack([p[1] for p in passes]),
             "judge_yes": np.array([judge_yes(judge, r.prompt, r.response) for r in rows]),
         }
         print(f"{name}: {len(rows)} rows, {time.monotonic() - t0:.0f} s", flush=True)
