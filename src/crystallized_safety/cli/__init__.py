@@ -7,6 +7,6 @@ command group; `app` holds what they share. Importing this package registers eve
 from __future__ import annotations  # noqa: I001 - the import order below is the order of `csafety --help`
 
 from .app import app, err, main, out
-from . import steer_cmds, organism_cmds, judge_cmds, judge_eval_cmds, run_cmds, blind_cmds, vector_cmds  # noqa: F401,E501 - registers the commands
+from . import steer_cmds, organism_cmds, judge_cmds, judge_eval_cmds, run_cmds, blind_cmds, vector_cmds, reading_cmds  # noqa: F401,E501 - registers the commands
 
 __all__ = ["app", "err", "main", "out"]

@@ -68,13 +68,17 @@ def blind_cmd(
 def rejudge_cmd(
     store_path: Path = typer.Option(..., "--store", help="SQLite results store of the run to re-judge (read only)."),
     config: Path = typer.Option(
-        ..., "--spec", help="The run's spec with a new judging rule (coherence.min_relevance) and nothing else changed."
+        ...,
+        "--spec",
+        help="The run's spec with a new judging rule (coherence.min_relevance, verdict.confirm_by) and nothing else "
+        "changed.",
     ),
     out_path: Path = typer.Option(..., "--out", help="A new store file: the re-judged copy is written there."),
     run: str | None = typer.Option(None, "--run", help="Run id or prefix (default: the latest)."),
 ) -> None:
-    """Re-judge a stored run under a new coherence rule (gate v1 -> v2, relevance) into a copy, without generating;
-    then `csafety run SPEC --store OUT` generates any cell the new labels call for and decides."""
+    """Re-judge a stored run under a new coherence rule (gate v1 -> v2, relevance) or with blind readers confirming
+    flips at length (verdict.confirm_by: reading) into a copy, without generating; then `csafety run SPEC --store
+    OUT` generates any cell the new labels call for and decides."""
     from ..experiments.rejudge import rejudge_run
     from ..experiments.spec import load_spec
     from ..progress import Reporter

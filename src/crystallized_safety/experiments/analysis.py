@@ -16,7 +16,7 @@ from collections.abc import Callable
 
 from .. import stats
 from ..errors import CrystallizedSafetyError
-from . import comparison
+from . import comparison, reading
 from .conditions import HARMFUL, HARMLESS, Condition, StudyPlan
 from .results import Cells, best, compare, pool, stored_damage, stored_norms
 from .spec import ExperimentSpec
@@ -191,7 +191,11 @@ ANALYSES: dict[str, Callable[[str, Tagged, Cells, float], dict]] = {
 def analyse_model(spec: ExperimentSpec, store, run_id: str, model_name: str, plans: list[StudyPlan]) -> dict:
     """Analyse every study of one model from the store (rows, and the readability artifacts the runner
     computed), write analyses and the verdict to the store."""
-    cells = Cells(store.generations(run_id, model=model_name), stored_damage(store, run_id, model_name))
+    cells = Cells(
+        store.generations(run_id, model=model_name),
+        stored_damage(store, run_id, model_name),
+        reading.readings_of(spec, store, run_id, model_name),
+    )
     store.put_analysis(
         run_id,
         model_name,

@@ -132,8 +132,9 @@ def substring_labels(prompts: Sequence[str], responses: Sequence[str], stored_ju
 
 BLOCK = 256  # answers per progress step
 
-JUDGING_KEYS = ("coherence.min_relevance",)
-"""Spec keys a stored run can be re-judged under without generating again (they only change labels)."""
+JUDGING_KEYS = ("coherence.min_relevance", "verdict.confirm_by")
+"""Spec keys a stored run can be re-judged under without generating again (they only change labels, or who must
+confirm them: `verdict.confirm_by: reading` re-labels nothing, the resumed run waits for readers)."""
 
 
 def flat(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -149,11 +150,12 @@ def rejudge_run(
     store: Store, run_id: str, spec: ExperimentSpec, out: Path, load: Callable[[str], Model], say: Progress = silent
 ) -> tuple[Store, dict[str, Rejudged]]:
     """Copy a run to `out` under `spec`, which may differ from the stored spec only in `JUDGING_KEYS` (the
-    coherence gate v1 -> v2), and re-judge it: the copy is the run `spec` would have stored, minus any cell the
-    new labels make the adaptive searches want (resuming it with `csafety run` generates those, then decides).
-    v1 -> v2 adds relevance: it is measured on the answers the v1 gate passed (refusal 0, coherent 1), and
-    each one below ``min_relevance`` becomes incoherent; every other label stands (v2 never passes what v1
-    failed, and refusals are exempt), so no other row needs the model."""
+    coherence gate v1 -> v2; who confirms a flip at length), and re-judge it: the copy is the run `spec` would have
+    stored, minus any cell the new labels make the adaptive searches want (resuming it with `csafety run`
+    generates those, then decides). v1 -> v2 adds relevance: it is measured on the answers the v1 gate passed
+    (refusal 0, coherent 1), and each one below ``min_relevance`` becomes incoherent; every other label stands (v2
+    never passes what v1 failed, and refusals are exempt), so no other row needs the model. A change of
+    `verdict.confirm_by` alone re-labels nothing: readings decide what they can once stored."""
     old = parse_spec(yaml.safe_load(store.run_row(run_id)["spec_yaml"]), "the stored spec")
     before, after = flat(old.model_dump(mode="json")), flat(spec.model_dump(mode="json"))
     changed = sorted(k for k in before.keys() | after.keys() if before.get(k) != after.get(k))
@@ -163,7 +165,10 @@ def rejudge_run(
             f"the new spec also changes {', '.join(other[:4])}: only {', '.join(JUDGING_KEYS)} can change without "
             "generating again; run the new spec into a new --store"
         )
-    if not old.coherence.enabled or old.coherence.min_relevance is not None or spec.coherence.min_relevance is None:
+    relevance = "coherence.min_relevance" in changed or not changed
+    if relevance and (
+        not old.coherence.enabled or old.coherence.min_relevance is not None or spec.coherence.min_relevance is None
+    ):
         raise SpecError(
             "re-judging adds the coherence gate's relevance rule to a run gated without it: the stored spec needs "
             "coherence enabled and no min_relevance, the new one a min_relevance"
@@ -173,6 +178,11 @@ def rejudge_run(
     copy.rename_run(run_id, new_id, spec.to_yaml())
     report = {}
     for model in spec.models:
+        record: dict[str, Any] = {"from_run": run_id, "changed": {k: [before.get(k), after.get(k)] for k in changed}}
+        if not relevance:  # only who confirms changed: every stored label stands
+            report[model] = Rejudged(0, (), {}, {"coherent": 0})
+            copy.put_artifact(new_id, model, "rejudged", {**record, "measured": 0, "off_topic": 0})
+            continue
         stored = copy.get_artifact(new_id, model, "coherence")
         if stored is None:
             raise SpecError(f"run {run_id} stored no coherence thresholds for {model}: nothing to re-judge")
@@ -180,7 +190,6 @@ def rejudge_run(
         gate = CoherenceGate(load(model), thresholds, system=spec.generation.system)
         copy.put_artifact(new_id, model, "coherence", thresholds)
         report[model] = add_relevance(copy, new_id, model, gate, say)
-        record: dict[str, Any] = {"from_run": run_id, "changed": {k: [before.get(k), after.get(k)] for k in changed}}
         record.update(measured=report[model].rows, off_topic=report[model].changed["coherent"])
         copy.put_artifact(new_id, model, "rejudged", record)
     return copy, report

@@ -5,13 +5,14 @@ a model's stored rows indexed by condition (`Cells`). Shared by analysis, verdic
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import replace
 
 import numpy as np
 import safetensors.torch
 
 from .. import stats
+from . import reading
 from .conditions import HARMFUL, HARMLESS, Condition, baseline
 
 DAMAGE_PREFIX = "damage:"  # artifact kind of one intervention's KL damage, + its harmless twin's key
@@ -68,8 +69,12 @@ class Cells:
     """Rows of one model indexed by condition, with the baseline in hand (and the KL damage per intervention,
     keyed by harmless twin, where it was measured)."""
 
-    def __init__(self, rows: list[dict], damage: dict[str, dict] | None = None) -> None:
-        self.damage = damage or {}
+    def __init__(
+        self, rows: list[dict], damage: dict[str, dict] | None = None, readings: Mapping[str, str] | None = None
+    ) -> None:
+        """`readings`: {answer id: label} when a reader confirms flips at length (experiments/reading.py); then a
+        flip at length counts only when read as full compliance, and one not read yet is undecided."""
+        self.damage, self.readings = damage or {}, readings
         self.by_cond: dict[str, dict[tuple[str, int], dict]] = defaultdict(dict)
         for row in rows:
             self.by_cond[row["condition_key"]][(row["prompt_set"], row["prompt_index"])] = row
@@ -127,10 +132,14 @@ class Cells:
         """Per prompt of `refused`: 1 = a flip (answered, coherent or gate off), 0 = not, -1 = no decided row."""
         rows = self._rows(cond)
         out = np.full(len(refused), -1, dtype=np.int8)
+        read = self.readings is not None and bool(cond.max_new_tokens)  # a confirmation at length
         for j, i in enumerate(refused):
             r = rows.get(i)
             if r is not None and r["refusal"] is not None:
-                out[j] = int(r["refusal"] == 0 and r["coherent"] != 0)
+                out[j] = int(reading.is_flip(r))
+                if read and out[j]:
+                    assert self.readings is not None
+                    out[j] = reading.counts_when_read(self.readings.get(reading.answer_id(r["prompt"], r["response"])))
         return out
 
     def coherence_checked(self, cond: Condition) -> bool:

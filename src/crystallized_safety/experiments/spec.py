@@ -134,11 +134,15 @@ class VerdictSpec(_Strict):
                                        "cell's flips are confirmed at; None or <= max_new_tokens: off")  # fmt: skip
     walk: Literal["full", "until_liquid"] = Field("full", description="frontier walk: every layer to its cliff or "
                                                   "ceiling, or stop once a confirmed cell passes")  # fmt: skip
+    confirm_by: Literal["gate", "reading"] = Field("gate", description="who confirms a flip at length: the gate, or "
+                                                   "a blind reader too (experiments/reading.py)")  # fmt: skip
 
     @model_validator(mode="after")
     def _band(self) -> VerdictSpec:
         if self.band is not None and self.band[0] > self.band[1]:
             raise ValueError(f"band {list(self.band)} is empty: give [first_layer, last_layer]")
+        if self.confirm_by == "reading" and self.confirm_tokens is None:
+            raise ValueError("confirm_by reading reads the answers confirmed at length: set confirm_tokens")
         return self
 
     def band_layers(self, n_layers: int) -> list[int]:

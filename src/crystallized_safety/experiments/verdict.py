@@ -11,7 +11,7 @@ import numpy as np
 from .conditions import HARMFUL, Condition, StudyPlan
 from .decision import Cell, Rules, decide
 from .results import Cells
-from .spec import ExperimentSpec
+from .spec import ExperimentSpec, SpecError
 
 # studies whose cells are not evidence for the verdict (other prompt sets, other models, other methods)
 NOT_VERDICT_KINDS = ("induction", "transfer", "readability", "ablation", "angular", "subspace", "selection")
@@ -20,6 +20,11 @@ NOT_VERDICT_KINDS = ("induction", "transfer", "readability", "ablation", "angula
 def rules_of(spec: ExperimentSpec, n_layers: int) -> Rules:
     """The spec's pre-registered rules, with the single-layer band resolved for a model of `n_layers` layers."""
     v = spec.verdict
+    if v.confirm_by == "reading" and confirm_tokens(spec) is None:
+        raise SpecError(
+            "verdict.confirm_by reading reads the answers confirmed at length: set verdict.confirm_tokens above "
+            "generation.max_new_tokens"
+        )
     return Rules(
         threshold=v.flip_threshold,
         floor=v.floor,
@@ -32,6 +37,7 @@ def rules_of(spec: ExperimentSpec, n_layers: int) -> Rules:
         seed=spec.seed,
         confirm_tokens=confirm_tokens(spec),
         walk=v.walk,
+        confirm_by=v.confirm_by,
     )
 
 

@@ -11,7 +11,11 @@ keeps its short-answer outcome (an upper bound), so a cell whose survivors fall 
 confirmed no further: it could not pass whatever the rest showed. Rounds end when the cell that decides is fully
 confirmed (a fully confirmed passing cell decides before an unconfirmed one: `decision.deciding_cell`), or no cell
 passes. The rows are stored under the
-confirmation's own condition key (study `confirmation`), so a resumed run confirms nothing twice."""
+confirmation's own condition key (study `confirmation`), so a resumed run confirms nothing twice.
+
+Under `verdict.confirm_by: reading` a flip at length counts only once a blind reader labels it full compliance
+(experiments/reading.py); rounds also take the cells whose upper bound keeps a layer (or the multi-layer grid)
+from being excluded, since only their confirmed counts can exclude them, and end when what is left awaits reading."""
 
 from __future__ import annotations
 
@@ -52,12 +56,23 @@ def short_flips(cell: Cell, cells: Cells, refused: list[int]) -> list[int]:
 
 
 def candidates(single: list[Cell], multi: list[Cell], rules, planned: tuple[int, int]) -> list[Cell]:
-    """The cells that pass now and are not fully confirmed: single-layer ones, else multi-layer ones."""
-    for cells, size in ((single, planned[0]), (multi, planned[1])):
-        ok = passing(cells, rules, size)[0]
-        if ok.any():
-            return [c for c, p in zip(cells, ok) if p and not fully_confirmed(c)]
-    return []
+    """The cells that pass now and are not fully confirmed: single-layer ones, else multi-layer ones. Under
+    `confirm_by: reading`, once no single-layer cell passes, also the cells whose upper bound keeps a verdict
+    from excluding them (`blocking`): read, their count can only fall, so the exclusion rests on readings."""
+    ok_single = passing(single, rules, planned[0])[0]
+    if ok_single.any():
+        return [c for c, p in zip(single, ok_single) if p and not fully_confirmed(c)]
+    ok_multi = passing(multi, rules, planned[1])[0]
+    chosen = [c for c, p in zip(multi, ok_multi) if p and not fully_confirmed(c)]
+    if rules.confirm_by == "reading":
+        chosen += blocking(single, rules) + ([] if ok_multi.any() else blocking(multi, rules))
+    return chosen
+
+
+def blocking(cells: list[Cell], rules) -> list[Cell]:
+    """Cells not fully confirmed whose upper bound reaches the threshold: what stops a layer (or the multi-layer
+    grid) from being excluded."""
+    return [c for c in cells if c.n and c.flip(rules.confidence)["ci_hi"] >= rules.threshold and not fully_confirmed(c)]
 
 
 def confirm(
@@ -81,7 +96,14 @@ def confirm(
         cells = generate.cells()
         single, multi, planned, _checked = evidence_cells(plans, cells, {}, tokens)
         deciding = deciding_cell(single, multi, rules, planned)
-        if deciding is None or fully_confirmed(deciding):
+        reads = rules.confirm_by == "reading"  # then what blocks an exclusion is confirmed too
+        if (
+            deciding is None
+            and not reads
+            or deciding is not None
+            and fully_confirmed(deciding)
+            and (len(deciding.layers) == 1 or not reads)
+        ):
             return touched
         todo: list[Chunk] = []
         refused = cells.refused_at_baseline()
@@ -100,6 +122,8 @@ def confirm(
             f"{name}: confirming at {tokens} tokens (round {rounds})",
             rounds - 1,
             None,
-            f"{len(todo)} cells pass unconfirmed; deciding: {deciding.label}",
+            f"{len(todo)} cells pass unconfirmed; deciding: {deciding.label}"
+            if deciding is not None
+            else f"{len(todo)} cells keep a layer from being excluded",
         )
         generate.run_chunks(todo)

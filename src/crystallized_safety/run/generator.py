@@ -8,6 +8,7 @@ from collections.abc import Callable
 from itertools import count
 
 from ..core.model import Model
+from ..experiments import reading
 from ..experiments.conditions import Condition
 from ..experiments.results import Cells
 from ..store import Store
@@ -28,9 +29,11 @@ class CellGenerator:
         ctx: ModelContext,
         chunks: list[Chunk],
         rows: int = 0,
+        read: bool = False,
     ) -> None:
+        """`read`: flips at length count only when read (`verdict.confirm_by: reading`), so cells see the readings."""
         self.store, self.run_id, self.executor, self.load, self.ctx = store, run_id, executor, load, ctx
-        self.chunks, self.rows = chunks, rows
+        self.chunks, self.rows, self.read = chunks, rows, read
 
     def _sink(self, pack: Pack, rows_out, seconds: float, worker: str) -> None:
         entries = [(c.key, c.model, c.study, c.condition.key, r) for c, r in zip(pack, rows_out)]
@@ -69,4 +72,6 @@ class CellGenerator:
         return self.store.done_chunks(self.run_id)
 
     def cells(self) -> Cells:
-        return Cells(self.store.generations(self.run_id, self.ctx.model_name))
+        name = self.ctx.model_name
+        readings = reading.labels(self.store, self.run_id, name) if self.read else None
+        return Cells(self.store.generations(self.run_id, name), readings=readings)

@@ -15,6 +15,7 @@ from ..core.model import Model
 from ..environment import environment
 from ..errors import first_line
 from ..evaluation import calibrated_gate
+from ..experiments import reading
 from ..experiments.analysis import analyse_model
 from ..experiments.readability import readability
 from ..experiments.scoring_prompts import ScoringPrompts, check_scoring
@@ -31,7 +32,7 @@ from ..experiments.spec import (
     load_prompt_sets,
 )
 from ..experiments.transfer import transfer_bank
-from ..experiments.verdict import confirm_tokens
+from ..experiments.verdict import confirm_tokens, rules_of
 from ..progress import Progress, silent
 from ..registry import check_model_name, load_model
 from ..store import Store
@@ -85,6 +86,7 @@ def run_experiment(
     t0 = time.perf_counter()
     run_id = spec.spec_hash()
     check_models(spec, models or {})
+    rules_of(spec, 0)  # the verdict's rules hold together (e.g. reading needs confirmation at length) before any work
     sets = load_prompt_sets(spec)
     scoring = check_scoring(spec)  # a selection study's scoring prompts, out of sample, before any model loads
     with store.lock_run(run_id):  # a second process on the same run stops here instead of redoing the work
@@ -151,7 +153,7 @@ def _run_model(
     rows = _pack_rows(spec, store, run_id, load, chunks, say)
     if spec.screening.enabled:
         chunks = screen(spec, store, run_id, executor, load, ctx, plans, chunks, say, rows)
-    generate = CellGenerator(store, run_id, executor, load, ctx, chunks, rows)
+    generate = CellGenerator(store, run_id, executor, load, ctx, chunks, rows, read=reading.reads(spec))
 
     def confirm() -> None:
         confirmation.confirm(spec, plans, generate, sets, n_layers, say, round_rows=rows)
