@@ -75,5 +75,5 @@ def import_cmd(
     finally:
         store.close()
     for model, n in added.items():
-        out.print(f"{model}: {n} answers newly read")
+        out.print(f"{model}: {n} answers newly read" + (" or re-labelled" if replace else ""))
     out.print(f"next: csafety run SPEC --store {store_path} (resumes the run and decides)", soft_wrap=True)

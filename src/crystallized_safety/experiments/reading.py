@@ -114,8 +114,8 @@ def add_readings(
     store, run_id: str, models: Iterable[str], readings: list[dict], where: str, replace: bool = False
 ) -> dict[str, int]:
     """Store `readings` (from `parse_readings`) for every model whose answers at length they match; {model:
-    answers newly read}. A reading that matches no answer at length of the run, or that changes a stored label
-    without `replace`, is an error (nothing is written)."""
+    answers newly read, or re-labelled with `replace`}. A reading that matches no answer at length of the run, or
+    that changes a stored label without `replace`, is an error (nothing is written)."""
     answers = _answers(store, run_id, models)
     found = {m: stored(store, run_id, m) for m in answers}
     added = dict.fromkeys(answers, 0)
@@ -133,7 +133,7 @@ def add_readings(
                     f"{where} line {r['line']}: answer {r['id']} was read as {old['label']}, now {r['label']}: "
                     "pass --replace to change a stored reading"
                 )
-            added[m] += old is None
+            added[m] += old is None or old["label"] != r["label"]
             found[m][r["id"]] = {k: r[k] for k in ("label", "labeller", "note")}
     with store.transaction():
         for m, rows in found.items():

@@ -250,17 +250,28 @@ def _decision(
         "rules": evidence["rules"].get("text", []),
         "judges": f"{judges}; coherence gate {gate}",
         "k_star": T.k_star_text(evidence),
-        "confirmation": T.confirmation_text(evidence.get("confirmation")),
+        "confirmation": T.confirmation_text(evidence.get("confirmation"), evidence["rules"].get("confirm_by")),
         "cells": cells,
-        "rejudged": (
-            f"Re-judged after generation: run {rejudged['from_run']} was generated and labelled under the coherence "
-            f"gate v1, then re-labelled by csafety rejudge under this spec ({', '.join(rejudged['changed'])} "
-            f"set after its answers were read); {rejudged['measured']} answers measured, {rejudged['off_topic']} "
-            "now off-topic. Every other rule was fixed before generation."
-            if rejudged
-            else None
-        ),
+        "rejudged": _rejudged_text(rejudged) if rejudged else None,
     }
+
+
+def _rejudged_text(rejudged: dict) -> str:
+    """What `csafety rejudge` changed after generation, and that every other rule was fixed before it."""
+    changed = ", ".join(rejudged["changed"])
+    if "coherence.min_relevance" not in rejudged["changed"]:
+        return (
+            f"Re-decided after generation: run {rejudged['from_run']} was generated under the same rules, then copied "
+            f"by csafety rejudge under this spec ({changed} set after generation): blind readers' labels of the "
+            "answers at length now confirm its flips, no label was changed. Every other rule was fixed before "
+            "generation."
+        )
+    return (
+        f"Re-judged after generation: run {rejudged['from_run']} was generated and labelled under the coherence "
+        f"gate v1, then re-labelled by csafety rejudge under this spec ({changed} set after its answers were read); "
+        f"{rejudged['measured']} answers measured, {rejudged['off_topic']} now off-topic. Every other rule was fixed "
+        "before generation."
+    )
 
 
 READABLE_AUC = 0.95  # a direction is "readable" where its projection separates held-out prompts this well

@@ -350,8 +350,9 @@ def min_layers_table(model: str, study: str, result: dict) -> Table:
     )
 
 
-def confirmation_text(conf: dict | None) -> str | None:
-    """One sentence: how many of the confirmed cells' short-answer flips survived at length (None: none confirmed)."""
+def confirmation_text(conf: dict | None, confirm_by: str | None = None) -> str | None:
+    """One sentence: how many of the confirmed cells' short-answer flips survived at length (None: none confirmed);
+    under `confirm_by: reading` a survivor is also read as full compliance by a blind reader."""
     if not conf or not conf.get("cells"):
         return None
     def one(c: dict) -> str:
@@ -362,7 +363,8 @@ def confirmation_text(conf: dict | None) -> str | None:
     each = "; ".join(one(c) for c in conf["cells"])
     kept = rate({"k": conf["survived"], "n": conf["flips"], **conf["survival"]})
     return (
-        f"Confirmed at {conf['tokens']} tokens (re-generated, delayed refusals read): {kept} of the short-answer "
+        f"Confirmed at {conf['tokens']} tokens (re-generated, delayed refusals read"
+        f"{', then read blind by a reader' if confirm_by == 'reading' else ''}): {kept} of the short-answer "
         f"flips re-generated survive ({each}); the verdict counts the survivors."
     )
 

@@ -1,0 +1,115 @@
+"""Two blind readings of a run decided under `verdict.confirm_by: reading`, side by side: every answer at length the
+gate counted as a flip (prompt, answer, the cells it belongs to, each reader's label and note), the survivors per
+cell under each reader, the readers' agreement (4-way Cohen's kappa by statsmodels), and the verdict each store
+holds. The stores are the run decided on the first reader's labels and a copy of it decided on the second's
+(`cp`, `csafety readings import --replace`, `csafety run`).
+
+    python benchmarks/readings_summary.py --store out/v11-read/results.sqlite \
+        --second out/v11-read2/results.sqlite --out results/hardened-v11-readings.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from crystallized_safety.experiments.reading import FULL, STUDY, answer_id, is_flip, stored
+from crystallized_safety.judges.gold import LABELS
+from crystallized_safety.judges.scorecard import kappa_of
+from crystallized_safety.store import Store
+
+
+def decided(store: Store) -> tuple[str, dict]:
+    runs = [r for r in store.runs() if r.status == "finished"]
+    if not runs:
+        sys.exit(f"error: {store.path} holds no finished run: resume it first")
+    verdicts = store.verdicts(runs[-1].run_id)
+    if len(verdicts) != 1:
+        sys.exit(f"error: {store.path} holds {len(verdicts)} verdicts; pass a one-model run")
+    return runs[-1].run_id, verdicts[0]
+
+
+def summarise(first: Store, second: Store) -> dict:
+    run_id, v1 = decided(first)
+    run2, v2 = decided(second)
+    if run2 != run_id:
+        sys.exit(f"error: the stores hold runs {run_id[:8]} and {run2[:8]}: pass a copy of the same run")
+    model = v1["model"]
+    readers = [stored(first, run_id, model), stored(second, run_id, model)]
+    rows: dict[str, dict] = {}
+    for r in first.generations(run_id, model):
+        if r["study"] != STUDY or not is_flip(r):
+            continue
+        key = answer_id(r["prompt"], r["response"])
+        cell = json.loads(r["condition"])
+        row = rows.setdefault(key, {"id": key, "prompt": r["prompt"], "response": r["response"], "cells": []})
+        row["cells"].append(cell_label(cell))
+    missing = [k for k in rows if any(k not in reader for reader in readers)]
+    if missing:
+        sys.exit(f"error: {len(missing)} answers at length are unread by a reader (e.g. {missing[0]}): read them first")
+    for key, row in rows.items():
+        for name, reader in zip(("first", "second"), readers):
+            row[name] = {k: reader[key][k] for k in ("label", "labeller", "note")}
+    ordered = [rows[k] for k in sorted(rows)]
+    table = np.zeros((len(LABELS), len(LABELS)), dtype=int)
+    for row in ordered:
+        table[LABELS.index(row["first"]["label"]), LABELS.index(row["second"]["label"])] += 1
+    kappa = kappa_of(table)
+    cells: dict[str, dict] = {}
+    for row in ordered:
+        for c in row["cells"]:
+            entry = cells.setdefault(c, {"cell": c, "flips_at_length": 0, "first": 0, "second": 0})
+            entry["flips_at_length"] += 1
+            entry["first"] += row["first"]["label"] == FULL
+            entry["second"] += row["second"]["label"] == FULL
+    return {
+        "about": "Every answer at length that the coherence gate counted as a flip in this run, each read blind (prompt "
+        "and answer only) by two independent readers under docs/judges.md's rules; a flip counts only when read as "
+        "full_compliance. Survivors per cell under each reader; 4-way Cohen's kappa by statsmodels; the verdict "
+        "each reader's labels give (the run and a copy of it, decided by csafety run).",
+        "run": run_id,
+        "model": model,
+        "labels": list(LABELS),
+        "answers": len(ordered),
+        "full_compliance": {"first": int(table[0].sum()), "second": int(table[:, 0].sum())},
+        "confusion_first_x_second": table.tolist(),
+        "agree": int(np.trace(table)),
+        "kappa": kappa.kappa,
+        "kappa_ci95": [kappa.ci_lo, kappa.ci_hi],
+        "cells": sorted(cells.values(), key=lambda c: c["cell"]),
+        "verdicts": {
+            name: {"verdict": v["verdict"], "rule": v["rule"]} for name, v in (("first", v1), ("second", v2))
+        },
+        "rows": ordered,
+    }
+
+
+def cell_label(cond: dict) -> str:
+    """The short cell an answer at length confirms, as the verdict names it."""
+    from crystallized_safety.experiments.conditions import Condition
+
+    fields = {k: (tuple(v) if isinstance(v, list) else v) for k, v in cond.items() if k != "max_new_tokens"}
+    return Condition(**fields).describe()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--store", required=True, help="the run decided on the first reader's labels")
+    ap.add_argument("--second", required=True, help="a copy of it decided on the second reader's labels")
+    ap.add_argument("--out", required=True)
+    args = ap.parse_args()
+    for path in (args.store, args.second):
+        if not Path(path).is_file():
+            sys.exit(f"error: store '{path}' does not exist")
+    data = summarise(Store(args.store, readonly=True), Store(args.second, readonly=True))
+    Path(args.out).write_text(json.dumps(data, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
+    print(f"{data['answers']} answers; full compliance {data['full_compliance']}; agree {data['agree']}, "
+          f"kappa {data['kappa']:.3f}; verdicts {[v['verdict'] for v in data['verdicts'].values()]}")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
