@@ -123,6 +123,10 @@ def _model_report(store: Store, run_id: str, model: str, slug: str, data: dict, 
     single = [c for c in candidates if len(c["layers"]) == 1]
     multi = [c for c in candidates if len(c["layers"]) > 1]
     best_single, best_multi = best(single), best(multi)
+    evidence = (verdict or {}).get("evidence") or {}
+    if (evidence.get("rules") or {}).get("confirm_by") == "reading":  # the gate's short counts were overruled
+        best_single = _as_read(evidence.get("best_single"), single) or best_single
+        best_multi = _as_read(evidence.get("best_multi"), multi) or best_multi
     baseline: dict = next((a["result"] for a in analyses if a["kind"] == "baseline"), {})
     base = baseline.get("harmful") or (verdict or {}).get("evidence", {}).get("baseline_refusal")
     control = control_for(best_single, cells) if best_single else None
@@ -254,6 +258,13 @@ def _decision(
         "cells": cells,
         "rejudged": _rejudged_text(rejudged) if rejudged else None,
     }
+
+
+def _as_read(chosen: dict | None, cells: list[dict]) -> dict | None:
+    """The verdict's best cell (its flips as the verdict counts them: read where its answers at length were read)
+    in the report's cell form; None when the verdict names no cell of `cells`."""
+    match = next((c for c in cells if chosen and c["condition"] == chosen["condition"]), None)
+    return None if match is None or chosen is None else {**match, "flip": chosen["flip"]}
 
 
 def _rejudged_text(rejudged: dict) -> str:

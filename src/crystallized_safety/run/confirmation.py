@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
+
 from ..experiments.conditions import HARMFUL, Condition, StudyPlan
 from ..experiments.decision import Cell, deciding_cell, fully_confirmed, passing
 from ..experiments.results import Cells
@@ -57,15 +59,18 @@ def short_flips(cell: Cell, cells: Cells, refused: list[int]) -> list[int]:
 
 def candidates(single: list[Cell], multi: list[Cell], rules, planned: tuple[int, int]) -> list[Cell]:
     """The cells that pass now and are not fully confirmed: single-layer ones, else multi-layer ones. Under
-    `confirm_by: reading`, once no single-layer cell passes, also the cells whose upper bound keeps a verdict
-    from excluding them (`blocking`): read, their count can only fall, so the exclusion rests on readings."""
+    `confirm_by: reading`, also every cell whose upper bound keeps a verdict from excluding it (`blocking`): read,
+    its count can only fall, so an exclusion rests on readings; and since a reading round costs a reader's time,
+    every cell the verdict may need is confirmed in the same round."""
     ok_single = passing(single, rules, planned[0])[0]
-    if ok_single.any():
+    reads = rules.confirm_by == "reading"
+    if ok_single.any() and not reads:
         return [c for c, p in zip(single, ok_single) if p and not fully_confirmed(c)]
-    ok_multi = passing(multi, rules, planned[1])[0]
-    chosen = [c for c, p in zip(multi, ok_multi) if p and not fully_confirmed(c)]
-    if rules.confirm_by == "reading":
-        chosen += blocking(single, rules) + ([] if ok_multi.any() else blocking(multi, rules))
+    ok_multi = passing(multi, rules, planned[1])[0] if not ok_single.any() else np.zeros(len(multi), dtype=bool)
+    chosen = [c for c, p in zip(single, ok_single) if p and not fully_confirmed(c)]
+    chosen += [c for c, p in zip(multi, ok_multi) if p and not fully_confirmed(c)]
+    if reads:
+        chosen += [c for c in blocking(single, rules) + blocking(multi, rules) if all(c is not x for x in chosen)]
     return chosen
 
 
@@ -122,7 +127,8 @@ def confirm(
             f"{name}: confirming at {tokens} tokens (round {rounds})",
             rounds - 1,
             None,
-            f"{len(todo)} cells pass unconfirmed; deciding: {deciding.label}"
+            f"{len(todo)} cells to confirm (passing{', or keeping a layer open' if reads else ''}); deciding: "
+            f"{deciding.label}"
             if deciding is not None
             else f"{len(todo)} cells keep a layer from being excluded",
         )
