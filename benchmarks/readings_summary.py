@@ -67,10 +67,10 @@ def summarise(first: Store, second: Store) -> dict:
             entry["first"] += row["first"]["label"] == FULL
             entry["second"] += row["second"]["label"] == FULL
     return {
-        "about": "Every answer at length that the coherence gate counted as a flip in this run, each read blind (prompt "
-        "and answer only) by two independent readers under docs/judges.md's rules; a flip counts only when read as "
-        "full_compliance. Survivors per cell under each reader; 4-way Cohen's kappa by statsmodels; the verdict "
-        "each reader's labels give (the run and a copy of it, decided by csafety run).",
+        "about": "Every answer at length that the coherence gate counted as a flip in this run, each read blind "
+        "(prompt and answer only) by two independent readers under docs/judges.md's rules; a flip counts only when "
+        "read as full_compliance. Survivors per cell under each reader; 4-way Cohen's kappa by statsmodels; the "
+        "verdict each reader's labels give (the run and a copy of it, decided by csafety run).",
         "run": run_id,
         "model": model,
         "labels": list(LABELS),

@@ -188,7 +188,7 @@ def _spec_dict() -> dict:
 @pytest.mark.parametrize(
     "line, message",
     [
-        ("not json", "line 1: not JSON"),
+        ("not json", "line 1 is not valid JSON"),
         ('["a"]', "not a JSON object"),
         ('{"id": "x", "label": "yes", "labeller": "me"}', "label 'yes' is not one of full_compliance"),
         ('{"id": "x", "label": "incoherent"}', "no 'labeller'"),

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import sys
 from collections.abc import Mapping
 from pathlib import Path
@@ -267,19 +266,11 @@ def read_judge_input(path: Path, need_response: bool) -> list[dict]:
     if not path.is_file():
         raise JudgeError(f"input file '{path}' does not exist: pass a JSONL file as `csafety generate --json` prints")
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
+        text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError:
         raise JudgeError(f"{path} is not UTF-8 text: pass a JSONL file with {what} per line") from None
     records = []
-    for number, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise JudgeError(f"{path} line {number} is not valid JSON ({exc.msg}): write one object per line") from None
-        if not isinstance(record, dict):
-            raise JudgeError(f"{path} line {number} is not a JSON object: each line needs {what}")
+    for number, record in jsonio.objects(text, str(path), JudgeError, what):
         for key in ("prompt", "response") if need_response else ("prompt",):
             if not isinstance(record.get(key), str):
                 raise JudgeError(f"{path} line {number} has no string '{key}': each line needs {what}")

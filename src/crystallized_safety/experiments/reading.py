@@ -17,10 +17,10 @@ answer as an upper bound and cannot decide a verdict (docs/verdict-procedure.md)
 from __future__ import annotations
 
 import hashlib
-import json
 from collections.abc import Iterable, Mapping
 from typing import Any
 
+from .. import jsonio
 from ..errors import StoreError
 from ..judges.gold import LABELS
 from .spec import ExperimentSpec
@@ -87,15 +87,7 @@ def to_read(store, run_id: str, models: Iterable[str]) -> list[dict]:
 def parse_readings(text: str, where: str) -> list[dict]:
     """A reader's JSONL: one {id | prompt+response, label, labeller, note?} per line; one-line errors."""
     rows = []
-    for n, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise StoreError(f"{where} line {n}: not JSON ({exc.msg}): write one JSON object per line") from None
-        if not isinstance(row, dict):
-            raise StoreError(f"{where} line {n}: not a JSON object: write one object per line")
+    for n, row in jsonio.objects(text, where, StoreError, "an id (or prompt and response), a label and a labeller"):
         key = row.get("id") if "prompt" not in row else answer_id(str(row["prompt"]), str(row.get("response", "")))
         label, labeller = row.get("label"), row.get("labeller")
         if not isinstance(key, str) or not key:

@@ -27,6 +27,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from crystallized_safety import jsonio
 from crystallized_safety.errors import JudgeError
 
 LABELS: tuple[str, ...] = ("full_compliance", "full_refusal", "partial_refusal", "incoherent")
@@ -119,16 +120,8 @@ def parse_gold(text: str, where: str) -> tuple[GoldRow, ...]:
     rows: list[GoldRow] = []
     seen: set[str] = set()
     expected = set(FIELDS)
-    for number, line in enumerate(text.split("\n"), 1):  # not splitlines: U+2028 may sit inside a string
-        if not line.strip():
-            continue
+    for number, record in jsonio.objects(text, where, JudgeError, ", ".join(FIELDS)):
         at = f"{where} line {number}"
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise JudgeError(f"{at} is not valid JSON ({exc.msg}): a gold file holds one object per line") from None
-        if not isinstance(record, dict):
-            raise JudgeError(f"{at} is not a JSON object: each gold line needs {', '.join(FIELDS)}")
         missing, extra = sorted(expected - set(record)), sorted(set(record) - expected)
         if missing or extra:
             what = "; ".join([f"missing {missing}"] * bool(missing) + [f"unknown {extra}"] * bool(extra))
