@@ -404,11 +404,13 @@ def committed_probe(name: str) -> tuple[dict, object]:
     in the results file equals the committed config, parsed)."""
     import yaml
 
-    from crystallized_safety.experiments.spec import load_spec
+    from crystallized_safety.experiments.spec import load_spec, parse_spec
 
     got = json.loads((RESULTS / f"{name}.json").read_text())
     spec = load_spec(ROOT / "configs" / f"{name}.yaml")
-    assert spec.model_dump(mode="json") == yaml.safe_load(got["spec_yaml"])
+    stored = parse_spec(yaml.safe_load(got["spec_yaml"]), "stored")
+    # equal up to keys added since at their defaults (the spec hash, the run id, leaves those out)
+    assert spec.model_dump(mode="json") == stored.model_dump(mode="json") and spec.spec_hash() == got["run"]["run_id"]
     return got, spec
 
 
