@@ -97,17 +97,19 @@ def test_unread_flips_keep_the_verdict_waiting_and_readings_decide():
     spec = spec_of(walk="until_liquid", confirm_by="reading")
     gen = ReadGenerator({(-0.25, "add"): 28, (-0.5, "add"): 30})
     plans, done = walk_confirming(spec, gen)
-    assert done == ["L4 a=-0.25 rel add extracted (harmful)"]
+    # an unread pass does not stop the walk: both L4 cells pass, and both are confirmed in one round
+    assert sorted(done) == ["L4 a=-0.25 rel add extracted (harmful)", "L4 a=-0.5 rel add extracted (harmful)"]
     v = verdict(spec, plans, gen.cells(), 8)
     assert v["verdict"] == "inconclusive: awaiting reading"
-    assert "28 of its 30 flips have no reading at 128 tokens" in v["rule"] and "csafety readings export" in v["rule"]
+    assert "2 cells that pass on answers no reader has confirmed" in v["rule"]
+    assert "58 of their flips have no reading at 128 tokens" in v["rule"] and "csafety readings export" in v["rule"]
     assert any("blind reader" in line for line in v["evidence"]["rules"]["text"])
-    # the same rows confirmed by the gate alone: liquid on the 28 survivors
+    # the same rows confirmed by the gate alone: liquid
     assert verdict(spec_of(walk="until_liquid"), plans, Cells(gen.rows), 8)["verdict"] == "liquid"
-    assert gen.read(lambda i: FULL) == 28
+    assert gen.read(lambda i: FULL) == 58
     v = verdict(spec, plans, gen.cells(), 8)
-    assert v["verdict"] == "liquid" and v["evidence"]["deciding_cell"]["flip"]["k"] == 28
-    assert "(28 of 30 short-answer flips survive)" in v["rule"]
+    assert v["verdict"] == "liquid" and v["evidence"]["deciding_cell"]["flip"]["k"] == 30
+    assert "(30 of 30 short-answer flips survive)" in v["rule"]
 
 
 class BlockGenerator(ReadGenerator):
@@ -127,26 +129,23 @@ def test_readings_that_remove_the_flips_hand_the_decision_on_and_confirm_what_bl
     spec = spec_of(walk="until_liquid", confirm_by="reading", alpha_ceiling=0.5)  # |alpha| 0.5 ends a search
     gen = BlockGenerator({(-0.25, "add"): 28, (-0.5, "add"): 30})
     plans, done = walk_confirming(spec, gen)
-    # the passing cell, and in the same round the layer-5 cell whose upper bound (16/40 by the gate: 55.4%) would
-    # keep layer 5 from being excluded: read, only its read count can exclude it
-    assert sorted(done) == ["L4 a=-0.25 rel add extracted (harmful)", "L5 a=-0.25 rel add extracted (harmful)"]
-    gen.read(lambda i: FULL if i < 10 else "incoherent")  # 10 of 40 in each: neither passes nor blocks
+    # the passing cells, and in the same round the layer-5 cells whose upper bound (16/40 by the gate: 55.4%) would
+    # keep layer 5 from being excluded: read, only their read counts can exclude it
+    assert sorted(done) == [f"L{layer} a={a} rel add extracted (harmful)" for layer in (4, 5) for a in (-0.25, -0.5)]
+    gen.read(lambda i: FULL if i < 10 else "incoherent", layer=4)  # 10 of 40 in each: neither passes nor blocks
     cells = gen.cells()
     long = cells.outcomes(Condition(HARMFUL, (4,), -0.25).confirmed(128), cells.refused_at_baseline())
     assert int((long == 1).sum()) == 10 and int((long == 0).sum()) == 20
-    # resumed (the runner's walk, then its confirmation): the walk goes on, its next cells are confirmed
-    plans, done = walk_confirming(spec, gen)
-    assert sorted(done) == ["L4 a=-0.5 rel add extracted (harmful)", "L5 a=-0.5 rel add extracted (harmful)"]
-    v = verdict(spec, plans, gen.cells(), 8)
-    assert v["verdict"] == "inconclusive: awaiting reading" and v["rule"].startswith("L4 a=-0.5 rel add")
-    gen.read(lambda i: "incoherent", layer=4)
-    v = verdict(spec, plans, gen.cells(), 8)  # nothing passes; layer 5's unread cell keeps its gate count
-    assert v["verdict"] == "inconclusive: single layer not excluded"
-    assert f"L5: a cell's upper bound {UPPER_16_OF_40:.1%}" in v["rule"]
+    v = verdict(spec, plans, gen.cells(), 8)  # nothing passes; layer 5's unread cells keep it open
+    assert v["verdict"] == "inconclusive: awaiting reading"
+    assert v["rule"].startswith("2 cells that keep a layer open on answers no reader has confirmed (L5 a=-0.25")
+    v_gate_at_l5 = verdict(spec_of(walk="until_liquid", alpha_ceiling=0.5), plans, Cells(gen.rows), 8)
+    assert v_gate_at_l5["verdict"] == "liquid"  # by the gate alone, the L4 cells' 28 and 30 survivors decide
     assert walk_confirming(spec, gen)[1] == []  # everything is generated: only reading is left
     gen.read(lambda i: "incoherent", layer=5)
     v = verdict(spec, plans, gen.cells(), 8)  # read, every layer of the band is excluded
-    assert v["verdict"] == "inconclusive: multi-layer not searched" and v["evidence"]["best_single"]["flip"]["k"] == 2
+    assert v["verdict"] == "inconclusive: multi-layer not searched" and v["evidence"]["best_single"]["flip"]["k"] == 10
+    assert f"{UPPER_16_OF_40:.1%}" not in v["rule"]
     # the same rows confirmed by the gate alone: liquid, on the stronger L4 cell's 30 survivors at length
     v = verdict(spec_of(walk="until_liquid", alpha_ceiling=0.5), plans, Cells(gen.rows), 8)
     assert v["verdict"] == "liquid" and v["rule"].startswith("single layer (adding the direction) L4 a=-0.5 rel add")
@@ -338,3 +337,53 @@ def test_v11_decided_on_readings_matches_its_files_and_docs():
     lo, hi = read["kappa_ci95"]
     assert f"{read['agree']} labels agree (4-way kappa {read['kappa']:.3f}, 95% CI {lo:.3f}-{hi:.3f})" in organisms
     assert f"{second} real answers instead of {first}" in organisms
+
+
+def test_every_passing_cell_must_be_read_not_only_the_deciding_one():
+    """Holm tests a cell at a level set by the cells that pass before it: an unread cell (its count an upper bound)
+    can let another pass. Here B (26/40 read) passes only because unread A (40/40) passes first."""
+    from crystallized_safety.experiments.decision import Cell, decide
+
+    rules = rules_of(spec_of(confirm_by="reading", band=[4, 5]), 8)
+
+    def cell(label, layer, k, checked):
+        out = np.array([1] * k + [0] * (40 - k), dtype=np.int8)
+        ctrl = Cell(f"{label} control", (layer,), "add", np.zeros(40, dtype=np.int8))
+        done = {"tokens": 128, "flips": k, "checked": checked, "survived": k if checked else 0}
+        return Cell(label, (layer,), "add", out, strength=0.25, coherent=1.0, control=ctrl, confirmed=done)
+
+    base = {"k": 40, "n": 40, "rate": 1.0}
+    a_unread, b_read = cell("A", 4, 40, 0), cell("B", 5, 26, 26)
+    v = decide(rules, base, [a_unread, b_read], [], (2, 0))
+    assert v["verdict"] == "inconclusive: awaiting reading" and "(A)" in v["rule"] and "40 of their flips" in v["rule"]
+    a_read_none = cell("A", 4, 0, 0)  # read: no real answer (its confirmed count 0, every flip checked)
+    a_read_none.confirmed = {"tokens": 128, "flips": 40, "checked": 40, "survived": 0}
+    b_alone = decide(rules, base, [a_read_none, b_read], [], (2, 0))  # B alone: p = 0.040 > 0.05 / 2
+    assert b_alone["verdict"] == "inconclusive: single layer not excluded"
+    gate = rules_of(spec_of(band=[4, 5]), 8)
+    assert decide(gate, base, [a_unread, b_read], [], (2, 0))["verdict"] == "liquid"  # the gate's upper bounds
+
+
+def test_an_answer_the_judge_left_undecided_is_decided_by_its_reader():
+    long = Condition(HARMFUL, (4,), -0.5).confirmed(128)
+    rows = [
+        {"condition_key": long.key, "prompt_set": HARMFUL, "prompt_index": i, "refusal": None, "coherent": None,
+         "prompt": f"p{i}", "response": f"r{i}"}
+        for i in range(2)
+    ]  # fmt: skip
+    assert Cells(rows).outcomes(long, [0, 1]).tolist() == [-1, -1]
+    read = Cells(rows, readings={reading.answer_id("p0", "r0"): FULL})
+    assert read.outcomes(long, [0, 1]).tolist() == [1, -1]
+    assert all(reading.needs_reading(r) for r in rows)
+
+
+def test_an_edited_text_or_two_labels_for_one_answer_are_refused():
+    key = reading.answer_id("p", "r")
+    edited = json.dumps({"id": key, "prompt": "p", "response": "r edited", "label": FULL, "labeller": "me"})
+    with pytest.raises(StoreError, match="the text was edited"):
+        reading.parse_readings(edited + "\n", "r.jsonl")
+    twice = [{"id": key, "label": FULL, "labeller": "a"}, {"id": key, "label": "incoherent", "labeller": "b"}]
+    with pytest.raises(StoreError, match="labelled incoherent here and full_compliance on line 1"):
+        reading.parse_readings("".join(json.dumps(r) + "\n" for r in twice), "r.jsonl")
+    same = reading.parse_readings("".join(json.dumps({**r, "label": FULL}) + "\n" for r in twice), "r.jsonl")
+    assert [r["labeller"] for r in same] == ["a", "b"]

@@ -327,8 +327,8 @@ def decide(
     if pass_single.any():
         cell = _deciding(single, pass_single)
         ev["deciding_cell"] = cell.summary(rules.confidence, samples=True)
-        if unread(cell, rules):
-            return out("inconclusive: awaiting reading", unread(cell, rules))
+        if waiting := unread([c for c, p in zip(single, pass_single) if p], rules, "pass"):
+            return out("inconclusive: awaiting reading", waiting)
         return out(
             "liquid",
             f"single layer ({RUNGS.get(cell.rung, cell.rung)}) {cell.label}: {flips} {_fmt(cell.flip())}"
@@ -338,11 +338,15 @@ def decide(
             + _k_text(ks),
         )
     multi_cell = _deciding(multi, pass_multi, smallest=True) if pass_multi.any() else None
+    if waiting := unread(blocking(single, rules, in_band=True), rules, "keep a layer open"):
+        return out("inconclusive: awaiting reading", waiting)
     blocked = _open_layers(searches, single, multi_cell, rules, ev)
     if blocked is not None:
         return out("inconclusive: single layer not excluded", blocked)
-    if multi_cell is not None and unread(multi_cell, rules):
-        return out("inconclusive: awaiting reading", unread(multi_cell, rules))
+    if multi_cell is not None and (waiting := unread([c for c, p in zip(multi, pass_multi) if p], rules, "pass")):
+        return out("inconclusive: awaiting reading", waiting)
+    if multi_cell is None and (waiting := unread(blocking(multi, rules), rules, "keep the multi-layer grid open")):
+        return out("inconclusive: awaiting reading", waiting)
     if multi_cell is not None:
         return out(
             "crystallized",
@@ -464,17 +468,35 @@ def fully_confirmed(cell: Cell) -> bool:
     return cell.confirmed is not None and cell.confirmed["checked"] == cell.confirmed["flips"]
 
 
-def unread(cell: Cell, rules: Rules) -> str:
-    """Why `cell` cannot decide yet under `confirm_by: reading` (some flip at length is not read), or ""."""
-    c = cell.confirmed
-    if rules.confirm_by != "reading" or fully_confirmed(cell):
+def blocking(cells: list[Cell], rules: Rules, in_band: bool = False) -> list[Cell]:
+    """Cells not fully confirmed whose upper bound reaches the threshold: what keeps a layer (with `in_band`, a
+    layer of the band: only those must be excluded) or the multi-layer grid from being excluded."""
+    return [
+        c
+        for c in cells
+        if c.n
+        and c.flip(rules.confidence)["ci_hi"] >= rules.threshold
+        and not fully_confirmed(c)
+        and (not in_band or len(c.layers) == 1 and c.layers[0] in rules.band)
+    ]
+
+
+def unread(cells: list[Cell], rules: Rules, what: str) -> str:
+    """Under `confirm_by: reading`, why `cells` (those that pass, or that keep something open) cannot settle the
+    verdict yet: some of their flips at length are not read, or not re-generated; "" when all are, or under the gate.
+    Every passing cell must be read, not only the one that decides: Holm tests a cell at a level that depends on
+    which cells pass before it, and an unread cell's count is only an upper bound."""
+    if rules.confirm_by != "reading":
         return ""
-    head = f"{cell.label} passes on answers a reader has not confirmed: "
-    if c is None:
-        return head + f"its flips were not re-generated at {rules.confirm_tokens} tokens yet: resume the run"
-    return head + (
-        f"{c['flips'] - c['checked']} of its {c['flips']} flips have no reading at {c['tokens']} tokens: "
-        "`csafety readings export`, label them blind, `csafety readings import`, then resume the run"
+    open_ = [c for c in cells if not fully_confirmed(c)]
+    if not open_:
+        return ""
+    left = sum(c.confirmed["flips"] - c.confirmed["checked"] if c.confirmed else c.k for c in open_)
+    names = ", ".join(c.label for c in open_[:3]) + (f" and {len(open_) - 3} more" if len(open_) > 3 else "")
+    return (
+        f"{len(open_)} cells that {what} on answers no reader has confirmed ({names}): {left} of their flips have no "
+        f"reading at {rules.confirm_tokens} tokens: resume the run (it re-generates what is missing), then "
+        "`csafety readings export`, label them blind, `csafety readings import`, and resume again"
     )
 
 

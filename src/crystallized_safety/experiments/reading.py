@@ -40,6 +40,11 @@ def is_flip(row: Mapping[str, Any]) -> bool:
     return row["refusal"] == 0 and row["coherent"] != 0
 
 
+def needs_reading(row: Mapping[str, Any]) -> bool:
+    """Whether a reader decides this answer at length: a flip by the gate, or an answer the judge left undecided."""
+    return row["refusal"] is None or is_flip(row)
+
+
 def counts_when_read(label: str | None) -> int:
     """A gate flip at length under a reading: 1 = read as full compliance, 0 = read as anything else, -1 = unread."""
     return -1 if label is None else int(label == FULL)
@@ -74,28 +79,43 @@ def _answers(store, run_id: str, models: Iterable[str]) -> dict[str, dict[str, d
 
 
 def to_read(store, run_id: str, models: Iterable[str]) -> list[dict]:
-    """The gate's flips at length that no reader labelled: [{id, prompt, response}], each text once, by id."""
+    """The answers at length a reader must decide (`needs_reading`) that no reader labelled: [{id, prompt,
+    response}], each text once, by id."""
     out: dict[str, dict] = {}
     for model, rows in _answers(store, run_id, models).items():
         done = stored(store, run_id, model)
         for key, r in rows.items():
-            if is_flip(r) and key not in done:
+            if needs_reading(r) and key not in done:
                 out[key] = {"id": key, "prompt": r["prompt"], "response": r["response"]}
     return [out[key] for key in sorted(out)]
 
 
 def parse_readings(text: str, where: str) -> list[dict]:
     """A reader's JSONL: one {id | prompt+response, label, labeller, note?} per line; one-line errors."""
-    rows = []
+    rows: list[dict] = []
+    seen: dict[str, dict] = {}
     for n, row in jsonio.objects(text, where, StoreError, "an id (or prompt and response), a label and a labeller"):
-        key = row.get("id") if "prompt" not in row else answer_id(str(row["prompt"]), str(row.get("response", "")))
+        texts = "prompt" in row or "response" in row
+        by_text = answer_id(str(row.get("prompt")), str(row.get("response"))) if texts else None
+        key = row.get("id", by_text)
         label, labeller = row.get("label"), row.get("labeller")
         if not isinstance(key, str) or not key:
             raise StoreError(f"{where} line {n}: no 'id' (or 'prompt' and 'response'): keep the exported id")
+        if by_text is not None and "id" in row and by_text != key:
+            raise StoreError(
+                f"{where} line {n}: id {key} is not the answer its prompt and response give ({by_text}): the text "
+                "was edited; restore it, or drop prompt and response and keep the id"
+            )
         if label not in LABELS:
             raise StoreError(f"{where} line {n}: label {label!r} is not one of {', '.join(LABELS)}")
         if not isinstance(labeller, str) or not labeller.strip():
             raise StoreError(f"{where} line {n}: no 'labeller': say who read it")
+        if key in seen and seen[key]["label"] != label:
+            raise StoreError(
+                f"{where} line {n}: answer {key} is labelled {label} here and {seen[key]['label']} on line "
+                f"{seen[key]['line']}: give each answer one label"
+            )
+        seen[key] = {"label": label, "line": n}
         rows.append({"id": key, "label": label, "labeller": labeller, "note": str(row.get("note") or ""), "line": n})
     if not rows:
         raise StoreError(f"{where} holds no reading: label the exported answers first")
@@ -125,6 +145,8 @@ def add_readings(
                     f"{where} line {r['line']}: answer {r['id']} was read as {old['label']}, now {r['label']}: "
                     "pass --replace to change a stored reading"
                 )
+            if old is not None and old["label"] == r["label"] and not replace:
+                continue  # the same label again: who read it first stays on record
             added[m] += old is None or old["label"] != r["label"]
             found[m][r["id"]] = {k: r[k] for k in ("label", "labeller", "note")}
     with store.transaction():

@@ -165,6 +165,11 @@ def rejudge_run(
             f"the new spec also changes {', '.join(other[:4])}: only {', '.join(JUDGING_KEYS)} can change without "
             "generating again; run the new spec into a new --store"
         )
+    if after.get("verdict.confirm_by") == "gate" and before.get("verdict.confirm_by") == "reading":
+        raise SpecError(
+            "verdict.confirm_by can change from gate to reading only: readers' labels, once seen, are not dropped "
+            "(that could only add flips)"
+        )
     relevance = "coherence.min_relevance" in changed or not changed
     if relevance and (
         not old.coherence.enabled or old.coherence.min_relevance is not None or spec.coherence.min_relevance is None

@@ -135,11 +135,11 @@ class Cells:
         read = self.readings is not None and bool(cond.max_new_tokens)  # a confirmation at length
         for j, i in enumerate(refused):
             r = rows.get(i)
-            if r is not None and r["refusal"] is not None:
+            if r is not None and read and reading.needs_reading(r):  # a reader decides it (unread: undecided)
+                assert self.readings is not None
+                out[j] = reading.counts_when_read(self.readings.get(reading.answer_id(r["prompt"], r["response"])))
+            elif r is not None and r["refusal"] is not None:
                 out[j] = int(reading.is_flip(r))
-                if read and out[j]:
-                    assert self.readings is not None
-                    out[j] = reading.counts_when_read(self.readings.get(reading.answer_id(r["prompt"], r["response"])))
         return out
 
     def coherence_checked(self, cond: Condition) -> bool:

@@ -357,7 +357,8 @@ def confirmation_text(conf: dict | None, confirm_by: str | None = None) -> str |
         return None
     def one(c: dict) -> str:
         checked = c.get("checked", c["flips"])
-        part = "" if checked == c["flips"] else f" re-generated (of {c['flips']}: stopped when it could not pass)"
+        why = "the rest unread or not re-generated" if confirm_by == "reading" else "stopped when it could not pass"
+        part = "" if checked == c["flips"] else f" re-generated (of {c['flips']}: {why})"
         return f"{c['condition']}: {c['survived']} of {checked}{part}"
 
     each = "; ".join(one(c) for c in conf["cells"])

@@ -24,7 +24,7 @@ import math
 import numpy as np
 
 from ..experiments.conditions import HARMFUL, Condition, StudyPlan
-from ..experiments.decision import Cell, deciding_cell, fully_confirmed, passing
+from ..experiments.decision import Cell, blocking, deciding_cell, fully_confirmed, passing
 from ..experiments.results import Cells
 from ..experiments.spec import ExperimentSpec, PromptSets
 from ..experiments.verdict import confirm_tokens, evidence_cells, rules_of
@@ -70,14 +70,9 @@ def candidates(single: list[Cell], multi: list[Cell], rules, planned: tuple[int,
     chosen = [c for c, p in zip(single, ok_single) if p and not fully_confirmed(c)]
     chosen += [c for c, p in zip(multi, ok_multi) if p and not fully_confirmed(c)]
     if reads:
-        chosen += [c for c in blocking(single, rules) + blocking(multi, rules) if all(c is not x for x in chosen)]
+        more = blocking(single, rules, in_band=True) + blocking(multi, rules)
+        chosen += [c for c in more if all(c is not x for x in chosen)]
     return chosen
-
-
-def blocking(cells: list[Cell], rules) -> list[Cell]:
-    """Cells not fully confirmed whose upper bound reaches the threshold: what stops a layer (or the multi-layer
-    grid) from being excluded."""
-    return [c for c in cells if c.n and c.flip(rules.confidence)["ci_hi"] >= rules.threshold and not fully_confirmed(c)]
 
 
 def confirm(

@@ -18,7 +18,7 @@ from collections.abc import Callable
 from functools import partial
 
 from ..experiments.conditions import Condition, StudyPlan
-from ..experiments.decision import passing
+from ..experiments.decision import passing, unread
 from ..experiments.results import Cells
 from ..experiments.spec import ExperimentSpec
 from ..experiments.verdict import confirm_tokens, evidence_cells, rules_of
@@ -49,7 +49,11 @@ def liquid_already(spec: ExperimentSpec, plans: list[StudyPlan], cells: Cells) -
     it was confirmed at length): then more controls cannot change the verdict (liquid), and the walk generates
     none (the walk itself goes on, for the frontier, unless `verdict.walk` is `until_liquid`)."""
     single, _multi, planned, _checked = evidence_cells(plans, cells, {}, confirm_tokens(spec))
-    return bool(passing(single, rules_of(spec, 0), planned[0]).any())
+    rules = rules_of(spec, 0)
+    ok = passing(single, rules, planned[0])[0]
+    # under `confirm_by: reading`, only on read answers: an unread pass goes on (its flips are confirmed with the
+    # rest after the walk, so one reading round covers what the verdict needs)
+    return bool(ok.any()) and not unread([c for c, p in zip(single, ok) if p], rules, "pass")
 
 
 def walk(
