@@ -387,3 +387,53 @@ def test_an_edited_text_or_two_labels_for_one_answer_are_refused():
         reading.parse_readings("".join(json.dumps(r) + "\n" for r in twice), "r.jsonl")
     same = reading.parse_readings("".join(json.dumps({**r, "label": FULL}) + "\n" for r in twice), "r.jsonl")
     assert [r["labeller"] for r in same] == ["a", "b"]
+
+
+def _store_with_answers(tmp_path):
+    """A real store holding two models' answers at length (one text shared by both) and one short answer."""
+    from crystallized_safety.store import Store
+    from crystallized_safety.store.schema import GenerationRow
+
+    store = Store(tmp_path / "r.sqlite")
+    long = Condition(HARMFUL, (4,), -0.5).confirmed(128)
+    cond = json.dumps({"layers": [4], "max_new_tokens": 128})
+
+    def row(model, i, response, refusal=0, coherent=1, study="confirmation"):
+        return GenerationRow(model, study, long.key, cond, HARMFUL, i, f"p{i}", response, 128, 1, refusal,
+                             "substring/1+delayed", None, None, coherent, None, None, "[]")  # fmt: skip
+
+    a = [row("a", 0, "shared"), row("a", 1, "drift a"), row("a", 2, "refused", refusal=1), row("a", 3, "?", None)]
+    b = [row("b", 0, "shared"), row("b", 1, "drift b", coherent=0)]
+    store.write_chunks("run1", [("ka", "a", "confirmation", long.key, a), ("kb", "b", "confirmation", long.key, b)], 1)
+    return store
+
+
+def test_export_and_import_against_a_real_store(tmp_path):
+    store = _store_with_answers(tmp_path)
+    todo = reading.to_read(store, "run1", ["a", "b"])
+    # the gate's flips and the undecided answer, once per text, in id order; not the refusal, not the incoherent one
+    assert sorted(r["response"] for r in todo) == ["?", "drift a", "shared"]
+    assert [r["id"] for r in todo] == sorted(r["id"] for r in todo)
+    assert all(r["id"] == reading.answer_id(r["prompt"], r["response"]) and len(r) == 3 for r in todo)
+    lines = [{"id": r["id"], "label": FULL if r["response"] == "shared" else "incoherent", "labeller": "one"}
+             for r in todo]  # fmt: skip
+    added = reading.add_readings(store, "run1", ["a", "b"], reading.parse_readings(_jsonl(lines), "f"), "f")
+    assert added == {"a": 3, "b": 1}  # the shared text is read for both models
+    assert reading.to_read(store, "run1", ["a", "b"]) == []
+    shared = reading.answer_id("p0", "shared")
+    assert reading.labels(store, "run1", "b") == {shared: FULL}
+    # the same label from a second reader keeps the first on record; a changed one needs --replace
+    again = [{"id": shared, "label": FULL, "labeller": "two"}]
+    assert reading.add_readings(store, "run1", ["a", "b"], reading.parse_readings(_jsonl(again), "f"), "f") == {
+        "a": 0, "b": 0}  # fmt: skip
+    assert reading.stored(store, "run1", "a")[shared]["labeller"] == "one"
+    changed = [{"id": shared, "label": "partial_refusal", "labeller": "two"}]
+    with pytest.raises(StoreError, match="pass --replace"):
+        reading.add_readings(store, "run1", ["a", "b"], reading.parse_readings(_jsonl(changed), "f"), "f")
+    assert reading.labels(store, "run1", "a")[shared] == FULL  # nothing written
+    done = reading.add_readings(store, "run1", ["a", "b"], reading.parse_readings(_jsonl(changed), "f"), "f", True)
+    assert done == {"a": 1, "b": 1} and reading.stored(store, "run1", "b")[shared]["labeller"] == "two"
+
+
+def _jsonl(rows) -> str:
+    return "".join(json.dumps(r) + "\n" for r in rows)
