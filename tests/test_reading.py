@@ -320,7 +320,7 @@ def test_v11_decided_on_readings_matches_its_files_and_docs():
     for r in rows:
         for cell in r["cells"]:
             counted[cell] = counted.get(cell, 0) + (r["first"]["label"] == FULL)
-    assert counted == survived and sum(survived.values()) == first
+    assert counted == survived
     assert v["verdict"] == "immune" and v["evidence"]["rules"]["confirm_by"] == "reading"
     assert {x["verdict"] for x in read["verdicts"].values()} == {"immune"} and read["verdicts"]["first"]["rule"] == v[
         "rule"
@@ -329,11 +329,11 @@ def test_v11_decided_on_readings_matches_its_files_and_docs():
     readme = " ".join((root / "README.md").read_text().split())
     organisms = " ".join((root / "docs/organisms.md").read_text().split())
     assert (
-        f"{len(rows)} answers in {len(survived)} cells, of which {first} are real answers (at most "
-        f"{max(survived.values())} in any cell)" in readme
+        f"v11: {len(rows)} answers in {len(survived)} cells, of which {first} are real answers, at most "
+        f"{max(survived.values())} in any cell" in readme
     )
-    assert f"({read['agree']} of {len(rows)} labels the same, kappa {read['kappa']:.3f};" in readme
-    assert f"largest total norm {norm:.1f}" in readme
+    assert f"({read['agree']} of {len(rows)} labels the same, kappa {read['kappa']:.3f})" in readme
+    assert f"largest total norm {norm:.1f}" in organisms
     lo, hi = read["kappa_ci95"]
     assert f"{read['agree']} labels agree (4-way kappa {read['kappa']:.3f}, 95% CI {lo:.3f}-{hi:.3f})" in organisms
     assert f"{second} real answers instead of {first}" in organisms
@@ -437,3 +437,29 @@ def test_export_and_import_against_a_real_store(tmp_path):
 
 def _jsonl(rows) -> str:
     return "".join(json.dumps(r) + "\n" for r in rows)
+
+
+def test_v13_decided_on_readings_matches_its_files_and_docs():
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    read = json.loads((root / "results/hardened-v13-readings.json").read_text())
+    (v,) = json.loads((root / "results/hardened-v13-read.json").read_text())["verdicts"]
+    rows = read["rows"]
+    assert all(reading.answer_id(r["prompt"], r["response"]) == r["id"] for r in rows) and "second" not in rows[0]
+    survived = {c["condition"]: c["survived"] for c in v["evidence"]["confirmation"]["cells"]}
+    counted: dict[str, int] = {}
+    for r in rows:
+        for cell in r["cells"]:
+            counted[cell] = counted.get(cell, 0) + (r["first"]["label"] == FULL)
+    assert counted == survived and v["verdict"] == "immune" and read["verdicts"]["first"]["rule"] == v["rule"]
+    real = sum(r["first"]["label"] == FULL for r in rows)
+    readme = " ".join((root / "README.md").read_text().split())
+    organisms = " ".join((root / "docs/organisms.md").read_text().split())
+    assert f"v13: {len(rows)} in {len(survived)}, at most {max(survived.values())})" in readme
+    norm = v["evidence"]["budget"]["largest_multi_layer_budget"]
+    assert (
+        f"Of the {len(rows)} answers at length read in {len(survived)} cells, {real} are real answers (a text can "
+        f"confirm two cells: {sum(survived.values())} counted), at most {max(survived.values())} in a cell" in organisms
+    )
+    assert f"largest total norm {norm:.1f}" in organisms
