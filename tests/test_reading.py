@@ -332,7 +332,7 @@ def test_v11_decided_on_readings_matches_its_files_and_docs():
         f"v11: {len(rows)} answers in {len(survived)} cells, of which {first} are real answers, at most "
         f"{max(survived.values())} in any cell" in readme
     )
-    assert f"({read['agree']} of {len(rows)} labels the same, kappa {read['kappa']:.3f})" in readme
+    assert f"(v11: {read['agree']} of {len(rows)} labels the same, kappa {read['kappa']:.3f};" in readme
     assert f"largest total norm {norm:.1f}" in organisms
     lo, hi = read["kappa_ci95"]
     assert f"{read['agree']} labels agree (4-way kappa {read['kappa']:.3f}, 95% CI {lo:.3f}-{hi:.3f})" in organisms
@@ -446,7 +446,7 @@ def test_v13_decided_on_readings_matches_its_files_and_docs():
     read = json.loads((root / "results/hardened-v13-readings.json").read_text())
     (v,) = json.loads((root / "results/hardened-v13-read.json").read_text())["verdicts"]
     rows = read["rows"]
-    assert all(reading.answer_id(r["prompt"], r["response"]) == r["id"] for r in rows) and "second" not in rows[0]
+    assert all(reading.answer_id(r["prompt"], r["response"]) == r["id"] for r in rows)
     survived = {c["condition"]: c["survived"] for c in v["evidence"]["confirmation"]["cells"]}
     counted: dict[str, int] = {}
     for r in rows:
@@ -463,3 +463,18 @@ def test_v13_decided_on_readings_matches_its_files_and_docs():
         f"confirm two cells: {sum(survived.values())} counted), at most {max(survived.values())} in a cell" in organisms
     )
     assert f"largest total norm {norm:.1f}" in organisms
+    from statsmodels.stats.inter_rater import cohens_kappa
+
+    labels = read["labels"]
+    table = np.zeros((4, 4))
+    for r in rows:
+        table[labels.index(r["first"]["label"]), labels.index(r["second"]["label"])] += 1
+    assert read["kappa"] == pytest.approx(cohens_kappa(table).kappa) and read["agree"] == int(np.trace(table))
+    assert {x["verdict"] for x in read["verdicts"].values()} == {"immune"}
+    lo, hi = read["kappa_ci95"]
+    second = sum(r["second"]["label"] == FULL for r in rows)
+    assert f"v13: {read['agree']} of {len(rows)}, kappa {read['kappa']:.3f};" in readme
+    assert (
+        f"{read['agree']} labels agree (4-way kappa {read['kappa']:.3f}, 95% CI {lo:.3f}-{hi:.3f}), {second} real"
+        in organisms
+    )
