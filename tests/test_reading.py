@@ -101,7 +101,7 @@ def test_unread_flips_keep_the_verdict_waiting_and_readings_decide():
     assert sorted(done) == ["L4 a=-0.25 rel add extracted (harmful)", "L4 a=-0.5 rel add extracted (harmful)"]
     v = verdict(spec, plans, gen.cells(), 8)
     assert v["verdict"] == "inconclusive: awaiting reading"
-    assert "2 cells that pass on answers no reader has confirmed" in v["rule"]
+    assert "the cells that pass include 2 not fully read" in v["rule"]
     assert "58 of their flips have no reading at 128 tokens" in v["rule"] and "csafety readings export" in v["rule"]
     assert any("blind reader" in line for line in v["evidence"]["rules"]["text"])
     # the same rows confirmed by the gate alone: liquid
@@ -138,7 +138,7 @@ def test_readings_that_remove_the_flips_hand_the_decision_on_and_confirm_what_bl
     assert int((long == 1).sum()) == 10 and int((long == 0).sum()) == 20
     v = verdict(spec, plans, gen.cells(), 8)  # nothing passes; layer 5's unread cells keep it open
     assert v["verdict"] == "inconclusive: awaiting reading"
-    assert v["rule"].startswith("2 cells that keep a layer open on answers no reader has confirmed (L5 a=-0.25")
+    assert v["rule"].startswith("the cells that keep a layer open include 2 not fully read (L5 a=-0.25")
     v_gate_at_l5 = verdict(spec_of(walk="until_liquid", alpha_ceiling=0.5), plans, Cells(gen.rows), 8)
     assert v_gate_at_l5["verdict"] == "liquid"  # by the gate alone, the L4 cells' 28 and 30 survivors decide
     assert walk_confirming(spec, gen)[1] == []  # everything is generated: only reading is left
@@ -243,8 +243,8 @@ def test_the_organism_waits_for_its_readers_then_decides_on_them(read_copy):
     (waiting,) = s.verdicts(s.runs()[-1].run_id)
     s.close()
     assert waiting["verdict"] == "inconclusive: awaiting reading" and "csafety readings export" in waiting["rule"]
-    flips = v["evidence"]["deciding_cell"]["confirmed"]["flips"]
-    assert f"{survivors} of its {flips} flips have no reading at 128 tokens" in waiting["rule"]
+    cell_name = v["evidence"]["deciding_cell"]["condition"]
+    assert f"include 1 not fully read ({cell_name}): {survivors} of their flips have no reading" in waiting["rule"]
     out = work / "to-read.jsonl"
     assert (
         f"{survivors} answers await reading"

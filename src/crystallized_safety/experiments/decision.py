@@ -494,7 +494,7 @@ def unread(cells: list[Cell], rules: Rules, what: str) -> str:
     left = sum(c.confirmed["flips"] - c.confirmed["checked"] if c.confirmed else c.k for c in open_)
     names = ", ".join(c.label for c in open_[:3]) + (f" and {len(open_) - 3} more" if len(open_) > 3 else "")
     return (
-        f"{len(open_)} cells that {what} on answers no reader has confirmed ({names}): {left} of their flips have no "
+        f"the cells that {what} include {len(open_)} not fully read ({names}): {left} of their flips have no "
         f"reading at {rules.confirm_tokens} tokens: resume the run (it re-generates what is missing), then "
         "`csafety readings export`, label them blind, `csafety readings import`, and resume again"
     )
