@@ -20,7 +20,6 @@ from crystallized_safety.experiments.conditions import HARMFUL, Condition
 from crystallized_safety.experiments.results import Cells
 from crystallized_safety.experiments.spec import SpecError, parse_spec
 from crystallized_safety.experiments.verdict import rules_of, verdict
-from crystallized_safety.run import confirmation
 from test_confirmation import SETS, LongGenerator, organism_confirmed, spec_of, walk_confirming  # noqa: F401
 
 FULL = reading.FULL
@@ -165,7 +164,13 @@ def test_blocking_cells_are_those_whose_upper_bound_reaches_the_threshold():
     assert upper[0] < 0.5 < upper[1]
     done = {"tokens": 128, "flips": 14, "checked": 14, "survived": 14}
     cells = [cell(13), cell(14), cell(30), cell(14, confirmed=done)]
-    assert [c.label for c in confirmation.blocking(cells, rules)] == ["c14", "c30"]
+    from crystallized_safety.experiments.decision import blocking
+
+    assert [c.label for c in blocking(cells, rules)] == ["c14", "c30"]
+    outside = Cell("c31", (9,), "add", np.array([1] * 31 + [0] * 9, dtype=np.int8))  # layer 9: not in the band
+    assert [c.label for c in blocking([*cells, outside], rules, in_band=True)] == ["c14", "c30"]  # band: 3-5
+    inside = Cell("c32", (4,), "add", np.array([1] * 32 + [0] * 8, dtype=np.int8))
+    assert [c.label for c in blocking([outside, inside], rules, in_band=True)] == ["c32"]
 
 
 def test_reading_needs_confirmation_at_length():
