@@ -20,6 +20,8 @@ from crystallized_safety.experiments.conditions import HARMFUL, Condition
 from crystallized_safety.experiments.results import Cells
 from crystallized_safety.experiments.spec import SpecError, parse_spec
 from crystallized_safety.experiments.verdict import rules_of, verdict
+from crystallized_safety.progress import silent
+from crystallized_safety.run import confirmation
 from test_confirmation import SETS, LongGenerator, organism_confirmed, spec_of, walk_confirming  # noqa: F401
 
 FULL = reading.FULL
@@ -483,3 +485,19 @@ def test_v13_decided_on_readings_matches_its_files_and_docs():
         f"{read['agree']} labels agree (4-way kappa {read['kappa']:.3f}, 95% CI {lo:.3f}-{hi:.3f}), {second} real"
         in organisms
     )
+
+
+def test_a_read_deciding_cell_does_not_stop_the_confirmation_of_another_passing_cell():
+    """Every passing cell must be read: a pass generated after the deciding cell was read is confirmed in turn."""
+    gen = ReadGenerator({(-0.25, "add"): 28, (-0.5, "add"): 30})
+    plans, done = walk_confirming(spec_of(walk="until_liquid"), gen)  # the gate's walk stops at L4 -0.25
+    assert done == ["L4 a=-0.25 rel add extracted (harmful)"]
+    gen.read(lambda i: FULL)
+    spec = spec_of(walk="until_liquid", confirm_by="reading")
+    assert verdict(spec, plans, gen.cells(), 8)["verdict"] == "liquid"
+    gen([c for _t, c in plans[0].conditions if c.alpha == -0.5 and c.layers == (4,)])  # a pass generated later
+    assert verdict(spec, plans, gen.cells(), 8)["verdict"] == "inconclusive: awaiting reading"
+    assert confirmation.confirm(spec, plans, gen, SETS, 8, silent) == ["L4 a=-0.5 rel add extracted (harmful)"]
+    gen.read(lambda i: FULL)
+    v = verdict(spec, plans, gen.cells(), 8)
+    assert v["verdict"] == "liquid" and v["evidence"]["deciding_cell"]["flip"]["k"] == 30

@@ -96,14 +96,9 @@ def confirm(
         cells = generate.cells()
         single, multi, planned, _checked = evidence_cells(plans, cells, {}, tokens)
         deciding = deciding_cell(single, multi, rules, planned)
-        reads = rules.confirm_by == "reading"  # then what blocks an exclusion is confirmed too
-        if (
-            deciding is None
-            and not reads
-            or deciding is not None
-            and fully_confirmed(deciding)
-            and (len(deciding.layers) == 1 or not reads)
-        ):
+        # under reading every passing or blocking cell must be confirmed, not only the deciding one: rounds end when
+        # none of them misses a row at length (`todo` below is empty)
+        if rules.confirm_by != "reading" and (deciding is None or fully_confirmed(deciding)):
             return touched
         todo: list[Chunk] = []
         refused = cells.refused_at_baseline()
@@ -118,11 +113,12 @@ def confirm(
         if not todo:  # every flip has its row at length; an undecided one (no judge reading) stays unconfirmed
             return touched
         rounds += 1
+        keeping = ", or keeping a layer open" if rules.confirm_by == "reading" else ""
         say(
             f"{name}: confirming at {tokens} tokens (round {rounds})",
             rounds - 1,
             None,
-            f"{len(todo)} cells to confirm (passing{', or keeping a layer open' if reads else ''}); deciding: "
+            f"{len(todo)} cells to confirm (passing{keeping}); deciding: "
             f"{deciding.label}"
             if deciding is not None
             else f"{len(todo)} cells keep a layer from being excluded",
