@@ -341,6 +341,12 @@ def test_v11_decided_on_readings_matches_its_files_and_docs():
     )
     assert f"(v11: {read['agree']} of {len(rows)} labels the same, kappa {read['kappa']:.3f};" in readme
     assert f"largest total norm {norm:.1f}" in organisms
+    later = [r for r in rows if not any(c.startswith("L22 θ=120") for c in r["cells"])]  # the second round
+    drift = sum(r["first"]["label"] == "incoherent" for r in later)
+    assert f"({drift} of the {len(later)} read in the second round)" in organisms
+    log = (root / "results/hardened-v11-read-run.log").read_text()
+    assert "confirming at 128 tokens (round 1): done in 4:51" in log and "finished after 4:58" in log
+    assert "4 min 58 s for that confirmation round" in organisms
     lo, hi = read["kappa_ci95"]
     assert f"{read['agree']} labels agree (4-way kappa {read['kappa']:.3f}, 95% CI {lo:.3f}-{hi:.3f})" in organisms
     assert f"{second} real answers instead of {first}" in organisms

@@ -12,7 +12,7 @@ from rich.table import Table
 
 from ..errors import CrystallizedSafetyError
 from .app import app, cli_errors, out
-from .run_cmds import open_store
+from .run_cmds import open_store, stored_spec
 
 
 @app.command("blind")
@@ -28,16 +28,13 @@ def blind_cmd(
 ) -> None:
     """Re-derive every verdict blind and compare it with the stored one; exit 1 if any differs."""
     from ..experiments.blind import blind_verdicts
-    from ..experiments.spec import parse_spec
     from ..registry import load_model
 
     if not workdir.is_dir():
         raise CrystallizedSafetyError(f"--workdir '{workdir}' is not a directory: create it first")
     store = open_store(store_path)
     info = store.run(run)
-    import yaml
-
-    spec = parse_spec(yaml.safe_load(store.run_row(info.run_id)["spec_yaml"]), "the stored spec")
+    spec = stored_spec(store, info.run_id)
     named = {v["model"]: v for v in store.verdicts(info.run_id)}
     if not named:
         raise CrystallizedSafetyError(f"run {info.run_id} has no verdicts yet: finish it with `csafety run` first")

@@ -5,27 +5,20 @@ into the store (experiments/reading.py)."""
 from __future__ import annotations
 
 import json
-import warnings
 from pathlib import Path
 
 import typer
 
 from ..errors import CrystallizedSafetyError
 from .app import app, cli_errors, out
-from .run_cmds import open_store
+from .run_cmds import open_store, stored_spec
 
 readings_app = typer.Typer(no_args_is_help=True, help="Blind readings of the answers confirmed at length.")
 app.add_typer(readings_app, name="readings")
 
 
 def _models(store, run_id: str) -> list[str]:
-    import yaml
-
-    from ..experiments.spec import parse_spec
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # the stored spec's own warnings were shown when it ran
-        return list(parse_spec(yaml.safe_load(store.run_row(run_id)["spec_yaml"]), "the stored spec").models)
+    return list(stored_spec(store, run_id, quiet=True).models)  # its warnings were shown when it ran
 
 
 @readings_app.command("export")

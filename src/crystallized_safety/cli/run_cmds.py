@@ -112,6 +112,20 @@ def print_estimate(spec) -> None:
         )
 
 
+def stored_spec(store, run_id: str, quiet: bool = False):
+    """The spec a stored run was made by; `quiet`: without the warnings it gave when it ran."""
+    import warnings
+
+    import yaml
+
+    from ..experiments.spec import parse_spec
+
+    with warnings.catch_warnings():
+        if quiet:
+            warnings.simplefilter("ignore")
+        return parse_spec(yaml.safe_load(store.run_row(run_id)["spec_yaml"]), "the stored spec")
+
+
 def open_store(store_path: Path):
     """A store opened read-only (status, export, report: also on read-only media), its warnings printed."""
     from ..store import Store
