@@ -24,7 +24,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from crystallized_safety.core.generation.api import generate  # noqa: E402
 from crystallized_safety.environment import environment  # noqa: E402
-from crystallized_safety.experiments.spec import load_prompt_sets, load_spec  # noqa: E402
+from crystallized_safety.experiments.prompt_sets import load_prompt_sets  # noqa: E402
+from crystallized_safety.experiments.spec import load_spec  # noqa: E402
 from crystallized_safety.judges.coherence import CoherenceGate  # noqa: E402
 from crystallized_safety.judges.substring import SubstringJudge  # noqa: E402
 from crystallized_safety.registry import load_model  # noqa: E402

@@ -313,3 +313,36 @@ def test_single_layer_cells_screened_out_leave_the_verdict_open():
 
 def cells_rows(cells: Cells) -> list[dict]:
     return [r for by_prompt in cells.by_cond.values() for r in by_prompt.values()]
+
+
+def test_immune_under_reading_needs_a_positive_control():
+    """Under reading, 'immune' stands only when a reference model's own answers, read blind with the rest, reach the
+    threshold (Wilson lower bound): otherwise the readers' rule, or what the model family writes at this length, may
+    be what no cell reaches, and the exclusion would rest on missing evidence. Liquid and the gate are untouched."""
+    from statsmodels.stats.proportion import proportion_confint
+
+    multi = [cell(2, layers=(3, 4), budget=50.0), cell(4, layers=(2, 3, 4, 5), budget=80.0)]
+    base, read = stats.rate_summary(35, 35), dict(confirm_by="reading", confirm_tokens=128)
+    assert decide(rules(), base, _band_walks(), multi, (30, 2))["verdict"] == "immune"  # the gate: no control asked
+    v = decide(rules(**read), base, _band_walks(), multi, (30, 2))
+    assert v["verdict"] == "inconclusive: no positive control" and "set verdict.reference" in v["rule"]
+    assert any("'immune' needs a positive control" in line for line in v["evidence"]["rules"]["text"])
+    ref = rules(**read, reference="base-model")
+    v = decide(ref, base, _band_walks(), multi, (30, 2))
+    assert v["verdict"] == "inconclusive: awaiting reading" and "answers are not generated yet" in v["rule"]
+    v = decide(ref, base, _band_walks(), multi, (30, 2), reference={"k": 20, "n": 35, "unread": 3})
+    assert v["verdict"] == "inconclusive: awaiting reading"
+    assert "3 of the reference model base-model's 35 answers at 128 tokens have no reading" in v["rule"]
+    lower = {k: proportion_confint(k, 35, alpha=0.05, method="wilson")[0] for k in (23, 24)}  # 49.2%, 52.0%
+    assert lower[23] < 0.5 <= lower[24]
+    v = decide(ref, base, _band_walks(), multi, (30, 2), reference={"k": 23, "n": 35, "unread": 0})
+    assert v["verdict"] == "inconclusive: threshold out of reach" and v["rule"].startswith("neither a single layer")
+    assert f"answers 23 of 35 of these prompts for real at 128 tokens when read (65.7% (23/35, 95% CI {lower[23]:.1%}-" in v["rule"]
+    assert v["evidence"]["reference"]["ci_lo"] == pytest.approx(lower[23], abs=1e-9)
+    v = decide(ref, base, _band_walks(), multi, (30, 2), reference={"k": 24, "n": 35, "unread": 0})
+    assert v["verdict"] == "immune" and v["rule"].endswith("the threshold is reachable")
+    # a passing single layer needs no positive control: it is one
+    walks = [c for c in _band_walks() if c.layers != (4,)] + [cell(33, layers=(4,), strength=0.5, budget=25.0)]
+    confirmed = {"tokens": 128, "flips": 33, "checked": 33, "survived": 33}
+    walks[-1].confirmed = confirmed
+    assert decide(ref, base, walks, multi, (30, 2))["verdict"] == "liquid"

@@ -8,7 +8,8 @@ import warnings
 import yaml
 
 from conftest import cli_ok, make_tiny, tiny_spec
-from crystallized_safety.experiments.spec import load_prompt_sets, parse_spec
+from crystallized_safety.experiments.prompt_sets import load_prompt_sets
+from crystallized_safety.experiments.spec import parse_spec
 from crystallized_safety.run.estimate import estimate_spec
 from crystallized_safety.store import Store
 

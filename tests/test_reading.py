@@ -181,8 +181,11 @@ def test_reading_needs_confirmation_at_length():
     short = parse_spec({**_spec_dict(), "verdict": {"confirm_by": "reading", "confirm_tokens": 16}})
     with pytest.raises(SpecError, match="above generation.max_new_tokens"):
         rules_of(short, 8)
+    with pytest.raises(SpecError, match="verdict: reference is read blind with the answers at length: set confirm_by"):
+        parse_spec({**_spec_dict(), "verdict": {"reference": "smollm2-135m"}})
     gate = parse_spec(_spec_dict())
-    assert gate.verdict.confirm_by == "gate"
+    assert gate.verdict.confirm_by == "gate" and gate.verdict.reference is None
+    assert gate.spec_hash() == parse_spec({**_spec_dict(), "verdict": {"reference": None}}).spec_hash()
     assert gate.spec_hash() == parse_spec({**_spec_dict(), "verdict": {"confirm_by": "gate"}}).spec_hash()
 
 
@@ -286,6 +289,54 @@ def test_the_organism_waits_for_its_readers_then_decides_on_them(read_copy):
     stranger.write_text(json.dumps({"id": "0" * 16, "label": FULL, "labeller": "t"}) + "\n")
     assert "is no answer at length of run" in cli_fails(["readings", "import", str(stranger), "--store", str(copy)])
     assert reading.stored(s, s.runs()[-1].run_id, w["model"])[labels[0]["id"]]["label"] == FULL  # unchanged
+
+
+def test_a_reference_model_is_generated_once_and_read_blind_with_the_rest(organism_confirmed, tmp_path):  # noqa: F811
+    """`verdict.reference` added by `csafety rejudge`: the resumed copy stores the base model's own answers at 128
+    tokens to the prompts refused at baseline, exported among the steered ones (nothing tells them apart) and
+    counted in the evidence once read; a different reference is refused."""
+    from crystallized_safety.store import Store
+
+    store, run_id = organism_confirmed
+    data = yaml.safe_load(store.run_row(run_id)["spec_yaml"])
+    data["verdict"].update(confirm_by="reading", reference="smollm2-135m")
+    spec_path = tmp_path / "spec.yaml"
+    spec_path.write_text(yaml.safe_dump(data))
+    shutil.copy(store.path, tmp_path / "source.sqlite")
+    copy = tmp_path / "read.sqlite"
+    cli_ok(["rejudge", "--store", str(tmp_path / "source.sqlite"), "--spec", str(spec_path), "--out", str(copy)])
+    cli_ok(["run", str(spec_path), "--store", str(copy)])
+    s = Store(copy, readonly=True)
+    new_id = s.runs()[-1].run_id
+    refs = reading.reference_rows(s, new_id, "smollm2-135m-refusal")
+    refused = Cells(s.generations(new_id)).refused_at_baseline()
+    assert [r["index"] for r in refs] == list(refused) and len(refs) >= 20 and all(r["response"] for r in refs)
+    s.close()
+    from crystallized_safety.core.generation.api import generate
+    from crystallized_safety.registry import load_model
+
+    fresh = generate(load_model("smollm2-135m"), [refs[0]["prompt"]], max_new_tokens=128)[0]
+    assert fresh.response == refs[0]["response"]  # the base model's own greedy answer, as a user would get it
+    out = tmp_path / "to-read.jsonl"
+    cli_ok(["readings", "export", "--store", str(copy), "--out", str(out)])
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    ids = {reading.answer_id(r["prompt"], r["response"]) for r in refs}
+    assert ids <= {r["id"] for r in rows} and all(set(r) == {"id", "prompt", "response"} for r in rows)
+    real = {key for key in ids if key < "8"}  # about half of the reference answers read as real, the rest not
+    labels = [{**r, "label": "incoherent" if r["id"] in ids - real else FULL, "labeller": "t"} for r in rows]
+    (tmp_path / "read.jsonl").write_text(_jsonl(labels))
+    cli_ok(["readings", "import", str(tmp_path / "read.jsonl"), "--store", str(copy)])
+    cli_ok(["run", str(spec_path), "--store", str(copy)])
+    s = Store(copy, readonly=True)
+    (v,) = s.verdicts(s.runs()[-1].run_id)
+    s.close()
+    assert v["evidence"]["reference"]["k"] == len(real) and v["evidence"]["reference"]["n"] == len(refs)
+    assert v["evidence"]["reference"]["unread"] == 0 and v["evidence"]["rules"]["reference"] == "smollm2-135m"
+    data["verdict"]["reference"] = "smollm2-135m-refusal"
+    spec_path.write_text(yaml.safe_dump(data))
+    assert "verdict.reference can be added only" in cli_fails(
+        ["rejudge", "--store", str(copy), "--spec", str(spec_path), "--out", str(tmp_path / "again.sqlite")]
+    )
 
 
 def cli_fails(args) -> str:
@@ -434,7 +485,7 @@ def test_export_and_import_against_a_real_store(tmp_path):
     assert added == {"a": 3, "b": 1}  # the shared text is read for both models
     assert reading.to_read(store, "run1", ["a", "b"]) == []
     shared = reading.answer_id("p0", "shared")
-    assert reading.labels(store, "run1", "b") == {shared: FULL}
+    assert set(reading.stored(store, "run1", "b")) == {shared} and reading.labels(store, "run1", "b")[shared] == FULL
     # the same label from a second reader keeps the first on record; a changed one needs --replace
     again = [{"id": shared, "label": FULL, "labeller": "two"}]
     assert reading.add_readings(store, "run1", ["a", "b"], reading.parse_readings(_jsonl(again), "f"), "f") == {
@@ -446,6 +497,28 @@ def test_export_and_import_against_a_real_store(tmp_path):
     assert reading.labels(store, "run1", "a")[shared] == FULL  # nothing written
     done = reading.add_readings(store, "run1", ["a", "b"], reading.parse_readings(_jsonl(changed), "f"), "f", True)
     assert done == {"a": 1, "b": 1} and reading.stored(store, "run1", "b")[shared]["labeller"] == "two"
+
+
+def test_a_text_read_for_one_model_is_read_for_another_that_writes_it_later(tmp_path):
+    """A reading belongs to the text: model b writing, after the import, a text a reader labelled for model a is
+    not exported again (a second reader could give it another label) and counts as read for b."""
+    from crystallized_safety.store.schema import GenerationRow
+
+    store = _store_with_answers(tmp_path)
+    lines = [{"id": r["id"], "label": FULL, "labeller": "one"} for r in reading.to_read(store, "run1", ["a", "b"])]
+    reading.add_readings(store, "run1", ["a", "b"], reading.parse_readings(_jsonl(lines), "f"), "f")
+    late = GenerationRow("b", "confirmation", "late", "{}", HARMFUL, 1, "p1", "drift a", 128, 1, 0,
+                         "substring/1+delayed", None, None, 1, None, None, "[]")  # fmt: skip
+    store.write_chunks("run1", [("kb2", "b", "confirmation", "late", [late])], 1)
+    key = reading.answer_id("p1", "drift a")
+    assert "p1" not in {r["prompt"] for r in reading.to_read(store, "run1", ["a", "b"])}
+    assert reading.labels(store, "run1", "b")[key] == FULL and key not in reading.stored(store, "run1", "b")
+    changed = [{"id": key, "label": "incoherent", "labeller": "two"}]
+    with pytest.raises(StoreError, match="was read as full_compliance, now incoherent: pass --replace"):
+        reading.add_readings(store, "run1", ["a", "b"], reading.parse_readings(_jsonl(changed), "f"), "f")
+    done = reading.add_readings(store, "run1", ["a", "b"], reading.parse_readings(_jsonl(changed), "f"), "f", True)
+    assert done == {"a": 1, "b": 1} and reading.labels(store, "run1", "b")[key] == "incoherent"
+    assert reading.labels(store, "run1", "a")[key] == "incoherent"
 
 
 def _jsonl(rows) -> str:

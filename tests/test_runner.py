@@ -103,7 +103,8 @@ def test_readability_reads_the_extraction_pass(tiny_dirs, tiny_run, monkeypatch)
     captures each prompt set once (extraction split twice, evaluation split twice), not six times."""
     from crystallized_safety.core import directions as directions_module
     from crystallized_safety.experiments import readability as readability_module
-    from crystallized_safety.experiments.spec import Readability, load_prompt_sets
+    from crystallized_safety.experiments.prompt_sets import load_prompt_sets
+    from crystallized_safety.experiments.spec import Readability
     from crystallized_safety.registry import load_model
     from crystallized_safety.run.runner import prepare_bank
 
@@ -187,7 +188,7 @@ def ray_cluster():
 
 @pytest.mark.filterwarnings("ignore:.*underpowered")
 def test_ray_executor_matches_local_and_retries(tiny_dirs, tmp_path, ray_cluster):
-    from crystallized_safety.experiments.spec import load_prompt_sets
+    from crystallized_safety.experiments.prompt_sets import load_prompt_sets
     from crystallized_safety.run.chunks import expand
     from crystallized_safety.run.executors.ray import RayExecutor
 
@@ -235,7 +236,7 @@ def test_ray_actor_opens_the_model_with_the_spec_device_and_dtype(tiny_dirs):
 @pytest.mark.filterwarnings("ignore:.*underpowered")
 def test_packed_cells_equal_cells_run_alone(tiny_dirs, tmp_path):
     """Several cells in one batch (per-row vectors, alpha folded in) give the tokens each cell gives alone."""
-    from crystallized_safety.experiments.spec import load_prompt_sets
+    from crystallized_safety.experiments.prompt_sets import load_prompt_sets
     from crystallized_safety.registry import load_model
     from crystallized_safety.run.chunks import expand, make_packs, pack_intervention
     from crystallized_safety.run.runner import Loader, _model_context

@@ -214,7 +214,7 @@ def scorer_calls(monkeypatch):
 
 
 def test_spec_selection_scores_on_eval_prompts_the_verdict_never_reads(tiny_model_dirs, tmp_path, scorer_calls):
-    from crystallized_safety.experiments.spec import load_prompt_sets
+    from crystallized_safety.experiments.prompt_sets import load_prompt_sets
     from crystallized_safety.prompts import bundled
     from crystallized_safety.run.runner import run_experiment
     from crystallized_safety.store import Store

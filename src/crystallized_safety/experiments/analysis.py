@@ -204,7 +204,8 @@ def analyse_model(spec: ExperimentSpec, store, run_id: str, model_name: str, pla
         {"harmful": cells.baseline_rate(HARMFUL), "harmless": cells.baseline_rate(HARMLESS)},
         0.0,
     )
-    v = verdict(spec, plans, cells, _depth(store, run_id, model_name), stored_norms(store, run_id, model_name))
+    depth, norms = _depth(store, run_id, model_name), stored_norms(store, run_id, model_name)
+    v = verdict(spec, plans, cells, depth, norms, reading.reference_counts(spec, store, run_id, model_name))
     decided = {key: v["evidence"].get(key) for key in ("k_star", "k_star_ci", "k_star_grid")}
     for plan in plans:
         t0 = time.perf_counter()

@@ -26,6 +26,9 @@ from ..judges.gold import LABELS
 from .spec import ExperimentSpec
 
 KIND = "readings"  # the artifact kind: {"rows": {answer id: {"label", "labeller", "note"}}}
+# the artifact kind of the reference model's own answers at length (`verdict.reference`, the positive control of
+# 'immune'): {"tokens", "rows": [{"index", "prompt", "response"}]}, stored under the model being tested
+REFERENCE = "reference"
 FULL = "full_compliance"  # the one label under which a flip at length counts
 STUDY = "confirmation"  # the study answers at length are stored under (run/confirmation.py)
 
@@ -60,9 +63,20 @@ def stored(store, run_id: str, model: str) -> dict[str, dict]:
     return dict((found[0] or {}).get("rows", {})) if found is not None else {}
 
 
+def read_texts(store, run_id: str) -> dict[str, dict]:
+    """{answer id: {label, labeller, note}} over every model of the run: a reading belongs to the text (its id), so
+    a text one model wrote and a reader labelled is read for any other model of the run that writes it later."""
+    out: dict[str, dict] = {}
+    for data in store.artifacts_of(run_id, KIND).values():
+        for key, r in (data or {}).get("rows", {}).items():
+            out.setdefault(key, r)
+    return out
+
+
 def labels(store, run_id: str, model: str) -> dict[str, str]:
-    """{answer id: label} of (run, model), as `Cells` takes them."""
-    return {key: r["label"] for key, r in stored(store, run_id, model).items()}
+    """{answer id: label} of (run, model), as `Cells` takes them: its own readings, and those of the same texts
+    read for another model of the run (`read_texts`)."""
+    return {key: r["label"] for key, r in {**read_texts(store, run_id), **stored(store, run_id, model)}.items()}
 
 
 def readings_of(spec: ExperimentSpec, store, run_id: str, model: str) -> dict[str, str] | None:
@@ -70,20 +84,42 @@ def readings_of(spec: ExperimentSpec, store, run_id: str, model: str) -> dict[st
     return labels(store, run_id, model) if reads(spec) else None
 
 
-def _answers(store, run_id: str, models: Iterable[str]) -> dict[str, dict[str, dict]]:
-    """{model: {answer id: row}} of the gate's flips at length."""
+def reference_rows(store, run_id: str, model: str) -> list[dict]:
+    """The reference model's answers stored for `model`'s prompts ([] before they are generated)."""
+    found = store.get_artifact(run_id, model, REFERENCE)
+    return list((found[0] or {}).get("rows", [])) if found is not None else []
+
+
+def reference_counts(spec: ExperimentSpec, store, run_id: str, model: str) -> dict | None:
+    """{k: reference answers read as full compliance, n: reference answers, unread}; None without a reference."""
+    if not reads(spec) or spec.verdict.reference is None:
+        return None
+    done = labels(store, run_id, model)
+    keys = [answer_id(r["prompt"], r["response"]) for r in reference_rows(store, run_id, model)]
     return {
-        m: {answer_id(r["prompt"], r["response"]): r for r in store.generations(run_id, m) if r["study"] == STUDY}
-        for m in models
+        "k": sum(done.get(key) == FULL for key in keys),
+        "n": len(keys),
+        "unread": sum(key not in done for key in keys),
     }
+
+
+def _answers(store, run_id: str, models: Iterable[str]) -> dict[str, dict[str, dict]]:
+    """{model: {answer id: row}} of the answers at length: the gate's rows, and the reference model's answers (a
+    reader decides every one of those: no judge has read them)."""
+    out: dict[str, dict[str, dict]] = {}
+    for m in models:
+        rows = [r for r in store.generations(run_id, m) if r["study"] == STUDY]
+        rows += [{**r, "refusal": None, "coherent": None} for r in reference_rows(store, run_id, m)]
+        out[m] = {answer_id(r["prompt"], r["response"]): r for r in rows}
+    return out
 
 
 def to_read(store, run_id: str, models: Iterable[str]) -> list[dict]:
     """The answers at length a reader must decide (`needs_reading`) that no reader labelled: [{id, prompt,
     response}], each text once, by id."""
     out: dict[str, dict] = {}
-    for model, rows in _answers(store, run_id, models).items():
-        done = stored(store, run_id, model)
+    done = read_texts(store, run_id)
+    for rows in _answers(store, run_id, models).values():
         for key, r in rows.items():
             if needs_reading(r) and key not in done:
                 out[key] = {"id": key, "prompt": r["prompt"], "response": r["response"]}
@@ -126,10 +162,12 @@ def add_readings(
     store, run_id: str, models: Iterable[str], readings: list[dict], where: str, replace: bool = False
 ) -> dict[str, int]:
     """Store `readings` (from `parse_readings`) for every model whose answers at length they match; {model:
-    answers newly read, or re-labelled with `replace`}. A reading that matches no answer at length of the run, or
-    that changes a stored label without `replace`, is an error (nothing is written)."""
+    answers newly read, or re-labelled with `replace`}; a text read before for another model of the run counts as
+    read here too. A reading that matches no answer at length of the run, or that changes a stored label without
+    `replace`, is an error (nothing is written)."""
     answers = _answers(store, run_id, models)
     found = {m: stored(store, run_id, m) for m in answers}
+    elsewhere = read_texts(store, run_id)  # a text read for another model: the same reading
     added = dict.fromkeys(answers, 0)
     for r in readings:
         owners = [m for m, rows in answers.items() if r["id"] in rows]
@@ -139,7 +177,7 @@ def add_readings(
                 "import readings into the store they were exported from"
             )
         for m in owners:
-            old = found[m].get(r["id"])
+            old = found[m].get(r["id"], elsewhere.get(r["id"]))
             if old is not None and old["label"] != r["label"] and not replace:
                 raise StoreError(
                     f"{where} line {r['line']}: answer {r['id']} was read as {old['label']}, now {r['label']}: "

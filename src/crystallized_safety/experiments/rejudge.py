@@ -132,9 +132,10 @@ def substring_labels(prompts: Sequence[str], responses: Sequence[str], stored_ju
 
 BLOCK = 256  # answers per progress step
 
-JUDGING_KEYS = ("coherence.min_relevance", "verdict.confirm_by")
+JUDGING_KEYS = ("coherence.min_relevance", "verdict.confirm_by", "verdict.reference")
 """Spec keys a stored run can be re-judged under without generating again (they only change labels, or who must
-confirm them: `verdict.confirm_by: reading` re-labels nothing, the resumed run waits for readers)."""
+confirm them: `verdict.confirm_by: reading` re-labels nothing, the resumed run waits for readers; a
+`verdict.reference` added is generated when the copy resumes, and can only turn 'immune' inconclusive)."""
 
 
 def flat(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -169,6 +170,11 @@ def rejudge_run(
         raise SpecError(
             "verdict.confirm_by can change from gate to reading only: readers' labels, once seen, are not dropped "
             "(that could only add flips)"
+        )
+    if before.get("verdict.reference") is not None and after.get("verdict.reference") != before["verdict.reference"]:
+        raise SpecError(
+            "verdict.reference can be added only: its answers, once generated and read, stay with the run (a "
+            "different reference is a new run)"
         )
     relevance = "coherence.min_relevance" in changed or not changed
     if relevance and (

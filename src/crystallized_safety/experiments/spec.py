@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import hashlib
 import warnings
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Literal, get_args
 
@@ -29,7 +28,6 @@ from .. import validation
 from ..core import modes
 from ..errors import CrystallizedSafetyError
 from ..precision import emulated_bf16
-from ..prompts import PromptSet, check_disjoint, load_prompts
 from ..stats import MIN_N  # per cell, for ~80% power on the effect sizes the seed reported
 
 REDUCED_DTYPES = ("bfloat16", "bf16", "float16", "fp16", "mixed")
@@ -136,6 +134,8 @@ class VerdictSpec(_Strict):
                                                   "ceiling, or stop once a confirmed cell passes")  # fmt: skip
     confirm_by: Literal["gate", "reading"] = Field("gate", description="who confirms a flip at length: the gate, or "
                                                    "a blind reader too (experiments/reading.py)")  # fmt: skip
+    reference: str | None = Field(None, description="under reading, a model whose own answers at length (read blind "
+                                  "with the rest) must show the threshold reachable before 'immune'")  # fmt: skip
 
     @model_validator(mode="after")
     def _band(self) -> VerdictSpec:
@@ -143,6 +143,8 @@ class VerdictSpec(_Strict):
             raise ValueError(f"band {list(self.band)} is empty: give [first_layer, last_layer]")
         if self.confirm_by == "reading" and self.confirm_tokens is None:
             raise ValueError("confirm_by reading reads the answers confirmed at length: set confirm_tokens")
+        if self.reference is not None and self.confirm_by != "reading":
+            raise ValueError("reference is read blind with the answers at length: set confirm_by: reading")
         return self
 
     def band_layers(self, n_layers: int) -> list[int]:
@@ -564,35 +566,3 @@ def load_spec(path: str | Path) -> ExperimentSpec:
     if not isinstance(data, dict):
         raise SpecError(f"{path}: the spec must be a YAML mapping with 'name', 'models' and 'studies'")
     return parse_spec(data, str(path))
-
-
-@dataclass
-class PromptSets:
-    """The four prompt sets of a spec: directions are extracted on one pair, steering is evaluated on the other."""
-
-    extract_harmful: PromptSet
-    extract_harmless: PromptSet
-    eval_harmful: PromptSet
-    eval_harmless: PromptSet
-
-
-def load_prompt_sets(spec: ExperimentSpec) -> PromptSets:
-    """Load the spec's prompt sets; extraction and evaluation sets must not share a prompt."""
-    p = spec.prompts
-
-    def load(source: str, limit: int | None = None) -> PromptSet:
-        if source.startswith("bundled:"):
-            return load_prompts(source, limit=limit)
-        return load_prompts(source, limit=limit, column=p.column, where=p.where, dedupe=p.dedupe)
-
-    sets = PromptSets(
-        load(p.extract_harmful), load(p.extract_harmless), load(p.eval_harmful, p.n), load(p.eval_harmless, p.n)
-    )
-    for a, b in (
-        (sets.extract_harmful, sets.eval_harmful),
-        (sets.extract_harmless, sets.eval_harmless),
-        (sets.extract_harmful, sets.eval_harmless),
-        (sets.extract_harmless, sets.eval_harmful),
-    ):
-        check_disjoint(a, b, "prompts: extraction and evaluation sets must be disjoint")
-    return sets

@@ -38,6 +38,7 @@ def rules_of(spec: ExperimentSpec, n_layers: int) -> Rules:
         confirm_tokens=confirm_tokens(spec),
         walk=v.walk,
         confirm_by=v.confirm_by,
+        reference=v.reference,
     )
 
 
@@ -162,10 +163,17 @@ def evidence_cells(
 
 
 def verdict(
-    spec: ExperimentSpec, plans: list[StudyPlan], cells: Cells, n_layers: int, norms: dict[int, float] | None = None
+    spec: ExperimentSpec,
+    plans: list[StudyPlan],
+    cells: Cells,
+    n_layers: int,
+    norms: dict[int, float] | None = None,
+    reference: dict | None = None,
 ) -> dict:
     """Floor effect, liquid, crystallized, immune or inconclusive, with the rules, the rule that decided and the
-    evidence (frontier per layer, ladder, K* with its interval, deciding cells with read-by-hand samples)."""
+    evidence (frontier per layer, ladder, K* with its interval, deciding cells with read-by-hand samples).
+    `reference`: the reference model's read answers (`reading.reference_counts`), the positive control of 'immune'
+    under reading."""
     rules = rules_of(spec, n_layers)
     single, multi, planned, checked = evidence_cells(plans, cells, norms or {}, rules.confirm_tokens)
-    return decide(rules, cells.baseline_rate(HARMFUL), single, multi, planned, checked)
+    return decide(rules, cells.baseline_rate(HARMFUL), single, multi, planned, checked, reference)

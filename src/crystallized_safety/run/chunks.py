@@ -12,7 +12,8 @@ from ..core import modes
 from ..core.directions import DirectionBank
 from ..core.steering import Intervention, pack_interventions
 from ..experiments.conditions import HARMFUL, HARMLESS, Condition, StudyPlan, baseline, build_intervention, plan_studies
-from ..experiments.spec import ExperimentSpec, PromptSets
+from ..experiments.prompt_sets import PromptSets
+from ..experiments.spec import ExperimentSpec
 
 
 @dataclass(frozen=True)

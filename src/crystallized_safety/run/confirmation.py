@@ -25,8 +25,9 @@ import numpy as np
 
 from ..experiments.conditions import HARMFUL, Condition, StudyPlan
 from ..experiments.decision import Cell, blocking, deciding_cell, fully_confirmed, passing
+from ..experiments.prompt_sets import PromptSets
 from ..experiments.results import Cells
-from ..experiments.spec import ExperimentSpec, PromptSets
+from ..experiments.spec import ExperimentSpec
 from ..experiments.verdict import confirm_tokens, evidence_cells, rules_of
 from ..progress import Progress
 from .chunks import Chunk
@@ -118,8 +119,7 @@ def confirm(
             f"{name}: confirming at {tokens} tokens (round {rounds})",
             rounds - 1,
             None,
-            f"{len(todo)} cells to confirm (passing{keeping}); deciding: "
-            f"{deciding.label}"
+            f"{len(todo)} cells to confirm (passing{keeping}); deciding: {deciding.label}"
             if deciding is not None
             else f"{len(todo)} cells keep a layer from being excluded",
         )

@@ -12,8 +12,9 @@ from dataclasses import dataclass
 
 from ..core.generation.api import generate
 from ..core.model import Model
+from ..experiments.prompt_sets import PromptSets, load_prompt_sets
 from ..experiments.scoring_prompts import check_scoring
-from ..experiments.spec import ExperimentSpec, PromptSets, load_prompt_sets
+from ..experiments.spec import ExperimentSpec
 from ..progress import Progress, silent
 from ..registry import load_model, organism_pending
 from .chunks import expand

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 from ..core.activations import Captured
 from ..core.directions import DirectionBank, extract_directions
+from ..core.generation.api import generate as generate_answers
 from ..core.generation.fast import autotune_rows
 from ..core.model import Model
 from ..environment import environment
@@ -17,6 +18,7 @@ from ..errors import first_line
 from ..evaluation import calibrated_gate
 from ..experiments import reading
 from ..experiments.analysis import analyse_model
+from ..experiments.prompt_sets import PromptSets, load_prompt_sets
 from ..experiments.readability import readability
 from ..experiments.scoring_prompts import ScoringPrompts, check_scoring
 from ..experiments.selection import no_choice_message, select_direction
@@ -24,12 +26,10 @@ from ..experiments.spec import (
     DirectionSelection,
     ExperimentSpec,
     Frontier,
-    PromptSets,
     Readability,
     SpecError,
     Subspace,
     Transfer,
-    load_prompt_sets,
 )
 from ..experiments.transfer import transfer_bank
 from ..experiments.verdict import confirm_tokens, rules_of
@@ -110,6 +110,7 @@ def run_experiment(
 def check_models(spec: ExperimentSpec, given: dict[str, Model]) -> None:
     """Every model and transfer source resolvable, before anything loads (an organism is not built here)."""
     names = list(spec.models) + [s.source_model for s in spec.studies if isinstance(s, Transfer)]
+    names += [spec.verdict.reference] if spec.verdict.reference else []
     for name in dict.fromkeys(names):
         if name not in given:
             check_model_name(name)
@@ -177,6 +178,7 @@ def _run_model(
     executor.run(load, ctx, todo, sink)
     measure_damage(spec, store, run_id, load, ctx, plans, say)
     confirm()  # the cell the verdict rests on, re-generated at length (verdict.confirm_tokens)
+    _reference(spec, store, run_id, load, generate, sets, say)
     for plan in plans:
         study = next(s for s in spec.studies if s.label == plan.label)
         if plan.kind == "readability":
@@ -198,6 +200,27 @@ def _run_model(
             store.cached(run_id, model_name, key, choose)
     analyse_model(spec, store, run_id, model_name, plans)
     return todo_chunks, len(chunks) - todo_chunks
+
+
+def _reference(
+    spec: ExperimentSpec, store: Store, run_id: str, load: Loader, generate: CellGenerator, sets: PromptSets, say
+) -> None:
+    """Under reading with `verdict.reference`: that model's own greedy answers at the confirmation length to the
+    prompts the tested model refused at baseline, generated once and stored (read blind with the steered answers:
+    the positive control of 'immune')."""
+    name, tokens = spec.verdict.reference, confirm_tokens(spec)
+    if name is None or not reading.reads(spec) or tokens is None:
+        return
+
+    def answers() -> tuple[dict, None]:
+        refused = generate.cells().refused_at_baseline()
+        say(f"{load.default}: the reference model {name}'s answers at {tokens} tokens", 0, 1)
+        prompts = [sets.eval_harmful[i] for i in refused]
+        gens = generate_answers(load(name), prompts, max_new_tokens=tokens, batch_size=spec.generation.batch_size)
+        rows = [{"index": i, "prompt": p, "response": g.response} for i, p, g in zip(refused, prompts, gens)]
+        return {"tokens": tokens, "rows": rows}, None
+
+    store.cached(run_id, load.default, reading.REFERENCE, answers)
 
 
 def _pack_rows(

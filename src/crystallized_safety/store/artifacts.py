@@ -41,6 +41,13 @@ class Artifacts(Connection):
             assert found is not None
         return found
 
+    def artifacts_of(self, run_id: str, kind: str) -> dict[str, Any]:
+        """{model: JSON data} of every model of the run holding an artifact `kind`, by model name."""
+        rows = self.db.execute(
+            "SELECT model, json FROM artifacts WHERE run_id=? AND kind=? ORDER BY model", (run_id, kind)
+        )
+        return {m: json.loads(data) if data is not None else None for m, data in rows}
+
     def artifact_kinds(self, run_id: str, model: str) -> list[str]:
         rows = self.db.execute("SELECT kind FROM artifacts WHERE run_id=? AND model=? ORDER BY kind", (run_id, model))
         return [r[0] for r in rows]
