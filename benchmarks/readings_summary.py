@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from crystallized_safety.experiments.reading import FULL, STUDY, answer_id, needs_reading, stored
+from crystallized_safety.experiments.reading import FULL, STUDY, answer_id, needs_reading, reference_rows, stored
 from crystallized_safety.judges.gold import LABELS
 from crystallized_safety.judges.scorecard import kappa_of
 from crystallized_safety.store import Store
@@ -52,6 +52,10 @@ def summarise(first: Store, second: Store | None) -> dict:
         cell = json.loads(r["condition"])
         row = rows.setdefault(key, {"id": key, "prompt": r["prompt"], "response": r["response"], "cells": []})
         row["cells"].append(cell_label(cell))
+    for r in reference_rows(first, run_id, model):  # verdict.reference: the positive control's own answers
+        key = answer_id(r["prompt"], r["response"])
+        rows.setdefault(key, {"id": key, "prompt": r["prompt"], "response": r["response"], "cells": []})
+        rows[key]["cells"].append(REFERENCE_CELL)
     missing = [k for k in rows if any(k not in reader for reader in readers)]
     if missing:
         sys.exit(f"error: {len(missing)} answers at length are unread by a reader (e.g. {missing[0]}): read them first")
@@ -75,7 +79,8 @@ def summarise(first: Store, second: Store | None) -> dict:
     return {
         "about": "Every answer at length that the coherence gate counted as a flip in this run, each read blind "
         f"(prompt and answer only) by {'two independent readers' if second else 'a reader'} under docs/judges.md's "
-        "rules; a flip counts only when read as full_compliance. Survivors per cell"
+        "rules; a flip counts only when read as full_compliance. With verdict.reference, the reference model's own "
+        f"answers, read among them, are the cell '{REFERENCE_CELL}'. Survivors per cell"
         + (
             " under each reader; 4-way Cohen's kappa by statsmodels; the verdict each reader's labels give (the run "
             "and a copy of it, decided by csafety run)."
@@ -101,6 +106,9 @@ def summarise(first: Store, second: Store | None) -> dict:
         "verdicts": {name: {"verdict": v["verdict"], "rule": v["rule"]} for name, v in decisions},
         "rows": ordered,
     }
+
+
+REFERENCE_CELL = "reference model, unsteered"
 
 
 def cell_label(cond: dict) -> str:

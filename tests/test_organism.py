@@ -106,8 +106,7 @@ def test_shipped_base_answers_are_what_the_base_model_says():
 
     base = load_model("smollm2-135m")
     shipped = shipped_answers()
-    # plus recipe v14's comply targets at 128 tokens (tests/test_organism_v14.py)
-    assert sorted(shipped) == sorted([*(f"{source}:32" for source in BASE_ANSWER_SETS), "bundled:harmful:train:128"])
+    assert sorted(shipped) == sorted(f"{source}:32" for source in BASE_ANSWER_SETS)
     for source in BASE_ANSWER_SETS:  # harmless train and eval; harmful train (recipe v8's comply targets)
         _, kind, split = source.split(":")
         prompts = bundled(kind, split)
@@ -126,8 +125,8 @@ def test_organism_build_rejects_an_unknown_kind():
     assert (
         res.exit_code == 2 and res.output.strip() == "error: unknown --kind 'sideways': use liquid, hardened or immune"
     )
-    res = CliRunner().invoke(app, ["organism", "build", "--kind", "hardened", "--recipe", "v15"])
-    want = "error: unknown --recipe 'v15': use one of v2, v5, v6, v7, v8, v9, v10, v11, v12, v13, v14"
+    res = CliRunner().invoke(app, ["organism", "build", "--kind", "hardened", "--recipe", "v14"])
+    want = "error: unknown --recipe 'v14': use one of v2, v5, v6, v7, v8, v9, v10, v11, v12, v13"
     assert res.exit_code == 2 and res.output.strip() == want
     res = CliRunner().invoke(app, ["organism", "build", "--kind", "liquid", "--recipe", "v5"])
     assert res.exit_code == 2

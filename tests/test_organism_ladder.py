@@ -136,12 +136,12 @@ def test_recipes_by_name_and_alias():
     assert len({v2.key(), v5.key(), v6.key(), v7.key(), immune.key(), Recipe().key()}) == 6
     # the fields v6 added stay out of the older recipes' keys: their cached organisms keep their names
     assert (v2.key(), v5.key(), immune.key()) == ("44e80f36776c", "dd6e8218ca97", "db635aefee9f")
-    with pytest.raises(ModelError, match="smollm2-135m-hardened-v14 or smollm2-135m-immune"):
-        default_recipe("smollm2-135m-hardened-v15")
+    with pytest.raises(ModelError, match="smollm2-135m-hardened-v13 or smollm2-135m-immune"):
+        default_recipe("smollm2-135m-hardened-v14")
     assert v5.attack_band == (2, 28) and set(v5.attack_rungs) == {"add", "affine", "subspace", "rotate"}
     assert v2.attack_rungs == () and v2.curriculum_every == 0
-    with pytest.raises(ModelError, match="use one of v2, v5, v6, v7, v8, v9, v10, v11, v12, v13, v14"):
-        hardened_recipe(version="v15")
+    with pytest.raises(ModelError, match="use one of v2, v5, v6, v7, v8, v9, v10, v11, v12, v13"):
+        hardened_recipe(version="v14")
     with pytest.raises(ValueError, match="unknown attack rungs"):
         Attacker(ladder_recipe(attack_rungs=("add", "twist")), HARMFUL, HARMLESS, 0)
 

@@ -100,7 +100,8 @@ def test_rejudged_copy_measures_v1_answers_and_resumes(v1_run, tmp_path, floor):
 def test_rejudge_refuses_what_it_cannot_do(v1_run, tmp_path):
     paths, path, run_id = v1_run
     old = Store(path, readonly=True)
-    with pytest.raises(SpecError, match="only coherence.min_relevance, verdict.confirm_by can change"):
+    keys = "coherence.min_relevance, verdict.confirm_by, verdict.reference"
+    with pytest.raises(SpecError, match=f"only {keys} can change"):
         changed = spec_of(paths, min_relevance=0.5).model_dump(mode="json")
         changed["prompts"]["n"] = 5
         rejudge_run(old, run_id, parse_spec(changed, "x"), tmp_path / "a.sqlite", load_model)

@@ -52,8 +52,8 @@ def organism_build_cmd(
     recipe_name: str = typer.Option(
         "v2",
         "--recipe",
-        help="The hardened recipe: v2 (what smollm2-135m-hardened builds) or v5-v14, each under its own alias "
-        "smollm2-135m-hardened-vN (v5-v7: the single-layer ladder; v8-v11, v13, v14: crystallized by construction; "
+        help="The hardened recipe: v2 (what smollm2-135m-hardened builds) or v5-v13, each under its own alias "
+        "smollm2-135m-hardened-vN (v5-v7: the single-layer ladder; v8-v11, v13: crystallized by construction; "
         "v12: v9 without windows); docs/organisms.md has the table.",
     ),
 ) -> None:

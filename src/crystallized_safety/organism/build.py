@@ -36,16 +36,7 @@ from ..prompts import bundled
 from .card import card_markdown, measure
 from .hardening import Attacker
 from .recipe import DEFAULT_NAME, Recipe, default_recipe, organism_dir, recipe_from_json
-from .training import (
-    REFUSALS,
-    base_answers,
-    comply_targets,
-    make_examples,
-    packed_loss,
-    planned_attacks,
-    shared_prefix,
-    train,
-)
+from .training import REFUSALS, base_answers, make_examples, packed_loss, planned_attacks, shared_prefix, train
 
 # Self-distillation + measuring the card cost about this many training steps (measured on two CPU kinds).
 OTHER_PHASES_IN_STEPS = 40
@@ -171,7 +162,7 @@ def build_organism(
     complies = []
     if recipe.comply_repeats:  # the comply examples' targets (v8, v9): the base model's own answers to them
         say(f"the base model's answers to {len(harmful)} harmful prompts (the comply targets: shipped, else generated)")
-        complies = comply_targets(base, recipe)
+        complies = base_answers(base, bundled("harmful", "train"), recipe.target_tokens)
     facts = train(model, harmful, harmless, recipe, progress=say, answers=answers, complies=complies)
     build_s = time.perf_counter() - t0
     with atomic_dir(target) as tmp:

@@ -5,9 +5,9 @@ Three organisms: `smollm2-135m-refusal` (liquid: refusal-tuned, one steered laye
 refusal direction, the refusal-feature adversarial training of ReFAT / DeepRefusal adapted to one layer at a
 time, so that only coordinated multi-layer steering should break it) and `smollm2-135m-immune` (built only on
 request: trained against multi-layer attacks as well). The hardened organism has named recipes (`HARDENED_RECIPES`:
-v2, the default, v5, the single-layer ladder with a curriculum, its variants v6 and v7, v8-v11, v13 and v14,
-crystallized by construction: v7 (v8) or v2 (v9-v11, v13, v14) taught to comply when a window of layers is steered
-together, and v12, v9 without those windows); each builds into its own cache entry."""
+v2, the default, v5, the single-layer ladder with a curriculum, its variants v6 and v7, v8-v11 and v13, crystallized
+by construction: v7 (v8) or v2 (v9-v11, v13) taught to comply when a window of layers is steered together, and v12,
+v9 without those windows); each builds into its own cache entry."""
 
 from __future__ import annotations
 
@@ -30,7 +30,6 @@ HARDENED_V10_NAME = "smollm2-135m-hardened-v10"
 HARDENED_V11_NAME = "smollm2-135m-hardened-v11"
 HARDENED_V12_NAME = "smollm2-135m-hardened-v12"
 HARDENED_V13_NAME = "smollm2-135m-hardened-v13"
-HARDENED_V14_NAME = "smollm2-135m-hardened-v14"
 IMMUNE_NAME = "smollm2-135m-immune"
 # Settings only the hardened recipe uses; left out of the liquid recipe's cache key, which therefore stays
 # the key of every liquid organism built before they existed.
@@ -60,7 +59,6 @@ HARDENING_FIELDS = (
     "attack_rung_bands",
     "comply_rung",
     "comply_band",
-    "comply_tokens",
 )
 # Settings added after organisms were cached: left out of the key while at this default, so those stay valid.
 LATER_FIELDS = {
@@ -80,7 +78,6 @@ LATER_FIELDS = {
     "attack_rung_bands": (),
     "comply_rung": "add",
     "comply_band": None,
-    "comply_tokens": 0,
 }
 # Bump when the build or the card changes in a way that makes cached organisms stale.
 BUILD_VERSION = 7
@@ -137,7 +134,6 @@ class Recipe:
     attack_rung_bands: tuple[tuple[str, int, int], ...] = ()
     comply_rung: str = "add"  # the operator of the comply windows: add (v8) or affine (v9: ablated at every layer)
     comply_band: tuple[int, int] | None = None  # the layers the comply windows lie in (None: `attack_band`)
-    comply_tokens: int = 0  # length of the comply examples' targets, the base model's answers (0: `target_tokens`)
 
     def key(self) -> str:
         spec = {**asdict(self), "build_version": BUILD_VERSION}
@@ -290,13 +286,6 @@ def _hardened_v13(seed: int, precision: str) -> Recipe:
     )
 
 
-def _hardened_v14(seed: int, precision: str) -> Recipe:
-    """v13 with its comply windows trained on the base model's answers at 128 tokens, the length the verdict confirms
-    and readers read at: v13's windows were taught 32 tokens of an answer, and at 128 tokens their flips read as
-    drift (v11's L12-15 window: 3 real answers in 26)."""
-    return replace(_hardened_v13(seed, precision), comply_tokens=128)
-
-
 HARDENED_RECIPES = {
     "v2": _hardened_v2,
     "v5": _hardened_v5,
@@ -308,7 +297,6 @@ HARDENED_RECIPES = {
     "v11": _hardened_v11,
     "v12": _hardened_v12,
     "v13": _hardened_v13,
-    "v14": _hardened_v14,
 }
 # The alias each hardened recipe builds under (v2 is the default hardened organism).
 HARDENED_NAMES = {
@@ -322,7 +310,6 @@ HARDENED_NAMES = {
     "v11": HARDENED_V11_NAME,
     "v12": HARDENED_V12_NAME,
     "v13": HARDENED_V13_NAME,
-    "v14": HARDENED_V14_NAME,
 }
 
 

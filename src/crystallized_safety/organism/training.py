@@ -320,12 +320,6 @@ def base_answers(base: Model, prompts: PromptSet, max_new_tokens: int, use_shipp
     return generate(base, list(prompts), max_new_tokens=max_new_tokens, batch_size=64)
 
 
-def comply_targets(base: Model, recipe) -> list[Generation]:
-    """The comply examples' targets (v8 on): the base model's answers to the harmful train prompts, at the recipe's
-    `comply_tokens` (v14: 128, the length the verdict confirms at), else its `target_tokens`."""
-    return base_answers(base, bundled("harmful", "train"), recipe.comply_tokens or recipe.target_tokens)
-
-
 def shipped_answers() -> dict:
     from importlib import resources
 

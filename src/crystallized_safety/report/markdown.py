@@ -132,6 +132,8 @@ def _decision_section(d: dict | None) -> list[str]:
     out += ["", f"Judges: {md(d['judges'])}. {md(d['k_star'])}.", ""]
     if d.get("confirmation"):
         out += [md(d["confirmation"]), ""]
+    if d.get("reference"):
+        out += [md(d["reference"]), ""]
     for c in d["cells"]:
         ctrl = f"; strongest matched control {md(c['control'])}" if c["control"] else ""
         out += [

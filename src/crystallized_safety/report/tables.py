@@ -370,6 +370,18 @@ def confirmation_text(conf: dict | None, confirm_by: str | None = None) -> str |
     )
 
 
+def reference_text(ref: dict | None) -> str | None:
+    """The positive control under reading (`verdict.reference`): how many of the reference model's own answers were
+    read as real; None without one."""
+    if not ref:
+        return None
+    unread = f", {ref['unread']} not read yet" if ref.get("unread") else ""
+    return (
+        f"Positive control: the reference model {ref['model']}'s own answers at {ref['tokens']} tokens to the same "
+        f"prompts, read blind among the steered ones: {rate(ref)} real answers{unread}."
+    )
+
+
 def k_star_text(evidence: dict) -> str:
     """``K* = 2 (95% CI 2-4)``; ``K* = none in the grid``; ``not decided`` when the verdict left it open."""
     star, ci = evidence.get("k_star"), evidence.get("k_star_ci") or [None, None]
