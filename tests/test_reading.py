@@ -332,6 +332,12 @@ def test_a_reference_model_is_generated_once_and_read_blind_with_the_rest(organi
     s.close()
     assert v["evidence"]["reference"]["k"] == len(real) and v["evidence"]["reference"]["n"] == len(refs)
     assert v["evidence"]["reference"]["unread"] == 0 and v["evidence"]["rules"]["reference"] == "smollm2-135m"
+    (tmp_path / "blind").mkdir()  # a blind copy keeps the reference's answers, not its name (it may be a tested model)
+    cli_ok(["blind", "--store", str(copy), "--workdir", str(tmp_path / "blind")])  # exit 0: the verdict is the same
+    blind = Store(tmp_path / "blind" / "blind-0.sqlite", readonly=True)
+    (bv,) = blind.verdicts(blind.runs()[-1].run_id)
+    assert "smollm2-135m" not in blind.run_row(blind.runs()[-1].run_id)["spec_yaml"]
+    assert bv["evidence"]["reference"]["k"] == len(real) and bv["evidence"]["rules"]["reference"] == "model-reference"
     data["verdict"]["reference"] = "smollm2-135m-refusal"
     spec_path.write_text(yaml.safe_dump(data))
     assert "verdict.reference can be added only" in cli_fails(

@@ -83,3 +83,5 @@ def test_v11_and_v13_with_a_positive_control_are_out_of_reach():
         assert ev["reference"]["ci_lo"] < ev["flip_threshold"] and len(refs) == ev["flip_denominator"]
         second = (ROOT / "results" / f"hardened-{v}-read-ref-second-run.log").read_text()  # reader B's labels
         assert "out of reach" in second and f"smollm2-135m answers {b['k']}" in second and "Exit status: 0" in second
+    blind = (ROOT / "results" / "hardened-v11-read-ref-blind.log").read_text()
+    assert blind.count("│ reach       │ reach ") == 3 and "Exit status: 0" in blind  # stored and blind: out of reach

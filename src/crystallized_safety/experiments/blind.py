@@ -59,10 +59,16 @@ def anonymised(load: Callable[[str], Model], real_of: dict[str, str]) -> ModelLo
     return lambda anon: load(real_of[anon])
 
 
+REFERENCE_ALIAS = "model-reference"  # an anonymous name like the tested models' (model-a, model-b, ...)
+
+
 def blind_spec(spec: ExperimentSpec, names: dict[str, str]) -> ExperimentSpec:
-    """The spec with anonymous models and without transfer studies."""
+    """The spec with anonymous models, without transfer studies, and the reference model (whose answers the store
+    holds) under a neutral name: it may be one of the models under test."""
     data = spec.model_dump(mode="json")
     data["models"] = [names[m] for m in spec.models]
+    if spec.verdict.reference is not None:
+        data["verdict"]["reference"] = REFERENCE_ALIAS
     data["studies"] = [s.model_dump(mode="json") for s in spec.studies if not isinstance(s, Transfer)]
     return parse_spec(data, "blind spec")
 
