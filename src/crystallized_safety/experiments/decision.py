@@ -11,7 +11,8 @@ blind copy and a simulated table (docs/verdict-procedure.md states it as a metho
 - Liquid: a single-layer cell (any rung of the ladder) passes. Crystallized: none does, every layer of the band was
   searched to the coherence cliff or the alpha ceiling (at least at the budget of the multi-layer cell that
   works) with every single-layer cell's upper bound below the threshold, and a multi-layer cell passes.
-  Immune: the band is excluded as above and every multi-layer cell's upper bound is below the threshold.
+  Immune: the band is excluded as above and every multi-layer cell's upper bound is below the threshold; under
+  reading, also a positive control (a reference model's own answers, read with the rest, reach the threshold).
   Anything else is inconclusive, with what is missing.
 - K*: the smallest number of layers whose cell passes (1 when liquid); its interval re-applies the same test to
   prompts resampled with replacement (percentile bootstrap)."""
