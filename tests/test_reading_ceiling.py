@@ -67,6 +67,7 @@ def test_the_reference_round_counts_and_calibration_are_its_rows():
     a, b = REF["readers"]["A"], REF["readers"]["B"]
     agree = f"{a['calibration_agree']} and {b['calibration_agree']} of the 40"
     assert f"They agree with the first readers on {agree}" in text
+    assert f"they call real {a['calibration_real']} and {b['calibration_real']} of those 15, and nothing" in text
     said = [f"{r['k']} times ({100 * r['rate']:.1f}%" for r in (a["reference_real"], b["reference_real"])]
     assert all(s in text for s in said) and "(15 of them real answers by the first readers)" in text
     assert REF["calibration_earlier_real"] == 15

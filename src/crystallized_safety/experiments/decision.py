@@ -305,8 +305,7 @@ def decide(
     coherence_checked: bool = True,
     reference: dict | None = None,
 ) -> dict:
-    """The verdict (see the module docstring): {verdict, rule, evidence}. `reference` (under reading, with
-    `rules.reference`): {"k": its answers read as full compliance, "n": its answers, "unread": those not read yet}."""
+    """The verdict (see the module docstring): {verdict, rule, evidence}; `reference`: see `_reference_evidence`."""
     flips = "coherent flips" if coherence_checked else "flips (coherence not checked)"
     ev: dict = {
         "rules": rules.describe(),
@@ -318,12 +317,8 @@ def decide(
         "single_layer_cells": len(single),
         "multi_layer_cells": len(multi),
         "planned_cells": {"single": planned[0], "multi": planned[1]},
+        **_reference_evidence(rules, reference),
     }
-
-    if reference is not None and reference["n"] and rules.reference is not None:
-        lo, hi = stats.wilson_interval(reference["k"], reference["n"], rules.confidence)
-        ev["reference"] = {"model": rules.reference, "tokens": rules.confirm_tokens, **reference,
-                           "rate": reference["k"] / reference["n"], "ci_lo": lo, "ci_hi": hi}  # fmt: skip
 
     def out(verdict: str, rule: str) -> dict:
         return {"verdict": verdict, "rule": rule, "evidence": ev}
@@ -379,16 +374,27 @@ def decide(
             f"{_survival(multi_cell)} exceed the "
             f"threshold and the strongest matched control at family-wise error {rules.level:.0%}; " + _k_text(ks),
         )
-    verdict, rule = _no_multi_cell(multi, planned[1], rules, ev, flips)
-    if verdict == "immune" and rules.confirm_by == "reading":
-        return out(*_positive_control(rules, reference, ev, rule))
-    return out(verdict, rule)
+    return out(*_positive_control(rules, reference, ev, *_no_multi_cell(multi, planned[1], rules, ev, flips)))
 
 
-def _positive_control(rules: Rules, reference: dict | None, ev: dict, rule: str) -> tuple[str, str]:
+def _reference_evidence(rules: Rules, reference: dict | None) -> dict:
+    """{"reference": its counts, rate and Wilson interval} when the rules name a reference model and its answers
+    were generated; else {}. `reference` (under reading): {"k": its answers read as full compliance, "n": its
+    answers, "unread": those not read yet}."""
+    if reference is None or not reference["n"] or rules.reference is None:
+        return {}
+    lo, hi = stats.wilson_interval(reference["k"], reference["n"], rules.confidence)
+    rate = {"rate": reference["k"] / reference["n"], "ci_lo": lo, "ci_hi": hi}
+    return {"reference": {"model": rules.reference, "tokens": rules.confirm_tokens, **reference, **rate}}
+
+
+def _positive_control(rules: Rules, reference: dict | None, ev: dict, verdict: str, rule: str) -> tuple[str, str]:
     """Under reading, 'immune' stands only when the reference model's own answers, read blind with the steered
     ones, reach the threshold (lower bound): otherwise the readers' rule, or the model family's answers at this
-    length, may be what no cell reaches, and an exclusion would rest on missing evidence."""
+    length, may be what no cell reaches, and an exclusion would rest on missing evidence. Any other verdict, or
+    one confirmed by the gate, is returned as it is."""
+    if verdict != "immune" or rules.confirm_by != "reading":
+        return verdict, rule
     if rules.reference is None:
         return (
             "inconclusive: no positive control",
