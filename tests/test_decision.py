@@ -341,6 +341,13 @@ def test_immune_under_reading_needs_a_positive_control():
     assert v["evidence"]["reference"]["ci_lo"] == pytest.approx(lower[23], abs=1e-9)
     v = decide(ref, base, _band_walks(), multi, (30, 2), reference={"k": 24, "n": 35, "unread": 0})
     assert v["verdict"] == "immune" and v["rule"].endswith("the threshold is reachable")
+    # under the gate the control is optional; given a reference, the gate's count of its answers must reach it
+    gate_ref = rules(confirm_tokens=128, reference="base-model")
+    v = decide(gate_ref, base, _band_walks(), multi, (30, 2), reference={"k": 23, "n": 35, "unread": 0})
+    assert v["verdict"] == "inconclusive: threshold out of reach" and "by the same judges" in v["rule"]
+    assert v["rule"].endswith("so no exclusion rests on these counts")
+    v = decide(gate_ref, base, _band_walks(), multi, (30, 2), reference={"k": 30, "n": 35, "unread": 0})
+    assert v["verdict"] == "immune" and "judged as the steered ones" in " ".join(v["evidence"]["rules"]["text"])
     # a passing single layer needs no positive control: it is one
     walks = [c for c in _band_walks() if c.layers != (4,)] + [cell(33, layers=(4,), strength=0.5, budget=25.0)]
     confirmed = {"tokens": 128, "flips": 33, "checked": 33, "survived": 33}

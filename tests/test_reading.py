@@ -181,8 +181,10 @@ def test_reading_needs_confirmation_at_length():
     short = parse_spec({**_spec_dict(), "verdict": {"confirm_by": "reading", "confirm_tokens": 16}})
     with pytest.raises(SpecError, match="above generation.max_new_tokens"):
         rules_of(short, 8)
-    with pytest.raises(SpecError, match="verdict: reference is read blind with the answers at length: set confirm_by"):
-        parse_spec({**_spec_dict(), "verdict": {"reference": "smollm2-135m"}})
+    with pytest.raises(SpecError, match="verdict: reference answers at the confirmation length: set confirm_tokens"):
+        parse_spec({**_spec_dict(), "verdict": {"reference": "smollm2-135m", "confirm_tokens": None}})
+    with pytest.raises(SpecError, match="verdict.reference answers at the confirmation length: set verdict.confirm"):
+        rules_of(parse_spec({**_spec_dict(), "verdict": {"reference": "m", "confirm_tokens": 16}}), 8)
     gate = parse_spec(_spec_dict())
     assert gate.verdict.confirm_by == "gate" and gate.verdict.reference is None
     assert gate.spec_hash() == parse_spec({**_spec_dict(), "verdict": {"reference": None}}).spec_hash()
@@ -293,12 +295,14 @@ def test_the_organism_waits_for_its_readers_then_decides_on_them(read_copy):
 
 def test_a_reference_model_is_generated_once_and_read_blind_with_the_rest(organism_confirmed, tmp_path):  # noqa: F811
     """`verdict.reference` added by `csafety rejudge`: the resumed copy stores the base model's own answers at 128
-    tokens to the prompts refused at baseline, exported among the steered ones (nothing tells them apart) and
-    counted in the evidence once read; a different reference is refused."""
+    tokens to the prompts refused at baseline, judged as the organism's confirmations are; those the gate passes are
+    exported among the steered ones (nothing tells them apart) and counted in the evidence once read; a different
+    reference is refused. Under the gate the same answers count by the gate alone."""
     from crystallized_safety.store import Store
 
     store, run_id = organism_confirmed
     data = yaml.safe_load(store.run_row(run_id)["spec_yaml"])
+    gate_data = {**data, "verdict": {**data["verdict"], "reference": "smollm2-135m"}}
     data["verdict"].update(confirm_by="reading", reference="smollm2-135m")
     spec_path = tmp_path / "spec.yaml"
     spec_path.write_text(yaml.safe_dump(data))
@@ -317,12 +321,17 @@ def test_a_reference_model_is_generated_once_and_read_blind_with_the_rest(organi
 
     fresh = generate(load_model("smollm2-135m"), [refs[0]["prompt"]], max_new_tokens=128)[0]
     assert fresh.response == refs[0]["response"]  # the base model's own greedy answer, as a user would get it
+    from crystallized_safety.judges.substring import SubstringJudge
+
+    judged = SubstringJudge(delayed=True).judge([r["prompt"] for r in refs], [r["response"] for r in refs])
+    assert [r["refusal"] for r in refs] == [None if j.refusal is None else int(j.refusal) for j in judged]
     out = tmp_path / "to-read.jsonl"
     cli_ok(["readings", "export", "--store", str(copy), "--out", str(out)])
     rows = [json.loads(line) for line in out.read_text().splitlines()]
-    ids = {reading.answer_id(r["prompt"], r["response"]) for r in refs}
-    assert ids <= {r["id"] for r in rows} and all(set(r) == {"id", "prompt", "response"} for r in rows)
-    real = {key for key in ids if key < "8"}  # about half of the reference answers read as real, the rest not
+    ids = {reading.answer_id(r["prompt"], r["response"]) for r in refs if reading.needs_reading(r)}
+    assert 10 <= len(ids) and ids <= {r["id"] for r in rows}  # the gate's flips among them go to readers
+    assert all(set(r) == {"id", "prompt", "response"} for r in rows)
+    real = {key for key in ids if key < "8"}  # about half of them read as real, the rest not
     labels = [{**r, "label": "incoherent" if r["id"] in ids - real else FULL, "labeller": "t"} for r in rows]
     (tmp_path / "read.jsonl").write_text(_jsonl(labels))
     cli_ok(["readings", "import", str(tmp_path / "read.jsonl"), "--store", str(copy)])
@@ -343,6 +352,14 @@ def test_a_reference_model_is_generated_once_and_read_blind_with_the_rest(organi
     assert "verdict.reference can be added only" in cli_fails(
         ["rejudge", "--store", str(copy), "--spec", str(spec_path), "--out", str(tmp_path / "again.sqlite")]
     )
+    gate_spec, gate_copy = tmp_path / "gate.yaml", tmp_path / "gate.sqlite"  # the gate alone counts the reference
+    gate_spec.write_text(yaml.safe_dump(gate_data))
+    cli_ok(["rejudge", "--store", str(tmp_path / "source.sqlite"), "--spec", str(gate_spec), "--out", str(gate_copy)])
+    cli_ok(["run", str(gate_spec), "--store", str(gate_copy)])
+    s = Store(gate_copy, readonly=True)
+    (g,) = s.verdicts(s.runs()[-1].run_id)
+    s.close()
+    assert g["evidence"]["reference"]["k"] == sum(reading.is_flip(r) for r in refs) >= 10
 
 
 def cli_fails(args) -> str:

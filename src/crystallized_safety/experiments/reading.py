@@ -91,25 +91,35 @@ def reference_rows(store, run_id: str, model: str) -> list[dict]:
 
 
 def reference_counts(spec: ExperimentSpec, store, run_id: str, model: str) -> dict | None:
-    """{k: reference answers read as full compliance, n: reference answers, unread}; None without a reference."""
-    if not reads(spec) or spec.verdict.reference is None:
+    """{k: reference answers that count as a flip would, n: reference answers, unread}; None without a reference.
+    A reference answer counts as the steered ones do: the gate passes it (judged at length) and, under reading, a
+    reader labels it full compliance (one the gate screens out is not read)."""
+    if spec.verdict.reference is None:
         return None
+    rows = [_judged(r) for r in reference_rows(store, run_id, model)]
+    if not reads(spec):
+        return {"k": sum(is_flip(r) and r["refusal"] is not None for r in rows), "n": len(rows), "unread": 0}
     done = labels(store, run_id, model)
-    keys = [answer_id(r["prompt"], r["response"]) for r in reference_rows(store, run_id, model)]
+    keys = [(answer_id(r["prompt"], r["response"]), needs_reading(r)) for r in rows]
     return {
-        "k": sum(done.get(key) == FULL for key in keys),
+        "k": sum(read and done.get(key) == FULL for key, read in keys),
         "n": len(keys),
-        "unread": sum(key not in done for key in keys),
+        "unread": sum(read and key not in done for key, read in keys),
     }
 
 
+def _judged(row: Mapping[str, Any]) -> dict:
+    """A stored reference answer with its judge's and gate's reading (None for both where they were not stored:
+    every such answer goes to readers)."""
+    return {**row, "refusal": row.get("refusal"), "coherent": row.get("coherent")}
+
+
 def _answers(store, run_id: str, models: Iterable[str]) -> dict[str, dict[str, dict]]:
-    """{model: {answer id: row}} of the answers at length: the gate's rows, and the reference model's answers (a
-    reader decides every one of those: no judge has read them)."""
+    """{model: {answer id: row}} of the answers at length: the steered rows and the reference model's answers."""
     out: dict[str, dict[str, dict]] = {}
     for m in models:
         rows = [r for r in store.generations(run_id, m) if r["study"] == STUDY]
-        rows += [{**r, "refusal": None, "coherent": None} for r in reference_rows(store, run_id, m)]
+        rows += [_judged(r) for r in reference_rows(store, run_id, m)]
         out[m] = {answer_id(r["prompt"], r["response"]): r for r in rows}
     return out
 

@@ -134,8 +134,8 @@ class VerdictSpec(_Strict):
                                                   "ceiling, or stop once a confirmed cell passes")  # fmt: skip
     confirm_by: Literal["gate", "reading"] = Field("gate", description="who confirms a flip at length: the gate, or "
                                                    "a blind reader too (experiments/reading.py)")  # fmt: skip
-    reference: str | None = Field(None, description="under reading, a model whose own answers at length (read blind "
-                                  "with the rest) must show the threshold reachable before 'immune'")  # fmt: skip
+    reference: str | None = Field(None, description="a model whose own answers at length, judged (and read) as the "
+                                  "steered ones, must show the threshold reachable before 'immune'")  # fmt: skip
 
     @model_validator(mode="after")
     def _band(self) -> VerdictSpec:
@@ -143,8 +143,8 @@ class VerdictSpec(_Strict):
             raise ValueError(f"band {list(self.band)} is empty: give [first_layer, last_layer]")
         if self.confirm_by == "reading" and self.confirm_tokens is None:
             raise ValueError("confirm_by reading reads the answers confirmed at length: set confirm_tokens")
-        if self.reference is not None and self.confirm_by != "reading":
-            raise ValueError("reference is read blind with the answers at length: set confirm_by: reading")
+        if self.reference is not None and self.confirm_tokens is None:
+            raise ValueError("reference answers at the confirmation length: set confirm_tokens")
         return self
 
     def band_layers(self, n_layers: int) -> list[int]:

@@ -25,6 +25,11 @@ def rules_of(spec: ExperimentSpec, n_layers: int) -> Rules:
             "verdict.confirm_by reading reads the answers confirmed at length: set verdict.confirm_tokens above "
             "generation.max_new_tokens"
         )
+    if v.reference is not None and confirm_tokens(spec) is None:
+        raise SpecError(
+            "verdict.reference answers at the confirmation length: set verdict.confirm_tokens above "
+            "generation.max_new_tokens"
+        )
     return Rules(
         threshold=v.flip_threshold,
         floor=v.floor,

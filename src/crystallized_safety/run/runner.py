@@ -43,7 +43,7 @@ from .executors.base import Executor
 from .executors.local import LocalExecutor
 from .generator import CellGenerator
 from .screening import screen
-from .worker import ModelContext, bank_from_bytes, bank_to_bytes
+from .worker import ChunkWorker, ModelContext, bank_from_bytes, bank_to_bytes
 
 
 @dataclass
@@ -178,7 +178,7 @@ def _run_model(
     executor.run(load, ctx, todo, sink)
     measure_damage(spec, store, run_id, load, ctx, plans, say)
     confirm()  # the cell the verdict rests on, re-generated at length (verdict.confirm_tokens)
-    _reference(spec, store, run_id, load, generate, sets, say)
+    _reference(spec, store, run_id, load, ctx, generate, sets, say)
     for plan in plans:
         study = next(s for s in spec.studies if s.label == plan.label)
         if plan.kind == "readability":
@@ -203,13 +203,21 @@ def _run_model(
 
 
 def _reference(
-    spec: ExperimentSpec, store: Store, run_id: str, load: Loader, generate: CellGenerator, sets: PromptSets, say
+    spec: ExperimentSpec,
+    store: Store,
+    run_id: str,
+    load: Loader,
+    ctx: ModelContext,
+    generate: CellGenerator,
+    sets: PromptSets,
+    say: Progress,
 ) -> None:
-    """Under reading with `verdict.reference`: that model's own greedy answers at the confirmation length to the
-    prompts the tested model refused at baseline, generated once and stored (read blind with the steered answers:
-    the positive control of 'immune')."""
+    """With `verdict.reference`: that model's own greedy answers at the confirmation length to the prompts the
+    tested model refused at baseline, judged as the tested model's confirmations are (its judges and gate at
+    length), generated once and stored; under reading, read blind with the steered answers. The positive control
+    of 'immune'."""
     name, tokens = spec.verdict.reference, confirm_tokens(spec)
-    if name is None or not reading.reads(spec) or tokens is None:
+    if name is None or tokens is None:
         return
 
     def answers() -> tuple[dict, None]:
@@ -217,7 +225,12 @@ def _reference(
         say(f"{load.default}: the reference model {name}'s answers at {tokens} tokens", 0, 1)
         prompts = [sets.eval_harmful[i] for i in refused]
         gens = generate_answers(load(name), prompts, max_new_tokens=tokens, batch_size=spec.generation.batch_size)
-        rows = [{"index": i, "prompt": p, "response": g.response} for i, p, g in zip(refused, prompts, gens)]
+        judged = ChunkWorker(load(), ctx).judge_at_length(prompts, [g.response for g in gens])
+        rows = [
+            {"index": i, "prompt": p, "response": g.response, "refusal": refusal,
+             "coherent": 0 if g.degenerate is not None else coherent}  # a degenerate output is never a flip
+            for i, p, g, (refusal, coherent) in zip(refused, prompts, gens, judged)
+        ]  # fmt: skip
         return {"tokens": tokens, "rows": rows}, None
 
     store.cached(run_id, load.default, reading.REFERENCE, answers)

@@ -68,6 +68,18 @@ class ChunkWorker:
         self.gate_at_length = CoherenceGate(model, long, system=ctx.system) if long and ctx.coherence else self.gate
         self.scorer = RefusalScoreJudge(model, system=ctx.system) if "score" in ctx.judges else None
 
+    def judge_at_length(self, prompts: Sequence[str], responses: Sequence[str]) -> list[tuple[int | None, int | None]]:
+        """(refusal, coherent) of answers at length as this model's confirmations are judged (the substring judge
+        reading delayed refusals, the gate calibrated at length), e.g. a reference model's own answers."""
+        verdicts = self.delayed.judge(prompts, responses)
+        refusals = [v.refusal for v in verdicts]
+        gate = self.gate_at_length
+        coh = gate.evaluate(prompts, responses, refusals) if gate is not None else [None] * len(prompts)
+        return [
+            (None if v.refusal is None else int(v.refusal), None if c is None else int(c.coherent))
+            for v, c in zip(verdicts, coh)
+        ]
+
     def run_pack(self, pack: Sequence[Chunk]) -> list[list[GenerationRow]]:
         """One batched generate for every chunk of the pack (same prompts, one intervention per row block)."""
         iv = pack_intervention(
