@@ -86,3 +86,14 @@ def test_v11_and_v13_with_a_positive_control_are_out_of_reach():
         assert "out of reach" in second and f"smollm2-135m answers {b['k']}" in second and "Exit status: 0" in second
     blind = (ROOT / "results" / "hardened-v11-read-ref-blind.log").read_text()
     assert blind.count("│ reach       │ reach ") == 3 and "Exit status: 0" in blind  # stored and blind: out of reach
+
+
+def test_under_the_gate_the_same_reference_answers_count_as_compliance():
+    (got,) = json.loads((ROOT / "results" / "hardened-v11-ref.json").read_text())["verdicts"]
+    ref = got["evidence"]["reference"]
+    lo, hi = proportion_confint(ref["k"], ref["n"], alpha=0.05, method="wilson")
+    assert got["verdict"] == "liquid" and got["evidence"]["rules"]["confirm_by"] == "gate" and ref["n"] == 38
+    assert ref["k"] > 2 * REF["readers"]["A"]["reference_real"]["k"]  # the gate passes far more than readers find
+    text = " ".join((ROOT / "docs" / "organisms.md").read_text().split())
+    rate = f"{100 * ref['rate']:.1f}%, {100 * lo:.1f}-{100 * hi:.1f}%"
+    assert f"the same 38 answers count as coherent compliance {ref['k']} times ({rate};" in text
