@@ -345,8 +345,20 @@ def test_a_reference_model_is_generated_once_and_read_blind_with_the_rest(organi
     cli_ok(["blind", "--store", str(copy), "--workdir", str(tmp_path / "blind")])  # exit 0: the verdict is the same
     blind = Store(tmp_path / "blind" / "blind-0.sqlite", readonly=True)
     (bv,) = blind.verdicts(blind.runs()[-1].run_id)
-    assert "smollm2-135m" not in blind.run_row(blind.runs()[-1].run_id)["spec_yaml"]
+    blind_run = blind.runs()[-1].run_id
+    assert "smollm2-135m" not in blind.run_row(blind_run)["spec_yaml"]
+    assert "smollm2-135m" not in json.dumps(blind.get_artifact(blind_run, bv["model"], "rejudged")[0])
     assert bv["evidence"]["reference"]["k"] == len(real) and bv["evidence"]["rules"]["reference"] == "model-reference"
+    s = Store(copy)  # a reference stored before references were judged is judged when the run resumes
+    run = s.runs()[-1].run_id
+    stored_ref = s.get_artifact(run, "smollm2-135m-refusal", reading.REFERENCE)[0]
+    unjudged = [{k: r[k] for k in ("index", "prompt", "response")} for r in refs]
+    s.put_artifact(run, "smollm2-135m-refusal", reading.REFERENCE, {**stored_ref, "rows": unjudged})
+    s.close()
+    cli_ok(["run", str(spec_path), "--store", str(copy)])
+    s = Store(copy, readonly=True)
+    assert reading.reference_rows(s, run, "smollm2-135m-refusal") == refs
+    s.close()
     data["verdict"]["reference"] = "smollm2-135m-refusal"
     spec_path.write_text(yaml.safe_dump(data))
     assert "verdict.reference can be added only" in cli_fails(
@@ -542,6 +554,14 @@ def test_a_text_read_for_one_model_is_read_for_another_that_writes_it_later(tmp_
     done = reading.add_readings(store, "run1", ["a", "b"], reading.parse_readings(_jsonl(changed), "f"), "f", True)
     assert done == {"a": 1, "b": 1} and reading.labels(store, "run1", "b")[key] == "incoherent"
     assert reading.labels(store, "run1", "a")[key] == "incoherent"
+
+
+def test_a_reference_text_equal_to_a_steered_one_is_read_when_either_needs_it(tmp_path):
+    store = _store_with_answers(tmp_path)  # model a's p2 answer "refused" is a refusal: no reader needs it
+    assert "refused" not in {r["response"] for r in reading.to_read(store, "run1", ["a", "b"])}
+    ref = {"index": 2, "prompt": "p2", "response": "refused", "refusal": None, "coherent": None}  # undecided
+    store.put_artifact("run1", "a", reading.REFERENCE, {"tokens": 128, "rows": [ref]})
+    assert "refused" in {r["response"] for r in reading.to_read(store, "run1", ["a", "b"])}
 
 
 def _jsonl(rows) -> str:

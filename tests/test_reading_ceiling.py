@@ -73,17 +73,31 @@ def test_the_reference_round_counts_and_calibration_are_its_rows():
     assert REF["calibration_earlier_real"] == 15
 
 
+def test_the_docs_state_each_runs_counted_reference():
+    counted = {}
+    for v in ("v11", "v13"):
+        (got,) = json.loads((ROOT / "results" / f"hardened-{v}-read-ref.json").read_text())["verdicts"]
+        counted[v] = got["evidence"]["reference"]["k"]
+        second = (ROOT / "results" / f"hardened-{v}-read-ref-second-run.log").read_text()
+        counted[v + "b"] = int(second.rsplit("smollm2-135m answers ", 1)[1].split()[0])  # the last decision's
+    text = " ".join((ROOT / "docs" / "organisms.md").read_text().split())
+    v11, v13 = f"{counted['v11']} and {counted['v11b']}", f"{counted['v13']} and {counted['v13b']}"
+    said = f"v11's reference has {v11} and v13's {v13}"
+    assert said in text and (counted["v11"], counted["v13"]) == (7, 8)
+
+
 def test_v11_and_v13_with_a_positive_control_are_out_of_reach():
-    a, b = REF["readers"]["A"]["reference_real"], REF["readers"]["B"]["reference_real"]
+    a = REF["readers"]["A"]["reference_real"]
     refs = {r["id"] for r in REF["rows"] if r["kind"] == "reference"}
     for v in ("v11", "v13"):
         (got,) = json.loads((ROOT / "results" / f"hardened-{v}-read-ref.json").read_text())["verdicts"]
         ev = got["evidence"]
         assert got["verdict"] == "inconclusive: threshold out of reach" and ev["rules"]["reference"] == "smollm2-135m"
-        assert (ev["reference"]["k"], ev["reference"]["n"], ev["reference"]["unread"]) == (a["k"], 38, 0)
+        # counted as steered flips are: read real AND passed by the gate at length (which screens a few out)
+        assert ev["reference"]["k"] <= a["k"] and (ev["reference"]["n"], ev["reference"]["unread"]) == (38, 0)
         assert ev["reference"]["ci_lo"] < ev["flip_threshold"] and len(refs) == ev["flip_denominator"]
         second = (ROOT / "results" / f"hardened-{v}-read-ref-second-run.log").read_text()  # reader B's labels
-        assert "out of reach" in second and f"smollm2-135m answers {b['k']}" in second and "Exit status: 0" in second
+        assert "out of reach" in second and "Exit status: 0" in second and "smollm2-135m answers" in second
     blind = (ROOT / "results" / "hardened-v11-read-ref-blind.log").read_text()
     assert blind.count("│ reach       │ reach ") == 3 and "Exit status: 0" in blind  # stored and blind: out of reach
 

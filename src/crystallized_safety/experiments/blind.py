@@ -19,8 +19,10 @@ from pathlib import Path
 
 from ..blind_store import BlindPlan, blind_copy
 from ..core.model import Model
+from ..judges.substring import SubstringJudge
 from ..registry import registry
 from ..store import Store
+from . import reading
 from .analysis import analyse_model
 from .conditions import plan_studies
 from .rejudge import ModelLoader, rejudge
@@ -68,7 +70,7 @@ def blind_spec(spec: ExperimentSpec, names: dict[str, str]) -> ExperimentSpec:
     data = spec.model_dump(mode="json")
     data["models"] = [names[m] for m in spec.models]
     if spec.verdict.reference is not None:
-        data["verdict"]["reference"] = REFERENCE_ALIAS
+        data["verdict"]["reference"] = names.get(spec.verdict.reference, REFERENCE_ALIAS)
     data["studies"] = [s.model_dump(mode="json") for s in spec.studies if not isinstance(s, Transfer)]
     return parse_spec(data, "blind spec")
 
@@ -89,11 +91,13 @@ def blind_plan(
                 if cond.direction.startswith("transfer:"):
                     drop_conditions.add(cond.key)
                     drop_kinds.add((real, DAMAGE_PREFIX + harmless_twin(cond).key))
+    ref = spec.verdict.reference
+    reference = {ref: REFERENCE_ALIAS} if ref is not None and ref not in names else {}
     return BlindPlan(
         models=names,
-        sources={src: f"source-{chr(ord('a') + i)}" for i, src in enumerate(dict.fromkeys(sources))},
+        sources={src: f"source-{chr(ord('a') + i)}" for i, src in enumerate(dict.fromkeys(sources))} | reference,
         spec_yaml=blind.to_yaml(),
-        aliases={name: registry_names(name) for name in [*names, *sources]},
+        aliases={name: registry_names(name) for name in [*names, *sources, *reference]},
         drop_conditions=frozenset(drop_conditions),
         drop_kinds=frozenset(drop_kinds),
     )
@@ -125,5 +129,24 @@ def reanalyse(spec: ExperimentSpec, copy: Store, run_id: str, model: str, load: 
         load=load,
         thresholds_at_length=at_length[0] if at_length else None,
     )
+    rejudge_reference(copy, run_id, model)
     plans = plan_studies(spec, stored_layers(copy, run_id, model), model)
     return {**analyse_model(spec, copy, run_id, model, plans), "rejudged": report.to_dict()}
+
+
+def rejudge_reference(copy: Store, run_id: str, model: str) -> int:
+    """The reference model's stored answers re-judged from their text (the substring judge reading delayed
+    refusals), as the steered ones are; their gate readings stand. Returns how many labels changed."""
+    found = copy.get_artifact(run_id, model, reading.REFERENCE)
+    data = (found[0] or {}) if found is not None else {}
+    rows = data.get("rows", [])
+    judged = [r for r in rows if "refusal" in r]
+    verdicts = SubstringJudge(delayed=True).judge([r["prompt"] for r in judged], [r["response"] for r in judged])
+    changed = 0
+    for r, v in zip(judged, verdicts):
+        refusal = None if v.refusal is None else int(v.refusal)
+        changed += refusal != r["refusal"]
+        r["refusal"] = refusal
+    if changed:
+        copy.put_artifact(run_id, model, reading.REFERENCE, data)
+    return changed

@@ -27,7 +27,8 @@ from .spec import ExperimentSpec
 
 KIND = "readings"  # the artifact kind: {"rows": {answer id: {"label", "labeller", "note"}}}
 # the artifact kind of the reference model's own answers at length (`verdict.reference`, the positive control of
-# 'immune'): {"tokens", "rows": [{"index", "prompt", "response"}]}, stored under the model being tested
+# 'immune'): {"tokens", "rows": [{"index", "prompt", "response", "refusal", "coherent"}]} (judged as the tested
+# model's confirmations are), stored under the model being tested
 REFERENCE = "reference"
 FULL = "full_compliance"  # the one label under which a flip at length counts
 STUDY = "confirmation"  # the study answers at length are stored under (run/confirmation.py)
@@ -120,7 +121,11 @@ def _answers(store, run_id: str, models: Iterable[str]) -> dict[str, dict[str, d
     for m in models:
         rows = [r for r in store.generations(run_id, m) if r["study"] == STUDY]
         rows += [_judged(r) for r in reference_rows(store, run_id, m)]
-        out[m] = {answer_id(r["prompt"], r["response"]): r for r in rows}
+        out[m] = {}
+        for r in rows:  # a reference text equal to a steered one: the row a reader must decide wins
+            key = answer_id(r["prompt"], r["response"])
+            if key not in out[m] or needs_reading(r):
+                out[m][key] = r
     return out
 
 

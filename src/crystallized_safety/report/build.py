@@ -255,7 +255,7 @@ def _decision(
         "judges": f"{judges}; coherence gate {gate}",
         "k_star": T.k_star_text(evidence),
         "confirmation": T.confirmation_text(evidence.get("confirmation"), evidence["rules"].get("confirm_by")),
-        "reference": T.reference_text(evidence.get("reference")),
+        "reference": T.reference_text(evidence.get("reference"), evidence["rules"].get("confirm_by")),
         "cells": cells,
         "rejudged": _rejudged_text(rejudged) if rejudged else None,
     }

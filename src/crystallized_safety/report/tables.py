@@ -370,16 +370,15 @@ def confirmation_text(conf: dict | None, confirm_by: str | None = None) -> str |
     )
 
 
-def reference_text(ref: dict | None) -> str | None:
-    """The positive control under reading (`verdict.reference`): how many of the reference model's own answers were
-    read as real; None without one."""
+def reference_text(ref: dict | None, confirm_by: str | None = None) -> str | None:
+    """The positive control (`verdict.reference`): how many of the reference model's own answers count as a flip
+    would (read as real under reading); None without one."""
     if not ref:
         return None
     unread = f", {ref['unread']} not read yet" if ref.get("unread") else ""
-    return (
-        f"Positive control: the reference model {ref['model']}'s own answers at {ref['tokens']} tokens to the same "
-        f"prompts, read blind among the steered ones: {rate(ref)} real answers{unread}."
-    )
+    how = "read blind among the steered ones" if confirm_by == "reading" else "judged as the steered ones"
+    what = "real answers" if confirm_by == "reading" else "coherent compliance"
+    return f"Positive control: the reference model {ref['model']}'s own answers at {ref['tokens']} tokens to the same prompts, {how}: {rate(ref)} {what}{unread}."  # noqa: E501
 
 
 def k_star_text(evidence: dict) -> str:

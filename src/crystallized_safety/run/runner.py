@@ -224,7 +224,14 @@ def _reference(
         refused = generate.cells().refused_at_baseline()
         say(f"{load.default}: the reference model {name}'s answers at {tokens} tokens", 0, 1)
         prompts = [sets.eval_harmful[i] for i in refused]
-        gens = generate_answers(load(name), prompts, max_new_tokens=tokens, batch_size=spec.generation.batch_size)
+        gens = generate_answers(
+            load(name),
+            prompts,
+            max_new_tokens=tokens,
+            batch_size=spec.generation.batch_size,
+            system=spec.generation.system,
+            seed=spec.seed,
+        )
         judged = ChunkWorker(load(), ctx).judge_at_length(prompts, [g.response for g in gens])
         rows = [
             {"index": i, "prompt": p, "response": g.response, "refusal": refusal,
@@ -233,7 +240,15 @@ def _reference(
         ]  # fmt: skip
         return {"tokens": tokens, "rows": rows}, None
 
-    store.cached(run_id, load.default, reading.REFERENCE, answers)
+    data = store.cached(run_id, load.default, reading.REFERENCE, answers)[0]
+    if any("refusal" not in r for r in data["rows"]):  # stored before the reference was judged: judge it now
+        rows = data["rows"]
+        say(f"{load.default}: judging the reference model {name}'s stored answers at {tokens} tokens", 0, 1)
+        judged = ChunkWorker(load(), ctx).judge_at_length([r["prompt"] for r in rows], [r["response"] for r in rows])
+        for r, (refusal, coherent) in zip(rows, judged):
+            r.setdefault("refusal", refusal)
+            r.setdefault("coherent", coherent)
+        store.put_artifact(run_id, load.default, reading.REFERENCE, data)
 
 
 def _pack_rows(
