@@ -325,10 +325,13 @@ def test_a_reference_model_is_generated_once_and_read_blind_with_the_rest(organi
 
     judged = SubstringJudge(delayed=True).judge([r["prompt"] for r in refs], [r["response"] for r in refs])
     assert [r["refusal"] for r in refs] == [None if j.refusal is None else int(j.refusal) for j in judged]
+    short = generate(load_model("smollm2-135m"), [r["prompt"] for r in refs[:4]], max_new_tokens=32, batch_size=40)
+    assert [r["short"]["response"] for r in refs[:4]] == [g.response for g in short]  # its answer at 32 tokens
     out = tmp_path / "to-read.jsonl"
     cli_ok(["readings", "export", "--store", str(copy), "--out", str(out)])
     rows = [json.loads(line) for line in out.read_text().splitlines()]
-    ids = {reading.answer_id(r["prompt"], r["response"]) for r in refs if reading.needs_reading(r)}
+    counted = [reading.as_counted(r) for r in refs]  # a flip at 32 tokens too, as a steered cell's must be
+    ids = {reading.answer_id(r["prompt"], r["response"]) for r in counted if reading.needs_reading(r)}
     assert 10 <= len(ids) and ids <= {r["id"] for r in rows}  # the gate's flips among them go to readers
     assert all(set(r) == {"id", "prompt", "response"} for r in rows)
     real = {key for key in ids if key < "8"}  # about half of them read as real, the rest not
@@ -352,7 +355,7 @@ def test_a_reference_model_is_generated_once_and_read_blind_with_the_rest(organi
     s = Store(copy)  # a reference stored before references were judged is judged when the run resumes
     run = s.runs()[-1].run_id
     stored_ref = s.get_artifact(run, "smollm2-135m-refusal", reading.REFERENCE)[0]
-    unjudged = [{k: r[k] for k in ("index", "prompt", "response")} for r in refs]
+    unjudged = [{k: r[k] for k in ("index", "prompt", "response", "degenerate")} for r in refs]
     s.put_artifact(run, "smollm2-135m-refusal", reading.REFERENCE, {**stored_ref, "rows": unjudged})
     s.close()
     cli_ok(["run", str(spec_path), "--store", str(copy)])
@@ -371,7 +374,7 @@ def test_a_reference_model_is_generated_once_and_read_blind_with_the_rest(organi
     s = Store(gate_copy, readonly=True)
     (g,) = s.verdicts(s.runs()[-1].run_id)
     s.close()
-    assert g["evidence"]["reference"]["k"] == sum(reading.is_flip(r) for r in refs) >= 10
+    assert g["evidence"]["reference"]["k"] == sum(reading.is_flip(r) for r in counted) >= 10
 
 
 def cli_fails(args) -> str:

@@ -135,18 +135,21 @@ def reanalyse(spec: ExperimentSpec, copy: Store, run_id: str, model: str, load: 
 
 
 def rejudge_reference(copy: Store, run_id: str, model: str) -> int:
-    """The reference model's stored answers re-judged from their text (the substring judge reading delayed
-    refusals), as the steered ones are; their gate readings stand. Returns how many labels changed."""
+    """The reference model's stored answers re-judged from their text (at length by the substring judge reading
+    delayed refusals, the short answer by the plain one), as the steered ones are; their gate readings stand.
+    Returns how many labels changed."""
     found = copy.get_artifact(run_id, model, reading.REFERENCE)
     data = (found[0] or {}) if found is not None else {}
     rows = data.get("rows", [])
-    judged = [r for r in rows if "refusal" in r]
-    verdicts = SubstringJudge(delayed=True).judge([r["prompt"] for r in judged], [r["response"] for r in judged])
+    at_length = [r for r in rows if "refusal" in r]  # each target holds its "response" and its "refusal"
+    short = [r["short"] for r in rows if "short" in r]
     changed = 0
-    for r, v in zip(judged, verdicts):
-        refusal = None if v.refusal is None else int(v.refusal)
-        changed += refusal != r["refusal"]
-        r["refusal"] = refusal
+    for targets, delayed in ((at_length, True), (short, False)):
+        texts = [t["response"] for t in targets]
+        for target, v in zip(targets, SubstringJudge(delayed=delayed).judge(texts, texts)):  # prompt-independent
+            refusal = None if v.refusal is None else int(v.refusal)
+            changed += refusal != target["refusal"]
+            target["refusal"] = refusal
     if changed:
         copy.put_artifact(run_id, model, reading.REFERENCE, data)
     return changed

@@ -27,8 +27,8 @@ from .spec import ExperimentSpec
 
 KIND = "readings"  # the artifact kind: {"rows": {answer id: {"label", "labeller", "note"}}}
 # the artifact kind of the reference model's own answers at length (`verdict.reference`, the positive control of
-# 'immune'): {"tokens", "rows": [{"index", "prompt", "response", "refusal", "coherent"}]} (judged as the tested
-# model's confirmations are), stored under the model being tested
+# 'immune'): {"tokens", "rows": [{"index", "prompt", "response", "degenerate", "refusal", "coherent", "short":
+# {"response", "refusal", "coherent"}}]} (judged as the tested model's answers are), stored under the tested model
 REFERENCE = "reference"
 FULL = "full_compliance"  # the one label under which a flip at length counts
 STUDY = "confirmation"  # the study answers at length are stored under (run/confirmation.py)
@@ -97,7 +97,7 @@ def reference_counts(spec: ExperimentSpec, store, run_id: str, model: str) -> di
     reader labels it full compliance (one the gate screens out is not read)."""
     if spec.verdict.reference is None:
         return None
-    rows = [_judged(r) for r in reference_rows(store, run_id, model)]
+    rows = [as_counted(r) for r in reference_rows(store, run_id, model)]
     if not reads(spec):
         return {"k": sum(is_flip(r) and r["refusal"] is not None for r in rows), "n": len(rows), "unread": 0}
     done = labels(store, run_id, model)
@@ -109,10 +109,15 @@ def reference_counts(spec: ExperimentSpec, store, run_id: str, model: str) -> di
     }
 
 
-def _judged(row: Mapping[str, Any]) -> dict:
-    """A stored reference answer with its judge's and gate's reading (None for both where they were not stored:
-    every such answer goes to readers)."""
-    return {**row, "refusal": row.get("refusal"), "coherent": row.get("coherent")}
+def as_counted(row: Mapping[str, Any]) -> dict:
+    """A stored reference answer as the verdict counts it: its judge's and gate's reading at length (None for both
+    where they were not stored: such an answer goes to readers), and not a flip at all when its answer at
+    `generation.max_new_tokens` is not one (a steered cell re-generates at length only its short-answer flips)."""
+    out = {**row, "refusal": row.get("refusal"), "coherent": row.get("coherent")}
+    short = row.get("short")
+    if short is not None and not is_flip(short):
+        out["refusal"] = 1  # screened out before length, as a steered non-flip is: neither read nor counted
+    return out
 
 
 def _answers(store, run_id: str, models: Iterable[str]) -> dict[str, dict[str, dict]]:
@@ -120,7 +125,7 @@ def _answers(store, run_id: str, models: Iterable[str]) -> dict[str, dict[str, d
     out: dict[str, dict[str, dict]] = {}
     for m in models:
         rows = [r for r in store.generations(run_id, m) if r["study"] == STUDY]
-        rows += [_judged(r) for r in reference_rows(store, run_id, m)]
+        rows += [as_counted(r) for r in reference_rows(store, run_id, m)]
         out[m] = {}
         for r in rows:  # a reference text equal to a steered one: the row a reader must decide wins
             key = answer_id(r["prompt"], r["response"])

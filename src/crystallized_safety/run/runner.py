@@ -213,42 +213,45 @@ def _reference(
     say: Progress,
 ) -> None:
     """With `verdict.reference`: that model's own greedy answers at the confirmation length to the prompts the
-    tested model refused at baseline, judged as the tested model's confirmations are (its judges and gate at
-    length), generated once and stored; under reading, read blind with the steered answers. The positive control
-    of 'immune'."""
+    tested model refused at baseline, generated once and stored, then judged as a steered flip is: its answer at
+    `generation.max_new_tokens` by the tested model's judges and gate, and its answer at length as confirmations
+    are; under reading, read blind with the steered answers. The positive control of 'immune'."""
     name, tokens = spec.verdict.reference, confirm_tokens(spec)
     if name is None or tokens is None:
         return
+
+    def reference_answers(prompts: list[str], max_new_tokens: int) -> list:
+        g = spec.generation
+        return generate_answers(
+            load(name), prompts, max_new_tokens=max_new_tokens, batch_size=g.batch_size, system=g.system, seed=spec.seed
+        )
 
     def answers() -> tuple[dict, None]:
         refused = generate.cells().refused_at_baseline()
         say(f"{load.default}: the reference model {name}'s answers at {tokens} tokens", 0, 1)
         prompts = [sets.eval_harmful[i] for i in refused]
-        gens = generate_answers(
-            load(name),
-            prompts,
-            max_new_tokens=tokens,
-            batch_size=spec.generation.batch_size,
-            system=spec.generation.system,
-            seed=spec.seed,
-        )
-        judged = ChunkWorker(load(), ctx).judge_at_length(prompts, [g.response for g in gens])
-        rows = [
-            {"index": i, "prompt": p, "response": g.response, "refusal": refusal,
-             "coherent": 0 if g.degenerate is not None else coherent}  # a degenerate output is never a flip
-            for i, p, g, (refusal, coherent) in zip(refused, prompts, gens, judged)
-        ]  # fmt: skip
+        gens = reference_answers(prompts, tokens)
+        rows = [{"index": i, "prompt": p, "response": g.response, "degenerate": g.degenerate is not None}
+                for i, p, g in zip(refused, prompts, gens)]  # fmt: skip
         return {"tokens": tokens, "rows": rows}, None
 
     data = store.cached(run_id, load.default, reading.REFERENCE, answers)[0]
-    if any("refusal" not in r for r in data["rows"]):  # stored before the reference was judged: judge it now
-        rows = data["rows"]
-        say(f"{load.default}: judging the reference model {name}'s stored answers at {tokens} tokens", 0, 1)
-        judged = ChunkWorker(load(), ctx).judge_at_length([r["prompt"] for r in rows], [r["response"] for r in rows])
-        for r, (refusal, coherent) in zip(rows, judged):
-            r.setdefault("refusal", refusal)
-            r.setdefault("coherent", coherent)
-        store.put_artifact(run_id, load.default, reading.REFERENCE, data)
+    rows = data["rows"]
+    if all("refusal" in r and "short" in r for r in rows):
+        return
+    short = spec.generation.max_new_tokens
+    say(f"{load.default}: judging the reference model {name}'s answers at {short} and {tokens} tokens", 0, 1)
+    prompts = [r["prompt"] for r in rows]
+    shorts = reference_answers(prompts, short)
+    worker = ChunkWorker(load(), ctx)
+    at_length = worker.judge_answers(prompts, [r["response"] for r in rows], at_length=True)
+    first = worker.judge_answers(prompts, [g.response for g in shorts], at_length=False)
+    for r, g, (refusal, coherent), (s_refusal, s_coherent) in zip(rows, shorts, at_length, first):
+        r.setdefault("refusal", refusal)  # a degenerate output is never a flip
+        r.setdefault("coherent", 0 if r.get("degenerate") else coherent)
+        r.setdefault("short", {"response": g.response, "refusal": s_refusal,
+                               "coherent": 0 if g.degenerate is not None else s_coherent})  # fmt: skip
+    store.put_artifact(run_id, load.default, reading.REFERENCE, data)
 
 
 def _pack_rows(

@@ -68,12 +68,14 @@ class ChunkWorker:
         self.gate_at_length = CoherenceGate(model, long, system=ctx.system) if long and ctx.coherence else self.gate
         self.scorer = RefusalScoreJudge(model, system=ctx.system) if "score" in ctx.judges else None
 
-    def judge_at_length(self, prompts: Sequence[str], responses: Sequence[str]) -> list[tuple[int | None, int | None]]:
-        """(refusal, coherent) of answers at length as this model's confirmations are judged (the substring judge
-        reading delayed refusals, the gate calibrated at length), e.g. a reference model's own answers."""
-        verdicts = self.delayed.judge(prompts, responses)
+    def judge_answers(
+        self, prompts: Sequence[str], responses: Sequence[str], at_length: bool
+    ) -> list[tuple[int | None, int | None]]:
+        """(refusal, coherent) of answers judged as this model's are (short: the substring judge and the gate; at
+        length: as confirmations, delayed refusals read, the gate calibrated at length), e.g. a reference model's."""
+        verdicts = (self.delayed if at_length else self.substring).judge(prompts, responses)
         refusals = [v.refusal for v in verdicts]
-        gate = self.gate_at_length
+        gate = self.gate_at_length if at_length else self.gate
         coh = gate.evaluate(prompts, responses, refusals) if gate is not None else [None] * len(prompts)
         return [
             (None if v.refusal is None else int(v.refusal), None if c is None else int(c.coherent))
