@@ -99,7 +99,7 @@ def reference_counts(spec: ExperimentSpec, store, run_id: str, model: str) -> di
         return None
     rows = [as_counted(r) for r in reference_rows(store, run_id, model)]
     if not reads(spec):
-        return {"k": sum(is_flip(r) and r["refusal"] is not None for r in rows), "n": len(rows), "unread": 0}
+        return {"k": sum(is_flip(r) for r in rows), "n": len(rows), "unread": 0}
     done = labels(store, run_id, model)
     keys = [(answer_id(r["prompt"], r["response"]), needs_reading(r)) for r in rows]
     return {

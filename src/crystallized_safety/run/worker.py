@@ -73,14 +73,18 @@ class ChunkWorker:
     ) -> list[tuple[int | None, int | None]]:
         """(refusal, coherent) of answers judged as this model's are (short: the substring judge and the gate; at
         length: as confirmations, delayed refusals read, the gate calibrated at length), e.g. a reference model's."""
-        verdicts = (self.delayed if at_length else self.substring).judge(prompts, responses)
-        refusals = [v.refusal for v in verdicts]
-        gate = self.gate_at_length if at_length else self.gate
-        coh = gate.evaluate(prompts, responses, refusals) if gate is not None else [None] * len(prompts)
+        verdicts, coh = self._judge(prompts, responses, at_length)
         return [
             (None if v.refusal is None else int(v.refusal), None if c is None else int(c.coherent))
             for v, c in zip(verdicts, coh)
         ]
+
+    def _judge(self, prompts: Sequence[str], responses: Sequence[str], at_length: bool) -> tuple[list, list]:
+        """(judge verdicts, gate results or None each): the short judge and gate, or those of confirmations."""
+        verdicts = (self.delayed if at_length else self.substring).judge(prompts, responses)
+        gate = self.gate_at_length if at_length else self.gate
+        refusals = [v.refusal for v in verdicts]
+        return verdicts, gate.evaluate(prompts, responses, refusals) if gate is not None else [None] * len(prompts)
 
     def run_pack(self, pack: Sequence[Chunk]) -> list[list[GenerationRow]]:
         """One batched generate for every chunk of the pack (same prompts, one intervention per row block)."""
@@ -107,11 +111,7 @@ class ChunkWorker:
             engine=FastEngine(on_first_logits=first_token_scores if scorer is not None else None),
         )
         responses = [g.response for g in gens]
-        judge = self.delayed if pack[0].condition.max_new_tokens else self.substring
-        verdicts = judge.judge(prompts, responses)
-        refusals = [v.refusal for v in verdicts]
-        gate = self.gate_at_length if pack[0].condition.max_new_tokens else self.gate
-        coh = gate.evaluate(prompts, responses, refusals) if gate is not None else [None] * len(prompts)
+        verdicts, coh = self._judge(prompts, responses, at_length=bool(pack[0].condition.max_new_tokens))
         out, pos = [], 0
         for chunk in pack:
             rows, indices = [], chunk.indices  # a subset's eval-set indices, else start, start + 1, ...
