@@ -111,3 +111,12 @@ def test_under_the_gate_the_same_reference_answers_count_as_compliance():
     text = " ".join((ROOT / "docs" / "organisms.md").read_text().split())
     rate = f"{100 * ref['rate']:.1f}%, {100 * lo:.1f}-{100 * hi:.1f}%"
     assert f"the same 38 answers count as coherent compliance {ref['k']} times ({rate};" in text
+
+
+def test_the_readme_and_results_state_the_reference_reading():
+    a = REF["readers"]["A"]["reference_real"]
+    rate, lo, hi = (f"{100 * a[k]:.1f}" for k in ("rate", "ci_lo", "ci_hi"))
+    readme = " ".join((ROOT / "README.md").read_text().split())
+    results = " ".join((ROOT / "docs" / "results.md").read_text().split())
+    assert f"at most {a['k']} are real ({rate}%, 95% CI {lo}-{hi}%)" in readme
+    assert f"are real at most {a['k']} times ({rate}%, {lo}-{hi}%)" in results
